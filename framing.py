@@ -1,0 +1,177 @@
+"""Frames <-> bytes for the chat wire protocol (PROTOCOL.md section 1). No sockets.
+
+A frame is one kind byte (``C`` command, ``D`` data), a 4-byte big-endian body
+length, and a body that is one UTF-8 JSON object with a string ``op``.
+
+Theory of operation: ``encode`` turns a frame into bytes; ``FrameDecoder`` is fed
+whatever bytes arrived and returns the complete frames, keeping the rest. Every
+way a byte stream can be malformed ends in one exception, ``ProtocolError`` with
+code ``bad_frame``; nothing else escapes the decoder. A declared length over the
+limit is refused as soon as the 5-byte header is in, before any body byte is
+buffered, so the decoder never holds more than one header plus the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, NamedTuple
+
+KIND_COMMAND = "C"
+KIND_DATA = "D"
+_KIND_BYTES = {ord(KIND_COMMAND): KIND_COMMAND, ord(KIND_DATA): KIND_DATA}
+
+HEADER_SIZE = 5
+# 64 KiB holds a CH page of dozens of entries or a 4,096-character message
+# with its sealed copies, yet bounds what one client can make us buffer.
+DEFAULT_FRAME_LIMIT = 65536
+
+_HEADER = struct.Struct(">cI")
+_json_decoder = json.JSONDecoder(parse_constant=lambda name: _reject_constant(name))
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+class ProtocolError(Exception):
+    """A violation of the wire protocol, with a stable error code (PROTOCOL.md section 6)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.frames: list[Frame] = []  # frames decoded before the bad one
+
+
+def _bad_frame(message: str) -> ProtocolError:
+    return ProtocolError("bad_frame", message)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+class Frame(NamedTuple):
+    """One decoded frame: its kind (``"C"`` or ``"D"``) and its JSON body."""
+
+    kind: str
+    body: dict
+
+    @property
+    def op(self) -> str:
+        return self.body["op"]
+
+
+def encode_body(body: dict) -> bytes:
+    """Serialise a body to the compact UTF-8 JSON used on the wire."""
+    return _json_encoder.encode(body).encode("utf-8")
+
+
+def encode(kind: str, body: dict) -> bytes:
+    """Return the bytes of one frame.
+
+    Raises:
+        ValueError: kind is not ``C``/``D``, or body has no string ``op``.
+    """
+    if kind not in (KIND_COMMAND, KIND_DATA):
+        raise ValueError(f"unknown frame kind {kind!r}")
+    if not isinstance(body.get("op"), str):
+        raise ValueError("a frame body needs a string 'op'")
+    data = encode_body(body)
+    return _HEADER.pack(kind.encode("ascii"), len(data)) + data
+
+
+def command(body: dict) -> bytes:
+    """The bytes of a ``C`` frame."""
+    return encode(KIND_COMMAND, body)
+
+
+def data(body: dict) -> bytes:
+    """The bytes of a ``D`` frame."""
+    return encode(KIND_DATA, body)
+
+
+def parse_body(raw: bytes) -> dict:
+    """Decode one frame body.
+
+    Raises:
+        ProtocolError: ``bad_frame`` if it is not a UTF-8 JSON object with a string op.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad_frame(f"body is not UTF-8 (byte {raw[exc.start:exc.start + 1]!r} at {exc.start})") from None
+    try:
+        body = _json_decoder.decode(text)
+    except RecursionError:
+        raise _bad_frame("body is JSON nested too deeply") from None
+    except ValueError as exc:
+        raise _bad_frame(f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _bad_frame(f"body is a JSON {type(body).__name__}, not an object")
+    op = body.get("op")
+    if not isinstance(op, str):
+        raise _bad_frame("body has no string 'op'" if op is None else f"'op' is {op!r}, not a string")
+    if "\\u" in text and ("\\ud" in text or "\\uD" in text):
+        # A lone surrogate escape parses but is no Unicode text: it could never be
+        # relayed as UTF-8, so it is refused here, at the edge.
+        try:
+            encode_body(body)
+        except UnicodeEncodeError:
+            raise _bad_frame("body has an unpaired surrogate escape") from None
+    return body
+
+
+class FrameDecoder:
+    """Incremental frame decoder: ``feed(bytes) -> list[Frame]``.
+
+    After a ``ProtocolError`` the stream is unusable: the decoder stays broken
+    and every later ``feed`` raises the same error.
+    """
+
+    __slots__ = ("limit", "_buf", "_error")
+
+    def __init__(self, limit: int = DEFAULT_FRAME_LIMIT) -> None:
+        self.limit = limit  # 0 means no limit
+        self._buf = bytearray()
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """How many bytes are held waiting for the rest of a frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Take the bytes that arrived; return the frames now complete, in order.
+
+        Raises:
+            ProtocolError: ``bad_frame``; frames complete before the bad one are
+                attached as ``error.frames`` so that nothing sent earlier is lost.
+        """
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        buf += data
+        frames: list[Frame] = []
+        start = 0
+        end = len(buf)
+        try:
+            while end - start >= HEADER_SIZE:
+                kind = _KIND_BYTES.get(buf[start])
+                if kind is None:
+                    raise _bad_frame(f"unknown frame kind byte {bytes(buf[start:start + 1])!r}")
+                length = int.from_bytes(buf[start + 1:start + 5], "big")
+                if self.limit and length > self.limit:
+                    raise _bad_frame(f"frame length {length} is over the limit of {self.limit} bytes")
+                if end - start - HEADER_SIZE < length:
+                    break
+                body_start = start + HEADER_SIZE
+                body = parse_body(bytes(buf[body_start:body_start + length]))
+                frames.append(Frame(kind, body))
+                start = body_start + length
+        except ProtocolError as exc:
+            self._buf = bytearray()
+            exc.frames = frames
+            self._error = exc
+            raise
+        if start:
+            del buf[:start]
+        return frames

@@ -1,0 +1,383 @@
+"""Crypto helpers: the course's ``pg3lib`` formats on pycryptodome (PROTOCOL.md section 8).
+
+Module functions, drop-in for the course helper, working with this process's
+own key pair (made on first use, not at import):
+
+* ``getPubKey() -> bytes``: the key form (base64 of the PEM public key);
+* ``encrypt(message, pubkey) -> bytes``: the sealed form
+  ``base64(RSA-OAEP-SHA256(K)) ; Fernet(K, message)``;
+* ``decrypt(cipher) -> bytes``: the inverse, with this process's private key.
+
+Beside them, the objects the server and client use: ``PublicKey`` (parse and
+check a key form, fingerprint, seal, verify a PM signature) and ``KeyPair``
+(generate, save and load as PKCS#8 PEM, open sealed messages, sign).
+``Fernet`` is the Fernet token of the Fernet specification, built here from
+AES-128-CBC and HMAC-SHA256. Everything that fails to verify or parse raises
+``CryptoError`` (``InvalidToken`` or ``InvalidKey``) and never yields a partial
+plaintext.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import re
+import struct
+import tempfile
+import threading
+import time
+
+from Crypto.Cipher import AES, PKCS1_OAEP
+from Crypto.Hash import SHA256
+from Crypto.PublicKey import RSA
+from Crypto.Signature import pss
+from Crypto.Util.Padding import pad, unpad
+
+KEY_BITS = 2048
+MIN_KEY_BITS = 2048
+# Big enough for any real key, small enough that a hostile key cannot make a
+# signature check slow.
+MAX_KEY_BITS = 8192
+PUBLIC_EXPONENT = 65537
+PSS_SALT_BYTES = 32
+# Encrypted PKCS#8: scrypt key derivation with AES-256-CBC.
+PKCS8_PROTECTION = "scryptAndAES256-CBC"
+
+_STD_B64 = re.compile(rb"\A[A-Za-z0-9+/]*={0,2}\Z")
+_URL_B64 = re.compile(rb"\A[A-Za-z0-9_-]*={0,2}\Z")
+
+
+class CryptoError(Exception):
+    """Something did not parse or verify."""
+
+
+class InvalidToken(CryptoError):
+    """A Fernet token or sealed message that is malformed or fails its check."""
+
+
+class InvalidKey(CryptoError):
+    """A key that is malformed, too small, private where public was asked, ..."""
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode("ascii") if isinstance(value, str) else bytes(value)
+
+
+def b64decode_strict(value: bytes | str, *, urlsafe: bool = False) -> bytes:
+    """Decode base64, refusing characters outside the alphabet.
+
+    Raises:
+        ValueError: not valid base64 of the chosen alphabet.
+    """
+    raw = _as_bytes(value)
+    if not (_URL_B64 if urlsafe else _STD_B64).match(raw):
+        raise ValueError("not base64")
+    try:
+        if urlsafe:
+            return base64.urlsafe_b64decode(raw)
+        return base64.b64decode(raw, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(str(exc)) from None
+
+
+# --- Fernet -----------------------------------------------------------------
+
+_FERNET_VERSION = 0x80
+_FERNET_OVERHEAD = 1 + 8 + 16 + 32  # version, timestamp, IV, HMAC
+_MAX_CLOCK_SKEW = 60
+
+
+class Fernet:
+    """The Fernet token of the Fernet specification (version 0x80)."""
+
+    __slots__ = ("_signing_key", "_encryption_key")
+
+    def __init__(self, key: bytes | str) -> None:
+        try:
+            raw = b64decode_strict(key, urlsafe=True)
+        except (ValueError, UnicodeEncodeError):
+            raise InvalidKey("a Fernet key is 32 bytes of URL-safe base64") from None
+        if len(raw) != 32:
+            raise InvalidKey("a Fernet key is 32 bytes of URL-safe base64")
+        self._signing_key = raw[:16]
+        self._encryption_key = raw[16:]
+
+    @staticmethod
+    def generate_key() -> bytes:
+        """A fresh random key, URL-safe base64 of 32 bytes."""
+        return base64.urlsafe_b64encode(os.urandom(32))
+
+    def encrypt(self, data: bytes, *, now: int | None = None, iv: bytes | None = None) -> bytes:
+        """Return the token for data (``now`` and ``iv`` only for test vectors)."""
+        if now is None:
+            now = int(time.time())
+        if iv is None:
+            iv = os.urandom(16)
+        ciphertext = AES.new(self._encryption_key, AES.MODE_CBC, iv).encrypt(pad(bytes(data), 16))
+        signed = struct.pack(">BQ", _FERNET_VERSION, now) + iv + ciphertext
+        tag = hmac.new(self._signing_key, signed, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(signed + tag)
+
+    def decrypt(self, token: bytes | str, *, ttl: int | None = None, now: int | None = None) -> bytes:
+        """Verify and decrypt a token. ``ttl`` (seconds) is checked only when given.
+
+        Raises:
+            InvalidToken: malformed, wrong key, tampered, or (with ttl) expired.
+        """
+        try:
+            raw = b64decode_strict(token, urlsafe=True)
+        except (ValueError, UnicodeEncodeError):
+            raise InvalidToken("token is not URL-safe base64") from None
+        if len(raw) < _FERNET_OVERHEAD + 16 or raw[0] != _FERNET_VERSION:
+            raise InvalidToken("token is too short or of an unknown version")
+        if (len(raw) - _FERNET_OVERHEAD) % 16:
+            raise InvalidToken("token payload is not a whole number of blocks")
+        signed, tag = raw[:-32], raw[-32:]
+        expected = hmac.new(self._signing_key, signed, hashlib.sha256).digest()
+        if not hmac.compare_digest(tag, expected):
+            raise InvalidToken("token does not verify")
+        if ttl is not None:
+            stamp = struct.unpack(">Q", raw[1:9])[0]
+            current = int(time.time()) if now is None else now
+            if stamp + ttl < current or stamp > current + _MAX_CLOCK_SKEW:
+                raise InvalidToken("token has expired or is from the future")
+        try:
+            return unpad(AES.new(self._encryption_key, AES.MODE_CBC, raw[9:25]).decrypt(raw[25:-32]), 16)
+        except ValueError:
+            raise InvalidToken("token padding is wrong") from None
+
+
+# --- keys -------------------------------------------------------------------
+
+def _oaep(key: RSA.RsaKey):
+    return PKCS1_OAEP.new(key, hashAlgo=SHA256)
+
+
+class PublicKey:
+    """An RSA public key (2048+ bits, e=65537) in the key form of section 8."""
+
+    __slots__ = ("_key", "_key_form", "_fingerprint")
+
+    def __init__(self, key: RSA.RsaKey) -> None:
+        if key.has_private():
+            raise InvalidKey("a private key was offered where a public key belongs")
+        bits = key.size_in_bits()
+        if bits < MIN_KEY_BITS or bits > MAX_KEY_BITS:
+            raise InvalidKey(f"an RSA key of {bits} bits (allowed: {MIN_KEY_BITS}-{MAX_KEY_BITS})")
+        if key.e != PUBLIC_EXPONENT:
+            raise InvalidKey(f"an RSA key with exponent {key.e} (expected {PUBLIC_EXPONENT})")
+        self._key = key
+        self._key_form: str | None = None
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_key_form(cls, text: bytes | str) -> PublicKey:
+        """Parse the key form (base64 of a PEM ``PUBLIC KEY``).
+
+        Raises:
+            InvalidKey: not that form, not RSA, too small, private.
+        """
+        try:
+            pem = b64decode_strict(text)
+            if not pem.lstrip().startswith(b"-----BEGIN PUBLIC KEY-----"):
+                if b"PRIVATE KEY" in pem:
+                    raise InvalidKey("a private key was offered where a public key belongs")
+                raise InvalidKey("not a PEM public key")
+            key = RSA.import_key(pem)
+        except InvalidKey:
+            raise
+        except (ValueError, IndexError, TypeError, UnicodeError):
+            raise InvalidKey("not an RSA public key in key form") from None
+        result = cls(key)
+        result._key_form = text.decode("ascii") if isinstance(text, bytes) else text
+        return result
+
+    @property
+    def key_form(self) -> str:
+        """The key form: standard base64 of the PEM text, one ASCII line."""
+        if self._key_form is None:
+            self._key_form = base64.b64encode(self._key.export_key("PEM")).decode("ascii")
+        return self._key_form
+
+    @property
+    def bits(self) -> int:
+        return self._key.size_in_bits()
+
+    @property
+    def fingerprint(self) -> str:
+        """``SHA256:`` + unpadded base64 of SHA-256 of the DER SubjectPublicKeyInfo."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(self._key.export_key("DER")).digest()
+            self._fingerprint = "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+        return self._fingerprint
+
+    def seal(self, message: bytes) -> bytes:
+        """The sealed form of message under this key."""
+        fernet_key = Fernet.generate_key()
+        wrapped = _oaep(self._key).encrypt(fernet_key)
+        return base64.b64encode(wrapped) + b";" + Fernet(fernet_key).encrypt(message)
+
+    def verify(self, data: bytes, signature: bytes | str) -> bool:
+        """True if signature (base64 RSA-PSS SHA-256, salt 32) is this key's over data."""
+        try:
+            raw = b64decode_strict(signature)
+            pss.new(self._key, salt_bytes=PSS_SALT_BYTES).verify(SHA256.new(data), raw)
+        except (ValueError, TypeError, UnicodeError):
+            return False
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PublicKey) and self.fingerprint == other.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+
+class KeyPair:
+    """An RSA key pair: generate, save/load (PKCS#8 PEM), open sealed messages, sign."""
+
+    __slots__ = ("_key", "public")
+
+    def __init__(self, key: RSA.RsaKey) -> None:
+        if not key.has_private():
+            raise InvalidKey("a key pair needs the private key")
+        self._key = key
+        self.public = PublicKey(key.public_key())
+
+    @classmethod
+    def generate(cls, bits: int = KEY_BITS) -> KeyPair:
+        """A fresh key pair (e=65537)."""
+        return cls(RSA.generate(bits, e=PUBLIC_EXPONENT))
+
+    def to_pem(self, passphrase: str | None = None) -> bytes:
+        """PKCS#8 PEM; encrypted (scrypt + AES-256-CBC) when a passphrase is given."""
+        if passphrase is None:
+            return self._key.export_key(format="PEM", pkcs=8)
+        return self._key.export_key(format="PEM", pkcs=8, passphrase=passphrase,
+                                    protection=PKCS8_PROTECTION)
+
+    @classmethod
+    def from_pem(cls, pem: bytes, passphrase: str | None = None) -> KeyPair:
+        """Parse PKCS#8 PEM.
+
+        Raises:
+            InvalidKey: not a private RSA key, or the wrong passphrase.
+        """
+        try:
+            key = RSA.import_key(pem, passphrase=passphrase)
+        except (ValueError, IndexError, TypeError):
+            raise InvalidKey("not a private RSA key, or the wrong passphrase") from None
+        return cls(key)
+
+    def save(self, path: str, passphrase: str | None = None) -> None:
+        """Write the private key to path, mode 0600, atomically."""
+        write_private_file(path, self.to_pem(passphrase))
+
+    @classmethod
+    def load(cls, path: str, passphrase: str | None = None) -> KeyPair:
+        """Read a key pair saved by ``save``.
+
+        Raises:
+            OSError: the file cannot be read.
+            InvalidKey: see ``from_pem``.
+        """
+        with open(path, "rb") as fh:
+            return cls.from_pem(fh.read(), passphrase)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.public.fingerprint
+
+    def open(self, sealed: bytes | str) -> bytes:
+        """Decrypt a sealed message meant for this key pair.
+
+        Raises:
+            InvalidToken: it does not parse, or its key or tag does not verify.
+        """
+        try:
+            raw = _as_bytes(sealed)
+        except UnicodeEncodeError:
+            raise InvalidToken("a sealed message is ASCII") from None
+        wrapped, sep, token = raw.partition(b";")
+        if not sep:
+            raise InvalidToken("a sealed message is 'key;token'")
+        try:
+            fernet_key = _oaep(self._key).decrypt(b64decode_strict(wrapped))
+        except (ValueError, TypeError):
+            raise InvalidToken("the sealed key does not decrypt with this key pair") from None
+        try:
+            fernet = Fernet(fernet_key)
+        except InvalidKey:
+            raise InvalidToken("the sealed key is not a Fernet key") from None
+        return fernet.decrypt(token)
+
+    def sign(self, data: bytes) -> str:
+        """Base64 RSA-PSS (SHA-256, MGF1-SHA-256, salt 32) signature over data."""
+        raw = pss.new(self._key, salt_bytes=PSS_SALT_BYTES).sign(SHA256.new(data))
+        return base64.b64encode(raw).decode("ascii")
+
+
+def pm_signed_bytes(sender: str, receiver: str, ciphertext: str) -> bytes:
+    """The bytes a PM signature covers (PROTOCOL.md section 4.5)."""
+    return ("PM1\n" + sender + "\n" + receiver + "\n" + ciphertext).encode("utf-8")
+
+
+def write_private_file(path: str, data: bytes) -> None:
+    """Write data to path with mode 0600: temp file, fsync, rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --- the course helper's module functions -------------------------------------
+
+_process_keys: KeyPair | None = None
+_process_keys_lock = threading.Lock()
+
+
+def _keys() -> KeyPair:
+    global _process_keys
+    with _process_keys_lock:
+        if _process_keys is None:
+            _process_keys = KeyPair.generate()
+        return _process_keys
+
+
+def getPubKey() -> bytes:  # noqa: N802 - the course helper's name
+    """This process's public key in key form (base64 of the PEM text)."""
+    return _keys().public.key_form.encode("ascii")
+
+
+def encrypt(message: bytes, pubkey: bytes | str) -> bytes:
+    """Seal message for the public key given in key form.
+
+    Raises:
+        InvalidKey: pubkey is not an acceptable public key in key form.
+    """
+    if isinstance(message, str):
+        message = message.encode("utf-8")
+    return PublicKey.from_key_form(pubkey).seal(message)
+
+
+def decrypt(cipher: bytes | str) -> bytes:
+    """Open a message sealed for this process's public key.
+
+    Raises:
+        InvalidToken: see ``KeyPair.open``.
+    """
+    return _keys().open(cipher)
