@@ -1,0 +1,171 @@
+"""A plain protocol client for tests: real sockets, explicit deadlines, no cleverness."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import time
+
+import framing
+import pg3lib
+
+
+class WireClient:
+    """Speaks PROTOCOL.md over one loopback TCP connection."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeout = timeout
+        self.decoder = framing.FrameDecoder(limit=0)
+        self.inbox: list[framing.Frame] = []   # frames received, not yet taken
+        self.data: list[dict] = []             # D frames seen by request()
+        self.username = ""
+        self.keys: pg3lib.KeyPair | None = None
+        self.server_key: pg3lib.PublicKey | None = None
+        self.nonce = b""
+        self.closed = False
+
+    # --- raw -----------------------------------------------------------------
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, body: dict) -> None:
+        self.sock.sendall(framing.command(body))
+
+    def _fill(self, deadline: float) -> bool:
+        """Read once; False on EOF."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no frame before the deadline")
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except socket.timeout:
+            raise TimeoutError("no frame before the deadline") from None
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            self.closed = True
+            return False
+        self.inbox.extend(self.decoder.feed(chunk))
+        return True
+
+    def recv(self, timeout: float | None = None) -> framing.Frame:
+        """The next frame of any kind. Raises EOFError when the server closed."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not self.inbox:
+            if not self._fill(deadline):
+                raise EOFError("server closed the connection")
+        return self.inbox.pop(0)
+
+    def recv_until_closed(self, timeout: float | None = None) -> list[framing.Frame]:
+        """Every frame until the server closes the connection."""
+        frames = []
+        while True:
+            try:
+                frames.append(self.recv(timeout))
+            except EOFError:
+                return frames
+
+    def reply(self, op: str, timeout: float | None = None) -> dict:
+        """The next C frame with this op; D frames on the way go to self.data."""
+        while True:
+            frame = self.recv(timeout)
+            if frame.kind == "D":
+                self.data.append(frame.body)
+                continue
+            if frame.body["op"] == op:
+                return frame.body
+            raise AssertionError(f"expected a {op} reply, got {frame}")
+
+    def request(self, body: dict, timeout: float | None = None) -> dict:
+        self.send(body)
+        return self.reply(body["op"], timeout)
+
+    def wait_data(self, op: str, timeout: float | None = None, **match) -> dict:
+        """The first D frame with this op (and these members), already seen or next."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            for i, body in enumerate(self.data):
+                if body["op"] == op and all(body.get(k) == v for k, v in match.items()):
+                    return self.data.pop(i)
+            frame = self.recv(max(0.0, deadline - time.monotonic()) or 0.001)
+            if frame.kind != "D":
+                raise AssertionError(f"expected D {op}, got {frame}")
+            self.data.append(frame.body)
+
+    # --- the login dance ------------------------------------------------------
+    def login_start(self, username: str) -> dict:
+        reply = self.request({"op": "LOGIN", "username": username})
+        if reply["ok"]:
+            self.server_key = pg3lib.PublicKey.from_key_form(reply["server_key"])
+            self.nonce = base64.b64decode(reply["nonce"])
+        return reply
+
+    def sealed_password(self, password: str, nonce: bytes | None = None) -> str:
+        assert self.server_key is not None
+        plain = (self.nonce if nonce is None else nonce) + password.encode("utf-8")
+        return self.server_key.seal(plain).decode("ascii")
+
+    def password(self, password: str, timeout: float | None = None) -> dict:
+        return self.request({"op": "PASSWORD", "ciphertext": self.sealed_password(password)}, timeout)
+
+    def key(self, keys: pg3lib.KeyPair) -> dict:
+        self.keys = keys
+        return self.request({"op": "KEY", "public_key": keys.public.key_form})
+
+    def login(self, username: str, password: str, keys: pg3lib.KeyPair) -> dict:
+        """LOGIN, PASSWORD, KEY; asserts each succeeds; returns the KEY reply."""
+        reply = self.login_start(username)
+        assert reply["ok"], reply
+        reply = self.password(password)
+        assert reply["ok"], reply
+        self.username = reply["username"]
+        reply = self.key(keys)
+        assert reply["ok"], reply
+        return reply
+
+    # --- operations -------------------------------------------------------------
+    def bm(self, text: str) -> dict:
+        reply = self.request({"op": "BM"})
+        assert reply["ok"], reply
+        return self.request({"op": "SEND", "text": text})
+
+    def pm(self, target: str, text: str) -> dict:
+        """PM the target; returns the SEND reply (or the failed TARGET reply)."""
+        reply = self.request({"op": "PM"})
+        assert reply["ok"], reply
+        reply = self.request({"op": "TARGET", "username": target})
+        if not reply["ok"]:
+            return reply
+        assert self.keys is not None
+        their_key = pg3lib.PublicKey.from_key_form(reply["public_key"])
+        ciphertext = their_key.seal(text.encode("utf-8")).decode("ascii")
+        self_copy = self.keys.public.seal(text.encode("utf-8")).decode("ascii")
+        signature = self.keys.sign(pg3lib.pm_signed_bytes(self.username, reply["username"], ciphertext))
+        return self.request({"op": "SEND", "ciphertext": ciphertext, "self_copy": self_copy,
+                             "signature": signature})
+
+    def history(self, limit: int | None = None) -> list[dict]:
+        """CH: every entry, over as many frames as the server sends."""
+        body: dict = {"op": "CH"}
+        if limit is not None:
+            body["limit"] = limit
+        self.send(body)
+        entries: list[dict] = []
+        while True:
+            reply = self.reply("CH")
+            assert reply["ok"], reply
+            entries.extend(reply["entries"])
+            if not reply["more"]:
+                return entries
+
+    def exit(self) -> dict:
+        return self.request({"op": "EX"})
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
