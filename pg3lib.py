@@ -67,7 +67,7 @@ def _as_bytes(value: bytes | str) -> bytes:
 
 
 def b64decode_strict(value: bytes | str, *, urlsafe: bool = False) -> bytes:
-    """Decode base64, refusing characters outside the alphabet.
+    """Decode base64, refusing characters outside the alphabet and non-canonical text.
 
     Raises:
         ValueError: not valid base64 of the chosen alphabet.
@@ -77,10 +77,17 @@ def b64decode_strict(value: bytes | str, *, urlsafe: bool = False) -> bytes:
         raise ValueError("not base64")
     try:
         if urlsafe:
-            return base64.urlsafe_b64decode(raw)
-        return base64.b64decode(raw, validate=True)
+            decoded = base64.urlsafe_b64decode(raw)
+        else:
+            decoded = base64.b64decode(raw, validate=True)
     except binascii.Error as exc:
         raise ValueError(str(exc)) from None
+    # The last character before '=' padding has spare bits that decoding ignores;
+    # refusing them keeps one text per value, so no bit of a token or key can
+    # change without it being rejected.
+    if (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(decoded) != raw:
+        raise ValueError("not canonical base64")
+    return decoded
 
 
 # --- Fernet -----------------------------------------------------------------
@@ -192,7 +199,7 @@ class PublicKey:
         except (ValueError, IndexError, TypeError, UnicodeError):
             raise InvalidKey("not an RSA public key in key form") from None
         result = cls(key)
-        result._key_form = text.decode("ascii") if isinstance(text, bytes) else text
+        result._key_form = _as_bytes(text).decode("ascii")
         return result
 
     @property
@@ -358,7 +365,7 @@ def _keys() -> KeyPair:
         return _process_keys
 
 
-def getPubKey() -> bytes:  # noqa: N802 - the course helper's name
+def getPubKey() -> bytes:
     """This process's public key in key form (base64 of the PEM text)."""
     return _keys().public.key_form.encode("ascii")
 

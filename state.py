@@ -1,0 +1,637 @@
+"""The connection state machine and the session logic of the chat room. No I/O.
+
+Everything that affects a connection's state lives here (PROTOCOL.md section 3):
+``TRANSITIONS`` says, per state, which ``op`` is accepted, by which handler,
+and where success leads. An op the state does not accept gets ``unexpected``
+and leaves the state alone; CANCEL returns to READY from the three sub-states.
+
+Theory of operation ("functional core, imperative shell"): ``Room`` is told
+what happened, ``connect``, ``receive(frame)``, ``completed(result)``,
+``disconnect``, ``tick(now)``, and answers with a list of effects, plain data
+the server carries out in order:
+
+* ``Send(cid, data)``: bytes for one connection (a reply);
+* ``Deliver(users, data)`` / ``DeliverAll(data, exclude)``: a data frame for
+  online users, encoded once;
+* ``Close(cid)``: close that connection once its output is flushed;
+* ``Online(user, cid)`` / ``Offline(user, cid)``: presence changes;
+* store requests: ``LoadAccount``, ``CreateAccount``, ``AppendHistory``,
+  ``ReadHistory``, and the worker job ``CheckPassword``. Each one is answered
+  later by ``completed(cid, result)``, which is when the reply that depends
+  on it is made: a SEND reply waits for its history to be stored.
+
+While a connection waits for a completion it is *busy*: the server does not
+give it the next request (requests are answered in order) until it is not.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import heapq
+import os
+import re
+import time
+from typing import Callable, NamedTuple
+
+import framing
+import pg3lib
+from passwords import Account, LoginResult
+
+MAX_TEXT_CHARS = 4096
+MAX_ATTEMPTS = 3
+USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+
+
+class State(enum.Enum):
+    AWAIT_USERNAME = "AWAIT_USERNAME"
+    AWAIT_PASSWORD = "AWAIT_PASSWORD"
+    AWAIT_KEY = "AWAIT_KEY"
+    READY = "READY"
+    AWAIT_BM_TEXT = "AWAIT_BM_TEXT"
+    AWAIT_PM_TARGET = "AWAIT_PM_TARGET"
+    AWAIT_PM_TEXT = "AWAIT_PM_TEXT"
+    CLOSED = "CLOSED"
+
+
+# --- effects ------------------------------------------------------------------
+
+class Send(NamedTuple):
+    cid: int
+    data: bytes
+
+
+class Deliver(NamedTuple):
+    users: list  # lower-case names
+    data: bytes
+
+
+class DeliverAll(NamedTuple):
+    data: bytes
+    exclude: str  # lower-case name, or ""
+
+
+class Close(NamedTuple):
+    cid: int
+
+
+class Online(NamedTuple):
+    user: str
+    cid: int
+
+
+class Offline(NamedTuple):
+    user: str
+    cid: int
+
+
+class LoadAccount(NamedTuple):
+    cid: int
+    key: str
+
+
+class CreateAccount(NamedTuple):
+    cid: int
+    account: Account
+
+
+class AppendHistory(NamedTuple):
+    cid: int
+    lines: list  # (registered spelling of the owner, complete JSON line as bytes)
+
+
+class ReadHistory(NamedTuple):
+    cid: int
+    username: str
+
+
+class CheckPassword(NamedTuple):
+    """Worker job: open the sealed password and hash it (passwords.check_login)."""
+    cid: int
+    sealed: str
+    nonce: bytes
+    username: str
+    account: Account | None
+
+
+STORE_REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory)
+
+
+# --- frames -------------------------------------------------------------------
+
+def ok(op: str, **fields) -> bytes:
+    """A successful reply frame."""
+    body = {"op": op, "ok": True}
+    body.update(fields)
+    return framing.command(body)
+
+
+def fail(op: str, error: str, message: str, **fields) -> bytes:
+    """A failed reply frame with a section 6 error code."""
+    body = {"op": op, "ok": False, "error": error, "message": message}
+    body.update(fields)
+    return framing.command(body)
+
+
+def fatal(error: str, message: str) -> bytes:
+    """The ERROR frame sent before closing a connection."""
+    return framing.command({"op": "ERROR", "ok": False, "error": error, "message": message})
+
+
+def bye(reason: str) -> bytes:
+    return framing.command({"op": "BYE", "reason": reason})
+
+
+_ts_cache = [-1, ""]
+
+
+def timestamp(now: float) -> str:
+    """UTC ISO 8601 with milliseconds, e.g. ``2026-11-24T15:04:05.123Z``."""
+    second = int(now)
+    if _ts_cache[0] != second:
+        _ts_cache[0] = second
+        _ts_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_ts_cache[1]}.{int((now - second) * 1000):03d}Z"
+
+
+def json_line(obj: dict) -> bytes:
+    """One history line: compact JSON and a newline."""
+    return framing.encode_body(obj) + b"\n"
+
+
+def fit_names(names: list, budget: int) -> tuple[list, int]:
+    """As many names as fit in budget bytes of JSON; returns (names, how many left out)."""
+    used = 2
+    for i, name in enumerate(names):
+        used += len(name.encode("utf-8")) + 3
+        if used > budget:
+            return names[:i], len(names) - i
+    return names, 0
+
+
+def history_pages(lines: list, limit: int) -> list[bytes]:
+    """CH reply frames holding the given JSON entry texts, each within limit bytes."""
+    head, tail_more, tail_last = '{"op":"CH","ok":true,"entries":[', '],"more":true}', '],"more":false}'
+    budget = (limit or 1 << 62) - framing.HEADER_SIZE - len(head) - len(tail_last)
+    pages: list[list[str]] = [[]]
+    used = 0
+    for text in lines:
+        size = len(text.encode("utf-8")) + 1
+        if size > budget:
+            continue  # cannot be sent whole in any frame; our own frames never exceed the limit
+        if used + size > budget and pages[-1]:
+            pages.append([])
+            used = 0
+        pages[-1].append(text)
+        used += size
+    frames = []
+    for i, page in enumerate(pages):
+        tail = tail_last if i == len(pages) - 1 else tail_more
+        body = (head + ",".join(page) + tail).encode("utf-8")
+        frames.append(b"C" + len(body).to_bytes(4, "big") + body)
+    return frames
+
+
+def valid_username(name: object) -> bool:
+    return isinstance(name, str) and USERNAME_RE.match(name) is not None
+
+
+def _text_problem(text: object) -> str | None:
+    if not isinstance(text, str):
+        return "'text' must be a string"
+    if len(text) > MAX_TEXT_CHARS:
+        return f"a message is at most {MAX_TEXT_CHARS} characters (this one has {len(text)})"
+    if not text.strip():
+        return "a message needs at least one character that is not white space"
+    return None
+
+
+# --- sessions -------------------------------------------------------------------
+
+class Session:
+    """One connection's protocol state."""
+
+    __slots__ = ("cid", "address", "state", "username", "key", "account", "nonce", "attempts_left",
+                 "public_key", "target", "waiting", "deadline", "sealed")
+
+    def __init__(self, cid: int, address: str) -> None:
+        self.cid = cid
+        self.address = address
+        self.state = State.AWAIT_USERNAME
+        self.username = ""           # registered spelling once known
+        self.key = ""                # lower-case account name
+        self.account: Account | None = None
+        self.nonce = b""
+        self.attempts_left = MAX_ATTEMPTS
+        self.public_key: pg3lib.PublicKey | None = None
+        self.target: Session | None = None
+        self.waiting: Callable | None = None   # continuation of a pending store/worker request
+        self.deadline = 0.0
+        self.sealed = ""             # the PASSWORD ciphertext while it is being checked
+
+    @property
+    def busy(self) -> bool:
+        return self.waiting is not None
+
+
+Effects = list
+
+
+class Room:
+    """Session logic for every connection of one server. Pure: returns effects."""
+
+    def __init__(self, server_keys: pg3lib.KeyPair, *, frame_limit: int = framing.DEFAULT_FRAME_LIMIT,
+                 login_timeout: float = 30.0, clock: Callable[[], float] = time.time,
+                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self.server_keys = server_keys
+        self.server_key_form = server_keys.public.key_form
+        self.frame_limit = frame_limit
+        self.login_timeout = login_timeout
+        self.clock = clock
+        self.random_bytes = random_bytes
+        self.sessions: dict[int, Session] = {}
+        self.online: dict[str, Session] = {}       # after KEY: key -> session
+        self.logged_in: dict[str, Session] = {}    # after PASSWORD: key -> session
+        self._deadlines: list[tuple[float, int]] = []
+
+    # --- events from the shell ---------------------------------------------------
+    def connect(self, cid: int, address: str = "") -> Effects:
+        session = Session(cid, address)
+        self.sessions[cid] = session
+        if self.login_timeout > 0:
+            session.deadline = self.clock() + self.login_timeout
+            heapq.heappush(self._deadlines, (session.deadline, cid))
+        return []
+
+    def busy(self, cid: int) -> bool:
+        session = self.sessions.get(cid)
+        return session is not None and session.waiting is not None
+
+    def receive(self, cid: int, frame: framing.Frame) -> Effects:
+        """One request from a connection that is not busy."""
+        session = self.sessions.get(cid)
+        out: Effects = []
+        if session is None or session.state is State.CLOSED:
+            return out
+        assert session.waiting is None, "the shell must not feed a busy session"
+        op = frame.body["op"]
+        if frame.kind != framing.KIND_COMMAND:
+            out.append(Send(cid, fail(op, "bad_request", "clients send command (C) frames only")))
+            return out
+        entry = TRANSITIONS[session.state].get(op)
+        if entry is None:
+            out.append(Send(cid, fail(op, "unexpected", _expected(session.state))))
+            return out
+        entry.handler(self, session, frame.body, out)
+        return out
+
+    def completed(self, cid: int, result: object) -> Effects:
+        """The answer to a store request or worker job that cid asked for."""
+        out: Effects = []
+        session = self.sessions.get(cid)
+        if session is None or session.waiting is None:
+            return out
+        continuation, session.waiting = session.waiting, None
+        continuation(session, result, out)
+        if session.state is State.CLOSED and session.waiting is None:
+            self.sessions.pop(cid, None)
+        return out
+
+    def disconnect(self, cid: int) -> Effects:
+        """The connection is gone (peer closed, error, or we closed it)."""
+        out: Effects = []
+        session = self.sessions.get(cid)
+        if session is None:
+            return out
+        self._end(session, out)
+        if session.waiting is None:
+            del self.sessions[cid]
+        return out
+
+    def tick(self, now: float) -> Effects:
+        """Timers: connections that did not finish logging in in time get BYE idle."""
+        out: Effects = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, cid = heapq.heappop(self._deadlines)
+            session = self.sessions.get(cid)
+            if session is None or session.deadline != deadline or session.state not in LOGIN_STATES:
+                continue
+            if session.waiting is not None:
+                # A password being checked: look again when it has been answered.
+                session.deadline = now + 1.0
+                heapq.heappush(self._deadlines, (session.deadline, cid))
+                continue
+            out.append(Send(cid, bye("idle")))
+            self._end(session, out)
+            out.append(Close(cid))
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self._deadlines[0][0] if self._deadlines else None
+
+    # --- shared steps ------------------------------------------------------------
+    def _wait(self, session: Session, continuation: Callable, request, out: Effects) -> None:
+        session.waiting = continuation
+        out.append(request)
+
+    def _end(self, session: Session, out: Effects) -> None:
+        """Take a session out of the room (it will not be online any more)."""
+        if session.state is State.CLOSED:
+            return
+        session.state = State.CLOSED
+        key = session.key
+        if key and self.logged_in.get(key) is session:
+            del self.logged_in[key]
+        if key and self.online.get(key) is session:
+            del self.online[key]
+            out.append(Offline(key, session.cid))
+            out.append(DeliverAll(framing.data({"op": "PRESENCE", "username": session.username,
+                                                "online": False, "ts": timestamp(self.clock())}), key))
+
+    def _others_online(self, session: Session) -> list[str]:
+        return [s.username for k, s in self.online.items() if k != session.key]
+
+    def _names_reply(self, op: str, session: Session, **fields) -> bytes:
+        names = self._others_online(session)
+        if self.frame_limit:
+            fixed = len(ok(op, online=[], more_online=len(names), **fields))
+            names, left_out = fit_names(names, self.frame_limit - fixed)
+            if left_out:
+                return ok(op, online=names, more_online=left_out, **fields)
+        return ok(op, online=names, **fields)
+
+    # --- AWAIT_USERNAME ----------------------------------------------------------
+    def _login(self, session: Session, body: dict, out: Effects) -> None:
+        name = body.get("username")
+        if not valid_username(name):
+            out.append(Send(session.cid, fail("LOGIN", "invalid_username",
+                                              "a username is 1-32 letters, digits, '_', '.' or '-', "
+                                              "starting with a letter or digit")))
+            return
+        session.username = name
+        session.key = name.lower()
+        self._wait(session, self._login_account, LoadAccount(session.cid, session.key), out)
+
+    def _login_account(self, session: Session, account: Account | None, out: Effects) -> None:
+        if session.state is State.CLOSED:
+            return
+        session.account = account
+        if account is not None:
+            session.username = account.username
+        session.nonce = self.random_bytes(16)
+        session.state = State.AWAIT_PASSWORD
+        out.append(Send(session.cid, ok("LOGIN", new_user=account is None, server_key=self.server_key_form,
+                                        fingerprint=self.server_keys.fingerprint,
+                                        nonce=base64.b64encode(session.nonce).decode("ascii"))))
+
+    # --- AWAIT_PASSWORD ----------------------------------------------------------
+    def _password(self, session: Session, body: dict, out: Effects) -> None:
+        sealed = body.get("ciphertext")
+        if not isinstance(sealed, str) or len(sealed) > 4096:
+            self._password_failed(session, LoginResult("bad_request", "'ciphertext' must be a sealed string"),
+                                  out)
+            return
+        session.sealed = sealed
+        self._wait(session, self._password_checked,
+                   CheckPassword(session.cid, sealed, session.nonce, session.username, session.account), out)
+
+    def _password_checked(self, session: Session, result: LoginResult, out: Effects) -> None:
+        if session.state is State.CLOSED:
+            return
+        if result.outcome != "ok":
+            session.sealed = ""
+            self._password_failed(session, result, out)
+        elif session.account is None:
+            self._wait(session, self._account_created, CreateAccount(session.cid, result.account), out)
+        else:
+            session.sealed = ""
+            self._logged_in(session, new_user=False, out=out)
+
+    def _account_created(self, session: Session, result: str, out: Effects) -> None:
+        if result == "exists":
+            # Someone registered this name while the password was hashed: the
+            # password is checked against that account instead.
+            session.account = None
+            self._wait(session, self._login_recheck, LoadAccount(session.cid, session.key), out)
+            return
+        session.sealed = ""
+        if result != "created":
+            out.append(Send(session.cid, fail("PASSWORD", "internal", "the account could not be stored")))
+            return
+        if session.state is State.CLOSED:
+            return
+        self._logged_in(session, new_user=True, out=out)
+
+    def _login_recheck(self, session: Session, account: Account | None, out: Effects) -> None:
+        if session.state is State.CLOSED:
+            return
+        if account is None:
+            session.sealed = ""
+            out.append(Send(session.cid, fail("PASSWORD", "internal", "the account could not be read")))
+            return
+        session.account = account
+        session.username = account.username
+        self._wait(session, self._password_checked,
+                   CheckPassword(session.cid, session.sealed, session.nonce, session.username, account), out)
+
+    def _password_failed(self, session: Session, result: LoginResult, out: Effects) -> None:
+        if result.outcome == "weak_password":
+            out.append(Send(session.cid, fail("PASSWORD", "weak_password", result.message)))
+            return
+        session.attempts_left -= 1
+        out.append(Send(session.cid, fail("PASSWORD", result.outcome, result.message,
+                                          attempts_left=session.attempts_left)))
+        if session.attempts_left <= 0:
+            out.append(Send(session.cid, bye("too_many_failures")))
+            self._end(session, out)
+            out.append(Close(session.cid))
+
+    def _logged_in(self, session: Session, *, new_user: bool, out: Effects) -> None:
+        old = self.logged_in.get(session.key)
+        if old is not None and old is not session:
+            out.append(Send(old.cid, bye("replaced")))
+            self._end(old, out)
+            out.append(Close(old.cid))
+        self.logged_in[session.key] = session
+        session.state = State.AWAIT_KEY
+        out.append(Send(session.cid, ok("PASSWORD", new_user=new_user, username=session.username)))
+
+    # --- AWAIT_KEY ---------------------------------------------------------------
+    def _key(self, session: Session, body: dict, out: Effects) -> None:
+        try:
+            public_key = pg3lib.PublicKey.from_key_form(body.get("public_key"))
+        except (pg3lib.InvalidKey, TypeError, AttributeError) as exc:
+            out.append(Send(session.cid, fail("KEY", "bad_request",
+                                              f"'public_key' must be an RSA public key of at least "
+                                              f"2048 bits in key form ({exc or 'not a string'})")))
+            return
+        session.public_key = public_key
+        session.state = State.READY
+        out.append(Send(session.cid, self._names_reply("KEY", session, fingerprint=public_key.fingerprint)))
+        self.online[session.key] = session
+        out.append(Online(session.key, session.cid))
+        out.append(DeliverAll(framing.data({"op": "PRESENCE", "username": session.username, "online": True,
+                                            "ts": timestamp(self.clock())}), session.key))
+
+    # --- READY -------------------------------------------------------------------
+    def _bm(self, session: Session, body: dict, out: Effects) -> None:
+        session.state = State.AWAIT_BM_TEXT
+        out.append(Send(session.cid, ok("BM")))
+
+    def _pm(self, session: Session, body: dict, out: Effects) -> None:
+        session.state = State.AWAIT_PM_TARGET
+        out.append(Send(session.cid, self._names_reply("PM", session)))
+
+    def _ch(self, session: Session, body: dict, out: Effects) -> None:
+        limit = body.get("limit")
+        if limit is not None and (type(limit) is not int or limit < 1):
+            out.append(Send(session.cid, fail("CH", "bad_request", "'limit' must be a positive integer")))
+            return
+        self._wait(session, lambda s, lines, o: self._history_read(s, lines, limit, o),
+                   ReadHistory(session.cid, session.username), out)
+
+    def _history_read(self, session: Session, lines: list, limit: int | None, out: Effects) -> None:
+        if limit is not None:
+            lines = lines[-limit:]
+        for page in history_pages(lines, self.frame_limit):
+            out.append(Send(session.cid, page))
+
+    def _ex(self, session: Session, body: dict, out: Effects) -> None:
+        out.append(Send(session.cid, ok("EX")))
+        self._end(session, out)
+        out.append(Close(session.cid))
+
+    def _cancel(self, session: Session, body: dict, out: Effects) -> None:
+        session.state = State.READY
+        session.target = None
+        out.append(Send(session.cid, ok("CANCEL")))
+
+    # --- AWAIT_BM_TEXT -----------------------------------------------------------
+    def _bm_send(self, session: Session, body: dict, out: Effects) -> None:
+        text = body.get("text")
+        problem = _text_problem(text)
+        if problem:
+            out.append(Send(session.cid, fail("SEND", "bad_request", problem)))
+            return
+        ts = timestamp(self.clock())
+        line = json_line({"ts": ts, "type": "BM", "from": session.username, "to": "*", "text": text})
+        recipients = [s for k, s in self.online.items() if k != session.key]
+        lines = [(session.username, line)]
+        lines.extend((s.username, line) for s in recipients)
+        frame = framing.data({"op": "BM", "from": session.username, "text": text, "ts": ts})
+        self._wait(session, lambda s, failed, o: self._bm_stored(s, recipients, frame, failed, o),
+                   AppendHistory(session.cid, lines), out)
+
+    def _bm_stored(self, session: Session, recipients: list, frame: bytes, failed: set, out: Effects) -> None:
+        if session.state is not State.CLOSED:
+            session.state = State.READY
+        if session.username in failed:
+            out.append(Send(session.cid, fail("SEND", "internal", "the message could not be stored")))
+            return
+        online = self.online
+        users = [s.key for s in recipients if online.get(s.key) is s and s.username not in failed]
+        if users:
+            out.append(Deliver(users, frame))
+        out.append(Send(session.cid, ok("SEND", recipients=len(users))))
+
+    # --- AWAIT_PM_TARGET / AWAIT_PM_TEXT -----------------------------------------
+    def _pm_target(self, session: Session, body: dict, out: Effects) -> None:
+        name = body.get("username")
+        if not isinstance(name, str):
+            out.append(Send(session.cid, fail("TARGET", "bad_request", "'username' must be a string")))
+            return
+        key = name.lower()
+        session.state = State.READY
+        if key == session.key:
+            out.append(Send(session.cid, fail("TARGET", "bad_request", "you cannot send a private message "
+                                                                       "to yourself")))
+            return
+        target = self.online.get(key)
+        if target is None:
+            out.append(Send(session.cid, fail("TARGET", "not_online", f"{name!r} is not online")))
+            return
+        session.target = target
+        session.state = State.AWAIT_PM_TEXT
+        out.append(Send(session.cid, ok("TARGET", username=target.username,
+                                        public_key=target.public_key.key_form,
+                                        fingerprint=target.public_key.fingerprint)))
+
+    def _pm_send(self, session: Session, body: dict, out: Effects) -> None:
+        ciphertext, self_copy, signature = body.get("ciphertext"), body.get("self_copy"), body.get("signature")
+        if not (isinstance(ciphertext, str) and isinstance(self_copy, str) and isinstance(signature, str)
+                and ciphertext and self_copy):
+            out.append(Send(session.cid, fail("SEND", "bad_request", "a private message needs string "
+                                                                     "'ciphertext', 'self_copy' and 'signature'")))
+            return
+        target = session.target
+        if target is None or self.online.get(target.key) is not target:
+            session.state = State.READY
+            session.target = None
+            out.append(Send(session.cid, fail("SEND", "not_online", "the recipient is not online any more")))
+            return
+        signed = pg3lib.pm_signed_bytes(session.username, target.username, ciphertext)
+        if not session.public_key.verify(signed, signature):
+            out.append(Send(session.cid, fail("SEND", "bad_request", "the signature does not verify with "
+                                                                     "your public key")))
+            return
+        ts = timestamp(self.clock())
+        entry = {"ts": ts, "type": "PM", "from": session.username, "to": target.username}
+        lines = [(session.username, json_line({**entry, "ciphertext": self_copy})),
+                 (target.username, json_line({**entry, "ciphertext": ciphertext}))]
+        frame = framing.data({"op": "PM", "from": session.username, "to": target.username,
+                              "ciphertext": ciphertext, "signature": signature,
+                              "sender_key": session.public_key.key_form, "ts": ts})
+        self._wait(session, lambda s, failed, o: self._pm_stored(s, target, frame, failed, o),
+                   AppendHistory(session.cid, lines), out)
+
+    def _pm_stored(self, session: Session, target: Session, frame: bytes, failed: set, out: Effects) -> None:
+        session.target = None
+        if session.state is not State.CLOSED:
+            session.state = State.READY
+        if session.username in failed:
+            out.append(Send(session.cid, fail("SEND", "internal", "the message could not be stored")))
+            return
+        delivered = self.online.get(target.key) is target and target.username not in failed
+        if delivered:
+            out.append(Deliver([target.key], frame))
+        out.append(Send(session.cid, ok("SEND", recipients=int(delivered))))
+
+
+# --- the transition table -------------------------------------------------------
+
+class Transition(NamedTuple):
+    handler: Callable
+    next_state: State  # where a successful request leads
+
+
+TRANSITIONS: dict[State, dict[str, Transition]] = {
+    State.AWAIT_USERNAME: {"LOGIN": Transition(Room._login, State.AWAIT_PASSWORD)},
+    State.AWAIT_PASSWORD: {"PASSWORD": Transition(Room._password, State.AWAIT_KEY)},
+    State.AWAIT_KEY: {"KEY": Transition(Room._key, State.READY)},
+    State.READY: {"BM": Transition(Room._bm, State.AWAIT_BM_TEXT),
+                  "PM": Transition(Room._pm, State.AWAIT_PM_TARGET),
+                  "CH": Transition(Room._ch, State.READY),
+                  "EX": Transition(Room._ex, State.CLOSED)},
+    State.AWAIT_BM_TEXT: {"SEND": Transition(Room._bm_send, State.READY),
+                          "CANCEL": Transition(Room._cancel, State.READY)},
+    State.AWAIT_PM_TARGET: {"TARGET": Transition(Room._pm_target, State.AWAIT_PM_TEXT),
+                            "CANCEL": Transition(Room._cancel, State.READY)},
+    State.AWAIT_PM_TEXT: {"SEND": Transition(Room._pm_send, State.READY),
+                          "CANCEL": Transition(Room._cancel, State.READY)},
+    State.CLOSED: {},
+}
+
+LOGIN_STATES = (State.AWAIT_USERNAME, State.AWAIT_PASSWORD, State.AWAIT_KEY)
+
+
+def _expected(state: State) -> str:
+    ops = sorted(TRANSITIONS[state])
+    if not ops:
+        return "the connection is closing"
+    return "expected " + (ops[0] if len(ops) == 1 else "one of " + ", ".join(ops)) + \
+        f" in state {state.value}"
+
+
+__all__ = ["State", "Room", "Session", "TRANSITIONS", "Transition", "Send", "Deliver", "DeliverAll",
+           "Close", "Online", "Offline", "LoadAccount", "CreateAccount", "AppendHistory", "ReadHistory",
+           "CheckPassword", "STORE_REQUESTS"]

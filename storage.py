@@ -1,0 +1,282 @@
+"""The data directory: accounts, per-user history files, and the server key.
+
+``AccountStore`` keeps every account in memory and in one append-only file,
+one JSON line per account, written and fsync'd before a registration is
+acknowledged. ``HistoryLog`` keeps ``<Username>.chat`` per account, one JSON
+entry per line; a batch of entries is written with one ``os.write`` per file.
+``FileStore`` is the store seam the server talks to: it takes store requests
+from the session logic, runs appends as a group at the end of a loop pass
+(group commit, still before any reply that depends on them), and hands back
+completions. A Redis store can take its place with the same two methods.
+
+Torn tails: a line is complete with its newline. On reading, a last line with
+no newline (a crash mid-write) is dropped with a warning. A corrupt line in the
+middle of the accounts file is fatal at start (accounts are never dropped
+silently); in a history file it is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import pg3lib
+from passwords import Account
+
+log = logging.getLogger("chat.storage")
+
+ACCOUNTS_FILE = "accounts.jsonl"
+SERVER_KEY_FILE = "server_key.pem"
+HISTORY_SUFFIX = ".chat"
+# Open history files kept between passes: enough for every user of a busy room,
+# well under the descriptor limit.
+DEFAULT_MAX_OPEN_HISTORY = 1024
+
+
+class StorageError(Exception):
+    """The data directory cannot be used (unwritable, corrupt accounts file)."""
+
+
+def complete_lines(data: bytes, name: str) -> list[tuple[int, bytes]]:
+    """(line number, line) of each complete line; a torn last line is dropped with a warning."""
+    lines = data.split(b"\n")
+    torn = lines.pop()
+    if torn:
+        log.warning("%s: dropping a torn last line (%d bytes, no newline)", name, len(torn))
+    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+class AccountStore:
+    """Accounts by lower-case name, loaded at start, appended durably."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._accounts: dict[str, Account] = {}
+        self._load()
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+        if self._torn:
+            # End the torn fragment so the next record starts on its own line.
+            os.write(self._fd, b"\n")
+
+    def _load(self) -> None:
+        self._torn = False
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path}: {exc.strerror}") from None
+        self._torn = bool(data) and not data.endswith(b"\n")
+        for number, line in complete_lines(data, self.path):
+            try:
+                account = Account.from_json(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise StorageError(f"{self.path}, line {number}: corrupt account record ({exc})") from None
+            self._accounts[account.key] = account
+
+    def __len__(self) -> int:
+        return len(self._accounts)
+
+    def get(self, key: str) -> Account | None:
+        return self._accounts.get(key.lower())
+
+    def add(self, account: Account) -> bool:
+        """Store a new account durably; False if the name is taken.
+
+        Raises:
+            OSError: the write or fsync failed (nothing is acknowledged then).
+        """
+        if account.key in self._accounts:
+            return False
+        line = (account.to_json() + "\n").encode("utf-8")
+        written = os.write(self._fd, line)
+        if written != len(line):
+            os.write(self._fd, b"\n")  # end the partial line; it is dropped on load
+            raise OSError("short write to the accounts file")
+        os.fsync(self._fd)
+        self._accounts[account.key] = account
+        return True
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class HistoryLog:
+    """``<Username>.chat`` files: append batches, read whole."""
+
+    def __init__(self, directory: str, max_open: int = DEFAULT_MAX_OPEN_HISTORY) -> None:
+        self.directory = directory
+        self.max_open = max(1, max_open)
+        self._open: OrderedDict[str, int] = OrderedDict()
+        self._maybe_torn: set[str] = set()
+
+    def path(self, username: str) -> str:
+        # Usernames are validated (letters, digits, _ . -, no leading dot) before
+        # they reach here, so this stays inside the directory.
+        return os.path.join(self.directory, username + HISTORY_SUFFIX)
+
+    def _fd(self, username: str) -> int:
+        fd = self._open.get(username)
+        if fd is not None:
+            self._open.move_to_end(username)
+            return fd
+        fd = os.open(self.path(username), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._open[username] = fd
+        if len(self._open) > self.max_open:
+            _, old = self._open.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def create(self, username: str) -> None:
+        """Create the (empty) history file of a new account."""
+        self._fd(username)
+
+    def append(self, username: str, data: bytes) -> bool:
+        """Append complete lines; False (and logged) if the write failed."""
+        try:
+            fd = self._fd(username)
+            if username in self._maybe_torn:
+                data = b"\n" + data  # close a fragment left by an earlier failed write
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            self._maybe_torn.discard(username)
+            return True
+        except OSError as exc:
+            self._maybe_torn.add(username)
+            log.error("history write for %r failed: %s", username, exc.strerror or exc)
+            fd = self._open.pop(username, None)
+            if fd is not None:
+                os.close(fd)
+            return False
+
+    def read(self, username: str) -> list[str]:
+        """The complete, valid JSON lines of a user's history, oldest first."""
+        try:
+            with open(self.path(username), "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for number, line in complete_lines(data, self.path(username)):
+            try:
+                text = line.decode("utf-8")
+                if not isinstance(json.loads(text), dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                log.warning("%s, line %d: skipping a corrupt entry", self.path(username), number)
+                continue
+            entries.append(text)
+        return entries
+
+    def close(self) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+
+def load_server_keys(directory: str) -> pg3lib.KeyPair:
+    """The server key pair from the data directory, created (mode 0600) on first start.
+
+    Raises:
+        StorageError: the file exists but is not a key, or cannot be written.
+    """
+    path = os.path.join(directory, SERVER_KEY_FILE)
+    try:
+        return pg3lib.KeyPair.load(path)
+    except FileNotFoundError:
+        pass
+    except (OSError, pg3lib.InvalidKey) as exc:
+        raise StorageError(f"cannot use the server key {path}: {exc}") from None
+    keys = pg3lib.KeyPair.generate()
+    try:
+        keys.save(path)
+    except OSError as exc:
+        raise StorageError(f"cannot write the server key {path}: {exc.strerror}") from None
+    log.info("created a new server key %s", keys.fingerprint)
+    return keys
+
+
+class FileStore:
+    """The store seam over the data directory.
+
+    ``submit(request)`` takes a store request from the session logic;
+    ``flush()`` carries out what is pending and returns ``(cid, result)``
+    completions. History appends submitted during one loop pass are written
+    together: each file once, before any of their completions is returned.
+    """
+
+    def __init__(self, directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY) -> None:
+        self.directory = directory
+        if not os.path.isdir(directory):
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot create the data directory {directory}: {exc.strerror}") from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StorageError(f"the data directory {directory} is not writable")
+        self.accounts = AccountStore(os.path.join(directory, ACCOUNTS_FILE))
+        self.history = HistoryLog(directory, max_open_history)
+        self._done: list[tuple[int, object]] = []
+        self._appends: list = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._done or self._appends)
+
+    def submit(self, request) -> None:
+        """Take one store request (see state.py: LoadAccount, CreateAccount, AppendHistory, ReadHistory)."""
+        kind = type(request).__name__
+        if kind == "AppendHistory":
+            self._appends.append(request)
+        elif kind == "LoadAccount":
+            self._done.append((request.cid, self.accounts.get(request.key)))
+        elif kind == "CreateAccount":
+            self._done.append((request.cid, self._create(request.account)))
+        elif kind == "ReadHistory":
+            self._done.append((request.cid, self.history.read(request.username)))
+        else:
+            raise TypeError(f"not a store request: {request!r}")
+
+    def _create(self, account: Account) -> str:
+        try:
+            if not self.accounts.add(account):
+                return "exists"
+        except OSError as exc:
+            log.error("storing account %r failed: %s", account.username, exc)
+            return "failed"
+        self.history.create(account.username)
+        return "created"
+
+    def flush(self) -> list[tuple[int, object]]:
+        """Write pending appends (one write per file) and return all completions."""
+        done, self._done = self._done, []
+        appends, self._appends = self._appends, []
+        if appends:
+            done.extend(self._write_appends(appends))
+        return done
+
+    def _write_appends(self, appends: list) -> Iterable[tuple[int, object]]:
+        batches: dict[str, list[bytes]] = {}
+        for request in appends:
+            for owner, line in request.lines:
+                batch = batches.get(owner)
+                if batch is None:
+                    batches[owner] = [line]
+                else:
+                    batch.append(line)
+        failed = {owner for owner, lines in batches.items()
+                  if not self.history.append(owner, b"".join(lines))}
+        for request in appends:
+            yield request.cid, (failed.intersection(owner for owner, _ in request.lines) if failed else failed)
+
+    def close(self) -> None:
+        self.accounts.close()
+        self.history.close()
