@@ -1,0 +1,582 @@
+"""The chat room server: one thread, one ``selectors`` loop, every socket non-blocking.
+
+Usage: ``python3 chatserver.py PORT [options]`` (``--help`` lists them).
+
+Theory of operation. The loop owns the listening socket, every client socket
+and all state. Each connection has a frame decoder (its read buffer), a queue
+of decoded requests not yet handed to the session logic, and a write queue;
+``EVENT_WRITE`` is registered only while output is pending. The session logic
+(``state.Room``) answers each event with effects, which ``apply`` carries out:
+bytes queued to connections, store requests handed to the store, password
+checks handed to the worker pool. The one piece of work off the loop thread
+is a password check (RSA decryption and scrypt): a small thread pool does it
+and wakes the loop through a socketpair, as Node.js does with its pool.
+
+One loop pass: read what is ready, hand requests to the sessions, let the
+store write the pass's history appends together (group commit) and complete
+the requests that waited on them, run timers, then send each connection's
+queued output with one ``send``.
+
+A connection closes in one of two ways: *close when flushed* (stop reading,
+send what is queued, e.g. a BYE, then close) or *abort* (at once: the peer
+is gone). Either way the session logic is told, so presence stays right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import logging
+import os
+import resource
+import selectors
+import signal
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import framing
+import passwords
+import state
+import storage
+
+log = logging.getLogger("chat.server")
+
+READ_SIZE = 65536          # per recv: larger reads cost more per call in CPython than they save
+LISTEN_BACKLOG = 1024
+DEFAULT_SEND_QUEUE = 1 << 20   # 1 MiB, InspIRCd's hard send queue
+FLUSH_GRACE = 5.0          # seconds a closing connection gets to take its last bytes
+SHUTDOWN_GRACE = 3.0       # seconds the whole server waits for BYEs to drain on exit
+HASH_WORKERS = 2
+
+_LISTENER = object()
+_WAKER = object()
+
+
+class Connection:
+    """One client socket and its buffers."""
+
+    __slots__ = ("cid", "sock", "fd", "address", "decoder", "pending", "out", "head", "out_size", "events",
+                 "closing", "closed", "fatal", "close_by", "user", "tokens", "tokens_at")
+
+    def __init__(self, cid: int, sock: socket.socket, address: str, frame_limit: int, burst: float) -> None:
+        self.cid = cid
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address
+        self.decoder = framing.FrameDecoder(frame_limit)
+        self.pending: collections.deque = collections.deque()   # decoded, not yet handed over
+        self.out: list[bytes] = []   # whole frames; the first may be partly sent
+        self.head = 0                # bytes of out[0] already sent
+        self.out_size = 0            # bytes in out not yet sent
+        self.events = selectors.EVENT_READ
+        self.closing = False      # close when flushed
+        self.closed = False
+        self.fatal: bytes | None = None   # an ERROR to send once pending requests are done
+        self.close_by = 0.0
+        self.user = ""
+        self.tokens = burst
+        self.tokens_at = 0.0
+
+
+class ChatServer:
+    """The event loop and everything it owns."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.store = storage.FileStore(args.data)
+        self.keys = storage.load_server_keys(args.data)
+        self.room = state.Room(self.keys, frame_limit=args.frame_limit, login_timeout=args.login_timeout)
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, Connection] = {}
+        self.online: dict[str, Connection] = {}
+        self.per_ip: collections.Counter = collections.Counter()
+        self.dirty: list[Connection] = []
+        self.throttled: set[Connection] = set()
+        self.closing: set[Connection] = set()
+        self.cut_off: list[Connection] = []
+        self.cids = itertools.count(1)
+        self.pool = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="hash")
+        self.done_jobs: collections.deque = collections.deque()
+        self.stopping = False
+        self.listener = self._listen(args.host, args.port)
+        self.waker_r, self.waker_w = socket.socketpair()
+        for sock in (self.waker_r, self.waker_w):
+            sock.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, _LISTENER)
+        self.sel.register(self.waker_r, selectors.EVENT_READ, _WAKER)
+
+    @staticmethod
+    def _listen(host: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+        return sock
+
+    @property
+    def address(self) -> str:
+        host, port = self.listener.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    # --- the loop ----------------------------------------------------------------
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self.waker_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+        log.info("listening on %s (data in %s, server key %s)", self.address, self.args.data,
+                 self.keys.fingerprint)
+        while not self.stopping:
+            self.run_once(self._timeout())
+        self._shutdown()
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.stopping = True
+
+    def _timeout(self) -> float | None:
+        now = time.time()
+        deadline = self.room.next_deadline()
+        if self.throttled:
+            soonest = min(self._token_time(conn) for conn in self.throttled)
+            deadline = soonest if deadline is None else min(deadline, soonest)
+        if self.closing:
+            soonest = min(conn.close_by for conn in self.closing)
+            deadline = soonest if deadline is None else min(deadline, soonest)
+        if deadline is None:
+            return None
+        return max(0.0, deadline - now)
+
+    def run_once(self, timeout: float | None) -> None:
+        """One pass: wait for events, handle them, settle the store, run timers, send."""
+        for key, mask in self.sel.select(timeout):
+            data = key.data
+            if data is _LISTENER:
+                self._accept()
+            elif data is _WAKER:
+                self._drain_waker()
+            else:
+                if mask & selectors.EVENT_READ and not data.closed:
+                    self._read(data)
+                if mask & selectors.EVENT_WRITE and not data.closed:
+                    self._flush(data)
+        self._settle()
+        now = time.time()
+        if self.throttled:
+            for conn in [c for c in self.throttled if self._token_time(c) <= now]:
+                self.throttled.discard(conn)
+                self._pump(conn)
+        self.apply(self.room.tick(now))
+        if self.closing:
+            for conn in [c for c in self.closing if c.close_by <= now]:
+                self._abort(conn)
+        self._settle()
+        while self.dirty or self.cut_off:
+            while self.cut_off:
+                self.apply(self.room.disconnect(self.cut_off.pop().cid))
+                self._settle()
+            dirty, self.dirty = self.dirty, []
+            for conn in dirty:
+                if not conn.closed:
+                    self._flush(conn)
+
+    def _settle(self) -> None:
+        """Let the store finish what it can now; feed completions back to the sessions."""
+        while self.store.pending or self.done_jobs:
+            while self.done_jobs:
+                cid, result = self.done_jobs.popleft()
+                self._complete(cid, result)
+            for cid, result in self.store.flush():
+                self._complete(cid, result)
+
+    def _complete(self, cid: int, result: object) -> None:
+        self.apply(self.room.completed(cid, result))
+        conn = self.conns.get(cid)
+        if conn is not None and not conn.closed:
+            self._pump(conn)
+
+    # --- connections ----------------------------------------------------------------
+    def _accept(self) -> None:
+        for _ in range(256):   # bounded, so a connection storm cannot starve the others
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:   # EMFILE and friends: refuse for now, keep serving
+                log.warning("accept failed: %s", exc)
+                return
+            ip = addr[0]
+            limit_all, limit_ip = self.args.max_clients, self.args.max_per_ip
+            if (limit_all and len(self.conns) >= limit_all) or (limit_ip and self.per_ip[ip] >= limit_ip):
+                self._refuse(sock, ip)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for opt, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+                if hasattr(socket, opt):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+            conn = Connection(next(self.cids), sock, ip, self.args.frame_limit, self.args.flood_burst)
+            conn.tokens_at = time.time()
+            self.conns[conn.cid] = conn
+            self.per_ip[ip] += 1
+            self.sel.register(sock, selectors.EVENT_READ, conn)
+            log.debug("connection %d from %s", conn.cid, ip)
+            self.apply(self.room.connect(conn.cid, ip))
+
+    @staticmethod
+    def _refuse(sock: socket.socket, ip: str) -> None:
+        log.warning("refusing a connection from %s: server busy", ip)
+        try:
+            sock.setblocking(False)
+            sock.send(state.fatal("server_busy", "the server is full; try again later"))
+        except OSError:
+            pass
+        sock.close()
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._abort(conn)
+            return
+        try:
+            frames = conn.decoder.feed(data)
+        except framing.ProtocolError as exc:
+            log.info("connection %d: %s", conn.cid, exc.message.encode("unicode_escape").decode("ascii"))
+            conn.pending.extend(exc.frames)
+            conn.fatal = state.fatal(exc.code, exc.message)
+            self._pause_reading(conn)
+            self._pump(conn)
+            return
+        if frames:
+            conn.pending.extend(frames)
+            self._pump(conn)
+
+    def _pump(self, conn: Connection) -> None:
+        """Hand queued requests to the session while it is not busy and the flood bucket allows."""
+        room, cid, pending = self.room, conn.cid, conn.pending
+        rate = self.args.flood_rate
+        while pending and not conn.closing and not conn.closed:
+            if room.busy(cid):
+                break
+            if rate:
+                if conn.tokens < 1.0:
+                    self._refill(conn)
+                    if conn.tokens < 1.0:
+                        self.throttled.add(conn)
+                        break
+                conn.tokens -= 1.0
+            self.apply(room.receive(cid, pending.popleft()))
+        if conn.closed or conn.closing:
+            return
+        if pending:
+            self._pause_reading(conn)   # bounded memory: read more only when these are handled
+        elif conn.fatal is not None:
+            self._queue(conn, conn.fatal)
+            self._close_when_flushed(conn)
+        else:
+            self._resume_reading(conn)
+
+    def _refill(self, conn: Connection) -> None:
+        now = time.time()
+        conn.tokens = min(self.args.flood_burst, conn.tokens + (now - conn.tokens_at) * self.args.flood_rate)
+        conn.tokens_at = now
+
+    def _token_time(self, conn: Connection) -> float:
+        return conn.tokens_at + (1.0 - conn.tokens) / self.args.flood_rate
+
+    def _set_events(self, conn: Connection, events: int) -> None:
+        if events == conn.events:
+            return
+        if conn.events and events:
+            self.sel.modify(conn.sock, events, conn)
+        elif events:
+            self.sel.register(conn.sock, events, conn)
+        else:
+            self.sel.unregister(conn.sock)
+        conn.events = events
+
+    def _pause_reading(self, conn: Connection) -> None:
+        self._set_events(conn, conn.events & ~selectors.EVENT_READ)
+
+    def _resume_reading(self, conn: Connection) -> None:
+        if not conn.closing and conn.fatal is None:
+            self._set_events(conn, conn.events | selectors.EVENT_READ)
+
+    def _queue(self, conn: Connection, data: bytes) -> None:
+        if conn.closed:
+            return
+        if not conn.out:
+            self.dirty.append(conn)
+        conn.out.append(data)
+        conn.out_size += len(data)
+        cap = self.args.send_queue
+        if cap and conn.out_size > cap and not conn.closing:
+            self._too_slow(conn)
+
+    def _too_slow(self, conn: Connection) -> None:
+        """The client does not read: drop what it has not started, say BYE, close."""
+        log.warning("connection %d (%r): send queue over %d bytes, disconnecting", conn.cid, conn.user,
+                    self.args.send_queue)
+        del conn.out[1 if conn.head else 0:]
+        conn.out.append(state.bye("too_slow"))
+        conn.out_size = sum(len(frame) for frame in conn.out) - conn.head
+        conn.pending.clear()
+        self._close_when_flushed(conn)
+        self.cut_off.append(conn)   # the session ends after the current effects are applied
+
+    def _flush(self, conn: Connection) -> None:
+        """Send what is queued with one send; keep the rest and wait for EVENT_WRITE."""
+        out = conn.out
+        if out:
+            if len(out) == 1:
+                data = out[0][conn.head:] if conn.head else out[0]
+            else:
+                if conn.head:
+                    out[0] = out[0][conn.head:]
+                    conn.head = 0
+                data = b"".join(out)
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._abort(conn)
+                return
+            if sent < len(data):
+                conn.out_size -= sent
+                sent += conn.head
+                done = 0
+                while sent >= len(out[done]):
+                    sent -= len(out[done])
+                    done += 1
+                del out[:done]
+                conn.head = sent
+                self._set_events(conn, conn.events | selectors.EVENT_WRITE)
+                return
+            out.clear()
+            conn.head = 0
+            conn.out_size = 0
+        if conn.closing:
+            self._abort(conn)
+        else:
+            self._set_events(conn, conn.events & ~selectors.EVENT_WRITE)
+
+    def _close_when_flushed(self, conn: Connection) -> None:
+        if conn.closing or conn.closed:
+            return
+        conn.closing = True
+        conn.close_by = time.time() + FLUSH_GRACE
+        self.closing.add(conn)
+        self._set_events(conn, conn.events & ~selectors.EVENT_READ)
+        if not conn.out:
+            self._abort(conn)
+
+    def _abort(self, conn: Connection) -> None:
+        """Close now and tell the session logic."""
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.events:
+            self.sel.unregister(conn.sock)
+            conn.events = 0
+        conn.sock.close()
+        self.closing.discard(conn)
+        self.throttled.discard(conn)
+        del self.conns[conn.cid]
+        self.per_ip[conn.address] -= 1
+        if not self.per_ip[conn.address]:
+            del self.per_ip[conn.address]
+        log.debug("connection %d closed", conn.cid)
+        self.apply(self.room.disconnect(conn.cid))
+
+    # --- effects ----------------------------------------------------------------------
+    def apply(self, effects: list) -> None:
+        """Carry out what the session logic asked for, in order."""
+        for effect in effects:
+            kind = type(effect)
+            if kind is state.Send:
+                conn = self.conns.get(effect.cid)
+                if conn is not None:
+                    self._queue(conn, effect.data)
+            elif kind is state.Deliver:
+                online, data, queue = self.online, effect.data, self._queue
+                for user in effect.users:
+                    conn = online.get(user)
+                    if conn is not None:
+                        queue(conn, data)
+            elif kind is state.DeliverAll:
+                data, exclude, queue = effect.data, effect.exclude, self._queue
+                for user, conn in list(self.online.items()):
+                    if user != exclude:
+                        queue(conn, data)
+            elif kind is state.Close:
+                conn = self.conns.get(effect.cid)
+                if conn is not None:
+                    self._close_when_flushed(conn)
+            elif kind is state.Online:
+                conn = self.conns.get(effect.cid)
+                if conn is not None:
+                    conn.user = effect.user
+                    self.online[effect.user] = conn
+                    log.info("%r is online (connection %d)", effect.user, effect.cid)
+            elif kind is state.Offline:
+                conn = self.online.get(effect.user)
+                if conn is not None and conn.cid == effect.cid:
+                    del self.online[effect.user]
+                    log.info("%r is offline (connection %d)", effect.user, effect.cid)
+            elif kind is state.CheckPassword:
+                self.pool.submit(self._check_password, effect)
+            else:
+                self.store.submit(effect)
+
+    def _check_password(self, job: state.CheckPassword) -> None:
+        """Runs in a worker thread; the result re-enters the loop through the waker."""
+        try:
+            result = passwords.check_login(self.keys, job.sealed, job.nonce, job.username, job.account,
+                                           self.args.scrypt_n)
+        except Exception:  # never lose the completion: the session would wait forever
+            log.exception("password check failed")
+            result = passwords.LoginResult("bad_request", "the password could not be checked")
+        self.done_jobs.append((job.cid, result))
+        try:
+            self.waker_w.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass   # the loop is already awake with bytes to read
+
+    def _drain_waker(self) -> None:
+        try:
+            while self.waker_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # --- shutdown -------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        log.info("shutting down: saying BYE to %d connections", len(self.conns))
+        bye = state.bye("shutdown")
+        for conn in list(self.conns.values()):
+            conn.pending.clear()
+            self._queue(conn, bye)
+            self._close_when_flushed(conn)
+        deadline = time.time() + SHUTDOWN_GRACE
+        for conn in list(self.conns.values()):
+            self._flush(conn)
+        while self.conns and time.time() < deadline:
+            for key, mask in self.sel.select(max(0.0, deadline - time.time())):
+                if isinstance(key.data, Connection) and mask & selectors.EVENT_WRITE:
+                    self._flush(key.data)
+                elif key.data is _WAKER:
+                    self._drain_waker()
+        for conn in list(self.conns.values()):
+            self._abort(conn)
+        self.pool.shutdown(wait=True)
+        self._settle()
+        self.store.close()
+        self.listener.close()
+        log.info("stopped")
+
+
+# --- command line -------------------------------------------------------------------
+
+def _power_of_two(text: str) -> int:
+    value = int(text)
+    if value < 2 or value & (value - 1) or value > passwords.MAX_SCRYPT_N:
+        raise argparse.ArgumentTypeError(f"{text} is not a power of two between 2 and {passwords.MAX_SCRYPT_N}")
+    return value
+
+
+def _nonnegative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text} is negative")
+        return value
+    return parse
+
+
+def _raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 65536
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser = argparse.ArgumentParser(
+        prog="chatserver.py", description="The chat room server (protocol: PROTOCOL.md).",
+        epilog="Every limit can be turned off with 0. Logs go to stderr.")
+    parser.add_argument("port", type=int, metavar="PORT", help="TCP port to listen on (0: any free port)")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="address to listen on (default: all IPv4 interfaces)")
+    parser.add_argument("--data", default=os.path.join(here, "data"), metavar="DIR",
+                        help="data directory: accounts, <Username>.chat histories, server key (default: %(default)s)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log detail (default: %(default)s)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--frame-limit", type=_nonnegative(int), default=framing.DEFAULT_FRAME_LIMIT,
+                        metavar="BYTES", help="largest frame body accepted or sent (default: %(default)s); "
+                        "a bigger one is bad_frame and the connection is closed")
+    limits.add_argument("--send-queue", type=_nonnegative(int), default=DEFAULT_SEND_QUEUE, metavar="BYTES",
+                        help="output queued for one client before it is cut off with BYE too_slow "
+                        "(default: %(default)s)")
+    limits.add_argument("--login-timeout", type=_nonnegative(float), default=30.0, metavar="SECONDS",
+                        help="time to finish LOGIN, PASSWORD and KEY before BYE idle (default: %(default)s)")
+    limits.add_argument("--max-clients", type=_nonnegative(int), default=None, metavar="N",
+                        help="open connections in all (default: from the open-file limit)")
+    limits.add_argument("--max-per-ip", type=_nonnegative(int), default=50, metavar="N",
+                        help="open connections from one address (default: %(default)s)")
+    limits.add_argument("--flood-rate", type=_nonnegative(float), default=10.0, metavar="R",
+                        help="requests per second one connection may make; more wait (default: %(default)s)")
+    limits.add_argument("--flood-burst", type=_nonnegative(float), default=20.0, metavar="B",
+                        help="requests one connection may make at once before the rate applies "
+                        "(default: %(default)s)")
+    limits.add_argument("--scrypt-n", type=_power_of_two, default=passwords.DEFAULT_SCRYPT_N, metavar="N",
+                        help="scrypt cost for new accounts, a power of two (default: %(default)s); "
+                        "existing accounts keep the cost they were made with")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"port {args.port} is not between 0 and 65535")
+    if args.flood_rate and args.flood_burst < 1:
+        args.flood_burst = 1.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fd_limit = _raise_fd_limit()
+    if args.max_clients is None:
+        args.max_clients = max(16, fd_limit - storage.DEFAULT_MAX_OPEN_HISTORY - 64)
+    try:
+        server = ChatServer(args)
+    except storage.StorageError as exc:
+        print(f"chatserver.py: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"chatserver.py: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    server.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
