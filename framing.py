@@ -14,6 +14,7 @@ buffered, so the decoder never holds more than one header plus the limit.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any, NamedTuple
 
@@ -27,7 +28,8 @@ HEADER_SIZE = 5
 DEFAULT_FRAME_LIMIT = 65536
 
 _HEADER = struct.Struct(">cI")
-_json_decoder = json.JSONDecoder(parse_constant=lambda name: _reject_constant(name))
+_json_decoder = json.JSONDecoder(parse_constant=lambda name: _reject_constant(name),
+                                 parse_float=lambda text: _finite_float(text))
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
@@ -47,6 +49,29 @@ def _bad_frame(message: str) -> ProtocolError:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON but parses to inf, which no one could encode again.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+_JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+                    bool: "boolean", type(None): "null"}
+
+
+def _describe(value: Any) -> str:
+    """Name a decoded JSON value for an error message, briefly and without recursing."""
+    kind = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+    if isinstance(value, (dict, list)):
+        return f"a JSON {kind} of {len(value)} items"
+    text = json.dumps(value, ensure_ascii=True)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"a JSON {kind} ({text})"
 
 
 class Frame(NamedTuple):
@@ -95,6 +120,8 @@ def parse_body(raw: bytes) -> dict:
     Raises:
         ProtocolError: ``bad_frame`` if it is not a UTF-8 JSON object with a string op.
     """
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise _bad_frame("body starts with a UTF-8 BOM")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -106,10 +133,10 @@ def parse_body(raw: bytes) -> dict:
     except ValueError as exc:
         raise _bad_frame(f"body is not JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise _bad_frame(f"body is a JSON {type(body).__name__}, not an object")
+        raise _bad_frame(f"body is {_describe(body)}, not an object")
     op = body.get("op")
     if not isinstance(op, str):
-        raise _bad_frame("body has no string 'op'" if op is None else f"'op' is {op!r}, not a string")
+        raise _bad_frame("body has no 'op'" if "op" not in body else f"'op' is {_describe(op)}, not a string")
     if "\\u" in text and ("\\ud" in text or "\\uD" in text):
         # A lone surrogate escape parses but is no Unicode text: it could never be
         # relayed as UTF-8, so it is refused here, at the edge.
@@ -117,6 +144,9 @@ def parse_body(raw: bytes) -> dict:
             encode_body(body)
         except UnicodeEncodeError:
             raise _bad_frame("body has an unpaired surrogate escape") from None
+        except RecursionError:
+            # Parsed with a few stack frames to spare, but too deep to write out again.
+            raise _bad_frame("body is JSON nested too deeply") from None
     return body
 
 
@@ -124,7 +154,8 @@ class FrameDecoder:
     """Incremental frame decoder: ``feed(bytes) -> list[Frame]``.
 
     After a ``ProtocolError`` the stream is unusable: the decoder stays broken
-    and every later ``feed`` raises the same error.
+    and every later ``feed`` raises the same error again (code and message),
+    with no frames attached.
     """
 
     __slots__ = ("limit", "_buf", "_error")
@@ -147,17 +178,21 @@ class FrameDecoder:
                 attached as ``error.frames`` so that nothing sent earlier is lost.
         """
         if self._error is not None:
-            raise self._error
+            # The frames before the bad one were handed over with the first raise.
+            raise ProtocolError(self._error.code, self._error.message)
         buf = self._buf
         buf += data
         frames: list[Frame] = []
         start = 0
         end = len(buf)
         try:
-            while end - start >= HEADER_SIZE:
+            while end > start:
+                # Each field is checked as soon as it is in: the kind byte alone, then the length.
                 kind = _KIND_BYTES.get(buf[start])
                 if kind is None:
                     raise _bad_frame(f"unknown frame kind byte {bytes(buf[start:start + 1])!r}")
+                if end - start < HEADER_SIZE:
+                    break
                 length = int.from_bytes(buf[start + 1:start + 5], "big")
                 if self.limit and length > self.limit:
                     raise _bad_frame(f"frame length {length} is over the limit of {self.limit} bytes")

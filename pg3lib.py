@@ -63,7 +63,18 @@ class InvalidKey(CryptoError):
 
 
 def _as_bytes(value: bytes | str) -> bytes:
-    return value.encode("ascii") if isinstance(value, str) else bytes(value)
+    """Text or bytes as bytes.
+
+    Raises:
+        UnicodeEncodeError: text that is not ASCII.
+        TypeError: anything else; ``bytes(value)`` would turn a JSON number
+            into that many zero bytes (``10**12`` of them, from one short frame).
+    """
+    if isinstance(value, str):
+        return value.encode("ascii")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"expected bytes or str, not {type(value).__name__}")
 
 
 def b64decode_strict(value: bytes | str, *, urlsafe: bool = False) -> bytes:
@@ -105,7 +116,7 @@ class Fernet:
     def __init__(self, key: bytes | str) -> None:
         try:
             raw = b64decode_strict(key, urlsafe=True)
-        except (ValueError, UnicodeEncodeError):
+        except (ValueError, TypeError, UnicodeEncodeError):
             raise InvalidKey("a Fernet key is 32 bytes of URL-safe base64") from None
         if len(raw) != 32:
             raise InvalidKey("a Fernet key is 32 bytes of URL-safe base64")
@@ -136,7 +147,7 @@ class Fernet:
         """
         try:
             raw = b64decode_strict(token, urlsafe=True)
-        except (ValueError, UnicodeEncodeError):
+        except (ValueError, TypeError, UnicodeEncodeError):
             raise InvalidToken("token is not URL-safe base64") from None
         if len(raw) < _FERNET_OVERHEAD + 16 or raw[0] != _FERNET_VERSION:
             raise InvalidToken("token is too short or of an unknown version")
@@ -206,7 +217,10 @@ class PublicKey:
     def key_form(self) -> str:
         """The key form: standard base64 of the PEM text, one ASCII line."""
         if self._key_form is None:
-            self._key_form = base64.b64encode(self._key.export_key("PEM")).decode("ascii")
+            # The course helper's PEM (from cryptography) ends with a newline;
+            # pycryptodome's does not. Same key, same bytes: add it.
+            pem = self._key.export_key("PEM").rstrip(b"\n") + b"\n"
+            self._key_form = base64.b64encode(pem).decode("ascii")
         return self._key_form
 
     @property
@@ -306,8 +320,8 @@ class KeyPair:
         """
         try:
             raw = _as_bytes(sealed)
-        except UnicodeEncodeError:
-            raise InvalidToken("a sealed message is ASCII") from None
+        except (UnicodeEncodeError, TypeError):
+            raise InvalidToken("a sealed message is ASCII text") from None
         wrapped, sep, token = raw.partition(b";")
         if not sep:
             raise InvalidToken("a sealed message is 'key;token'")
