@@ -86,9 +86,15 @@ class ChatServer:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.store = storage.FileStore(args.data)
+        self.listener = self._listen(args.host, args.port)   # first: a busy port changes nothing on disk
+        try:
+            self.store = storage.FileStore(args.data)
+        except storage.StorageError:
+            self.listener.close()
+            raise
         self.keys = storage.load_server_keys(args.data)
-        self.room = state.Room(self.keys, frame_limit=args.frame_limit, login_timeout=args.login_timeout)
+        self.room = state.Room(self.keys, frame_limit=args.frame_limit, login_timeout=args.login_timeout,
+                               register_rate=args.register_rate, login_delay_cap=args.login_delay_cap)
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Connection] = {}
         self.online: dict[str, Connection] = {}
@@ -101,7 +107,6 @@ class ChatServer:
         self.pool = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="hash")
         self.done_jobs: collections.deque = collections.deque()
         self.stopping = False
-        self.listener = self._listen(args.host, args.port)
         self.waker_r, self.waker_w = socket.socketpair()
         for sock in (self.waker_r, self.waker_w):
             sock.setblocking(False)
@@ -284,6 +289,8 @@ class ChatServer:
         if pending:
             self._pause_reading(conn)   # bounded memory: read more only when these are handled
         elif conn.fatal is not None:
+            if room.busy(cid):
+                return   # the ERROR follows the replies to everything sent before the bad frame
             self._queue(conn, conn.fatal)
             self._close_when_flushed(conn)
         else:
@@ -316,7 +323,7 @@ class ChatServer:
             self._set_events(conn, conn.events | selectors.EVENT_READ)
 
     def _queue(self, conn: Connection, data: bytes) -> None:
-        if conn.closed:
+        if conn.closing or conn.closed:   # nothing may follow a BYE, an ERROR or the EX reply
             return
         if not conn.out:
             self.dirty.append(conn)
@@ -446,7 +453,7 @@ class ChatServer:
         """Runs in a worker thread; the result re-enters the loop through the waker."""
         try:
             result = passwords.check_login(self.keys, job.sealed, job.nonce, job.username, job.account,
-                                           self.args.scrypt_n)
+                                           self.args.scrypt_n, job.may_register)
         except Exception:  # never lose the completion: the session would wait forever
             log.exception("password check failed")
             result = passwords.LoginResult("bad_request", "the password could not be checked")
@@ -548,6 +555,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits.add_argument("--flood-burst", type=_nonnegative(float), default=20.0, metavar="B",
                         help="requests one connection may make at once before the rate applies "
                         "(default: %(default)s)")
+    limits.add_argument("--register-rate", type=_nonnegative(int), default=100, metavar="N",
+                        help="new accounts per address per hour; past it PASSWORD answers rate_limited "
+                        "(default: %(default)s)")
+    limits.add_argument("--login-delay-cap", type=_nonnegative(float), default=60.0, metavar="SECONDS",
+                        help="after wrong passwords an account's next attempt waits 1, 2, 4, ... seconds, "
+                        "at most this long (default: %(default)s)")
     limits.add_argument("--scrypt-n", type=_power_of_two, default=passwords.DEFAULT_SCRYPT_N, metavar="N",
                         help="scrypt cost for new accounts, a power of two (default: %(default)s); "
                         "existing accounts keep the cost they were made with")

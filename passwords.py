@@ -100,8 +100,8 @@ def weak_reason(password: bytes) -> str | None:
 
 
 class LoginResult(NamedTuple):
-    """The outcome of a PASSWORD request: ``ok``, ``wrong_password``,
-    ``weak_password`` or ``bad_request``; a new account when one was made."""
+    """The outcome of a PASSWORD request: ``ok``, ``wrong_password``, ``weak_password``,
+    ``rate_limited`` or ``bad_request``; a new account when one was made."""
 
     outcome: str
     message: str = ""
@@ -126,11 +126,12 @@ def open_password(server_keys: pg3lib.KeyPair, sealed: str, nonce: bytes) -> byt
 
 
 def check_login(server_keys: pg3lib.KeyPair, sealed: str, nonce: bytes, username: str,
-                account: Account | None, scrypt_n: int = DEFAULT_SCRYPT_N) -> LoginResult:
+                account: Account | None, scrypt_n: int = DEFAULT_SCRYPT_N, may_register: bool = True) -> LoginResult:
     """Do the work of one PASSWORD request (runs in a worker thread).
 
-    For a new user (account None) the result carries the new account record;
-    for an existing one, whether the password matches.
+    For a new user (account None) the result carries the new account record,
+    unless the address may not register now (``rate_limited``, checked after
+    ``weak_password``); for an existing one, whether the password matches.
     """
     password = open_password(server_keys, sealed, nonce)
     if password is None:
@@ -140,6 +141,8 @@ def check_login(server_keys: pg3lib.KeyPair, sealed: str, nonce: bytes, username
         reason = weak_reason(password)
         if reason:
             return LoginResult("weak_password", reason)
+        if not may_register:
+            return LoginResult("rate_limited", "too many new accounts from this address for now; try later")
         return LoginResult("ok", account=new_account(username, password, scrypt_n))
     if verify(account, password):
         return LoginResult("ok", account=account)

@@ -27,6 +27,7 @@ give it the next request (requests are answered in order) until it is not.
 from __future__ import annotations
 
 import base64
+import collections
 import enum
 import heapq
 import os
@@ -40,6 +41,8 @@ from passwords import Account, LoginResult
 
 MAX_TEXT_CHARS = 4096
 MAX_ATTEMPTS = 3
+REGISTRATION_WINDOW = 3600.0     # --register-rate counts over a sliding hour
+FAILURE_MEMORY = 3600.0          # an hour without failures forgets an account's failed logins
 USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 
 
@@ -112,6 +115,7 @@ class CheckPassword(NamedTuple):
     nonce: bytes
     username: str
     account: Account | None
+    may_register: bool = True   # False: the address is over its registration rate
 
 
 STORE_REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory)
@@ -212,7 +216,7 @@ class Session:
     """One connection's protocol state."""
 
     __slots__ = ("cid", "address", "state", "username", "key", "account", "nonce", "attempts_left",
-                 "public_key", "target", "waiting", "deadline", "sealed")
+                 "public_key", "target", "waiting", "deadline", "sealed", "registering")
 
     def __init__(self, cid: int, address: str) -> None:
         self.cid = cid
@@ -228,6 +232,7 @@ class Session:
         self.waiting: Callable | None = None   # continuation of a pending store/worker request
         self.deadline = 0.0
         self.sealed = ""             # the PASSWORD ciphertext while it is being checked
+        self.registering = False     # holds one of its address's registration slots
 
     @property
     def busy(self) -> bool:
@@ -241,7 +246,8 @@ class Room:
     """Session logic for every connection of one server. Pure: returns effects."""
 
     def __init__(self, server_keys: pg3lib.KeyPair, *, frame_limit: int = framing.DEFAULT_FRAME_LIMIT,
-                 login_timeout: float = 30.0, clock: Callable[[], float] = time.time,
+                 login_timeout: float = 30.0, register_rate: int = 100, login_delay_cap: float = 60.0,
+                 clock: Callable[[], float] = time.time,
                  random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         self.server_keys = server_keys
         self.server_key_form = server_keys.public.key_form
@@ -253,6 +259,12 @@ class Room:
         self.online: dict[str, Session] = {}       # after KEY: key -> session
         self.logged_in: dict[str, Session] = {}    # after PASSWORD: key -> session
         self._deadlines: list[tuple[float, int]] = []
+        self.register_rate = register_rate
+        self.login_delay_cap = login_delay_cap
+        self._registered: dict[str, collections.deque] = {}   # address -> times of accounts created
+        self._registering: collections.Counter = collections.Counter()   # address -> being created
+        self._failures: dict[str, tuple[int, float]] = {}   # account -> (failed logins, time of the last)
+        self._held: list[tuple[float, int]] = []   # (until, cid): attempts waiting out a failed-login delay
 
     # --- events from the shell ---------------------------------------------------
     def connect(self, cid: int, address: str = "") -> Effects:
@@ -311,6 +323,11 @@ class Room:
     def tick(self, now: float) -> Effects:
         """Timers: connections that did not finish logging in in time get BYE idle."""
         out: Effects = []
+        while self._held and self._held[0][0] <= now:
+            _, cid = heapq.heappop(self._held)
+            session = self.sessions.get(cid)
+            if session is not None and session.state is State.AWAIT_PASSWORD and session.sealed:
+                out.append(self._password_job(session))
         while self._deadlines and self._deadlines[0][0] <= now:
             deadline, cid = heapq.heappop(self._deadlines)
             session = self.sessions.get(cid)
@@ -327,7 +344,15 @@ class Room:
         return out
 
     def next_deadline(self) -> float | None:
-        return self._deadlines[0][0] if self._deadlines else None
+        times = [heap[0][0] for heap in (self._deadlines, self._held) if heap]
+        return min(times) if times else None
+
+    def extend_deadline(self, cid: int, seconds: float) -> None:
+        """Stop the login clock for a while (the shell held this connection's requests back)."""
+        session = self.sessions.get(cid)
+        if session is not None and session.deadline and session.state in LOGIN_STATES and seconds > 0:
+            session.deadline += seconds
+            heapq.heappush(self._deadlines, (session.deadline, cid))
 
     # --- shared steps ------------------------------------------------------------
     def _wait(self, session: Session, continuation: Callable, request, out: Effects) -> None:
@@ -392,10 +417,74 @@ class Room:
                                   out)
             return
         session.sealed = sealed
-        self._wait(session, self._password_checked,
-                   CheckPassword(session.cid, sealed, session.nonce, session.username, session.account), out)
+        session.waiting = self._password_checked
+        if session.account is None:
+            self._reserve_registration(session)
+        else:
+            until = self._delayed_until(session.key)
+            now = self.clock()
+            if until > now:
+                # Held, not refused: checked with every other attempt on this account
+                # when the delay ends, and the login clock stops meanwhile.
+                heapq.heappush(self._held, (until, session.cid))
+                self.extend_deadline(session.cid, until - now)
+                return
+        out.append(self._password_job(session))
+
+    def _password_job(self, session: Session) -> CheckPassword:
+        return CheckPassword(session.cid, session.sealed, session.nonce, session.username, session.account,
+                             session.account is not None or session.registering)
+
+    # --- registration rate and failed-login delay ---------------------------------
+    def _reserve_registration(self, session: Session) -> None:
+        if self.register_rate <= 0:
+            session.registering = True
+            return
+        recent = self._registered.get(session.address)
+        cutoff = self.clock() - REGISTRATION_WINDOW
+        while recent and recent[0] <= cutoff:
+            recent.popleft()
+        used = (len(recent) if recent else 0) + self._registering[session.address]
+        if used < self.register_rate:
+            session.registering = True
+            self._registering[session.address] += 1
+
+    def _release_registration(self, session: Session, created: bool) -> None:
+        if not session.registering:
+            return
+        session.registering = False
+        if self.register_rate <= 0:
+            return
+        self._registering[session.address] -= 1
+        if self._registering[session.address] <= 0:
+            del self._registering[session.address]
+        if created:
+            self._registered.setdefault(session.address, collections.deque()).append(self.clock())
+
+    def _delayed_until(self, key: str) -> float:
+        if self.login_delay_cap <= 0 or key not in self._failures:
+            return 0.0
+        count, last = self._failures[key]
+        if self.clock() - last >= FAILURE_MEMORY:
+            del self._failures[key]
+            return 0.0
+        return last + min(self.login_delay_cap, 2.0 ** (count - 1))
+
+    def _count_failure(self, key: str) -> None:
+        count, last = self._failures.get(key, (0, 0.0))
+        now = self.clock()
+        if now - last >= FAILURE_MEMORY:
+            count = 0
+        self._failures[key] = (count + 1, now)
 
     def _password_checked(self, session: Session, result: LoginResult, out: Effects) -> None:
+        if result.outcome != "ok" or session.state is State.CLOSED:
+            self._release_registration(session, created=False)
+        if session.account is not None:
+            if result.outcome == "wrong_password":
+                self._count_failure(session.key)
+            elif result.outcome == "ok":
+                self._failures.pop(session.key, None)
         if session.state is State.CLOSED:
             return
         if result.outcome != "ok":
@@ -408,6 +497,7 @@ class Room:
             self._logged_in(session, new_user=False, out=out)
 
     def _account_created(self, session: Session, result: str, out: Effects) -> None:
+        self._release_registration(session, created=result == "created")
         if result == "exists":
             # Someone registered this name while the password was hashed: the
             # password is checked against that account instead.
@@ -435,8 +525,8 @@ class Room:
                    CheckPassword(session.cid, session.sealed, session.nonce, session.username, account), out)
 
     def _password_failed(self, session: Session, result: LoginResult, out: Effects) -> None:
-        if result.outcome == "weak_password":
-            out.append(Send(session.cid, fail("PASSWORD", "weak_password", result.message)))
+        if result.outcome in ("weak_password", "rate_limited"):   # not attempts
+            out.append(Send(session.cid, fail("PASSWORD", result.outcome, result.message)))
             return
         session.attempts_left -= 1
         out.append(Send(session.cid, fail("PASSWORD", result.outcome, result.message,

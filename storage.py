@@ -127,8 +127,11 @@ class HistoryLog:
         if fd is not None:
             self._open.move_to_end(username)
             return fd
-        fd = os.open(self.path(username), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path(username), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         self._open[username] = fd
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            self._maybe_torn.add(username)   # a crash tore the last line: start on a new one
         if len(self._open) > self.max_open:
             _, old = self._open.popitem(last=False)
             os.close(old)

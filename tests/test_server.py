@@ -1,0 +1,517 @@
+"""The real chatserver.py process over real loopback sockets: the protocol end to end."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import framing
+import pg3lib
+from serverproc import SERVER, ServerProcess
+from wire import WireClient
+
+PASSWORD = "correct horse"
+
+
+def online(connect, keys, *names: str) -> list[WireClient]:
+    """Log each name in (registering it if new) and drain the presence frames."""
+    clients = []
+    for i, name in enumerate(names):
+        client = connect()
+        client.login(name, PASSWORD + name, keys(i))
+        clients.append(client)
+    for i, client in enumerate(clients):
+        for other in names[i + 1:]:
+            client.wait_data("PRESENCE", username=other, online=True)
+    return clients
+
+
+# --- invocation ----------------------------------------------------------------------
+
+def test_ready_line_names_the_real_port(server):
+    assert server.port > 0
+    assert f"listening on 127.0.0.1:{server.port}" in server.log()
+
+
+def test_help_explains_every_option():
+    out = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True, timeout=20).stdout
+    for option in ("PORT", "--host", "--data", "--login-timeout", "--max-clients", "--log-level",
+                   "--frame-limit", "--send-queue", "--max-per-ip", "--flood-rate", "--flood-burst",
+                   "--scrypt-n", "--register-rate", "--login-delay-cap"):
+        assert option in out
+
+
+def test_port_in_use_is_one_line_and_status_2(server, tmp_path):
+    result = subprocess.run([sys.executable, SERVER, str(server.port), "--host", "127.0.0.1",
+                             "--data", str(tmp_path / "other")], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "cannot listen" in result.stderr
+
+
+def test_unwritable_data_directory_is_one_line_and_status_2(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("not a directory")
+    result = subprocess.run([sys.executable, SERVER, "0", "--host", "127.0.0.1", "--data", str(target / "d")],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_bad_arguments_exit_2():
+    result = subprocess.run([sys.executable, SERVER, "notaport"], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2 and "usage" in result.stderr
+
+
+# --- login and registration ----------------------------------------------------------
+
+def test_register_then_log_in_again_keeps_spelling(connect, keys, server):
+    first = connect()
+    reply = first.login_start("Alice")
+    assert reply["ok"] and reply["new_user"] is True
+    assert reply["fingerprint"] == first.server_key.fingerprint
+    assert len(base64.b64decode(reply["nonce"])) == 16
+    reply = first.password(PASSWORD)
+    assert reply == {"op": "PASSWORD", "ok": True, "new_user": True, "username": "Alice"}
+    assert first.key(keys(0))["ok"]
+    assert first.exit() == {"op": "EX", "ok": True}
+    assert first.recv_until_closed() == []
+
+    second = connect()
+    reply = second.login_start("ALICE")
+    assert reply["new_user"] is False
+    assert second.password(PASSWORD) == {"op": "PASSWORD", "ok": True, "new_user": False, "username": "Alice"}
+    assert os.path.exists(os.path.join(server.data_dir, "Alice.chat"))
+
+
+def test_each_login_attempt_gets_a_fresh_nonce(connect):
+    nonces = {base64.b64decode(connect().login_start("nonce")["nonce"]) for _ in range(3)}
+    assert len(nonces) == 3
+
+
+def test_wrong_password_three_times_then_bye(connect, keys):
+    online(connect, keys, "carol")[0].exit()
+    client = connect()
+    client.login_start("carol")
+    for left in (2, 1, 0):
+        reply = client.password("not the password")
+        assert reply["error"] == "wrong_password" and reply["attempts_left"] == left
+    assert client.recv_until_closed() == [framing.Frame("C", {"op": "BYE", "reason": "too_many_failures"})]
+
+
+def test_replayed_password_from_another_connection_is_refused(connect, keys):
+    online(connect, keys, "dave")[0].exit()
+    first = connect()
+    first.login_start("dave")
+    captured = first.sealed_password(PASSWORD + "dave")
+    second = connect()
+    second.login_start("dave")
+    reply = second.request({"op": "PASSWORD", "ciphertext": captured})
+    assert reply["error"] == "bad_request" and reply["attempts_left"] == 2
+    garbage = second.request({"op": "PASSWORD", "ciphertext": "nonsense;nonsense"})
+    assert garbage["error"] == "bad_request" and garbage["attempts_left"] == 1
+
+
+@pytest.mark.parametrize("password", ["short", "x" * 257, "é" * 129])
+def test_weak_password_is_not_an_attempt(connect, password):
+    client = connect()
+    client.login_start("weakling")
+    for _ in range(4):
+        reply = client.password(password)
+        assert reply["error"] == "weak_password" and "attempts_left" not in reply
+    assert client.password("long enough now")["ok"]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "x" * 33, ".hidden", "-dash", "a b", "é", 7, None])
+def test_invalid_usernames(connect, server, name):
+    client = connect()
+    reply = client.request({"op": "LOGIN", "username": name})
+    assert reply["ok"] is False and reply["error"] == "invalid_username"
+    assert client.login_start("fine_name")["ok"]      # the state is unchanged
+    assert sorted(os.listdir(server.data_dir)) == ["accounts.jsonl", "server_key.pem"]
+
+
+def test_longest_username_is_fine(connect):
+    assert connect().login_start("a" * 32)["ok"]
+
+
+def test_bad_key_is_refused(connect, keys):
+    client = connect()
+    client.login_start("keyless")
+    client.password(PASSWORD)
+    small = pg3lib.RSA.generate(1024)
+    short_form = base64.b64encode(small.public_key().export_key("PEM")).decode()
+    for bad in (short_form, "bm9wZQ==", 12, None):
+        reply = client.request({"op": "KEY", "public_key": bad})
+        assert reply["error"] == "bad_request"
+    private_form = base64.b64encode(keys(0).to_pem()).decode()
+    assert client.request({"op": "KEY", "public_key": private_form})["error"] == "bad_request"
+    assert client.key(keys(0))["ok"]
+
+
+def test_takeover_by_a_second_login(connect, keys):
+    alice, bob = online(connect, keys, "alice", "bob")
+    again = connect()
+    again.login_start("alice")
+    assert again.password(PASSWORD + "alice")["ok"]
+    assert alice.recv_until_closed() == [framing.Frame("C", {"op": "BYE", "reason": "replaced"})]
+    assert bob.wait_data("PRESENCE", username="alice")["online"] is False
+    assert again.key(keys(0))["online"] == ["bob"]
+    assert bob.wait_data("PRESENCE", username="alice")["online"] is True
+
+
+def test_simultaneous_logins_of_one_account_leave_one_session(connect, keys):
+    online(connect, keys, "twin")[0].exit()
+    clients = [connect() for _ in range(4)]
+    for client in clients:
+        client.login_start("twin")
+    for client in clients:   # all four hash at once
+        client.send({"op": "PASSWORD", "ciphertext": client.sealed_password(PASSWORD + "twin")})
+    survivors = []
+    for client in clients:
+        frames = []
+        try:
+            frames = client.recv_until_closed(timeout=3)
+        except TimeoutError:
+            survivors.append(client)
+        if frames:
+            assert frames[0].body["op"] == "PASSWORD" and frames[0].body["ok"]
+    assert len(survivors) == 1
+    watcher = online(connect, keys, "watcher")[0]
+    watcher.request({"op": "PM"})
+    assert watcher.request({"op": "TARGET", "username": "twin"})["error"] == "not_online"
+    survivor = survivors[0]
+    assert survivor.key(keys(1))["ok"]
+
+
+# --- BM, PM, presence -------------------------------------------------------------------
+
+def test_bm_fans_out_to_everyone_else_with_presence(connect, keys):
+    names = ["ann", "ben", "cat", "dan"]
+    clients = online(connect, keys, *names)
+    reply = clients[0].bm("hello all ☃")
+    assert reply == {"op": "SEND", "ok": True, "recipients": 3}
+    for client in clients[1:]:
+        message = client.wait_data("BM")
+        assert message["from"] == "ann" and message["text"] == "hello all ☃" and message["ts"].endswith("Z")
+    clients[3].exit()
+    for client in clients[:3]:
+        assert client.wait_data("PRESENCE", username="dan")["online"] is False
+    assert clients[1].bm("after dan left")["recipients"] == 2
+    with pytest.raises(TimeoutError):
+        clients[1].wait_data("BM", timeout=0.3)   # the sender gets no copy
+
+
+def test_bm_text_limits(connect, keys):
+    (client,) = online(connect, keys, "limits")
+    assert client.request({"op": "BM"})["ok"]
+    for bad in ("", "  \n\t", "x" * 4097, 5, None):
+        reply = client.request({"op": "SEND", "text": bad})
+        assert reply["error"] == "bad_request"
+    assert client.request({"op": "SEND", "text": "😀" * 4096})["ok"]
+
+
+def test_pm_end_to_end(connect, keys):
+    alice, bob = online(connect, keys, "alice", "bob")
+    assert alice.request({"op": "PM"}) == {"op": "PM", "ok": True, "online": ["bob"]}
+    target = alice.request({"op": "TARGET", "username": "BOB"})
+    assert target["username"] == "bob" and target["fingerprint"] == keys(1).fingerprint
+    assert pg3lib.PublicKey.from_key_form(target["public_key"]) == keys(1).public
+    alice.send({"op": "CANCEL"})
+    assert alice.reply("CANCEL")["ok"]
+    assert alice.pm("bob", "psst, bob") == {"op": "SEND", "ok": True, "recipients": 1}
+    message = bob.wait_data("PM")
+    assert keys(1).open(message["ciphertext"]) == b"psst, bob"
+    sender = pg3lib.PublicKey.from_key_form(message["sender_key"])
+    assert sender == keys(0).public
+    assert sender.verify(pg3lib.pm_signed_bytes("alice", "bob", message["ciphertext"]), message["signature"])
+
+
+def test_pm_with_a_forged_signature_is_refused(connect, keys):
+    alice, bob = online(connect, keys, "alice", "bob")
+    alice.request({"op": "PM"})
+    alice.request({"op": "TARGET", "username": "bob"})
+    sealed = keys(1).public.seal(b"x").decode()
+    forged = keys(2).sign(pg3lib.pm_signed_bytes("alice", "bob", sealed))
+    reply = alice.request({"op": "SEND", "ciphertext": sealed, "self_copy": sealed, "signature": forged})
+    assert reply["error"] == "bad_request"
+    good = keys(0).sign(pg3lib.pm_signed_bytes("alice", "bob", sealed))
+    assert alice.request({"op": "SEND", "ciphertext": sealed, "self_copy": sealed, "signature": good})["ok"]
+
+
+def test_pm_targets_that_are_not_online(connect, keys):
+    alice, bob = online(connect, keys, "alice", "bob")
+    alice.request({"op": "PM"})
+    assert alice.request({"op": "TARGET", "username": "nobody"})["error"] == "not_online"
+    alice.request({"op": "PM"})
+    assert alice.request({"op": "TARGET", "username": "alice"})["error"] == "bad_request"
+    # the target leaves between TARGET and SEND
+    alice.request({"op": "PM"})
+    assert alice.request({"op": "TARGET", "username": "bob"})["ok"]
+    bob.exit()
+    alice.wait_data("PRESENCE", username="bob", online=False)
+    sealed = keys(1).public.seal(b"x").decode()
+    signature = keys(0).sign(pg3lib.pm_signed_bytes("alice", "bob", sealed))
+    reply = alice.request({"op": "SEND", "ciphertext": sealed, "self_copy": sealed, "signature": signature})
+    assert reply["error"] == "not_online"
+    assert [e for e in alice.history() if e["type"] == "PM"] == []   # back in READY; nothing stored
+
+
+# --- CH and persistence -------------------------------------------------------------------
+
+def test_history_after_bm_and_pm_and_across_a_restart(connect, keys, server):
+    alice, bob = online(connect, keys, "alice", "bob")
+    alice.bm("one")
+    bob.bm("two")
+    alice.pm("bob", "three")
+    bob.wait_data("PM")
+    entries = alice.history()
+    assert [(e["type"], e["from"], e["to"]) for e in entries] == [("BM", "alice", "*"), ("BM", "bob", "*"),
+                                                                 ("PM", "alice", "bob")]
+    assert [e.get("text") for e in entries[:2]] == ["one", "two"]
+    assert keys(0).open(entries[2]["ciphertext"]) == b"three"        # self_copy
+    bob_entries = bob.history()
+    assert keys(1).open(bob_entries[2]["ciphertext"]) == b"three"    # ciphertext
+    assert bob.history(limit=2) == bob_entries[1:]
+
+    server.restart()
+    again = WireClient(server.port)
+    again.login("alice", PASSWORD + "alice", keys(0))
+    assert again.history() == entries
+    again.close()
+
+
+def test_history_empty_and_bad_limit(connect, keys):
+    (client,) = online(connect, keys, "fresh")
+    client.send({"op": "CH"})
+    assert client.reply("CH") == {"op": "CH", "ok": True, "entries": [], "more": False}
+    for bad in (0, -1, "3", 1.5, True):
+        assert client.request({"op": "CH", "limit": bad})["error"] == "bad_request"
+
+
+def test_history_longer_than_one_frame(connect, keys):
+    (client,) = online(connect, keys, "writer")
+    texts = [f"{i:03d}" + "x" * 3996 for i in range(40)]   # about 160 KB of history
+    for text in texts:
+        assert client.bm(text)["ok"]
+    client.send({"op": "CH"})
+    frames = []
+    while True:
+        frames.append(client.reply("CH"))
+        if not frames[-1]["more"]:
+            break
+    assert len(frames) >= 3
+    assert [e["text"] for f in frames for e in f["entries"]] == texts
+    assert client.history(limit=5) == [e for f in frames for e in f["entries"]][-5:]
+
+
+def test_torn_last_history_line_is_skipped(connect, keys, server):
+    (client,) = online(connect, keys, "torn")
+    client.bm("kept")
+    server.kill()   # as if it died in the middle of writing a line
+    with open(os.path.join(server.data_dir, "torn.chat"), "ab") as fh:
+        fh.write(b'{"ts":"2026-11-24T15:04:05.123Z","type":"BM","fr')
+    server.start(server.port)
+    client = WireClient(server.port)
+    client.login("torn", PASSWORD + "torn", keys(0))
+    assert [e["text"] for e in client.history()] == ["kept"]
+    client.bm("after the tear")
+    assert [e["text"] for e in client.history()] == ["kept", "after the tear"]
+
+
+def test_data_directory_contents(connect, keys, server):
+    online(connect, keys, "secretive")[0].exit()
+    key_file = os.path.join(server.data_dir, "server_key.pem")
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    accounts = open(os.path.join(server.data_dir, "accounts.jsonl")).read()
+    record = json.loads(accounts.splitlines()[0])
+    assert record["username"] == "secretive" and record["scrypt"]["n"] >= 2 and record["salt"]
+    assert (PASSWORD + "secretive") not in accounts and (PASSWORD + "secretive") not in server.log()
+    fingerprint = WireClient(server.port).login_start("x")["fingerprint"]
+    server.restart()
+    assert WireClient(server.port).login_start("x")["fingerprint"] == fingerprint
+
+
+# --- the state machine over the wire ----------------------------------------------------
+
+def test_unexpected_ops_and_cancel(connect, keys):
+    client = connect()
+    reply = client.request({"op": "BM"})
+    assert reply["error"] == "unexpected" and "LOGIN" in reply["message"]
+    assert client.request({"op": "WHATEVER", "x": 1})["error"] == "unexpected"
+    client.login("canceller", PASSWORD, keys(0))
+    assert client.request({"op": "CANCEL"})["error"] == "unexpected"
+    for op in ("BM", "PM"):
+        assert client.request({"op": op})["ok"]
+        assert client.request({"op": "CANCEL"}) == {"op": "CANCEL", "ok": True}
+    assert client.request({"op": "BM"})["ok"]
+    assert client.request({"op": "CH"})["error"] == "unexpected"
+    assert client.request({"op": "SEND", "text": "still works", "extra": [1, 2]})["ok"]
+
+
+def test_pipelined_requests_are_answered_in_order(connect, keys):
+    (client,) = online(connect, keys, "piper")
+    burst = b"".join(framing.command(body) for body in (
+        {"op": "BM"}, {"op": "SEND", "text": "a"}, {"op": "BM"}, {"op": "SEND", "text": "b"},
+        {"op": "CH"}, {"op": "EX"}))
+    client.send_raw(burst)
+    ops = [f.body["op"] for f in client.recv_until_closed()]
+    assert ops == ["BM", "SEND", "BM", "SEND", "CH", "EX"]
+
+
+def test_login_pipelined_in_one_write(connect, keys):
+    client = connect()
+    client.login_start("pipelogin")
+    sealed = client.sealed_password(PASSWORD)
+    client.send_raw(framing.command({"op": "PASSWORD", "ciphertext": sealed})
+                    + framing.command({"op": "KEY", "public_key": keys(0).public.key_form})
+                    + framing.command({"op": "BM"}) + framing.command({"op": "SEND", "text": "hi"}))
+    assert [client.reply(op)["ok"] for op in ("PASSWORD", "KEY", "BM", "SEND")] == [True] * 4
+
+
+def test_bytes_arriving_one_at_a_time(connect, keys):
+    client = connect()
+    for byte in framing.command({"op": "LOGIN", "username": "slowpoke"}):
+        client.send_raw(bytes([byte]))
+        time.sleep(0.001)
+    assert client.reply("LOGIN")["ok"]
+
+
+@pytest.mark.parametrize("garbage", [b"X\x00\x00\x00\x02{}", b"C\xff\xff\xff\xff", b"C\x00\x00\x00\x02[]",
+                                     b"C\x00\x00\x00\x04\xff\xfe{}", b'C\x00\x00\x00\x08{"op":1}'])
+def test_garbage_closes_that_client_only(connect, keys, garbage):
+    alice, bob = online(connect, keys, "alice", "bob")
+    bad = connect()
+    bad.send_raw(garbage)
+    frames = bad.recv_until_closed()
+    assert len(frames) == 1 and frames[0].body["op"] == "ERROR" and frames[0].body["error"] == "bad_frame"
+    assert alice.bm("still here")["recipients"] == 1
+    assert bob.wait_data("BM")["text"] == "still here"
+
+
+def test_bad_frame_after_good_requests_loses_nothing(connect, keys):
+    (client,) = online(connect, keys, "mixed")
+    client.send_raw(framing.command({"op": "BM"}) + framing.command({"op": "SEND", "text": "first"})
+                    + b"Z\x00\x00\x00\x00")
+    frames = client.recv_until_closed()
+    assert [f.body["op"] for f in frames] == ["BM", "SEND", "ERROR"]
+    again = connect()
+    again.login("mixed", PASSWORD + "mixed", keys(0))
+    assert [e["text"] for e in again.history()] == ["first"]
+
+
+def test_disconnect_mid_operation_goes_offline(connect, keys):
+    alice, bob = online(connect, keys, "alice", "bob")
+    bob.request({"op": "PM"})
+    bob.send_raw(framing.command({"op": "TARGET", "username": "alice"})[:7])   # mid-frame
+    bob.close()
+    assert alice.wait_data("PRESENCE", username="bob")["online"] is False
+    assert alice.bm("alone")["recipients"] == 0
+
+
+# --- signals and crashes ------------------------------------------------------------------
+
+def test_sigterm_says_bye_and_exits_0(connect, keys, server):
+    clients = online(connect, keys, "alice", "bob")
+    half = connect()
+    half.login_start("halfway")
+    code = server.stop()
+    assert code == 0
+    for client in clients + [half]:
+        frames = client.recv_until_closed()
+        assert frames[-1] == framing.Frame("C", {"op": "BYE", "reason": "shutdown"})
+
+
+def test_sigkill_loses_nothing_acknowledged(connect, keys, server):
+    alice, bob = online(connect, keys, "alice", "bob")
+    acked = []
+    for i in range(30):
+        if alice.bm(f"m{i}")["ok"]:
+            acked.append(f"m{i}")
+    server.kill()
+    server.start(server.port)
+    again = WireClient(server.port)
+    again.login("bob", PASSWORD + "bob", keys(1))
+    assert [e["text"] for e in again.history()] == acked
+    again.close()
+
+
+def test_slow_login_does_not_delay_others(make_server, keys):
+    # A real scrypt cost: four logins at N=2**16 keep the worker pool busy for a while.
+    server = make_server(scrypt_n=2 ** 16)
+    alice = WireClient(server.port)
+    alice.login("alice", PASSWORD, keys(0))
+    hashing = [WireClient(server.port) for _ in range(4)]
+    for i, client in enumerate(hashing):
+        client.login_start(f"newcomer{i}")
+    started = time.monotonic()
+    for client in hashing:
+        client.send({"op": "PASSWORD", "ciphertext": client.sealed_password(PASSWORD)})
+    round_trips = []
+    while len(round_trips) < 10:
+        t0 = time.monotonic()
+        assert alice.bm("ping")["ok"]
+        round_trips.append(time.monotonic() - t0)
+    for client in hashing:
+        assert client.reply("PASSWORD", timeout=30)["ok"]
+    hashing_time = time.monotonic() - started
+    assert max(round_trips) < 0.25, round_trips
+    assert sum(round_trips) < hashing_time
+
+
+def test_many_clients_connect_at_once(make_server):
+    server = make_server("--max-per-ip", "0")
+    sockets = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(300)]
+    try:
+        client = WireClient(server.port)
+        assert client.login_start("still_answering")["ok"]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_concurrent_registrations_of_one_name(make_server):
+    server = make_server()
+    clients = [WireClient(server.port) for _ in range(3)]
+    for client in clients:
+        client.login_start("racer")
+    results = {}
+
+    def attempt(i: int, client: WireClient) -> None:
+        results[i] = client.password(f"password-{i}")
+
+    threads = [threading.Thread(target=attempt, args=(i, c)) for i, c in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sum(1 for r in results.values() if r["ok"]) == 1   # different passwords: one account wins
+    accounts = open(os.path.join(server.data_dir, "accounts.jsonl")).read().splitlines()
+    assert len(accounts) == 1
+
+
+def test_server_started_twice_on_one_data_dir_keeps_accounts(tmp_path, keys):
+    data = tmp_path / "d"
+    data.mkdir()
+    first = ServerProcess(str(data)).start()
+    client = WireClient(first.port)
+    client.login("persist", PASSWORD, keys(0))
+    first.signal(signal.SIGINT)
+    assert first.proc.wait(10) == 0
+    second = ServerProcess(str(data)).start()
+    try:
+        again = WireClient(second.port)
+        assert again.login_start("persist")["new_user"] is False
+        assert again.password(PASSWORD)["ok"]
+    finally:
+        second.kill()
