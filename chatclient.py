@@ -1,0 +1,1223 @@
+"""The chat room client: ``python3 chatclient.py HOST PORT USERNAME`` (PROTOCOL.md, issue 4).
+
+Owns the client side of the protocol: the login (the server's key checked
+against the one remembered for HOST:PORT before the password goes out), the
+operations BM, PM, CH and EX, the local commands (WHO, KEYS, TRUST, HELP),
+sealing and signing private messages end to end, checking received ones
+against the sender's pinned key, and showing what arrives.
+
+Theory of operation: one ``selectors`` loop waits on the socket and standard
+input. The conversation with the server is lock-step, so it is written as a
+generator, ``Session.run``, that yields what it needs next: ``Send(body)``
+(queue a frame), ``Reply(op)`` (wait for the reply with that op) or
+``Ask(prompt)`` (wait for the user's next line). ``Driver`` runs it, feeding
+replies and input events back in. Data frames (messages, presence) are shown
+the moment they arrive, whatever the session is waiting for. Input that
+arrives while a reply is pending waits in a queue, so pasted or piped
+commands run one after another, each after the previous reply.
+
+Two front ends: ``TtyScreen`` (stdin is a terminal: cbreak mode, the
+``LineEditor``, incoming lines printed above the prompt and the prompt and
+the half-typed text redrawn; the terminal mode is restored on every way out)
+and ``PlainScreen`` (a pipe or a file: plain lines, no prompts, no escape
+codes; the first line is the password; end of input means EX). Every line
+shown passes ``visible()`` at the screen, so nothing received is ever
+interpreted by the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import codecs
+import datetime
+import io
+import logging
+import os
+import re
+import selectors
+import signal
+import socket
+import sys
+import termios
+from collections import deque
+from collections.abc import Callable, Generator
+from typing import Any, NamedTuple, Union
+
+import framing
+import pg3lib
+from clientstore import ClientStore, KeyLocked, config_root, server_address
+from lineeditor import UNSAFE_FORMAT_CHARS, Event, Key, LineEditor, Submit
+
+log = logging.getLogger("chatclient")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_SECURITY = 3  # a server key that does not match: the login was stopped
+EXIT_INTERRUPTED = 130
+
+MAX_TEXT_CHARS = 4096  # PROTOCOL.md 4.4/4.5: the client enforces it for PMs
+CONNECT_TIMEOUT = 10.0
+# Larger than the server's default frame limit, so a server configured with a
+# bigger one still works, yet bounded.
+CLIENT_FRAME_LIMIT = 1 << 20
+USERNAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+UNREADABLE = "(unreadable: sealed for another key)"
+COMMANDS = ("BM", "PM", "CH", "WHO", "KEYS", "TRUST", "HELP", "EX")
+HELP_LINES = (
+    "commands: BM [message] | PM [user [message]] | CH [count] | WHO | KEYS [user] | TRUST user | HELP | EX",
+    "Ctrl-C cancels an operation (and exits at this prompt), Ctrl-D exits, Up/Down recall, Tab completes",
+)
+BYE_REASONS = {
+    "shutdown": "the server is shutting down",
+    "replaced": "you logged in somewhere else",
+    "idle": "the login took too long",
+    "too_slow": "this client did not keep up with the server",
+    "too_many_failures": "too many failed password attempts",
+}
+
+
+class ClientExit(Exception):
+    """Stop the client: a message for the user (stderr) and an exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class ConnectionClosed(Exception):
+    """The server closed the connection (or it broke)."""
+
+
+class Terminated(Exception):
+    """SIGTERM or SIGHUP arrived."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# --- what is shown ---------------------------------------------------------------
+
+_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f" + "".join(sorted(UNSAFE_FORMAT_CHARS)) + "]")
+_TIMESTAMP = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.\d+)?(Z|[+-]\d\d:?\d\d)?\Z")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def visible(text: str) -> str:
+    """Text with every character a terminal could act on written as an escape (``\\x1b``, ``\\u202e``)."""
+    return _UNSAFE_RE.sub(_escape, text)
+
+
+def parse_timestamp(value: Any) -> datetime.datetime | None:
+    """An aware datetime from a protocol timestamp (``2026-11-24T15:04:05.123Z``), or None."""
+    match = _TIMESTAMP.match(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    zone = match.group(7) or "Z"
+    offset = datetime.timedelta(0)
+    if zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        offset = sign * datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    try:
+        return datetime.datetime(year, month, day, hour, minute, second,
+                                 tzinfo=datetime.timezone(offset))
+    except ValueError:
+        return None
+
+
+def local_time(value: Any, with_date: bool = False) -> str:
+    """A timestamp as local ``15:04`` (or ``2026-11-24 15:04``); now if it is missing or bad."""
+    moment = parse_timestamp(value) or datetime.datetime.now(datetime.timezone.utc)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M" if with_date else "%H:%M")
+
+
+def format_broadcast(sender: str, text: str, ts: Any = None) -> str:
+    return f"[{local_time(ts)}] {sender}: {text}"
+
+
+def format_private(sender: str, text: str, ts: Any = None) -> str:
+    return f"[{local_time(ts)}] {sender} -> you (private): {text}"
+
+
+def format_presence(username: str, online: bool) -> str:
+    return f"* {username} is {'online' if online else 'offline'}"
+
+
+def format_history_entry(entry: dict, open_sealed: Callable[[Any], str | None]) -> str:
+    """One CH entry: local date and time, BM/PM, sender -> receiver, the text (PMs decrypted)."""
+    kind = str(entry.get("type", "?"))
+    sender = str(entry.get("from", "?"))
+    receiver = str(entry.get("to", "?"))
+    if kind == "BM" or receiver == "*":
+        receiver = "all"
+    if "ciphertext" in entry:
+        text = open_sealed(entry.get("ciphertext"))
+        text = UNREADABLE if text is None else text
+    else:
+        text = str(entry.get("text", ""))
+    when = local_time(entry.get("ts"), with_date=True) if parse_timestamp(entry.get("ts")) else "????-??-?? ??:??"
+    return f"[{when}] {kind} {sender} -> {receiver}: {text}"
+
+
+def describe_error(reply: dict) -> str:
+    """The human sentence of a failed reply (its message, else its error code)."""
+    return str(reply.get("message") or reply.get("error") or "unknown error")
+
+
+def bye_text(body: dict) -> str:
+    reason = str(body.get("reason", "unknown"))
+    return f"the server closed the connection: {BYE_REASONS.get(reason, 'no reason known')} ({reason})"
+
+
+def sent_text(recipients: Any) -> str:
+    if recipients == 0:
+        return "sent (nobody else is online)"
+    if recipients == 1:
+        return "sent to 1 user"
+    return f"sent to {recipients} users"
+
+
+def text_problem(text: str) -> str | None:
+    """Why a message cannot be sent (too long), or None."""
+    if len(text) > MAX_TEXT_CHARS:
+        return f"that message has {len(text)} characters; the limit is {MAX_TEXT_CHARS}"
+    return None
+
+
+def server_key_changed_text(server: str, remembered: str, presented: str, path: str) -> str:
+    return "\n".join((
+        "@" * 66,
+        "@  WARNING: THE SERVER'S KEY HAS CHANGED. THE LOGIN WAS STOPPED.  @",
+        "@" * 66,
+        f"The server at {server} now presents the key {presented}",
+        f"but the key remembered for it is               {remembered}.",
+        "Someone may be impersonating the server to capture your password,",
+        "or the server's key was replaced. Your password has NOT been sent.",
+        "If you know the change is legitimate, delete the line for",
+        f"{server} from {path} and connect again.",
+    ))
+
+
+def contact_key_changed_text(name: str, remembered: str, presented: str) -> str:
+    return (f"{name}'s key has CHANGED: remembered {remembered}, now {presented}. "
+            f"Compare fingerprints with {name} another way (KEYS {name}), then TRUST {name} to accept it.")
+
+
+# --- what the session asks the driver for --------------------------------------------
+
+class Send(NamedTuple):
+    """Queue this command frame."""
+
+    body: dict
+
+
+class Reply(NamedTuple):
+    """Wait for the server's reply with this op; the driver sends it back in."""
+
+    op: str
+
+
+class Ask(NamedTuple):
+    """Wait for the user's next line (or Ctrl-C / Ctrl-D / end of input)."""
+
+    prompt: str
+    secret: bool = False
+    completions: tuple = ()
+
+
+Step = Union[Send, Reply, Ask]
+Flow = Generator[Step, Any, Any]
+
+
+class Output:
+    """Where the session writes: ``show`` for the conversation, ``warn`` for problems."""
+
+    def show(self, text: str) -> None:
+        raise NotImplementedError
+
+    def warn(self, text: str) -> None:
+        raise NotImplementedError
+
+
+class Session:
+    """The client's side of one connection: login, operations, what arrives (no I/O of its own)."""
+
+    def __init__(self, server: str, username: str, store: ClientStore, out: Output,
+                 interactive: bool) -> None:
+        self.server = server
+        self.username = username  # the registered spelling once logged in
+        self.store = store
+        self.out = out
+        self.interactive = interactive
+        self.keys: pg3lib.KeyPair | None = None
+        self.online: dict[str, str] = {}  # lower case -> as shown
+        self.changed_keys: dict[str, pg3lib.PublicKey] = {}  # contact -> new key, not trusted yet
+        self.held: dict[str, list[dict]] = {}  # contact -> PMs waiting for TRUST
+        self.exiting = False
+
+    def request(self, body: dict) -> Flow:
+        yield Send(body)
+        return (yield Reply(body["op"]))
+
+    def run(self) -> Flow:
+        """Log in, then take operations until EX, Ctrl-C or Ctrl-D at the operation prompt."""
+        yield from self.login()
+        while True:
+            event = yield Ask(f"{self.username}> ", completions=COMMANDS + tuple(self.online.values()))
+            if not isinstance(event, Submit):
+                yield from self.leave()
+                return
+            if (yield from self.command(event.text)):
+                return
+
+    # --- login ---------------------------------------------------------------------
+    def login(self) -> Flow:
+        reply = yield from self.request({"op": "LOGIN", "username": self.username})
+        if not reply.get("ok"):
+            raise ClientExit(f"login refused: {describe_error(reply)}")
+        server_key = self.check_server_key(reply)
+        try:
+            nonce = pg3lib.b64decode_strict(str(reply.get("nonce", "")))
+        except ValueError:
+            raise ClientExit("the server sent a malformed login nonce; password not sent") from None
+        new_user = bool(reply.get("new_user"))
+        if new_user:
+            self.out.show(f"new user {self.username}: choose a password (at least 8 characters)")
+        while True:
+            password = yield from self.read_password(new_user)
+            if password is None:
+                raise ClientExit("login cancelled")
+            sealed = server_key.seal(nonce + password.encode("utf-8")).decode("ascii")
+            reply = yield from self.request({"op": "PASSWORD", "ciphertext": sealed})
+            if reply.get("ok"):
+                break
+            self.password_refused(reply)
+        self.username = str(reply.get("username") or self.username)
+        self.keys = self.own_key_pair(password)
+        reply = yield from self.request({"op": "KEY", "public_key": self.keys.public.key_form})
+        if not reply.get("ok"):
+            raise ClientExit(f"the server refused our key: {describe_error(reply)}")
+        self.set_online(reply.get("online"))
+        self.out.show(f"logged in as {self.username} at {self.server}. {self.who_text()}")
+        if self.interactive:
+            self.out.show(HELP_LINES[0])
+
+    def check_server_key(self, reply: dict) -> pg3lib.PublicKey:
+        """The server's key if it matches its fingerprint and the remembered one.
+
+        Raises:
+            ClientExit: EXIT_SECURITY otherwise; nothing about the password was sent.
+        """
+        key_form = reply.get("server_key")
+        try:
+            if not isinstance(key_form, str):
+                raise pg3lib.InvalidKey("missing")
+            key = pg3lib.PublicKey.from_key_form(key_form)
+        except pg3lib.InvalidKey:
+            raise ClientExit("the server sent no usable key; password not sent", EXIT_SECURITY) from None
+        claimed = str(reply.get("fingerprint"))
+        if claimed != key.fingerprint:
+            raise ClientExit(f"the server's key {key.fingerprint} does not match the fingerprint it claims, "
+                             f"{claimed}; login stopped, password not sent", EXIT_SECURITY)
+        remembered = self.store.server_fingerprint(self.server)
+        if remembered is None:
+            self.store.remember_server(self.server, key.fingerprint)
+            self.out.show(f"first connection to {self.server}: remembering its key {key.fingerprint}")
+        elif remembered != key.fingerprint:
+            raise ClientExit(server_key_changed_text(self.server, remembered, key.fingerprint,
+                                                     self.store.known_servers_path), EXIT_SECURITY)
+        return key
+
+    def read_password(self, new_user: bool) -> Flow:
+        """The password typed (twice for a new user on a terminal), or None if cancelled."""
+        prompt = "choose a password: " if new_user else f"password for {self.username}: "
+        while True:
+            first = yield Ask(prompt, secret=True)
+            if not isinstance(first, Submit):
+                return None
+            if not (new_user and self.interactive):
+                return first.text
+            again = yield Ask("repeat the password: ", secret=True)
+            if not isinstance(again, Submit):
+                return None
+            if again.text == first.text:
+                return first.text
+            self.out.warn("the two passwords differ; try again")
+
+    def password_refused(self, reply: dict) -> None:
+        """Say why; raise when asking again is of no use."""
+        error = reply.get("error")
+        if error == "wrong_password":
+            left = reply.get("attempts_left")
+            if not self.interactive or left == 0:
+                raise ClientExit("wrong password")
+            self.out.warn(f"wrong password; {left} attempt(s) left" if isinstance(left, int) else "wrong password")
+        elif error in ("weak_password", "bad_request") and self.interactive:
+            self.out.warn(describe_error(reply))
+        else:
+            raise ClientExit(f"login failed: {describe_error(reply)}")
+
+    def own_key_pair(self, password: str) -> pg3lib.KeyPair:
+        """The saved key pair for this server and account, made on first login."""
+        try:
+            keys = self.store.load_key_pair(self.server, self.username, password)
+        except KeyLocked:
+            moved = self.store.retire_key_pair(self.server, self.username)
+            self.out.warn(f"your saved key does not open with this password; it is kept as {moved} "
+                          "and a new one is made (older private messages will be unreadable)")
+            keys = None
+        if keys is None:
+            self.out.show("generating your key...")
+            keys = self.store.create_key_pair(self.server, self.username, password)
+            self.out.show(f"your key fingerprint is {keys.fingerprint}")
+        return keys
+
+    # --- operations ------------------------------------------------------------------
+    def command(self, line: str) -> Flow:
+        """Carry out one line typed at the operation prompt; True when the session is over."""
+        words = line.split(maxsplit=1)
+        if not words:
+            return False
+        name, rest = words[0].upper(), (words[1] if len(words) > 1 else "")
+        if name == "BM":
+            yield from self.broadcast(rest if rest.strip() else None)
+        elif name == "PM":
+            parts = rest.split(maxsplit=1)
+            yield from self.private(parts[0] if parts else None, parts[1] if len(parts) > 1 else None)
+        elif name == "CH":
+            yield from self.history(rest.strip())
+        elif name in ("EX", "EXIT", "QUIT"):
+            yield from self.leave()
+            return True
+        else:
+            self.local_command(name, words[0], rest.strip())
+        return False
+
+    def local_command(self, name: str, typed: str, argument: str) -> None:
+        if name == "WHO":
+            self.out.show(self.who_text())
+        elif name == "KEYS":
+            self.show_keys(argument)
+        elif name == "TRUST":
+            self.trust(argument)
+        elif name in ("HELP", "?"):
+            for line in HELP_LINES:
+                self.out.show(line)
+        else:
+            self.out.warn(f"unknown command {typed!r}; {HELP_LINES[0]}")
+
+    def ask_text(self, prompt: str) -> Flow:
+        """A message line, or None for Ctrl-C, Ctrl-D, end of input or an empty line."""
+        event = yield Ask(prompt)
+        if not isinstance(event, Submit) or not event.text.strip():
+            return None
+        return event.text
+
+    def cancel(self) -> Flow:
+        yield from self.request({"op": "CANCEL"})
+        self.out.show("cancelled")
+
+    def broadcast(self, text: str | None) -> Flow:
+        """BM, then SEND the text (asked for when not given)."""
+        reply = yield from self.request({"op": "BM"})
+        if not reply.get("ok"):
+            self.out.warn(f"BM refused: {describe_error(reply)}")
+            return
+        while True:
+            if text is None:
+                text = yield from self.ask_text("message: ")
+                if text is None:
+                    yield from self.cancel()
+                    return
+            reply = yield from self.send_text(text, lambda text=text: {"op": "SEND", "text": text})
+            if reply is None:  # not sent, and the server still waits for a text
+                if not self.interactive:
+                    yield from self.cancel()
+                    return
+                text = None
+                continue
+            if reply.get("ok"):
+                self.out.show(sent_text(reply.get("recipients")))
+            return
+
+    def send_text(self, text: str, make_body: Callable[[], dict]) -> Flow:
+        """SEND the text; the reply, or None if it was refused and the server still waits for a text."""
+        problem = text_problem(text)
+        if problem is not None:
+            self.out.warn(problem)
+            return None
+        reply = yield from self.request(make_body())
+        if reply.get("ok"):
+            return reply
+        self.out.warn(f"not sent: {describe_error(reply)}")
+        return None if reply.get("error") == "bad_request" else reply
+
+    def private(self, target: str | None, text: str | None) -> Flow:
+        """PM, TARGET, then SEND the text sealed for the target and signed."""
+        reply = yield from self.request({"op": "PM"})
+        if not reply.get("ok"):
+            self.out.warn(f"PM refused: {describe_error(reply)}")
+            return
+        self.set_online(reply.get("online"))
+        target = yield from self.choose_target(target)
+        if target is None:
+            yield from self.cancel()
+            return
+        reply = yield from self.request({"op": "TARGET", "username": target})
+        if not reply.get("ok"):
+            self.out.warn(f"cannot send to {target}: {describe_error(reply)}")
+            return
+        name = str(reply.get("username") or target)
+        their_key = self.target_key(name, reply)
+        if their_key is None:
+            yield from self.cancel()
+            return
+        while True:
+            if text is None:
+                text = yield from self.ask_text(f"message to {name}: ")
+                if text is None:
+                    yield from self.cancel()
+                    return
+            reply = yield from self.send_text(text, lambda text=text: self.sealed_pm(name, their_key, text))
+            if reply is None:
+                if not self.interactive:
+                    yield from self.cancel()
+                    return
+                text = None
+                continue
+            if reply.get("ok"):
+                self.out.show(f"sent privately to {name}")
+            return
+
+    def choose_target(self, target: str | None) -> Flow:
+        """An online user's name (asked for when not given), or None to cancel."""
+        while True:
+            if not self.online:
+                self.out.show("nobody else is online")
+                return None
+            names = sorted(self.online.values(), key=str.lower)
+            if target is None:
+                event = yield Ask(f"to ({', '.join(names)}): ", completions=tuple(names))
+                if not isinstance(event, Submit) or not event.text.strip():
+                    return None
+                target = event.text.strip()
+            if target.lower() in self.online:
+                return self.online[target.lower()]
+            if target.lower() == self.username.lower():
+                self.out.warn("a private message to yourself is not possible")
+            else:
+                self.out.warn(f"{target} is not online; online: {', '.join(names)}")
+            if not self.interactive:
+                return None
+            target = None
+
+    def target_key(self, name: str, reply: dict) -> pg3lib.PublicKey | None:
+        """The target's key from a TARGET reply if it is consistent and trusted, else None (warned)."""
+        try:
+            key = pg3lib.PublicKey.from_key_form(str(reply.get("public_key", "")))
+        except pg3lib.InvalidKey:
+            self.out.warn(f"the server sent no usable key for {name}; not sending")
+            return None
+        if reply.get("fingerprint") != key.fingerprint:
+            self.out.warn(f"the server's fingerprint for {name} does not match the key it sent; not sending")
+            return None
+        if not self.contact_key_trusted(name, key, "message not sent"):
+            return None
+        return key
+
+    def sealed_pm(self, name: str, their_key: pg3lib.PublicKey, text: str) -> dict:
+        """The SEND body of a PM: sealed for them, a copy sealed for us, signed (PROTOCOL.md 4.5)."""
+        assert self.keys is not None
+        plain = text.encode("utf-8")
+        ciphertext = their_key.seal(plain).decode("ascii")
+        return {"op": "SEND", "ciphertext": ciphertext,
+                "self_copy": self.keys.public.seal(plain).decode("ascii"),
+                "signature": self.keys.sign(pg3lib.pm_signed_bytes(self.username, name, ciphertext))}
+
+    def history(self, argument: str) -> Flow:
+        """CH [count]: every entry, over as many frames as the server sends."""
+        body: dict = {"op": "CH"}
+        if argument:
+            if not argument.isdigit() or int(argument) < 1:
+                self.out.warn("usage: CH [number of newest entries]")
+                return
+            body["limit"] = int(argument)
+        yield Send(body)
+        count = 0
+        while True:
+            reply = yield Reply("CH")
+            if not reply.get("ok"):
+                self.out.warn(f"CH failed: {describe_error(reply)}")
+                return
+            entries = reply.get("entries")
+            for entry in entries if isinstance(entries, list) else ():
+                if isinstance(entry, dict):
+                    self.out.show(format_history_entry(entry, self.open_sealed))
+                    count += 1
+            if not reply.get("more"):
+                break
+        self.out.show("your history is empty" if count == 0 else f"({count} {'entry' if count == 1 else 'entries'})")
+
+    def leave(self) -> Flow:
+        self.exiting = True
+        yield from self.request({"op": "EX"})
+        self.out.show("bye")
+
+    # --- keys and trust ----------------------------------------------------------------
+    def contact_key_trusted(self, name: str, key: pg3lib.PublicKey, consequence: str) -> bool:
+        """True if key is the one pinned for name (pinning it on first sight); else warn."""
+        lower = name.lower()
+        pinned = self.store.contact_fingerprint(self.server, lower)
+        if pinned is None:
+            self.store.remember_contact(self.server, lower, key.fingerprint)
+            self.out.show(f"* first private message with {name}: remembering their key {key.fingerprint}")
+            return True
+        if pinned == key.fingerprint:
+            return True
+        self.changed_keys[lower] = key
+        self.out.warn(f"{contact_key_changed_text(name, pinned, key.fingerprint)} ({consequence})")
+        return False
+
+    def trust(self, name: str) -> None:
+        """TRUST name: accept the new key the contact presented; show the PMs held back."""
+        if not name:
+            self.out.warn("usage: TRUST user")
+            return
+        key = self.changed_keys.pop(name.lower(), None)
+        if key is None:
+            pinned = self.store.contact_fingerprint(self.server, name)
+            self.out.show(f"no new key from {name} to trust (remembered: {pinned or 'none'})")
+            return
+        self.store.remember_contact(self.server, name, key.fingerprint)
+        self.out.show(f"now trusting {name}'s key {key.fingerprint}")
+        for body in self.held.pop(name.lower(), []):
+            self.receive_private(body)
+
+    def show_keys(self, name: str) -> None:
+        """KEYS [name]: fingerprints to compare over another channel."""
+        if name:
+            pinned = self.store.contact_fingerprint(self.server, name)
+            self.out.show(f"{name}: {pinned or 'no key remembered yet'}")
+            changed = self.changed_keys.get(name.lower())
+            if changed is not None:
+                self.out.show(f"{name} now presents {changed.fingerprint} (not trusted; TRUST {name} accepts it)")
+            return
+        if self.keys is not None:
+            self.out.show(f"your key ({self.username} at {self.server}): {self.keys.fingerprint}")
+        self.out.show(f"server {self.server}: {self.store.server_fingerprint(self.server) or 'unknown'}")
+        for contact, fingerprint in sorted(self.store.contacts(self.server).items()):
+            self.out.show(f"{contact}: {fingerprint}")
+
+    def open_sealed(self, sealed: Any) -> str | None:
+        """A message sealed for our key, or None if it is not ours to read."""
+        if self.keys is None or not isinstance(sealed, str):
+            return None
+        try:
+            return self.keys.open(sealed).decode("utf-8", errors="replace")
+        except pg3lib.CryptoError:
+            return None
+
+    # --- what arrives ------------------------------------------------------------------
+    def on_data(self, body: dict) -> None:
+        """A D frame: show it (any time, in any state)."""
+        op = body.get("op")
+        if op == "BM":
+            self.out.show(format_broadcast(str(body.get("from", "?")), str(body.get("text", "")), body.get("ts")))
+        elif op == "PM":
+            self.receive_private(body)
+        elif op == "PRESENCE":
+            name = str(body.get("username", "?"))
+            online = bool(body.get("online"))
+            if name.lower() == self.username.lower():
+                return
+            if online:
+                self.online[name.lower()] = name
+            else:
+                self.online.pop(name.lower(), None)
+            self.out.show(format_presence(name, online))
+        else:
+            log.debug("ignoring a D frame with op %r", op)
+
+    def receive_private(self, body: dict) -> None:
+        """A PM: check the signature with the sender's pinned key, then decrypt and show it."""
+        sender = str(body.get("from", "?"))
+        try:
+            key = pg3lib.PublicKey.from_key_form(str(body.get("sender_key", "")))
+        except pg3lib.InvalidKey:
+            self.out.warn(f"a private message from {sender} came without a usable key; not shown")
+            return
+        if not self.contact_key_trusted(sender, key, "message held until then"):
+            self.held.setdefault(sender.lower(), []).append(body)
+            del self.held[sender.lower()][:-20]
+            return
+        ciphertext, signature = body.get("ciphertext"), body.get("signature")
+        if not (isinstance(ciphertext, str) and isinstance(signature, str)
+                and key.verify(pg3lib.pm_signed_bytes(sender, self.username, ciphertext), signature)):
+            self.out.warn(f"a private message claiming to be from {sender} failed its signature check; not shown")
+            return
+        text = self.open_sealed(ciphertext)
+        self.out.show(format_private(sender, UNREADABLE if text is None else text, body.get("ts")))
+
+    def set_online(self, names: Any) -> None:
+        if isinstance(names, list):
+            me = self.username.lower()
+            self.online = {n.lower(): n for n in names if isinstance(n, str) and n.lower() != me}
+
+    def who_text(self) -> str:
+        if not self.online:
+            return "nobody else is online"
+        return "online: " + ", ".join(sorted(self.online.values(), key=str.lower))
+
+
+# --- the socket ------------------------------------------------------------------------
+
+class Connection:
+    """A non-blocking TCP connection: frames out through a buffer, frames in through a decoder."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.decoder = framing.FrameDecoder(limit=CLIENT_FRAME_LIMIT)
+        self.outgoing = bytearray()
+
+    @classmethod
+    def open(cls, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> Connection:
+        """Connect.
+
+        Raises:
+            ClientExit: unknown host, refused, unreachable, timed out.
+        """
+        where = f"{host}:{port}"
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except socket.gaierror as exc:
+            raise ClientExit(f"unknown host {host!r} ({exc.strerror})") from None
+        except ConnectionRefusedError:
+            raise ClientExit(f"cannot connect to {where}: connection refused (is the server running?)") from None
+        except socket.timeout:
+            raise ClientExit(f"cannot connect to {where}: timed out") from None
+        except OSError as exc:
+            raise ClientExit(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        return cls(sock)
+
+    def send(self, body: dict) -> None:
+        log.debug("-> %s", body.get("op"))
+        self.outgoing += framing.command(body)
+        self.flush()
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self.outgoing)
+
+    def flush(self) -> None:
+        """Send what the kernel takes now; keep the rest.
+
+        Raises:
+            ConnectionClosed: the connection broke.
+        """
+        while self.outgoing:
+            try:
+                sent = self.sock.send(self.outgoing)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                raise ConnectionClosed(str(exc)) from None
+            del self.outgoing[:sent]
+
+    def receive(self) -> list[framing.Frame]:
+        """The frames completed by what arrived.
+
+        Raises:
+            ConnectionClosed: end of stream or a broken connection.
+            ClientExit: the server sent something that is not a frame.
+        """
+        try:
+            chunk = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from None
+        if not chunk:
+            raise ConnectionClosed("end of stream")
+        try:
+            return self.decoder.feed(chunk)
+        except framing.ProtocolError as exc:
+            raise ClientExit(f"the server sent a malformed frame: {exc.message}") from None
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# --- the two front ends -------------------------------------------------------------------
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except InterruptedError:
+            continue
+        view = view[written:]
+
+
+class PlainScreen(Output):
+    """Stdin is not a terminal: lines in, lines out, no prompts and no escape codes."""
+
+    interactive = False
+
+    def __init__(self, fd_in: int = 0) -> None:
+        self.fd_in = fd_in
+        self.wakeup_fd: int | None = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = ""
+
+    def __enter__(self) -> PlainScreen:
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(errors="backslashreplace")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        sys.stdout.flush()
+
+    def read_input(self) -> tuple[list[Event], bool]:
+        """Whole lines that arrived, and whether input has ended."""
+        try:
+            data = os.read(self.fd_in, 65536)
+        except OSError:
+            data = b""
+        text = self._partial + self._decoder.decode(data, final=not data)
+        lines = text.split("\n")
+        self._partial = lines.pop()
+        events: list[Event] = [Submit(line[:-1] if line.endswith("\r") else line) for line in lines]
+        if not data and self._partial:
+            events.append(Submit(self._partial.rstrip("\r")))
+            self._partial = ""
+        return events, not data
+
+    def show(self, text: str) -> None:
+        for line in text.split("\n"):
+            sys.stdout.write(visible(line) + "\n")
+        sys.stdout.flush()
+
+    def warn(self, text: str) -> None:
+        sys.stdout.flush()
+        for line in text.split("\n"):
+            sys.stderr.write(visible(line) + "\n")
+        sys.stderr.flush()
+
+    def busy(self) -> None:
+        pass
+
+    def ask(self, ask: Ask) -> None:
+        pass
+
+    def answered(self, ask: Ask, event: Event) -> None:
+        pass
+
+    def on_wakeup(self) -> None:
+        pass
+
+
+def cbreak_attributes(attrs: list) -> list:
+    """Terminal attributes for the editor: no echo, no line buffering, no signal keys, no flow control."""
+    new = [list(a) if isinstance(a, list) else a for a in attrs]
+    new[0] &= ~(termios.ICRNL | termios.INLCR | termios.IGNCR | termios.IXON)
+    new[3] &= ~(termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)
+    new[6][termios.VMIN] = 1
+    new[6][termios.VTIME] = 0
+    return new
+
+
+class TtyScreen(Output):
+    """Stdin is a terminal: the line editor in cbreak mode; incoming lines above the prompt."""
+
+    interactive = True
+
+    def __init__(self, fd_in: int = 0, fd_out: int = 1) -> None:
+        self.fd_in = fd_in
+        self.fd_out = fd_out
+        self.editor = LineEditor()
+        self.prompt: str | None = None  # None: waiting for the server, no prompt shown
+        self.width = 80
+        self.wakeup_fd: int | None = None
+        self._wakeup_write: int | None = None
+        self._resized = False
+        self._saved: list | None = None
+        self._encoding = sys.stdout.encoding or "utf-8"
+
+    # --- terminal mode -------------------------------------------------------------
+    def __enter__(self) -> TtyScreen:
+        self._saved = termios.tcgetattr(self.fd_in)
+        atexit.register(self.restore)
+        termios.tcsetattr(self.fd_in, termios.TCSADRAIN, cbreak_attributes(self._saved))
+        self._measure()
+        self.wakeup_fd, self._wakeup_write = os.pipe()
+        os.set_blocking(self.wakeup_fd, False)
+        os.set_blocking(self._wakeup_write, False)
+        signal.set_wakeup_fd(self._wakeup_write)
+        signal.signal(signal.SIGWINCH, self._on_resize)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put the terminal back as it was (idempotent; safe from atexit)."""
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        try:
+            self._write("\r\x1b[K")
+            termios.tcsetattr(self.fd_in, termios.TCSADRAIN, saved)
+        except OSError:
+            pass
+        signal.signal(signal.SIGWINCH, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        for fd in (self.wakeup_fd, self._wakeup_write):
+            if fd is not None:
+                os.close(fd)
+        self.wakeup_fd = self._wakeup_write = None
+
+    def _on_resize(self, signum: int, frame: object) -> None:
+        self._resized = True
+
+    def on_wakeup(self) -> None:
+        """A signal arrived (the wakeup pipe): redraw after a resize."""
+        try:
+            while os.read(self.wakeup_fd, 512):  # type: ignore[arg-type]
+                pass
+        except BlockingIOError:
+            pass
+        if self._resized:
+            self._resized = False
+            self._measure()
+            self._write(self._line())
+
+    def _measure(self) -> None:
+        try:
+            self.width = os.get_terminal_size(self.fd_out).columns or 80
+        except OSError:
+            self.width = 80
+
+    def suspend(self) -> None:
+        """Ctrl-Z: give the terminal back, stop, and take it again when continued."""
+        if self._saved is None:
+            return
+        self._write("\r\x1b[K")
+        termios.tcsetattr(self.fd_in, termios.TCSADRAIN, self._saved)
+        os.kill(os.getpid(), signal.SIGTSTP)
+        termios.tcsetattr(self.fd_in, termios.TCSADRAIN, cbreak_attributes(self._saved))
+        self._measure()
+        self._write(self._line())
+
+    # --- input ---------------------------------------------------------------------
+    def read_input(self) -> tuple[list[Event], bool]:
+        """The events typed, and whether the terminal is gone."""
+        try:
+            data = os.read(self.fd_in, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            return [], True
+        events = []
+        for event in self.editor.feed(data):
+            if event is Key.SUSPEND:
+                self.suspend()
+            elif event is Key.CLEAR_SCREEN:
+                self._write("\x1b[H\x1b[2J")
+            else:
+                events.append(event)
+        self._write(self._line())
+        return events, False
+
+    # --- output --------------------------------------------------------------------
+    def _write(self, text: str) -> None:
+        _write_all(self.fd_out, text.encode(self._encoding, errors="backslashreplace"))
+
+    def _line(self) -> str:
+        if self.prompt is None:
+            return "\r\x1b[K"
+        return self.editor.redraw(self.prompt, self.width)
+
+    def show(self, text: str) -> None:
+        """Print lines above the edit line, then redraw the prompt and the half-typed text."""
+        body = "".join(visible(line) + "\r\n" for line in text.split("\n"))
+        self._write("\r\x1b[K" + body + self._line())
+
+    def warn(self, text: str) -> None:
+        self.show("! " + text)
+
+    def busy(self) -> None:
+        self.prompt = None
+        self.editor.secret = True  # text typed ahead is kept but not echoed
+        self._write(self._line())
+
+    def ask(self, ask: Ask) -> None:
+        self.prompt = ask.prompt
+        self.editor.secret = ask.secret
+        self.editor.completions = ask.completions
+        self._write(self._line())
+
+    def answered(self, ask: Ask, event: Event) -> None:
+        """Leave the question and its answer on screen, like a shell's transcript."""
+        if isinstance(event, Submit):
+            answer = "" if ask.secret else event.text
+            if not ask.secret:
+                self.editor.add_history(event.text)
+        else:
+            answer = "^C" if event is Key.INTERRUPT else "^D"
+        self.prompt = None
+        self._write("\r\x1b[K" + visible(ask.prompt + answer) + "\r\n")
+
+
+Screen = Union[TtyScreen, PlainScreen]
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+class Driver:
+    """Runs a Session's flow over one selectors loop on the socket and standard input."""
+
+    def __init__(self, session: Session, connection: Connection, screen: Screen) -> None:
+        self.session = session
+        self.connection = connection
+        self.screen = screen
+        self.flow = session.run()
+        self.waiting_for: str | None = None  # the op of the reply the flow waits for
+        self.asking: Ask | None = None  # the question the flow waits to have answered
+        self.inputs: deque[Event] = deque()
+        self.input_closed = False
+        self.finished = False
+        self.selector = selectors.DefaultSelector()
+
+    def run(self) -> None:
+        """Until the flow ends (EX, or a ClientExit raised from inside)."""
+        self.selector.register(self.connection.sock, selectors.EVENT_READ, "socket")
+        self._watch_input()
+        if self.screen.wakeup_fd is not None:
+            self.selector.register(self.screen.wakeup_fd, selectors.EVENT_READ, "wakeup")
+        try:
+            self._advance(None)
+            while not self.finished:
+                self._deliver_inputs()
+                if self.finished:
+                    break
+                self._watch_socket()
+                for key, mask in self.selector.select():
+                    self._dispatch(key.data, mask)
+                    if self.finished:
+                        break
+        finally:
+            self.selector.close()
+
+    def _watch_input(self) -> None:
+        try:
+            self.selector.register(self.screen.fd_in, selectors.EVENT_READ, "input")
+        except (PermissionError, ValueError):
+            # A regular file (or /dev/null) cannot be polled, and reading it never blocks.
+            while not self.input_closed:
+                self._on_input(poll=False)
+
+    def _watch_socket(self) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.connection.wants_write else 0)
+        self.selector.modify(self.connection.sock, events, "socket")
+
+    def _dispatch(self, source: str, mask: int) -> None:
+        if source == "input":
+            self._on_input()
+        elif source == "wakeup":
+            self.screen.on_wakeup()
+        else:
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    self.connection.flush()
+                if mask & selectors.EVENT_READ:
+                    self._on_socket()
+            except ConnectionClosed:
+                if not self.session.exiting:
+                    raise ClientExit("the server closed the connection") from None
+                self.finished = True
+
+    def _on_socket(self) -> None:
+        for frame in self.connection.receive():
+            body = frame.body
+            op = body.get("op")
+            log.debug("<- %s %s", frame.kind, op)
+            if frame.kind == framing.KIND_DATA:
+                self.session.on_data(body)
+            elif op == "BYE":
+                raise ClientExit(bye_text(body))
+            elif op == "ERROR":
+                raise ClientExit(f"the server ended the connection: {describe_error(body)}")
+            elif op == self.waiting_for:
+                self.waiting_for = None
+                self._advance(body)
+            else:
+                log.debug("ignoring an unexpected %s reply", op)
+            if self.finished:
+                return
+
+    def _on_input(self, poll: bool = True) -> None:
+        events, ended = self.screen.read_input()
+        for event in events:
+            if event is Key.INTERRUPT:
+                if self.waiting_for is not None and Key.INTERRUPT in self.inputs:
+                    raise ClientExit("interrupted", EXIT_INTERRUPTED)
+                # Ctrl-C also drops lines typed ahead.
+                self.inputs = deque(e for e in self.inputs if not isinstance(e, Submit))
+            self.inputs.append(event)
+        if ended:
+            self.input_closed = True
+            if poll:
+                self.selector.unregister(self.screen.fd_in)
+
+    def _deliver_inputs(self) -> None:
+        while self.asking is not None and not self.finished:
+            if not self.inputs:
+                if not self.input_closed:
+                    return
+                self.inputs.append(Key.END_OF_INPUT)  # input is over: every question gets "end"
+            ask, self.asking = self.asking, None
+            event = self.inputs.popleft()
+            self.screen.answered(ask, event)
+            self._advance(event)
+
+    def _advance(self, value: Any) -> None:
+        """Resume the flow with value; carry out Sends until it waits for a reply or an answer."""
+        while True:
+            try:
+                step = self.flow.send(value)
+            except StopIteration:
+                self.finished = True
+                return
+            if isinstance(step, Send):
+                self.connection.send(step.body)
+                value = None
+            elif isinstance(step, Reply):
+                self.waiting_for = step.op
+                self.screen.busy()
+                return
+            else:
+                self.asking = step
+                self.screen.ask(step)
+                return
+
+
+# --- the program ----------------------------------------------------------------------------
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (1-65535)")
+    return int(text)
+
+
+def _username(text: str) -> str:
+    if not USERNAME_RULE.match(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid username {text!r}: 1-32 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; exits with status 2 and a usage line when it is wrong."""
+    parser = argparse.ArgumentParser(
+        prog="chatclient.py", description="Chat room client (type HELP after logging in).")
+    parser.add_argument("host", nargs="?", metavar="HOST", help="server name or address")
+    parser.add_argument("port", nargs="?", type=_port, metavar="PORT", help="server port")
+    parser.add_argument("username", nargs="?", type=_username, metavar="USERNAME")
+    parser.add_argument("--fingerprint", action="store_true",
+                        help="print your key fingerprint(s) (for HOST PORT USERNAME if given) and exit")
+    parser.add_argument("--debug-log", metavar="FILE", help="write a debug log (never secrets) to FILE")
+    args = parser.parse_args(argv)
+    given = [a is not None for a in (args.host, args.port, args.username)]
+    if not args.fingerprint and not all(given):
+        parser.error("HOST, PORT and USERNAME are required")
+    if args.fingerprint and any(given) and not all(given):
+        parser.error("--fingerprint takes either HOST PORT USERNAME or nothing")
+    return args
+
+
+def print_fingerprints(store: ClientStore, args: argparse.Namespace) -> int:
+    """--fingerprint: the user's own key fingerprints."""
+    keys = store.own_keys()
+    if args.host is not None:
+        server = server_address(args.host, args.port)
+        keys = [k for k in keys if k.server == server and k.username == args.username.lower()]
+    if not keys:
+        print(f"chatclient: no keys yet under {store.root}", file=sys.stderr)
+        return EXIT_ERROR
+    for key in keys:
+        print(visible(f"{key.server} {key.username} {key.fingerprint}"))
+    return EXIT_OK
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def run_client(args: argparse.Namespace, store: ClientStore) -> int:
+    """Connect, then run the session on a terminal or on plain lines."""
+    connection = Connection.open(args.host, args.port)
+    try:
+        screen: Screen = TtyScreen() if os.isatty(0) else PlainScreen()
+        session = Session(server_address(args.host, args.port), args.username, store, screen,
+                          screen.interactive)
+        with screen:
+            Driver(session, connection, screen).run()
+    finally:
+        connection.close()
+    return EXIT_OK
+
+
+def report(message: str) -> None:
+    """A fatal message on stderr: the first line prefixed with the program name."""
+    sys.stdout.flush()
+    lines = [visible(line) for line in message.split("\n")]
+    sys.stderr.write("chatclient: " + "\n".join(lines) + "\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.debug_log:
+        logging.basicConfig(filename=args.debug_log, level=logging.DEBUG,
+                            format="%(asctime)s %(name)s %(message)s")
+    store = ClientStore(config_root())
+    if args.fingerprint:
+        return print_fingerprints(store, args)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_terminated)
+    try:
+        return run_client(args, store)
+    except ClientExit as exc:
+        report(exc.message)
+        return exc.status
+    except Terminated as exc:
+        report(f"stopped by {exc}")
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        report("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: one line for the user, the details in the debug log
+        log.exception("internal error")
+        report(f"internal error: {type(exc).__name__}: {exc}")
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The chat client's files: the user's key pairs and the fingerprints it trusts.
+
+Everything lives under ``$XDG_CONFIG_HOME/chatroom/`` (``~/.config/chatroom/``
+when the variable is unset or not an absolute path, as the XDG base directory
+specification says); directories are made mode 0700 and every file is
+written mode 0600, atomically (``pg3lib.write_private_file``):
+
+* ``keys/<host>_<port>_<user>.pem``: the user's private key for that server
+  and account, PKCS#8 encrypted by ``pg3lib.KeyPair.save`` under a passphrase
+  derived from the user's password (scrypt with a random per-key salt);
+* ``keys/<host>_<port>_<user>.json``: that salt and the scrypt parameters,
+  plus the public key and its fingerprint, so ``--fingerprint`` needs no
+  password;
+* ``known_servers``: one ``host:port SHA256:...`` line per server, the key
+  first seen there (trust on first use, PROTOCOL.md section 9);
+* ``known_contacts``: one ``host:port username SHA256:...`` line per contact.
+
+Servers are named ``host:port`` as the user gave them (host lower-cased);
+usernames are lower-cased, as accounts are case-insensitive.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import time
+from typing import NamedTuple
+
+import pg3lib
+
+APP_DIR = "chatroom"
+KNOWN_SERVERS = "known_servers"
+KNOWN_CONTACTS = "known_contacts"
+# scrypt cost for the key passphrase: about 30 ms and 16 MiB, once per login.
+SCRYPT_N = 2 ** 14
+SCRYPT_R = 8
+SCRYPT_P = 1
+SALT_BYTES = 16
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9.-]")
+
+
+class KeyLocked(Exception):
+    """A saved key pair exists but cannot be opened with this password (or is damaged)."""
+
+
+class OwnKey(NamedTuple):
+    """One of the user's own key pairs as listed by ``--fingerprint``."""
+
+    server: str
+    username: str
+    fingerprint: str
+
+
+def config_root(environ: dict | None = None) -> str:
+    """``$XDG_CONFIG_HOME/chatroom``, or ``~/.config/chatroom``."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CONFIG_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, APP_DIR)
+
+
+def server_address(host: str, port: int) -> str:
+    """The name a server's files are kept under: ``host:port`` (IPv6 literals in brackets)."""
+    host = host.lower()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def derive_passphrase(password: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
+                      p: int = SCRYPT_P) -> str:
+    """The private key's passphrase: hex of scrypt(password, salt); the same inputs give the same output."""
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=32,
+                            maxmem=128 * r * (n + p + 2))
+    return digest.hex()
+
+
+def _read_lines(path: str) -> list[list[str]]:
+    """The whitespace-split fields of each non-comment line; a missing file is empty."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return [line.split() for line in fh if line.strip() and not line.lstrip().startswith("#")]
+    except FileNotFoundError:
+        return []
+
+
+class ClientStore:
+    """The files under one configuration directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    # --- paths ---------------------------------------------------------------
+    def _ensure_dir(self, path: str) -> None:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+
+    @property
+    def keys_dir(self) -> str:
+        return os.path.join(self.root, "keys")
+
+    @property
+    def known_servers_path(self) -> str:
+        return os.path.join(self.root, KNOWN_SERVERS)
+
+    @property
+    def known_contacts_path(self) -> str:
+        return os.path.join(self.root, KNOWN_CONTACTS)
+
+    def key_files(self, server: str, username: str) -> tuple[str, str]:
+        """Paths of the private key (.pem) and its metadata (.json) for this server and account."""
+        stem = _UNSAFE_NAME.sub("_", server) + "_" + _UNSAFE_NAME.sub("_", username.lower())
+        base = os.path.join(self.keys_dir, stem)
+        return base + ".pem", base + ".json"
+
+    # --- own key pairs -----------------------------------------------------------
+    def load_key_pair(self, server: str, username: str, password: str) -> pg3lib.KeyPair | None:
+        """The saved key pair, or None if there is none yet.
+
+        Raises:
+            KeyLocked: the files exist but the password does not open them, or they are damaged.
+        """
+        pem_path, meta_path = self.key_files(server, username)
+        if not os.path.exists(pem_path) and not os.path.exists(meta_path):
+            return None
+        try:
+            with open(meta_path, encoding="utf-8") as fh:
+                meta = json.load(fh)
+            salt = base64.b64decode(meta["salt"], validate=True)
+            passphrase = derive_passphrase(password, salt, int(meta["n"]), int(meta["r"]), int(meta["p"]))
+            return pg3lib.KeyPair.load(pem_path, passphrase)
+        except (OSError, ValueError, KeyError, TypeError, pg3lib.CryptoError) as exc:
+            raise KeyLocked(f"{pem_path}: {exc}") from None
+
+    def save_key_pair(self, server: str, username: str, password: str, key_pair: pg3lib.KeyPair) -> None:
+        """Write the key pair, encrypted under a passphrase derived from password with a fresh salt."""
+        self._ensure_dir(self.keys_dir)
+        pem_path, meta_path = self.key_files(server, username)
+        salt = os.urandom(SALT_BYTES)
+        key_pair.save(pem_path, derive_passphrase(password, salt))
+        meta = {"version": 1, "server": server, "username": username.lower(),
+                "kdf": "scrypt", "salt": base64.b64encode(salt).decode("ascii"),
+                "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
+                "public_key": key_pair.public.key_form, "fingerprint": key_pair.fingerprint}
+        pg3lib.write_private_file(meta_path, (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+
+    def create_key_pair(self, server: str, username: str, password: str) -> pg3lib.KeyPair:
+        """Generate a key pair and save it."""
+        key_pair = pg3lib.KeyPair.generate()
+        self.save_key_pair(server, username, password, key_pair)
+        return key_pair
+
+    def retire_key_pair(self, server: str, username: str) -> str:
+        """Rename the saved key files aside (``.old-<time>``); return the new name of the .pem."""
+        suffix = time.strftime(".old-%Y%m%d-%H%M%S")
+        moved = ""
+        for path in self.key_files(server, username):
+            if os.path.exists(path):
+                os.replace(path, path + suffix)
+                moved = moved or path + suffix
+        return moved
+
+    def own_keys(self) -> list[OwnKey]:
+        """Every key pair saved here, sorted by server and username."""
+        found = []
+        try:
+            names = sorted(os.listdir(self.keys_dir))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.keys_dir, name), encoding="utf-8") as fh:
+                    meta = json.load(fh)
+                found.append(OwnKey(str(meta["server"]), str(meta["username"]), str(meta["fingerprint"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return sorted(found)
+
+    # --- known servers -----------------------------------------------------------
+    def server_fingerprint(self, server: str) -> str | None:
+        """The fingerprint remembered for this server, if any."""
+        for fields in _read_lines(self.known_servers_path):
+            if len(fields) >= 2 and fields[0] == server:
+                return fields[1]
+        return None
+
+    def remember_server(self, server: str, fingerprint: str) -> None:
+        """Remember (or replace) the server's fingerprint."""
+        rows = [f for f in _read_lines(self.known_servers_path) if f and f[0] != server]
+        rows.append([server, fingerprint])
+        self._write_rows(self.known_servers_path, "server fingerprints (host:port fingerprint)", rows)
+
+    # --- known contacts ----------------------------------------------------------
+    def contacts(self, server: str) -> dict[str, str]:
+        """Username (lower case) -> remembered fingerprint, for one server."""
+        return {f[1]: f[2] for f in _read_lines(self.known_contacts_path)
+                if len(f) >= 3 and f[0] == server}
+
+    def contact_fingerprint(self, server: str, username: str) -> str | None:
+        return self.contacts(server).get(username.lower())
+
+    def remember_contact(self, server: str, username: str, fingerprint: str) -> None:
+        """Remember (or replace) a contact's key fingerprint."""
+        name = username.lower()
+        rows = [f for f in _read_lines(self.known_contacts_path)
+                if len(f) >= 3 and not (f[0] == server and f[1] == name)]
+        rows.append([server, name, fingerprint])
+        self._write_rows(self.known_contacts_path,
+                         "contact key fingerprints (host:port username fingerprint)", rows)
+
+    def _write_rows(self, path: str, title: str, rows: list[list[str]]) -> None:
+        self._ensure_dir(self.root)
+        text = f"# chatroom {title}\n" + "".join(" ".join(row) + "\n" for row in rows)
+        pg3lib.write_private_file(path, text.encode("utf-8"))
