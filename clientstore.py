@@ -96,7 +96,9 @@ class ClientStore:
 
     # --- paths ---------------------------------------------------------------
     def _ensure_dir(self, path: str) -> None:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        """Make root (and path under it) mode 0700; makedirs applies the mode to the last one only."""
+        for directory in dict.fromkeys((self.root, path)):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
 
     @property
     def keys_dir(self) -> str:

@@ -1,0 +1,98 @@
+"""clientstore.py: the key pair files and the known server / contact fingerprints, on a real directory."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from clientstore import ClientStore, KeyLocked, config_root, derive_passphrase, server_address
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_config_root_follows_xdg(tmp_path):
+    assert config_root({"XDG_CONFIG_HOME": str(tmp_path)}) == str(tmp_path / "chatroom")
+    home = os.path.expanduser("~")
+    assert config_root({}) == os.path.join(home, ".config", "chatroom")
+    assert config_root({"XDG_CONFIG_HOME": "relative/dir"}) == os.path.join(home, ".config", "chatroom")
+
+
+def test_server_address():
+    assert server_address("LocalHost", 41001) == "localhost:41001"
+    assert server_address("::1", 41001) == "[::1]:41001"
+
+
+def test_passphrase_is_deterministic_per_salt():
+    salt = b"s" * 16
+    assert derive_passphrase("pw", salt, n=1024) == derive_passphrase("pw", salt, n=1024)
+    assert derive_passphrase("pw", salt, n=1024) != derive_passphrase("pw", b"t" * 16, n=1024)
+    assert derive_passphrase("pw", salt, n=1024) != derive_passphrase("pW", salt, n=1024)
+
+
+def test_key_pair_round_trip_encrypted_mode_0600(tmp_path, keys):
+    store = ClientStore(str(tmp_path / "chatroom"))
+    assert store.load_key_pair("h:1", "Alice", "password1") is None
+    store.save_key_pair("h:1", "Alice", "password1", keys(0))
+    pem_path, meta_path = store.key_files("h:1", "alice")
+    for path in (pem_path, meta_path):
+        assert mode(path) == 0o600
+    assert mode(store.root) == 0o700 and mode(store.keys_dir) == 0o700
+    with open(pem_path, "rb") as fh:
+        pem = fh.read()
+    assert b"BEGIN ENCRYPTED PRIVATE KEY" in pem
+    with open(meta_path, "rb") as fh:
+        assert b"password1" not in fh.read()
+    loaded = store.load_key_pair("h:1", "ALICE", "password1")
+    assert loaded is not None and loaded.fingerprint == keys(0).fingerprint
+    with pytest.raises(KeyLocked):
+        store.load_key_pair("h:1", "alice", "password2")
+    assert store.own_keys() == [("h:1", "alice", keys(0).fingerprint)]
+
+
+def test_retire_moves_the_key_aside(tmp_path, keys):
+    store = ClientStore(str(tmp_path / "chatroom"))
+    store.save_key_pair("h:1", "alice", "password1", keys(0))
+    moved = store.retire_key_pair("h:1", "alice")
+    assert os.path.exists(moved) and ".old-" in moved
+    assert store.load_key_pair("h:1", "alice", "password1") is None
+    assert store.own_keys() == []
+
+
+def test_damaged_metadata_is_locked_not_a_crash(tmp_path, keys):
+    store = ClientStore(str(tmp_path / "chatroom"))
+    store.save_key_pair("h:1", "alice", "password1", keys(0))
+    with open(store.key_files("h:1", "alice")[1], "w") as fh:
+        fh.write("{not json")
+    with pytest.raises(KeyLocked):
+        store.load_key_pair("h:1", "alice", "password1")
+
+
+def test_known_servers_and_contacts(tmp_path):
+    store = ClientStore(str(tmp_path / "chatroom"))
+    assert store.server_fingerprint("h:1") is None
+    store.remember_server("h:1", "SHA256:one")
+    store.remember_server("h:2", "SHA256:two")
+    store.remember_server("h:1", "SHA256:uno")
+    assert store.server_fingerprint("h:1") == "SHA256:uno"
+    assert store.server_fingerprint("h:2") == "SHA256:two"
+    assert mode(store.known_servers_path) == 0o600
+
+    store.remember_contact("h:1", "Bob", "SHA256:b1")
+    store.remember_contact("h:2", "bob", "SHA256:b2")
+    store.remember_contact("h:1", "carol", "SHA256:c1")
+    store.remember_contact("h:1", "BOB", "SHA256:b3")
+    assert store.contact_fingerprint("h:1", "bob") == "SHA256:b3"
+    assert store.contacts("h:1") == {"bob": "SHA256:b3", "carol": "SHA256:c1"}
+    assert store.contacts("h:2") == {"bob": "SHA256:b2"}
+
+
+def test_known_files_tolerate_junk_lines(tmp_path):
+    store = ClientStore(str(tmp_path / "chatroom"))
+    os.makedirs(store.root)
+    with open(store.known_servers_path, "w") as fh:
+        fh.write("# comment\n\njunk\nh:1 SHA256:x extra\n")
+    assert store.server_fingerprint("h:1") == "SHA256:x"

@@ -1,0 +1,169 @@
+"""lineeditor.py: keystrokes in, events and the drawn line out (every case whole and byte by byte)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lineeditor import Key, LineEditor, Submit, char_width, is_unsafe, text_width
+
+LEFT, RIGHT, UP, DOWN = b"\x1b[D", b"\x1b[C", b"\x1b[A", b"\x1b[B"
+HOME, END, DELETE = b"\x1b[H", b"\x1b[F", b"\x1b[3~"
+BACKSPACE, CTRL_U, CTRL_W, CTRL_K = b"\x7f", b"\x15", b"\x17", b"\x0b"
+
+
+def feed(editor: LineEditor, data: bytes, split: bool) -> list:
+    """Feed data whole, or one byte at a time (UTF-8 and escapes split anywhere)."""
+    if not split:
+        return editor.feed(data)
+    events = []
+    for i in range(len(data)):
+        events.extend(editor.feed(data[i:i + 1]))
+    return events
+
+
+@pytest.fixture(params=[False, True], ids=["whole", "bytewise"])
+def split(request):
+    return request.param
+
+
+@pytest.mark.parametrize("keys, text, cursor", [
+    (b"hello", "hello", 5),
+    ("héllo wörld ✓".encode(), "héllo wörld ✓", 13),
+    (b"abc" + LEFT + LEFT + b"X", "aXbc", 2),
+    (b"abc" + LEFT + RIGHT + RIGHT + RIGHT + b"!", "abc!", 4),
+    (b"abc" + BACKSPACE, "ab", 2),
+    (b"abc" + LEFT + BACKSPACE, "ac", 1),
+    (b"abc" + HOME + DELETE, "bc", 0),
+    (b"abc" + HOME + b"\x05" + b"d", "abcd", 4),
+    (b"hello world" + LEFT * 5 + CTRL_U, "world", 0),
+    (b"hello world" + LEFT * 5 + CTRL_K, "hello ", 6),
+    (b"say hello world" + CTRL_W, "say hello ", 10),
+    (b"say hello   " + CTRL_W, "say ", 4),
+    (b"ab" + b"\x1bOD" + b"X" + END + b"Y", "aXbY", 4),
+    (b"a\x1b[1;5Cb", "ab", 2),  # Ctrl-Right: ignored, not typed
+    (b"a\x07b\x00c\x1b\x1bd", "abcd", 4),  # BEL and NUL dropped; a lone Esc (Alt+Esc) too
+    (b"a\x1bxb", "ab", 2),  # Alt+x: not typed
+    ("a\u202eb\u2066c\u200fd".encode(), "abcd", 4),  # bidi controls are never inserted
+    (b"ab\x04", "ab", 2),  # Ctrl-D on a non-empty line: delete forward (nothing here)
+    (b"ab" + LEFT + b"\x04", "a", 1),
+])
+def test_editing(keys, text, cursor, split):
+    editor = LineEditor()
+    assert feed(editor, keys, split) == []
+    assert editor.text == text
+    assert editor.cursor == cursor
+
+
+def test_enter_submits_and_clears(split):
+    editor = LineEditor()
+    events = feed(editor, "BM héllo\r".encode() + b"PM\n" + b"x\r\n" + b"tail", split)
+    assert events == [Submit("BM héllo"), Submit("PM"), Submit("x")]
+    assert editor.text == "tail"
+
+
+def test_control_keys_are_events(split):
+    editor = LineEditor()
+    assert feed(editor, b"\x04", split) == [Key.END_OF_INPUT]
+    assert feed(editor, b"half\x03", split) == [Key.INTERRUPT]
+    assert editor.text == ""  # Ctrl-C abandons the line
+    assert feed(editor, b"\x1a\x0c", split) == [Key.SUSPEND, Key.CLEAR_SCREEN]
+
+
+def test_escape_split_across_reads_waits_for_its_end():
+    editor = LineEditor()
+    editor.feed(b"ab\x1b")
+    editor.feed(b"[")
+    assert editor.text == "ab"
+    editor.feed(b"DX")
+    assert editor.text == "aXb"
+
+
+def test_invalid_utf8_becomes_replacement_character():
+    editor = LineEditor()
+    editor.feed(b"a\xffb")
+    assert editor.text == "a\ufffdb"
+
+
+def test_history_up_down_keeps_the_draft(split):
+    editor = LineEditor()
+    for line in ("first", "second", "second", "  "):
+        editor.add_history(line)
+    assert editor.history == ["first", "second"]
+    feed(editor, b"draft" + UP, split)
+    assert editor.text == "second"
+    feed(editor, UP + UP, split)
+    assert editor.text == "first"
+    feed(editor, DOWN, split)
+    assert editor.text == "second"
+    feed(editor, DOWN, split)
+    assert editor.text == "draft"
+    feed(editor, DOWN, split)
+    assert editor.text == "draft"
+
+
+def test_secret_mode_has_no_history_and_draws_nothing():
+    editor = LineEditor()
+    editor.add_history("BM hi")
+    editor.secret = True
+    editor.feed(b"hunter22" + UP)
+    assert editor.text == "hunter22"
+    row = editor.render("password: ", 80)
+    assert row.text == "password: "
+    assert row.cursor == len("password: ")
+
+
+@pytest.mark.parametrize("typed, completions, result", [
+    (b"b\t", ("bob", "carol"), "bob "),
+    (b"PM c\t", ("carol", "Charlie"), "PM c"),  # two matches, no longer common prefix
+    (b"PM ca\t", ("carol", "carl"), "PM car"),
+    (b"x\t", ("bob",), "x"),
+    (b"B\t", ("BM", "bob"), "B"),
+])
+def test_tab_completes_the_current_word(typed, completions, result):
+    editor = LineEditor()
+    editor.completions = completions
+    editor.feed(typed)
+    assert editor.text == result
+
+
+def test_render_short_line():
+    editor = LineEditor()
+    editor.feed(b"hello" + LEFT)
+    assert editor.render("> ", 80) == ("> hello", 6)
+    assert editor.redraw("> ", 80) == "\r\x1b[K> hello\r\x1b[6C"
+
+
+def test_render_long_line_scrolls_to_keep_the_cursor_visible():
+    editor = LineEditor()
+    editor.feed(b"0123456789" * 5)
+    row = editor.render("> ", 21)  # 20 usable columns, 18 for text
+    assert text_width(row.text) <= 20
+    assert row.text.endswith("9")
+    assert row.cursor <= 20
+    editor.feed(HOME)
+    row = editor.render("> ", 21)
+    assert row.text.startswith("> 0123")
+    assert row.cursor == 2
+
+
+def test_render_wide_characters_count_two_columns():
+    editor = LineEditor()
+    editor.feed("日本語".encode())
+    assert editor.render("> ", 80) == ("> 日本語", 8)
+    assert char_width("日") == 2 and char_width("a") == 1 and char_width("\u0301") == 0
+
+
+def test_long_prompt_is_shortened():
+    editor = LineEditor()
+    row = editor.render("to (" + ", ".join(f"user{i}" for i in range(30)) + "): ", 40)
+    assert text_width(row.text) <= 20
+    assert row.text.endswith("..: ")
+
+
+@pytest.mark.parametrize("ch, unsafe", [
+    ("\x1b", True), ("\x00", True), ("\x7f", True), ("\x85", True), ("\x9b", True),
+    ("\u202e", True), ("\u2066", True), ("\u200e", True), ("\u061c", True), ("\u2028", True),
+    ("a", False), ("é", False), ("\u200d", False), ("日", False),
+])
+def test_unsafe_characters(ch, unsafe):
+    assert is_unsafe(ch) is unsafe
