@@ -59,7 +59,7 @@ class Connection:
     """One client socket and its buffers."""
 
     __slots__ = ("cid", "sock", "fd", "address", "decoder", "pending", "out", "head", "out_size", "events",
-                 "closing", "closed", "fatal", "close_by", "user", "tokens", "tokens_at")
+                 "closing", "closed", "fatal", "refused", "close_by", "user", "tokens", "tokens_at")
 
     def __init__(self, cid: int, sock: socket.socket, address: str, frame_limit: int, burst: float) -> None:
         self.cid = cid
@@ -75,6 +75,7 @@ class Connection:
         self.closing = False      # close when flushed
         self.closed = False
         self.fatal: bytes | None = None   # an ERROR to send once pending requests are done
+        self.refused = False      # a framing error: nothing more is read
         self.close_by = 0.0
         self.user = ""
         self.tokens = burst
@@ -103,6 +104,7 @@ class ChatServer:
         self.throttled: set[Connection] = set()
         self.closing: set[Connection] = set()
         self.cut_off: list[Connection] = []
+        self.broadcasts: list[state.DeliverAll] = []   # this pass's, not yet queued
         self.cids = itertools.count(1)
         self.pool = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="hash")
         self.done_jobs: collections.deque = collections.deque()
@@ -183,7 +185,9 @@ class ChatServer:
             for conn in [c for c in self.closing if c.close_by <= now]:
                 self._abort(conn)
         self._settle()
-        while self.dirty or self.cut_off:
+        while self.dirty or self.cut_off or self.broadcasts:
+            if self.broadcasts:
+                self._deliver_broadcasts()
             while self.cut_off:
                 self.apply(self.room.disconnect(self.cut_off.pop().cid))
                 self._settle()
@@ -262,6 +266,7 @@ class ChatServer:
             log.info("connection %d: %s", conn.cid, exc.message.encode("unicode_escape").decode("ascii"))
             conn.pending.extend(exc.frames)
             conn.fatal = state.fatal(exc.code, exc.message)
+            conn.refused = True
             self._pause_reading(conn)
             self._pump(conn)
             return
@@ -289,10 +294,9 @@ class ChatServer:
         if pending:
             self._pause_reading(conn)   # bounded memory: read more only when these are handled
         elif conn.fatal is not None:
-            if room.busy(cid):
-                return   # the ERROR follows the replies to everything sent before the bad frame
-            self._queue(conn, conn.fatal)
-            self._close_when_flushed(conn)
+            if not room.busy(cid):   # the ERROR follows the replies to everything sent before it
+                error, conn.fatal = conn.fatal, None
+                self.apply(room.refuse(cid, error))
         else:
             self._resume_reading(conn)
 
@@ -319,7 +323,7 @@ class ChatServer:
         self._set_events(conn, conn.events & ~selectors.EVENT_READ)
 
     def _resume_reading(self, conn: Connection) -> None:
-        if not conn.closing and conn.fatal is None:
+        if not conn.closing and not conn.refused:
             self._set_events(conn, conn.events | selectors.EVENT_READ)
 
     def _queue(self, conn: Connection, data: bytes) -> None:
@@ -418,28 +422,31 @@ class ChatServer:
                 conn = self.conns.get(effect.cid)
                 if conn is not None:
                     self._queue(conn, effect.data)
+            elif kind is state.DeliverAll:
+                self.broadcasts.append(effect)
             elif kind is state.Deliver:
+                if self.broadcasts:
+                    self._deliver_broadcasts()   # keep every recipient's data frames in order
                 online, data, queue = self.online, effect.data, self._queue
                 for user in effect.users:
                     conn = online.get(user)
                     if conn is not None:
-                        queue(conn, data)
-            elif kind is state.DeliverAll:
-                data, exclude, queue = effect.data, effect.exclude, self._queue
-                for user, conn in list(self.online.items()):
-                    if user != exclude:
                         queue(conn, data)
             elif kind is state.Close:
                 conn = self.conns.get(effect.cid)
                 if conn is not None:
                     self._close_when_flushed(conn)
             elif kind is state.Online:
+                if self.broadcasts:
+                    self._deliver_broadcasts()   # the newcomer gets nothing sent before it came
                 conn = self.conns.get(effect.cid)
                 if conn is not None:
                     conn.user = effect.user
                     self.online[effect.user] = conn
                     log.info("%r is online (connection %d)", effect.user, effect.cid)
             elif kind is state.Offline:
+                if self.broadcasts:
+                    self._deliver_broadcasts()
                 conn = self.online.get(effect.user)
                 if conn is not None and conn.cid == effect.cid:
                     del self.online[effect.user]
@@ -448,6 +455,31 @@ class ChatServer:
                 self.pool.submit(self._check_password, effect)
             else:
                 self.store.submit(effect)
+
+    def _deliver_broadcasts(self) -> None:
+        """Queue the pass's broadcasts: one chunk for each online user, built once for nearly all.
+
+        A run of DeliverAll effects (BMs to everyone else, presence) reaches every
+        online user except each effect's own sender, so all but the few senders
+        get the same bytes: they are joined once and shared.
+        """
+        run, self.broadcasts = self.broadcasts, []
+        queue = self._queue
+        if len(run) == 1:
+            data, exclude = run[0]
+            for user, conn in self.online.items():
+                if user != exclude:
+                    queue(conn, data)
+            return
+        whole = b"".join(effect.data for effect in run)
+        senders = {effect.exclude for effect in run}
+        for user, conn in self.online.items():
+            if user in senders:
+                mine = b"".join(effect.data for effect in run if effect.exclude != user)
+                if mine:
+                    queue(conn, mine)
+            else:
+                queue(conn, whole)
 
     def _check_password(self, job: state.CheckPassword) -> None:
         """Runs in a worker thread; the result re-enters the loop through the waker."""
@@ -474,6 +506,8 @@ class ChatServer:
     def _shutdown(self) -> None:
         log.info("shutting down: saying BYE to %d connections", len(self.conns))
         bye = state.bye("shutdown")
+        if self.broadcasts:
+            self._deliver_broadcasts()
         for conn in list(self.conns.values()):
             conn.pending.clear()
             self._queue(conn, bye)

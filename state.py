@@ -17,11 +17,17 @@ the server carries out in order:
 * ``Online(user, cid)`` / ``Offline(user, cid)``: presence changes;
 * store requests: ``LoadAccount``, ``CreateAccount``, ``AppendHistory``,
   ``ReadHistory``, and the worker job ``CheckPassword``. Each one is answered
-  later by ``completed(cid, result)``, which is when the reply that depends
-  on it is made: a SEND reply waits for its history to be stored.
+  later by ``completed(cid, result)``, in the order they were asked for, which
+  is when the reply that depends on it is made: a SEND reply waits for its
+  history to be stored.
 
-While a connection waits for a completion it is *busy*: the server does not
-give it the next request (requests are answered in order) until it is not.
+Two kinds of waiting. A login step whose outcome decides the next state
+(LOGIN, PASSWORD) makes the connection *busy*: the server gives it no further
+request until it is answered. A request whose outcome does not change the
+state (SEND, CH) only reserves its place in the connection's reply order (a
+*slot*); later requests go on, and their replies queue behind the slot, so
+replies still come in request order while many messages share one store
+write (group commit).
 """
 
 from __future__ import annotations
@@ -99,8 +105,14 @@ class CreateAccount(NamedTuple):
 
 
 class AppendHistory(NamedTuple):
+    """Append each line to the history of each of its owners (registered spellings).
+
+    ``entries`` is a list of ``(owners, line)``; a BM's owners are the room's
+    online snapshot, the same tuple for every message until someone comes or
+    goes, so the store can write a pass's broadcasts as one chunk per file.
+    """
     cid: int
-    lines: list  # (registered spelling of the owner, complete JSON line as bytes)
+    entries: list
 
 
 class ReadHistory(NamedTuple):
@@ -212,11 +224,21 @@ def _text_problem(text: object) -> str | None:
 
 # --- sessions -------------------------------------------------------------------
 
+class Slot:
+    """A place in a connection's reply order: pending (a continuation) or filled (effects)."""
+
+    __slots__ = ("continuation", "effects")
+
+    def __init__(self, continuation: Callable | None, effects: list | None = None) -> None:
+        self.continuation = continuation
+        self.effects = effects
+
+
 class Session:
     """One connection's protocol state."""
 
     __slots__ = ("cid", "address", "state", "username", "key", "account", "nonce", "attempts_left",
-                 "public_key", "target", "waiting", "deadline", "sealed", "registering")
+                 "public_key", "target", "waiting", "deadline", "sealed", "registering", "slots")
 
     def __init__(self, cid: int, address: str) -> None:
         self.cid = cid
@@ -229,7 +251,8 @@ class Session:
         self.attempts_left = MAX_ATTEMPTS
         self.public_key: pg3lib.PublicKey | None = None
         self.target: Session | None = None
-        self.waiting: Callable | None = None   # continuation of a pending store/worker request
+        self.waiting: Callable | None = None   # continuation of a pending login step (busy)
+        self.slots: collections.deque = collections.deque()   # replies waiting on the store, in order
         self.deadline = 0.0
         self.sealed = ""             # the PASSWORD ciphertext while it is being checked
         self.registering = False     # holds one of its address's registration slots
@@ -257,6 +280,8 @@ class Room:
         self.random_bytes = random_bytes
         self.sessions: dict[int, Session] = {}
         self.online: dict[str, Session] = {}       # after KEY: key -> session
+        self.online_version = 0                     # changes whenever someone comes or goes
+        self._snapshot: tuple | None = None         # registered spellings of everyone online
         self.logged_in: dict[str, Session] = {}    # after PASSWORD: key -> session
         self._deadlines: list[tuple[float, int]] = []
         self.register_rate = register_rate
@@ -288,11 +313,11 @@ class Room:
         assert session.waiting is None, "the shell must not feed a busy session"
         op = frame.body["op"]
         if frame.kind != framing.KIND_COMMAND:
-            out.append(Send(cid, fail(op, "bad_request", "clients send command (C) frames only")))
+            self._reply(session, fail(op, "bad_request", "clients send command (C) frames only"), out)
             return out
         entry = TRANSITIONS[session.state].get(op)
         if entry is None:
-            out.append(Send(cid, fail(op, "unexpected", _expected(session.state))))
+            self._reply(session, fail(op, "unexpected", _expected(session.state)), out)
             return out
         entry.handler(self, session, frame.body, out)
         return out
@@ -301,11 +326,21 @@ class Room:
         """The answer to a store request or worker job that cid asked for."""
         out: Effects = []
         session = self.sessions.get(cid)
-        if session is None or session.waiting is None:
+        if session is None:
             return out
-        continuation, session.waiting = session.waiting, None
-        continuation(session, result, out)
-        if session.state is State.CLOSED and session.waiting is None:
+        if session.waiting is not None:
+            continuation, session.waiting = session.waiting, None
+            continuation(session, result, out)
+        else:
+            slots = session.slots
+            slot = next((slot for slot in slots if slot.effects is None), None)
+            if slot is None:
+                return out
+            slot.effects = []
+            slot.continuation(session, result, slot.effects)
+            while slots and slots[0].effects is not None:
+                out.extend(slots.popleft().effects)
+        if session.state is State.CLOSED and session.waiting is None and not session.slots:
             self.sessions.pop(cid, None)
         return out
 
@@ -316,8 +351,20 @@ class Room:
         if session is None:
             return out
         self._end(session, out)
-        if session.waiting is None:
+        if session.waiting is None and not session.slots:
             del self.sessions[cid]
+        return out
+
+    def refuse(self, cid: int, error: bytes) -> Effects:
+        """A fatal error (e.g. bad_frame): sent after the replies still owed, then close."""
+        out: Effects = []
+        session = self.sessions.get(cid)
+        if session is None:
+            return [Send(cid, error), Close(cid)]
+        if session.state is not State.CLOSED:
+            self._reply(session, error, out)
+            self._end(session, out)
+            self._emit(session, Close(cid), out)
         return out
 
     def tick(self, now: float) -> Effects:
@@ -338,9 +385,9 @@ class Room:
                 session.deadline = now + 1.0
                 heapq.heappush(self._deadlines, (session.deadline, cid))
                 continue
-            out.append(Send(cid, bye("idle")))
+            self._reply(session, bye("idle"), out)
             self._end(session, out)
-            out.append(Close(cid))
+            self._emit(session, Close(cid), out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -356,8 +403,34 @@ class Room:
 
     # --- shared steps ------------------------------------------------------------
     def _wait(self, session: Session, continuation: Callable, request, out: Effects) -> None:
+        """Ask for request; the session is busy until continuation has the answer."""
         session.waiting = continuation
         out.append(request)
+
+    def _defer(self, session: Session, continuation: Callable, request, out: Effects) -> None:
+        """Ask for request; the reply takes its place in order, later requests go on."""
+        session.slots.append(Slot(continuation))
+        out.append(request)
+
+    def _emit(self, session: Session, effect, out: Effects) -> None:
+        """An effect in this session's reply order: now, or behind its pending slots."""
+        if session.slots:
+            session.slots.append(Slot(None, [effect]))
+        else:
+            out.append(effect)
+
+    def _reply(self, session: Session, data: bytes, out: Effects) -> None:
+        self._emit(session, Send(session.cid, data), out)
+
+    def _online_changed(self) -> None:
+        self.online_version += 1
+        self._snapshot = None
+
+    def online_snapshot(self) -> tuple:
+        """Registered spellings of everyone online; one shared tuple until someone comes or goes."""
+        if self._snapshot is None:
+            self._snapshot = tuple(s.username for s in self.online.values())
+        return self._snapshot
 
     def _end(self, session: Session, out: Effects) -> None:
         """Take a session out of the room (it will not be online any more)."""
@@ -369,9 +442,11 @@ class Room:
             del self.logged_in[key]
         if key and self.online.get(key) is session:
             del self.online[key]
-            out.append(Offline(key, session.cid))
-            out.append(DeliverAll(framing.data({"op": "PRESENCE", "username": session.username,
-                                                "online": False, "ts": timestamp(self.clock())}), key))
+            self._online_changed()
+            self._emit(session, Offline(key, session.cid), out)
+            self._emit(session, DeliverAll(framing.data({"op": "PRESENCE", "username": session.username,
+                                                         "online": False, "ts": timestamp(self.clock())}), key),
+                       out)
 
     def _others_online(self, session: Session) -> list[str]:
         return [s.username for k, s in self.online.items() if k != session.key]
@@ -389,9 +464,9 @@ class Room:
     def _login(self, session: Session, body: dict, out: Effects) -> None:
         name = body.get("username")
         if not valid_username(name):
-            out.append(Send(session.cid, fail("LOGIN", "invalid_username",
+            self._reply(session, fail("LOGIN", "invalid_username",
                                               "a username is 1-32 letters, digits, '_', '.' or '-', "
-                                              "starting with a letter or digit")))
+                                              "starting with a letter or digit"), out)
             return
         session.username = name
         session.key = name.lower()
@@ -405,9 +480,9 @@ class Room:
             session.username = account.username
         session.nonce = self.random_bytes(16)
         session.state = State.AWAIT_PASSWORD
-        out.append(Send(session.cid, ok("LOGIN", new_user=account is None, server_key=self.server_key_form,
+        self._reply(session, ok("LOGIN", new_user=account is None, server_key=self.server_key_form,
                                         fingerprint=self.server_keys.fingerprint,
-                                        nonce=base64.b64encode(session.nonce).decode("ascii"))))
+                                        nonce=base64.b64encode(session.nonce).decode("ascii")), out)
 
     # --- AWAIT_PASSWORD ----------------------------------------------------------
     def _password(self, session: Session, body: dict, out: Effects) -> None:
@@ -506,7 +581,7 @@ class Room:
             return
         session.sealed = ""
         if result != "created":
-            out.append(Send(session.cid, fail("PASSWORD", "internal", "the account could not be stored")))
+            self._reply(session, fail("PASSWORD", "internal", "the account could not be stored"), out)
             return
         if session.state is State.CLOSED:
             return
@@ -517,7 +592,7 @@ class Room:
             return
         if account is None:
             session.sealed = ""
-            out.append(Send(session.cid, fail("PASSWORD", "internal", "the account could not be read")))
+            self._reply(session, fail("PASSWORD", "internal", "the account could not be read"), out)
             return
         session.account = account
         session.username = account.username
@@ -526,39 +601,40 @@ class Room:
 
     def _password_failed(self, session: Session, result: LoginResult, out: Effects) -> None:
         if result.outcome in ("weak_password", "rate_limited"):   # not attempts
-            out.append(Send(session.cid, fail("PASSWORD", result.outcome, result.message)))
+            self._reply(session, fail("PASSWORD", result.outcome, result.message), out)
             return
         session.attempts_left -= 1
-        out.append(Send(session.cid, fail("PASSWORD", result.outcome, result.message,
-                                          attempts_left=session.attempts_left)))
+        self._reply(session, fail("PASSWORD", result.outcome, result.message,
+                                          attempts_left=session.attempts_left), out)
         if session.attempts_left <= 0:
-            out.append(Send(session.cid, bye("too_many_failures")))
+            self._reply(session, bye("too_many_failures"), out)
             self._end(session, out)
-            out.append(Close(session.cid))
+            self._emit(session, Close(session.cid), out)
 
     def _logged_in(self, session: Session, *, new_user: bool, out: Effects) -> None:
         old = self.logged_in.get(session.key)
         if old is not None and old is not session:
-            out.append(Send(old.cid, bye("replaced")))
+            self._reply(old, bye("replaced"), out)
             self._end(old, out)
-            out.append(Close(old.cid))
+            self._emit(old, Close(old.cid), out)
         self.logged_in[session.key] = session
         session.state = State.AWAIT_KEY
-        out.append(Send(session.cid, ok("PASSWORD", new_user=new_user, username=session.username)))
+        self._reply(session, ok("PASSWORD", new_user=new_user, username=session.username), out)
 
     # --- AWAIT_KEY ---------------------------------------------------------------
     def _key(self, session: Session, body: dict, out: Effects) -> None:
         try:
             public_key = pg3lib.PublicKey.from_key_form(body.get("public_key"))
         except (pg3lib.InvalidKey, TypeError, AttributeError) as exc:
-            out.append(Send(session.cid, fail("KEY", "bad_request",
+            self._reply(session, fail("KEY", "bad_request",
                                               f"'public_key' must be an RSA public key of at least "
-                                              f"2048 bits in key form ({exc or 'not a string'})")))
+                                              f"2048 bits in key form ({exc or 'not a string'})"), out)
             return
         session.public_key = public_key
         session.state = State.READY
-        out.append(Send(session.cid, self._names_reply("KEY", session, fingerprint=public_key.fingerprint)))
+        self._reply(session, self._names_reply("KEY", session, fingerprint=public_key.fingerprint), out)
         self.online[session.key] = session
+        self._online_changed()
         out.append(Online(session.key, session.cid))
         out.append(DeliverAll(framing.data({"op": "PRESENCE", "username": session.username, "online": True,
                                             "ts": timestamp(self.clock())}), session.key))
@@ -566,19 +642,19 @@ class Room:
     # --- READY -------------------------------------------------------------------
     def _bm(self, session: Session, body: dict, out: Effects) -> None:
         session.state = State.AWAIT_BM_TEXT
-        out.append(Send(session.cid, ok("BM")))
+        self._reply(session, ok("BM"), out)
 
     def _pm(self, session: Session, body: dict, out: Effects) -> None:
         session.state = State.AWAIT_PM_TARGET
-        out.append(Send(session.cid, self._names_reply("PM", session)))
+        self._reply(session, self._names_reply("PM", session), out)
 
     def _ch(self, session: Session, body: dict, out: Effects) -> None:
         limit = body.get("limit")
         if limit is not None and (type(limit) is not int or limit < 1):
-            out.append(Send(session.cid, fail("CH", "bad_request", "'limit' must be a positive integer")))
+            self._reply(session, fail("CH", "bad_request", "'limit' must be a positive integer"), out)
             return
-        self._wait(session, lambda s, lines, o: self._history_read(s, lines, limit, o),
-                   ReadHistory(session.cid, session.username), out)
+        self._defer(session, lambda s, lines, o: self._history_read(s, lines, limit, o),
+                    ReadHistory(session.cid, session.username), out)
 
     def _history_read(self, session: Session, lines: list, limit: int | None, out: Effects) -> None:
         if limit is not None:
@@ -587,97 +663,101 @@ class Room:
             out.append(Send(session.cid, page))
 
     def _ex(self, session: Session, body: dict, out: Effects) -> None:
-        out.append(Send(session.cid, ok("EX")))
+        self._reply(session, ok("EX"), out)
         self._end(session, out)
-        out.append(Close(session.cid))
+        self._emit(session, Close(session.cid), out)
 
     def _cancel(self, session: Session, body: dict, out: Effects) -> None:
         session.state = State.READY
         session.target = None
-        out.append(Send(session.cid, ok("CANCEL")))
+        self._reply(session, ok("CANCEL"), out)
 
     # --- AWAIT_BM_TEXT -----------------------------------------------------------
     def _bm_send(self, session: Session, body: dict, out: Effects) -> None:
         text = body.get("text")
         problem = _text_problem(text)
         if problem:
-            out.append(Send(session.cid, fail("SEND", "bad_request", problem)))
+            self._reply(session, fail("SEND", "bad_request", problem), out)
             return
+        session.state = State.READY
         ts = timestamp(self.clock())
         line = json_line({"ts": ts, "type": "BM", "from": session.username, "to": "*", "text": text})
-        recipients = [s for k, s in self.online.items() if k != session.key]
-        lines = [(session.username, line)]
-        lines.extend((s.username, line) for s in recipients)
+        owners = self.online_snapshot()   # the sender and everyone it reaches
         frame = framing.data({"op": "BM", "from": session.username, "text": text, "ts": ts})
-        self._wait(session, lambda s, failed, o: self._bm_stored(s, recipients, frame, failed, o),
-                   AppendHistory(session.cid, lines), out)
+        version = self.online_version
+        self._defer(session, lambda s, failed, o: self._bm_stored(s, owners, version, frame, failed, o),
+                    AppendHistory(session.cid, [(owners, line)]), out)
 
-    def _bm_stored(self, session: Session, recipients: list, frame: bytes, failed: set, out: Effects) -> None:
-        if session.state is not State.CLOSED:
-            session.state = State.READY
+    def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, failed: set,
+                   out: Effects) -> None:
         if session.username in failed:
             out.append(Send(session.cid, fail("SEND", "internal", "the message could not be stored")))
             return
-        online = self.online
-        users = [s.key for s in recipients if online.get(s.key) is s and s.username not in failed]
-        if users:
-            out.append(Deliver(users, frame))
-        out.append(Send(session.cid, ok("SEND", recipients=len(users))))
+        if version == self.online_version and not failed:
+            # Nobody came or went since SEND: everyone else online, in one shared effect.
+            out.append(DeliverAll(frame, session.key))
+            count = len(owners) - 1
+        else:
+            users = [name.lower() for name in owners
+                     if name != session.username and name not in failed and name.lower() in self.online]
+            if users:
+                out.append(Deliver(users, frame))
+            count = len(users)
+        out.append(Send(session.cid, ok("SEND", recipients=count)))
 
     # --- AWAIT_PM_TARGET / AWAIT_PM_TEXT -----------------------------------------
     def _pm_target(self, session: Session, body: dict, out: Effects) -> None:
         name = body.get("username")
         if not isinstance(name, str):
-            out.append(Send(session.cid, fail("TARGET", "bad_request", "'username' must be a string")))
+            self._reply(session, fail("TARGET", "bad_request", "'username' must be a string"), out)
             return
         key = name.lower()
         session.state = State.READY
         if key == session.key:
-            out.append(Send(session.cid, fail("TARGET", "bad_request", "you cannot send a private message "
-                                                                       "to yourself")))
+            self._reply(session, fail("TARGET", "bad_request", "you cannot send a private message "
+                                                                       "to yourself"), out)
             return
         target = self.online.get(key)
         if target is None:
-            out.append(Send(session.cid, fail("TARGET", "not_online", f"{name!r} is not online")))
+            self._reply(session, fail("TARGET", "not_online", f"{name!r} is not online"), out)
             return
         session.target = target
         session.state = State.AWAIT_PM_TEXT
-        out.append(Send(session.cid, ok("TARGET", username=target.username,
+        self._reply(session, ok("TARGET", username=target.username,
                                         public_key=target.public_key.key_form,
-                                        fingerprint=target.public_key.fingerprint)))
+                                        fingerprint=target.public_key.fingerprint), out)
 
     def _pm_send(self, session: Session, body: dict, out: Effects) -> None:
         ciphertext, self_copy, signature = body.get("ciphertext"), body.get("self_copy"), body.get("signature")
         if not (isinstance(ciphertext, str) and isinstance(self_copy, str) and isinstance(signature, str)
                 and ciphertext and self_copy):
-            out.append(Send(session.cid, fail("SEND", "bad_request", "a private message needs string "
-                                                                     "'ciphertext', 'self_copy' and 'signature'")))
+            self._reply(session, fail("SEND", "bad_request", "a private message needs string "
+                                                                     "'ciphertext', 'self_copy' and 'signature'"), out)
             return
         target = session.target
         if target is None or self.online.get(target.key) is not target:
             session.state = State.READY
             session.target = None
-            out.append(Send(session.cid, fail("SEND", "not_online", "the recipient is not online any more")))
+            self._reply(session, fail("SEND", "not_online", "the recipient is not online any more"), out)
             return
         signed = pg3lib.pm_signed_bytes(session.username, target.username, ciphertext)
         if not session.public_key.verify(signed, signature):
-            out.append(Send(session.cid, fail("SEND", "bad_request", "the signature does not verify with "
-                                                                     "your public key")))
+            self._reply(session, fail("SEND", "bad_request", "the signature does not verify with "
+                                                                     "your public key"), out)
             return
         ts = timestamp(self.clock())
         entry = {"ts": ts, "type": "PM", "from": session.username, "to": target.username}
-        lines = [(session.username, json_line({**entry, "ciphertext": self_copy})),
-                 (target.username, json_line({**entry, "ciphertext": ciphertext}))]
+        lines = [((session.username,), json_line({**entry, "ciphertext": self_copy})),
+                 ((target.username,), json_line({**entry, "ciphertext": ciphertext}))]
         frame = framing.data({"op": "PM", "from": session.username, "to": target.username,
                               "ciphertext": ciphertext, "signature": signature,
                               "sender_key": session.public_key.key_form, "ts": ts})
-        self._wait(session, lambda s, failed, o: self._pm_stored(s, target, frame, failed, o),
-                   AppendHistory(session.cid, lines), out)
+        session.state = State.READY
+        session.target = None
+        self._defer(session, lambda s, failed, o: self._pm_stored(s, target, frame, failed, o),
+                    AppendHistory(session.cid, lines), out)
 
     def _pm_stored(self, session: Session, target: Session, frame: bytes, failed: set, out: Effects) -> None:
-        session.target = None
-        if session.state is not State.CLOSED:
-            session.state = State.READY
         if session.username in failed:
             out.append(Send(session.cid, fail("SEND", "internal", "the message could not be stored")))
             return

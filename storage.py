@@ -21,7 +21,6 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
 
 import pg3lib
 from passwords import Account
@@ -212,8 +211,11 @@ class FileStore:
 
     ``submit(request)`` takes a store request from the session logic;
     ``flush()`` carries out what is pending and returns ``(cid, result)``
-    completions. History appends submitted during one loop pass are written
-    together: each file once, before any of their completions is returned.
+    completions in the order the requests were submitted. The history appends
+    of one loop pass are written together (group commit): consecutive entries
+    for the same owners (a BM's online snapshot) are joined once, and each file
+    gets one write, before any completion is returned. Reads see the appends
+    submitted before them.
     """
 
     def __init__(self, directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY) -> None:
@@ -227,26 +229,34 @@ class FileStore:
             raise StorageError(f"the data directory {directory} is not writable")
         self.accounts = AccountStore(os.path.join(directory, ACCOUNTS_FILE))
         self.history = HistoryLog(directory, max_open_history)
-        self._done: list[tuple[int, object]] = []
-        self._appends: list = []
+        self._queue: list[list] = []      # [cid, result or None, append request or None], in order
+        self._runs: list[list] = []       # [owners, [lines]]: pending appends, in order
 
     @property
     def pending(self) -> bool:
-        return bool(self._done or self._appends)
+        return bool(self._queue)
 
     def submit(self, request) -> None:
-        """Take one store request (see state.py: LoadAccount, CreateAccount, AppendHistory, ReadHistory)."""
+        """Take one store request (state.py: LoadAccount, CreateAccount, AppendHistory, ReadHistory)."""
         kind = type(request).__name__
         if kind == "AppendHistory":
-            self._appends.append(request)
-        elif kind == "LoadAccount":
-            self._done.append((request.cid, self.accounts.get(request.key)))
+            runs = self._runs
+            for owners, line in request.entries:
+                if runs and runs[-1][0] is owners:
+                    runs[-1][1].append(line)
+                else:
+                    runs.append([owners, [line]])
+            self._queue.append([request.cid, None, request])
+            return
+        if kind == "LoadAccount":
+            result = self.accounts.get(request.key)
         elif kind == "CreateAccount":
-            self._done.append((request.cid, self._create(request.account)))
+            result = self._create(request.account)
         elif kind == "ReadHistory":
-            self._done.append((request.cid, self.history.read(request.username)))
+            result = self._read(request.username)
         else:
             raise TypeError(f"not a store request: {request!r}")
+        self._queue.append([request.cid, result, None])
 
     def _create(self, account: Account) -> str:
         try:
@@ -258,28 +268,44 @@ class FileStore:
         self.history.create(account.username)
         return "created"
 
+    def _read(self, username: str) -> list[str]:
+        lines = self.history.read(username)
+        for owners, pending in self._runs:   # appends not yet written, but acknowledged before this read
+            if username in owners:
+                lines.extend(line[:-1].decode("utf-8") for line in pending)
+        return lines
+
     def flush(self) -> list[tuple[int, object]]:
-        """Write pending appends (one write per file) and return all completions."""
-        done, self._done = self._done, []
-        appends, self._appends = self._appends, []
-        if appends:
-            done.extend(self._write_appends(appends))
+        """Write pending appends (one write per file) and return every completion, in order."""
+        queue, self._queue = self._queue, []
+        runs, self._runs = self._runs, []
+        failed = self._write(runs) if runs else set()
+        done = []
+        for cid, result, append in queue:
+            if append is not None:
+                result = _NOTHING_FAILED if not failed else {
+                    owner for owners, _ in append.entries for owner in owners if owner in failed}
+            done.append((cid, result))
         return done
 
-    def _write_appends(self, appends: list) -> Iterable[tuple[int, object]]:
-        batches: dict[str, list[bytes]] = {}
-        for request in appends:
-            for owner, line in request.lines:
-                batch = batches.get(owner)
-                if batch is None:
-                    batches[owner] = [line]
+    def _write(self, runs: list) -> set:
+        """Each owner's lines of this pass in one write; returns the owners whose write failed."""
+        chunks: dict[str, list[bytes]] = {}
+        for owners, lines in runs:
+            chunk = lines[0] if len(lines) == 1 else b"".join(lines)
+            for owner in owners:
+                mine = chunks.get(owner)
+                if mine is None:
+                    chunks[owner] = [chunk]
                 else:
-                    batch.append(line)
-        failed = {owner for owner, lines in batches.items()
-                  if not self.history.append(owner, b"".join(lines))}
-        for request in appends:
-            yield request.cid, (failed.intersection(owner for owner, _ in request.lines) if failed else failed)
+                    mine.append(chunk)
+        append = self.history.append
+        return {owner for owner, mine in chunks.items()
+                if not append(owner, mine[0] if len(mine) == 1 else b"".join(mine))}
 
     def close(self) -> None:
         self.accounts.close()
         self.history.close()
+
+
+_NOTHING_FAILED: frozenset = frozenset()
