@@ -50,6 +50,7 @@ from clientstore import ClientStore, KeyLocked, config_root, server_address
 from lineeditor import UNSAFE_FORMAT_CHARS, Event, Key, LineEditor, Submit
 
 log = logging.getLogger("chatclient")
+log.addHandler(logging.NullHandler())  # nothing on stderr unless --debug-log asks for a file
 
 EXIT_OK = 0
 EXIT_ERROR = 1

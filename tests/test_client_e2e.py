@@ -1,0 +1,621 @@
+"""chatclient.py end to end: the real client and the real server on loopback.
+
+Interactive runs go through a real pseudo-terminal and are read with pyte, as
+a person sees the screen; the bytes the client writes are kept too, to show
+that nothing received reaches the terminal raw. Scripted runs go through pipes.
+The other users are often ``WireClient``s (tests/wire.py). Every wait has a
+deadline. Each client gets its own ``XDG_CONFIG_HOME``; ``seed_key`` puts one
+of the shared test key pairs there so that only the tests about key
+generation pay for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import re
+import select
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+
+import pyte
+import pytest
+
+import framing
+import pg3lib
+from clientstore import ClientStore, server_address
+from serverproc import ServerProcess
+from wire import WireClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIENT = os.path.join(ROOT, "chatclient.py")
+DEADLINE = 10.0
+PASSWORD = "password1"
+COLS, ROWS = 120, 40
+CLOCK = r"\[\d\d:\d\d\]"
+
+_seeded: dict[tuple[str, str], tuple[bytes, dict]] = {}
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def seed_key(home, port: int, username: str, key_pair: pg3lib.KeyPair, password: str = PASSWORD) -> None:
+    """Install key_pair as username's saved key for the server on port, as the client would save it."""
+    cache_key = (key_pair.fingerprint, password)
+    if cache_key not in _seeded:
+        scratch = ClientStore(str(home / ".seed"))
+        scratch.save_key_pair("seed:0", "seed", password, key_pair)
+        pem_path, meta_path = scratch.key_files("seed:0", "seed")
+        with open(pem_path, "rb") as pem, open(meta_path, encoding="utf-8") as meta:
+            _seeded[cache_key] = (pem.read(), json.load(meta))
+    pem_bytes, meta = _seeded[cache_key]
+    store = ClientStore(str(home / "chatroom"))
+    server = server_address("127.0.0.1", port)
+    os.makedirs(store.keys_dir, mode=0o700, exist_ok=True)
+    pem_path, meta_path = store.key_files(server, username)
+    pg3lib.write_private_file(pem_path, pem_bytes)
+    meta = dict(meta, server=server, username=username.lower())
+    pg3lib.write_private_file(meta_path, json.dumps(meta).encode("utf-8"))
+
+
+def client_env(home) -> dict:
+    env = dict(os.environ, XDG_CONFIG_HOME=str(home), TERM="xterm", LC_ALL="C.UTF-8")
+    env.pop("PYTHONIOENCODING", None)
+    return env
+
+
+def client_command(port: int, username: str) -> list[str]:
+    return [sys.executable, CLIENT, "127.0.0.1", str(port), username]
+
+
+@pytest.fixture
+def home(tmp_path):
+    """home(name) -> a fresh configuration directory for one client."""
+    def make(name: str):
+        path = tmp_path / f"home-{name}"
+        path.mkdir(exist_ok=True)
+        return path
+    return make
+
+
+class PtyClient:
+    """chatclient.py on a pseudo-terminal; ``screen`` is what a person would see."""
+
+    def __init__(self, port: int, username: str, home, argv: list[str] | None = None) -> None:
+        self.master, self.slave = os.openpty()
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
+        self.mode_before = termios.tcgetattr(self.slave)
+        self.proc = subprocess.Popen(argv or client_command(port, username), stdin=self.slave,
+                                     stdout=self.slave, stderr=self.slave, env=client_env(home),
+                                     start_new_session=True, cwd=ROOT)
+        self.screen = pyte.Screen(COLS, ROWS)
+        self.stream = pyte.ByteStream(self.screen)
+        self.raw = bytearray()
+
+    @classmethod
+    def logged_in(cls, port: int, username: str, home, key_pair: pg3lib.KeyPair) -> PtyClient:
+        """A new user, logged in with a seeded key, at the operation prompt."""
+        seed_key(home, port, username, key_pair)
+        client = cls(port, username, home)
+        client.log_in()
+        return client
+
+    def log_in(self) -> None:
+        """As a new user: the password twice, then wait for the operation prompt."""
+        self.wait_prompt("choose a password: ")
+        self.type(PASSWORD + "\r")
+        self.wait_prompt("repeat the password: ")
+        self.type(PASSWORD + "\r")
+        self.wait_until(lambda: self.cursor_row().endswith("> "[:-1]) and "logged in as" in self.text(),
+                        "the operation prompt")
+
+    def pump(self, timeout: float = 0.05) -> None:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if ready:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                return
+            self.raw.extend(data)
+            self.stream.feed(data)
+
+    def rows(self) -> list[str]:
+        return [line.rstrip() for line in self.screen.display]
+
+    def text(self) -> str:
+        return "\n".join(self.rows())
+
+    def cursor_row(self) -> str:
+        return self.rows()[self.screen.cursor.y]
+
+    def wait_until(self, check, what: str, timeout: float = DEADLINE):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = check()
+            if result:
+                return result
+            self.pump()
+        raise AssertionError(f"no {what} within {timeout} s; the screen:\n{self.text()}")
+
+    def wait_for(self, text: str, timeout: float = DEADLINE) -> None:
+        """Wait until text is on the screen (rows have no trailing blanks, so neither has text)."""
+        text = text.rstrip(" ")
+        self.wait_until(lambda: text in self.text(), repr(text), timeout)
+
+    def wait_line(self, pattern: str, timeout: float = DEADLINE) -> int:
+        """The row index of the first line matching the regex."""
+        def find():
+            for index, row in enumerate(self.rows()):
+                if re.fullmatch(pattern, row):
+                    return index + 1  # truthy even for row 0
+            return 0
+        return self.wait_until(find, f"line matching {pattern!r}", timeout) - 1
+
+    def wait_prompt(self, row_text: str, timeout: float = DEADLINE) -> None:
+        """Wait until the cursor's row reads row_text and the cursor sits at its end."""
+        self.wait_until(lambda: self.cursor_row() == row_text.rstrip()
+                        and self.screen.cursor.x == len(row_text), f"prompt {row_text!r}", timeout)
+
+    def type(self, keys: str | bytes) -> None:
+        os.write(self.master, keys.encode("utf-8") if isinstance(keys, str) else keys)
+
+    def wait_exit(self, timeout: float = DEADLINE) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.pump()
+        if self.proc.poll() is None:
+            raise AssertionError(f"the client did not exit within {timeout} s; the screen:\n{self.text()}")
+        for _ in range(5):
+            self.pump(0.01)
+        return self.proc.returncode
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(DEADLINE)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.fixture
+def ptys():
+    """ptys(port, username, home, key_pair) -> a logged-in PtyClient; all are closed after."""
+    made: list[PtyClient] = []
+
+    def make(*args, **kwargs) -> PtyClient:
+        client = PtyClient.logged_in(*args, **kwargs)
+        made.append(client)
+        return client
+
+    make.made = made
+    yield make
+    for client in made:
+        client.close()
+
+
+class PipedClient:
+    """chatclient.py with its stdin a pipe we write to and stdout+stderr a pipe we read."""
+
+    def __init__(self, port: int, username: str, home) -> None:
+        self.proc = subprocess.Popen(client_command(port, username), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=client_env(home), cwd=ROOT)
+        self.output = b""
+
+    def write(self, text: str) -> None:
+        self.proc.stdin.write(text.encode("utf-8"))
+        self.proc.stdin.flush()
+
+    def close_input(self) -> None:
+        self.proc.stdin.close()
+
+    def expect(self, pattern: str, timeout: float = DEADLINE) -> re.Match:
+        """Wait for a line matching the regex in the output so far."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while True:
+            match = re.search(pattern, self.output.decode("utf-8", "replace"), re.MULTILINE)
+            if match:
+                return match
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {pattern!r} within {timeout} s; output:\n{self.output.decode()}")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk and self.proc.poll() is not None:
+                    raise AssertionError(f"exited before {pattern!r}; output:\n{self.output.decode()}")
+                self.output += chunk
+
+    def wait(self, timeout: float = DEADLINE) -> int:
+        """Read the output to its end, then the exit status."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"the client did not exit within {timeout} s; output:\n"
+                                     f"{self.output.decode()}")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                self.output += chunk
+        return self.proc.wait(max(deadline - time.monotonic(), 0.1))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(DEADLINE)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe and not pipe.closed:
+                pipe.close()
+
+
+def run_script(port: int, username: str, home, script: str) -> subprocess.CompletedProcess:
+    """Run the client with script as its whole standard input."""
+    return subprocess.run(client_command(port, username), input=script, capture_output=True, text=True,
+                          timeout=DEADLINE, env=client_env(home), cwd=ROOT)
+
+
+def wire_login(connect, username: str, key_pair: pg3lib.KeyPair):
+    client = connect()
+    client.login(username, PASSWORD, key_pair)
+    return client
+
+
+# --- through a terminal ----------------------------------------------------------------------
+
+def test_message_arrives_above_a_half_typed_prompt(server, keys, home, ptys):
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    bob = ptys(server.port, "bob", home("bob"), keys(1))
+    alice.wait_for("* bob is online")
+    bob.type("BM\r")
+    bob.wait_prompt("message: ")
+    bob.type("half typed réponse")
+    bob.wait_prompt("message: half typed réponse")
+
+    alice.type("BM hello from alice\r")
+    alice.wait_for("sent to 1 user")
+    message_row = bob.wait_line(CLOCK + " alice: hello from alice")
+    bob.wait_prompt("message: half typed réponse")
+    assert message_row < bob.screen.cursor.y  # above the prompt, which is intact below it
+
+    bob.type("\r")
+    bob.wait_for("sent to 1 user")
+    alice.wait_line(CLOCK + " bob: half typed réponse")
+    alice.wait_prompt("alice> ")
+
+
+def test_private_message_is_decrypted_on_the_other_side(server, keys, home, ptys):
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    bob = ptys(server.port, "bob", home("bob"), keys(1))
+    alice.wait_for("* bob is online")
+    alice.type("PM\r")
+    alice.wait_prompt("to (bob): ")
+    alice.type("b\t")  # Tab completes the online user
+    alice.wait_prompt("to (bob): bob ")
+    alice.type("\r")
+    alice.wait_for(f"first private message with bob: remembering their key {keys(1).fingerprint}")
+    alice.wait_prompt("message to bob: ")
+    alice.type("see you at 5\r")
+    alice.wait_for("sent privately to bob")
+    bob.wait_line(CLOCK + r" alice -> you \(private\): see you at 5")
+
+    bob.type("pm Alice on my way\r")  # one-line form, any case
+    alice.wait_line(CLOCK + r" bob -> you \(private\): on my way")
+    bob.type("ch\r")
+    bob.wait_line(r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] PM alice -> bob: see you at 5")
+    bob.wait_line(r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] PM bob -> alice: on my way")
+    bob.wait_for("(2 entries)")
+
+
+def test_ctrl_c_at_a_sub_prompt_cancels(server, connect, keys, home, ptys):
+    bob = wire_login(connect, "bob", keys(1))
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    for command, sub_prompt in (("BM", "message: "), ("PM", "to (bob): "), ("PM bob", "message to bob: ")):
+        alice.type(command + "\r")
+        alice.wait_prompt(sub_prompt)
+        alice.type("never sent")
+        alice.type(b"\x03")
+        alice.wait_for(sub_prompt + "^C\ncancelled")
+        alice.wait_prompt("alice> ")
+    alice.type("BM after cancel\r")  # the server is back in READY
+    alice.wait_for("sent to 1 user")
+    assert bob.wait_data("BM")["text"] == "after cancel"
+    assert not [d for d in bob.data if d["op"] in ("BM", "PM")]
+
+
+def test_wrong_password_says_attempts_left_and_asks_again(server, connect, keys, home):
+    wire_login(connect, "alice", keys(0)).exit()
+    seed_key(home("alice"), server.port, "alice", keys(0))
+    alice = PtyClient(server.port, "alice", home("alice"))
+    try:
+        alice.wait_prompt("password for alice: ")
+        alice.type("wrong-password\r")
+        alice.wait_for("wrong password; 2 attempt(s) left")
+        alice.wait_prompt("password for alice: ")
+        alice.type(PASSWORD + "\r")
+        alice.wait_prompt("alice> ", timeout=DEADLINE)
+        assert "wrong-password" not in alice.text() and PASSWORD not in alice.text()
+    finally:
+        alice.close()
+
+
+EVIL = "evil \x1b]0;pwn\x07 title, \u202eeulav\u202c, \x1b[2J cleared? \x9b31m"
+EVIL_SHOWN = "evil \\x1b]0;pwn\\x07 title, \\u202eeulav\\u202c, \\x1b[2J cleared? \\x9b31m"
+
+
+def test_hostile_text_is_shown_inert(server, connect, keys, home, ptys):
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    bob = wire_login(connect, "bob", keys(1))
+    bob.bm(EVIL)
+    assert bob.pm("alice", EVIL)["ok"]
+    alice.wait_line(CLOCK + " bob: " + re.escape(EVIL_SHOWN))
+    alice.wait_line(CLOCK + r" bob -> you \(private\): " + re.escape(EVIL_SHOWN))
+    alice.type("CH\r")
+    alice.wait_for("(2 entries)")
+    assert alice.text().count(EVIL_SHOWN) == 4
+    raw = bytes(alice.raw)
+    for forbidden in (b"\x1b]", b"\x07", "\u202e".encode(), "\u202c".encode(), b"\x1b[2J", "\x9b".encode()):
+        assert forbidden not in raw
+
+
+@pytest.mark.parametrize("way, status", [
+    ("EX", 0), ("Ctrl-D", 0), ("Ctrl-C", 0), ("server gone", 1), ("SIGTERM", 128 + signal.SIGTERM),
+    ("crash", 70),
+])
+def test_terminal_mode_is_restored(way, status, server, keys, home, tmp_path):
+    argv = None
+    if way == "crash":  # a bug inside the loop: make showing a D frame raise
+        argv = [sys.executable, "-c",
+                "import sys, chatclient\n"
+                "def boom(self, body): raise RuntimeError('boom')\n"
+                "chatclient.Session.on_data = boom\n"
+                f"sys.argv = ['chatclient.py', '127.0.0.1', '{server.port}', 'alice']\n"
+                "sys.exit(chatclient.main())\n"]
+    seed_key(home("alice"), server.port, "alice", keys(0))
+    client = PtyClient(server.port, "alice", home("alice"), argv=argv)
+    try:
+        client.log_in()
+        client.wait_prompt("alice> ")
+        during = termios.tcgetattr(client.slave)
+        assert not during[3] & (termios.ECHO | termios.ICANON | termios.ISIG)
+        client.type("BM half")
+        client.wait_prompt("alice> BM half")
+        if way == "EX":
+            client.type(b"\x15EX\r")
+        elif way == "Ctrl-D":
+            client.type(b"\x15\x04")
+        elif way == "Ctrl-C":
+            client.type(b"\x03")
+        elif way == "server gone":
+            server.kill()
+        elif way == "SIGTERM":
+            client.proc.send_signal(signal.SIGTERM)
+        else:  # bob coming online makes a PRESENCE frame, whose display raises
+            WireClient(server.port).login("bob", PASSWORD, keys(1))
+        assert client.wait_exit() == status
+        assert termios.tcgetattr(client.slave) == client.mode_before
+        text = client.text()
+        assert "Traceback" not in text
+        expected = {"EX": "bye", "Ctrl-D": "bye", "Ctrl-C": "bye",
+                    "server gone": "chatclient: the server closed the connection",
+                    "SIGTERM": "chatclient: stopped by SIGTERM",
+                    "crash": "chatclient: internal error: RuntimeError: boom"}[way]
+        assert expected in text
+    finally:
+        client.close()
+
+
+# --- server keys -------------------------------------------------------------------------------
+
+def test_changed_server_key_stops_before_the_password(make_server, keys, home, tmp_path):
+    first = make_server()
+    port = first.port
+    alice_home = home("alice")
+    seed_key(alice_home, port, "alice", keys(0))
+    result = run_script(port, "alice", alice_home, f"{PASSWORD}\nEX\n")
+    assert result.returncode == 0, result.stderr
+    store = ClientStore(str(alice_home / "chatroom"))
+    remembered = store.server_fingerprint(f"127.0.0.1:{port}")
+    assert remembered and remembered in result.stdout
+    first.kill()
+
+    other_data = tmp_path / "other-data"
+    other_data.mkdir()
+    impostor = ServerProcess(str(other_data)).start(port=port)
+    try:
+        result = run_script(port, "alice", alice_home, f"{PASSWORD}\nBM hi\nEX\n")
+        probe = WireClient(port)
+        presented = pg3lib.PublicKey.from_key_form(probe.login_start("probe")["server_key"]).fingerprint
+        probe.close()
+    finally:
+        impostor.kill()
+    assert result.returncode == 3
+    assert "THE SERVER'S KEY HAS CHANGED" in result.stderr
+    assert remembered in result.stderr and presented in result.stderr and remembered != presented
+    assert "Traceback" not in result.stderr
+    assert store.server_fingerprint(f"127.0.0.1:{port}") == remembered  # not overwritten
+    leftovers = [name for name in os.listdir(other_data) if name.lower().endswith(".chat")]
+    assert leftovers == []  # no account was registered: the password never went out
+    accounts = other_data / "accounts.jsonl"
+    assert not accounts.exists() or accounts.stat().st_size == 0
+
+
+def test_login_reply_whose_fingerprint_does_not_match_its_key_stops(keys, home):
+    """A fake server answers LOGIN with keys(3)'s key but keys(4)'s fingerprint."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(DEADLINE)
+    received: list[str] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(DEADLINE)
+        decoder = framing.FrameDecoder()
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                for frame in decoder.feed(data):
+                    received.append(frame.op)
+                    if frame.op == "LOGIN":
+                        conn.sendall(framing.command({
+                            "op": "LOGIN", "ok": True, "new_user": False,
+                            "server_key": keys(3).public.key_form, "fingerprint": keys(4).fingerprint,
+                            "nonce": base64.b64encode(os.urandom(16)).decode()}))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result = run_script(listener.getsockname()[1], "alice", home("alice"), f"{PASSWORD}\nEX\n")
+        thread.join(DEADLINE)
+    finally:
+        listener.close()
+    assert result.returncode == 3
+    assert keys(3).fingerprint in result.stderr and keys(4).fingerprint in result.stderr
+    assert received == ["LOGIN"]
+
+
+# --- through pipes ------------------------------------------------------------------------------
+
+def test_piped_script_bm_pm_ch_ex(server, connect, keys, home):
+    bob = wire_login(connect, "bob", keys(1))
+    alice_home = home("alice")
+    seed_key(alice_home, server.port, "alice", keys(0))
+    script = (f"{PASSWORD}\nCH\nBM\nhello all\nbm one-liner\nPM\nbob\nsecret note\n"
+              "pm Bob see you at 5\nCH\nEX\n")
+    result = run_script(server.port, "alice", alice_home, script)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "\x1b" not in result.stdout
+    out = result.stdout.splitlines()
+    assert out[-1] == "bye"
+    assert "your history is empty" in out
+    assert out.count("sent to 1 user") == 2 and out.count("sent privately to bob") == 2
+    history = [line.split("] ", 1)[1] for line in out if re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] ", line)]
+    assert history == ["BM alice -> all: hello all", "BM alice -> all: one-liner",
+                       "PM alice -> bob: secret note", "PM alice -> bob: see you at 5"]
+    assert "(4 entries)" in out
+
+    assert bob.wait_data("BM")["text"] == "hello all"
+    assert bob.wait_data("BM")["text"] == "one-liner"
+    for expected in ("secret note", "see you at 5"):
+        pm = bob.wait_data("PM")
+        sender_key = pg3lib.PublicKey.from_key_form(pm["sender_key"])
+        assert sender_key == keys(0).public
+        assert sender_key.verify(pg3lib.pm_signed_bytes("alice", "bob", pm["ciphertext"]), pm["signature"])
+        assert keys(1).open(pm["ciphertext"]).decode() == expected
+
+
+def test_piped_client_shows_messages_as_they_arrive_and_end_of_input_is_ex(server, connect, keys, home):
+    bob = wire_login(connect, "bob", keys(1))
+    seed_key(home("alice"), server.port, "alice", keys(0))
+    alice = PipedClient(server.port, "alice", home("alice"))
+    try:
+        alice.write(PASSWORD + "\n")
+        alice.expect("^logged in as alice at 127.0.0.1:\\d+. online: bob$")
+        bob.bm("hi alice")
+        alice.expect(f"^{CLOCK} bob: hi alice$")
+        bob.pm("alice", "just for you")
+        alice.expect(f"^{CLOCK} bob -> you \\(private\\): just for you$")
+        alice.write("BM\n")  # then the input ends at the message prompt: cancel, then EX
+        alice.close_input()
+        assert alice.wait() == 0
+        assert alice.output.decode().splitlines()[-2:] == ["cancelled", "bye"]
+    finally:
+        alice.close()
+    assert bob.wait_data("PRESENCE", username="alice", online=False)
+    assert not [d for d in bob.data if d["op"] == "BM"]
+
+
+def test_piped_contact_key_change_is_warned_until_trusted(server, connect, keys, home):
+    seed_key(home("alice"), server.port, "alice", keys(0))
+    alice = PipedClient(server.port, "alice", home("alice"))
+    try:
+        alice.write(PASSWORD + "\n")
+        alice.expect("^logged in as alice")
+        bob = wire_login(connect, "bob", keys(1))
+        bob.pm("alice", "one")
+        alice.expect(f"^{CLOCK} bob -> you \\(private\\): one$")
+        bob.exit()
+        bob = wire_login(connect, "bob", keys(2))  # bob comes back with another key
+        bob.pm("alice", "two")
+        alice.expect(f"bob's key has CHANGED: remembered {re.escape(keys(1).fingerprint)}, "
+                     f"now {re.escape(keys(2).fingerprint)}.*message held until then")
+        alice.write("PM bob are you really bob?\n")
+        alice.expect("CHANGED.*message not sent")
+        alice.expect("^cancelled$")
+        alice.write("KEYS bob\n")
+        alice.expect(f"^bob now presents {re.escape(keys(2).fingerprint)}")
+        alice.write("TRUST bob\n")
+        alice.expect(f"^now trusting bob's key {re.escape(keys(2).fingerprint)}$")
+        alice.expect(f"^{CLOCK} bob -> you \\(private\\): two$")
+        alice.write("PM bob welcome back\n")
+        alice.expect("^sent privately to bob$")
+        assert keys(2).open(bob.wait_data("PM")["ciphertext"]) == b"welcome back"
+        alice.close_input()
+        assert alice.wait() == 0
+        assert "are you really" not in alice.output.decode()
+    finally:
+        alice.close()
+
+
+def test_key_is_generated_once_kept_encrypted_and_a_lost_key_means_unreadable(server, connect, keys, home):
+    carol_home = home("carol")
+    wire_login(connect, "bob", keys(1))
+    first = run_script(server.port, "carol", carol_home, f"{PASSWORD}\nEX\n")
+    assert first.returncode == 0, first.stderr
+    assert "generating your key..." in first.stdout
+    store = ClientStore(str(carol_home / "chatroom"))
+    server_name = f"127.0.0.1:{server.port}"
+    for path in store.key_files(server_name, "carol"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with open(store.key_files(server_name, "carol")[0], "rb") as fh:
+        assert b"BEGIN ENCRYPTED PRIVATE KEY" in fh.read()
+    [(_, _, fingerprint)] = store.own_keys()
+    assert f"your key fingerprint is {fingerprint}" in first.stdout
+
+    second = run_script(server.port, "carol", carol_home, f"{PASSWORD}\nPM bob kept secret\nKEYS\nEX\n")
+    assert second.returncode == 0, second.stderr
+    assert "generating" not in second.stdout
+    assert f"your key (carol at {server_name}): {fingerprint}" in second.stdout
+
+    for path in store.key_files(server_name, "carol"):
+        os.remove(path)
+    third = run_script(server.port, "carol", carol_home, f"{PASSWORD}\nCH\nEX\n")
+    assert third.returncode == 0, third.stderr
+    assert "generating your key..." in third.stdout
+    assert re.search(r"\] PM carol -> bob: \(unreadable: sealed for another key\)$", third.stdout, re.M)
+
+
+def test_piped_wrong_password_exits_1(server, connect, keys, home):
+    wire_login(connect, "alice", keys(0)).exit()
+    result = run_script(server.port, "alice", home("alice"), "not-the-password\nBM hi\nEX\n")
+    assert result.returncode == 1
+    assert result.stderr == "chatclient: wrong password\n"
+
+
+def test_bye_replaced_is_one_line_and_exit_1(server, connect, keys, home):
+    seed_key(home("alice"), server.port, "alice", keys(0))
+    alice = PipedClient(server.port, "alice", home("alice"))
+    try:
+        alice.write(PASSWORD + "\n")
+        alice.expect("^logged in as alice")
+        wire_login(connect, "alice", keys(0))  # the same account logs in elsewhere
+        assert alice.wait() == 1
+        assert alice.output.decode().splitlines()[-1] == \
+            "chatclient: the server closed the connection: you logged in somewhere else (replaced)"
+    finally:
+        alice.close()
