@@ -296,7 +296,8 @@ class Session:
         while True:
             password = yield from self.read_password(new_user)
             if password is None:
-                raise ClientExit("login cancelled")
+                raise ClientExit("login cancelled" if self.interactive else
+                                 "no password on standard input (its first line is the password)")
             sealed = server_key.seal(nonce + password.encode("utf-8")).decode("ascii")
             reply = yield from self.request({"op": "PASSWORD", "ciphertext": sealed})
             if reply.get("ok"):
@@ -1135,7 +1136,8 @@ def _username(text: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; exits with status 2 and a usage line when it is wrong."""
     parser = argparse.ArgumentParser(
-        prog="chatclient.py", description="Chat room client (type HELP after logging in).")
+        prog="chatclient.py", description="Chat room client (type HELP after logging in).",
+        usage="%(prog)s [-h] [--fingerprint] [--debug-log FILE] HOST PORT USERNAME")
     parser.add_argument("host", nargs="?", metavar="HOST", help="server name or address")
     parser.add_argument("port", nargs="?", type=_port, metavar="PORT", help="server port")
     parser.add_argument("username", nargs="?", type=_username, metavar="USERNAME")

@@ -418,6 +418,25 @@ def test_terminal_mode_is_restored(way, status, server, keys, home, tmp_path):
         client.close()
 
 
+def test_resize_redraws_the_line_to_the_new_width(server, keys, home, ptys):
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    alice.type("BM " + "0123456789" * 8 + "END")
+    alice.wait_until(lambda: alice.cursor_row().endswith("END"), "the long line")
+    fcntl.ioctl(alice.slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, 40, 0, 0))
+    alice.screen.resize(ROWS, 40)
+    alice.proc.send_signal(signal.SIGWINCH)  # no controlling terminal here, so the kernel would not
+    alice.wait_until(lambda: alice.cursor_row().endswith("END") and len(alice.cursor_row()) < 40
+                     and alice.screen.cursor.x == len(alice.cursor_row()), "the line redrawn in 40 columns")
+    alice.type("\r")
+    alice.wait_for("sent (nobody else is online)")
+
+
+def test_no_password_on_stdin(server, home):
+    result = run_script(server.port, "alice", home("alice"), "")
+    assert result.returncode == 1
+    assert result.stderr == "chatclient: no password on standard input (its first line is the password)\n"
+
+
 # --- server keys -------------------------------------------------------------------------------
 
 def test_changed_server_key_stops_before_the_password(make_server, keys, home, tmp_path):
