@@ -9,8 +9,10 @@ of decoded requests not yet handed to the session logic, and a write queue;
 (``state.Room``) answers each event with effects, which ``apply`` carries out:
 bytes queued to connections, store requests handed to the store, password
 checks handed to the worker pool. The one piece of work off the loop thread
-is a password check (RSA decryption and scrypt): a small thread pool does it
-and wakes the loop through a socketpair, as Node.js does with its pool.
+is a password check (RSA decryption and scrypt): a small pool of worker
+processes does it (processes, so that the RSA arithmetic, which holds the GIL,
+cannot stall the loop) and the result wakes the loop through a socketpair, as
+Node.js does with its thread pool.
 
 One loop pass: read what is ready, hand requests to the sessions, let the
 store write the pass's history appends together (group commit) and complete
@@ -28,6 +30,7 @@ import argparse
 import collections
 import itertools
 import logging
+import multiprocessing
 import os
 import resource
 import selectors
@@ -35,7 +38,7 @@ import signal
 import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 
 import framing
 import passwords
@@ -50,6 +53,10 @@ DEFAULT_SEND_QUEUE = 1 << 20   # 1 MiB, InspIRCd's hard send queue
 FLUSH_GRACE = 5.0          # seconds a closing connection gets to take its last bytes
 SHUTDOWN_GRACE = 3.0       # seconds the whole server waits for BYEs to drain on exit
 HASH_WORKERS = 2
+# A login storm must not slow the people already chatting: hashing threads run
+# at a lower priority, so on a busy machine the loop thread goes first.
+WORKER_NICENESS = 10
+GIL_SWITCH_INTERVAL = 0.0002   # seconds (CPython's default is 0.005)
 
 _LISTENER = object()
 _WAKER = object()
@@ -106,7 +113,9 @@ class ChatServer:
         self.cut_off: list[Connection] = []
         self.broadcasts: list[state.DeliverAll] = []   # this pass's, not yet queued
         self.cids = itertools.count(1)
-        self.pool = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="hash")
+        self.pool = ProcessPoolExecutor(
+            HASH_WORKERS, mp_context=multiprocessing.get_context("forkserver"),
+            initializer=passwords.init_worker, initargs=(self.keys.to_pem(), args.scrypt_n, WORKER_NICENESS))
         self.done_jobs: collections.deque = collections.deque()
         self.stopping = False
         self.waker_r, self.waker_w = socket.socketpair()
@@ -136,6 +145,9 @@ class ChatServer:
 
     # --- the loop ----------------------------------------------------------------
     def serve(self) -> None:
+        # A worker holding the GIL in Python code (RSA) would make the loop wait up to
+        # the switch interval after every system call; a short interval keeps it lively.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         signal.set_wakeup_fd(self.waker_w.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
@@ -452,7 +464,7 @@ class ChatServer:
                     del self.online[effect.user]
                     log.info("%r is offline (connection %d)", effect.user, effect.cid)
             elif kind is state.CheckPassword:
-                self.pool.submit(self._check_password, effect)
+                self.pool.submit(passwords.run_job, effect).add_done_callback(self._job_done)
             else:
                 self.store.submit(effect)
 
@@ -481,15 +493,14 @@ class ChatServer:
             else:
                 queue(conn, whole)
 
-    def _check_password(self, job: state.CheckPassword) -> None:
-        """Runs in a worker thread; the result re-enters the loop through the waker."""
+    def _job_done(self, future) -> None:
+        """Runs in the pool's thread; the result re-enters the loop through the waker."""
         try:
-            result = passwords.check_login(self.keys, job.sealed, job.nonce, job.username, job.account,
-                                           self.args.scrypt_n, job.may_register)
+            cid, result = future.result()
         except Exception:  # never lose the completion: the session would wait forever
             log.exception("password check failed")
-            result = passwords.LoginResult("bad_request", "the password could not be checked")
-        self.done_jobs.append((job.cid, result))
+            return
+        self.done_jobs.append((cid, result))
         try:
             self.waker_w.send(b"\0")
         except (BlockingIOError, InterruptedError):

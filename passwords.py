@@ -147,3 +147,30 @@ def check_login(server_keys: pg3lib.KeyPair, sealed: str, nonce: bytes, username
     if verify(account, password):
         return LoginResult("ok", account=account)
     return LoginResult("wrong_password", "wrong password")
+
+
+# --- the worker process ---------------------------------------------------------------
+
+_worker_keys: pg3lib.KeyPair | None = None
+_worker_scrypt_n = DEFAULT_SCRYPT_N
+
+
+def init_worker(server_pem: bytes, scrypt_n: int, niceness: int) -> None:
+    """Set up a password worker process: the server key, the scrypt cost, a lower priority."""
+    global _worker_keys, _worker_scrypt_n
+    _worker_keys = pg3lib.KeyPair.from_pem(server_pem)
+    _worker_scrypt_n = scrypt_n
+    try:
+        os.nice(niceness)   # the event loop goes first when the machine is busy
+    except OSError:
+        pass
+
+
+def run_job(job) -> tuple:
+    """One PASSWORD check in a worker process: ``(cid, LoginResult)``; never raises."""
+    try:
+        result = check_login(_worker_keys, job.sealed, job.nonce, job.username, job.account,
+                             _worker_scrypt_n, job.may_register)
+    except Exception as exc:  # the session must get an answer, whatever happened
+        result = LoginResult("bad_request", f"the password could not be checked ({type(exc).__name__})")
+    return job.cid, result

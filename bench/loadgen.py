@@ -983,6 +983,66 @@ def run_hold(bench: Bench, a: argparse.Namespace, res: dict) -> None:
         }
 
 
+class StormProcess:
+    """Log users in from a forked child process, so the sealing of 200 passwords at once
+    (about 0.3 ms each) does not stall the loop that measures the round trips."""
+
+    def __init__(self, bench: Bench, count: int) -> None:
+        self.count = count
+        self.read_fd, write_fd = os.pipe()
+        self.report = b""
+        self.eof = False
+        self.pid = os.fork()
+        if self.pid == 0:   # the child: its own loop, its own users; stays online until told
+            os.close(self.read_fd)
+            code = 0
+            try:
+                child = Bench(bench.args, bench.targets, ServerStats([]), None, bench.keys)
+                child.tag = bench.tag + "s"
+                child.login_window = count
+                users = child.make_users(count)
+                for u in users:
+                    u.after = (None, None, None, False)
+                try:
+                    child.login(users, "storm users")
+                except BenchError:
+                    code = 1
+                os.write(write_fd, json.dumps([child.logged_in, child.login_failed, child.login_ns]).encode()
+                         + b"\n")
+                time.sleep(30.0)   # keep the users online while the parent measures
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        os.set_blocking(self.read_fd, False)
+
+    def _read(self) -> None:
+        while not self.eof:
+            try:
+                chunk = os.read(self.read_fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.eof = True
+            self.report += chunk
+
+    def finished(self) -> bool:
+        self._read()
+        return self.report.endswith(b"\n") or self.eof
+
+    def progress(self) -> int:
+        return self.count if self.finished() else 0
+
+    def result(self) -> tuple:
+        """(logged in, failed, login times in ns); ends the child."""
+        os.kill(self.pid, signal.SIGTERM)
+        os.waitpid(self.pid, 0)
+        os.close(self.read_fd)
+        if not self.report.endswith(b"\n"):
+            raise BenchError("the storm process ended without a report")
+        logged, failed, times = json.loads(self.report)
+        return logged, failed, times
+
+
 def run_storm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
     """BM round trips among base users, before and during a storm of new logins."""
     b, s_count = a.base, a.senders
@@ -1061,19 +1121,12 @@ def run_storm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
     base_fig.pop("_cpu")
 
     bench.phase = "login storm"
-    stormers = bench.make_users(a.storm)
-    for u in stormers:
-        u.after = (None, None, None, True)
-    bench.note(f"storm: {a.storm} new users log in at once")
+    bench.note(f"storm: {a.storm} new users log in at once (from a second process, as other people would)")
     storm_start = bench.mark()
     storm_t0 = now_ns()
-    bench.login_window = max(bench.login_window, a.storm)
-    ok0, failed0 = bench.logged_in, bench.login_failed
-    n_login = len(bench.login_ns)
-    bench.queue_logins(stormers)
-    bench.wait(lambda: bench.logged_in - ok0 + bench.login_failed - failed0 >= a.storm,
-               lambda: (len(done), bench.logged_in, bench.login_failed),
-               lambda: f"{bench.logged_in - ok0}/{a.storm} logged in, {len(done)} samples", tick=pump, poll_s=0.005)
+    storm = StormProcess(bench, a.storm)
+    bench.wait(storm.finished, lambda: (len(done), storm.progress()),
+               lambda: f"{storm.progress()}/{a.storm} logged in, {len(done)} samples", tick=pump, poll_s=0.005)
     storm_t1 = now_ns()
     storm_fig = bench.figures(storm_start)
     storm_fig.pop("_cpu")
@@ -1086,13 +1139,13 @@ def run_storm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
     before = [rtt for t0, rtt in done if base_t0 <= t0 < storm_t0]
     during = [rtt for t0, rtt in done if storm_t0 <= t0 <= storm_t1]
     sb, sd = lat_summary(before), lat_summary(during)
-    logged = bench.logged_in - ok0
+    logged, failed_storm, storm_login_ns = storm.result()
     res["storm"] = {
         "base_users": b, "senders": s_count, "interval_s": a.interval, "storm_logins": a.storm,
-        "scrypt_n": a.scrypt_n_used, "storm_logged_in": logged, "storm_failed": bench.login_failed - failed0,
+        "scrypt_n": a.scrypt_n_used, "storm_logged_in": logged, "storm_failed": failed_storm,
         "storm_seconds": round(storm_seconds, 3),
         "storm_logins_per_s": round(logged / storm_seconds, 1) if storm_seconds else None,
-        "storm_login_time": lat_summary(bench.login_ns[n_login:]),
+        "storm_login_time": lat_summary(storm_login_ns),
         "bm_round_trip_before": sb, "bm_round_trip_during": sd,
         "p99_ratio": round(sd["p99_ms"] / sb["p99_ms"], 2) if sb["p99_ms"] and sd["p99_ms"] else None,
         "p50_ratio": round(sd["p50_ms"] / sb["p50_ms"], 2) if sb["p50_ms"] and sd["p50_ms"] else None,
@@ -1102,7 +1155,7 @@ def run_storm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
                 "counted by their send time; the storm's users are new accounts (scrypt at the server's cost)",
     }
     if logged < a.storm:
-        raise BenchError(f"only {logged} of {a.storm} storm users logged in; failures: {dict(bench.failures)}")
+        raise BenchError(f"only {logged} of {a.storm} storm users logged in")
     if not before or not during:
         raise BenchError("no BM round trips measured before or during the storm")
 
