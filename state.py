@@ -47,6 +47,9 @@ from passwords import Account, LoginResult
 
 MAX_TEXT_CHARS = 4096
 MAX_ATTEMPTS = 3
+# Replies one connection may have waiting on the store; past it, its further
+# requests wait (memory per connection stays bounded however much it pipelines).
+MAX_PIPELINE = 64
 REGISTRATION_WINDOW = 3600.0     # --register-rate counts over a sliding hour
 FAILURE_MEMORY = 3600.0          # an hour without failures forgets an account's failed logins
 USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
@@ -131,6 +134,7 @@ class CheckPassword(NamedTuple):
 
 
 STORE_REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory)
+REQUESTS = frozenset((*STORE_REQUESTS, CheckPassword))   # effects that are answered by completed()
 
 
 # --- frames -------------------------------------------------------------------
@@ -225,20 +229,28 @@ def _text_problem(text: object) -> str | None:
 # --- sessions -------------------------------------------------------------------
 
 class Slot:
-    """A place in a connection's reply order: pending (a continuation) or filled (effects)."""
+    """A place in a connection's reply order: pending (a continuation) or filled (effects).
 
-    __slots__ = ("continuation", "effects")
+    A *barrier* slot (a login step) makes the session busy until it is filled;
+    a *held* one has not sent its request yet (a password attempt waiting out
+    the failed-login delay). Pending slots are answered in the order their
+    requests were made, which is the order the store completes them.
+    """
 
-    def __init__(self, continuation: Callable | None, effects: list | None = None) -> None:
+    __slots__ = ("barrier", "continuation", "effects", "held")
+
+    def __init__(self, continuation: Callable | None, effects: list | None = None, barrier: bool = False) -> None:
         self.continuation = continuation
         self.effects = effects
+        self.barrier = barrier
+        self.held = False
 
 
 class Session:
     """One connection's protocol state."""
 
     __slots__ = ("cid", "address", "state", "username", "key", "account", "nonce", "attempts_left",
-                 "public_key", "target", "waiting", "deadline", "sealed", "registering", "slots")
+                 "public_key", "target", "barriers", "deadline", "sealed", "registering", "slots")
 
     def __init__(self, cid: int, address: str) -> None:
         self.cid = cid
@@ -251,15 +263,12 @@ class Session:
         self.attempts_left = MAX_ATTEMPTS
         self.public_key: pg3lib.PublicKey | None = None
         self.target: Session | None = None
-        self.waiting: Callable | None = None   # continuation of a pending login step (busy)
-        self.slots: collections.deque = collections.deque()   # replies waiting on the store, in order
+        self.slots: collections.deque = collections.deque()   # places in the reply order, oldest first
+        self.barriers = 0            # pending barrier slots (login steps): busy while > 0
         self.deadline = 0.0
         self.sealed = ""             # the PASSWORD ciphertext while it is being checked
         self.registering = False     # holds one of its address's registration slots
 
-    @property
-    def busy(self) -> bool:
-        return self.waiting is not None
 
 
 Effects = list
@@ -301,8 +310,9 @@ class Room:
         return []
 
     def busy(self, cid: int) -> bool:
+        """True while the shell must hold this connection's next request back."""
         session = self.sessions.get(cid)
-        return session is not None and session.waiting is not None
+        return session is not None and (session.barriers > 0 or len(session.slots) >= MAX_PIPELINE)
 
     def receive(self, cid: int, frame: framing.Frame) -> Effects:
         """One request from a connection that is not busy."""
@@ -310,7 +320,7 @@ class Room:
         out: Effects = []
         if session is None or session.state is State.CLOSED:
             return out
-        assert session.waiting is None, "the shell must not feed a busy session"
+        assert session.barriers == 0, "the shell must not feed a busy session"
         op = frame.body["op"]
         if frame.kind != framing.KIND_COMMAND:
             self._reply(session, fail(op, "bad_request", "clients send command (C) frames only"), out)
@@ -328,19 +338,21 @@ class Room:
         session = self.sessions.get(cid)
         if session is None:
             return out
-        if session.waiting is not None:
-            continuation, session.waiting = session.waiting, None
-            continuation(session, result, out)
-        else:
-            slots = session.slots
-            slot = next((slot for slot in slots if slot.effects is None), None)
-            if slot is None:
-                return out
-            slot.effects = []
-            slot.continuation(session, result, slot.effects)
-            while slots and slots[0].effects is not None:
-                out.extend(slots.popleft().effects)
-        if session.state is State.CLOSED and session.waiting is None and not session.slots:
+        slots = session.slots
+        slot = next((slot for slot in slots if slot.effects is None and not slot.held), None)
+        if slot is None:
+            return out
+        if slot.barrier:
+            session.barriers -= 1
+        slot.effects = []   # filled: what the continuation emits through _emit queues behind it
+        produced: Effects = []
+        slot.continuation(session, result, produced)
+        for effect in produced:
+            # Requests go out now, so requests are made in the order of their slots.
+            (out if type(effect) in REQUESTS else slot.effects).append(effect)
+        while slots and slots[0].effects is not None:
+            out.extend(slots.popleft().effects)
+        if session.state is State.CLOSED and not slots:
             self.sessions.pop(cid, None)
         return out
 
@@ -351,7 +363,10 @@ class Room:
         if session is None:
             return out
         self._end(session, out)
-        if session.waiting is None and not session.slots:
+        for slot in [slot for slot in session.slots if slot.held]:   # never asked for: nothing will answer
+            session.slots.remove(slot)
+            session.barriers -= 1
+        if not session.slots:
             del self.sessions[cid]
         return out
 
@@ -373,14 +388,16 @@ class Room:
         while self._held and self._held[0][0] <= now:
             _, cid = heapq.heappop(self._held)
             session = self.sessions.get(cid)
-            if session is not None and session.state is State.AWAIT_PASSWORD and session.sealed:
+            held = [slot for slot in session.slots if slot.held] if session is not None else []
+            if held and session.state is State.AWAIT_PASSWORD:
+                held[0].held = False
                 out.append(self._password_job(session))
         while self._deadlines and self._deadlines[0][0] <= now:
             deadline, cid = heapq.heappop(self._deadlines)
             session = self.sessions.get(cid)
             if session is None or session.deadline != deadline or session.state not in LOGIN_STATES:
                 continue
-            if session.waiting is not None:
+            if session.barriers:
                 # A password being checked: look again when it has been answered.
                 session.deadline = now + 1.0
                 heapq.heappush(self._deadlines, (session.deadline, cid))
@@ -402,10 +419,14 @@ class Room:
             heapq.heappush(self._deadlines, (session.deadline, cid))
 
     # --- shared steps ------------------------------------------------------------
-    def _wait(self, session: Session, continuation: Callable, request, out: Effects) -> None:
+    def _wait(self, session: Session, continuation: Callable, request, out: Effects) -> Slot:
         """Ask for request; the session is busy until continuation has the answer."""
-        session.waiting = continuation
-        out.append(request)
+        slot = Slot(continuation, barrier=True)
+        session.slots.append(slot)
+        session.barriers += 1
+        if request is not None:
+            out.append(request)
+        return slot
 
     def _defer(self, session: Session, continuation: Callable, request, out: Effects) -> None:
         """Ask for request; the reply takes its place in order, later requests go on."""
@@ -492,7 +513,7 @@ class Room:
                                   out)
             return
         session.sealed = sealed
-        session.waiting = self._password_checked
+        slot = self._wait(session, self._password_checked, None, out)
         if session.account is None:
             self._reserve_registration(session)
         else:
@@ -501,6 +522,7 @@ class Room:
             if until > now:
                 # Held, not refused: checked with every other attempt on this account
                 # when the delay ends, and the login clock stops meanwhile.
+                slot.held = True
                 heapq.heappush(self._held, (until, session.cid))
                 self.extend_deadline(session.cid, until - now)
                 return
@@ -653,14 +675,15 @@ class Room:
         if limit is not None and (type(limit) is not int or limit < 1):
             self._reply(session, fail("CH", "bad_request", "'limit' must be a positive integer"), out)
             return
-        self._defer(session, lambda s, lines, o: self._history_read(s, lines, limit, o),
-                    ReadHistory(session.cid, session.username), out)
+        # A barrier, not a slot: a history is read whole, so one read at a time per connection.
+        self._wait(session, lambda s, lines, o: self._history_read(s, lines, limit, o),
+                   ReadHistory(session.cid, session.username), out)
 
     def _history_read(self, session: Session, lines: list, limit: int | None, out: Effects) -> None:
         if limit is not None:
             lines = lines[-limit:]
         for page in history_pages(lines, self.frame_limit):
-            out.append(Send(session.cid, page))
+            self._reply(session, page, out)
 
     def _ex(self, session: Session, body: dict, out: Effects) -> None:
         self._reply(session, ok("EX"), out)

@@ -10,7 +10,9 @@ from the session logic, runs appends as a group at the end of a loop pass
 completions. A Redis store can take its place with the same two methods.
 
 Torn tails: a line is complete with its newline. On reading, a last line with
-no newline (a crash mid-write) is dropped with a warning. A corrupt line in the
+no newline (a crash mid-write) is dropped with a warning, and before the next
+append to that file it is cut off, so it can neither join the next line nor
+come back complete: a torn line was never acknowledged. A corrupt line in the
 middle of the accounts file is fatal at start (accounts are never dropped
 silently); in a history file it is skipped with a warning.
 """
@@ -48,6 +50,28 @@ def complete_lines(data: bytes, name: str) -> list[tuple[int, bytes]]:
     return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
 
 
+def cut_torn_tail(fd: int, name: str) -> None:
+    """Truncate a file after its last newline (drop a torn last line), if it has one.
+
+    Raises:
+        OSError: the file cannot be read or truncated.
+    """
+    size = os.fstat(fd).st_size
+    if not size or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        block = os.pread(fd, end - start, start)
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
+        end = start
+    log.warning("%s: cutting a torn last line (%d bytes)", name, size - end)
+    os.ftruncate(fd, end)
+
+
 class AccountStore:
     """Accounts by lower-case name, loaded at start, appended durably."""
 
@@ -56,15 +80,12 @@ class AccountStore:
         self._accounts: dict[str, Account] = {}
         self._load()
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            cut_torn_tail(self._fd, path)
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror}") from None
-        if self._torn:
-            # End the torn fragment so the next record starts on its own line.
-            os.write(self._fd, b"\n")
 
     def _load(self) -> None:
-        self._torn = False
         try:
             with open(self.path, "rb") as fh:
                 data = fh.read()
@@ -72,7 +93,6 @@ class AccountStore:
             return
         except OSError as exc:
             raise StorageError(f"cannot read {self.path}: {exc.strerror}") from None
-        self._torn = bool(data) and not data.endswith(b"\n")
         for number, line in complete_lines(data, self.path):
             try:
                 account = Account.from_json(line.decode("utf-8"))
@@ -95,11 +115,17 @@ class AccountStore:
         if account.key in self._accounts:
             return False
         line = (account.to_json() + "\n").encode("utf-8")
-        written = os.write(self._fd, line)
-        if written != len(line):
-            os.write(self._fd, b"\n")  # end the partial line; it is dropped on load
-            raise OSError("short write to the accounts file")
-        os.fsync(self._fd)
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):
+                raise OSError("short write to the accounts file")
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                cut_torn_tail(self._fd, self.path)
+            except OSError:
+                pass   # cut on the next start
+            raise
         self._accounts[account.key] = account
         return True
 
@@ -128,9 +154,7 @@ class HistoryLog:
             return fd
         fd = os.open(self.path(username), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         self._open[username] = fd
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            self._maybe_torn.add(username)   # a crash tore the last line: start on a new one
+        self._maybe_torn.add(username)   # a crash may have torn the last line: look before writing
         if len(self._open) > self.max_open:
             _, old = self._open.popitem(last=False)
             os.close(old)
@@ -145,7 +169,7 @@ class HistoryLog:
         try:
             fd = self._fd(username)
             if username in self._maybe_torn:
-                data = b"\n" + data  # close a fragment left by an earlier failed write
+                cut_torn_tail(fd, self.path(username))
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
