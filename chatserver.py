@@ -52,6 +52,7 @@ LISTEN_BACKLOG = 1024
 DEFAULT_SEND_QUEUE = 1 << 20   # 1 MiB, InspIRCd's hard send queue
 FLUSH_GRACE = 5.0          # seconds a closing connection gets to take its last bytes
 SHUTDOWN_GRACE = 3.0       # seconds the whole server waits for BYEs to drain on exit
+LINGER = 2.0               # seconds a closed-for-writing connection waits for the peer's close
 HASH_WORKERS = 2
 # A login storm must not slow the people already chatting: hashing threads run
 # at a lower priority, so on a busy machine the loop thread goes first.
@@ -66,7 +67,8 @@ class Connection:
     """One client socket and its buffers."""
 
     __slots__ = ("cid", "sock", "fd", "address", "decoder", "pending", "out", "head", "out_size", "events",
-                 "closing", "closed", "fatal", "refused", "close_by", "user", "tokens", "tokens_at")
+                 "closing", "closed", "fatal", "refused", "close_by", "lingering", "user", "tokens", "tokens_at",
+                 "seen")
 
     def __init__(self, cid: int, sock: socket.socket, address: str, frame_limit: int, burst: float) -> None:
         self.cid = cid
@@ -85,6 +87,8 @@ class Connection:
         self.refused = False      # a framing error: nothing more is read
         self.close_by = 0.0
         self.user = ""
+        self.seen = (0, 0)        # (broadcast run, how many of its frames this connection has been given)
+        self.lingering = False    # flushed and shut for writing; reading until the peer closes
         self.tokens = burst
         self.tokens_at = 0.0
 
@@ -111,7 +115,8 @@ class ChatServer:
         self.throttled: set[Connection] = set()
         self.closing: set[Connection] = set()
         self.cut_off: list[Connection] = []
-        self.broadcasts: list[state.DeliverAll] = []   # this pass's, not yet queued
+        self.broadcasts: list[state.DeliverAll] = []   # this pass's, not yet queued to everyone
+        self.broadcast_run = 1                           # numbers each such run (Connection.seen)
         self.cids = itertools.count(1)
         self.pool = ProcessPoolExecutor(
             HASH_WORKERS, mp_context=multiprocessing.get_context("forkserver"),
@@ -269,9 +274,10 @@ class ChatServer:
             return
         except OSError:
             data = b""
-        if not data:
-            self._abort(conn)
-            return
+        if not data or conn.lingering:
+            if not data:
+                self._abort(conn)
+            return   # a lingering connection's input is read only to be dropped
         try:
             frames = conn.decoder.feed(data)
         except framing.ProtocolError as exc:
@@ -298,6 +304,8 @@ class ChatServer:
                     self._refill(conn)
                     if conn.tokens < 1.0:
                         self.throttled.add(conn)
+                        # Waiting in the penalty does not count against the login deadline.
+                        room.extend_deadline(cid, self._token_time(conn) - time.time())
                         break
                 conn.tokens -= 1.0
             self.apply(room.receive(cid, pending.popleft()))
@@ -393,7 +401,7 @@ class ChatServer:
             conn.head = 0
             conn.out_size = 0
         if conn.closing:
-            self._abort(conn)
+            self._linger(conn)
         else:
             self._set_events(conn, conn.events & ~selectors.EVENT_WRITE)
 
@@ -405,7 +413,25 @@ class ChatServer:
         self.closing.add(conn)
         self._set_events(conn, conn.events & ~selectors.EVENT_READ)
         if not conn.out:
+            self._linger(conn)
+
+    def _linger(self, conn: Connection) -> None:
+        """Everything is sent: shut the write side and drop input until the peer closes.
+
+        Closing a socket with unread input makes the kernel send RST, which can
+        destroy the BYE or ERROR still unread at the peer; so we wait for its
+        end of the connection, briefly.
+        """
+        if conn.lingering or conn.closed:
+            return
+        conn.lingering = True
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
             self._abort(conn)
+            return
+        conn.close_by = min(conn.close_by, time.time() + LINGER)
+        self._set_events(conn, selectors.EVENT_READ)
 
     def _abort(self, conn: Connection) -> None:
         """Close now and tell the session logic."""
@@ -433,32 +459,31 @@ class ChatServer:
             if kind is state.Send:
                 conn = self.conns.get(effect.cid)
                 if conn is not None:
+                    if self.broadcasts and conn.user:
+                        self._catch_up(conn)   # broadcasts made before this reply come before it
                     self._queue(conn, effect.data)
             elif kind is state.DeliverAll:
                 self.broadcasts.append(effect)
             elif kind is state.Deliver:
-                if self.broadcasts:
-                    self._deliver_broadcasts()   # keep every recipient's data frames in order
-                online, data, queue = self.online, effect.data, self._queue
+                online, data, queue, pending = self.online, effect.data, self._queue, self.broadcasts
                 for user in effect.users:
                     conn = online.get(user)
                     if conn is not None:
+                        if pending:
+                            self._catch_up(conn)   # keep every recipient's data frames in order
                         queue(conn, data)
             elif kind is state.Close:
                 conn = self.conns.get(effect.cid)
                 if conn is not None:
                     self._close_when_flushed(conn)
             elif kind is state.Online:
-                if self.broadcasts:
-                    self._deliver_broadcasts()   # the newcomer gets nothing sent before it came
                 conn = self.conns.get(effect.cid)
                 if conn is not None:
+                    conn.seen = (self.broadcast_run, len(self.broadcasts))   # nothing from before it came
                     conn.user = effect.user
                     self.online[effect.user] = conn
                     log.info("%r is online (connection %d)", effect.user, effect.cid)
             elif kind is state.Offline:
-                if self.broadcasts:
-                    self._deliver_broadcasts()
                 conn = self.online.get(effect.user)
                 if conn is not None and conn.cid == effect.cid:
                     del self.online[effect.user]
@@ -472,26 +497,37 @@ class ChatServer:
         """Queue the pass's broadcasts: one chunk for each online user, built once for nearly all.
 
         A run of DeliverAll effects (BMs to everyone else, presence) reaches every
-        online user except each effect's own sender, so all but the few senders
-        get the same bytes: they are joined once and shared.
+        online user except each effect's own sender, so all but the few senders,
+        and those already given part of the run (``_catch_up``), get the same bytes:
+        they are joined once and shared.
         """
         run, self.broadcasts = self.broadcasts, []
+        generation = self.broadcast_run
+        self.broadcast_run += 1
         queue = self._queue
-        if len(run) == 1:
-            data, exclude = run[0]
-            for user, conn in self.online.items():
-                if user != exclude:
-                    queue(conn, data)
-            return
-        whole = b"".join(effect.data for effect in run)
+        whole = run[0].data if len(run) == 1 else b"".join(effect.data for effect in run)
         senders = {effect.exclude for effect in run}
         for user, conn in self.online.items():
-            if user in senders:
-                mine = b"".join(effect.data for effect in run if effect.exclude != user)
+            start = conn.seen[1] if conn.seen[0] == generation else 0
+            if start == 0 and user not in senders:
+                queue(conn, whole)
+            else:
+                mine = b"".join(effect.data for effect in run[start:] if effect.exclude != user)
                 if mine:
                     queue(conn, mine)
-            else:
-                queue(conn, whole)
+
+    def _catch_up(self, conn: Connection) -> None:
+        """Give one connection the part of this pass's broadcasts it has not had yet."""
+        if self.online.get(conn.user) is not conn:
+            return
+        run = self.broadcasts
+        start = conn.seen[1] if conn.seen[0] == self.broadcast_run else 0
+        if start < len(run):
+            user = conn.user
+            mine = b"".join(effect.data for effect in run[start:] if effect.exclude != user)
+            conn.seen = (self.broadcast_run, len(run))
+            if mine:
+                self._queue(conn, mine)
 
     def _job_done(self, future) -> None:
         """Runs in the pool's thread; the result re-enters the loop through the waker."""
@@ -526,10 +562,13 @@ class ChatServer:
         deadline = time.time() + SHUTDOWN_GRACE
         for conn in list(self.conns.values()):
             self._flush(conn)
-        while self.conns and time.time() < deadline:
+        while any(not c.lingering for c in self.conns.values()) and time.time() < deadline:
             for key, mask in self.sel.select(max(0.0, deadline - time.time())):
-                if isinstance(key.data, Connection) and mask & selectors.EVENT_WRITE:
-                    self._flush(key.data)
+                if isinstance(key.data, Connection):
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush(key.data)
+                    if mask & selectors.EVENT_READ and not key.data.closed:
+                        self._read(key.data)
                 elif key.data is _WAKER:
                     self._drain_waker()
         for conn in list(self.conns.values()):

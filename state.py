@@ -113,9 +113,12 @@ class AppendHistory(NamedTuple):
     ``entries`` is a list of ``(owners, line)``; a BM's owners are the room's
     online snapshot, the same tuple for every message until someone comes or
     goes, so the store can write a pass's broadcasts as one chunk per file.
+    The sender's file is written first; if that fails the message is stored
+    for nobody (the sender is told ``internal`` and may send it again).
     """
     cid: int
     entries: list
+    sender: str   # whose file decides: if it cannot be written, nobody's is
 
 
 class ReadHistory(NamedTuple):
@@ -709,7 +712,7 @@ class Room:
         frame = framing.data({"op": "BM", "from": session.username, "text": text, "ts": ts})
         version = self.online_version
         self._defer(session, lambda s, failed, o: self._bm_stored(s, owners, version, frame, failed, o),
-                    AppendHistory(session.cid, [(owners, line)]), out)
+                    AppendHistory(session.cid, [(owners, line)], session.username), out)
 
     def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, failed: set,
                    out: Effects) -> None:
@@ -778,7 +781,7 @@ class Room:
         session.state = State.READY
         session.target = None
         self._defer(session, lambda s, failed, o: self._pm_stored(s, target, frame, failed, o),
-                    AppendHistory(session.cid, lines), out)
+                    AppendHistory(session.cid, lines, session.username), out)
 
     def _pm_stored(self, session: Session, target: Session, frame: bytes, failed: set, out: Effects) -> None:
         if session.username in failed:

@@ -264,12 +264,13 @@ class FileStore:
         """Take one store request (state.py: LoadAccount, CreateAccount, AppendHistory, ReadHistory)."""
         kind = type(request).__name__
         if kind == "AppendHistory":
-            runs = self._runs
+            runs, sender = self._runs, request.sender
             for owners, line in request.entries:
                 if runs and runs[-1][0] is owners:
                     runs[-1][1].append(line)
+                    runs[-1][2].append(sender)
                 else:
-                    runs.append([owners, [line]])
+                    runs.append([owners, [line], [sender]])
             self._queue.append([request.cid, None, request])
             return
         if kind == "LoadAccount":
@@ -294,7 +295,7 @@ class FileStore:
 
     def _read(self, username: str) -> list[str]:
         lines = self.history.read(username)
-        for owners, pending in self._runs:   # appends not yet written, but acknowledged before this read
+        for owners, pending, _ in self._runs:   # appends submitted before this read, not yet written
             if username in owners:
                 lines.extend(line[:-1].decode("utf-8") for line in pending)
         return lines
@@ -313,9 +314,29 @@ class FileStore:
         return done
 
     def _write(self, runs: list) -> set:
-        """Each owner's lines of this pass in one write; returns the owners whose write failed."""
+        """Each owner's lines of this pass in one write; returns the owners whose write failed.
+
+        Senders' files go first. A line whose sender's file failed is then left
+        out of everyone else's (rare: the chunks are built again without it).
+        """
+        senders = {sender for _, _, run_senders in runs for sender in run_senders}
+        chunks = self._chunks(runs)
+        append = self.history.append
+        failed = {owner for owner in senders
+                  if owner in chunks and not append(owner, _joined(chunks.pop(owner)))}
+        if failed:
+            kept = [[owners, [line for line, s in zip(lines, run_senders) if s not in failed], run_senders]
+                    for owners, lines, run_senders in runs]
+            chunks = self._chunks([run for run in kept if run[1]])
+            for owner in senders:
+                chunks.pop(owner, None)
+        failed.update(owner for owner, mine in chunks.items() if not append(owner, _joined(mine)))
+        return failed
+
+    @staticmethod
+    def _chunks(runs: list) -> dict:
         chunks: dict[str, list[bytes]] = {}
-        for owners, lines in runs:
+        for owners, lines, _ in runs:
             chunk = lines[0] if len(lines) == 1 else b"".join(lines)
             for owner in owners:
                 mine = chunks.get(owner)
@@ -323,9 +344,7 @@ class FileStore:
                     chunks[owner] = [chunk]
                 else:
                     mine.append(chunk)
-        append = self.history.append
-        return {owner for owner, mine in chunks.items()
-                if not append(owner, mine[0] if len(mine) == 1 else b"".join(mine))}
+        return chunks
 
     def close(self) -> None:
         self.accounts.close()
@@ -333,3 +352,7 @@ class FileStore:
 
 
 _NOTHING_FAILED: frozenset = frozenset()
+
+
+def _joined(chunks: list) -> bytes:
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
