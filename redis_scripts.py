@@ -1,0 +1,331 @@
+"""The chat room's data in Redis: the key layout, and every mutation as one Lua script.
+
+Each flow of SCALEOUT.md that changes shared state is one script, so it is
+atomic and all nodes see one order. ``ChatKeys(prefix)`` names the keys and
+builds each script's call: ``link.eval(callback, *keys.bm(...))``.
+
+Key layout (``prefix`` is ``chat:``; ``<name>`` is a lower-cased user name,
+``<node>`` a node id, which never contains ``/``):
+
+==========================  ==========  ==============================================
+key                         type        holds
+==========================  ==========  ==============================================
+``chat:acct:<name>``        hash        the account: fields chosen by the caller (e.g.
+                                        ``username`` and ``json``), written once
+``chat:hist:<name>``        stream      the user's history: one entry per line,
+                                        field ``e`` = the JSON line (no newline)
+``chat:online``             hash        ``<name>`` -> the session's record (JSON from
+                                        the node: node, token, spelling, key, fingerprint)
+``chat:sess:<name>``        string      the session token ``<node>/<connection>``
+``chat:node:<node>``        string      the node's lease (value: its id), ``PX`` expiry
+``chat:nodes``              sorted set  registered nodes, scored by registration time (ms)
+``chat:nodeusers:<node>``   set         names with a session on that node
+``chat:ev``                 stream      events for every node (``MAXLEN ~``)
+``chat:in:<node>``          stream      events for one node's users (``MAXLEN ~``)
+==========================  ==========  ==============================================
+
+Stream entries (field ``t`` says which):
+
+* ``chat:ev``  ``t=bm from=<name> d=<payload>``: a broadcast, stored in the
+  history of the sender and of everyone online when it ran;
+* ``chat:ev``  ``t=on u=<name> tok=<token> rec=<record>``: came online;
+* ``chat:ev``  ``t=off u=<name> tok=<token>``: went offline (logout,
+  takeover, reap);
+* ``chat:in:<node>``  ``t=pm from=<name> to=<name> tok=<token> d=<payload>``:
+  a private message for that exact session;
+* ``chat:in:<node>``  ``t=kick u=<name> tok=<token>``: that session was
+  replaced (``BYE replaced``).
+
+BM and PM take the sender's session token too (optional): a node that lost
+its users to a reap or a takeover cannot store messages in their name.
+
+Invariants the scripts keep: ``chat:online`` has ``<name>`` only while
+``chat:sess:<name>`` holds the token of the session that went online; a
+session is in ``chat:nodeusers:<node>`` of the node in its token. So a
+takeover, a logout and a reap each remove exactly one session's presence,
+and a stale node (an old token) can change nothing.
+
+Every reply is an array whose first element is the outcome (1 done, 0 refused)
+unless said otherwise; a missing value is the empty string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from redislink import Script
+
+# Enough events for a node to resume after a Redis blip or a slow pass without
+# a gap, yet bounded (about 100,000 x a few hundred bytes).
+EV_MAXLEN = 100_000
+INBOX_MAXLEN = 100_000
+LEASE_MS = 5000     # SCALEOUT.md: a 5 s lease, renewed every second
+
+# Lua helpers shared by the scripts (each script is sent whole).
+_NODE_OF = """
+local function node_of(token)
+  return string.match(token, '^(.*)/') or token
+end
+"""
+
+CREATE_ACCOUNT = Script("create_account", "Create an account hash unless the name exists: 1 created, 0 taken.", """
+-- KEYS[1] acct key; ARGV field, value, ...
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+""")
+
+BM = Script("bm", "Append a broadcast to the sender's and every online user's history, then XADD it to chat:ev.", """
+-- KEYS[1] online, KEYS[2] ev; ARGV prefix, sender, line, payload, ev maxlen,
+-- the sender's session token ('' = do not check).
+-- Returns {1, recipients (online users but the sender), event id},
+-- or {0, the sender's current token or ''} when its session is not that token (stored nothing).
+local hist = ARGV[1] .. 'hist:'
+local sender, line = ARGV[2], ARGV[3]
+if ARGV[6] ~= '' then
+  local token = redis.call('GET', ARGV[1] .. 'sess:' .. sender)
+  if token ~= ARGV[6] then
+    return {0, token or ''}
+  end
+end
+local count, sender_online = 0, false
+for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+  redis.call('XADD', hist .. name, '*', 'e', line)
+  if name == sender then
+    sender_online = true
+  else
+    count = count + 1
+  end
+end
+if not sender_online then
+  redis.call('XADD', hist .. sender, '*', 'e', line)
+end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 't', 'bm', 'from', sender, 'd', ARGV[4])
+return {1, count, id}
+""")
+
+PM = Script("pm", "If the target's session token is the one expected, store a PM in both histories and "
+            "XADD it to the target node's inbox.", _NODE_OF + """
+-- KEYS[1] the target's sess key; ARGV prefix, sender, target, expected token,
+-- sender's line, target's line, payload, inbox maxlen, the sender's token ('' = do not check).
+-- Returns {1, inbox entry id}; {0, the target's current token or ''} (not_online);
+-- {-1, the sender's current token or ''} (the sender's session is not that token).
+local p = ARGV[1]
+if ARGV[9] ~= '' then
+  local mine = redis.call('GET', p .. 'sess:' .. ARGV[2])
+  if mine ~= ARGV[9] then
+    return {-1, mine or ''}
+  end
+end
+local token = redis.call('GET', KEYS[1])
+if token ~= ARGV[4] then
+  return {0, token or ''}
+end
+redis.call('XADD', p .. 'hist:' .. ARGV[2], '*', 'e', ARGV[5])
+redis.call('XADD', p .. 'hist:' .. ARGV[3], '*', 'e', ARGV[6])
+local id = redis.call('XADD', p .. 'in:' .. node_of(token), 'MAXLEN', '~', ARGV[8], '*',
+                      't', 'pm', 'from', ARGV[2], 'to', ARGV[3], 'tok', token, 'd', ARGV[7])
+return {1, id}
+""")
+
+LOGIN_SWAP = Script("login_swap", "Set the session token (compare-and-set if an old one is given); KICK the "
+                    "replaced session on its node and mark it offline.", _NODE_OF + """
+-- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, new token,
+-- expected old token ('' = whatever it is), ev maxlen, inbox maxlen.
+-- Returns {1, old token or '', offline event id or ''} or {0, current token or ''}.
+local p, name, new = ARGV[1], ARGV[2], ARGV[3]
+local old = redis.call('GET', KEYS[1])
+if ARGV[4] ~= '' and old ~= ARGV[4] then
+  return {0, old or ''}
+end
+redis.call('SET', KEYS[1], new)
+local new_node = node_of(new)
+redis.call('SADD', p .. 'nodeusers:' .. new_node, name)
+local offline = ''
+if old ~= new then
+  if old then
+    local old_node = node_of(old)
+    if old_node ~= new_node then
+      redis.call('SREM', p .. 'nodeusers:' .. old_node, name)
+    end
+    -- A dead node's inbox is read by no one (and was deleted by its reap).
+    if redis.call('EXISTS', p .. 'node:' .. old_node) == 1 then
+      redis.call('XADD', p .. 'in:' .. old_node, 'MAXLEN', '~', ARGV[6], '*', 't', 'kick', 'u', name, 'tok', old)
+    end
+  end
+  if redis.call('HDEL', KEYS[2], name) == 1 then
+    offline = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 't', 'off', 'u', name, 'tok', old or '')
+  end
+end
+return {1, old or '', offline}
+""")
+
+GO_ONLINE = Script("go_online", "Only if the session token is still ours: HSET chat:online, SADD nodeusers, "
+                   "XADD the online event.", _NODE_OF + """
+-- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, token, record, ev maxlen.
+-- Returns {1, online event id} or {0, current token or ''}.
+local token = redis.call('GET', KEYS[1])
+if token ~= ARGV[3] then
+  return {0, token or ''}
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
+redis.call('SADD', ARGV[1] .. 'nodeusers:' .. node_of(token), ARGV[2])
+local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 't', 'on', 'u', ARGV[2], 'tok', token,
+                      'rec', ARGV[4])
+return {1, id}
+""")
+
+LOGOUT = Script("logout", "Compare-and-delete the session token; if it was ours, HDEL online, SREM nodeusers "
+                "and XADD the offline event.", _NODE_OF + """
+-- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, token, ev maxlen.
+-- Returns {1, offline event id or '' (was not online)} or {0, current token or ''}.
+local token = redis.call('GET', KEYS[1])
+if token ~= ARGV[3] then
+  return {0, token or ''}
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', ARGV[1] .. 'nodeusers:' .. node_of(token), ARGV[2])
+local offline = ''
+if redis.call('HDEL', KEYS[2], ARGV[2]) == 1 then
+  offline = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 't', 'off', 'u', ARGV[2], 'tok', token)
+end
+return {1, offline}
+""")
+
+REGISTER_NODE = Script("register_node", "Take a new node's lease (SET NX PX) and add it to chat:nodes: 1, "
+                       "or 0 if the id is taken.", """
+-- KEYS[1] node key, KEYS[2] nodes; ARGV node id, lease ms.
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 0
+end
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[2], string.format('%.0f', now[1] * 1000 + math.floor(now[2] / 1000)), ARGV[1])
+return 1
+""")
+
+RENEW_LEASE = Script("renew_lease", "Extend the node's own lease (SET XX PX): 1, or 0 if it expired or is not "
+                     "ours (the node is fenced).", """
+-- KEYS[1] node key; ARGV node id, lease ms.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'XX', 'PX', ARGV[2])
+return 1
+""")
+
+DEAD_NODES = Script("dead_nodes", "The ids in chat:nodes whose lease has expired (to reap).", """
+-- KEYS[1] nodes; ARGV prefix.  Returns a list of node ids.
+local dead = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('EXISTS', ARGV[1] .. 'node:' .. id) == 0 then
+    dead[#dead + 1] = id
+  end
+end
+return dead
+""")
+
+REAP_NODE = Script("reap_node", "Log out every session of a node whose lease has expired, atomically, and "
+                   "forget the node.", _NODE_OF + """
+-- KEYS[1] nodes, KEYS[2] online, KEYS[3] ev; ARGV prefix, node id, ev maxlen.
+-- Returns {1, sessions ended, offline events} or {0, 0, 0} if the lease is still held.
+local p, id = ARGV[1], ARGV[2]
+if redis.call('EXISTS', p .. 'node:' .. id) == 1 then
+  return {0, 0, 0}
+end
+local ended, offline = 0, 0
+for _, name in ipairs(redis.call('SMEMBERS', p .. 'nodeusers:' .. id)) do
+  local sess = p .. 'sess:' .. name
+  local token = redis.call('GET', sess)
+  if token and node_of(token) == id then
+    redis.call('DEL', sess)
+    ended = ended + 1
+    if redis.call('HDEL', KEYS[2], name) == 1 then
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 't', 'off', 'u', name, 'tok', token)
+      offline = offline + 1
+    end
+  end
+end
+redis.call('DEL', p .. 'nodeusers:' .. id, p .. 'in:' .. id)
+redis.call('ZREM', KEYS[1], id)
+return {1, ended, offline}
+""")
+
+SCRIPTS = (CREATE_ACCOUNT, BM, PM, LOGIN_SWAP, GO_ONLINE, LOGOUT, REGISTER_NODE, RENEW_LEASE, DEAD_NODES,
+           REAP_NODE)
+
+
+class ScriptCall(NamedTuple):
+    """A script with its KEYS and ARGV: ``link.eval(callback, *call)``."""
+
+    script: Script
+    keys: Sequence
+    args: Sequence
+
+
+class ChatKeys:
+    """Key names under one prefix, and the call of each script with its keys and arguments."""
+
+    def __init__(self, prefix: str = "chat:") -> None:
+        self.prefix = prefix
+        self.online = prefix + "online"
+        self.nodes = prefix + "nodes"
+        self.ev = prefix + "ev"
+
+    def acct(self, name: str) -> str:
+        return f"{self.prefix}acct:{name}"
+
+    def hist(self, name: str) -> str:
+        return f"{self.prefix}hist:{name}"
+
+    def sess(self, name: str) -> str:
+        return f"{self.prefix}sess:{name}"
+
+    def node(self, node: str) -> str:
+        return f"{self.prefix}node:{node}"
+
+    def nodeusers(self, node: str) -> str:
+        return f"{self.prefix}nodeusers:{node}"
+
+    def inbox(self, node: str) -> str:
+        return f"{self.prefix}in:{node}"
+
+    # --- script calls (names lower-cased by the caller) ---------------------------
+    def create_account(self, name: str, fields: dict) -> ScriptCall:
+        flat = [item for pair in fields.items() for item in pair]
+        return ScriptCall(CREATE_ACCOUNT, [self.acct(name)], flat)
+
+    def bm(self, sender: str, line: bytes | str, payload: bytes | str, sender_token: str = "",
+           maxlen: int = EV_MAXLEN) -> ScriptCall:
+        return ScriptCall(BM, [self.online, self.ev], [self.prefix, sender, line, payload, maxlen, sender_token])
+
+    def pm(self, sender: str, target: str, token: str, sender_line: bytes | str, target_line: bytes | str,
+           payload: bytes | str, sender_token: str = "", maxlen: int = INBOX_MAXLEN) -> ScriptCall:
+        return ScriptCall(PM, [self.sess(target)], [self.prefix, sender, target, token, sender_line,
+                                                    target_line, payload, maxlen, sender_token])
+
+    def login_swap(self, name: str, token: str, expected: str = "", ev_maxlen: int = EV_MAXLEN,
+                   inbox_maxlen: int = INBOX_MAXLEN) -> ScriptCall:
+        return ScriptCall(LOGIN_SWAP, [self.sess(name), self.online, self.ev],
+                          [self.prefix, name, token, expected, ev_maxlen, inbox_maxlen])
+
+    def go_online(self, name: str, token: str, record: bytes | str, maxlen: int = EV_MAXLEN) -> ScriptCall:
+        return ScriptCall(GO_ONLINE, [self.sess(name), self.online, self.ev],
+                          [self.prefix, name, token, record, maxlen])
+
+    def logout(self, name: str, token: str, maxlen: int = EV_MAXLEN) -> ScriptCall:
+        return ScriptCall(LOGOUT, [self.sess(name), self.online, self.ev], [self.prefix, name, token, maxlen])
+
+    def register_node(self, node: str, lease_ms: int = LEASE_MS) -> ScriptCall:
+        return ScriptCall(REGISTER_NODE, [self.node(node), self.nodes], [node, lease_ms])
+
+    def renew_lease(self, node: str, lease_ms: int = LEASE_MS) -> ScriptCall:
+        return ScriptCall(RENEW_LEASE, [self.node(node)], [node, lease_ms])
+
+    def dead_nodes(self) -> ScriptCall:
+        return ScriptCall(DEAD_NODES, [self.nodes], [self.prefix])
+
+    def reap_node(self, node: str, maxlen: int = EV_MAXLEN) -> ScriptCall:
+        return ScriptCall(REAP_NODE, [self.nodes, self.online, self.ev], [self.prefix, node, maxlen])

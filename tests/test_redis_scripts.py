@@ -1,0 +1,388 @@
+"""Tests for redis_scripts.py: each Lua script run against a real Redis.
+
+Results, the effects on every key, the compare-and-set cases (a stale
+session changes nothing), and the invariants after many scripts from
+several links interleave.
+"""
+
+from __future__ import annotations
+
+import random
+import selectors
+
+import pytest
+
+from redis_scripts import SCRIPTS, ChatKeys
+from redislink import BlockingRedis, RedisLink
+from resp import RedisError
+
+pytest_plugins = ("redisproc",)   # the shared_redis fixture
+
+K = ChatKeys()
+A, B = "nodeA", "nodeB"          # node ids
+RECORD = b'{"node":"%s","token":"%s"}'
+
+
+@pytest.fixture
+def r(shared_redis):
+    with BlockingRedis(shared_redis.url) as client:
+        yield client
+
+
+def run(r: BlockingRedis, call):
+    return r.eval(*call)
+
+
+def token(node: str, conn: int) -> str:
+    return f"{node}/{conn}"
+
+
+def record(tok: str) -> bytes:
+    return RECORD % (tok.split("/")[0].encode(), tok.encode())
+
+
+def entries(r: BlockingRedis, key: str) -> list[dict]:
+    """A stream's entries as dicts of their fields."""
+    return [dict(zip(fields[::2], fields[1::2])) for _, fields in r.call("XRANGE", key, "-", "+")]
+
+
+def login(r: BlockingRedis, name: str, tok: str, online: bool = True) -> None:
+    assert run(r, K.login_swap(name, tok))[0] == 1
+    if online:
+        assert run(r, K.go_online(name, tok, record(tok)))[0] == 1
+
+
+def register(r: BlockingRedis, *nodes: str) -> None:
+    for node in nodes:
+        assert run(r, K.register_node(node)) == 1
+
+
+def test_every_script_compiles(r):
+    for script in SCRIPTS:
+        assert r.call("SCRIPT", "LOAD", script.source) == script.sha.encode(), script.name
+        assert script.doc and "\n" not in script.doc
+
+
+# --- accounts --------------------------------------------------------------------------
+
+def test_create_account_fails_if_it_exists(r):
+    fields = {"username": "Alice", "json": '{"username":"Alice"}'}
+    assert run(r, K.create_account("alice", fields)) == 1
+    assert run(r, K.create_account("alice", {"username": "ALICE", "json": "{}"})) == 0
+    assert r.call("HGETALL", K.acct("alice")) == [b"username", b"Alice", b"json", b'{"username":"Alice"}']
+
+
+# --- sessions: login_swap, go_online, logout -----------------------------------------------
+
+def test_first_login_then_online(r):
+    register(r, A)
+    tok = token(A, 1)
+    assert run(r, K.login_swap("alice", tok)) == [1, b"", b""]
+    assert r.call("GET", K.sess("alice")) == tok.encode()
+    assert r.call("SMEMBERS", K.nodeusers(A)) == [b"alice"]
+    assert r.call("HGET", K.online, "alice") is None        # not online before KEY
+    result = run(r, K.go_online("alice", tok, record(tok)))
+    assert result[0] == 1
+    assert r.call("HGET", K.online, "alice") == record(tok)
+    ids_and_fields = r.call("XRANGE", K.ev, "-", "+")
+    assert [entry_id for entry_id, _ in ids_and_fields] == [result[1]]
+    assert entries(r, K.ev) == [{b"t": b"on", b"u": b"alice", b"tok": tok.encode(), b"rec": record(tok)}]
+
+
+def test_takeover_on_another_node_kicks_the_old_session_and_marks_it_offline(r):
+    register(r, A, B)
+    old, new = token(A, 1), token(B, 7)
+    login(r, "alice", old)
+    swapped = run(r, K.login_swap("alice", new))
+    assert swapped[:2] == [1, old.encode()] and swapped[2]
+    assert r.call("GET", K.sess("alice")) == new.encode()
+    assert r.call("HGET", K.online, "alice") is None
+    assert r.call("SMEMBERS", K.nodeusers(A)) == []
+    assert r.call("SMEMBERS", K.nodeusers(B)) == [b"alice"]
+    assert entries(r, K.inbox(A)) == [{b"t": b"kick", b"u": b"alice", b"tok": old.encode()}]
+    events = r.call("XRANGE", K.ev, "-", "+")
+    assert events[-1][0] == swapped[2]
+    assert entries(r, K.ev)[-1] == {b"t": b"off", b"u": b"alice", b"tok": old.encode()}
+    assert r.call("EXISTS", K.inbox(B)) == 0
+
+
+def test_takeover_of_a_session_not_yet_online_sends_no_presence(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1), online=False)
+    assert run(r, K.login_swap("alice", token(B, 2))) == [1, token(A, 1).encode(), b""]
+    assert r.call("EXISTS", K.ev) == 0
+    assert len(entries(r, K.inbox(A))) == 1     # still kicked: BYE replaced
+
+
+def test_takeover_sends_no_kick_to_a_dead_node(r):
+    register(r, B)                               # A has no lease
+    login(r, "alice", token(A, 1))
+    run(r, K.login_swap("alice", token(B, 2)))
+    assert r.call("EXISTS", K.inbox(A)) == 0
+
+
+def test_login_swap_compare_and_set(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    assert run(r, K.login_swap("alice", token(B, 2), expected=token(A, 9))) == [0, token(A, 1).encode()]
+    assert r.call("GET", K.sess("alice")) == token(A, 1).encode()      # unchanged
+    assert r.call("HEXISTS", K.online, "alice") == 1
+    assert run(r, K.login_swap("alice", token(B, 2), expected=token(A, 1)))[0] == 1
+    assert r.call("GET", K.sess("alice")) == token(B, 2).encode()
+
+
+def test_same_session_swapped_again_changes_nothing(r):
+    register(r, A)
+    login(r, "alice", token(A, 1))
+    assert run(r, K.login_swap("alice", token(A, 1))) == [1, token(A, 1).encode(), b""]
+    assert r.call("HEXISTS", K.online, "alice") == 1
+    assert r.call("EXISTS", K.inbox(A)) == 0
+
+
+def test_go_online_only_if_the_token_is_still_ours(r):
+    register(r, A, B)
+    run(r, K.login_swap("alice", token(A, 1)))
+    run(r, K.login_swap("alice", token(B, 2)))             # replaced before its KEY
+    assert run(r, K.go_online("alice", token(A, 1), record(token(A, 1)))) == [0, token(B, 2).encode()]
+    assert r.call("HEXISTS", K.online, "alice") == 0
+    assert r.call("EXISTS", K.ev) == 0
+    assert run(r, K.go_online("bob", token(A, 3), b"{}")) == [0, b""]    # no session at all
+
+
+def test_logout_compare_and_delete(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    login(r, "alice", token(B, 2))
+    # the stale session on A cannot log out the new one
+    assert run(r, K.logout("alice", token(A, 1))) == [0, token(B, 2).encode()]
+    assert r.call("GET", K.sess("alice")) == token(B, 2).encode()
+    assert r.call("HGET", K.online, "alice") == record(token(B, 2))
+    result = run(r, K.logout("alice", token(B, 2)))
+    assert result[0] == 1 and result[1] == r.call("XRANGE", K.ev, "-", "+")[-1][0]
+    assert entries(r, K.ev)[-1] == {b"t": b"off", b"u": b"alice", b"tok": token(B, 2).encode()}
+    assert r.call("EXISTS", K.sess("alice")) == 0
+    assert r.call("HEXISTS", K.online, "alice") == 0
+    assert r.call("SMEMBERS", K.nodeusers(B)) == []
+
+
+def test_logout_of_a_session_not_online(r):
+    register(r, A)
+    login(r, "alice", token(A, 1), online=False)
+    assert run(r, K.logout("alice", token(A, 1))) == [1, b""]
+    assert r.call("EXISTS", K.ev) == 0
+    assert r.call("EXISTS", K.sess("alice")) == 0
+
+
+# --- messages: bm, pm ------------------------------------------------------------------------
+
+def test_bm_goes_to_the_sender_and_everyone_online(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    login(r, "bob", token(B, 1))
+    login(r, "carol", token(B, 2))
+    login(r, "dave", token(A, 2), online=False)          # logged in, not online: not a recipient
+    line = b'{"type":"BM","from":"Alice","text":"hi"}'
+    ok, count, event_id = run(r, K.bm("alice", line, b"FRAME", sender_token=token(A, 1)))
+    assert (ok, count) == (1, 2)
+    for name in ("alice", "bob", "carol"):
+        assert entries(r, K.hist(name)) == [{b"e": line}]
+    assert r.call("EXISTS", K.hist("dave")) == 0
+    assert r.call("XRANGE", K.ev, "-", "+")[-1] == [event_id, [b"t", b"bm", b"from", b"alice", b"d", b"FRAME"]]
+
+
+def test_bm_from_a_sender_not_online_is_in_its_history_too(r):
+    register(r, A)
+    login(r, "bob", token(A, 1))
+    assert run(r, K.bm("alice", b"L", b"F"))[:2] == [1, 1]
+    assert entries(r, K.hist("alice")) == [{b"e": b"L"}]
+    assert entries(r, K.hist("bob")) == [{b"e": b"L"}]
+
+
+def test_bm_ids_order_against_presence(r):
+    # A node delivers a BM to a user iff the user's online event id is older than the BM's.
+    register(r, A)
+    login(r, "alice", token(A, 1))
+    bm_id = run(r, K.bm("alice", b"L1", b"F1"))[2]
+    online_id = run(r, K.go_online("alice", token(A, 1), record(token(A, 1))))[1]   # again: a later id
+    later_bm = run(r, K.bm("alice", b"L2", b"F2"))[2]
+
+    def as_tuple(entry_id: bytes) -> tuple:
+        ms, seq = entry_id.split(b"-")
+        return int(ms), int(seq)
+
+    assert as_tuple(bm_id) < as_tuple(online_id) < as_tuple(later_bm)
+
+
+def test_bm_trims_the_event_stream(r):
+    for _ in range(150):
+        run(r, K.bm("alice", b"L", b"F", maxlen=10))
+    length = r.call("XLEN", K.ev)
+    assert 10 <= length < 150           # MAXLEN ~ trims whole stream nodes (100 entries)
+    assert r.call("XLEN", K.hist("alice")) == 150     # history is never trimmed
+
+
+def test_bm_from_a_replaced_session_is_refused_and_stores_nothing(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    login(r, "alice", token(B, 2))
+    events = r.call("XLEN", K.ev)
+    assert run(r, K.bm("alice", b"L", b"F", sender_token=token(A, 1))) == [0, token(B, 2).encode()]
+    assert r.call("EXISTS", K.hist("alice")) == 0
+    assert r.call("XLEN", K.ev) == events
+    run(r, K.logout("alice", token(B, 2)))
+    assert run(r, K.bm("alice", b"L", b"F", sender_token=token(B, 2))) == [0, b""]
+
+
+def test_pm_to_the_session_seen_at_target(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    login(r, "bob", token(B, 5))
+    ok, entry_id = run(r, K.pm("alice", "bob", token(B, 5), b"SELF", b"THEIRS", b"FRAME", sender_token=token(A, 1)))
+    assert ok == 1
+    assert entries(r, K.hist("alice")) == [{b"e": b"SELF"}]
+    assert entries(r, K.hist("bob")) == [{b"e": b"THEIRS"}]
+    assert r.call("XRANGE", K.inbox(B), "-", "+") == [
+        [entry_id, [b"t", b"pm", b"from", b"alice", b"to", b"bob", b"tok", token(B, 5).encode(), b"d", b"FRAME"]]]
+    assert r.call("EXISTS", K.inbox(A)) == 0
+
+
+def test_pm_to_a_replaced_session_is_refused_and_stores_nothing(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    login(r, "bob", token(B, 5))
+    login(r, "bob", token(A, 6))              # bob moved between TARGET and SEND
+    assert run(r, K.pm("alice", "bob", token(B, 5), b"S", b"T", b"F")) == [0, token(A, 6).encode()]
+    assert r.call("EXISTS", K.hist("alice"), K.hist("bob")) == 0
+    assert r.call("XLEN", K.inbox(A)) == 0 and r.call("XLEN", K.inbox(B)) == 1   # only bob's KICK
+    run(r, K.logout("bob", token(A, 6)))
+    assert run(r, K.pm("alice", "bob", token(A, 6), b"S", b"T", b"F")) == [0, b""]
+
+
+def test_pm_from_a_replaced_sender_is_refused(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    login(r, "bob", token(B, 5))
+    login(r, "alice", token(B, 3))
+    assert run(r, K.pm("alice", "bob", token(B, 5), b"S", b"T", b"F", sender_token=token(A, 1))) == [
+        -1, token(B, 3).encode()]
+    assert r.call("EXISTS", K.hist("alice"), K.hist("bob")) == 0
+    assert r.call("XLEN", K.inbox(B)) == 0
+
+
+# --- nodes: leases and reaping ------------------------------------------------------------------
+
+def test_register_and_renew_a_lease(r):
+    assert run(r, K.register_node(A, 5000)) == 1
+    assert run(r, K.register_node(A, 5000)) == 0          # the id is taken
+    assert 4000 < r.call("PTTL", K.node(A)) <= 5000
+    assert r.call("ZRANGE", K.nodes, 0, -1) == [A.encode()]
+    score = float(r.call("ZSCORE", K.nodes, A))
+    seconds = int(r.call("TIME")[0])
+    assert abs(score / 1000 - seconds) < 5
+    r.call("PEXPIRE", K.node(A), 100)
+    assert run(r, K.renew_lease(A, 5000)) == 1
+    assert r.call("PTTL", K.node(A)) > 4000
+    assert run(r, K.renew_lease(B, 5000)) == 0            # not ours: fenced
+    assert r.call("EXISTS", K.node(B)) == 0
+
+
+def test_an_expired_lease_cannot_be_renewed(r):
+    run(r, K.register_node(A, 5000))
+    r.call("DEL", K.node(A))                                 # as if it expired
+    assert run(r, K.renew_lease(A, 5000)) == 0
+    assert r.call("EXISTS", K.node(A)) == 0
+
+
+def test_reap_a_dead_node(r):
+    register(r, A, B)
+    login(r, "a1", token(A, 1))
+    login(r, "a2", token(A, 2))
+    login(r, "a3", token(A, 3), online=False)
+    login(r, "b1", token(B, 1))
+    login(r, "a2", token(B, 2))          # moved to B before A died
+    events_before = r.call("XLEN", K.ev)
+    assert run(r, K.dead_nodes()) == []
+    assert run(r, K.reap_node(A)) == [0, 0, 0]              # alive: refused
+    r.call("DEL", K.node(A))                                 # A's lease expires
+    assert run(r, K.dead_nodes()) == [A.encode()]
+    assert run(r, K.reap_node(A)) == [1, 2, 1]              # a1 and a3 ended; a1 was online
+    assert sorted(r.call("HKEYS", K.online)) == [b"a2", b"b1"]
+    assert r.call("EXISTS", K.sess("a1"), K.sess("a3")) == 0
+    assert r.call("GET", K.sess("a2")) == token(B, 2).encode()
+    assert r.call("EXISTS", K.nodeusers(A), K.inbox(A)) == 0
+    assert r.call("ZRANGE", K.nodes, 0, -1) == [B.encode()]
+    assert r.call("XLEN", K.ev) == events_before + 1
+    assert entries(r, K.ev)[-1] == {b"t": b"off", b"u": b"a1", b"tok": token(A, 1).encode()}
+    assert run(r, K.dead_nodes()) == []
+    assert run(r, K.reap_node(A)) == [1, 0, 0]              # again: nothing left
+
+
+def test_a_stale_node_changes_nothing_after_its_reap(r):
+    register(r, A)
+    login(r, "alice", token(A, 1))
+    r.call("DEL", K.node(A))
+    run(r, K.reap_node(A))
+    assert run(r, K.renew_lease(A)) == 0
+    assert run(r, K.go_online("alice", token(A, 1), b"{}"))[0] == 0
+    assert run(r, K.logout("alice", token(A, 1)))[0] == 0
+    assert r.call("HLEN", K.online) == 0
+
+
+# --- interleaving: invariants -----------------------------------------------------------------
+
+def check_invariants(r: BlockingRedis) -> None:
+    """online[name] only for the session in sess[name]; each session in its node's nodeusers."""
+    online = dict(zip(*[iter(r.call("HGETALL", K.online))] * 2))
+    names = {key.decode().split(":", 2)[2] for key in r.call("KEYS", K.sess("*"))}
+    for name, rec in online.items():
+        tok = r.call("GET", K.sess(name.decode()))
+        assert tok is not None and rec == record(tok.decode()), (name, rec, tok)
+    for name in names:
+        tok = r.call("GET", K.sess(name)).decode()
+        assert r.call("SISMEMBER", K.nodeusers(tok.split("/")[0]), name) == 1, (name, tok)
+
+
+def test_interleaved_scripts_from_three_links_keep_the_invariants(shared_redis):
+    rng = random.Random(8)
+    sel = selectors.DefaultSelector()
+    nodes = ["n1", "n2", "n3"]
+    links = [RedisLink(shared_redis.url, selector=sel) for _ in nodes]
+    replies: list = []
+    expected = 0
+    for node, link in zip(nodes, links):
+        link.eval(replies.append, *K.register_node(node, 60_000))
+        expected += 1
+    names = [f"u{i}" for i in range(6)]
+    for _ in range(3000):
+        i = rng.randrange(3)
+        node, link = nodes[i], links[i]
+        name = rng.choice(names)
+        tok = token(node, rng.randrange(1, 4))     # few connection numbers: tokens collide often
+        op = rng.random()
+        if op < 0.35:
+            link.eval(replies.append, *K.login_swap(name, tok))
+        elif op < 0.7:
+            link.eval(replies.append, *K.go_online(name, tok, record(tok)))
+        elif op < 0.9:
+            link.eval(replies.append, *K.logout(name, tok))
+        else:
+            link.eval(replies.append, *K.bm(name, b"L", b"F", sender_token=tok))
+        expected += 1
+    while len(replies) < expected:
+        for key, mask in sel.select(1.0):
+            if mask & selectors.EVENT_WRITE:
+                key.data.on_writable()
+            if mask & selectors.EVENT_READ:
+                key.data.on_readable()
+    assert not any(isinstance(reply, RedisError) for reply in replies)
+    with BlockingRedis(shared_redis.url) as r:
+        check_invariants(r)
+        # reap one node: the invariants still hold and none of its sessions is left
+        r.call("DEL", K.node("n2"))
+        assert run(r, K.reap_node("n2"))[0] == 1
+        check_invariants(r)
+        for key in r.call("KEYS", K.sess("*")):
+            assert not r.call("GET", key).startswith(b"n2/")
+    for link in links:
+        link.close()
+    sel.close()
