@@ -10,9 +10,9 @@ of decoded requests not yet handed to the session logic, and a write queue;
 bytes queued to connections, store requests handed to the store, password
 checks handed to the worker pool. The one piece of work off the loop thread
 is a password check (RSA decryption and scrypt): a small pool of worker
-processes does it (processes, so that the RSA arithmetic, which holds the GIL,
-cannot stall the loop) and the result wakes the loop through a socketpair, as
-Node.js does with its thread pool.
+processes does it (``hashpool.py``; processes, so there is no GIL for the loop
+to wait on), and the result comes back through a socketpair in the loop's own
+selector, as Node.js's thread pool wakes its loop.
 
 One loop pass: read what is ready, hand requests to the sessions, let the
 store write the pass's history appends together (group commit) and complete
@@ -30,7 +30,6 @@ import argparse
 import collections
 import itertools
 import logging
-import multiprocessing
 import os
 import resource
 import selectors
@@ -38,9 +37,9 @@ import signal
 import socket
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import framing
+import hashpool
 import passwords
 import state
 import storage
@@ -53,11 +52,11 @@ DEFAULT_SEND_QUEUE = 1 << 20   # 1 MiB, InspIRCd's hard send queue
 FLUSH_GRACE = 5.0          # seconds a closing connection gets to take its last bytes
 SHUTDOWN_GRACE = 3.0       # seconds the whole server waits for BYEs to drain on exit
 LINGER = 2.0               # seconds a closed-for-writing connection waits for the peer's close
-HASH_WORKERS = 2
-# A login storm must not slow the people already chatting: hashing threads run
-# at a lower priority, so on a busy machine the loop thread goes first.
-WORKER_NICENESS = 10
-GIL_SWITCH_INTERVAL = 0.0002   # seconds (CPython's default is 0.005)
+# One core stays free for the loop: a login storm cannot take every core.
+HASH_WORKERS = max(1, (os.cpu_count() or 2) - 1)
+# A login storm must not slow the people already chatting: hashing processes run
+# at a lower priority, so on a busy machine the loop goes first.
+WORKER_NICENESS = 5
 
 _LISTENER = object()
 _WAKER = object()
@@ -118,9 +117,9 @@ class ChatServer:
         self.broadcasts: list[state.DeliverAll] = []   # this pass's, not yet queued to everyone
         self.broadcast_run = 1                           # numbers each such run (Connection.seen)
         self.cids = itertools.count(1)
-        self.pool = ProcessPoolExecutor(
-            HASH_WORKERS, mp_context=multiprocessing.get_context("forkserver"),
-            initializer=passwords.init_worker, initargs=(self.keys.to_pem(), args.scrypt_n, WORKER_NICENESS))
+        self.pool = hashpool.HashPool(HASH_WORKERS, self.keys.to_pem(), args.scrypt_n, WORKER_NICENESS)
+        for worker in self.pool.workers:
+            self.sel.register(worker.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, worker)
         self.done_jobs: collections.deque = collections.deque()
         self.stopping = False
         self.waker_r, self.waker_w = socket.socketpair()
@@ -150,9 +149,6 @@ class ChatServer:
 
     # --- the loop ----------------------------------------------------------------
     def serve(self) -> None:
-        # A worker holding the GIL in Python code (RSA) would make the loop wait up to
-        # the switch interval after every system call; a short interval keeps it lively.
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         signal.set_wakeup_fd(self.waker_w.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
@@ -186,6 +182,8 @@ class ChatServer:
                 self._accept()
             elif data is _WAKER:
                 self._drain_waker()
+            elif type(data) is hashpool.HashWorker:
+                self._worker_ready(data, mask)
             else:
                 if mask & selectors.EVENT_READ and not data.closed:
                     self._read(data)
@@ -489,7 +487,9 @@ class ChatServer:
                     del self.online[effect.user]
                     log.info("%r is offline (connection %d)", effect.user, effect.cid)
             elif kind is state.CheckPassword:
-                self.pool.submit(passwords.run_job, effect).add_done_callback(self._job_done)
+                worker = self.pool.submit(effect)
+                if worker.flush():
+                    self.sel.modify(worker.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, worker)
             else:
                 self.store.submit(effect)
 
@@ -529,18 +529,18 @@ class ChatServer:
             if mine:
                 self._queue(conn, mine)
 
-    def _job_done(self, future) -> None:
-        """Runs in the pool's thread; the result re-enters the loop through the waker."""
-        try:
-            cid, result = future.result()
-        except Exception:  # never lose the completion: the session would wait forever
-            log.exception("password check failed")
-            return
-        self.done_jobs.append((cid, result))
-        try:
-            self.waker_w.send(b"\0")
-        except (BlockingIOError, InterruptedError):
-            pass   # the loop is already awake with bytes to read
+    def _worker_ready(self, worker: hashpool.HashWorker, mask: int) -> None:
+        """A password worker answered (or died, or can take more of its queued jobs)."""
+        if mask & selectors.EVENT_WRITE:
+            if not worker.flush():
+                self.sel.modify(worker.sock, selectors.EVENT_READ, worker)
+        if mask & selectors.EVENT_READ:
+            results = worker.read()
+            if results is None:   # the worker died: answer its jobs, start another
+                self.sel.unregister(worker.sock)
+                fresh, results = self.pool.replace(worker)
+                self.sel.register(fresh.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, fresh)
+            self.done_jobs.extend(results)
 
     def _drain_waker(self) -> None:
         try:
@@ -573,7 +573,7 @@ class ChatServer:
                     self._drain_waker()
         for conn in list(self.conns.values()):
             self._abort(conn)
-        self.pool.shutdown(wait=True)
+        self.pool.close()
         self._settle()
         self.store.close()
         self.listener.close()

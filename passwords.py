@@ -101,7 +101,7 @@ def weak_reason(password: bytes) -> str | None:
 
 class LoginResult(NamedTuple):
     """The outcome of a PASSWORD request: ``ok``, ``wrong_password``, ``weak_password``,
-    ``rate_limited`` or ``bad_request``; a new account when one was made."""
+    ``rate_limited``, ``bad_request`` or ``internal``; a new account when one was made."""
 
     outcome: str
     message: str = ""
@@ -149,28 +149,27 @@ def check_login(server_keys: pg3lib.KeyPair, sealed: str, nonce: bytes, username
     return LoginResult("wrong_password", "wrong password")
 
 
-# --- the worker process ---------------------------------------------------------------
+# --- in a worker process (hashpool.py) ------------------------------------------------
 
 _worker_keys: pg3lib.KeyPair | None = None
 _worker_scrypt_n = DEFAULT_SCRYPT_N
 
 
-def init_worker(server_pem: bytes, scrypt_n: int, niceness: int) -> None:
-    """Set up a password worker process: the server key, the scrypt cost, a lower priority."""
+def init_worker(server_pem: bytes, scrypt_n: int) -> None:
+    """Set up a password worker process: the server key and the scrypt cost for new accounts."""
     global _worker_keys, _worker_scrypt_n
     _worker_keys = pg3lib.KeyPair.from_pem(server_pem)
     _worker_scrypt_n = scrypt_n
-    try:
-        os.nice(niceness)   # the event loop goes first when the machine is busy
-    except OSError:
-        pass
 
 
-def run_job(job) -> tuple:
-    """One PASSWORD check in a worker process: ``(cid, LoginResult)``; never raises."""
+def run_job(job: tuple) -> tuple:
+    """One PASSWORD check: job is a state.CheckPassword as a tuple; returns ``(cid, LoginResult)``.
+
+    Never raises: the session waiting for it must get an answer.
+    """
+    cid, sealed, nonce, username, account, may_register = job
     try:
-        result = check_login(_worker_keys, job.sealed, job.nonce, job.username, job.account,
-                             _worker_scrypt_n, job.may_register)
-    except Exception as exc:  # the session must get an answer, whatever happened
-        result = LoginResult("bad_request", f"the password could not be checked ({type(exc).__name__})")
-    return job.cid, result
+        result = check_login(_worker_keys, sealed, nonce, username, account, _worker_scrypt_n, may_register)
+    except Exception as exc:
+        result = LoginResult("internal", f"the password could not be checked ({type(exc).__name__})")
+    return cid, result

@@ -625,7 +625,7 @@ class Room:
                    CheckPassword(session.cid, session.sealed, session.nonce, session.username, account), out)
 
     def _password_failed(self, session: Session, result: LoginResult, out: Effects) -> None:
-        if result.outcome in ("weak_password", "rate_limited"):   # not attempts
+        if result.outcome in ("weak_password", "rate_limited", "internal"):   # not attempts
             self._reply(session, fail("PASSWORD", result.outcome, result.message), out)
             return
         session.attempts_left -= 1

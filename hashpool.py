@@ -1,0 +1,180 @@
+"""The password worker pool: a few child processes that do PASSWORD checks.
+
+A password check (RSA decryption of the sealed password, then scrypt) costs
+tens of milliseconds of CPU; the event loop must not do it. Each worker is a
+child process (``python3 hashpool.py FD``) joined to the server by a
+socketpair, which the server registers in its own selector: a job goes down
+the socket, and its result coming back is what wakes the loop. No threads in
+the server, so no GIL for the loop to wait on; the workers run at a lower
+priority, so a storm of logins does not slow the people already chatting.
+
+Messages both ways: a 4-byte big-endian length, then a pickle (the channel
+joins a process to its own child; nothing from the network is unpickled).
+The first message to a worker is its set-up: the server key and scrypt cost.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+
+import passwords
+
+log = logging.getLogger("chat.hashpool")
+
+_LENGTH = struct.Struct(">I")
+
+
+def _message(obj) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(data)) + data
+
+
+class HashWorker:
+    """The server's end of one worker process."""
+
+    __slots__ = ("proc", "sock", "out", "inbuf", "jobs")
+
+    def __init__(self, setup: bytes, niceness: int) -> None:
+        parent, child = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), str(child.fileno()), str(niceness)],
+            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        child.close()
+        parent.setblocking(False)
+        self.sock = parent
+        self.out = bytearray(setup)
+        self.inbuf = bytearray()
+        self.jobs: collections.deque = collections.deque()   # cids, in the order sent
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, job) -> None:
+        self.jobs.append(job.cid)
+        self.out += _message(tuple(job))
+
+    def flush(self) -> bool:
+        """Send what is queued; True if some is left (wait for EVENT_WRITE)."""
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False   # the read side will see the worker is gone
+        del self.out[:sent]
+        return bool(self.out)
+
+    def read(self) -> list | None:
+        """Results that arrived as (cid, LoginResult); None if the worker is gone."""
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            return None
+        buf = self.inbuf
+        buf += data
+        results = []
+        while len(buf) >= 4:
+            (length,) = _LENGTH.unpack_from(buf)
+            if len(buf) < 4 + length:
+                break
+            cid, result = pickle.loads(bytes(buf[4:4 + length]))
+            del buf[:4 + length]
+            if self.jobs and self.jobs[0] == cid:
+                self.jobs.popleft()
+            results.append((cid, result))
+        return results
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class HashPool:
+    """A fixed number of workers; a job goes to the one with the fewest in hand."""
+
+    def __init__(self, size: int, server_pem: bytes, scrypt_n: int, niceness: int = 10) -> None:
+        self._setup = _message((server_pem, scrypt_n))
+        self._niceness = niceness
+        self.workers = [HashWorker(self._setup, niceness) for _ in range(max(1, size))]
+
+    def submit(self, job) -> HashWorker:
+        """Queue one CheckPassword job; returns the worker that has it (flush it)."""
+        worker = min(self.workers, key=lambda w: len(w.jobs))
+        worker.send(job)
+        return worker
+
+    def replace(self, worker: HashWorker) -> tuple[HashWorker, list]:
+        """A worker died: start another; its unanswered jobs are answered ``internal``."""
+        log.error("a password worker (pid %d) exited with %s; starting another",
+                  worker.proc.pid, worker.proc.poll())
+        lost = [(cid, passwords.LoginResult("internal", "the password check failed; please try again"))
+                for cid in worker.jobs]
+        worker.jobs.clear()
+        worker.sock.close()
+        fresh = HashWorker(self._setup, self._niceness)
+        self.workers[self.workers.index(worker)] = fresh
+        return fresh, lost
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+
+# --- the worker process -------------------------------------------------------------
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
+
+
+def _read_message(sock: socket.socket):
+    header = _read_exactly(sock, 4)
+    if header is None:
+        return None
+    body = _read_exactly(sock, _LENGTH.unpack(header)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def worker_main(fd: int, niceness: int) -> int:
+    """Answer jobs until the server closes the socket."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server decides when we stop: it closes the socket
+    try:
+        os.nice(niceness)
+    except OSError:
+        pass
+    sock = socket.socket(fileno=fd)
+    setup = _read_message(sock)
+    if setup is None:
+        return 0
+    server_pem, scrypt_n = setup
+    passwords.init_worker(server_pem, scrypt_n)
+    while True:
+        job = _read_message(sock)
+        if job is None:
+            return 0
+        sock.sendall(_message(passwords.run_job(job)))
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(int(sys.argv[1]), int(sys.argv[2])))
