@@ -65,7 +65,7 @@ _WAKER = object()
 class Connection:
     """One client socket and its buffers."""
 
-    __slots__ = ("cid", "sock", "fd", "address", "decoder", "pending", "out", "head", "out_size", "events",
+    __slots__ = ("cid", "sock", "fd", "address", "decoder", "pending", "taken", "out", "head", "out_size", "events",
                  "closing", "closed", "fatal", "refused", "close_by", "lingering", "user", "tokens", "tokens_at",
                  "seen")
 
@@ -75,7 +75,8 @@ class Connection:
         self.fd = sock.fileno()
         self.address = address
         self.decoder = framing.FrameDecoder(frame_limit)
-        self.pending: collections.deque = collections.deque()   # decoded, not yet handed over
+        self.pending: list = []   # decoded, not yet handed over (a list: a deque costs 600 bytes)
+        self.taken = 0            # how many of pending have been handed over
         self.out: list[bytes] = []   # whole frames; the first may be partly sent
         self.head = 0                # bytes of out[0] already sent
         self.out_size = 0            # bytes in out not yet sent
@@ -294,7 +295,7 @@ class ChatServer:
         """Hand queued requests to the session while it is not busy and the flood bucket allows."""
         room, cid, pending = self.room, conn.cid, conn.pending
         rate = self.args.flood_rate
-        while pending and not conn.closing and not conn.closed:
+        while conn.taken < len(pending) and not conn.closing and not conn.closed:
             if room.busy(cid):
                 break
             if rate:
@@ -306,7 +307,12 @@ class ChatServer:
                         room.extend_deadline(cid, self._token_time(conn) - time.time())
                         break
                 conn.tokens -= 1.0
-            self.apply(room.receive(cid, pending.popleft()))
+            frame = pending[conn.taken]
+            conn.taken += 1
+            self.apply(room.receive(cid, frame))
+        if conn.taken == len(pending):
+            pending.clear()
+            conn.taken = 0
         if conn.closed or conn.closing:
             return
         if pending:
@@ -363,6 +369,7 @@ class ChatServer:
         conn.out.append(state.bye("too_slow"))
         conn.out_size = sum(len(frame) for frame in conn.out) - conn.head
         conn.pending.clear()
+        conn.taken = 0
         self._close_when_flushed(conn)
         self.cut_off.append(conn)   # the session ends after the current effects are applied
 
@@ -557,6 +564,7 @@ class ChatServer:
             self._deliver_broadcasts()
         for conn in list(self.conns.values()):
             conn.pending.clear()
+            conn.taken = 0
             self._queue(conn, bye)
             self._close_when_flushed(conn)
         deadline = time.time() + SHUTDOWN_GRACE

@@ -164,6 +164,13 @@ def worker_main(fd: int, niceness: int) -> int:
     except OSError:
         pass
     sock = socket.socket(fileno=fd)
+    try:
+        return _serve(sock)
+    except OSError:   # the server is gone
+        return 0
+
+
+def _serve(sock: socket.socket) -> int:
     setup = _read_message(sock)
     if setup is None:
         return 0

@@ -266,7 +266,7 @@ class Session:
         self.attempts_left = MAX_ATTEMPTS
         self.public_key: pg3lib.PublicKey | None = None
         self.target: Session | None = None
-        self.slots: collections.deque = collections.deque()   # places in the reply order, oldest first
+        self.slots: list[Slot] = []  # places in the reply order, oldest first (at most MAX_PIPELINE + a few)
         self.barriers = 0            # pending barrier slots (login steps): busy while > 0
         self.deadline = 0.0
         self.sealed = ""             # the PASSWORD ciphertext while it is being checked
@@ -354,7 +354,7 @@ class Room:
             # Requests go out now, so requests are made in the order of their slots.
             (out if type(effect) in REQUESTS else slot.effects).append(effect)
         while slots and slots[0].effects is not None:
-            out.extend(slots.popleft().effects)
+            out.extend(slots.pop(0).effects)
         if session.state is State.CLOSED and not slots:
             self.sessions.pop(cid, None)
         return out
