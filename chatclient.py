@@ -138,7 +138,12 @@ def parse_timestamp(value: Any) -> datetime.datetime | None:
 def local_time(value: Any, with_date: bool = False) -> str:
     """A timestamp as local ``15:04`` (or ``2026-11-24 15:04``); now if it is missing or bad."""
     moment = parse_timestamp(value) or datetime.datetime.now(datetime.timezone.utc)
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M" if with_date else "%H:%M")
+    try:
+        moment = moment.astimezone()
+    except (OverflowError, ValueError, OSError):  # year 1 or 9999 moved out of range: keep its own zone
+        pass
+    clock = f"{moment.hour:02d}:{moment.minute:02d}"
+    return f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d} {clock}" if with_date else clock
 
 
 def format_broadcast(sender: str, text: str, ts: Any = None) -> str:
@@ -169,17 +174,36 @@ def format_history_entry(entry: dict, open_sealed: Callable[[Any], str | None]) 
     return f"[{when}] {kind} {sender} -> {receiver}: {text}"
 
 
+def succeeded(reply: dict) -> bool:
+    """A reply with ``"ok": true`` (not merely something truthy)."""
+    return reply.get("ok") is True
+
+
+def valid_username(name: Any) -> bool:
+    """A name the protocol allows (PROTOCOL.md 4.1); others are never shown as users or written to files."""
+    return isinstance(name, str) and USERNAME_RULE.match(name) is not None
+
+
+def one_line(value: Any, limit: int = 200) -> str:
+    """Server-given text for a one-line message: escaped, no line breaks, at most limit characters."""
+    text = visible(value if isinstance(value, str) else str(value))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def describe_error(reply: dict) -> str:
-    """The human sentence of a failed reply (its message, else its error code)."""
-    return str(reply.get("message") or reply.get("error") or "unknown error")
+    """The human sentence of a failed reply (its message, else its error code), on one line."""
+    return one_line(reply.get("message") or reply.get("error") or "unknown error")
 
 
 def bye_text(body: dict) -> str:
-    reason = str(body.get("reason", "unknown"))
-    return f"the server closed the connection: {BYE_REASONS.get(reason, 'no reason known')} ({reason})"
+    reason = body.get("reason", "unknown")
+    known = BYE_REASONS.get(reason, "no reason known") if isinstance(reason, str) else "no reason known"
+    return f"the server closed the connection: {known} ({one_line(reason, 60)})"
 
 
 def sent_text(recipients: Any) -> str:
+    if not isinstance(recipients, int) or isinstance(recipients, bool) or recipients < 0:
+        return "sent"
     if recipients == 0:
         return "sent (nobody else is online)"
     if recipients == 1:
@@ -283,7 +307,7 @@ class Session:
     # --- login ---------------------------------------------------------------------
     def login(self) -> Flow:
         reply = yield from self.request({"op": "LOGIN", "username": self.username})
-        if not reply.get("ok"):
+        if not succeeded(reply):
             raise ClientExit(f"login refused: {describe_error(reply)}")
         server_key = self.check_server_key(reply)
         try:
@@ -300,13 +324,15 @@ class Session:
                                  "no password on standard input (its first line is the password)")
             sealed = server_key.seal(nonce + password.encode("utf-8")).decode("ascii")
             reply = yield from self.request({"op": "PASSWORD", "ciphertext": sealed})
-            if reply.get("ok"):
+            if succeeded(reply):
                 break
             self.password_refused(reply)
-        self.username = str(reply.get("username") or self.username)
+        registered = reply.get("username")
+        if valid_username(registered) and registered.lower() == self.username.lower():
+            self.username = registered  # the spelling of the registration (PROTOCOL.md 4.2)
         self.keys = self.own_key_pair(password)
         reply = yield from self.request({"op": "KEY", "public_key": self.keys.public.key_form})
-        if not reply.get("ok"):
+        if not succeeded(reply):
             raise ClientExit(f"the server refused our key: {describe_error(reply)}")
         self.set_online(reply.get("online"))
         self.out.show(f"logged in as {self.username} at {self.server}. {self.who_text()}")
@@ -326,10 +352,10 @@ class Session:
             key = pg3lib.PublicKey.from_key_form(key_form)
         except pg3lib.InvalidKey:
             raise ClientExit("the server sent no usable key; password not sent", EXIT_SECURITY) from None
-        claimed = str(reply.get("fingerprint"))
+        claimed = reply.get("fingerprint")
         if claimed != key.fingerprint:
             raise ClientExit(f"the server's key {key.fingerprint} does not match the fingerprint it claims, "
-                             f"{claimed}; login stopped, password not sent", EXIT_SECURITY)
+                             f"{one_line(claimed, 80)}; login stopped, password not sent", EXIT_SECURITY)
         remembered = self.store.server_fingerprint(self.server)
         if remembered is None:
             self.store.remember_server(self.server, key.fingerprint)
@@ -362,7 +388,8 @@ class Session:
             left = reply.get("attempts_left")
             if not self.interactive or left == 0:
                 raise ClientExit("wrong password")
-            self.out.warn(f"wrong password; {left} attempt(s) left" if isinstance(left, int) else "wrong password")
+            counted = isinstance(left, int) and not isinstance(left, bool) and left > 0
+            self.out.warn(f"wrong password; {left} attempt(s) left" if counted else "wrong password")
         elif error in ("weak_password", "bad_request") and self.interactive:
             self.out.warn(describe_error(reply))
         else:
@@ -431,7 +458,7 @@ class Session:
     def broadcast(self, text: str | None) -> Flow:
         """BM, then SEND the text (asked for when not given)."""
         reply = yield from self.request({"op": "BM"})
-        if not reply.get("ok"):
+        if not succeeded(reply):
             self.out.warn(f"BM refused: {describe_error(reply)}")
             return
         while True:
@@ -447,7 +474,7 @@ class Session:
                     return
                 text = None
                 continue
-            if reply.get("ok"):
+            if succeeded(reply):
                 self.out.show(sent_text(reply.get("recipients")))
             return
 
@@ -458,7 +485,7 @@ class Session:
             self.out.warn(problem)
             return None
         reply = yield from self.request(make_body())
-        if reply.get("ok"):
+        if succeeded(reply):
             return reply
         self.out.warn(f"not sent: {describe_error(reply)}")
         return None if reply.get("error") == "bad_request" else reply
@@ -466,7 +493,7 @@ class Session:
     def private(self, target: str | None, text: str | None) -> Flow:
         """PM, TARGET, then SEND the text sealed for the target and signed."""
         reply = yield from self.request({"op": "PM"})
-        if not reply.get("ok"):
+        if not succeeded(reply):
             self.out.warn(f"PM refused: {describe_error(reply)}")
             return
         self.set_online(reply.get("online"))
@@ -475,10 +502,12 @@ class Session:
             yield from self.cancel()
             return
         reply = yield from self.request({"op": "TARGET", "username": target})
-        if not reply.get("ok"):
+        if not succeeded(reply):
             self.out.warn(f"cannot send to {target}: {describe_error(reply)}")
             return
-        name = str(reply.get("username") or target)
+        name = reply.get("username")
+        if not (valid_username(name) and name.lower() == target.lower()):
+            name = target  # the server answers with the registered spelling of the same name, nothing else
         their_key = self.target_key(name, reply)
         if their_key is None:
             yield from self.cancel()
@@ -496,7 +525,7 @@ class Session:
                     return
                 text = None
                 continue
-            if reply.get("ok"):
+            if succeeded(reply):
                 self.out.show(f"sent privately to {name}")
             return
 
@@ -557,7 +586,7 @@ class Session:
         count = 0
         while True:
             reply = yield Reply("CH")
-            if not reply.get("ok"):
+            if not succeeded(reply):
                 self.out.warn(f"CH failed: {describe_error(reply)}")
                 return
             entries = reply.get("entries")
@@ -565,7 +594,7 @@ class Session:
                 if isinstance(entry, dict):
                     self.out.show(format_history_entry(entry, self.open_sealed))
                     count += 1
-            if not reply.get("more"):
+            if reply.get("more") is not True:
                 break
         self.out.show("your history is empty" if count == 0 else f"({count} {'entry' if count == 1 else 'entries'})")
 
@@ -637,9 +666,10 @@ class Session:
         elif op == "PM":
             self.receive_private(body)
         elif op == "PRESENCE":
-            name = str(body.get("username", "?"))
-            online = bool(body.get("online"))
-            if name.lower() == self.username.lower():
+            name = body.get("username")
+            online = body.get("online") is True
+            if not valid_username(name) or name.lower() == self.username.lower():
+                log.debug("ignoring a PRESENCE of %r", name)
                 return
             if online:
                 self.online[name.lower()] = name
@@ -651,7 +681,10 @@ class Session:
 
     def receive_private(self, body: dict) -> None:
         """A PM: check the signature with the sender's pinned key, then decrypt and show it."""
-        sender = str(body.get("from", "?"))
+        sender = body.get("from")
+        if not valid_username(sender):
+            self.out.warn(f"a private message from an invalid sender name, {one_line(sender, 40)}; not shown")
+            return
         try:
             key = pg3lib.PublicKey.from_key_form(str(body.get("sender_key", "")))
         except pg3lib.InvalidKey:
@@ -672,7 +705,7 @@ class Session:
     def set_online(self, names: Any) -> None:
         if isinstance(names, list):
             me = self.username.lower()
-            self.online = {n.lower(): n for n in names if isinstance(n, str) and n.lower() != me}
+            self.online = {n.lower(): n for n in names if valid_username(n) and n.lower() != me}
 
     def who_text(self) -> str:
         if not self.online:
@@ -691,6 +724,7 @@ class Connection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = framing.FrameDecoder(limit=CLIENT_FRAME_LIMIT)
         self.outgoing = bytearray()
+        self.malformed: str | None = None  # why the stream stopped being frames
 
     @classmethod
     def open(cls, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> Connection:
@@ -739,10 +773,16 @@ class Connection:
     def receive(self) -> list[framing.Frame]:
         """The frames completed by what arrived.
 
+        When the stream stops being frames, the ones before the bad one are still
+        returned (a BYE or a message is not lost) and ``malformed`` says why; the
+        caller ends after them.
+
         Raises:
             ConnectionClosed: end of stream or a broken connection.
-            ClientExit: the server sent something that is not a frame.
+            ClientExit: the server sent something that is not a frame (reported before).
         """
+        if self.malformed is not None:
+            raise ClientExit(f"the server sent a malformed frame: {self.malformed}")
         try:
             chunk = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -754,7 +794,8 @@ class Connection:
         try:
             return self.decoder.feed(chunk)
         except framing.ProtocolError as exc:
-            raise ClientExit(f"the server sent a malformed frame: {exc.message}") from None
+            self.malformed = one_line(exc.message)
+            return exc.frames
 
     def close(self) -> None:
         try:
@@ -1071,6 +1112,8 @@ class Driver:
                 log.debug("ignoring an unexpected %s reply", op)
             if self.finished:
                 return
+        if self.connection.malformed is not None:
+            raise ClientExit(f"the server sent a malformed frame: {self.connection.malformed}")
 
     def _on_input(self, poll: bool = True) -> None:
         events, ended = self.screen.read_input()

@@ -193,3 +193,21 @@ def unused_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_local_time_at_the_ends_of_the_calendar():
+    # astimezone() overflows there; the time is shown in its own zone instead of ending the client.
+    assert local_time("0001-01-01T00:00:00+01:00", with_date=True) == "0001-01-01 00:00"
+    assert local_time("9999-12-31T23:59:59-01:00", with_date=True) == "9999-12-31 23:59"
+    assert len(local_time("9999-12-31T23:59:59Z")) == 5
+
+
+def test_server_text_in_one_line_messages():
+    assert chatclient.describe_error({"message": "a\nb\x1b[2J" + "x" * 500}) == \
+        "a\\x0ab\\x1b[2J" + "x" * 184 + "..."
+    assert chatclient.describe_error({"error": "bad_request"}) == "bad_request"
+    assert chatclient.bye_text({"reason": ["idle"]}) == \
+        "the server closed the connection: no reason known (['idle'])"
+    assert chatclient.sent_text(True) == chatclient.sent_text("3") == chatclient.sent_text(-1) == "sent"
+    assert chatclient.valid_username("Bob.2") and not chatclient.valid_username("bob\n")
+    assert not chatclient.valid_username(["bob"]) and not chatclient.valid_username("a b")

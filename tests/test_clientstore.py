@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import stat
 
@@ -96,3 +98,30 @@ def test_known_files_tolerate_junk_lines(tmp_path):
     with open(store.known_servers_path, "w") as fh:
         fh.write("# comment\n\njunk\nh:1 SHA256:x extra\n")
     assert store.server_fingerprint("h:1") == "SHA256:x"
+
+
+def test_names_that_would_break_a_line_are_refused(tmp_path):
+    store = ClientStore(str(tmp_path / "chatroom"))
+    store.remember_contact("h:1", "bob", "SHA256:b1")
+    for name in ("bob\nh:1 carol SHA256:evil", "a b", "", "tab\tname"):
+        with pytest.raises(ValueError):
+            store.remember_contact("h:1", name, "SHA256:x")
+    with pytest.raises(ValueError):
+        store.remember_server("h:1", "SHA256:x\nh:2 SHA256:y")
+    assert store.contacts("h:1") == {"bob": "SHA256:b1"}
+    assert store.server_fingerprint("h:2") is None
+
+
+def test_key_files_of_the_earlier_format_still_open(tmp_path, keys):
+    """Before, the PEM itself was scrypt-protected by pg3lib (half a second per login) under n=2**14."""
+    store = ClientStore(str(tmp_path / "chatroom"))
+    store.save_key_pair("h:1", "alice", "password1", keys(1))  # makes the directory and the metadata
+    pem_path, meta_path = store.key_files("h:1", "alice")
+    with open(meta_path, encoding="utf-8") as fh:
+        meta = json.load(fh)
+    salt = base64.b64decode(meta["salt"])
+    keys(0).save(pem_path, derive_passphrase("password1", salt, n=2 ** 14))
+    meta.update(n=2 ** 14, public_key=keys(0).public.key_form, fingerprint=keys(0).fingerprint)
+    with open(meta_path, "w", encoding="utf-8") as fh:
+        json.dump(meta, fh)
+    assert store.load_key_pair("h:1", "alice", "password1").fingerprint == keys(0).fingerprint
