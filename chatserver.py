@@ -41,8 +41,11 @@ import time
 import framing
 import hashpool
 import passwords
+import pg3lib
+import redisstore
 import state
 import storage
+from redislink import RedisLink
 
 log = logging.getLogger("chat.server")
 
@@ -99,15 +102,32 @@ class ChatServer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.listener = self._listen(args.host, args.port)   # first: a busy port changes nothing on disk
+        self.sel = selectors.DefaultSelector()
+        self.redis: redisstore.RedisStore | None = None
         try:
-            self.store = storage.FileStore(args.data)
-        except storage.StorageError:
+            if args.redis:
+                # Several nodes, one room: the store is Redis, and every node shows the same key.
+                os.makedirs(args.data, exist_ok=True)
+                local = storage.load_server_keys(args.data)
+                try:
+                    self.keys = pg3lib.KeyPair.from_pem(redisstore.shared_server_pem(args.redis, local.to_pem()))
+                except (OSError, TimeoutError, ValueError) as exc:
+                    raise storage.StorageError(f"cannot use Redis at {args.redis}: {exc}") from None
+                try:
+                    self.store = self.redis = redisstore.RedisStore(args.redis, self.sel)
+                except (OSError, TimeoutError, ValueError) as exc:
+                    raise storage.StorageError(f"cannot use Redis at {args.redis}: {exc}") from None
+            else:
+                self.store = storage.FileStore(args.data)
+                self.keys = storage.load_server_keys(args.data)
+        except BaseException:
             self.listener.close()
             raise
-        self.keys = storage.load_server_keys(args.data)
         self.room = state.Room(self.keys, frame_limit=args.frame_limit, login_timeout=args.login_timeout,
-                               register_rate=args.register_rate, login_delay_cap=args.login_delay_cap)
-        self.sel = selectors.DefaultSelector()
+                               register_rate=args.register_rate, login_delay_cap=args.login_delay_cap,
+                               node=self.redis.node if self.redis else "")
+        if self.redis:
+            self.room.set_remote(self.redis.remote)
         self.conns: dict[int, Connection] = {}
         self.online: dict[str, Connection] = {}
         self.per_ip: collections.Counter = collections.Counter()
@@ -171,6 +191,8 @@ class ChatServer:
         if self.closing:
             soonest = min(conn.close_by for conn in self.closing)
             deadline = soonest if deadline is None else min(deadline, soonest)
+        if self.redis:   # the lease is renewed every second
+            deadline = now + redisstore.TICK / 2 if deadline is None else min(deadline, now + redisstore.TICK / 2)
         if deadline is None:
             return None
         return max(0.0, deadline - now)
@@ -185,6 +207,11 @@ class ChatServer:
                 self._drain_waker()
             elif type(data) is hashpool.HashWorker:
                 self._worker_ready(data, mask)
+            elif type(data) is RedisLink:
+                if mask & selectors.EVENT_WRITE:
+                    data.on_writable()
+                if mask & selectors.EVENT_READ:
+                    data.on_readable()
             else:
                 if mask & selectors.EVENT_READ and not data.closed:
                     self._read(data)
@@ -197,6 +224,8 @@ class ChatServer:
                 self.throttled.discard(conn)
                 self._pump(conn)
         self.apply(self.room.tick(now))
+        if self.redis:
+            self._cluster_tick()
         if self.closing:
             for conn in [c for c in self.closing if c.close_by <= now]:
                 self._abort(conn)
@@ -211,15 +240,34 @@ class ChatServer:
             for conn in dirty:
                 if not conn.closed:
                     self._flush(conn)
+        self.store.send()
 
     def _settle(self) -> None:
-        """Let the store finish what it can now; feed completions back to the sessions."""
-        while self.store.pending or self.done_jobs:
+        """Let the store finish what it can now; feed completions (and shared events) to the sessions."""
+        events = self.redis.events if self.redis else ()
+        while self.store.pending or self.done_jobs or events:
             while self.done_jobs:
                 cid, result = self.done_jobs.popleft()
                 self._complete(cid, result)
             for cid, result in self.store.flush():
                 self._complete(cid, result)
+            if events:
+                batch = events[:]
+                del events[:]
+                for kind, event_id, fields in batch:
+                    self.apply(self.room.event(kind, event_id, fields))
+
+    def _cluster_tick(self) -> None:
+        """Shared mode: the node's lease and links; a fenced or cut-off node drops its users."""
+        redis = self.redis
+        redis.tick(time.monotonic())
+        if redis.drop:
+            reason, redis.drop = redis.drop, ""
+            self.apply(self.room.drop_all(reason))
+        if self.room.node != redis.node and not self.room.online:
+            self.room.node = redis.node   # joined again under a new id
+            self.room.remote.clear()
+            self.room.set_remote(redis.remote)
 
     def _complete(self, cid: int, result: object) -> None:
         self.apply(self.room.completed(cid, result))
@@ -583,6 +631,7 @@ class ChatServer:
             self._abort(conn)
         self.pool.close()
         self._settle()
+        self.store.send()   # shared mode: the logouts
         self.store.close()
         self.listener.close()
         log.info("stopped")
@@ -627,6 +676,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address to listen on (default: all IPv4 interfaces)")
     parser.add_argument("--data", default=os.path.join(here, "data"), metavar="DIR",
                         help="data directory: accounts, <Username>.chat histories, server key (default: %(default)s)")
+    parser.add_argument("--redis", metavar="URL", default=None,
+                        help="run as one node of several sharing a Redis (redis://HOST:PORT[/DB]): accounts, "
+                        "history, presence and messages go through it; default: the data directory alone")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log detail (default: %(default)s)")
     limits = parser.add_argument_group("limits")

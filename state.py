@@ -36,6 +36,7 @@ import base64
 import collections
 import enum
 import heapq
+import json
 import os
 import re
 import time
@@ -50,6 +51,9 @@ MAX_ATTEMPTS = 3
 # Replies one connection may have waiting on the store; past it, its further
 # requests wait (memory per connection stays bounded however much it pipelines).
 MAX_PIPELINE = 64
+# Shared mode: broadcasts remembered for a session whose KEY answer is still on
+# its way (its online event may be older than events already read).
+RECENT_EVENTS = 1000
 REGISTRATION_WINDOW = 3600.0     # --register-rate counts over a sliding hour
 FAILURE_MEMORY = 3600.0          # an hour without failures forgets an account's failed logins
 USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
@@ -119,11 +123,62 @@ class AppendHistory(NamedTuple):
     cid: int
     entries: list
     sender: str   # whose file decides: if it cannot be written, nobody's is
+    # Shared mode: "BM" or "PM", the data frame for the recipients, the PM target and
+    # the session tokens the store checks (the sender's, and the target's for a PM).
+    kind: str = ""
+    frame: bytes = b""
+    target: str = ""
+    token: str = ""
+    target_token: str = ""
 
 
 class ReadHistory(NamedTuple):
     cid: int
     username: str
+    limit: int | None = None   # only the newest entries (a store may use it to read less)
+
+
+class ClaimSession(NamedTuple):
+    """Shared mode: make ``token`` the account's one session (others are kicked). Answer: "ok"."""
+    cid: int
+    key: str
+    token: str
+
+
+class GoOnline(NamedTuple):
+    """Shared mode: put the session online if ``token`` is still the account's session.
+
+    Answer: the event id of its coming online, or None if it was replaced meanwhile.
+    """
+    cid: int
+    key: str
+    token: str
+    record: str   # JSON: username, public_key, fingerprint (another node answers TARGET with it)
+
+
+class Logout(NamedTuple):
+    """Shared mode: end the session ``token`` if it is still the account's. Not answered (cid 0)."""
+    cid: int
+    key: str
+    token: str
+
+
+class AppendResult(NamedTuple):
+    """The answer to AppendHistory: owners whose write failed; for a shared store also the count
+    of recipients and an error (``not_online``: the PM target's session changed; ``internal``)."""
+    failed: frozenset
+    recipients: int | None = None
+    error: str | None = None
+
+
+class StoreFailure:
+    """The store could not answer (Redis unreachable): the request gets ``internal``."""
+
+    def __repr__(self) -> str:
+        return "INTERNAL"
+
+
+INTERNAL = StoreFailure()
 
 
 class CheckPassword(NamedTuple):
@@ -136,7 +191,7 @@ class CheckPassword(NamedTuple):
     may_register: bool = True   # False: the address is over its registration rate
 
 
-STORE_REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory)
+STORE_REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory, ClaimSession, GoOnline, Logout)
 REQUESTS = frozenset((*STORE_REQUESTS, CheckPassword))   # effects that are answered by completed()
 
 
@@ -215,6 +270,15 @@ def history_pages(lines: list, limit: int) -> list[bytes]:
     return frames
 
 
+def stream_id(text: object) -> tuple:
+    """A Redis stream id ``ms-seq`` as a comparable tuple; (0, 0) if it is not one."""
+    try:
+        ms, _, seq = (text.decode("ascii") if isinstance(text, bytes) else text).partition("-")
+        return int(ms), int(seq or 0)
+    except (AttributeError, ValueError):
+        return (0, 0)
+
+
 def valid_username(name: object) -> bool:
     return isinstance(name, str) and USERNAME_RE.match(name) is not None
 
@@ -249,11 +313,21 @@ class Slot:
         self.held = False
 
 
+class RemoteUser(NamedTuple):
+    """Shared mode: a user online on another node, as its ``on`` event described it."""
+    key: str
+    username: str
+    token: str
+    key_form: str
+    fingerprint: str
+
+
 class Session:
     """One connection's protocol state."""
 
     __slots__ = ("cid", "address", "state", "username", "key", "account", "nonce", "attempts_left",
-                 "public_key", "target", "barriers", "deadline", "sealed", "registering", "slots")
+                 "public_key", "target", "barriers", "deadline", "sealed", "registering", "slots", "online_id",
+                 "claimed")
 
     def __init__(self, cid: int, address: str) -> None:
         self.cid = cid
@@ -271,6 +345,8 @@ class Session:
         self.deadline = 0.0
         self.sealed = ""             # the PASSWORD ciphertext while it is being checked
         self.registering = False     # holds one of its address's registration slots
+        self.online_id = (0, 0)      # shared mode: stream id of its coming online
+        self.claimed = False         # shared mode: the store holds this session's token
 
 
 
@@ -282,6 +358,7 @@ class Room:
 
     def __init__(self, server_keys: pg3lib.KeyPair, *, frame_limit: int = framing.DEFAULT_FRAME_LIMIT,
                  login_timeout: float = 30.0, register_rate: int = 100, login_delay_cap: float = 60.0,
+                 node: str = "",
                  clock: Callable[[], float] = time.time,
                  random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         self.server_keys = server_keys
@@ -291,6 +368,12 @@ class Room:
         self.clock = clock
         self.random_bytes = random_bytes
         self.sessions: dict[int, Session] = {}
+        # Shared mode (a node of several on one store): presence and delivery come
+        # back from the store's event streams (``event``); ``node`` names this one.
+        self.node = node
+        self.shared = bool(node)
+        self.remote: dict[str, RemoteUser] = {}
+        self._recent_bm: collections.deque = collections.deque(maxlen=RECENT_EVENTS)
         self.online: dict[str, Session] = {}       # after KEY: key -> session
         self.online_version = 0                     # changes whenever someone comes or goes
         self._snapshot: tuple | None = None         # registered spellings of everyone online
@@ -464,16 +547,27 @@ class Room:
         key = session.key
         if key and self.logged_in.get(key) is session:
             del self.logged_in[key]
+        if session.claimed:
+            session.claimed = False
+            out.append(Logout(0, key, self.token(session)))   # the store says offline to every node
         if key and self.online.get(key) is session:
             del self.online[key]
             self._online_changed()
             self._emit(session, Offline(key, session.cid), out)
-            self._emit(session, DeliverAll(framing.data({"op": "PRESENCE", "username": session.username,
-                                                         "online": False, "ts": timestamp(self.clock())}), key),
-                       out)
+            if not self.shared:
+                self._emit(session, DeliverAll(framing.data({"op": "PRESENCE", "username": session.username,
+                                                             "online": False, "ts": timestamp(self.clock())}),
+                                               key), out)
 
     def _others_online(self, session: Session) -> list[str]:
-        return [s.username for k, s in self.online.items() if k != session.key]
+        names = [s.username for k, s in self.online.items() if k != session.key]
+        if self.remote:
+            names.extend(r.username for k, r in self.remote.items() if k != session.key and k not in self.online)
+        return names
+
+    def token(self, session: Session) -> str:
+        """Shared mode: the session's name in the store, ``<node>/<connection>``."""
+        return f"{self.node}/{session.cid}"
 
     def _names_reply(self, op: str, session: Session, **fields) -> bytes:
         names = self._others_online(session)
@@ -498,6 +592,9 @@ class Room:
 
     def _login_account(self, session: Session, account: Account | None, out: Effects) -> None:
         if session.state is State.CLOSED:
+            return
+        if account is INTERNAL:
+            self._reply(session, fail("LOGIN", "internal", "the account could not be read; try again"), out)
             return
         session.account = account
         if account is not None:
@@ -615,7 +712,7 @@ class Room:
     def _login_recheck(self, session: Session, account: Account | None, out: Effects) -> None:
         if session.state is State.CLOSED:
             return
-        if account is None:
+        if account is None or account is INTERNAL:
             session.sealed = ""
             self._reply(session, fail("PASSWORD", "internal", "the account could not be read"), out)
             return
@@ -637,6 +734,11 @@ class Room:
             self._emit(session, Close(session.cid), out)
 
     def _logged_in(self, session: Session, *, new_user: bool, out: Effects) -> None:
+        if self.shared and not session.claimed:
+            # One session per account across all nodes: the store swaps the token.
+            self._wait(session, lambda s, result, o: self._claimed(s, result, new_user, o),
+                       ClaimSession(session.cid, session.key, self.token(session)), out)
+            return
         old = self.logged_in.get(session.key)
         if old is not None and old is not session:
             self._reply(old, bye("replaced"), out)
@@ -645,6 +747,17 @@ class Room:
         self.logged_in[session.key] = session
         session.state = State.AWAIT_KEY
         self._reply(session, ok("PASSWORD", new_user=new_user, username=session.username), out)
+
+    def _claimed(self, session: Session, result: object, new_user: bool, out: Effects) -> None:
+        if result != "ok":
+            self._reply(session, fail("PASSWORD", "internal", "the session could not be stored; try again"), out)
+            return
+        session.claimed = True
+        if session.state is State.CLOSED:
+            out.append(Logout(0, session.key, self.token(session)))
+            session.claimed = False
+            return
+        self._logged_in(session, new_user=new_user, out=out)
 
     # --- AWAIT_KEY ---------------------------------------------------------------
     def _key(self, session: Session, body: dict, out: Effects) -> None:
@@ -656,6 +769,13 @@ class Room:
                                               f"2048 bits in key form ({exc or 'not a string'})"), out)
             return
         session.public_key = public_key
+        if self.shared:
+            record = framing.encode_body({"username": session.username, "token": self.token(session),
+                                          "public_key": public_key.key_form,
+                                          "fingerprint": public_key.fingerprint}).decode("utf-8")
+            self._wait(session, self._went_online, GoOnline(session.cid, session.key, self.token(session), record),
+                       out)
+            return
         session.state = State.READY
         self._reply(session, self._names_reply("KEY", session, fingerprint=public_key.fingerprint), out)
         self.online[session.key] = session
@@ -663,6 +783,115 @@ class Room:
         out.append(Online(session.key, session.cid))
         out.append(DeliverAll(framing.data({"op": "PRESENCE", "username": session.username, "online": True,
                                             "ts": timestamp(self.clock())}), session.key))
+
+    def _went_online(self, session: Session, event_id: object, out: Effects) -> None:
+        if session.state is State.CLOSED:
+            return
+        if event_id is INTERNAL:
+            self._reply(session, fail("KEY", "internal", "could not go online; try again"), out)
+            return
+        if event_id is None:   # replaced by a login elsewhere: its kick is on the way
+            self._reply(session, bye("replaced"), out)
+            session.claimed = False
+            self._end(session, out)
+            self._emit(session, Close(session.cid), out)
+            return
+        session.online_id = stream_id(event_id)
+        session.state = State.READY
+        self._reply(session, self._names_reply("KEY", session, fingerprint=session.public_key.fingerprint), out)
+        self.online[session.key] = session
+        self.remote.pop(session.key, None)
+        self._online_changed()
+        out.append(Online(session.key, session.cid))
+        # Broadcasts stored after it came online but read before this answer.
+        for bm_id, sender, frame in self._recent_bm:
+            if bm_id > session.online_id and sender != session.key:
+                out.append(Deliver([session.key], frame))
+
+    # --- events from the shared store -------------------------------------------------
+    def event(self, kind: str, event_id: str, fields: dict) -> Effects:
+        """Shared mode: one entry of the store's event streams (SCALEOUT.md), in stream order.
+
+        ``bm``: deliver to local users online before it was stored (they have it in
+        their history); ``on``/``off``: presence; ``pm``: a private message for a
+        local session; ``kick``: a local session was replaced on another node.
+        """
+        out: Effects = []
+        ident = stream_id(event_id)
+        if kind == "bm":
+            sender = fields.get("from", "")
+            frame = fields.get("d", b"")
+            self._recent_bm.append((ident, sender, frame))
+            users = [k for k, s in self.online.items() if k != sender and s.online_id < ident]
+            if users:
+                out.append(Deliver(users, frame))
+        elif kind in ("on", "off"):
+            self._presence_event(kind == "on", ident, fields, out)
+        elif kind == "pm":
+            session = self.online.get(fields.get("to", ""))
+            if session is not None and self.token(session) == fields.get("tok"):
+                out.append(Deliver([session.key], fields.get("d", b"")))
+        elif kind == "kick":
+            session = self.logged_in.get(fields.get("u", ""))
+            if session is not None and self.token(session) == fields.get("tok"):
+                session.claimed = False   # the token is someone else's now: no logout
+                self._reply(session, bye("replaced"), out)
+                self._end(session, out)
+                self._emit(session, Close(session.cid), out)
+        return out
+
+    def _presence_event(self, online: bool, ident: tuple, fields: dict, out: Effects) -> None:
+        key, token = fields.get("u", ""), fields.get("tok", "")
+        local = self.online.get(key)
+        mine = local is not None and self.token(local) == token
+        if online:
+            try:
+                record = json.loads(fields.get("rec") or "{}")
+                user = RemoteUser(key, record["username"], token, record["public_key"], record["fingerprint"])
+            except (ValueError, KeyError, TypeError):
+                return
+            if not mine:
+                self.remote[key] = user
+            spelling = user.username
+        else:
+            remote = self.remote.get(key)
+            if remote is not None and remote.token == token:
+                del self.remote[key]
+            spelling = remote.username if remote is not None else (local.username if local else key)
+            if mine:   # our own session was logged out by another node (a reap): it cannot stay
+                local.claimed = False
+                self._reply(local, bye("shutdown"), out)
+                self._end(local, out)
+                self._emit(local, Close(local.cid), out)
+        users = [k for k, s in self.online.items() if k != key and s.online_id < ident]
+        if users:
+            out.append(Deliver(users, framing.data({"op": "PRESENCE", "username": spelling, "online": online,
+                                                    "ts": timestamp(self.clock())})))
+
+    def set_remote(self, records: dict) -> None:
+        """Shared mode: who is online elsewhere when this node starts (name -> JSON record)."""
+        for key, raw in records.items():
+            try:
+                record = json.loads(raw)
+                token = record["token"]
+                if not token.startswith(self.node + "/"):
+                    self.remote[key] = RemoteUser(key, record["username"], token, record["public_key"],
+                                                  record["fingerprint"])
+            except (ValueError, KeyError, TypeError):
+                continue
+
+    def drop_all(self, reason: str) -> Effects:
+        """Close every connection (shared mode: this node lost the store)."""
+        out: Effects = []
+        for session in list(self.sessions.values()):
+            if session.state is State.CLOSED:
+                continue
+            session.claimed = False   # the store is gone or has reaped us: nothing to log out
+            self._reply(session, bye(reason), out)
+            self._end(session, out)
+            self._emit(session, Close(session.cid), out)
+        self.remote.clear()
+        return out
 
     # --- READY -------------------------------------------------------------------
     def _bm(self, session: Session, body: dict, out: Effects) -> None:
@@ -680,9 +909,12 @@ class Room:
             return
         # A barrier, not a slot: a history is read whole, so one read at a time per connection.
         self._wait(session, lambda s, lines, o: self._history_read(s, lines, limit, o),
-                   ReadHistory(session.cid, session.username), out)
+                   ReadHistory(session.cid, session.username, limit), out)
 
     def _history_read(self, session: Session, lines: list, limit: int | None, out: Effects) -> None:
+        if lines is INTERNAL:
+            self._reply(session, fail("CH", "internal", "the history could not be read; try again"), out)
+            return
         if limit is not None:
             lines = lines[-limit:]
         for page in history_pages(lines, self.frame_limit):
@@ -711,14 +943,19 @@ class Room:
         owners = self.online_snapshot()   # the sender and everyone it reaches
         frame = framing.data({"op": "BM", "from": session.username, "text": text, "ts": ts})
         version = self.online_version
-        self._defer(session, lambda s, failed, o: self._bm_stored(s, owners, version, frame, failed, o),
-                    AppendHistory(session.cid, [(owners, line)], session.username), out)
+        self._defer(session, lambda s, result, o: self._bm_stored(s, owners, version, frame, result, o),
+                    AppendHistory(session.cid, [(owners, line)], session.username, "BM", frame,
+                                  token=self.token(session) if self.shared else ""), out)
 
-    def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, failed: set,
+    def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, result: object,
                    out: Effects) -> None:
-        if session.username in failed:
+        if result is INTERNAL or result.error or session.username in result.failed:
             out.append(Send(session.cid, fail("SEND", "internal", "the message could not be stored")))
             return
+        if result.recipients is not None:   # shared: every node delivers it from the event stream
+            out.append(Send(session.cid, ok("SEND", recipients=result.recipients)))
+            return
+        failed = result.failed
         if version == self.online_version and not failed:
             # Nobody came or went since SEND: everyone else online, in one shared effect.
             out.append(DeliverAll(frame, session.key))
@@ -743,15 +980,18 @@ class Room:
             self._reply(session, fail("TARGET", "bad_request", "you cannot send a private message "
                                                                        "to yourself"), out)
             return
-        target = self.online.get(key)
+        target = self.online.get(key) or self.remote.get(key)
         if target is None:
             self._reply(session, fail("TARGET", "not_online", f"{name!r} is not online"), out)
             return
         session.target = target
         session.state = State.AWAIT_PM_TEXT
-        self._reply(session, ok("TARGET", username=target.username,
-                                        public_key=target.public_key.key_form,
-                                        fingerprint=target.public_key.fingerprint), out)
+        if isinstance(target, RemoteUser):
+            key_form, fingerprint = target.key_form, target.fingerprint
+        else:
+            key_form, fingerprint = target.public_key.key_form, target.public_key.fingerprint
+        self._reply(session, ok("TARGET", username=target.username, public_key=key_form,
+                                fingerprint=fingerprint), out)
 
     def _pm_send(self, session: Session, body: dict, out: Effects) -> None:
         ciphertext, self_copy, signature = body.get("ciphertext"), body.get("self_copy"), body.get("signature")
@@ -761,7 +1001,7 @@ class Room:
                                                                      "'ciphertext', 'self_copy' and 'signature'"), out)
             return
         target = session.target
-        if target is None or self.online.get(target.key) is not target:
+        if target is None or (self.online.get(target.key) or self.remote.get(target.key)) is not target:
             session.state = State.READY
             session.target = None
             self._reply(session, fail("SEND", "not_online", "the recipient is not online any more"), out)
@@ -780,13 +1020,23 @@ class Room:
                               "sender_key": session.public_key.key_form, "ts": ts})
         session.state = State.READY
         session.target = None
-        self._defer(session, lambda s, failed, o: self._pm_stored(s, target, frame, failed, o),
-                    AppendHistory(session.cid, lines, session.username), out)
+        request = AppendHistory(session.cid, lines, session.username, "PM", frame, target.key)
+        if self.shared:
+            target_token = target.token if isinstance(target, RemoteUser) else self.token(target)
+            request = request._replace(token=self.token(session), target_token=target_token)
+        self._defer(session, lambda s, result, o: self._pm_stored(s, target, frame, result, o), request, out)
 
-    def _pm_stored(self, session: Session, target: Session, frame: bytes, failed: set, out: Effects) -> None:
-        if session.username in failed:
+    def _pm_stored(self, session: Session, target, frame: bytes, result: object, out: Effects) -> None:
+        if result is INTERNAL or result.error == "internal" or session.username in result.failed:
             out.append(Send(session.cid, fail("SEND", "internal", "the message could not be stored")))
             return
+        if result.error == "not_online":
+            out.append(Send(session.cid, fail("SEND", "not_online", "the recipient is not online any more")))
+            return
+        if result.recipients is not None:   # shared: the target's node delivers it
+            out.append(Send(session.cid, ok("SEND", recipients=result.recipients)))
+            return
+        failed = result.failed
         delivered = self.online.get(target.key) is target and target.username not in failed
         if delivered:
             out.append(Deliver([target.key], frame))
@@ -828,6 +1078,8 @@ def _expected(state: State) -> str:
         f" in state {state.value}"
 
 
-__all__ = ["State", "Room", "Session", "TRANSITIONS", "Transition", "Send", "Deliver", "DeliverAll",
-           "Close", "Online", "Offline", "LoadAccount", "CreateAccount", "AppendHistory", "ReadHistory",
-           "CheckPassword", "STORE_REQUESTS"]
+__all__ = [
+    "INTERNAL", "STORE_REQUESTS", "TRANSITIONS", "AppendHistory", "AppendResult", "CheckPassword", "ClaimSession",
+    "Close", "CreateAccount", "Deliver", "DeliverAll", "GoOnline", "LoadAccount", "Logout", "Offline", "Online",
+    "ReadHistory", "RemoteUser", "Room", "Send", "Session", "State", "Transition",
+]

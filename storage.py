@@ -26,6 +26,7 @@ from collections import OrderedDict
 
 import pg3lib
 from passwords import Account
+from state import AppendResult
 
 log = logging.getLogger("chat.storage")
 
@@ -308,8 +309,8 @@ class FileStore:
         done = []
         for cid, result, append in queue:
             if append is not None:
-                result = _NOTHING_FAILED if not failed else {
-                    owner for owners, _ in append.entries for owner in owners if owner in failed}
+                result = _ALL_WRITTEN if not failed else AppendResult(frozenset(
+                    owner for owners, _ in append.entries for owner in owners if owner in failed))
             done.append((cid, result))
         return done
 
@@ -346,12 +347,15 @@ class FileStore:
                     mine.append(chunk)
         return chunks
 
+    def send(self) -> None:
+        """Nothing to send: a file store answers within the pass (a Redis store sends here)."""
+
     def close(self) -> None:
         self.accounts.close()
         self.history.close()
 
 
-_NOTHING_FAILED: frozenset = frozenset()
+_ALL_WRITTEN = AppendResult(frozenset())
 
 
 def _joined(chunks: list) -> bytes:

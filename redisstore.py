@@ -1,0 +1,330 @@
+"""The shared store: accounts, history, presence and fan-out in Redis, for several nodes.
+
+``RedisStore`` is the Redis side of the store seam that ``storage.FileStore``
+is for one process: the server hands it the session logic's store requests
+(``submit``) and collects completions (``flush``), which here arrive later, as
+Redis answers. It also runs this node's life in the cluster (SCALEOUT.md):
+
+* two links in the server's own selector: one pipelined command link (every
+  mutation one Lua script of ``redis_scripts.py``), one reader blocked in
+  ``XREAD`` on ``chat:ev`` (BMs, presence) and this node's inbox (PMs, kicks),
+  resuming from the last ids it saw, so nothing is delivered twice or missed;
+* a lease renewed every second; a node that cannot renew it is fenced: it
+  drops its users and joins again under a new id. Every second it also reaps
+  nodes whose lease expired, so their users go offline for everyone;
+* Redis unreachable or stalled (a command unanswered for 2 s): requests are
+  answered ``internal`` (never ``ok`` for what is not stored); after a few
+  seconds the node drops its users and joins again when Redis is back.
+
+``events`` holds the stream entries read but not yet handed to the session
+logic; ``drop`` asks the server to close every connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+import passwords
+import redis_scripts
+import state
+from redislink import BlockingRedis, LinkError, RedisLink
+from resp import RedisError
+
+log = logging.getLogger("chat.redis")
+
+TICK = 1.0             # seconds between lease renewals and reaping rounds
+STALL = 2.0            # an unanswered command this old means the link is broken
+DROP_AFTER = 3.0       # seconds without Redis before the node closes its users' connections
+XREAD_BLOCK_MS = 1000
+XREAD_COUNT = 1000
+SERVER_KEY = "serverkey"
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def new_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}".replace("/", "_")
+
+
+def shared_server_pem(url: str, local_pem: bytes) -> bytes:
+    """The server key every node presents: the first node's, kept in Redis (blocking; at start).
+
+    Raises:
+        OSError, TimeoutError: Redis cannot be reached.
+    """
+    keys = redis_scripts.ChatKeys()
+    with BlockingRedis(url) as redis:
+        redis.call("SET", keys.prefix + SERVER_KEY, local_pem, "NX")
+        pem = redis.call("GET", keys.prefix + SERVER_KEY)
+    if not isinstance(pem, bytes):
+        raise OSError(f"cannot read the shared server key from {url}: {pem!r}")
+    return pem
+
+
+class RedisStore:
+    """The store seam and the node's membership, over two non-blocking Redis links."""
+
+    def __init__(self, url: str, selector, clock=time.monotonic) -> None:
+        self.url = url
+        self.selector = selector
+        self.clock = clock
+        self.keys = redis_scripts.ChatKeys()
+        self.node = ""
+        self.cmd: RedisLink | None = None
+        self.reader: RedisLink | None = None
+        self.events: list[tuple[str, str, dict]] = []   # (kind, id, fields) read, not yet handed over
+        self.remote: dict = {}                           # who was online when this node joined
+        self.drop = ""                                   # a reason: the server closes every connection
+        self._done: list[tuple[int, object]] = []
+        self._last_ev = "$"
+        self._last_in = "0"
+        self._next_tick = 0.0
+        self._down_since: float | None = None
+        self._joined = False
+        self._reading = False
+        self.join_blocking()
+
+    # --- membership ---------------------------------------------------------------
+    def join_blocking(self) -> None:
+        """Register a fresh node id, note where the event stream is, and who is online (at start)."""
+        self.node = new_node_id()
+        keys = self.keys
+        with BlockingRedis(self.url, scripts=redis_scripts.SCRIPTS) as redis:
+            if redis.eval(*keys.register_node(self.node)) != 1:
+                raise OSError(f"node id {self.node} is taken")
+            last = redis.call("XREVRANGE", keys.ev, "+", "-", "COUNT", 1)
+            self._last_ev = _text(last[0][0]) if isinstance(last, list) and last else "0"
+            online = redis.call("HGETALL", keys.online)
+        self._last_in = "0"
+        self.remote = {_text(k): _text(v) for k, v in zip(online[::2], online[1::2])} \
+            if isinstance(online, list) else {}
+        self._joined = True
+        self._down_since = None
+        self._connect()
+        log.info("node %s joined %s", self.node, self.url)
+
+    def _connect(self) -> None:
+        for link in (self.cmd, self.reader):
+            if link is not None and link.error is None:
+                link.on_down = None
+                link.close()
+        self.cmd = RedisLink(self.url, selector=self.selector, scripts=redis_scripts.SCRIPTS,
+                             on_down=self._link_down)
+        self.reader = RedisLink(self.url, selector=self.selector, on_down=self._link_down)
+        self._reading = False
+        self._read_events()
+
+    def _link_down(self, link: RedisLink, error: LinkError) -> None:
+        if link is self.cmd or link is self.reader:
+            if self._down_since is None:
+                self._down_since = self.clock()
+                log.error("lost Redis (%s)", error.message)
+            for other in (self.cmd, self.reader):
+                if other is not None and other is not link and other.error is None:
+                    other.on_down = None
+                    other.close()
+
+    @property
+    def up(self) -> bool:
+        return self._down_since is None and self.cmd is not None and self.cmd.error is None
+
+    def tick(self, now: float) -> None:
+        """Every pass: stalls; every second: the lease, reaping, reconnecting."""
+        for link in (self.cmd, self.reader):
+            if link is not None and link.error is None and link.stalled(now, STALL):
+                log.error("Redis did not answer for %.0f s", STALL)
+                link.close()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + TICK
+        if not self.up:
+            if self._joined and self._down_since is not None and now - self._down_since > DROP_AFTER:
+                self._joined = False
+                self.drop = "shutdown"
+                log.error("no Redis for %.0f s: closing this node's connections", DROP_AFTER)
+            self._reconnect()
+            return
+        self.cmd.eval(self._renewed, *self.keys.renew_lease(self.node))
+        self.cmd.eval(self._dead_nodes, *self.keys.dead_nodes())
+
+    def _reconnect(self) -> None:
+        try:
+            probe = BlockingRedis(self.url, timeout=0.5)
+        except OSError:
+            return
+        try:
+            pong = probe.call("PING")
+        except (OSError, TimeoutError):
+            return
+        finally:
+            probe.close()
+        if pong != b"PONG":   # e.g. -LOADING while Redis reads its AOF
+            return
+        if not self._joined:
+            try:
+                self.join_blocking()
+            except (OSError, TimeoutError) as exc:
+                log.error("joining again failed: %s", exc)
+            return
+        self._down_since = None
+        self._connect()   # the lease is checked at the next renewal; the reader resumes from its ids
+        log.info("Redis is back")
+
+    def _renewed(self, reply) -> None:
+        if reply == 1 or isinstance(reply, LinkError):
+            return
+        log.error("node %s lost its lease (fenced): closing its connections, joining again", self.node)
+        self.drop = "shutdown"
+        self._joined = False
+        self._down_since = self.clock()   # join again at the next tick
+
+    def _dead_nodes(self, reply) -> None:
+        if not isinstance(reply, list):
+            return
+        for node in reply:
+            log.warning("reaping node %s (its lease expired)", _text(node))
+            self.cmd.eval(lambda _: None, *self.keys.reap_node(_text(node)))
+
+    # --- events -----------------------------------------------------------------------
+    def _read_events(self) -> None:
+        if self._reading or self.reader is None or self.reader.error is not None:
+            return
+        self._reading = True
+        self.reader.call(self._events_read, "XREAD", "COUNT", XREAD_COUNT, "BLOCK", XREAD_BLOCK_MS, "STREAMS",
+                         self.keys.ev, self.keys.inbox(self.node), self._last_ev, self._last_in,
+                         blocks_for=XREAD_BLOCK_MS / 1000)
+
+    def _events_read(self, reply) -> None:
+        self._reading = False
+        if isinstance(reply, RedisError):
+            return   # the link is down (its on_down has it) or Redis refused: read again on reconnect
+        for stream, entries in reply or ():
+            inbox = _text(stream) != self.keys.ev
+            for entry_id, flat in entries:
+                ident = _text(entry_id)
+                fields = {_text(k): v for k, v in zip(flat[::2], flat[1::2])}
+                for name in ("t", "from", "to", "u", "tok", "rec"):
+                    if name in fields:
+                        fields[name] = _text(fields[name])
+                self.events.append((fields.get("t", ""), ident, fields))
+                if inbox:
+                    self._last_in = ident
+                else:
+                    self._last_ev = ident
+        self._read_events()
+
+    # --- the store seam ---------------------------------------------------------------
+    @property
+    def pending(self) -> bool:
+        return bool(self._done)
+
+    def flush(self) -> list[tuple[int, object]]:
+        """The completions that have arrived."""
+        done, self._done = self._done, []
+        return done
+
+    def send(self) -> None:
+        """Send what this pass asked of Redis, one write per link."""
+        for link in (self.cmd, self.reader):
+            if link is not None and link.error is None:
+                link.flush()
+
+    def submit(self, request) -> None:
+        """Take one store request; its completion comes with a later flush."""
+        cid = request.cid
+        if not self.up:
+            if cid:
+                self._done.append((cid, self._failure(request)))
+            return
+
+        def done(result) -> None:
+            if cid:
+                self._done.append((cid, result))
+
+        def checked(convert):
+            def callback(reply) -> None:
+                if isinstance(reply, RedisError):
+                    if not isinstance(reply, LinkError):
+                        log.error("Redis refused %s: %s", type(request).__name__, reply.message)
+                    done(self._failure(request))
+                else:
+                    done(convert(reply))
+            return callback
+
+        keys, kind = self.keys, type(request)
+        if kind is state.LoadAccount:
+            self.cmd.call(checked(lambda raw: passwords.Account.from_json(_text(raw)) if raw else None),
+                          "HGET", keys.acct(request.key), "json")
+        elif kind is state.CreateAccount:
+            account = request.account
+            self.cmd.eval(checked(lambda n: "created" if n == 1 else "exists"),
+                          *keys.create_account(account.key, {"username": account.username,
+                                                             "json": account.to_json()}))
+        elif kind is state.ReadHistory:
+            name = request.username.lower()
+            if request.limit:
+                self.cmd.call(checked(lambda rows: [_text(f[1]) for _, f in reversed(rows)]),
+                              "XREVRANGE", keys.hist(name), "+", "-", "COUNT", request.limit)
+            else:
+                self.cmd.call(checked(lambda rows: [_text(f[1]) for _, f in rows]), "XRANGE", keys.hist(name), "-", "+")
+        elif kind is state.ClaimSession:
+            self.cmd.eval(checked(lambda reply: "ok" if reply[0] == 1 else "refused"),
+                          *keys.login_swap(request.key, request.token))
+        elif kind is state.GoOnline:
+            self.cmd.eval(checked(lambda reply: _text(reply[1]) if reply[0] == 1 else None),
+                          *keys.go_online(request.key, request.token, request.record))
+        elif kind is state.Logout:
+            self.cmd.eval(lambda _: None, *keys.logout(request.key, request.token))
+        elif kind is state.AppendHistory:
+            self._append(request, checked)
+        else:
+            raise TypeError(f"not a store request: {request!r}")
+
+    def _append(self, request: state.AppendHistory, checked) -> None:
+        keys = self.keys
+        sender = request.sender.lower()
+        if request.kind == "BM":
+            line = request.entries[0][1].rstrip(b"\n")
+            self.cmd.eval(checked(self._bm_result), *keys.bm(sender, line, request.frame, request.token))
+        elif request.kind == "PM":
+            (_, mine), (_, theirs) = request.entries
+            self.cmd.eval(checked(self._pm_result),
+                          *keys.pm(sender, request.target, request.target_token, mine.rstrip(b"\n"),
+                                   theirs.rstrip(b"\n"), request.frame, request.token))
+        else:
+            raise ValueError(f"an append of unknown kind {request.kind!r}")
+
+    @staticmethod
+    def _bm_result(reply) -> state.AppendResult:
+        if reply[0] == 1:
+            return state.AppendResult(frozenset(), int(reply[1]))
+        return state.AppendResult(frozenset(), error="internal")   # the sender's session is gone
+
+    @staticmethod
+    def _pm_result(reply) -> state.AppendResult:
+        if reply[0] == 1:
+            return state.AppendResult(frozenset(), 1)
+        return state.AppendResult(frozenset(), error="not_online" if reply[0] == 0 else "internal")
+
+    @staticmethod
+    def _failure(request) -> object:
+        if type(request) is state.CreateAccount:
+            return "failed"
+        if type(request) is state.AppendHistory:
+            return state.AppendResult(frozenset(), error="internal")
+        return state.INTERNAL
+
+    def links(self) -> tuple:
+        return tuple(link for link in (self.cmd, self.reader) if link is not None)
+
+    def close(self) -> None:
+        for link in (self.cmd, self.reader):
+            if link is not None and link.error is None:
+                link.on_down = None
+                link.close()
+
