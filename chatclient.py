@@ -40,6 +40,7 @@ import signal
 import socket
 import sys
 import termios
+import time
 from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any, NamedTuple, Union
@@ -66,10 +67,21 @@ CLIENT_FRAME_LIMIT = 1 << 20
 USERNAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 UNREADABLE = "(unreadable: sealed for another key)"
 COMMANDS = ("BM", "PM", "CH", "WHO", "KEYS", "TRUST", "HELP", "EX")
-HELP_LINES = (
-    "commands: BM [message] | PM [user [message]] | CH [count] | WHO | KEYS [user] | TRUST user | HELP | EX",
-    "Ctrl-C cancels an operation (and exits at this prompt), Ctrl-D exits, Up/Down recall, Tab completes",
+COMMANDS_HINT = "commands: BM PM CH WHO KEYS TRUST EX; HELP explains them"
+HELP_LINES = (  # short enough for a terminal of 60 columns
+    "BM [message]         message everyone online",
+    "PM [user [message]]  private message, encrypted end to end",
+    "CH [count]           your history (or its newest entries)",
+    "WHO                  who is online",
+    "KEYS [user]          fingerprints, to compare in person",
+    "TRUST user           accept a contact's new key",
+    "EX                   leave (or Ctrl-D)",
+    "Ctrl-C cancels; Up/Down recall; Tab completes names",
 )
+MIN_PASSWORD_CHARS = 8  # PROTOCOL.md 4.2: the server refuses shorter or longer ones as weak_password
+MAX_PASSWORD_BYTES = 256
+SLOW_REPLY = 1.0  # seconds without the awaited reply before the terminal says that we are waiting
+WAITING_NOTES = {"LOGIN": "connecting...", "PASSWORD": "checking the password..."}
 BYE_REASONS = {
     "shutdown": "the server is shutting down",
     "replaced": "you logged in somewhere else",
@@ -211,6 +223,15 @@ def sent_text(recipients: Any) -> str:
     return f"sent to {recipients} users"
 
 
+def password_problem(password: str) -> str | None:
+    """Why the server would refuse a new password as weak (PROTOCOL.md 4.2), or None."""
+    if len(password) < MIN_PASSWORD_CHARS:
+        return f"a password has at least {MIN_PASSWORD_CHARS} characters"
+    if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
+        return f"a password has at most {MAX_PASSWORD_BYTES} bytes"
+    return None
+
+
 def text_problem(text: str) -> str | None:
     """Why a message cannot be sent (too long), or None."""
     if len(text) > MAX_TEXT_CHARS:
@@ -257,6 +278,7 @@ class Ask(NamedTuple):
     prompt: str
     secret: bool = False
     completions: tuple = ()
+    clear_on_interrupt: bool = False  # Ctrl-C on a half-typed line only drops the line
 
 
 Step = Union[Send, Reply, Ask]
@@ -285,6 +307,7 @@ class Session:
         self.interactive = interactive
         self.keys: pg3lib.KeyPair | None = None
         self.online: dict[str, str] = {}  # lower case -> as shown
+        self.more_online = 0  # online users left out of a trimmed list
         self.changed_keys: dict[str, pg3lib.PublicKey] = {}  # contact -> new key, not trusted yet
         self.held: dict[str, list[dict]] = {}  # contact -> PMs waiting for TRUST
         self.exiting = False
@@ -294,10 +317,11 @@ class Session:
         return (yield Reply(body["op"]))
 
     def run(self) -> Flow:
-        """Log in, then take operations until EX, Ctrl-C or Ctrl-D at the operation prompt."""
+        """Log in, then take operations until EX, Ctrl-D, or Ctrl-C on an empty operation prompt."""
         yield from self.login()
         while True:
-            event = yield Ask(f"{self.username}> ", completions=COMMANDS + tuple(self.online.values()))
+            event = yield Ask(f"{self.username}> ", completions=COMMANDS + tuple(self.online.values()),
+                              clear_on_interrupt=True)
             if not isinstance(event, Submit):
                 yield from self.leave()
                 return
@@ -316,7 +340,7 @@ class Session:
             raise ClientExit("the server sent a malformed login nonce; password not sent") from None
         new_user = bool(reply.get("new_user"))
         if new_user:
-            self.out.show(f"new user {self.username}: choose a password (at least 8 characters)")
+            self.out.show(f"new user {self.username}: choose a password (at least {MIN_PASSWORD_CHARS} characters)")
         while True:
             password = yield from self.read_password(new_user)
             if password is None:
@@ -334,10 +358,10 @@ class Session:
         reply = yield from self.request({"op": "KEY", "public_key": self.keys.public.key_form})
         if not succeeded(reply):
             raise ClientExit(f"the server refused our key: {describe_error(reply)}")
-        self.set_online(reply.get("online"))
+        self.set_online(reply.get("online"), reply.get("more_online"))
         self.out.show(f"logged in as {self.username} at {self.server}. {self.who_text()}")
         if self.interactive:
-            self.out.show(HELP_LINES[0])
+            self.out.show(COMMANDS_HINT)
 
     def check_server_key(self, reply: dict) -> pg3lib.PublicKey:
         """The server's key if it matches its fingerprint and the remembered one.
@@ -374,6 +398,10 @@ class Session:
                 return None
             if not (new_user and self.interactive):
                 return first.text
+            problem = password_problem(first.text)
+            if problem is not None:  # say so now rather than after typing it twice
+                self.out.warn(problem)
+                continue
             again = yield Ask("repeat the password: ", secret=True)
             if not isinstance(again, Submit):
                 return None
@@ -389,7 +417,8 @@ class Session:
             if not self.interactive or left == 0:
                 raise ClientExit("wrong password")
             counted = isinstance(left, int) and not isinstance(left, bool) and left > 0
-            self.out.warn(f"wrong password; {left} attempt(s) left" if counted else "wrong password")
+            self.out.warn(f"wrong password; {left} attempt{'' if left == 1 else 's'} left" if counted
+                          else "wrong password")
         elif error in ("weak_password", "bad_request") and self.interactive:
             self.out.warn(describe_error(reply))
         else:
@@ -442,7 +471,9 @@ class Session:
             for line in HELP_LINES:
                 self.out.show(line)
         else:
-            self.out.warn(f"unknown command {typed!r}; {HELP_LINES[0]}")
+            line = f"{typed} {argument}".strip()
+            self.out.warn(f"unknown command {typed!r} (HELP lists the commands; "
+                          f"to send this to everyone: BM {line})")
 
     def ask_text(self, prompt: str) -> Flow:
         """A message line, or None for Ctrl-C, Ctrl-D, end of input or an empty line."""
@@ -451,9 +482,10 @@ class Session:
             return None
         return event.text
 
-    def cancel(self) -> Flow:
+    def cancel(self, say: bool = True) -> Flow:
         yield from self.request({"op": "CANCEL"})
-        self.out.show("cancelled")
+        if say:
+            self.out.show("cancelled")
 
     def broadcast(self, text: str | None) -> Flow:
         """BM, then SEND the text (asked for when not given)."""
@@ -496,10 +528,11 @@ class Session:
         if not succeeded(reply):
             self.out.warn(f"PM refused: {describe_error(reply)}")
             return
-        self.set_online(reply.get("online"))
+        self.set_online(reply.get("online"), reply.get("more_online"))
+        given = target is not None
         target = yield from self.choose_target(target)
         if target is None:
-            yield from self.cancel()
+            yield from self.cancel(say=not given and bool(self.online))
             return
         reply = yield from self.request({"op": "TARGET", "username": target})
         if not succeeded(reply):
@@ -530,14 +563,19 @@ class Session:
             return
 
     def choose_target(self, target: str | None) -> Flow:
-        """An online user's name (asked for when not given), or None to cancel."""
+        """An online user's name (asked for when not given), or None to cancel.
+
+        A name given on the command line (``PM carol hi``) that is not online
+        ends the PM at once; one typed at the "to" prompt is asked again.
+        """
+        asked = target is None
         while True:
-            if not self.online:
+            if not self.online and not self.more_online:
                 self.out.show("nobody else is online")
                 return None
             names = sorted(self.online.values(), key=str.lower)
             if target is None:
-                event = yield Ask(f"to ({', '.join(names)}): ", completions=tuple(names))
+                event = yield Ask(f"to ({self.who_list()}): ", completions=tuple(names))
                 if not isinstance(event, Submit) or not event.text.strip():
                     return None
                 target = event.text.strip()
@@ -545,9 +583,11 @@ class Session:
                 return self.online[target.lower()]
             if target.lower() == self.username.lower():
                 self.out.warn("a private message to yourself is not possible")
+            elif self.more_online and valid_username(target):
+                return target  # the list is trimmed: the server knows
             else:
-                self.out.warn(f"{target} is not online; online: {', '.join(names)}")
-            if not self.interactive:
+                self.out.warn(f"{target} is not online (online: {self.who_list()})")
+            if not (asked and self.interactive):
                 return None
             target = None
 
@@ -702,15 +742,21 @@ class Session:
         text = self.open_sealed(ciphertext)
         self.out.show(format_private(sender, UNREADABLE if text is None else text, body.get("ts")))
 
-    def set_online(self, names: Any) -> None:
+    def set_online(self, names: Any, more: Any = 0) -> None:
+        """The online list of a KEY or PM reply; ``more_online`` counts names the server left out."""
         if isinstance(names, list):
             me = self.username.lower()
             self.online = {n.lower(): n for n in names if valid_username(n) and n.lower() != me}
+            self.more_online = more if isinstance(more, int) and not isinstance(more, bool) and more > 0 else 0
+
+    def who_list(self) -> str:
+        names = ", ".join(sorted(self.online.values(), key=str.lower)) or "nobody else"
+        return f"{names} and {self.more_online} more" if self.more_online else names
 
     def who_text(self) -> str:
-        if not self.online:
+        if not self.online and not self.more_online:
             return "nobody else is online"
-        return "online: " + ", ".join(sorted(self.online.values(), key=str.lower))
+        return "online: " + self.who_list()
 
 
 # --- the socket ------------------------------------------------------------------------
@@ -864,6 +910,9 @@ class PlainScreen(Output):
     def busy(self) -> None:
         pass
 
+    def waiting(self, note: str) -> None:
+        pass
+
     def ask(self, ask: Ask) -> None:
         pass
 
@@ -894,6 +943,7 @@ class TtyScreen(Output):
         self.fd_out = fd_out
         self.editor = LineEditor()
         self.prompt: str | None = None  # None: waiting for the server, no prompt shown
+        self.note = ""  # shown instead of a prompt while a reply is slow to come
         self.width = 80
         self.wakeup_fd: int | None = None
         self._wakeup_write: int | None = None
@@ -992,7 +1042,7 @@ class TtyScreen(Output):
 
     def _line(self) -> str:
         if self.prompt is None:
-            return "\r\x1b[K"
+            return "\r\x1b[K" + visible(self.note[:max(self.width - 1, 0)])
         return self.editor.redraw(self.prompt, self.width)
 
     def show(self, text: str) -> None:
@@ -1005,10 +1055,18 @@ class TtyScreen(Output):
 
     def busy(self) -> None:
         self.prompt = None
+        self.note = ""
         self.editor.secret = True  # text typed ahead is kept but not echoed
         self._write(self._line())
 
+    def waiting(self, note: str) -> None:
+        """The awaited reply is slow: say so on the edit line (until the next prompt)."""
+        self.note = note
+        if self.prompt is None:
+            self._write(self._line())
+
     def ask(self, ask: Ask) -> None:
+        self.note = ""
         self.prompt = ask.prompt
         self.editor.secret = ask.secret
         self.editor.completions = ask.completions
@@ -1020,8 +1078,10 @@ class TtyScreen(Output):
             answer = "" if ask.secret else event.text
             if not ask.secret:
                 self.editor.add_history(event.text)
+        elif event is Key.INTERRUPT:
+            answer = ("" if ask.secret else self.editor.interrupted) + "^C"  # what was dropped, as a shell shows
         else:
-            answer = "^C" if event is Key.INTERRUPT else "^D"
+            answer = "^D"
         self.prompt = None
         self._write("\r\x1b[K" + visible(ask.prompt + answer) + "\r\n")
 
@@ -1044,6 +1104,7 @@ class Driver:
         self.inputs: deque[Event] = deque()
         self.input_closed = False
         self.finished = False
+        self.waiting_since: float | None = None  # when the awaited reply was asked for, until noted slow
         self.selector = selectors.DefaultSelector()
 
     def run(self) -> None:
@@ -1059,12 +1120,24 @@ class Driver:
                 if self.finished:
                     break
                 self._watch_socket()
-                for key, mask in self.selector.select():
+                for key, mask in self.selector.select(self._slow_reply_timeout()):
                     self._dispatch(key.data, mask)
                     if self.finished:
                         break
         finally:
             self.selector.close()
+
+    def _slow_reply_timeout(self) -> float | None:
+        """Seconds until a pending reply counts as slow; when it does, the screen says we wait."""
+        if self.waiting_for is None or self.waiting_since is None:
+            return None
+        left = self.waiting_since + SLOW_REPLY - time.monotonic()
+        if left > 0:
+            return left
+        self.waiting_since = None
+        self.screen.waiting(WAITING_NOTES.get(self.waiting_for, "waiting for the server...")
+                            + " (Ctrl-C twice quits)")
+        return None
 
     def _watch_input(self) -> None:
         try:
@@ -1118,6 +1191,12 @@ class Driver:
     def _on_input(self, poll: bool = True) -> None:
         events, ended = self.screen.read_input()
         for event in events:
+            if (event is Key.INTERRUPT and self.asking is not None and self.asking.clear_on_interrupt
+                    and isinstance(self.screen, TtyScreen) and self.screen.editor.interrupted):
+                # As in a shell: Ctrl-C drops the half-typed command; on an empty line it leaves.
+                self.screen.answered(self.asking, event)
+                self.screen.ask(self.asking)
+                continue
             if event is Key.INTERRUPT:
                 if self.waiting_for is not None and Key.INTERRUPT in self.inputs:
                     raise ClientExit("interrupted", EXIT_INTERRUPTED)
@@ -1153,6 +1232,7 @@ class Driver:
                 value = None
             elif isinstance(step, Reply):
                 self.waiting_for = step.op
+                self.waiting_since = time.monotonic()
                 self.screen.busy()
                 return
             else:
@@ -1180,10 +1260,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; exits with status 2 and a usage line when it is wrong."""
     parser = argparse.ArgumentParser(
         prog="chatclient.py", description="Chat room client (type HELP after logging in).",
-        usage="%(prog)s [-h] [--fingerprint] [--debug-log FILE] HOST PORT USERNAME")
+        usage="%(prog)s [-h] [--fingerprint] [--debug-log FILE] HOST PORT USERNAME",
+        epilog="When standard input is not a terminal, its first line is the password and each "
+               "further line a command (BM, PM, CH, EX...); the end of input means EX.")
     parser.add_argument("host", nargs="?", metavar="HOST", help="server name or address")
     parser.add_argument("port", nargs="?", type=_port, metavar="PORT", help="server port")
-    parser.add_argument("username", nargs="?", type=_username, metavar="USERNAME")
+    parser.add_argument("username", nargs="?", type=_username, metavar="USERNAME",
+                        help="your account; a new name is registered on its first login")
     parser.add_argument("--fingerprint", action="store_true",
                         help="print your key fingerprint(s) (for HOST PORT USERNAME if given) and exit")
     parser.add_argument("--debug-log", metavar="FILE", help="write a debug log (never secrets) to FILE")

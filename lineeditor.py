@@ -107,6 +107,7 @@ class LineEditor:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""  # an escape sequence not yet complete
         self._last_was_cr = False
+        self.interrupted = ""  # the text Ctrl-C dropped last (for the caller's transcript)
 
     # --- state ---------------------------------------------------------------
     @property
@@ -197,6 +198,7 @@ class LineEditor:
         }.get(ch)
         if control is not None:
             if control is Key.INTERRUPT:
+                self.interrupted = self.text
                 self.clear()
             return control
         if ch == "\x04":
@@ -304,6 +306,9 @@ class LineEditor:
         self._scroll = min(self._scroll, self.cursor)
         while self._scroll < self.cursor and text_width("".join(chars[self._scroll:self.cursor])) >= room:
             self._scroll += 1
+        # Wider than before (a resize, or text deleted at the end): show more of the start again.
+        while self._scroll > 0 and text_width("".join(chars[self._scroll - 1:])) < room:
+            self._scroll -= 1
         shown: list[str] = []
         used = 0
         for ch in chars[self._scroll:]:

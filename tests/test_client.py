@@ -211,3 +211,57 @@ def test_server_text_in_one_line_messages():
     assert chatclient.sent_text(True) == chatclient.sent_text("3") == chatclient.sent_text(-1) == "sent"
     assert chatclient.valid_username("Bob.2") and not chatclient.valid_username("bob\n")
     assert not chatclient.valid_username(["bob"]) and not chatclient.valid_username("a b")
+
+
+# --- flows driven by hand: what the session sends and asks, step by step -----------------------
+
+def drive(flow, answers: list):
+    """Run a flow; answer each Reply/Ask with the next item of answers. Returns (steps, result)."""
+    steps = []
+    value = None
+    while True:
+        try:
+            step = flow.send(value)
+        except StopIteration as stop:
+            return steps, stop.value
+        steps.append(step)
+        value = answers.pop(0) if isinstance(step, (chatclient.Reply, chatclient.Ask)) else None
+
+
+def test_a_new_password_that_is_too_short_is_refused_before_it_is_repeated(alice):
+    steps, password = drive(alice.read_password(new_user=True),
+                            [chatclient.Submit("short"), chatclient.Submit("long enough"),
+                             chatclient.Submit("long enough")])
+    assert [s.prompt for s in steps] == ["choose a password: ", "choose a password: ", "repeat the password: "]
+    assert alice.out.warned == ["a password has at least 8 characters"]
+    assert password == "long enough"
+
+
+def test_a_one_line_pm_to_someone_offline_ends_at_once(alice):
+    steps, _ = drive(alice.command("PM carol are you there"),
+                     [{"op": "PM", "ok": True, "online": ["bob"]}, {"op": "CANCEL", "ok": True}])
+    assert [type(s).__name__ for s in steps] == ["Send", "Reply", "Send", "Reply"]  # no "to" prompt
+    assert steps[2].body == {"op": "CANCEL"}
+    assert alice.out.warned == ["carol is not online (online: bob)"]
+    assert "cancelled" not in alice.out.shown
+
+
+def test_pm_with_nobody_online_says_so_once(alice):
+    drive(alice.command("PM"), [{"op": "PM", "ok": True, "online": []}, {"op": "CANCEL", "ok": True}])
+    assert alice.out.shown == ["nobody else is online"]
+
+
+def test_a_trimmed_online_list_is_not_taken_as_everyone(alice):
+    alice.set_online(["bob"], 3)
+    assert alice.who_text() == "online: bob and 3 more"
+    steps, _ = drive(alice.command("PM dave hi"),
+                     [{"op": "PM", "ok": True, "online": ["bob"], "more_online": 3},
+                      {"op": "TARGET", "ok": False, "error": "not_online", "message": "dave is not online"}])
+    assert steps[2].body == {"op": "TARGET", "username": "dave"}  # the server decides
+    assert alice.out.warned == ["cannot send to dave: dave is not online"]
+
+
+def test_an_unknown_command_suggests_bm(alice):
+    drive(alice.command("hello there"), [])
+    assert alice.out.warned == ["unknown command 'hello' (HELP lists the commands; "
+                                "to send this to everyone: BM hello there)"]

@@ -171,7 +171,13 @@ class Hangup(NamedTuple):
     pass
 
 
-Item = Union[Answer, Body, Data, Raw, Hangup]
+class Pause(NamedTuple):
+    """Wait before what follows (explicit scripts only)."""
+
+    seconds: float
+
+
+Item = Union[Answer, Body, Data, Raw, Hangup, Pause]
 GOOD = Answer("C", {})
 
 
@@ -247,6 +253,9 @@ class FakeServer:
 
     def _send(self, conn: socket.socket, items: list, request: dict | None) -> bool:
         for item in items:
+            if isinstance(item, Pause):
+                time.sleep(item.seconds)
+                continue
             data = item_bytes(item, request, self.script.new_user)
             if data is None:
                 return False
@@ -612,3 +621,14 @@ def test_frames_before_a_malformed_one_are_not_lost():
                    close_input=False)
     assert re.search(r"^\[\d\d:\d\d\] bob: last words$", run.output, re.M)
     assert run.stderr.endswith("chatclient: the server sent a malformed frame: unknown frame kind byte b'X'\n")
+
+
+def test_a_slow_reply_is_noted_on_the_terminal():
+    steps = [[GOOD], [Pause(1.6), GOOD], [GOOD], [Pause(1.6), GOOD], [GOOD]]
+    with tempfile.TemporaryDirectory() as tmp:
+        run, before, after = run_pty(Script([], steps, False), PLAIN, f"{PASSWORD}\rBM hi\rEX\r".encode(),
+                                     Path(tmp))
+    check(run, PLAIN)
+    assert after == before and run.status == 0
+    assert "checking the password... (Ctrl-C twice quits)" in run.output
+    assert "waiting for the server... (Ctrl-C twice quits)" in run.output

@@ -167,3 +167,20 @@ def test_long_prompt_is_shortened():
 ])
 def test_unsafe_characters(ch, unsafe):
     assert is_unsafe(ch) is unsafe
+
+
+def test_a_wider_terminal_shows_the_start_of_a_scrolled_line_again():
+    editor = LineEditor()
+    editor.feed(b"0123456789" * 5)
+    assert editor.render("> ", 21).text == "> " + ("0123456789" * 5)[-17:]
+    assert editor.render("> ", 41).text == "> " + ("0123456789" * 5)[-37:]  # the wider row is filled
+    assert editor.render("> ", 80) == ("> " + "0123456789" * 5, 52)  # it fits now: all of it
+    editor.render("> ", 21)
+    editor.feed(BACKSPACE * 40)
+    assert editor.render("> ", 21) == ("> 0123456789", 12)  # deleting back also brings the start back
+
+
+def test_ctrl_c_keeps_the_dropped_text_for_the_transcript():
+    editor = LineEditor()
+    assert editor.feed(b"half typed\x03") == [Key.INTERRUPT]
+    assert editor.text == "" and editor.interrupted == "half typed"
