@@ -118,7 +118,8 @@ class ChatServer:
                 except (OSError, TimeoutError, ValueError) as exc:
                     raise storage.StorageError(f"cannot use Redis at {args.redis}: {exc}") from None
             else:
-                self.store = storage.FileStore(args.data)
+                self.store = storage.FileStore(args.data, getattr(args, "history_files",
+                                                                  storage.DEFAULT_MAX_OPEN_HISTORY))
                 self.keys = storage.load_server_keys(args.data)
         except BaseException:
             self.listener.close()
@@ -721,8 +722,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fd_limit = _raise_fd_limit()
+    # Half the descriptors for open history files: a BM writes to every online user's.
+    args.history_files = max(storage.DEFAULT_MAX_OPEN_HISTORY, fd_limit // 2 - 64)
     if args.max_clients is None:
-        args.max_clients = max(16, fd_limit - storage.DEFAULT_MAX_OPEN_HISTORY - 64)
+        args.max_clients = max(16, fd_limit - args.history_files - 64)
     try:
         server = ChatServer(args)
     except storage.StorageError as exc:

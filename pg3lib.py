@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -174,6 +175,12 @@ def _oaep(key: RSA.RsaKey):
     return PKCS1_OAEP.new(key, hashAlgo=SHA256)
 
 
+@functools.lru_cache(maxsize=256)
+def _parse_public(key_form: str) -> RSA.RsaKey:
+    """A key form already checked by PublicKey.from_key_form, parsed again (the busiest stay parsed)."""
+    return RSA.import_key(b64decode_strict(key_form))
+
+
 class PublicKey:
     """An RSA public key (2048+ bits, e=65537) in the key form of section 8."""
 
@@ -225,27 +232,40 @@ class PublicKey:
 
     @property
     def bits(self) -> int:
-        return self._key.size_in_bits()
+        return self._rsa().size_in_bits()
+
+    def compact(self) -> PublicKey:
+        """Keep only the key form and fingerprint; the key is parsed again (cached) when used.
+
+        A server holds one key per online user: text is a third of a parsed key's size.
+        """
+        if self._key_form is not None:
+            self.fingerprint  # noqa: B018 - computed while the parsed key is at hand
+            self._key = None
+        return self
+
+    def _rsa(self) -> RSA.RsaKey:
+        return self._key if self._key is not None else _parse_public(self._key_form)
 
     @property
     def fingerprint(self) -> str:
         """``SHA256:`` + unpadded base64 of SHA-256 of the DER SubjectPublicKeyInfo."""
         if self._fingerprint is None:
-            digest = hashlib.sha256(self._key.export_key("DER")).digest()
+            digest = hashlib.sha256(self._rsa().export_key("DER")).digest()
             self._fingerprint = "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
         return self._fingerprint
 
     def seal(self, message: bytes) -> bytes:
         """The sealed form of message under this key."""
         fernet_key = Fernet.generate_key()
-        wrapped = _oaep(self._key).encrypt(fernet_key)
+        wrapped = _oaep(self._rsa()).encrypt(fernet_key)
         return base64.b64encode(wrapped) + b";" + Fernet(fernet_key).encrypt(message)
 
     def verify(self, data: bytes, signature: bytes | str) -> bool:
         """True if signature (base64 RSA-PSS SHA-256, salt 32) is this key's over data."""
         try:
             raw = b64decode_strict(signature)
-            pss.new(self._key, salt_bytes=PSS_SALT_BYTES).verify(SHA256.new(data), raw)
+            pss.new(self._rsa(), salt_bytes=PSS_SALT_BYTES).verify(SHA256.new(data), raw)
         except (ValueError, TypeError, UnicodeError):
             return False
         return True

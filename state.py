@@ -692,6 +692,8 @@ class Room:
         else:
             session.sealed = ""
             self._logged_in(session, new_user=False, out=out)
+        if session.state is State.AWAIT_KEY:
+            session.account = None   # the hash is not needed any more
 
     def _account_created(self, session: Session, result: str, out: Effects) -> None:
         self._release_registration(session, created=result == "created")
@@ -762,7 +764,7 @@ class Room:
     # --- AWAIT_KEY ---------------------------------------------------------------
     def _key(self, session: Session, body: dict, out: Effects) -> None:
         try:
-            public_key = pg3lib.PublicKey.from_key_form(body.get("public_key"))
+            public_key = pg3lib.PublicKey.from_key_form(body.get("public_key")).compact()
         except (pg3lib.InvalidKey, TypeError, AttributeError) as exc:
             self._reply(session, fail("KEY", "bad_request",
                                               f"'public_key' must be an RSA public key of at least "

@@ -33,8 +33,9 @@ log = logging.getLogger("chat.storage")
 ACCOUNTS_FILE = "accounts.jsonl"
 SERVER_KEY_FILE = "server_key.pem"
 HISTORY_SUFFIX = ".chat"
-# Open history files kept between passes: enough for every user of a busy room,
-# well under the descriptor limit.
+# Open history files kept between passes: a broadcast writes to every online
+# user's file, so the server sizes this from the descriptor limit (half of it);
+# this is the floor.
 DEFAULT_MAX_OPEN_HISTORY = 1024
 
 
@@ -142,6 +143,7 @@ class HistoryLog:
         self.max_open = max(1, max_open)
         self._open: OrderedDict[str, int] = OrderedDict()
         self._maybe_torn: set[str] = set()
+        self._checked: set[str] = set()   # files whose tail was looked at since the start
 
     def path(self, username: str) -> str:
         # Usernames are validated (letters, digits, _ . -, no leading dot) before
@@ -155,7 +157,9 @@ class HistoryLog:
             return fd
         fd = os.open(self.path(username), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         self._open[username] = fd
-        self._maybe_torn.add(username)   # a crash may have torn the last line: look before writing
+        if username not in self._checked:
+            self._checked.add(username)
+            self._maybe_torn.add(username)   # a crash may have torn the last line: look before writing
         if len(self._open) > self.max_open:
             _, old = self._open.popitem(last=False)
             os.close(old)
