@@ -20,8 +20,14 @@ the requests that waited on them, run timers, then send each connection's
 queued output with one ``send``.
 
 A connection closes in one of two ways: *close when flushed* (stop reading,
-send what is queued, e.g. a BYE, then close) or *abort* (at once: the peer
-is gone). Either way the session logic is told, so presence stays right.
+send what is queued, e.g. a BYE, shut the write side, wait briefly for the
+peer to close) or *abort* (at once: the peer is gone). Either way the session
+logic is told, so presence stays right.
+
+The store is the data directory (``storage.FileStore``) or, with ``--redis``,
+Redis shared by several nodes (``redisstore.RedisStore``): its two links sit
+in the same selector, and the events other nodes publish come back through
+``Room.event``.
 """
 
 from __future__ import annotations
@@ -184,19 +190,16 @@ class ChatServer:
         self.stopping = True
 
     def _timeout(self) -> float | None:
+        """How long select may wait: until the soonest timer (None: no timer)."""
         now = time.time()
-        deadline = self.room.next_deadline()
+        times = [self.room.next_deadline() or now + 3600.0]
         if self.throttled:
-            soonest = min(self._token_time(conn) for conn in self.throttled)
-            deadline = soonest if deadline is None else min(deadline, soonest)
+            times.append(min(self._token_time(conn) for conn in self.throttled))
         if self.closing:
-            soonest = min(conn.close_by for conn in self.closing)
-            deadline = soonest if deadline is None else min(deadline, soonest)
+            times.append(min(conn.close_by for conn in self.closing))
         if self.redis:   # the lease is renewed every second
-            deadline = now + redisstore.TICK / 2 if deadline is None else min(deadline, now + redisstore.TICK / 2)
-        if deadline is None:
-            return None
-        return max(0.0, deadline - now)
+            times.append(now + redisstore.TICK / 2)
+        return max(0.0, min(times) - now)
 
     def run_once(self, timeout: float | None) -> None:
         """One pass: wait for events, handle them, settle the store, run timers, send."""
