@@ -6,12 +6,21 @@
     python3 bench/loadgen.py hold -n 10000
     python3 bench/loadgen.py storm --base 100 --storm 200
     python3 bench/loadgen.py fanout --connect 127.0.0.1:41001 --server-pid 1234 ...
+    python3 bench/loadgen.py fanout --nodes 2 -n 1000          # two nodes on one Redis
+    python3 bench/loadgen.py pm --nodes 2                      # cross-node PM round trip
+    python3 bench/loadgen.py failover --nodes 2 -n 200         # SIGKILL a node: offline presence
 
 By default it starts chatserver.py itself on a free 127.0.0.1 port, with a
 temporary data directory and the per-address and rate limits turned off, and
 stops it at the end; ``--connect`` (repeatable: users are spread over the
 servers round-robin) targets running servers instead, whose CPU and memory it
-reads only when given ``--server-pid``. Loopback addresses only.
+reads only when given ``--server-pid``. ``--nodes N`` starts a redis-server
+(free loopback port, AOF ``always``, no RDB snapshots) and N chatserver.py
+nodes on it (``--redis``, one data directory each), spreads the users over
+the nodes round-robin, sums the nodes' CPU and RSS and reports Redis's CPU
+apart. Every process it starts is stopped at the end (SIGTERM, then SIGKILL
+after a bounded wait) and dies with the load generator if that is killed.
+Loopback addresses only.
 
 Theory of operation. One process, one ``selectors`` loop, every socket
 non-blocking, no threads. Each user is a ``Conn`` that logs in (LOGIN,
@@ -26,23 +35,26 @@ is escaped), so a receiver costs one ``bytes.count`` per 64 KiB read.
 
 Latency: a sender puts ``time.perf_counter_ns()`` in the text; the receiving
 connection, in the same process, subtracts it from the time of the read.
-Server CPU (utime+stime of the whole process, from /proc) and the load
-generator's own CPU (getrusage) are deltas over the measured phase only: when
-the load generator is near 100% of a core, it, not the server, was the limit.
-Every wait is bounded: ``--stall`` seconds without progress or the global
-``--deadline`` ends the run with a message and exit status 1.
+Server CPU (utime+stime of the whole process, from /proc; summed over the
+nodes), Redis's CPU and the load generator's own CPU (getrusage) are deltas
+over the measured phase only: when the load generator is near 100% of a core,
+it, not the server, was the limit. Every wait is bounded: ``--stall`` seconds
+without progress or the global ``--deadline`` ends the run with a message and
+exit status 1; failover waits ``--limit`` seconds at most for the presences.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
 import errno
 import ipaddress
 import json
 import os
 import platform
 import random
+import re
 import resource
 import selectors
 import shutil
@@ -117,15 +129,16 @@ class ServerStats:
     def __init__(self, pids: list) -> None:
         self.pids = list(pids)
 
-    def cpu_s(self) -> float | None:
-        """CPU seconds of all server processes: the sum over their threads of the nanosecond
-        run time in /proc/PID/task/TID/schedstat, or the clock ticks of /proc/PID/stat (10 ms
-        steps) where that is missing. A thread that exits takes its schedstat time with it,
-        so ``figures`` falls back to ticks when they disagree."""
-        if not self.pids:
+    def cpu_s(self, pids: list | None = None) -> float | None:
+        """CPU seconds of all server processes (or of ``pids``): the sum over their threads of
+        the nanosecond run time in /proc/PID/task/TID/schedstat, or the clock ticks of
+        /proc/PID/stat (10 ms steps) where that is missing. A thread that exits takes its
+        schedstat time with it, so ``figures`` falls back to ticks when they disagree."""
+        pids = self.pids if pids is None else pids
+        if not pids:
             return None
         total = 0.0
-        for pid in self.pids:
+        for pid in pids:
             try:
                 ns = 0
                 for tid in os.listdir(f"/proc/{pid}/task"):
@@ -133,16 +146,17 @@ class ServerStats:
                         ns += int(fh.read().split()[0])
                 total += ns / 1e9
             except (OSError, ValueError, IndexError):
-                ticks = self.ticks_s()
+                ticks = self.ticks_s(pids)
                 return ticks
         return total
 
-    def ticks_s(self) -> float | None:
+    def ticks_s(self, pids: list | None = None) -> float | None:
         """utime + stime of /proc/PID/stat, in seconds (what the anchor's ircbench.py reads)."""
-        if not self.pids:
+        pids = self.pids if pids is None else pids
+        if not pids:
             return None
         total = 0.0
-        for pid in self.pids:
+        for pid in pids:
             try:
                 with open(f"/proc/{pid}/stat") as fh:
                     text = fh.read()
@@ -201,19 +215,45 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class StartedServer:
-    """chatserver.py in a subprocess on 127.0.0.1 with a temporary data directory."""
+def _die_with_parent() -> None:
+    """preexec_fn of every process started here: SIGKILL when the load generator dies
+    (PR_SET_PDEATHSIG), so a load generator killed by a timeout leaves nothing running."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
 
-    def __init__(self, args: argparse.Namespace, scrypt_n: int) -> None:
+
+try:   # looked up in the parent: the forked child only calls it
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+class StartedServer:
+    """chatserver.py in a subprocess on 127.0.0.1 with its own data directory (under ``directory``);
+    with ``redis_url`` a node of a multi-node room (``--redis``)."""
+
+    def __init__(self, args: argparse.Namespace, scrypt_n: int, directory: str, redis_url: str | None = None,
+                 name: str = "server") -> None:
         self.args = args
         self.scrypt_n = scrypt_n
-        self.dir = tempfile.mkdtemp(prefix="loadgen-", dir=args.tmpdir)
-        self.data = os.path.join(self.dir, "data")
+        self.name = name
+        self.redis_url = redis_url
+        self.data = os.path.join(directory, name)
         os.mkdir(self.data)
-        self.log_path = os.path.join(self.dir, "server.log")
+        self.log_path = os.path.join(directory, name + ".log")
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.command: list = []
+        self.killed = False     # SIGKILLed on purpose (failover): its death is not an error
+
+    @property
+    def label(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def start(self) -> None:
         """Start the process; ``wait_ready`` says when it accepts connections."""
@@ -222,9 +262,10 @@ class StartedServer:
         self.command = [a.server_python, SERVER, str(self.port), "--host", "127.0.0.1", "--data", self.data,
                         "--log-level", "WARNING", "--max-per-ip", "0", "--flood-rate", "0", "--register-rate", "0",
                         "--login-timeout", "0", "--send-queue", str(a.send_queue), "--scrypt-n", str(self.scrypt_n),
-                        *a.server_arg]
+                        *(["--redis", self.redis_url] if self.redis_url else []), *a.server_arg]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=_die_with_parent)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -236,16 +277,25 @@ class StartedServer:
                     attempts += 1   # another process took the port between our probe and its bind
                     self.start()
                     continue
-                raise BenchError(f"chatserver.py exited with status {self.proc.returncode}:\n{self.log_tail()}")
+                raise BenchError(f"{self.name}: chatserver.py exited with status {self.proc.returncode}:\n"
+                                 f"{self.log_tail()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
                 return
             except OSError:
                 time.sleep(0.05)
-        raise BenchError(f"chatserver.py did not accept connections within {timeout:.0f} s:\n{self.log_tail()}")
+        raise BenchError(f"{self.name}: chatserver.py did not accept connections within {timeout:.0f} s:\n"
+                         f"{self.log_tail()}")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL on purpose (failover); reaped by ``stop``."""
+        self.killed = True
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -254,31 +304,204 @@ class StartedServer:
         except OSError:
             return ""
 
-    def log_summary(self) -> dict:
-        """Counts of the server's WARNING/ERROR lines and the first few of them."""
+    def log_lines(self) -> list:
+        """The server's WARNING/ERROR lines."""
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as fh:
                 text = fh.read().splitlines()
         except OSError:
-            return {}
-        bad = [line for line in text if " WARNING " in line or " ERROR " in line or "Traceback" in line]
-        return {"warning_lines": len(bad), "first": bad[:5]}
+            return []
+        return [line for line in text if " WARNING " in line or " ERROR " in line or "Traceback" in line]
 
-    def stop(self) -> int | None:
+    def terminate(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+
+    def reap(self, until: float) -> int | None:
+        """Wait for the exit until the monotonic time ``until``, then SIGKILL; the exit status."""
+        if self.proc is None:
+            return None
+        try:
+            self.proc.wait(max(0.0, until - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode
+
+
+def redis_ping(port: int, timeout: float = 0.5) -> bytes:
+    """One raw PING on a fresh connection: the first reply line (b"+PONG", b"-LOADING ..."), or b""."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            data = b""
+            while not data.endswith(b"\r\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            return data.strip()
+    except OSError:
+        return b""
+
+
+class StartedRedis:
+    """redis-server on a free 127.0.0.1 port: AOF with fsync at every write (``always``: an
+    acknowledged message survives a Redis crash), no RDB snapshots, in a temporary directory."""
+
+    def __init__(self, executable: str, directory: str, fsync: str = "always") -> None:
+        self.executable = executable
+        self.fsync = fsync
+        self.dir = os.path.join(directory, "redis")
+        os.mkdir(self.dir)
+        self.log_path = os.path.join(self.dir, "redis.log")
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.version = ""
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 10.0) -> None:
+        try:
+            out = subprocess.run([self.executable, "--version"], capture_output=True, text=True, timeout=10).stdout
+            self.version = next((w[2:] for w in out.split() if w.startswith("v=")), out.strip())
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        for _ in range(5):   # another process may take the free port before redis-server binds it
+            self.port = free_port()
+            self.proc = subprocess.Popen(
+                [self.executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                 "--appendonly", "yes", "--appendfsync", self.fsync, "--dir", self.dir, "--daemonize", "no",
+                 "--logfile", self.log_path],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if redis_ping(self.port) == b"+PONG":
+                    return
+                time.sleep(0.02)
+            self.reap(time.monotonic())
+        raise BenchError(f"redis-server did not start:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def reap(self, until: float) -> int | None:
+        """SIGTERM, wait until the monotonic time ``until``, then SIGKILL; the exit status."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(15)
+                self.proc.wait(max(0.0, until - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
 
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+                return "".join(fh.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class StartedRoom:
+    """What the load generator starts: one chatserver.py on its data directory (``nodes`` 0),
+    or a redis-server and ``nodes`` chatserver.py nodes on it; all in one temporary directory."""
+
+    def __init__(self, args: argparse.Namespace, scrypt_n: int, nodes: int) -> None:
+        self.args = args
+        executable = None
+        if nodes:
+            executable = shutil.which(args.redis_server) or (args.redis_server if os.path.isfile(args.redis_server)
+                                                              else None)
+            if executable is None:
+                raise BenchError(f"{args.redis_server} not found: --nodes needs a redis-server "
+                                 "(Debian: apt-get install -y redis-server)")
+        self.dir = tempfile.mkdtemp(prefix="loadgen-", dir=args.tmpdir)
+        self.redis: StartedRedis | None = None
+        self.servers: list = []
+        if executable:
+            self.redis = StartedRedis(executable, self.dir, args.redis_fsync)
+            self.servers = [StartedServer(args, scrypt_n, self.dir, None, f"node{i}") for i in range(nodes)]
+        else:
+            self.servers = [StartedServer(args, scrypt_n, self.dir)]
+
+    def start(self) -> None:
+        """Start Redis (waiting for PONG), then every server; ``wait_ready`` waits for them."""
+        if self.redis is not None:
+            self.redis.start()
+            for s in self.servers:
+                s.redis_url = self.redis.url
+        for s in self.servers:
+            s.start()
+
+    def wait_ready(self) -> None:
+        for s in self.servers:
+            s.wait_ready()
+
+    @property
+    def pids(self) -> list:
+        return [s.pid for s in self.servers]
+
+    def describe(self) -> str:
+        if self.redis is None:
+            s = self.servers[0]
+            return f"started chatserver.py on {s.label} (pid {s.pid}, scrypt N={s.scrypt_n})"
+        nodes = ", ".join(f"{s.label} (pid {s.pid})" for s in self.servers)
+        return (f"started {len(self.servers)} chatserver.py node(s) {nodes}, scrypt N={self.servers[0].scrypt_n}, "
+                f"on redis-server {self.redis.version} 127.0.0.1:{self.redis.port} (pid {self.redis.pid}, "
+                f"AOF {self.redis.fsync})")
+
+    def info(self) -> dict:
+        info = {"description": self.describe(), "pids": self.pids, "command": self.servers[0].command[1:]}
+        if self.redis is not None:
+            info.update({"nodes": [s.label for s in self.servers], "redis_pid": self.redis.pid,
+                         "redis_version": self.redis.version, "redis_url": self.redis.url,
+                         "redis_config": f"--save '' --appendonly yes --appendfsync {self.redis.fsync}"})
+        return info
+
+    def check(self) -> str | None:
+        """What died that should not have (None: all well)."""
+        for s in self.servers:
+            if not s.killed and not s.alive():
+                return f"{s.name} (chatserver.py) exited:\n{s.log_tail()}"
+        if self.redis is not None and not self.redis.alive():
+            return f"redis-server exited:\n{self.redis.log_tail()}"
+        return None
+
+    def log_summary(self) -> dict:
+        """Counts of the servers' WARNING/ERROR lines and the first few of them."""
+        bad: list = []
+        for s in self.servers:
+            prefix = f"{s.name}: " if len(self.servers) > 1 else ""
+            bad += [prefix + line for line in s.log_lines()]
+        return {"warning_lines": len(bad), "first": bad[:5]}
+
+    def stop(self, timeout: float = 15.0) -> list:
+        """SIGTERM every server at once, SIGKILL what is left after ``timeout``, then Redis
+        (another 10 s at most). The servers' exit statuses (a killed one's is -9)."""
+        for s in self.servers:
+            s.terminate()
+        until = time.monotonic() + timeout
+        codes = [s.reap(until) for s in self.servers]
+        if self.redis is not None:
+            self.redis.reap(time.monotonic() + 10.0)
+        return codes
+
     def cleanup(self) -> None:
         if self.args.keep_data:
-            print(f"loadgen: server data and log kept in {self.dir}", file=sys.stderr)
+            print(f"loadgen: server data and logs kept in {self.dir}", file=sys.stderr)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -304,7 +527,8 @@ class Conn:
     """One user: its socket, buffers, login state and what to do with its frames."""
 
     __slots__ = ("idx", "name", "password", "target", "sock", "rbuf", "wbuf", "wmask", "state", "counting",
-                 "tail", "on_c", "on_bm", "on_d", "after", "username", "sent", "confirmed", "cur", "t_mark")
+                 "tail", "on_c", "on_bm", "on_d", "after", "username", "sent", "confirmed", "cur", "t_mark",
+                 "expendable")
 
     def __init__(self, idx: int, name: str, password: str, target: tuple) -> None:
         self.idx = idx
@@ -327,17 +551,19 @@ class Conn:
         self.confirmed = 0
         self.cur = None
         self.t_mark = 0
+        self.expendable = False       # its server is killed on purpose: losing it is no failure
 
 
 class Bench:
     """The selectors loop, the login pipeline and the counters every scenario shares."""
 
     def __init__(self, args: argparse.Namespace, targets: list, stats: ServerStats,
-                 server: StartedServer | None, keys: pg3lib.KeyPair) -> None:
+                 room: StartedRoom | None, keys: pg3lib.KeyPair, redis_stats: ServerStats | None = None) -> None:
         self.args = args
         self.targets = targets
         self.stats = stats
-        self.server = server
+        self.room = room
+        self.redis_stats = redis_stats or ServerStats([])
         self.keys = keys
         self.key_frame = framing.command({"op": "KEY", "public_key": keys.public.key_form})
         self.sel = selectors.DefaultSelector()
@@ -450,7 +676,7 @@ class Bench:
             self.pending_login -= 1
             self.login_failed += 1
             self.failures["login: " + why] += 1
-        else:
+        elif not c.expendable:
             self.dropped += 1
             self.failures[f"dropped during {self.phase}: {why}"] += 1
         c.state = DEAD
@@ -627,8 +853,10 @@ class Bench:
     def check(self) -> None:
         if time.monotonic() > self.deadline:
             raise BenchError(f"the deadline of {self.args.deadline:.0f} s passed during the {self.phase}")
-        if self.server is not None and not self.server.alive():
-            raise BenchError(f"the server exited during the {self.phase}:\n{self.server.log_tail()}")
+        if self.room is not None:
+            dead = self.room.check()
+            if dead:
+                raise BenchError(f"during the {self.phase}: {dead}")
 
     def step(self, timeout: float) -> None:
         self._pump_logins()
@@ -680,7 +908,9 @@ class Bench:
 
     # --- phase figures --------------------------------------------------------------------
     def mark(self) -> dict:
-        return {"t": time.monotonic(), "cpu": self.stats.cpu_s(), "ticks": self.stats.ticks_s(), "me": self_cpu_s()}
+        return {"t": time.monotonic(), "cpu": self.stats.cpu_s(), "ticks": self.stats.ticks_s(), "me": self_cpu_s(),
+                "redis": self.redis_stats.cpu_s(),
+                "nodes": [self.stats.cpu_s([pid]) for pid in self.stats.pids] if len(self.stats.pids) > 1 else None}
 
     def figures(self, start: dict, seconds: float | None = None) -> dict:
         """Server and load generator CPU since start (seconds: the phase length to divide by)."""
@@ -693,12 +923,21 @@ class Bench:
             if ticks - cpu > 0.05 + 0.1 * ticks:   # a server thread exited: trust the ticks
                 cpu = ticks
         me = end["me"] - start["me"]
-        return {"server_cpu_s": None if cpu is None else round(cpu, 4),
-                "server_cpu_ticks_s": None if ticks is None else round(ticks, 2),
-                "server_cpu_pct": None if cpu is None or not wall else round(100 * cpu / wall, 1),
-                "loadgen_cpu_s": round(me, 4),
-                "loadgen_cpu_pct": round(100 * me / wall, 1) if wall else None,
-                "_cpu": cpu}
+        fig = {"server_cpu_s": None if cpu is None else round(cpu, 4),
+               "server_cpu_ticks_s": None if ticks is None else round(ticks, 2),
+               "server_cpu_pct": None if cpu is None or not wall else round(100 * cpu / wall, 1),
+               "loadgen_cpu_s": round(me, 4),
+               "loadgen_cpu_pct": round(100 * me / wall, 1) if wall else None,
+               "_cpu": cpu, "_redis_cpu": None}
+        if start["nodes"] and end["nodes"] and len(start["nodes"]) == len(end["nodes"]):
+            fig["node_cpu_s"] = [None if a is None or b is None else round(b - a, 4)
+                                 for a, b in zip(start["nodes"], end["nodes"])]
+        if start["redis"] is not None and end["redis"] is not None:
+            rcpu = end["redis"] - start["redis"]
+            fig.update({"redis_cpu_s": round(rcpu, 4),
+                        "redis_cpu_pct": round(100 * rcpu / wall, 1) if wall else None,
+                        "redis_rss_kb": self.redis_stats.mem_kb(), "_redis_cpu": rcpu})
+        return fig
 
 
 def send_bm(bench: Bench, c: Conn, text: str) -> None:
@@ -707,6 +946,11 @@ def send_bm(bench: Bench, c: Conn, text: str) -> None:
 
 def padding(size: int, used: int) -> str:
     return "x" * max(1, size - used)
+
+
+def per(cpu_s: float | None, count: int, digits: int = 1) -> float | None:
+    """Microseconds of CPU per item (None when the CPU is not known or nothing was counted)."""
+    return round(1e6 * cpu_s / count, digits) if cpu_s is not None and count else None
 
 
 # --- scenarios --------------------------------------------------------------------------
@@ -723,12 +967,19 @@ def run_fanout(bench: Bench, a: argparse.Namespace, res: dict) -> None:
     nprobe = min(a.probes, len(candidates))
     probes = [candidates[(j * len(candidates)) // nprobe] for j in range(nprobe)] if nprobe else []
     lat: list = []
+    lat_same: list = []    # with several servers: sender and probe on the same one
+    lat_cross: list = []   # ... or on different ones
+    where = {u.idx: u.target[2] for u in senders}
+    several = len({t[2] for t in bench.targets}) > 1
     totals = {"confirmed": 0, "t_last": 0.0}
 
     def probe_bm(c: Conn, body: bytes) -> None:
         parts = bench.decode(body).get("text", "").split(" ", 4)
         if parts[0] == "B" and len(parts) > 3:
-            lat.append(bench.t_rx - int(parts[3]))
+            ns = bench.t_rx - int(parts[3])
+            lat.append(ns)
+            if several:
+                (lat_same if where.get(int(parts[1])) == c.target[2] else lat_cross).append(ns)
 
     def sender_reply(c: Conn, body: bytes) -> None:
         if body.startswith(b'{"op":"SEND","ok":true'):
@@ -785,7 +1036,7 @@ def run_fanout(bench: Bench, a: argparse.Namespace, res: dict) -> None:
         seconds = max(last_count[1], totals["t_last"]) - start["t"]
         fig = bench.figures(start, seconds)
         delivered = bench.bm_delivered
-        cpu = fig.pop("_cpu")
+        cpu, rcpu = fig.pop("_cpu"), fig.pop("_redis_cpu")
         res["fanout"] = {
             "users": n, "senders": k, "msgs_per_sender": m, "window": w, "msg_text_chars": a.size,
             "expected_deliveries": expected, "deliveries": delivered, "confirmed": totals["confirmed"],
@@ -795,9 +1046,14 @@ def run_fanout(bench: Bench, a: argparse.Namespace, res: dict) -> None:
             "deliveries_per_s": round(delivered / seconds) if seconds > 0 else None,
             "latency": lat_summary(lat), "latency_probes": len(probes),
             "server_cpu_us_per_delivery": round(1e6 * cpu / delivered, 3) if cpu is not None and delivered else None,
+            "redis_cpu_us_per_delivery": per(rcpu, delivered, 3),
+            "servers": len(bench.targets),
             **fig,
             "server_rss_kb": bench.stats.mem_kb(),
         }
+        if several:
+            res["fanout"]["latency_same_server"] = lat_summary(lat_same)
+            res["fanout"]["latency_cross_server"] = lat_summary(lat_cross)
     if delivered > expected:
         raise BenchError(f"{delivered} deliveries counted, more than the {expected} expected")
 
@@ -805,8 +1061,10 @@ def run_fanout(bench: Bench, a: argparse.Namespace, res: dict) -> None:
 def run_pm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
     """One pair ping-pongs private messages: PM+TARGET (pipelined), seal and sign, SEND, delivery."""
     x, y = bench.make_users(2)
+    if a.same_node:
+        y.target = x.target
     legs_total = 2 * (a.count + a.warmup)
-    legs: list = []   # (server_ns, total_ns, send_crypto_ns, receive_crypto_ns)
+    legs: list = []   # (server_ns, total_ns, send_crypto_ns, receive_crypto_ns, target_ns, delivery_ns)
     leg = {"from": None, "t1": 0, "t2": 0, "t3": 0, "n": 0}
     done_flag = [False]
     pad = padding(a.size, 30)
@@ -848,7 +1106,8 @@ def run_pm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
         if not text.startswith(f"P {leg['n']} "):
             raise BenchError(f"PM {leg['n']} expected, got {text[:40]!r}")
         t5 = now_ns()
-        legs.append(((leg["t2"] - leg["t1"]) + (t4 - leg["t3"]), t4 - leg["t1"], leg["t3"] - leg["t2"], t5 - t4))
+        legs.append(((leg["t2"] - leg["t1"]) + (t4 - leg["t3"]), t4 - leg["t1"], leg["t3"] - leg["t2"], t5 - t4,
+                     leg["t2"] - leg["t1"], t4 - leg["t3"]))
         leg["n"] += 1
         if leg["n"] >= legs_total:
             done_flag[0] = True
@@ -879,21 +1138,25 @@ def run_pm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
             start = bench.mark()
         seconds = time.monotonic() - start["t"]
         fig = bench.figures(start)
-        cpu = fig.pop("_cpu")
+        cpu, rcpu = fig.pop("_cpu"), fig.pop("_redis_cpu")
         msgs = len(measured)
         rtt_server = [measured[i][0] + measured[i + 1][0] for i in range(0, msgs - 1, 2)]
         rtt_total = [measured[i][1] + measured[i][3] + measured[i + 1][1] + measured[i + 1][3]
                      for i in range(0, msgs - 1, 2)]
         res["pm"] = {
             "round_trips": len(rtt_server), "messages": msgs, "warmup_round_trips": a.warmup,
+            "users_at": [x.target[2], y.target[2]], "cross_server": x.target[2] != y.target[2],
             "msg_text_chars": a.size, "pipelined": "PM+TARGET sent together; SEND after sealing and signing",
             "message_server_side": lat_summary([leg_[0] for leg_ in measured]),
             "round_trip_server_side": lat_summary(rtt_server),
             "round_trip_total": lat_summary(rtt_total),
             "client_seal_sign": lat_summary([leg_[2] for leg_ in measured]),
             "client_verify_open": lat_summary([leg_[3] for leg_ in measured]),
+            "target_reply": lat_summary([leg_[4] for leg_ in measured]),
+            "send_to_delivery": lat_summary([leg_[5] for leg_ in measured]),
             "seconds": round(seconds, 3),
             "server_cpu_us_per_message": round(1e6 * cpu / msgs, 1) if cpu is not None and msgs else None,
+            "redis_cpu_us_per_message": per(rcpu, msgs),
             **fig,
             "server_rss_kb": bench.stats.mem_kb(),
             "note": "server side = (PM+TARGET sent -> TARGET reply) + (SEND sent -> D PM at the peer); "
@@ -962,7 +1225,7 @@ def run_hold(bench: Bench, a: argparse.Namespace, res: dict) -> None:
                     bench.step(max(0.0, end - time.monotonic()))
     finally:
         fig = bench.figures(start)
-        cpu = fig.pop("_cpu")
+        cpu, rcpu = fig.pop("_cpu"), fig.pop("_redis_cpu")
         delivered = bench.bm_delivered
         online = sum(1 for u in users if u.state == READY)
         res["hold"] = {
@@ -973,6 +1236,7 @@ def run_hold(bench: Bench, a: argparse.Namespace, res: dict) -> None:
             "bm_at_receiver": lat_summary(rx_rtts),
             "deliveries": delivered,
             "server_cpu_us_per_delivery": round(1e6 * cpu / delivered, 3) if cpu is not None and delivered else None,
+            "redis_cpu_us_per_delivery": per(rcpu, delivered, 3),
             **fig,
             "server_rss_empty_kb": rss0, "server_rss_kb": rss1, "server_hwm_kb": hwm,
             "server_rss_per_user_kb": (round((rss1 - rss0) / n, 2) if rss0 is not None and rss1 is not None
@@ -994,6 +1258,7 @@ class StormProcess:
         self.eof = False
         self.pid = os.fork()
         if self.pid == 0:   # the child: its own loop, its own users; stays online until told
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.close(self.read_fd)
             code = 0
             try:
@@ -1118,7 +1383,7 @@ def run_storm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
     bench.wait(lambda: time.monotonic() >= end, lambda: len(done), lambda: f"{len(done)} samples",
                tick=pump, poll_s=0.005)
     base_fig = bench.figures(base_start)
-    base_fig.pop("_cpu")
+    base_fig.pop("_cpu"), base_fig.pop("_redis_cpu")
 
     bench.phase = "login storm"
     bench.note(f"storm: {a.storm} new users log in at once (from a second process, as other people would)")
@@ -1129,7 +1394,7 @@ def run_storm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
                lambda: f"{storm.progress()}/{a.storm} logged in, {len(done)} samples", tick=pump, poll_s=0.005)
     storm_t1 = now_ns()
     storm_fig = bench.figures(storm_start)
-    storm_fig.pop("_cpu")
+    storm_fig.pop("_cpu"), storm_fig.pop("_redis_cpu")
     storm_seconds = (storm_t1 - storm_t0) / 1e9
     # Samples still in flight belong to the storm: let them finish, bounded.
     end = time.monotonic() + 5.0
@@ -1160,7 +1425,113 @@ def run_storm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
         raise BenchError("no BM round trips measured before or during the storm")
 
 
-SCENARIOS = {"fanout": run_fanout, "pm": run_pm, "hold": run_hold, "storm": run_storm}
+PRESENCE_MARK = b'{"op":"PRESENCE",'
+OFFLINE_MARK = b'"online":false'
+USERNAME_RE = re.compile(rb'"username":"([^"\\]*)"')
+
+
+def run_failover(bench: Bench, a: argparse.Namespace, res: dict) -> None:
+    """N users over the started nodes; SIGKILL node A; time until the users on the other
+    nodes have seen PRESENCE online:false for every user of A (bounded by --limit)."""
+    room = bench.room
+    if room is None or room.redis is None or len(room.servers) < 2:
+        raise BenchError("failover needs --nodes 2 or more: it SIGKILLs one of the nodes it started")
+    n = a.users
+    victim = room.servers[0]
+    users = bench.make_users(n)
+    on_a = [u for u in users if u.target[2] == victim.label]
+    others = [u for u in users if u.target[2] != victim.label]
+    if not on_a or not others:
+        raise BenchError("failover needs users on the killed node and on the others (-n 2 or more)")
+    nobs = min(a.observers, len(others)) if a.observers else len(others)
+    observers = [others[(j * len(others)) // nobs] for j in range(nobs)]
+    index = {u.name.lower(): i for i, u in enumerate(on_a)}
+    seen: dict = {}                  # observer idx -> indices (in on_a) it has seen go offline
+    count = [0] * len(on_a)          # observers that have seen each user of A go offline
+    all_at = [0] * len(on_a)         # when the last of them did (ns)
+    st = {"t_kill": 0, "first": 0, "pairs": 0, "done": 0, "duplicates": 0, "unexpected": 0}
+
+    def on_presence(c: Conn, body: bytes) -> None:
+        if not body.startswith(PRESENCE_MARK) or OFFLINE_MARK not in body:
+            return
+        m = USERNAME_RE.search(body)
+        name = m.group(1).decode("utf-8", "replace") if m else str(bench.decode(body).get("username"))
+        i = index.get(name.lower())
+        if i is None or not st["t_kill"]:
+            st["unexpected"] += 1    # a user not on A, or before the kill
+            return
+        mine = seen.setdefault(c.idx, set())
+        if i in mine:
+            st["duplicates"] += 1
+            return
+        mine.add(i)
+        st["pairs"] += 1
+        st["first"] = st["first"] or bench.t_rx
+        count[i] += 1
+        if count[i] == nobs:
+            all_at[i] = bench.t_rx
+            st["done"] += 1
+
+    for u in users:
+        u.after = (None, None, None, True)
+    for o in observers:
+        o.after = (None, None, on_presence, False)
+    res["login"] = bench.login(users, f"{n} users")
+    bench.note(f"{n} users logged in ({res['login']['per_s']}/s); waiting for the servers to go quiet")
+    bench.settle()
+
+    bench.phase = "failover"
+    bench.note(f"SIGKILL {victim.name} ({victim.label}, {len(on_a)} users); {nobs} observers on the other "
+               f"node(s) wait for them to go offline (at most {a.limit:.0f} s)")
+    for u in on_a:
+        u.expendable = True
+    bench.stats.pids.remove(victim.pid)   # CPU and RSS of the surviving nodes from here on
+    start = bench.mark()
+    st["t_kill"] = now_ns()
+    victim.kill()
+    end = time.monotonic() + a.limit
+    try:
+        while st["done"] < len(on_a) and time.monotonic() < end:
+            bench.step(0.01)
+            now = time.monotonic()
+            if now - bench.last_report > 5.0:
+                bench.last_report = now
+                bench.note(f"failover: {st['done']}/{len(on_a)} seen offline by every observer, "
+                           f"{st['pairs']}/{len(on_a) * nobs} sightings")
+    finally:
+        fig = bench.figures(start)
+        fig.pop("_cpu"), fig.pop("_redis_cpu")
+        t0 = st["t_kill"]
+        times = sorted((t - t0) / 1e9 for t in all_at if t)
+
+        def sec(x):
+            return None if x is None else round(x, 3)
+
+        res["failover"] = {
+            "users": n, "nodes": len(room.servers), "killed_node": victim.label,
+            "users_on_killed_node": len(on_a), "observers": nobs,
+            "observer_nodes": sorted({o.target[2] for o in observers}),
+            "limit_s": a.limit, "complete": st["done"] == len(on_a),
+            "seen_offline_by_all": st["done"],
+            "sightings": st["pairs"], "sightings_expected": len(on_a) * nobs,
+            "first_offline_s": sec((st["first"] - t0) / 1e9 if st["first"] else None),
+            "offline_everywhere_s": {"n": len(times), "p50_s": sec(pct(times, 50)), "p90_s": sec(pct(times, 90)),
+                                     "max_s": sec(times[-1] if times else None)},
+            "duplicate_offline": st["duplicates"], "other_offline": st["unexpected"],
+            "dropped_users": bench.dropped,
+            **fig,
+            "server_rss_kb": bench.stats.mem_kb(),
+            "note": "time from the SIGKILL of the node to the read of the last observer's PRESENCE "
+                    "online:false for each user of that node (max and p50 over those users); "
+                    "CPU and RSS are of the surviving nodes from the kill on",
+        }
+    if st["done"] < len(on_a):
+        raise BenchError(f"after {a.limit:.0f} s only {st['done']} of the {len(on_a)} users of the killed node "
+                         f"were seen offline by all {nobs} observers ({st['pairs']} of {len(on_a) * nobs} sightings)")
+
+
+SCENARIOS = {"fanout": run_fanout, "pm": run_pm, "hold": run_hold, "storm": run_storm,
+             "failover": run_failover}
 
 
 # --- output -----------------------------------------------------------------------------
@@ -1177,6 +1548,20 @@ def _v(value, unit: str = "") -> str:
     return f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
 
 
+def _nodes_cpu(d: dict) -> str:
+    nodes = d.get("node_cpu_s")
+    return f"; per node {', '.join(_v(x, ' s') for x in nodes)}" if nodes else ""
+
+
+def _redis_rows(d: dict, unit: str, per_key: str = "redis_cpu_us_per_delivery") -> list:
+    if d.get("redis_cpu_s") is None:
+        return []
+    text = f"{_v(d['redis_cpu_s'], ' s')} ({_v(d['redis_cpu_pct'], '%')} of one core)"
+    if unit:
+        text += f", {_v(d.get(per_key), ' us')} per {unit}"
+    return [("Redis CPU", text + f", RSS {_v(d.get('redis_rss_kb'), ' KB')}")]
+
+
 def table(res: dict) -> str:
     rows = [("scenario", res["scenario"]),
             ("server", res["server"].get("description", "")),
@@ -1190,21 +1575,30 @@ def table(res: dict) -> str:
                               f"window {f['window']}, {f['msg_text_chars']}-char texts"),
                  ("deliveries", f"{_v(f['deliveries'])} of {_v(f['expected_deliveries'])} in {f['seconds']} s"),
                  ("deliveries/s", _v(f["deliveries_per_s"])),
-                 ("latency", _lat(f["latency"])),
-                 ("server CPU/delivery", _v(f["server_cpu_us_per_delivery"], " us")),
-                 ("server CPU", f"{_v(f['server_cpu_s'], ' s')} ({_v(f['server_cpu_pct'], '%')} of one core)"),
-                 ("server RSS", _v(f["server_rss_kb"], " KB")),
+                 ("latency", _lat(f["latency"]))]
+        if "latency_cross_server" in f:
+            rows += [("  same server", _lat(f["latency_same_server"])),
+                     ("  cross server", _lat(f["latency_cross_server"]))]
+        rows += [("server CPU/delivery", _v(f["server_cpu_us_per_delivery"], " us")),
+                 ("server CPU", f"{_v(f['server_cpu_s'], ' s')} ({_v(f['server_cpu_pct'], '%')} of one core)"
+                                + _nodes_cpu(f))]
+        rows += _redis_rows(f, "delivery")
+        rows += [("server RSS", _v(f["server_rss_kb"], " KB")),
                  ("loadgen CPU", f"{_v(f['loadgen_cpu_s'], ' s')} ({_v(f['loadgen_cpu_pct'], '%')} of one core)")]
     p = res.get("pm")
     if p:
-        rows += [("round trips", f"{p['round_trips']} ({p['messages']} PMs)"),
+        rows += [("round trips", f"{p['round_trips']} ({p['messages']} PMs), users at "
+                                 f"{' and '.join(p['users_at'])}" + (" (cross server)" if p["cross_server"] else "")),
                  ("PM server side", _lat(p["message_server_side"])),
+                 ("  PM+TARGET->TARGET", _lat(p.get("target_reply"))),
+                 ("  SEND->D PM at peer", _lat(p.get("send_to_delivery"))),
                  ("round trip srv side", _lat(p["round_trip_server_side"])),
                  ("round trip total", _lat(p["round_trip_total"])),
                  ("client seal+sign", _lat(p["client_seal_sign"])),
                  ("client verify+open", _lat(p["client_verify_open"])),
-                 ("server CPU/PM", _v(p["server_cpu_us_per_message"], " us")),
-                 ("server RSS", _v(p["server_rss_kb"], " KB")),
+                 ("server CPU/PM", _v(p["server_cpu_us_per_message"], " us") + _nodes_cpu(p))]
+        rows += _redis_rows(p, "PM", "redis_cpu_us_per_message")
+        rows += [("server RSS", _v(p["server_rss_kb"], " KB")),
                  ("loadgen CPU", f"{_v(p['loadgen_cpu_s'], ' s')} ({_v(p['loadgen_cpu_pct'], '%')} of one core)")]
     h = res.get("hold")
     if h:
@@ -1230,6 +1624,21 @@ def table(res: dict) -> str:
                                 f"during {_v(s['during_storm']['server_cpu_pct'], '%')}"),
                  ("loadgen CPU", f"before {_v(s['baseline']['loadgen_cpu_pct'], '%')}, "
                                  f"during {_v(s['during_storm']['loadgen_cpu_pct'], '%')}")]
+    fo = res.get("failover")
+    if fo:
+        o = fo["offline_everywhere_s"]
+        rows += [("workload", f"{fo['users']} users over {fo['nodes']} nodes; SIGKILL {fo['killed_node']} "
+                              f"({fo['users_on_killed_node']} users); {fo['observers']} observers on "
+                              f"{', '.join(fo['observer_nodes'])}"),
+                 ("offline everywhere", f"p50 {_v(o['p50_s'], ' s')}, p90 {_v(o['p90_s'], ' s')}, "
+                                        f"max {_v(o['max_s'], ' s')} after the kill (n={o['n']}; "
+                                        f"first sighting {_v(fo['first_offline_s'], ' s')})"),
+                 ("sightings", f"{_v(fo['sightings'])} of {_v(fo['sightings_expected'])}"
+                               + (" (complete)" if fo["complete"] else f" (INCOMPLETE after {fo['limit_s']} s)")
+                               + f", {fo['duplicate_offline']} duplicates, {fo['other_offline']} other offline"),
+                 ("server CPU", f"{_v(fo['server_cpu_s'], ' s')} surviving nodes ({_v(fo['server_cpu_pct'], '%')} "
+                                "of one core)")]
+        rows += _redis_rows(fo, "")
     if res.get("failures"):
         rows.append(("failures", json.dumps(res["failures"])))
     if res.get("server_log", {}).get("warning_lines"):
@@ -1269,6 +1678,13 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
                         "(default: start chatserver.py on a free 127.0.0.1 port)")
     g.add_argument("--server-pid", action="append", type=int, default=[], metavar="PID",
                    help="with --connect: server process(es) whose CPU and RSS to read from /proc")
+    g.add_argument("--nodes", type=_nonnegative(int), default=0, metavar="N",
+                   help="start a redis-server (AOF always) and N chatserver.py nodes on it (--redis), users "
+                        "round-robin over them (default: one server on its data directory, no Redis)")
+    g.add_argument("--redis-server", default="redis-server", metavar="PATH",
+                   help="the redis-server for --nodes (default: %(default)s on PATH)")
+    g.add_argument("--redis-fsync", choices=("always", "everysec", "no"), default="always",
+                   help="its --appendfsync (default: %(default)s: every acknowledged write is on disk)")
     g.add_argument("--scrypt-n", type=int, default=None, metavar="N",
                    help="scrypt cost of the started server (default: 16, storm: the server's default)")
     g.add_argument("--send-queue", type=_nonnegative(int), default=16 << 20, metavar="BYTES",
@@ -1309,6 +1725,9 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     p.add_argument("--count", type=_positive(int), default=200, help="round trips (default: %(default)s)")
     p.add_argument("--warmup", type=_nonnegative(int), default=5,
                    help="round trips first, not counted (default: %(default)s)")
+    p.add_argument("--same-node", action="store_true",
+                   help="both users on the first server (default: round-robin, i.e. on two different "
+                        "servers when there are several)")
     p = sub.add_parser("hold", parents=[common], help="N users online; BM round trips; RSS per user")
     p.add_argument("-n", "--users", type=_positive(int), default=10000, help="users online (default: %(default)s)")
     p.add_argument("--samples", type=_positive(int), default=200, help="BM round trips (default: %(default)s)")
@@ -1325,9 +1744,20 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", type=_positive(float), default=5.0, metavar="SECONDS",
                    help="measuring time before the storm (default: %(default)s)")
     p.add_argument("--storm", type=_positive(int), default=200, help="new logins at once (default: %(default)s)")
+    p = sub.add_parser("failover", parents=[common],
+                       help="N users over 2+ started nodes; SIGKILL one; time until the others see its users offline")
+    p.add_argument("-n", "--users", type=_positive(int), default=1000, help="users in all (default: %(default)s)")
+    p.add_argument("--observers", type=_nonnegative(int), default=0,
+                   help="users on the surviving nodes that check every PRESENCE (default: 0 = all of them)")
+    p.add_argument("--limit", type=_positive(float), default=30.0, metavar="SECONDS",
+                   help="give up waiting for the offline presences after this (default: %(default)s)")
     a = parser.parse_args(argv)
     if a.server_pid and not a.connect:
         parser.error("--server-pid goes with --connect (a started server is measured anyway)")
+    if a.nodes and a.connect:
+        parser.error("--nodes starts its own servers; --connect targets running ones: give one of them")
+    if a.scenario == "failover" and a.nodes < 2:
+        parser.error("failover needs --nodes 2 or more (it SIGKILLs one of the nodes it started)")
     return a
 
 
@@ -1345,45 +1775,53 @@ def raise_fd_limit(need: int) -> dict:
     return {"soft": soft, "hard": hard}
 
 
+class Terminated(Exception):
+    """SIGTERM reached the load generator: end the run, stopping what it started."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list | None = None) -> int:
     a = parse_args(argv)
     res: dict = {"scenario": a.scenario, "machine": machine_info(),
                  "args": {k: v for k, v in vars(a).items() if k not in ("connect", "json", "quiet")},
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     users = {"fanout": getattr(a, "users", 0), "pm": 2, "hold": getattr(a, "users", 0),
-             "storm": getattr(a, "base", 0) + getattr(a, "storm", 0)}[a.scenario]
-    server: StartedServer | None = None
+             "storm": getattr(a, "base", 0) + getattr(a, "storm", 0), "failover": getattr(a, "users", 0)}[a.scenario]
+    room: StartedRoom | None = None
     bench: Bench | None = None
     status = 0
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         res["fd_limit"] = raise_fd_limit(users + 64)
+        redis_stats = None
         if a.connect:
             targets = a.connect
             stats = ServerStats(a.server_pid)
             a.scrypt_n_used = None
             res["server"] = {"description": "running server(s) " + ", ".join(t[2] for t in targets),
                              "pids": a.server_pid}
+            keys = pg3lib.KeyPair.generate()
         else:
             scrypt_n = a.scrypt_n or (None if a.scenario == "storm" else 16)
             if scrypt_n is None:   # the server's own default
                 scrypt_n = passwords.DEFAULT_SCRYPT_N
             a.scrypt_n_used = scrypt_n
-            if a.scenario == "hold" and users + 1200 > res["fd_limit"]["hard"]:
+            if a.scenario == "hold" and users // max(1, a.nodes) + 1200 > res["fd_limit"]["hard"]:
                 print(f"loadgen: warning: the server's open-file limit (hard {res['fd_limit']['hard']}) leaves "
                       f"little room for {users} connections plus its history files", file=sys.stderr)
-            server = StartedServer(a, scrypt_n)
-            server.start()
-            keys = pg3lib.KeyPair.generate()   # meanwhile the server makes its own key
-            server.wait_ready()
-            assert server.proc is not None
-            targets = [(socket.AF_INET, ("127.0.0.1", server.port), f"127.0.0.1:{server.port}")]
-            stats = ServerStats([server.proc.pid])
-            res["server"] = {"description": f"started chatserver.py on 127.0.0.1:{server.port} "
-                                            f"(pid {server.proc.pid}, scrypt N={scrypt_n})",
-                             "pids": [server.proc.pid], "command": server.command[1:]}
-        if a.connect:
-            keys = pg3lib.KeyPair.generate()
-        bench = Bench(a, targets, stats, server, keys)
+            room = StartedRoom(a, scrypt_n, a.nodes)
+            room.start()
+            keys = pg3lib.KeyPair.generate()   # meanwhile the servers make their own key
+            room.wait_ready()
+            targets = [(socket.AF_INET, ("127.0.0.1", s.port), s.label) for s in room.servers]
+            stats = ServerStats(room.pids)
+            if room.redis is not None:
+                redis_stats = ServerStats([room.redis.pid])
+            res["server"] = room.info()
+        bench = Bench(a, targets, stats, room, keys, redis_stats)
         bench.note(res["server"]["description"])
         SCENARIOS[a.scenario](bench, a, res)
     except BenchError as exc:
@@ -1392,18 +1830,26 @@ def main(argv: list | None = None) -> int:
     except KeyboardInterrupt:
         res["error"] = "interrupted"
         status = 130
+    except Terminated:
+        res["error"] = "terminated (SIGTERM)"
+        status = 143
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the cleanup below runs to its (bounded) end
         if bench is not None:
             res["failures"] = dict(bench.failures)
             bench.close_all([key.data for key in list(bench.sel.get_map().values())])
-        if server is not None:
-            code = server.stop()
-            res["server"]["exit_status"] = code
-            res["server_log"] = server.log_summary()
-            if code not in (0, None) and not res.get("error"):
-                res["error"] = f"the server exited with status {code}"
+        if room is not None:
+            codes = room.stop()
+            bad = [(s.name, code) for s, code in zip(room.servers, codes) if not s.killed and code not in (0, None)]
+            res.setdefault("server", {})["exit_status"] = bad[0][1] if bad else 0
+            if len(codes) > 1:
+                res["server"]["exit_statuses"] = codes
+            res["server_log"] = room.log_summary()
+            if bad and not res.get("error"):
+                res["error"] = ", ".join(f"{name} exited with status {code}" for name, code in bad)
                 status = 1
-            server.cleanup()
+            room.cleanup()
+        signal.signal(signal.SIGTERM, previous)
     if a.json:
         print(json.dumps(res, indent=1))
     else:

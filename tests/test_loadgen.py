@@ -1,5 +1,7 @@
 """Smoke runs of bench/loadgen.py: every scenario, tiny, in a subprocess, so the load generator cannot rot.
 
+The --nodes runs (two nodes on one redis-server) need redis-server on PATH, as the Redis tests do.
+
 The figures themselves are not judged here (the machine is shared and noisy); only
 that each scenario completes and reports counts that add up.
 """
@@ -8,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -106,3 +111,123 @@ def test_byte_counting_finds_marks_cut_by_reads():
         for piece in pieces:
             bench._count(conn, piece)
         assert bench.bm_delivered == 7, cut
+
+
+# --- several nodes on one Redis (--nodes): need redis-server on PATH, as the Redis tests do ---
+
+def require_redis_server() -> None:
+    """Fail (never skip) without redis-server on PATH. Imported late: other test modules load
+    redisproc as a plugin, which an earlier import would keep from being assert-rewritten."""
+    from redisproc import require_redis_server as require
+
+    require()
+
+
+def _gone(pids: list, within: float = 10.0) -> list:
+    """The pids still alive (not zombies: our children are reaped) after waiting up to ``within``."""
+    end = time.monotonic() + within
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    text = fh.read()
+            except OSError:
+                continue
+            if text[text.rindex(")") + 2] not in "ZX":
+                alive.append(pid)
+        if not alive or time.monotonic() > end:
+            return alive
+        time.sleep(0.05)
+
+
+def test_nodes_fanout_spreads_users_and_stops_everything():
+    require_redis_server()
+    res = run("fanout", "--nodes", "2", "-n", "20", "-k", "2", "-m", "5", "-w", "3", "--probes", "50")
+    f, server = res["fanout"], res["server"]
+    assert len(server["nodes"]) == 2 and len(server["pids"]) == 2 and server["redis_pid"]
+    assert f["deliveries"] == f["expected_deliveries"] == 19 * 2 * 5
+    assert f["confirmed"] == 10 and f["complete"] and f["dropped_users"] == 0 and f["servers"] == 2
+    # the probes hear senders on their own node and on the other one
+    assert f["latency_same_server"]["n"] > 0 and f["latency_cross_server"]["n"] > 0
+    assert f["latency_same_server"]["n"] + f["latency_cross_server"]["n"] == f["latency"]["n"] == 18 * 10
+    assert f["server_cpu_s"] is not None and len(f["node_cpu_s"]) == 2
+    assert f["redis_cpu_s"] is not None and f["redis_cpu_s"] >= 0 and f["redis_rss_kb"] > 1000
+    assert f["server_rss_kb"] > 2000
+    assert server["exit_status"] == 0 and server["exit_statuses"] == [0, 0]
+    assert _gone(server["pids"] + [server["redis_pid"]], 0.5) == []
+
+
+def test_nodes_pm_crosses_nodes():
+    require_redis_server()
+    res = run("pm", "--nodes", "2", "--count", "5", "--warmup", "1")
+    p = res["pm"]
+    assert p["cross_server"] and p["users_at"] == res["server"]["nodes"]
+    assert p["round_trips"] == 5 and p["messages"] == 10
+    assert 0 < p["message_server_side"]["p50_ms"] <= p["round_trip_total"]["p50_ms"]
+    assert p["target_reply"]["n"] == p["send_to_delivery"]["n"] == 10
+    assert p["redis_cpu_s"] is not None
+
+
+def test_nodes_pm_same_node():
+    require_redis_server()
+    res = run("pm", "--nodes", "2", "--count", "3", "--warmup", "0", "--same-node")
+    assert not res["pm"]["cross_server"] and res["pm"]["round_trips"] == 3
+
+
+def test_failover_sees_every_user_of_the_killed_node_go_offline():
+    require_redis_server()
+    res = run("failover", "--nodes", "2", "-n", "12", "--limit", "20")
+    fo, server = res["failover"], res["server"]
+    assert fo["complete"] and fo["users_on_killed_node"] == 6 and fo["observers"] == 6
+    assert fo["sightings"] == fo["sightings_expected"] == 36
+    assert fo["duplicate_offline"] == 0 and fo["other_offline"] == 0 and fo["dropped_users"] == 0
+    o = fo["offline_everywhere_s"]
+    assert o["n"] == 6 and 0 < fo["first_offline_s"] <= o["p50_s"] <= o["max_s"] < 20
+    assert fo["killed_node"] == server["nodes"][0]
+    assert server["exit_status"] == 0 and server["exit_statuses"][0] == -9   # the killed one does not count
+    assert _gone(server["pids"] + [server["redis_pid"]], 0.5) == []
+
+
+def test_failover_needs_started_nodes():
+    proc = subprocess.run([sys.executable, LOADGEN, "failover", "-n", "4"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and "--nodes 2" in proc.stderr
+
+
+def test_nodes_without_redis_server_says_so():
+    proc = subprocess.run([sys.executable, LOADGEN, "pm", "--nodes", "2", "--redis-server", "/nonexistent/redis",
+                           "--json", "-q"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "redis-server" in json.loads(proc.stdout)["error"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_ended_loadgen_takes_its_nodes_and_redis_along(sig):
+    """SIGKILL of the load generator (e.g. a timeout) leaves no node or Redis running (they die
+    with it); SIGTERM ends the run in order, with a report."""
+    require_redis_server()
+    proc = subprocess.Popen([sys.executable, LOADGEN, "hold", "--nodes", "2", "-n", "4", "--samples", "100000",
+                             "--gap", "0.01", "--deadline", "60", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids: list = []
+    try:
+        end = time.monotonic() + 20
+        while time.monotonic() < end and proc.poll() is None:
+            line = proc.stderr.readline()
+            if "BM round trips with" in line:
+                break
+            if "started 2 chatserver.py" in line:
+                pids = [int(x) for x in re.findall(r"\(pid (\d+)", line)]
+        assert len(pids) == 3, pids   # two nodes and Redis
+        assert _gone(pids, 0) == pids
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert _gone(pids, 10.0) == []
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143
+        res = json.loads(out)
+        assert "SIGTERM" in res["error"] and res["server"]["exit_statuses"] == [0, 0]
