@@ -1,8 +1,14 @@
-"""Shared fixtures: RSA key pairs (made once per run) and a real server process."""
+"""Shared fixtures: RSA key pairs (made once per run) and a real server process.
+
+With CHAT_TEST_REDIS=1 the `server` and `make_server` fixtures start nodes in
+Redis mode (``--redis``) on one redis-server per test module, emptied before
+each test, and tests marked ``filestore_only`` are skipped.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import pytest
@@ -10,7 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pg3lib  # noqa: E402
-from serverproc import ServerProcess  # noqa: E402
+from serverproc import ServerProcess, redis_mode  # noqa: E402
 from wire import WireClient  # noqa: E402
 
 _KEY_POOL: list[pg3lib.KeyPair] = []
@@ -29,19 +35,66 @@ def keys():
     return key_pair
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A started server on a free loopback port with an empty data directory."""
-    data = tmp_path / "data"
-    data.mkdir()
-    proc = ServerProcess(str(data)).start()
+def pytest_collection_modifyitems(config, items):
+    if not redis_mode():
+        return
+    skip = pytest.mark.skip(reason="about the file store only (CHAT_TEST_REDIS=1 runs the Redis store)")
+    for item in items:
+        if item.get_closest_marker("filestore_only"):
+            item.add_marker(skip)
+
+
+def _flushall(port: int) -> None:
+    """FLUSHALL and SCRIPT FLUSH on a fresh connection; asserts both answer +OK."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n*2\r\n$6\r\nSCRIPT\r\n$5\r\nFLUSH\r\n")
+        data = b""
+        while data.count(b"\r\n") < 2:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    assert data == b"+OK\r\n+OK\r\n", data
+
+
+@pytest.fixture(scope="module")
+def _store_redis(tmp_path_factory):
+    """Redis mode only: one redis-server (AOF always) for the module's servers."""
+    from redisproc import RedisProcess   # imported late: test modules load it as a plugin (assert rewriting)
+
+    proc = RedisProcess(str(tmp_path_factory.mktemp("store-redis"))).start()
     yield proc
     proc.kill()
 
 
 @pytest.fixture
-def make_server(tmp_path):
-    """make_server(*extra_args, data=None) -> a started ServerProcess; all are killed after."""
+def store_args(request) -> tuple[str, ...]:
+    """The server arguments that pick the store: none (the data directory), or with
+    CHAT_TEST_REDIS=1 ``--redis URL`` of the module's Redis, emptied once per test."""
+    if not redis_mode():
+        return ()
+    redis = request.getfixturevalue("_store_redis")
+    if not redis.alive():
+        redis.restart()
+    _flushall(redis.port)
+    return ("--redis", redis.url + "/0")
+
+
+@pytest.fixture
+def server(tmp_path, store_args):
+    """A started server on a free loopback port with an empty data directory (and an empty
+    Redis in Redis mode)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    proc = ServerProcess(str(data), *store_args).start()
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture
+def make_server(tmp_path, store_args):
+    """make_server(*extra_args, data=None) -> a started ServerProcess; all are killed after.
+    In Redis mode all of a test's servers share one (emptied) Redis."""
     started: list[ServerProcess] = []
 
     def make(*extra: str, data: str | None = None, scrypt_n: int | None = None) -> ServerProcess:
@@ -49,7 +102,7 @@ def make_server(tmp_path):
             data = str(tmp_path / f"data{len(started)}")
             os.makedirs(data, exist_ok=True)
         kwargs = {} if scrypt_n is None else {"scrypt_n": scrypt_n}
-        proc = ServerProcess(data, *extra, **kwargs).start()
+        proc = ServerProcess(data, *store_args, *extra, **kwargs).start()
         started.append(proc)
         return proc
 

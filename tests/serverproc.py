@@ -17,6 +17,16 @@ _READY = re.compile(r"listening on [^ ]*:(\d+)")
 # production default (2**14) is exercised by its own tests.
 TEST_SCRYPT_N = 1024
 
+# CHAT_TEST_REDIS=1: the `server` and `make_server` fixtures of conftest.py run
+# nodes in Redis mode (--redis, one redis-server per test module, emptied
+# before each test); tests marked `filestore_only` are skipped then.
+REDIS_ENV = "CHAT_TEST_REDIS"
+
+
+def redis_mode() -> bool:
+    """True when the fixtures' servers use the Redis store (CHAT_TEST_REDIS set, not 0)."""
+    return os.environ.get(REDIS_ENV, "").strip() not in ("", "0")
+
 
 class ServerProcess:
     """One chatserver.py process; ``port`` is known once ``start`` returns."""

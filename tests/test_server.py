@@ -1,4 +1,9 @@
-"""The real chatserver.py process over real loopback sockets: the protocol end to end."""
+"""The real chatserver.py process over real loopback sockets: the protocol end to end.
+
+CHAT_TEST_REDIS=1 runs these against a node in Redis mode (see conftest.py);
+the tests marked ``filestore_only`` (data directory contents, torn .chat
+lines, accounts.jsonl) are skipped then.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +22,11 @@ import pytest
 
 import framing
 import pg3lib
-from serverproc import SERVER, ServerProcess
+from serverproc import SERVER, ServerProcess, redis_mode
 from wire import WireClient
 
 PASSWORD = "correct horse"
+FILE_STORE = not redis_mode()   # the data directory is the store: its files can be checked
 
 
 def online(connect, keys, *names: str) -> list[WireClient]:
@@ -59,6 +65,7 @@ def test_port_in_use_is_one_line_and_status_2(server, tmp_path):
     assert "cannot listen" in result.stderr
 
 
+@pytest.mark.filestore_only
 def test_unwritable_data_directory_is_one_line_and_status_2(tmp_path):
     target = tmp_path / "file"
     target.write_text("not a directory")
@@ -91,7 +98,8 @@ def test_register_then_log_in_again_keeps_spelling(connect, keys, server):
     reply = second.login_start("ALICE")
     assert reply["new_user"] is False
     assert second.password(PASSWORD) == {"op": "PASSWORD", "ok": True, "new_user": False, "username": "Alice"}
-    assert os.path.exists(os.path.join(server.data_dir, "Alice.chat"))
+    if FILE_STORE:
+        assert os.path.exists(os.path.join(server.data_dir, "Alice.chat"))
 
 
 def test_each_login_attempt_gets_a_fresh_nonce(connect):
@@ -138,7 +146,8 @@ def test_invalid_usernames(connect, server, name):
     reply = client.request({"op": "LOGIN", "username": name})
     assert reply["ok"] is False and reply["error"] == "invalid_username"
     assert client.login_start("fine_name")["ok"]      # the state is unchanged
-    assert sorted(os.listdir(server.data_dir)) == ["accounts.jsonl", "server_key.pem"]
+    if FILE_STORE:
+        assert sorted(os.listdir(server.data_dir)) == ["accounts.jsonl", "server_key.pem"]
 
 
 def test_longest_username_is_fine(connect):
@@ -315,6 +324,7 @@ def test_history_longer_than_one_frame(connect, keys):
     assert client.history(limit=5) == [e for f in frames for e in f["entries"]][-5:]
 
 
+@pytest.mark.filestore_only
 def test_torn_last_history_line_is_skipped(connect, keys, server):
     (client,) = online(connect, keys, "torn")
     client.bm("kept")
@@ -329,6 +339,7 @@ def test_torn_last_history_line_is_skipped(connect, keys, server):
     assert [e["text"] for e in client.history()] == ["kept", "after the tear"]
 
 
+@pytest.mark.filestore_only
 def test_data_directory_contents(connect, keys, server):
     online(connect, keys, "secretive")[0].exit()
     key_file = os.path.join(server.data_dir, "server_key.pem")
@@ -496,10 +507,12 @@ def test_concurrent_registrations_of_one_name(make_server):
     for thread in threads:
         thread.join(30)
     assert sum(1 for r in results.values() if r["ok"]) == 1   # different passwords: one account wins
-    accounts = open(os.path.join(server.data_dir, "accounts.jsonl")).read().splitlines()
-    assert len(accounts) == 1
+    if FILE_STORE:
+        accounts = open(os.path.join(server.data_dir, "accounts.jsonl")).read().splitlines()
+        assert len(accounts) == 1
 
 
+@pytest.mark.filestore_only
 def test_server_started_twice_on_one_data_dir_keeps_accounts(tmp_path, keys):
     data = tmp_path / "d"
     data.mkdir()
