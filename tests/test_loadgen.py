@@ -202,12 +202,12 @@ def test_nodes_without_redis_server_says_so():
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_ended_loadgen_takes_its_nodes_and_redis_along(sig):
+def test_ended_loadgen_takes_its_nodes_and_redis_along(sig, tmp_path):
     """SIGKILL of the load generator (e.g. a timeout) leaves no node or Redis running (they die
-    with it); SIGTERM ends the run in order, with a report."""
+    with it; their directory stays, here in tmp_path); SIGTERM ends the run in order, with a report."""
     require_redis_server()
     proc = subprocess.Popen([sys.executable, LOADGEN, "hold", "--nodes", "2", "-n", "4", "--samples", "100000",
-                             "--gap", "0.01", "--deadline", "60", "--json"],
+                             "--gap", "0.01", "--deadline", "60", "--json", "--tmpdir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids: list = []
     try:
@@ -227,6 +227,7 @@ def test_ended_loadgen_takes_its_nodes_and_redis_along(sig):
             proc.kill()
             proc.communicate(timeout=10)
     assert _gone(pids, 10.0) == []
+    assert len(os.listdir(tmp_path)) == (1 if sig == signal.SIGKILL else 0)   # SIGTERM: cleaned up
     if sig == signal.SIGTERM:
         assert proc.returncode == 143
         res = json.loads(out)
