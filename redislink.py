@@ -487,3 +487,20 @@ class BlockingRedis:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def ping(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bytes:
+    """One raw PING on a fresh blocking connection: the first reply line (b"+PONG",
+    b"-LOADING ..."), or b"" if nothing answers. For tools and tests waiting for a Redis to start."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            data = b""
+            while not data.endswith(b"\r\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            return data.strip()
+    except OSError:
+        return b""

@@ -327,7 +327,7 @@ class Session:
 
     __slots__ = ("cid", "address", "state", "username", "key", "account", "nonce", "attempts_left",
                  "public_key", "target", "barriers", "deadline", "sealed", "registering", "slots", "online_id",
-                 "claimed")
+                 "claimed", "kicked")
 
     def __init__(self, cid: int, address: str) -> None:
         self.cid = cid
@@ -347,6 +347,7 @@ class Session:
         self.registering = False     # holds one of its address's registration slots
         self.online_id = (0, 0)      # shared mode: stream id of its coming online
         self.claimed = False         # shared mode: the store holds this session's token
+        self.kicked = False          # shared mode: replaced before its claim was answered
 
 
 
@@ -755,6 +756,12 @@ class Room:
             self._reply(session, fail("PASSWORD", "internal", "the session could not be stored; try again"), out)
             return
         session.claimed = True
+        if session.kicked:   # replaced elsewhere before this answer came: the token is not ours
+            session.claimed = False
+            self._reply(session, bye("replaced"), out)
+            self._end(session, out)
+            self._emit(session, Close(session.cid), out)
+            return
         if session.state is State.CLOSED:
             out.append(Logout(0, session.key, self.token(session)))
             session.claimed = False
@@ -835,7 +842,13 @@ class Room:
                 out.append(Deliver([session.key], fields.get("d", b"")))
         elif kind == "kick":
             session = self.logged_in.get(fields.get("u", ""))
-            if session is not None and self.token(session) == fields.get("tok"):
+            if session is None or self.token(session) != fields.get("tok"):
+                # The kick can overtake the answer to the session's own claim (two links).
+                node, _, cid = str(fields.get("tok", "")).rpartition("/")
+                early = self.sessions.get(int(cid)) if node == self.node and cid.isdigit() else None
+                if early is not None and early.key == fields.get("u") and not early.claimed:
+                    early.kicked = True
+            elif session is not None:
                 session.claimed = False   # the token is someone else's now: no logout
                 self._reply(session, bye("replaced"), out)
                 self._end(session, out)

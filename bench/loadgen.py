@@ -74,6 +74,7 @@ sys.path.insert(0, ROOT)
 import framing  # noqa: E402
 import passwords  # noqa: E402
 import pg3lib  # noqa: E402
+import redislink  # noqa: E402
 
 SERVER = os.path.join(ROOT, "chatserver.py")
 EV_R = selectors.EVENT_READ
@@ -330,20 +331,7 @@ class StartedServer:
         return self.proc.returncode
 
 
-def redis_ping(port: int, timeout: float = 0.5) -> bytes:
-    """One raw PING on a fresh connection: the first reply line (b"+PONG", b"-LOADING ..."), or b""."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            data = b""
-            while not data.endswith(b"\r\n"):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            return data.strip()
-    except OSError:
-        return b""
+redis_ping = redislink.ping
 
 
 class StartedRedis:

@@ -19,6 +19,8 @@ import pg3lib  # noqa: E402
 from serverproc import ServerProcess, redis_mode  # noqa: E402
 from wire import WireClient  # noqa: E402
 
+pytest_plugins = ("redisproc",)   # real redis-server fixtures, for every test module
+
 _KEY_POOL: list[pg3lib.KeyPair] = []
 
 
@@ -60,7 +62,7 @@ def _flushall(port: int) -> None:
 @pytest.fixture(scope="module")
 def _store_redis(tmp_path_factory):
     """Redis mode only: one redis-server (AOF always) for the module's servers."""
-    from redisproc import RedisProcess   # imported late: test modules load it as a plugin (assert rewriting)
+    from redisproc import RedisProcess
 
     proc = RedisProcess(str(tmp_path_factory.mktemp("store-redis"))).start()
     yield proc

@@ -24,6 +24,8 @@ import time
 
 import pytest
 
+import redislink
+
 REDIS_SERVER = "redis-server"
 INSTALL_HINT = ("redis-server is not on PATH: install it (Debian: apt-get install -y redis-server; "
                 ".ci/run does this) - the Redis tests must not be skipped")
@@ -44,20 +46,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ping(port: int, timeout: float = 0.5) -> bytes:
-    """One raw PING on a fresh connection: the first reply line (b"+PONG", b"-LOADING ..."), or b""."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            data = b""
-            while not data.endswith(b"\r\n"):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            return data.strip()
-    except OSError:
-        return b""
+ping = redislink.ping
 
 
 class RedisProcess:

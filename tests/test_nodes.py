@@ -24,7 +24,6 @@ import pg3lib
 from serverproc import ServerProcess
 from wire import WireClient
 
-pytest_plugins = ("redisproc",)   # the redis_server fixture
 
 PASSWORD = "correct horse"
 REAP_WITHIN = 7.0          # a dead node's users are shown offline on the others within this

@@ -16,7 +16,6 @@ from redis_scripts import SCRIPTS, ChatKeys
 from redislink import BlockingRedis, RedisLink
 from resp import RedisError
 
-pytest_plugins = ("redisproc",)   # the shared_redis fixture
 
 K = ChatKeys()
 A, B = "nodeA", "nodeB"          # node ids

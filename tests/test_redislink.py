@@ -19,7 +19,6 @@ import resp
 from redislink import STALL_SECONDS, BlockingRedis, LinkError, RedisLink, Script, parse_url
 from resp import RedisError
 
-pytest_plugins = ("redisproc",)   # the redis_server and make_redis fixtures
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -1353,3 +1353,42 @@ class RoomMachine(RuleBasedStateMachine):
 RoomMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow], database=None)
 TestRoomMachine = RoomMachine.TestCase
+
+
+# --- shared mode (a node of several): the session logic without a store ------------
+
+def _shared_login(room: state.Room, cid: int, name: str) -> list:
+    """LOGIN and PASSWORD on a shared-mode room, answering the store by hand; returns the
+    effects that came with the claim request (the ClaimSession is the last)."""
+    room.connect(cid)
+    room.receive(cid, framing.Frame("C", {"op": "LOGIN", "username": name}))
+    account = state.Account(name, 16, 8, 1, b"salt", b"hash")
+    room.completed(cid, account)
+    out = room.receive(cid, framing.Frame("C", {"op": "PASSWORD", "ciphertext": "x;y"}))
+    assert isinstance(out[-1], state.CheckPassword)
+    out = room.completed(cid, state.LoginResult("ok", account=account))
+    assert isinstance(out[-1], state.ClaimSession) and out[-1].token == f"node1/{cid}"
+    return out
+
+
+def test_shared_kick_that_overtakes_the_claim_answer_still_replaces():
+    """The kick (reader link) can arrive before this session's own claim answer (command link)."""
+    room = state.Room(server_keys(), node="node1")
+    _shared_login(room, 7, "alice")
+    assert room.event("kick", "5-0", {"u": "alice", "tok": "node1/7"}) == []
+    out = room.completed(7, "ok")
+    sent = [framing.FrameDecoder(0).feed(e.data)[0].body for e in out if isinstance(e, state.Send)]
+    assert sent == [{"op": "BYE", "reason": "replaced"}]
+    assert any(isinstance(e, state.Close) for e in out)
+    assert not any(isinstance(e, state.Logout) for e in out)   # the token is someone else's: no logout
+    assert "alice" not in room.logged_in
+
+
+def test_shared_claim_without_a_kick_logs_in():
+    room = state.Room(server_keys(), node="node1")
+    _shared_login(room, 8, "bob")
+    room.event("kick", "5-0", {"u": "bob", "tok": "node1/99"})   # someone else's session
+    out = room.completed(8, "ok")
+    sent = [framing.FrameDecoder(0).feed(e.data)[0].body for e in out if isinstance(e, state.Send)]
+    assert sent == [{"op": "PASSWORD", "ok": True, "new_user": False, "username": "bob"}]
+    assert room.logged_in["bob"].cid == 8
