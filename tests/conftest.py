@@ -8,7 +8,6 @@ each test, and tests marked ``filestore_only`` are skipped.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
@@ -46,19 +45,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _flushall(port: int) -> None:
-    """FLUSHALL and SCRIPT FLUSH on a fresh connection; asserts both answer +OK."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n*2\r\n$6\r\nSCRIPT\r\n$5\r\nFLUSH\r\n")
-        data = b""
-        while data.count(b"\r\n") < 2:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    assert data == b"+OK\r\n+OK\r\n", data
-
-
 @pytest.fixture(scope="module")
 def _store_redis(tmp_path_factory):
     """Redis mode only: one redis-server (AOF always) for the module's servers."""
@@ -78,7 +64,8 @@ def store_args(request) -> tuple[str, ...]:
     redis = request.getfixturevalue("_store_redis")
     if not redis.alive():
         redis.restart()
-    _flushall(redis.port)
+    from redisproc import flushall
+    flushall(redis.port)
     return ("--redis", redis.url + "/0")
 
 

@@ -189,7 +189,13 @@ def shared_redis(_module_redis) -> RedisProcess:
     """One redis-server for the whole module, emptied (FLUSHALL, SCRIPT FLUSH) before each test."""
     if not _module_redis.alive():
         _module_redis.restart()
-    with socket.create_connection(("127.0.0.1", _module_redis.port), timeout=5) as sock:
+    flushall(_module_redis.port)
+    return _module_redis
+
+
+def flushall(port: int) -> None:
+    """FLUSHALL and SCRIPT FLUSH on a fresh connection; asserts both answer +OK."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n*2\r\n$6\r\nSCRIPT\r\n$5\r\nFLUSH\r\n")
         data = b""
         while data.count(b"\r\n") < 2:
@@ -198,4 +204,3 @@ def shared_redis(_module_redis) -> RedisProcess:
                 break
             data += chunk
     assert data == b"+OK\r\n+OK\r\n", data
-    return _module_redis
