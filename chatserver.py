@@ -650,7 +650,8 @@ def _power_of_two(text: str) -> int:
     return value
 
 
-def _nonnegative(kind):
+def nonnegative(kind):
+    """An argparse type: kind(text), refused if negative (0 turns a limit off)."""
     def parse(text: str):
         value = kind(text)
         if value < 0:
@@ -686,27 +687,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log detail (default: %(default)s)")
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--frame-limit", type=_nonnegative(int), default=framing.DEFAULT_FRAME_LIMIT,
+    limits.add_argument("--frame-limit", type=nonnegative(int), default=framing.DEFAULT_FRAME_LIMIT,
                         metavar="BYTES", help="largest frame body accepted or sent (default: %(default)s); "
                         "a bigger one is bad_frame and the connection is closed")
-    limits.add_argument("--send-queue", type=_nonnegative(int), default=DEFAULT_SEND_QUEUE, metavar="BYTES",
+    limits.add_argument("--send-queue", type=nonnegative(int), default=DEFAULT_SEND_QUEUE, metavar="BYTES",
                         help="output queued for one client before it is cut off with BYE too_slow "
                         "(default: %(default)s)")
-    limits.add_argument("--login-timeout", type=_nonnegative(float), default=30.0, metavar="SECONDS",
+    limits.add_argument("--login-timeout", type=nonnegative(float), default=30.0, metavar="SECONDS",
                         help="time to finish LOGIN, PASSWORD and KEY before BYE idle (default: %(default)s)")
-    limits.add_argument("--max-clients", type=_nonnegative(int), default=None, metavar="N",
+    limits.add_argument("--max-clients", type=nonnegative(int), default=None, metavar="N",
                         help="open connections in all (default: from the open-file limit)")
-    limits.add_argument("--max-per-ip", type=_nonnegative(int), default=50, metavar="N",
+    limits.add_argument("--max-per-ip", type=nonnegative(int), default=50, metavar="N",
                         help="open connections from one address (default: %(default)s)")
-    limits.add_argument("--flood-rate", type=_nonnegative(float), default=10.0, metavar="R",
+    limits.add_argument("--flood-rate", type=nonnegative(float), default=10.0, metavar="R",
                         help="requests per second one connection may make; more wait (default: %(default)s)")
-    limits.add_argument("--flood-burst", type=_nonnegative(float), default=20.0, metavar="B",
+    limits.add_argument("--flood-burst", type=nonnegative(float), default=20.0, metavar="B",
                         help="requests one connection may make at once before the rate applies "
                         "(default: %(default)s)")
-    limits.add_argument("--register-rate", type=_nonnegative(int), default=100, metavar="N",
+    limits.add_argument("--register-rate", type=nonnegative(int), default=100, metavar="N",
                         help="new accounts per address per hour; past it PASSWORD answers rate_limited "
                         "(default: %(default)s)")
-    limits.add_argument("--login-delay-cap", type=_nonnegative(float), default=60.0, metavar="SECONDS",
+    limits.add_argument("--login-delay-cap", type=nonnegative(float), default=60.0, metavar="SECONDS",
                         help="after wrong passwords an account's next attempt waits 1, 2, 4, ... seconds, "
                         "at most this long (default: %(default)s)")
     limits.add_argument("--scrypt-n", type=_power_of_two, default=passwords.DEFAULT_SCRYPT_N, metavar="N",

@@ -72,6 +72,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import framing  # noqa: E402
+from chatserver import nonnegative  # noqa: E402 - the server's own option checks
 import passwords  # noqa: E402
 import pg3lib  # noqa: E402
 import redislink  # noqa: E402
@@ -1649,15 +1650,6 @@ def _positive(kind):
     return parse
 
 
-def _nonnegative(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{text} is negative")
-        return value
-    return parse
-
-
 def parse_args(argv: list | None = None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("server and run")
@@ -1666,7 +1658,7 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
                         "(default: start chatserver.py on a free 127.0.0.1 port)")
     g.add_argument("--server-pid", action="append", type=int, default=[], metavar="PID",
                    help="with --connect: server process(es) whose CPU and RSS to read from /proc")
-    g.add_argument("--nodes", type=_nonnegative(int), default=0, metavar="N",
+    g.add_argument("--nodes", type=nonnegative(int), default=0, metavar="N",
                    help="start a redis-server (AOF always) and N chatserver.py nodes on it (--redis), users "
                         "round-robin over them (default: one server on its data directory, no Redis)")
     g.add_argument("--redis-server", default="redis-server", metavar="PATH",
@@ -1675,7 +1667,7 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
                    help="its --appendfsync (default: %(default)s: every acknowledged write is on disk)")
     g.add_argument("--scrypt-n", type=int, default=None, metavar="N",
                    help="scrypt cost of the started server (default: 16, storm: the server's default)")
-    g.add_argument("--send-queue", type=_nonnegative(int), default=16 << 20, metavar="BYTES",
+    g.add_argument("--send-queue", type=nonnegative(int), default=16 << 20, metavar="BYTES",
                    help="--send-queue of the started server (default: %(default)s; 0 = no limit)")
     g.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the started server (repeat; e.g. --server-arg=--frame-limit=0)")
@@ -1707,11 +1699,11 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     p.add_argument("-m", "--messages", type=_positive(int), default=50, help="BMs per sender (default: %(default)s)")
     p.add_argument("-w", "--window", type=_positive(int), default=20,
                    help="unconfirmed BMs per sender at most (default: %(default)s)")
-    p.add_argument("--probes", type=_nonnegative(int), default=50,
+    p.add_argument("--probes", type=nonnegative(int), default=50,
                    help="receivers sampled for latency (default: %(default)s)")
     p = sub.add_parser("pm", parents=[common], help="one pair ping-pongs private messages")
     p.add_argument("--count", type=_positive(int), default=200, help="round trips (default: %(default)s)")
-    p.add_argument("--warmup", type=_nonnegative(int), default=5,
+    p.add_argument("--warmup", type=nonnegative(int), default=5,
                    help="round trips first, not counted (default: %(default)s)")
     p.add_argument("--same-node", action="store_true",
                    help="both users on the first server (default: round-robin, i.e. on two different "
@@ -1721,13 +1713,13 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=_positive(int), default=200, help="BM round trips (default: %(default)s)")
     p.add_argument("--probes", type=_positive(int), default=10,
                    help="receivers the round trips end at, in turn (default: %(default)s)")
-    p.add_argument("--gap", type=_nonnegative(float), default=0.0, metavar="SECONDS",
+    p.add_argument("--gap", type=nonnegative(float), default=0.0, metavar="SECONDS",
                    help="pause between round trips (default: %(default)s)")
     p = sub.add_parser("storm", parents=[common], help="BM round trips before and during a login storm")
     p.add_argument("--base", type=_positive(int), default=100, help="users online (default: %(default)s)")
     p.add_argument("--senders", type=_positive(int), default=10,
                    help="base users sending BMs (default: %(default)s)")
-    p.add_argument("--interval", type=_nonnegative(float), default=0.1, metavar="SECONDS",
+    p.add_argument("--interval", type=nonnegative(float), default=0.1, metavar="SECONDS",
                    help="a sender's pause after each round trip (default: %(default)s)")
     p.add_argument("--baseline", type=_positive(float), default=5.0, metavar="SECONDS",
                    help="measuring time before the storm (default: %(default)s)")
@@ -1735,7 +1727,7 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     p = sub.add_parser("failover", parents=[common],
                        help="N users over 2+ started nodes; SIGKILL one; time until the others see its users offline")
     p.add_argument("-n", "--users", type=_positive(int), default=1000, help="users in all (default: %(default)s)")
-    p.add_argument("--observers", type=_nonnegative(int), default=0,
+    p.add_argument("--observers", type=nonnegative(int), default=0,
                    help="users on the surviving nodes that check every PRESENCE (default: 0 = all of them)")
     p.add_argument("--limit", type=_positive(float), default=30.0, metavar="SECONDS",
                    help="give up waiting for the offline presences after this (default: %(default)s)")
