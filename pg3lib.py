@@ -5,8 +5,15 @@ own key pair (made on first use, not at import):
 
 * ``getPubKey() -> bytes``: the key form (base64 of the PEM public key);
 * ``encrypt(message, pubkey) -> bytes``: the sealed form
-  ``base64(RSA-OAEP-SHA256(K)) ; Fernet(K, message)``;
+  ``base64(RSA-OAEP-SHA256(K)) ; base64(Fernet(K, message))``, the course
+  helper's bytes (the Fernet token's ASCII base64-encoded once more);
 * ``decrypt(cipher) -> bytes``: the inverse, with this process's private key.
+
+Opening also accepts the bare-token form ``base64(RSA-OAEP(K)) ; Fernet(K, m)``
+that version 1 of the protocol page described and earlier releases of this
+project made (histories still hold it); a bare token always starts ``gAAAAA``
+(version byte 0x80 and the high bytes of its timestamp), which the extra
+base64 layer never does, so the two are told apart by their first bytes.
 
 Beside them, the objects the server and client use: ``PublicKey`` (parse and
 check a key form, fingerprint, seal, verify a PM signature) and ``KeyPair``
@@ -46,6 +53,10 @@ PUBLIC_EXPONENT = 65537
 PSS_SALT_BYTES = 32
 # Encrypted PKCS#8: scrypt key derivation with AES-256-CBC.
 PKCS8_PROTECTION = "scryptAndAES256-CBC"
+
+# Every Fernet token (version 0x80, then a timestamp below 2**40) starts so in
+# URL-safe base64; the course's extra base64 layer turns it into ``Z0FBQUFB``.
+_BARE_TOKEN_PREFIX = b"gAAAAA"
 
 _STD_B64 = re.compile(rb"\A[A-Za-z0-9+/]*={0,2}\Z")
 _URL_B64 = re.compile(rb"\A[A-Za-z0-9_-]*={0,2}\Z")
@@ -259,7 +270,8 @@ class PublicKey:
         """The sealed form of message under this key."""
         fernet_key = Fernet.generate_key()
         wrapped = _oaep(self._rsa()).encrypt(fernet_key)
-        return base64.b64encode(wrapped) + b";" + Fernet(fernet_key).encrypt(message)
+        token = Fernet(fernet_key).encrypt(message)
+        return base64.b64encode(wrapped) + b";" + base64.b64encode(token)
 
     def verify(self, data: bytes, signature: bytes | str) -> bool:
         """True if signature (base64 RSA-PSS SHA-256, salt 32) is this key's over data."""
@@ -353,12 +365,26 @@ class KeyPair:
             fernet = Fernet(fernet_key)
         except InvalidKey:
             raise InvalidToken("the sealed key is not a Fernet key") from None
-        return fernet.decrypt(token)
+        return fernet.decrypt(_fernet_token(token))
 
     def sign(self, data: bytes) -> str:
         """Base64 RSA-PSS (SHA-256, MGF1-SHA-256, salt 32) signature over data."""
         raw = pss.new(self._key, salt_bytes=PSS_SALT_BYTES).sign(SHA256.new(data))
         return base64.b64encode(raw).decode("ascii")
+
+
+def _fernet_token(part: bytes) -> bytes:
+    """The Fernet token inside a sealed text's second part, in either form.
+
+    Raises:
+        InvalidToken: the course form whose outer base64 does not decode.
+    """
+    if part.startswith(_BARE_TOKEN_PREFIX):
+        return part  # the version-1 form: the token itself
+    try:
+        return b64decode_strict(part)
+    except ValueError:
+        raise InvalidToken("the sealed token is not base64 of a Fernet token") from None
 
 
 def pm_signed_bytes(sender: str, receiver: str, ciphertext: str) -> bytes:

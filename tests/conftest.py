@@ -105,8 +105,8 @@ def connect(server):
     """connect() -> a WireClient to the `server` fixture; all are closed after."""
     clients: list[WireClient] = []
 
-    def make(port: int | None = None) -> WireClient:
-        client = WireClient(server.port if port is None else port)
+    def make(port: int | None = None, **options) -> WireClient:
+        client = WireClient(server.port if port is None else port, **options)
         clients.append(client)
         return client
 

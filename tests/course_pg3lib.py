@@ -1,8 +1,11 @@
-"""Reference: the course's original ``pg3lib`` helper, written with ``cryptography``.
+"""Reference: the course's original ``pg3lib`` helper, rebuilt with ``cryptography``.
 
-Test-only. It is what our ``pg3lib.py`` must stay a drop-in replacement for
-(PROTOCOL.md section 8): the same three functions with the same bytes in and
-out. Like the original, it makes its RSA key pair when imported.
+Test-only. It behaves as the course's file does (PROTOCOL.md section 8), so our
+``pg3lib.py`` is checked against the real bytes: the same three functions,
+``encrypt`` returning ``base64(RSA-OAEP(K)) ; base64(Fernet token)`` (the token's
+ASCII encoded once more with standard base64) and ``decrypt`` undoing both
+layers. Like the original, it makes its RSA key pair when imported, and it
+accepts nothing but its own form.
 """
 
 from __future__ import annotations
@@ -29,15 +32,16 @@ def getPubKey() -> bytes:  # noqa: N802 - the course helper's name
 
 
 def encrypt(message: bytes, pubkey: bytes) -> bytes:
-    """Seal message for pubkey (base64 of a PEM public key)."""
+    """Seal message for pubkey (base64 of a PEM public key), in the course's form."""
     key = serialization.load_pem_public_key(base64.b64decode(pubkey))
     fernet_key = Fernet.generate_key()
     wrapped = key.encrypt(fernet_key, _OAEP)
-    return base64.b64encode(wrapped) + b";" + Fernet(fernet_key).encrypt(message)
+    token = Fernet(fernet_key).encrypt(message)
+    return base64.b64encode(wrapped) + b";" + base64.b64encode(token)
 
 
 def decrypt(cipher: bytes) -> bytes:
-    """Open a message sealed for this process's key."""
-    wrapped, token = cipher.split(b";")
+    """Open a message sealed for this process's key (the course's form only)."""
+    wrapped, token_b64 = cipher.split(b";")
     fernet_key = private_key.decrypt(base64.b64decode(wrapped), _OAEP)
-    return Fernet(fernet_key).decrypt(token)
+    return Fernet(fernet_key).decrypt(base64.b64decode(token_b64))

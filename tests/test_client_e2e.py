@@ -622,6 +622,22 @@ def test_key_is_generated_once_kept_encrypted_and_a_lost_key_means_unreadable(se
     assert re.search(r"\] PM carol -> bob: \(unreadable: sealed for another key\)$", third.stdout, re.M)
 
 
+def test_pms_sealed_in_the_old_form_still_read_in_history(server, connect, keys, home):
+    """PMs sealed before the course form was fixed (no outer base64) stay in
+    history as they were sealed; the client still opens them in CH."""
+    bob = connect(legacy_seal=True)
+    bob.login("bob", PASSWORD, keys(1))
+    alice = wire_login(connect, "alice", keys(0))
+    assert bob.pm("alice", "sealed the old way")["ok"]
+    stored = alice.wait_data("PM")["ciphertext"]
+    assert stored.split(";")[1].startswith("gAAAAA")
+    alice.exit()
+    seed_key(home("alice"), server.port, "alice", keys(0))
+    result = run_script(server.port, "alice", home("alice"), f"{PASSWORD}\nCH\nEX\n")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\] PM bob -> alice: sealed the old way$", result.stdout, re.M), result.stdout
+
+
 def test_piped_wrong_password_exits_1(server, connect, keys, home):
     wire_login(connect, "alice", keys(0)).exit()
     result = run_script(server.port, "alice", home("alice"), "not-the-password\nBM hi\nEX\n")

@@ -9,6 +9,7 @@ must cross both ways.
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime
 import hashlib
 import json
@@ -213,8 +214,12 @@ def test_sealed_form(keypair: KeyPair, crypto_key: rsa.RSAPrivateKey) -> None:
     fernet_key = PKCS1_OAEP.new(private, hashAlgo=SHA256).decrypt(raw)
     assert fernet_key == crypto_key.decrypt(raw, OAEP_SHA256)
     assert len(fernet_key) == 44 and len(base64.urlsafe_b64decode(fernet_key)) == 32
-    assert base64.urlsafe_b64decode(token)[0] == 0x80
-    assert crypto_fernet.Fernet(fernet_key).decrypt(token) == message
+    # The course's form: the Fernet token's ASCII, base64-encoded once more.
+    assert not token.startswith(b"gAAAAA")
+    inner = base64.b64decode(token, validate=True)
+    assert base64.b64encode(inner) == token and inner.startswith(b"gAAAAA")
+    assert base64.urlsafe_b64decode(inner)[0] == 0x80
+    assert crypto_fernet.Fernet(fernet_key).decrypt(inner) == message
     # A fresh Fernet key every time.
     other = keypair.public.seal(message)
     assert PKCS1_OAEP.new(private, hashAlgo=SHA256).decrypt(base64.b64decode(other.split(b";")[0])) != fernet_key
@@ -291,6 +296,35 @@ def test_sealed_with_other_parameters_is_rejected(keypair: KeyPair, crypto_key: 
     assert keypair.open(text) == b"m"
 
 
+def bare_form(sealed_text: bytes) -> bytes:
+    """The version-1 form of a sealed text: the same token without its outer base64."""
+    wrapped, token = sealed_text.split(b";")
+    return wrapped + b";" + base64.b64decode(token)
+
+
+@pytest.mark.parametrize("message", [b"", b"old history line", bytes(range(256))])
+def test_the_bare_token_form_still_opens(keypair: KeyPair, message: bytes) -> None:
+    """Histories and old clients hold ``base64(OAEP(K)) ; token``: it still opens."""
+    old = bare_form(keypair.public.seal(message))
+    assert old.split(b";")[1].startswith(b"gAAAAA")
+    assert keypair.open(old) == message
+    assert keypair.open(old.decode("ascii")) == message
+
+
+def test_a_text_of_neither_form_is_rejected(keypair: KeyPair, sealed: bytes) -> None:
+    wrapped, token = sealed.split(b";")
+    inner = base64.b64decode(token)
+    for text in (
+        wrapped + b";" + base64.b64encode(token),            # base64 applied twice
+        wrapped + b";" + token[:-4],                          # outer layer cut short
+        wrapped + b";" + token + b"\n",                      # outer layer with a newline
+        wrapped + b";" + inner[:-1],                          # bare token cut short
+        wrapped + b";" + base64.b64encode(b"hAAAAA" + inner[6:]),  # not a token inside
+    ):
+        with pytest.raises(InvalidToken):
+            keypair.open(text)
+
+
 # --- the course helper: ours and the original must interoperate ---------------------------
 
 MESSAGES = [b"", b"hi", "h\u00e9llo \U0001f600".encode(), bytes(range(256)) * 20]
@@ -304,6 +338,30 @@ def test_ours_to_reference(message: bytes) -> None:
 @pytest.mark.parametrize("message", MESSAGES, ids=["empty", "short", "unicode", "binary"])
 def test_reference_to_ours(message: bytes) -> None:
     assert pg3lib.decrypt(course_pg3lib.encrypt(message, pg3lib.getPubKey())) == message
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=["empty", "short", "unicode", "binary"])
+def test_ours_has_the_course_shape(keypair: KeyPair, message: bytes) -> None:
+    """For one message and key, ours and the course helper's differ only in random bytes."""
+    form = keypair.public.key_form.encode()
+    theirs, ours = course_pg3lib.encrypt(message, form), pg3lib.encrypt(message, form)
+    (their_key, their_token), (our_key, our_token) = theirs.split(b";"), ours.split(b";")
+    assert len(our_key) == len(their_key) and len(our_token) == len(their_token)
+    assert our_token[:8] == their_token[:8] == b"Z0FBQUFB"  # base64 of "gAAAAA"
+    our_inner, their_inner = base64.b64decode(our_token), base64.b64decode(their_token)
+    assert len(our_inner) == len(their_inner)
+    # The same Fernet key, IV and time give the very same token in both libraries.
+    fernet_key, iv, now = Fernet.generate_key(), os.urandom(16), 1_700_000_000
+    reference = crypto_fernet.Fernet(fernet_key)._encrypt_from_parts(message, now, iv)
+    assert Fernet(fernet_key).encrypt(message, now=now, iv=iv) == reference
+
+
+def test_course_decrypt_refuses_the_bare_form(keypair: KeyPair) -> None:
+    """Why the fix matters: the course's decrypt cannot read the version-1 form."""
+    old = bare_form(pg3lib.encrypt(b"m", course_pg3lib.getPubKey()))
+    with pytest.raises((binascii.Error, crypto_fernet.InvalidToken)):
+        course_pg3lib.decrypt(old)
+    assert course_pg3lib.decrypt(pg3lib.encrypt(b"m", course_pg3lib.getPubKey())) == b"m"
 
 
 def test_reference_to_a_key_pair(keypair: KeyPair) -> None:

@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+import course_pg3lib
 import framing
 import pg3lib
 from serverproc import SERVER, ServerProcess, redis_mode
@@ -100,6 +101,22 @@ def test_register_then_log_in_again_keeps_spelling(connect, keys, server):
     assert second.password(PASSWORD) == {"op": "PASSWORD", "ok": True, "new_user": False, "username": "Alice"}
     if FILE_STORE:
         assert os.path.exists(os.path.join(server.data_dir, "Alice.chat"))
+
+
+def test_course_helper_and_old_form_passwords_both_log_in(connect, keys):
+    """A course-style client seals with the course's pg3lib; a client from before
+    the fix seals without the outer base64 (PROTOCOL.md section 8): both get in."""
+    course = connect()
+    reply = course.login_start("coursey")
+    plain = base64.b64decode(reply["nonce"]) + PASSWORD.encode()
+    sealed = course_pg3lib.encrypt(plain, reply["server_key"].encode()).decode("ascii")
+    assert course.request({"op": "PASSWORD", "ciphertext": sealed})["ok"]
+    assert course.key(keys(0))["ok"]
+    course.exit()
+    old = connect(legacy_seal=True)
+    old.login_start("coursey")
+    assert old.sealed_password(PASSWORD).split(";")[1].startswith("gAAAAA")
+    assert old.password(PASSWORD) == {"op": "PASSWORD", "ok": True, "new_user": False, "username": "coursey"}
 
 
 def test_each_login_attempt_gets_a_fresh_nonce(connect):

@@ -10,10 +10,23 @@ import framing
 import pg3lib
 
 
-class WireClient:
-    """Speaks PROTOCOL.md over one loopback TCP connection."""
+def bare_form(sealed_text: str) -> str:
+    """A sealed text in the version-1 form (``key;token``, the token without the
+    course helper's outer base64), as old clients made it and old histories hold."""
+    wrapped, token = sealed_text.split(";")
+    return wrapped + ";" + base64.b64decode(token).decode("ascii")
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+
+class WireClient:
+    """Speaks PROTOCOL.md over one loopback TCP connection.
+
+    ``legacy_seal`` makes every sealed text in the version-1 form (``bare_form``),
+    to play a client from before the course form was fixed.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0,
+                 legacy_seal: bool = False) -> None:
+        self.legacy_seal = legacy_seal
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.timeout = timeout
@@ -106,7 +119,11 @@ class WireClient:
     def sealed_password(self, password: str, nonce: bytes | None = None) -> str:
         assert self.server_key is not None
         plain = (self.nonce if nonce is None else nonce) + password.encode("utf-8")
-        return self.server_key.seal(plain).decode("ascii")
+        return self.seal(self.server_key, plain)
+
+    def seal(self, key: pg3lib.PublicKey, plain: bytes) -> str:
+        sealed = key.seal(plain).decode("ascii")
+        return bare_form(sealed) if self.legacy_seal else sealed
 
     def password(self, password: str, timeout: float | None = None) -> dict:
         return self.request({"op": "PASSWORD", "ciphertext": self.sealed_password(password)}, timeout)
@@ -141,8 +158,8 @@ class WireClient:
             return reply
         assert self.keys is not None
         their_key = pg3lib.PublicKey.from_key_form(reply["public_key"])
-        ciphertext = their_key.seal(text.encode("utf-8")).decode("ascii")
-        self_copy = self.keys.public.seal(text.encode("utf-8")).decode("ascii")
+        ciphertext = self.seal(their_key, text.encode("utf-8"))
+        self_copy = self.seal(self.keys.public, text.encode("utf-8"))
         signature = self.keys.sign(pg3lib.pm_signed_bytes(self.username, reply["username"], ciphertext))
         return self.request({"op": "SEND", "ciphertext": ciphertext, "self_copy": self_copy,
                              "signature": signature})
