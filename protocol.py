@@ -1,0 +1,162 @@
+"""The chat protocol's vocabulary, defined once (docs/PROTOCOL.md). No I/O.
+
+Owns what both ends of the wire must agree on: the operation names, the error
+codes of section 6 and the BYE reasons, every named limit (each with the reason
+for its size), the username and password rules, the timestamp format, and the
+builders of the server's reply frames. ``framing.py`` owns the frame layout;
+the server, the client, the password workers, the bench and the tests import
+their words and numbers from here, so none of them repeats a limit or a code.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+
+import framing
+
+# The version the server announces in its LOGIN reply.
+PROTOCOL_VERSION = 1
+
+
+class Op(str, enum.Enum):
+    """Request and data-frame names (sections 4 and 5)."""
+
+    LOGIN = "LOGIN"
+    PASSWORD = "PASSWORD"
+    KEY = "KEY"
+    BM = "BM"
+    PM = "PM"
+    TARGET = "TARGET"
+    SEND = "SEND"
+    CH = "CH"
+    EX = "EX"
+    CANCEL = "CANCEL"
+    BYE = "BYE"
+    ERROR = "ERROR"
+    PRESENCE = "PRESENCE"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Error(str, enum.Enum):
+    """The stable error codes of section 6."""
+
+    BAD_FRAME = "bad_frame"            # fatal
+    BAD_REQUEST = "bad_request"
+    UNEXPECTED = "unexpected"
+    INVALID_USERNAME = "invalid_username"
+    WRONG_PASSWORD = "wrong_password"
+    WEAK_PASSWORD = "weak_password"
+    NOT_ONLINE = "not_online"
+    NO_SUCH_USER = "no_such_user"
+    TLS_REQUIRED = "tls_required"      # fatal
+    SERVER_BUSY = "server_busy"        # fatal
+    RATE_LIMITED = "rate_limited"
+    INTERNAL = "internal"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ByeReason(str, enum.Enum):
+    """Why the server says BYE (section 4.7)."""
+
+    SHUTDOWN = "shutdown"
+    REPLACED = "replaced"
+    IDLE = "idle"
+    TOO_SLOW = "too_slow"
+    TOO_MANY_FAILURES = "too_many_failures"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# --- limits -------------------------------------------------------------------
+
+# A message is at most this many characters (code points): a screenful of
+# text, and small enough that a PM with both sealed copies fits one frame.
+MAX_TEXT_CHARS = 4096
+# Wrong passwords one connection may try before BYE too_many_failures.
+MAX_ATTEMPTS = 3
+# The LOGIN nonce: 128 random bits make a captured PASSWORD useless elsewhere.
+NONCE_BYTES = 16
+# Passwords: eight characters is the usual floor; 256 bytes bounds the hash
+# work and the sealed PASSWORD a client can make us open.
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_BYTES = 256
+# A sealed PASSWORD of nonce + 256 bytes is about 620 characters; anything much
+# longer is not a password and is refused before any RSA work.
+MAX_SEALED_PASSWORD_CHARS = 4096
+# Usernames: 1-32 of A-Z a-z 0-9 _ . -, starting with a letter or digit.
+USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+USERNAME_RULE = "1-32 letters, digits, '_', '.' or '-', starting with a letter or digit"
+# The frame limit a server uses unless told otherwise (section 1).
+DEFAULT_FRAME_LIMIT = framing.DEFAULT_FRAME_LIMIT
+
+
+def valid_username(name: object) -> bool:
+    """True if name is a username by the rule of section 4.1."""
+    return isinstance(name, str) and USERNAME_RE.match(name) is not None
+
+
+def password_problem(password: str) -> str | None:
+    """Why a new password would be refused as weak_password, or None."""
+    if len(password) < MIN_PASSWORD_CHARS:
+        return f"a password has at least {MIN_PASSWORD_CHARS} characters"
+    if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
+        return f"a password has at most {MAX_PASSWORD_BYTES} bytes"
+    return None
+
+
+def text_problem(text: object) -> str | None:
+    """Why a message text would be refused with bad_request, or None."""
+    if not isinstance(text, str):
+        return "'text' must be a string"
+    if len(text) > MAX_TEXT_CHARS:
+        return f"a message is at most {MAX_TEXT_CHARS} characters (this one has {len(text)})"
+    if not text.strip():
+        return "a message needs at least one character that is not white space"
+    return None
+
+
+# --- timestamps ---------------------------------------------------------------
+
+_ts_cache = [-1, ""]
+
+
+def timestamp(now: float) -> str:
+    """UTC ISO 8601 with milliseconds, e.g. ``2026-11-24T15:04:05.123Z`` (section 4.6 ``ts``)."""
+    second = int(now)
+    if _ts_cache[0] != second:
+        _ts_cache[0] = second
+        _ts_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_ts_cache[1]}.{int((now - second) * 1000):03d}Z"
+
+
+# --- reply frames (server side) -----------------------------------------------
+
+def ok(op: str, **fields) -> bytes:
+    """A successful reply frame."""
+    body = {"op": op, "ok": True}
+    body.update(fields)
+    return framing.command(body)
+
+
+def fail(op: str, error: Error, message: str, **fields) -> bytes:
+    """A failed reply frame with a section 6 error code."""
+    body = {"op": op, "ok": False, "error": error, "message": message}
+    body.update(fields)
+    return framing.command(body)
+
+
+def fatal(error: Error, message: str) -> bytes:
+    """The ERROR frame sent before closing a connection."""
+    return framing.command({"op": Op.ERROR, "ok": False, "error": error, "message": message})
+
+
+def bye(reason: ByeReason) -> bytes:
+    """The unsolicited BYE frame sent before the server closes a connection."""
+    return framing.command({"op": Op.BYE, "reason": reason})
