@@ -24,10 +24,10 @@ send what is queued, e.g. a BYE, shut the write side, wait briefly for the
 peer to close) or *abort* (at once: the peer is gone). Either way the session
 logic is told, so presence stays right.
 
-The store is the data directory (``storage.FileStore``) or, with ``--redis``,
-Redis shared by several nodes (``redisstore.RedisStore``): its two links sit
-in the same selector, and the events other nodes publish come back through
-``Room.event``.
+The store (``store.Store``) is the data directory or, with ``--redis``, a
+Redis shared by several nodes; the server holds one and never asks which.
+Its links, if it has any, sit in the same selector; what other nodes did
+comes back as cluster events, handed to ``Room.cluster_event``.
 """
 
 from __future__ import annotations
@@ -47,11 +47,9 @@ import time
 import framing
 import hashpool
 import passwords
-import pg3lib
-import redisstore
 import state
 import storage
-from redislink import RedisLink
+from protocol import ByeReason, Error, bye, fatal
 
 log = logging.getLogger("chat.server")
 
@@ -109,32 +107,16 @@ class ChatServer:
         self.args = args
         self.listener = self._listen(args.host, args.port)   # first: a busy port changes nothing on disk
         self.sel = selectors.DefaultSelector()
-        self.redis: redisstore.RedisStore | None = None
         try:
-            if args.redis:
-                # Several nodes, one room: the store is Redis, and every node shows the same key.
-                os.makedirs(args.data, exist_ok=True)
-                local = storage.load_server_keys(args.data)
-                try:
-                    self.keys = pg3lib.KeyPair.from_pem(redisstore.shared_server_pem(args.redis, local.to_pem()))
-                except (OSError, TimeoutError, ValueError) as exc:
-                    raise storage.StorageError(f"cannot use Redis at {args.redis}: {exc}") from None
-                try:
-                    self.store = self.redis = redisstore.RedisStore(args.redis, self.sel)
-                except (OSError, TimeoutError, ValueError) as exc:
-                    raise storage.StorageError(f"cannot use Redis at {args.redis}: {exc}") from None
-            else:
-                self.store = storage.FileStore(args.data, getattr(args, "history_files",
-                                                                  storage.DEFAULT_MAX_OPEN_HISTORY))
-                self.keys = storage.load_server_keys(args.data)
+            self.store, self.keys = _open_store(args, self.sel)
         except BaseException:
             self.listener.close()
             raise
-        self.room = state.Room(self.keys, frame_limit=args.frame_limit, login_timeout=args.login_timeout,
-                               register_rate=args.register_rate, login_delay_cap=args.login_delay_cap,
-                               node=self.redis.node if self.redis else "")
-        if self.redis:
-            self.room.set_remote(self.redis.remote)
+        self.room = state.make_room(self.keys, node=self.store.node, frame_limit=args.frame_limit,
+                                    login_timeout=args.login_timeout, register_rate=args.register_rate,
+                                    login_delay_cap=args.login_delay_cap)
+        for event in self.store.events():   # e.g. who is online on the other nodes
+            self.room.cluster_event(event)
         self.conns: dict[int, Connection] = {}
         self.online: dict[str, Connection] = {}
         self.per_ip: collections.Counter = collections.Counter()
@@ -197,8 +179,9 @@ class ChatServer:
             times.append(min(self._token_time(conn) for conn in self.throttled))
         if self.closing:
             times.append(min(conn.close_by for conn in self.closing))
-        if self.redis:   # the lease is renewed every second
-            times.append(now + redisstore.TICK / 2)
+        store_tick = self.store.next_tick()
+        if store_tick is not None:
+            times.append(now + store_tick - time.monotonic())
         return max(0.0, min(times) - now)
 
     def run_once(self, timeout: float | None) -> None:
@@ -211,11 +194,8 @@ class ChatServer:
                 self._drain_waker()
             elif type(data) is hashpool.HashWorker:
                 self._worker_ready(data, mask)
-            elif type(data) is RedisLink:
-                if mask & selectors.EVENT_WRITE:
-                    data.on_writable()
-                if mask & selectors.EVENT_READ:
-                    data.on_readable()
+            elif type(data) is not Connection:
+                data.on_ready(mask)
             else:
                 if mask & selectors.EVENT_READ and not data.closed:
                     self._read(data)
@@ -228,8 +208,7 @@ class ChatServer:
                 self.throttled.discard(conn)
                 self._pump(conn)
         self.apply(self.room.tick(now))
-        if self.redis:
-            self._cluster_tick()
+        self.store.tick(time.monotonic())
         if self.closing:
             for conn in [c for c in self.closing if c.close_by <= now]:
                 self._abort(conn)
@@ -247,31 +226,18 @@ class ChatServer:
         self.store.send()
 
     def _settle(self) -> None:
-        """Let the store finish what it can now; feed completions (and shared events) to the sessions."""
-        events = self.redis.events if self.redis else ()
-        while self.store.pending or self.done_jobs or events:
+        """Let the store finish what it can now; feed completions and cluster events to the sessions."""
+        while True:
+            events = self.store.events()
+            if not (self.store.pending or self.done_jobs or events):
+                return
             while self.done_jobs:
                 cid, result = self.done_jobs.popleft()
                 self._complete(cid, result)
             for cid, result in self.store.flush():
                 self._complete(cid, result)
-            if events:
-                batch = events[:]
-                del events[:]
-                for kind, event_id, fields in batch:
-                    self.apply(self.room.event(kind, event_id, fields))
-
-    def _cluster_tick(self) -> None:
-        """Shared mode: the node's lease and links; a fenced or cut-off node drops its users."""
-        redis = self.redis
-        redis.tick(time.monotonic())
-        if redis.drop:
-            reason, redis.drop = redis.drop, ""
-            self.apply(self.room.drop_all(reason))
-        if self.room.node != redis.node and not self.room.online:
-            self.room.node = redis.node   # joined again under a new id
-            self.room.remote.clear()
-            self.room.set_remote(redis.remote)
+            for event in events:
+                self.apply(self.room.cluster_event(event))
 
     def _complete(self, cid: int, result: object) -> None:
         self.apply(self.room.completed(cid, result))
@@ -313,7 +279,7 @@ class ChatServer:
         log.warning("refusing a connection from %s: server busy", ip)
         try:
             sock.setblocking(False)
-            sock.send(state.fatal("server_busy", "the server is full; try again later"))
+            sock.send(fatal(Error.SERVER_BUSY, "the server is full; try again later"))
         except OSError:
             pass
         sock.close()
@@ -334,7 +300,7 @@ class ChatServer:
         except framing.ProtocolError as exc:
             log.info("connection %d: %s", conn.cid, exc.message.encode("unicode_escape").decode("ascii"))
             conn.pending.extend(exc.frames)
-            conn.fatal = state.fatal(exc.code, exc.message)
+            conn.fatal = fatal(Error(exc.code), exc.message)
             conn.refused = True
             self._pause_reading(conn)
             self._pump(conn)
@@ -418,7 +384,7 @@ class ChatServer:
         log.warning("connection %d (%r): send queue over %d bytes, disconnecting", conn.cid, conn.user,
                     self.args.send_queue)
         del conn.out[1 if conn.head else 0:]
-        conn.out.append(state.bye("too_slow"))
+        conn.out.append(bye(ByeReason.TOO_SLOW))
         conn.out_size = sum(len(frame) for frame in conn.out) - conn.head
         conn.pending.clear()
         conn.taken = 0
@@ -611,13 +577,13 @@ class ChatServer:
     # --- shutdown -------------------------------------------------------------------
     def _shutdown(self) -> None:
         log.info("shutting down: saying BYE to %d connections", len(self.conns))
-        bye = state.bye("shutdown")
+        goodbye = bye(ByeReason.SHUTDOWN)
         if self.broadcasts:
             self._deliver_broadcasts()
         for conn in list(self.conns.values()):
             conn.pending.clear()
             conn.taken = 0
-            self._queue(conn, bye)
+            self._queue(conn, goodbye)
             self._close_when_flushed(conn)
         deadline = time.time() + SHUTDOWN_GRACE
         for conn in list(self.conns.values()):
@@ -639,6 +605,18 @@ class ChatServer:
         self.store.close()
         self.listener.close()
         log.info("stopped")
+
+
+def _open_store(args: argparse.Namespace, selector: selectors.BaseSelector):
+    """The store the options name, and the server key.
+
+    Raises:
+        storage.StorageError: it cannot be used.
+    """
+    if args.redis:
+        import redisstore   # only a node of several needs it (and its Redis modules)
+        return redisstore.open_store(args.redis, selector, args.data)
+    return storage.open_store(args.data, getattr(args, "history_files", storage.DEFAULT_MAX_OPEN_HISTORY))
 
 
 # --- command line -------------------------------------------------------------------

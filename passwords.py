@@ -17,6 +17,7 @@ import os
 from typing import NamedTuple
 
 import pg3lib
+from protocol import NONCE_BYTES, Error, password_problem
 
 # OWASP's scrypt floor: N=2**14 (16 MiB with r=8), r=8, p=1.
 DEFAULT_SCRYPT_N = 2 ** 14
@@ -24,9 +25,6 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 SALT_BYTES = 16
 HASH_BYTES = 32
-NONCE_BYTES = 16
-MIN_PASSWORD_CHARS = 8
-MAX_PASSWORD_BYTES = 256
 MAX_SCRYPT_N = 2 ** 20
 
 
@@ -91,17 +89,16 @@ def verify(account: Account, password: bytes) -> bool:
 
 
 def weak_reason(password: bytes) -> str | None:
-    """Why a new password is refused, or None."""
-    if len(password) > MAX_PASSWORD_BYTES:
-        return f"a password is at most {MAX_PASSWORD_BYTES} bytes"
-    if len(password.decode("utf-8")) < MIN_PASSWORD_CHARS:
-        return f"a password has at least {MIN_PASSWORD_CHARS} characters"
-    return None
+    """Why a new password (valid UTF-8) is refused, or None."""
+    return password_problem(password.decode("utf-8"))
+
+
+OK = "ok"
 
 
 class LoginResult(NamedTuple):
-    """The outcome of a PASSWORD request: ``ok``, ``wrong_password``, ``weak_password``,
-    ``rate_limited``, ``bad_request`` or ``internal``; a new account when one was made."""
+    """The outcome of a PASSWORD request: ``OK`` or an error code (``wrong_password``,
+    ``weak_password``, ``rate_limited``, ``bad_request``, ``internal``); a new account when one was made."""
 
     outcome: str
     message: str = ""
@@ -135,18 +132,18 @@ def check_login(server_keys: pg3lib.KeyPair, sealed: str, nonce: bytes, username
     """
     password = open_password(server_keys, sealed, nonce)
     if password is None:
-        return LoginResult("bad_request", "the password could not be decrypted with this "
+        return LoginResult(Error.BAD_REQUEST, "the password could not be decrypted with this "
                                           "connection's nonce and the server key")
     if account is None:
         reason = weak_reason(password)
         if reason:
-            return LoginResult("weak_password", reason)
+            return LoginResult(Error.WEAK_PASSWORD, reason)
         if not may_register:
-            return LoginResult("rate_limited", "too many new accounts from this address for now; try later")
-        return LoginResult("ok", account=new_account(username, password, scrypt_n))
+            return LoginResult(Error.RATE_LIMITED, "too many new accounts from this address for now; try later")
+        return LoginResult(OK, account=new_account(username, password, scrypt_n))
     if verify(account, password):
-        return LoginResult("ok", account=account)
-    return LoginResult("wrong_password", "wrong password")
+        return LoginResult(OK, account=account)
+    return LoginResult(Error.WRONG_PASSWORD, "wrong password")
 
 
 # --- in a worker process (hashpool.py) ------------------------------------------------
@@ -171,5 +168,5 @@ def run_job(job: tuple) -> tuple:
     try:
         result = check_login(_worker_keys, sealed, nonce, username, account, _worker_scrypt_n, may_register)
     except Exception as exc:
-        result = LoginResult("internal", f"the password could not be checked ({type(exc).__name__})")
+        result = LoginResult(Error.INTERNAL, f"the password could not be checked ({type(exc).__name__})")
     return cid, result

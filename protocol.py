@@ -104,10 +104,10 @@ def valid_username(name: object) -> bool:
 
 def password_problem(password: str) -> str | None:
     """Why a new password would be refused as weak_password, or None."""
+    if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
+        return f"a password is at most {MAX_PASSWORD_BYTES} bytes"
     if len(password) < MIN_PASSWORD_CHARS:
         return f"a password has at least {MIN_PASSWORD_CHARS} characters"
-    if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
-        return f"a password has at most {MAX_PASSWORD_BYTES} bytes"
     return None
 
 

@@ -219,6 +219,13 @@ class RedisLink:
         """True while connecting or while there are bytes to send: register EVENT_WRITE then."""
         return self.error is None and (self._connecting or bool(self._out))
 
+    def on_ready(self, mask: int) -> None:
+        """The selector says the socket is ready (``mask``: EVENT_WRITE and/or EVENT_READ)."""
+        if mask & selectors.EVENT_WRITE:
+            self.on_writable()
+        if mask & selectors.EVENT_READ:
+            self.on_readable()
+
     def on_writable(self) -> None:
         """The socket is writable: finish the connect, then send what is queued."""
         if self.error is not None:

@@ -1,9 +1,10 @@
 """The shared store: accounts, history, presence and fan-out in Redis, for several nodes.
 
-``RedisStore`` is the Redis side of the store seam that ``storage.FileStore``
-is for one process: the server hands it the session logic's store requests
-(``submit``) and collects completions (``flush``), which here arrive later, as
-Redis answers. It also runs this node's life in the cluster (SCALEOUT.md):
+``RedisStore`` is the ``store.Store`` of a node: the server hands it the
+session logic's store requests (``submit``) and collects typed results
+(``flush``), which here arrive later, as Redis answers. It also runs this
+node's life in the cluster (docs/SCALEOUT.md) and turns what it reads into
+``store`` cluster events:
 
 * two links in the server's own selector: one pipelined command link (every
   mutation one Lua script of ``redis_scripts.py``), one reader blocked in
@@ -16,8 +17,10 @@ Redis answers. It also runs this node's life in the cluster (SCALEOUT.md):
   answered ``internal`` (never ``ok`` for what is not stored); after a few
   seconds the node drops its users and joins again when Redis is back.
 
-``events`` holds the stream entries read but not yet handed to the session
-logic; ``drop`` asks the server to close every connection.
+Stream ids, stream field names and key names live here and in
+``redis_scripts.py`` only: the session logic sees ``store.Position`` values
+and typed events (``Joined`` when this node (re)joins, ``Dropped`` when it
+must close every connection).
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ import os
 import socket
 import time
 
+import json
+
 import passwords
+import pg3lib
 import redis_scripts
-import state
+import storage
+import store
 from redislink import BlockingRedis, LinkError, RedisLink
 from resp import RedisError
 
@@ -47,8 +54,42 @@ def _text(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def stream_position(text: object) -> store.Position:
+    """A Redis stream id ``ms-seq`` as a comparable position; ``store.START`` if it is not one."""
+    try:
+        ms, _, seq = (text.decode("ascii") if isinstance(text, bytes) else str(text)).partition("-")
+        return int(ms), int(seq or 0)
+    except (AttributeError, ValueError, UnicodeDecodeError):
+        return store.START
+
+
+def remote_user(key: str, raw: object) -> store.RemoteUser | None:
+    """The RemoteUser an online record (JSON) describes, or None if it is not one."""
+    try:
+        record = json.loads(raw)
+        return store.RemoteUser(key, record["username"], record["token"], record["public_key"],
+                                record["fingerprint"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def new_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}".replace("/", "_")
+
+
+def open_store(url: str, selector, directory: str) -> tuple[RedisStore, pg3lib.KeyPair]:
+    """A node's store on the Redis at url, and the server key every node presents.
+
+    Raises:
+        storage.StorageError: Redis cannot be used, or the local key cannot be read or made.
+    """
+    os.makedirs(directory, exist_ok=True)
+    local = storage.load_server_keys(directory)
+    try:
+        keys = pg3lib.KeyPair.from_pem(shared_server_pem(url, local.to_pem()))
+        return RedisStore(url, selector), keys
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise storage.StorageError(f"cannot use Redis at {url}: {exc}") from None
 
 
 def shared_server_pem(url: str, local_pem: bytes) -> bytes:
@@ -77,10 +118,8 @@ class RedisStore:
         self.node = ""
         self.cmd: RedisLink | None = None
         self.reader: RedisLink | None = None
-        self.events: list[tuple[str, str, dict]] = []   # (kind, id, fields) read, not yet handed over
-        self.remote: dict = {}                           # who was online when this node joined
-        self.drop = ""                                   # a reason: the server closes every connection
-        self._done: list[tuple[int, object]] = []
+        self._events: list[store.ClusterEvent] = []   # read, not yet handed over
+        self._done: list[tuple[int, store.Result]] = []
         self._last_ev = "$"
         self._last_in = "0"
         self._next_tick = 0.0
@@ -101,8 +140,12 @@ class RedisStore:
             self._last_ev = _text(last[0][0]) if isinstance(last, list) and last else "0"
             online = redis.call("HGETALL", keys.online)
         self._last_in = "0"
-        self.remote = {_text(k): _text(v) for k, v in zip(online[::2], online[1::2])} \
-            if isinstance(online, list) else {}
+        remote = {}
+        for raw_key, raw in zip(online[::2], online[1::2]) if isinstance(online, list) else ():
+            user = remote_user(_text(raw_key), _text(raw))
+            if user is not None and not user.token.startswith(self.node + "/"):
+                remote[user.key] = user
+        self._events.append(store.Joined(self.node, remote))
         self._joined = True
         self._down_since = None
         self._connect()
@@ -133,6 +176,10 @@ class RedisStore:
     def up(self) -> bool:
         return self._down_since is None and self.cmd is not None and self.cmd.error is None
 
+    def next_tick(self) -> float | None:
+        """Stalls are looked for twice a second, the lease renewed every second."""
+        return min(self._next_tick, self.clock() + TICK / 2)
+
     def tick(self, now: float) -> None:
         """Every pass: stalls; every second: the lease, reaping, reconnecting."""
         for link in (self.cmd, self.reader):
@@ -145,7 +192,7 @@ class RedisStore:
         if not self.up:
             if self._joined and self._down_since is not None and now - self._down_since > DROP_AFTER:
                 self._joined = False
-                self.drop = "shutdown"
+                self._events.append(store.Dropped("shutdown"))
                 log.error("no Redis for %.0f s: closing this node's connections", DROP_AFTER)
             self._reconnect()
             return
@@ -179,7 +226,7 @@ class RedisStore:
         if reply == 1 or isinstance(reply, LinkError):
             return
         log.error("node %s lost its lease (fenced): closing its connections, joining again", self.node)
-        self.drop = "shutdown"
+        self._events.append(store.Dropped("shutdown"))
         self._joined = False
         self._down_since = self.clock()   # join again at the next tick
 
@@ -208,22 +255,46 @@ class RedisStore:
             for entry_id, flat in entries:
                 ident = _text(entry_id)
                 fields = {_text(k): v for k, v in zip(flat[::2], flat[1::2])}
-                for name in ("t", "from", "to", "u", "tok", "rec"):
-                    if name in fields:
-                        fields[name] = _text(fields[name])
-                self.events.append((fields.get("t", ""), ident, fields))
+                event = self._event(stream_position(ident), fields)
+                if event is not None:
+                    self._events.append(event)
                 if inbox:
                     self._last_in = ident
                 else:
                     self._last_ev = ident
         self._read_events()
 
+    @staticmethod
+    def _event(position: store.Position, fields: dict) -> store.ClusterEvent | None:
+        """The cluster event of one stream entry (the layout of redis_scripts.py), or None."""
+        kind = _text(fields.get("t", b""))
+        frame = fields.get("d", b"")
+        frame = frame if isinstance(frame, bytes) else b""
+        if kind == "bm":
+            return store.Broadcast(position, _text(fields.get("from", b"")), frame)
+        key, token = _text(fields.get("u", b"")), _text(fields.get("tok", b""))
+        if kind == "on":
+            user = remote_user(key, _text(fields.get("rec", b"{}")))
+            return store.Presence(position, key, user.token, True, user) if user is not None else None
+        if kind == "off":
+            return store.Presence(position, key, token, False)
+        if kind == "pm":
+            return store.Direct(_text(fields.get("to", b"")), token, frame)
+        if kind == "kick":
+            return store.Kick(key, token)
+        return None
+
+    def events(self) -> list[store.ClusterEvent]:
+        """Cluster events read since the last call, in stream order."""
+        events, self._events = self._events, []
+        return events
+
     # --- the store seam ---------------------------------------------------------------
     @property
     def pending(self) -> bool:
         return bool(self._done)
 
-    def flush(self) -> list[tuple[int, object]]:
+    def flush(self) -> list[tuple[int, store.Result]]:
         """The completions that have arrived."""
         done, self._done = self._done, []
         return done
@@ -234,12 +305,12 @@ class RedisStore:
             if link is not None and link.error is None:
                 link.flush()
 
-    def submit(self, request) -> None:
+    def submit(self, request: store.Request) -> None:
         """Take one store request; its completion comes with a later flush."""
         cid = request.cid
         if not self.up:
             if cid:
-                self._done.append((cid, self._failure(request)))
+                self._done.append((cid, store.FAILED))
             return
 
         def done(result) -> None:
@@ -251,41 +322,44 @@ class RedisStore:
                 if isinstance(reply, RedisError):
                     if not isinstance(reply, LinkError):
                         log.error("Redis refused %s: %s", type(request).__name__, reply.message)
-                    done(self._failure(request))
+                    done(store.FAILED)
                 else:
                     done(convert(reply))
             return callback
 
         keys, kind = self.keys, type(request)
-        if kind is state.LoadAccount:
-            self.cmd.call(checked(lambda raw: passwords.Account.from_json(_text(raw)) if raw else None),
+        if kind is store.LoadAccount:
+            self.cmd.call(checked(lambda raw: store.AccountLoaded(passwords.Account.from_json(_text(raw))
+                                                                  if raw else None)),
                           "HGET", keys.acct(request.key), "json")
-        elif kind is state.CreateAccount:
+        elif kind is store.CreateAccount:
             account = request.account
-            self.cmd.eval(checked(lambda n: "created" if n == 1 else "exists"),
+            self.cmd.eval(checked(lambda n: store.AccountCreated(n == 1)),
                           *keys.create_account(account.key, {"username": account.username,
                                                              "json": account.to_json()}))
-        elif kind is state.ReadHistory:
+        elif kind is store.ReadHistory:
             name = request.username.lower()
             if request.limit:
-                self.cmd.call(checked(lambda rows: [_text(f[1]) for _, f in reversed(rows)]),
+                self.cmd.call(checked(lambda rows: store.HistoryRead([_text(f[1]) for _, f in reversed(rows)])),
                               "XREVRANGE", keys.hist(name), "+", "-", "COUNT", request.limit)
             else:
-                self.cmd.call(checked(lambda rows: [_text(f[1]) for _, f in rows]), "XRANGE", keys.hist(name), "-", "+")
-        elif kind is state.ClaimSession:
-            self.cmd.eval(checked(lambda reply: "ok" if reply[0] == 1 else "refused"),
+                self.cmd.call(checked(lambda rows: store.HistoryRead([_text(f[1]) for _, f in rows])),
+                              "XRANGE", keys.hist(name), "-", "+")
+        elif kind is store.ClaimSession:
+            self.cmd.eval(checked(lambda reply: store.CLAIMED if reply[0] == 1 else store.FAILED),
                           *keys.login_swap(request.key, request.token))
-        elif kind is state.GoOnline:
-            self.cmd.eval(checked(lambda reply: _text(reply[1]) if reply[0] == 1 else None),
+        elif kind is store.GoOnline:
+            self.cmd.eval(checked(lambda reply: store.WentOnline(stream_position(reply[1]) if reply[0] == 1
+                                                                 else None)),
                           *keys.go_online(request.key, request.token, request.record))
-        elif kind is state.Logout:
+        elif kind is store.Logout:
             self.cmd.eval(lambda _: None, *keys.logout(request.key, request.token))
-        elif kind is state.AppendHistory:
+        elif kind is store.AppendHistory:
             self._append(request, checked)
         else:
             raise TypeError(f"not a store request: {request!r}")
 
-    def _append(self, request: state.AppendHistory, checked) -> None:
+    def _append(self, request: store.AppendHistory, checked) -> None:
         keys = self.keys
         sender = request.sender.lower()
         if request.kind == "BM":
@@ -300,27 +374,16 @@ class RedisStore:
             raise ValueError(f"an append of unknown kind {request.kind!r}")
 
     @staticmethod
-    def _bm_result(reply) -> state.AppendResult:
+    def _bm_result(reply) -> store.Result:
         if reply[0] == 1:
-            return state.AppendResult(frozenset(), int(reply[1]))
-        return state.AppendResult(frozenset(), error="internal")   # the sender's session is gone
+            return store.Appended(recipients=int(reply[1]))
+        return store.FAILED   # the sender's session is gone
 
     @staticmethod
-    def _pm_result(reply) -> state.AppendResult:
+    def _pm_result(reply) -> store.Result:
         if reply[0] == 1:
-            return state.AppendResult(frozenset(), 1)
-        return state.AppendResult(frozenset(), error="not_online" if reply[0] == 0 else "internal")
-
-    @staticmethod
-    def _failure(request) -> object:
-        if type(request) is state.CreateAccount:
-            return "failed"
-        if type(request) is state.AppendHistory:
-            return state.AppendResult(frozenset(), error="internal")
-        return state.INTERNAL
-
-    def links(self) -> tuple:
-        return tuple(link for link in (self.cmd, self.reader) if link is not None)
+            return store.Appended(recipients=1)
+        return store.Appended(recipients=0, target_gone=True) if reply[0] == 0 else store.FAILED
 
     def close(self) -> None:
         for link in (self.cmd, self.reader):

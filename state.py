@@ -1,33 +1,45 @@
 """The connection state machine and the session logic of the chat room. No I/O.
 
-Everything that affects a connection's state lives here (PROTOCOL.md section 3):
-``TRANSITIONS`` says, per state, which ``op`` is accepted, by which handler,
-and where success leads. An op the state does not accept gets ``unexpected``
-and leaves the state alone; CANCEL returns to READY from the three sub-states.
+Everything that affects a connection's state lives here (docs/PROTOCOL.md
+section 3). ``TRANSITIONS`` is the one authority: per state, which ``op`` is
+accepted, by which handler, where success leads (``next_state``) and where a
+refusal leads (``on_fail``; ``None`` leaves the state alone, and so does a
+request with a missing or ill-typed member, section 3). ``Room._run`` applies
+those edges, in one place; handlers never set the state. A handler answers
+success itself and reports a refusal by raising ``Refused(code, message)``;
+one path (``_refused``) builds the failure reply. An op the state does not
+accept gets ``unexpected``.
 
 Theory of operation ("functional core, imperative shell"): ``Room`` is told
 what happened, ``connect``, ``receive(frame)``, ``completed(result)``,
-``disconnect``, ``tick(now)``, and answers with a list of effects, plain data
-the server carries out in order:
+``disconnect``, ``tick(now)``, ``cluster_event(event)``, and answers with a
+list of effects, plain data the server carries out in order:
 
 * ``Send(cid, data)``: bytes for one connection (a reply);
 * ``Deliver(users, data)`` / ``DeliverAll(data, exclude)``: a data frame for
   online users, encoded once;
 * ``Close(cid)``: close that connection once its output is flushed;
 * ``Online(user, cid)`` / ``Offline(user, cid)``: presence changes;
-* store requests: ``LoadAccount``, ``CreateAccount``, ``AppendHistory``,
-  ``ReadHistory``, and the worker job ``CheckPassword``. Each one is answered
-  later by ``completed(cid, result)``, in the order they were asked for, which
-  is when the reply that depends on it is made: a SEND reply waits for its
-  history to be stored.
+* the store requests of ``store.py`` and the worker job ``CheckPassword``.
+  Each one is answered later by ``completed(cid, result)``, in the order they
+  were asked for, which is when the reply that depends on it is made: a SEND
+  reply waits for its history to be stored.
 
-Two kinds of waiting. A login step whose outcome decides the next state
-(LOGIN, PASSWORD) makes the connection *busy*: the server gives it no further
-request until it is answered. A request whose outcome does not change the
-state (SEND, CH) only reserves its place in the connection's reply order (a
-*slot*); later requests go on, and their replies queue behind the slot, so
-replies still come in request order while many messages share one store
-write (group commit).
+A handler that needs the store first returns ``Ask(request, then)``; ``then``
+gets the result and may ask again, succeed or refuse, and the table's edge is
+taken when the chain ends. Two kinds of asking. A login step or a CH (a
+*barrier*) makes the connection busy: the server gives it no further request
+until it is answered. A SEND only reserves its place in the connection's
+reply order (a *slot*): its edge is taken at once, later requests go on, and
+their replies queue behind the slot, so replies still come in request order
+while many messages share one store write (group commit).
+
+``Room`` is the room of one process: it decides presence and delivery itself.
+``SharedRoom`` is one node of several on one store (docs/SCALEOUT.md): the
+store claims sessions, puts them online and delivers, and what other nodes do
+comes back as ``store`` cluster events. ``make_room`` picks by the store's
+node name. Login throttling (registrations per address, the failed-login
+delay per account) is ``LoginThrottle``.
 """
 
 from __future__ import annotations
@@ -36,18 +48,17 @@ import base64
 import collections
 import enum
 import heapq
-import json
 import os
-import re
 import time
 from typing import Callable, NamedTuple
 
 import framing
 import pg3lib
-from passwords import Account, LoginResult
+import store
+from passwords import OK, Account, LoginResult
+from protocol import (MAX_ATTEMPTS, MAX_SEALED_PASSWORD_CHARS, NONCE_BYTES, USERNAME_RULE, ByeReason, Error, Op,
+                      bye, fail, ok, text_problem, timestamp, valid_username)
 
-MAX_TEXT_CHARS = 4096
-MAX_ATTEMPTS = 3
 # Replies one connection may have waiting on the store; past it, its further
 # requests wait (memory per connection stays bounded however much it pipelines).
 MAX_PIPELINE = 64
@@ -56,7 +67,6 @@ MAX_PIPELINE = 64
 RECENT_EVENTS = 1000
 REGISTRATION_WINDOW = 3600.0     # --register-rate counts over a sliding hour
 FAILURE_MEMORY = 3600.0          # an hour without failures forgets an account's failed logins
-USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 
 
 class State(enum.Enum):
@@ -68,6 +78,9 @@ class State(enum.Enum):
     AWAIT_PM_TARGET = "AWAIT_PM_TARGET"
     AWAIT_PM_TEXT = "AWAIT_PM_TEXT"
     CLOSED = "CLOSED"
+
+
+LOGIN_STATES = (State.AWAIT_USERNAME, State.AWAIT_PASSWORD, State.AWAIT_KEY)
 
 
 # --- effects ------------------------------------------------------------------
@@ -101,86 +114,6 @@ class Offline(NamedTuple):
     cid: int
 
 
-class LoadAccount(NamedTuple):
-    cid: int
-    key: str
-
-
-class CreateAccount(NamedTuple):
-    cid: int
-    account: Account
-
-
-class AppendHistory(NamedTuple):
-    """Append each line to the history of each of its owners (registered spellings).
-
-    ``entries`` is a list of ``(owners, line)``; a BM's owners are the room's
-    online snapshot, the same tuple for every message until someone comes or
-    goes, so the store can write a pass's broadcasts as one chunk per file.
-    The sender's file is written first; if that fails the message is stored
-    for nobody (the sender is told ``internal`` and may send it again).
-    """
-    cid: int
-    entries: list
-    sender: str   # whose file decides: if it cannot be written, nobody's is
-    # Shared mode: "BM" or "PM", the data frame for the recipients, the PM target and
-    # the session tokens the store checks (the sender's, and the target's for a PM).
-    kind: str = ""
-    frame: bytes = b""
-    target: str = ""
-    token: str = ""
-    target_token: str = ""
-
-
-class ReadHistory(NamedTuple):
-    cid: int
-    username: str
-    limit: int | None = None   # only the newest entries (a store may use it to read less)
-
-
-class ClaimSession(NamedTuple):
-    """Shared mode: make ``token`` the account's one session (others are kicked). Answer: "ok"."""
-    cid: int
-    key: str
-    token: str
-
-
-class GoOnline(NamedTuple):
-    """Shared mode: put the session online if ``token`` is still the account's session.
-
-    Answer: the event id of its coming online, or None if it was replaced meanwhile.
-    """
-    cid: int
-    key: str
-    token: str
-    record: str   # JSON: username, public_key, fingerprint (another node answers TARGET with it)
-
-
-class Logout(NamedTuple):
-    """Shared mode: end the session ``token`` if it is still the account's. Not answered (cid 0)."""
-    cid: int
-    key: str
-    token: str
-
-
-class AppendResult(NamedTuple):
-    """The answer to AppendHistory: owners whose write failed; for a shared store also the count
-    of recipients and an error (``not_online``: the PM target's session changed; ``internal``)."""
-    failed: frozenset
-    recipients: int | None = None
-    error: str | None = None
-
-
-class StoreFailure:
-    """The store could not answer (Redis unreachable): the request gets ``internal``."""
-
-    def __repr__(self) -> str:
-        return "INTERNAL"
-
-
-INTERNAL = StoreFailure()
-
-
 class CheckPassword(NamedTuple):
     """Worker job: open the sealed password and hash it (passwords.check_login)."""
     cid: int
@@ -191,46 +124,11 @@ class CheckPassword(NamedTuple):
     may_register: bool = True   # False: the address is over its registration rate
 
 
-STORE_REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory, ClaimSession, GoOnline, Logout)
-REQUESTS = frozenset((*STORE_REQUESTS, CheckPassword))   # effects that are answered by completed()
+REQUESTS = frozenset((*store.REQUESTS, CheckPassword))   # effects that are answered by completed()
+Effects = list
 
 
-# --- frames -------------------------------------------------------------------
-
-def ok(op: str, **fields) -> bytes:
-    """A successful reply frame."""
-    body = {"op": op, "ok": True}
-    body.update(fields)
-    return framing.command(body)
-
-
-def fail(op: str, error: str, message: str, **fields) -> bytes:
-    """A failed reply frame with a section 6 error code."""
-    body = {"op": op, "ok": False, "error": error, "message": message}
-    body.update(fields)
-    return framing.command(body)
-
-
-def fatal(error: str, message: str) -> bytes:
-    """The ERROR frame sent before closing a connection."""
-    return framing.command({"op": "ERROR", "ok": False, "error": error, "message": message})
-
-
-def bye(reason: str) -> bytes:
-    return framing.command({"op": "BYE", "reason": reason})
-
-
-_ts_cache = [-1, ""]
-
-
-def timestamp(now: float) -> str:
-    """UTC ISO 8601 with milliseconds, e.g. ``2026-11-24T15:04:05.123Z``."""
-    second = int(now)
-    if _ts_cache[0] != second:
-        _ts_cache[0] = second
-        _ts_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_ts_cache[1]}.{int((now - second) * 1000):03d}Z"
-
+# --- frames and history lines -------------------------------------------------------
 
 def json_line(obj: dict) -> bytes:
     """One history line: compact JSON and a newline."""
@@ -248,7 +146,11 @@ def fit_names(names: list, budget: int) -> tuple[list, int]:
 
 
 def history_pages(lines: list, limit: int) -> list[bytes]:
-    """CH reply frames holding the given JSON entry texts, each within limit bytes."""
+    """CH reply frames holding the given JSON entry texts, each within limit bytes.
+
+    The entries are JSON already: they are spliced into the page as text, not
+    parsed and encoded again.
+    """
     head, tail_more, tail_last = '{"op":"CH","ok":true,"entries":[', '],"more":true}', '],"more":false}'
     budget = (limit or 1 << 62) - framing.HEADER_SIZE - len(head) - len(tail_last)
     pages: list[list[str]] = [[]]
@@ -265,32 +167,48 @@ def history_pages(lines: list, limit: int) -> list[bytes]:
     frames = []
     for i, page in enumerate(pages):
         tail = tail_last if i == len(pages) - 1 else tail_more
-        body = (head + ",".join(page) + tail).encode("utf-8")
-        frames.append(b"C" + len(body).to_bytes(4, "big") + body)
+        frames.append(framing.encode_raw(framing.KIND_COMMAND, (head + ",".join(page) + tail).encode("utf-8")))
     return frames
 
 
-def stream_id(text: object) -> tuple:
-    """A Redis stream id ``ms-seq`` as a comparable tuple; (0, 0) if it is not one."""
-    try:
-        ms, _, seq = (text.decode("ascii") if isinstance(text, bytes) else text).partition("-")
-        return int(ms), int(seq or 0)
-    except (AttributeError, ValueError):
-        return (0, 0)
+def presence_frame(username: str, online: bool, now: float) -> bytes:
+    return framing.data({"op": Op.PRESENCE, "username": username, "online": online, "ts": timestamp(now)})
 
 
-def valid_username(name: object) -> bool:
-    return isinstance(name, str) and USERNAME_RE.match(name) is not None
+# --- how handlers answer ---------------------------------------------------------------
+
+class Refused(Exception):
+    """A request refused with a section 6 code; ``fields`` join the failure reply.
+
+    ``bye``: after the reply the server says BYE with this reason and closes.
+    """
+
+    def __init__(self, code: Error, message: str, *, bye: ByeReason | None = None, **fields) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.bye = bye
+        self.fields = fields
 
 
-def _text_problem(text: object) -> str | None:
-    if not isinstance(text, str):
-        return "'text' must be a string"
-    if len(text) > MAX_TEXT_CHARS:
-        return f"a message is at most {MAX_TEXT_CHARS} characters (this one has {len(text)})"
-    if not text.strip():
-        return "a message needs at least one character that is not white space"
-    return None
+class Malformed(Refused):
+    """A request with a missing or ill-typed member: ``bad_request``, and the state stays (section 3)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Error.BAD_REQUEST, message)
+
+
+class Ask(NamedTuple):
+    """A handler's answer when the store (or a password worker) must answer first.
+
+    ``then(session, result, out)`` continues with the result: it may return
+    another ``Ask``, ``None`` (success: the table's edge), or raise ``Refused``.
+    ``request`` None: sent later (a password check held by the failed-login delay).
+    """
+    request: object
+    then: Callable
+    barrier: bool = True     # False: only a place in the reply order (SEND)
+    hold_until: float = 0.0  # a held password check is sent at this time
 
 
 # --- sessions -------------------------------------------------------------------
@@ -313,15 +231,6 @@ class Slot:
         self.held = False
 
 
-class RemoteUser(NamedTuple):
-    """Shared mode: a user online on another node, as its ``on`` event described it."""
-    key: str
-    username: str
-    token: str
-    key_form: str
-    fingerprint: str
-
-
 class Session:
     """One connection's protocol state."""
 
@@ -339,27 +248,79 @@ class Session:
         self.nonce = b""
         self.attempts_left = MAX_ATTEMPTS
         self.public_key: pg3lib.PublicKey | None = None
-        self.target: Session | None = None
+        self.target: Session | store.RemoteUser | None = None
         self.slots: list[Slot] = []  # places in the reply order, oldest first (at most MAX_PIPELINE + a few)
         self.barriers = 0            # pending barrier slots (login steps): busy while > 0
         self.deadline = 0.0
         self.sealed = ""             # the PASSWORD ciphertext while it is being checked
         self.registering = False     # holds one of its address's registration slots
-        self.online_id = (0, 0)      # shared mode: stream id of its coming online
+        self.online_id = store.START  # shared mode: where its coming online is in the event order
         self.claimed = False         # shared mode: the store holds this session's token
         self.kicked = False          # shared mode: replaced before its claim was answered
 
 
+class LoginThrottle:
+    """New accounts per address per hour (``--register-rate``) and the failed-login
+    delay per account (doubling per failure, capped at ``--login-delay-cap``)."""
 
-Effects = list
+    def __init__(self, register_rate: int, delay_cap: float, clock: Callable[[], float]) -> None:
+        self.register_rate = register_rate
+        self.delay_cap = delay_cap
+        self.clock = clock
+        self._registered: dict[str, collections.deque] = {}   # address -> times of accounts created
+        self._registering: collections.Counter = collections.Counter()   # address -> being created
+        self._failures: dict[str, tuple[int, float]] = {}   # account -> (failed logins, time of the last)
+
+    def reserve_registration(self, address: str) -> bool:
+        """Take one of the address's registrations for this hour, if one is left."""
+        if self.register_rate <= 0:
+            return True
+        recent = self._registered.get(address)
+        cutoff = self.clock() - REGISTRATION_WINDOW
+        while recent and recent[0] <= cutoff:
+            recent.popleft()
+        used = (len(recent) if recent else 0) + self._registering[address]
+        if used >= self.register_rate:
+            return False
+        self._registering[address] += 1
+        return True
+
+    def release_registration(self, address: str, created: bool) -> None:
+        """A reserved registration ended: counted for the hour if the account was made."""
+        if self.register_rate <= 0:
+            return
+        self._registering[address] -= 1
+        if self._registering[address] <= 0:
+            del self._registering[address]
+        if created:
+            self._registered.setdefault(address, collections.deque()).append(self.clock())
+
+    def delayed_until(self, key: str) -> float:
+        """Until when the account's next password check waits (0: not at all)."""
+        if self.delay_cap <= 0 or key not in self._failures:
+            return 0.0
+        count, last = self._failures[key]
+        if self.clock() - last >= FAILURE_MEMORY:
+            del self._failures[key]
+            return 0.0
+        return last + min(self.delay_cap, 2.0 ** (count - 1))
+
+    def failed(self, key: str) -> None:
+        count, last = self._failures.get(key, (0, 0.0))
+        now = self.clock()
+        if now - last >= FAILURE_MEMORY:
+            count = 0
+        self._failures[key] = (count + 1, now)
+
+    def succeeded(self, key: str) -> None:
+        self._failures.pop(key, None)
 
 
 class Room:
-    """Session logic for every connection of one server. Pure: returns effects."""
+    """Session logic for every connection of one server process. Pure: returns effects."""
 
     def __init__(self, server_keys: pg3lib.KeyPair, *, frame_limit: int = framing.DEFAULT_FRAME_LIMIT,
                  login_timeout: float = 30.0, register_rate: int = 100, login_delay_cap: float = 60.0,
-                 node: str = "",
                  clock: Callable[[], float] = time.time,
                  random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         self.server_keys = server_keys
@@ -368,24 +329,18 @@ class Room:
         self.login_timeout = login_timeout
         self.clock = clock
         self.random_bytes = random_bytes
+        self.throttle = LoginThrottle(register_rate, login_delay_cap, clock)
         self.sessions: dict[int, Session] = {}
-        # Shared mode (a node of several on one store): presence and delivery come
-        # back from the store's event streams (``event``); ``node`` names this one.
-        self.node = node
-        self.shared = bool(node)
-        self.remote: dict[str, RemoteUser] = {}
-        self._recent_bm: collections.deque = collections.deque(maxlen=RECENT_EVENTS)
         self.online: dict[str, Session] = {}       # after KEY: key -> session
         self.online_version = 0                     # changes whenever someone comes or goes
         self._snapshot: tuple | None = None         # registered spellings of everyone online
         self.logged_in: dict[str, Session] = {}    # after PASSWORD: key -> session
         self._deadlines: list[tuple[float, int]] = []
-        self.register_rate = register_rate
-        self.login_delay_cap = login_delay_cap
-        self._registered: dict[str, collections.deque] = {}   # address -> times of accounts created
-        self._registering: collections.Counter = collections.Counter()   # address -> being created
-        self._failures: dict[str, tuple[int, float]] = {}   # account -> (failed logins, time of the last)
         self._held: list[tuple[float, int]] = []   # (until, cid): attempts waiting out a failed-login delay
+
+    @property
+    def login_delay_cap(self) -> float:
+        return self.throttle.delay_cap
 
     # --- events from the shell ---------------------------------------------------
     def connect(self, cid: int, address: str = "") -> Effects:
@@ -410,13 +365,14 @@ class Room:
         assert session.barriers == 0, "the shell must not feed a busy session"
         op = frame.body["op"]
         if frame.kind != framing.KIND_COMMAND:
-            self._reply(session, fail(op, "bad_request", "clients send command (C) frames only"), out)
+            self._reply(session, fail(op, Error.BAD_REQUEST, "clients send command (C) frames only"), out)
             return out
-        entry = TRANSITIONS[session.state].get(op)
-        if entry is None:
-            self._reply(session, fail(op, "unexpected", _expected(session.state)), out)
+        transition = TRANSITIONS[session.state].get(op)
+        if transition is None:
+            self._reply(session, fail(op, Error.UNEXPECTED, _expected(session.state)), out)
             return out
-        entry.handler(self, session, frame.body, out)
+        body = frame.body
+        self._run(session, op, transition, lambda o: transition.handler(self, session, body, o), out)
         return out
 
     def completed(self, cid: int, result: object) -> Effects:
@@ -470,13 +426,14 @@ class Room:
         return out
 
     def tick(self, now: float) -> Effects:
-        """Timers: connections that did not finish logging in in time get BYE idle."""
+        """Timers: held password checks whose delay is over; connections that did not
+        finish logging in in time (BYE idle)."""
         out: Effects = []
         while self._held and self._held[0][0] <= now:
             _, cid = heapq.heappop(self._held)
             session = self.sessions.get(cid)
             held = [slot for slot in session.slots if slot.held] if session is not None else []
-            if held and session.state is State.AWAIT_PASSWORD:
+            if session is not None and held and session.state is State.AWAIT_PASSWORD:
                 held[0].held = False
                 out.append(self._password_job(session))
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -489,9 +446,7 @@ class Room:
                 session.deadline = now + 1.0
                 heapq.heappush(self._deadlines, (session.deadline, cid))
                 continue
-            self._reply(session, bye("idle"), out)
-            self._end(session, out)
-            self._emit(session, Close(cid), out)
+            self._say_bye(session, ByeReason.IDLE, out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -504,6 +459,63 @@ class Room:
         if session is not None and session.deadline and session.state in LOGIN_STATES and seconds > 0:
             session.deadline += seconds
             heapq.heappush(self._deadlines, (session.deadline, cid))
+
+    def cluster_event(self, event: store.ClusterEvent) -> Effects:
+        """What another node did (a store of several nodes); one process has none."""
+        raise TypeError(f"a room of one process gets no cluster events: {event!r}")
+
+    # --- the table's edges, applied in one place ------------------------------------
+    def _run(self, session: Session, op: str, transition: Transition, step: Callable, out: Effects) -> None:
+        """Run one step of a request (the handler, or a continuation of it); when the
+        request ends, take its edge of the table."""
+        try:
+            ask = step(out)
+        except Refused as refusal:
+            self._refused(session, op, refusal, out)
+            if transition.on_fail is not None and not isinstance(refusal, Malformed) \
+                    and refusal.code not in transition.keeps_on:
+                self._enter(session, transition.on_fail)
+            return
+        if ask is None:
+            self._enter(session, transition.next_state)
+        elif ask.barrier:
+            then = ask.then
+            slot = self._wait(session, lambda s, result, o: self._run(s, op, transition,
+                                                                      lambda o2: then(s, result, o2), o),
+                              None if ask.hold_until else ask.request, out)
+            if ask.hold_until:
+                # Held, not refused: checked with every other attempt on this account
+                # when the delay ends, and the login clock stops meanwhile.
+                slot.held = True
+                heapq.heappush(self._held, (ask.hold_until, session.cid))
+                self.extend_deadline(session.cid, ask.hold_until - self.clock())
+        else:
+            # A slot: the edge is taken now; the answer only makes the reply, in its place.
+            self._enter(session, transition.next_state)
+            self._defer(session, lambda s, result, o: self._answer(s, op, ask.then, result, o), ask.request, out)
+
+    def _answer(self, session: Session, op: str, then: Callable, result: object, out: Effects) -> None:
+        """A slot's reply (its request's edge was taken when it was made)."""
+        try:
+            then(session, result, out)
+        except Refused as refusal:
+            out.append(Send(session.cid, fail(op, refusal.code, refusal.message, **refusal.fields)))
+
+    def _refused(self, session: Session, op: str, refusal: Refused, out: Effects) -> None:
+        """The one failure reply; then the BYE the refusal asks for."""
+        if session.state is State.CLOSED:
+            return
+        self._reply(session, fail(op, refusal.code, refusal.message, **refusal.fields), out)
+        if refusal.bye is not None:
+            self._say_bye(session, refusal.bye, out)
+
+    @staticmethod
+    def _enter(session: Session, new_state: State) -> None:
+        if session.state is State.CLOSED:
+            return   # the connection ended meanwhile: nothing moves it again
+        session.state = new_state
+        if new_state is State.READY:
+            session.target = None
 
     # --- shared steps ------------------------------------------------------------
     def _wait(self, session: Session, continuation: Callable, request, out: Effects) -> Slot:
@@ -530,6 +542,12 @@ class Room:
     def _reply(self, session: Session, data: bytes, out: Effects) -> None:
         self._emit(session, Send(session.cid, data), out)
 
+    def _say_bye(self, session: Session, reason: ByeReason, out: Effects) -> None:
+        """BYE, the session ends, and the connection closes once the BYE is sent."""
+        self._reply(session, bye(reason), out)
+        self._end(session, out)
+        self._emit(session, Close(session.cid), out)
+
     def _online_changed(self) -> None:
         self.online_version += 1
         self._snapshot = None
@@ -548,27 +566,12 @@ class Room:
         key = session.key
         if key and self.logged_in.get(key) is session:
             del self.logged_in[key]
-        if session.claimed:
-            session.claimed = False
-            out.append(Logout(0, key, self.token(session)))   # the store says offline to every node
+        self._release(session, out)
         if key and self.online.get(key) is session:
             del self.online[key]
             self._online_changed()
             self._emit(session, Offline(key, session.cid), out)
-            if not self.shared:
-                self._emit(session, DeliverAll(framing.data({"op": "PRESENCE", "username": session.username,
-                                                             "online": False, "ts": timestamp(self.clock())}),
-                                               key), out)
-
-    def _others_online(self, session: Session) -> list[str]:
-        names = [s.username for k, s in self.online.items() if k != session.key]
-        if self.remote:
-            names.extend(r.username for k, r in self.remote.items() if k != session.key and k not in self.online)
-        return names
-
-    def token(self, session: Session) -> str:
-        """Shared mode: the session's name in the store, ``<node>/<connection>``."""
-        return f"{self.node}/{session.cid}"
+            self._announce_offline(session, out)
 
     def _names_reply(self, op: str, session: Session, **fields) -> bytes:
         names = self._others_online(session)
@@ -579,397 +582,36 @@ class Room:
                 return ok(op, online=names, more_online=left_out, **fields)
         return ok(op, online=names, **fields)
 
-    # --- AWAIT_USERNAME ----------------------------------------------------------
-    def _login(self, session: Session, body: dict, out: Effects) -> None:
-        name = body.get("username")
-        if not valid_username(name):
-            self._reply(session, fail("LOGIN", "invalid_username",
-                                              "a username is 1-32 letters, digits, '_', '.' or '-', "
-                                              "starting with a letter or digit"), out)
-            return
-        session.username = name
-        session.key = name.lower()
-        self._wait(session, self._login_account, LoadAccount(session.cid, session.key), out)
+    # --- what one process decides itself (SharedRoom asks the store instead) ---------
+    def _others_online(self, session: Session) -> list[str]:
+        return [s.username for k, s in self.online.items() if k != session.key]
 
-    def _login_account(self, session: Session, account: Account | None, out: Effects) -> None:
-        if session.state is State.CLOSED:
-            return
-        if account is INTERNAL:
-            self._reply(session, fail("LOGIN", "internal", "the account could not be read; try again"), out)
-            return
-        session.account = account
-        if account is not None:
-            session.username = account.username
-        session.nonce = self.random_bytes(16)
-        session.state = State.AWAIT_PASSWORD
-        self._reply(session, ok("LOGIN", new_user=account is None, server_key=self.server_key_form,
-                                        fingerprint=self.server_keys.fingerprint,
-                                        nonce=base64.b64encode(session.nonce).decode("ascii")), out)
+    def _find_online(self, key: str) -> Session | store.RemoteUser | None:
+        return self.online.get(key)
 
-    # --- AWAIT_PASSWORD ----------------------------------------------------------
-    def _password(self, session: Session, body: dict, out: Effects) -> None:
-        sealed = body.get("ciphertext")
-        if not isinstance(sealed, str) or len(sealed) > 4096:
-            self._password_failed(session, LoginResult("bad_request", "'ciphertext' must be a sealed string"),
-                                  out)
-            return
-        session.sealed = sealed
-        slot = self._wait(session, self._password_checked, None, out)
-        if session.account is None:
-            self._reserve_registration(session)
-        else:
-            until = self._delayed_until(session.key)
-            now = self.clock()
-            if until > now:
-                # Held, not refused: checked with every other attempt on this account
-                # when the delay ends, and the login clock stops meanwhile.
-                slot.held = True
-                heapq.heappush(self._held, (until, session.cid))
-                self.extend_deadline(session.cid, until - now)
-                return
-        out.append(self._password_job(session))
+    def _claim(self, session: Session, new_user: bool, out: Effects) -> Ask | None:
+        """The password is right: the account's older session (if any) is replaced."""
+        self._take_over(session, new_user, out)
+        return None
 
-    def _password_job(self, session: Session) -> CheckPassword:
-        return CheckPassword(session.cid, session.sealed, session.nonce, session.username, session.account,
-                             session.account is not None or session.registering)
+    def _release(self, session: Session, out: Effects) -> None:
+        """The session ended: nothing to give back in one process."""
 
-    # --- registration rate and failed-login delay ---------------------------------
-    def _reserve_registration(self, session: Session) -> None:
-        if self.register_rate <= 0:
-            session.registering = True
-            return
-        recent = self._registered.get(session.address)
-        cutoff = self.clock() - REGISTRATION_WINDOW
-        while recent and recent[0] <= cutoff:
-            recent.popleft()
-        used = (len(recent) if recent else 0) + self._registering[session.address]
-        if used < self.register_rate:
-            session.registering = True
-            self._registering[session.address] += 1
-
-    def _release_registration(self, session: Session, created: bool) -> None:
-        if not session.registering:
-            return
-        session.registering = False
-        if self.register_rate <= 0:
-            return
-        self._registering[session.address] -= 1
-        if self._registering[session.address] <= 0:
-            del self._registering[session.address]
-        if created:
-            self._registered.setdefault(session.address, collections.deque()).append(self.clock())
-
-    def _delayed_until(self, key: str) -> float:
-        if self.login_delay_cap <= 0 or key not in self._failures:
-            return 0.0
-        count, last = self._failures[key]
-        if self.clock() - last >= FAILURE_MEMORY:
-            del self._failures[key]
-            return 0.0
-        return last + min(self.login_delay_cap, 2.0 ** (count - 1))
-
-    def _count_failure(self, key: str) -> None:
-        count, last = self._failures.get(key, (0, 0.0))
-        now = self.clock()
-        if now - last >= FAILURE_MEMORY:
-            count = 0
-        self._failures[key] = (count + 1, now)
-
-    def _password_checked(self, session: Session, result: LoginResult, out: Effects) -> None:
-        if result.outcome != "ok" or session.state is State.CLOSED:
-            self._release_registration(session, created=False)
-        if session.account is not None:
-            if result.outcome == "wrong_password":
-                self._count_failure(session.key)
-            elif result.outcome == "ok":
-                self._failures.pop(session.key, None)
-        if session.state is State.CLOSED:
-            return
-        if result.outcome != "ok":
-            session.sealed = ""
-            self._password_failed(session, result, out)
-        elif session.account is None:
-            self._wait(session, self._account_created, CreateAccount(session.cid, result.account), out)
-        else:
-            session.sealed = ""
-            self._logged_in(session, new_user=False, out=out)
-        if session.state is State.AWAIT_KEY:
-            session.account = None   # the hash is not needed any more
-
-    def _account_created(self, session: Session, result: str, out: Effects) -> None:
-        self._release_registration(session, created=result == "created")
-        if result == "exists":
-            # Someone registered this name while the password was hashed: the
-            # password is checked against that account instead.
-            session.account = None
-            self._wait(session, self._login_recheck, LoadAccount(session.cid, session.key), out)
-            return
-        session.sealed = ""
-        if result != "created":
-            self._reply(session, fail("PASSWORD", "internal", "the account could not be stored"), out)
-            return
-        if session.state is State.CLOSED:
-            return
-        self._logged_in(session, new_user=True, out=out)
-
-    def _login_recheck(self, session: Session, account: Account | None, out: Effects) -> None:
-        if session.state is State.CLOSED:
-            return
-        if account is None or account is INTERNAL:
-            session.sealed = ""
-            self._reply(session, fail("PASSWORD", "internal", "the account could not be read"), out)
-            return
-        session.account = account
-        session.username = account.username
-        self._wait(session, self._password_checked,
-                   CheckPassword(session.cid, session.sealed, session.nonce, session.username, account), out)
-
-    def _password_failed(self, session: Session, result: LoginResult, out: Effects) -> None:
-        if result.outcome in ("weak_password", "rate_limited", "internal"):   # not attempts
-            self._reply(session, fail("PASSWORD", result.outcome, result.message), out)
-            return
-        session.attempts_left -= 1
-        self._reply(session, fail("PASSWORD", result.outcome, result.message,
-                                          attempts_left=session.attempts_left), out)
-        if session.attempts_left <= 0:
-            self._reply(session, bye("too_many_failures"), out)
-            self._end(session, out)
-            self._emit(session, Close(session.cid), out)
-
-    def _logged_in(self, session: Session, *, new_user: bool, out: Effects) -> None:
-        if self.shared and not session.claimed:
-            # One session per account across all nodes: the store swaps the token.
-            self._wait(session, lambda s, result, o: self._claimed(s, result, new_user, o),
-                       ClaimSession(session.cid, session.key, self.token(session)), out)
-            return
-        old = self.logged_in.get(session.key)
-        if old is not None and old is not session:
-            self._reply(old, bye("replaced"), out)
-            self._end(old, out)
-            self._emit(old, Close(old.cid), out)
-        self.logged_in[session.key] = session
-        session.state = State.AWAIT_KEY
-        self._reply(session, ok("PASSWORD", new_user=new_user, username=session.username), out)
-
-    def _claimed(self, session: Session, result: object, new_user: bool, out: Effects) -> None:
-        if result != "ok":
-            self._reply(session, fail("PASSWORD", "internal", "the session could not be stored; try again"), out)
-            return
-        session.claimed = True
-        if session.kicked:   # replaced elsewhere before this answer came: the token is not ours
-            session.claimed = False
-            self._reply(session, bye("replaced"), out)
-            self._end(session, out)
-            self._emit(session, Close(session.cid), out)
-            return
-        if session.state is State.CLOSED:
-            out.append(Logout(0, session.key, self.token(session)))
-            session.claimed = False
-            return
-        self._logged_in(session, new_user=new_user, out=out)
-
-    # --- AWAIT_KEY ---------------------------------------------------------------
-    def _key(self, session: Session, body: dict, out: Effects) -> None:
-        try:
-            public_key = pg3lib.PublicKey.from_key_form(body.get("public_key")).compact()
-        except (pg3lib.InvalidKey, TypeError, AttributeError) as exc:
-            self._reply(session, fail("KEY", "bad_request",
-                                              f"'public_key' must be an RSA public key of at least "
-                                              f"2048 bits in key form ({exc or 'not a string'})"), out)
-            return
-        session.public_key = public_key
-        if self.shared:
-            record = framing.encode_body({"username": session.username, "token": self.token(session),
-                                          "public_key": public_key.key_form,
-                                          "fingerprint": public_key.fingerprint}).decode("utf-8")
-            self._wait(session, self._went_online, GoOnline(session.cid, session.key, self.token(session), record),
-                       out)
-            return
-        session.state = State.READY
-        self._reply(session, self._names_reply("KEY", session, fingerprint=public_key.fingerprint), out)
+    def _go_online(self, session: Session, out: Effects) -> Ask | None:
+        self._reply(session, self._names_reply(Op.KEY, session, fingerprint=session.public_key.fingerprint), out)
         self.online[session.key] = session
         self._online_changed()
         out.append(Online(session.key, session.cid))
-        out.append(DeliverAll(framing.data({"op": "PRESENCE", "username": session.username, "online": True,
-                                            "ts": timestamp(self.clock())}), session.key))
+        out.append(DeliverAll(presence_frame(session.username, True, self.clock()), session.key))
+        return None
 
-    def _went_online(self, session: Session, event_id: object, out: Effects) -> None:
-        if session.state is State.CLOSED:
-            return
-        if event_id is INTERNAL:
-            self._reply(session, fail("KEY", "internal", "could not go online; try again"), out)
-            return
-        if event_id is None:   # replaced by a login elsewhere: its kick is on the way
-            self._reply(session, bye("replaced"), out)
-            session.claimed = False
-            self._end(session, out)
-            self._emit(session, Close(session.cid), out)
-            return
-        session.online_id = stream_id(event_id)
-        session.state = State.READY
-        self._reply(session, self._names_reply("KEY", session, fingerprint=session.public_key.fingerprint), out)
-        self.online[session.key] = session
-        self.remote.pop(session.key, None)
-        self._online_changed()
-        out.append(Online(session.key, session.cid))
-        # Broadcasts stored after it came online but read before this answer.
-        for bm_id, sender, frame in self._recent_bm:
-            if bm_id > session.online_id and sender != session.key:
-                out.append(Deliver([session.key], frame))
+    def _announce_offline(self, session: Session, out: Effects) -> None:
+        self._emit(session, DeliverAll(presence_frame(session.username, False, self.clock()), session.key), out)
 
-    # --- events from the shared store -------------------------------------------------
-    def event(self, kind: str, event_id: str, fields: dict) -> Effects:
-        """Shared mode: one entry of the store's event streams (SCALEOUT.md), in stream order.
-
-        ``bm``: deliver to local users online before it was stored (they have it in
-        their history); ``on``/``off``: presence; ``pm``: a private message for a
-        local session; ``kick``: a local session was replaced on another node.
-        """
-        out: Effects = []
-        ident = stream_id(event_id)
-        if kind == "bm":
-            sender = fields.get("from", "")
-            frame = fields.get("d", b"")
-            self._recent_bm.append((ident, sender, frame))
-            users = [k for k, s in self.online.items() if k != sender and s.online_id < ident]
-            if users:
-                out.append(Deliver(users, frame))
-        elif kind in ("on", "off"):
-            self._presence_event(kind == "on", ident, fields, out)
-        elif kind == "pm":
-            session = self.online.get(fields.get("to", ""))
-            if session is not None and self.token(session) == fields.get("tok"):
-                out.append(Deliver([session.key], fields.get("d", b"")))
-        elif kind == "kick":
-            session = self.logged_in.get(fields.get("u", ""))
-            if session is None or self.token(session) != fields.get("tok"):
-                # The kick can overtake the answer to the session's own claim (two links).
-                node, _, cid = str(fields.get("tok", "")).rpartition("/")
-                early = self.sessions.get(int(cid)) if node == self.node and cid.isdigit() else None
-                if early is not None and early.key == fields.get("u") and not early.claimed:
-                    early.kicked = True
-            elif session is not None:
-                session.claimed = False   # the token is someone else's now: no logout
-                self._reply(session, bye("replaced"), out)
-                self._end(session, out)
-                self._emit(session, Close(session.cid), out)
-        return out
-
-    def _presence_event(self, online: bool, ident: tuple, fields: dict, out: Effects) -> None:
-        key, token = fields.get("u", ""), fields.get("tok", "")
-        local = self.online.get(key)
-        mine = local is not None and self.token(local) == token
-        if online:
-            try:
-                record = json.loads(fields.get("rec") or "{}")
-                user = RemoteUser(key, record["username"], token, record["public_key"], record["fingerprint"])
-            except (ValueError, KeyError, TypeError):
-                return
-            if not mine:
-                self.remote[key] = user
-            spelling = user.username
-        else:
-            remote = self.remote.get(key)
-            if remote is not None and remote.token == token:
-                del self.remote[key]
-            spelling = remote.username if remote is not None else (local.username if local else key)
-            if mine:   # our own session was logged out by another node (a reap): it cannot stay
-                local.claimed = False
-                self._reply(local, bye("shutdown"), out)
-                self._end(local, out)
-                self._emit(local, Close(local.cid), out)
-        users = [k for k, s in self.online.items() if k != key and s.online_id < ident]
-        if users:
-            out.append(Deliver(users, framing.data({"op": "PRESENCE", "username": spelling, "online": online,
-                                                    "ts": timestamp(self.clock())})))
-
-    def set_remote(self, records: dict) -> None:
-        """Shared mode: who is online elsewhere when this node starts (name -> JSON record)."""
-        for key, raw in records.items():
-            try:
-                record = json.loads(raw)
-                token = record["token"]
-                if not token.startswith(self.node + "/"):
-                    self.remote[key] = RemoteUser(key, record["username"], token, record["public_key"],
-                                                  record["fingerprint"])
-            except (ValueError, KeyError, TypeError):
-                continue
-
-    def drop_all(self, reason: str) -> Effects:
-        """Close every connection (shared mode: this node lost the store)."""
-        out: Effects = []
-        for session in list(self.sessions.values()):
-            if session.state is State.CLOSED:
-                continue
-            session.claimed = False   # the store is gone or has reaped us: nothing to log out
-            self._reply(session, bye(reason), out)
-            self._end(session, out)
-            self._emit(session, Close(session.cid), out)
-        self.remote.clear()
-        return out
-
-    # --- READY -------------------------------------------------------------------
-    def _bm(self, session: Session, body: dict, out: Effects) -> None:
-        session.state = State.AWAIT_BM_TEXT
-        self._reply(session, ok("BM"), out)
-
-    def _pm(self, session: Session, body: dict, out: Effects) -> None:
-        session.state = State.AWAIT_PM_TARGET
-        self._reply(session, self._names_reply("PM", session), out)
-
-    def _ch(self, session: Session, body: dict, out: Effects) -> None:
-        limit = body.get("limit")
-        if limit is not None and (type(limit) is not int or limit < 1):
-            self._reply(session, fail("CH", "bad_request", "'limit' must be a positive integer"), out)
-            return
-        # A barrier, not a slot: a history is read whole, so one read at a time per connection.
-        self._wait(session, lambda s, lines, o: self._history_read(s, lines, limit, o),
-                   ReadHistory(session.cid, session.username, limit), out)
-
-    def _history_read(self, session: Session, lines: list, limit: int | None, out: Effects) -> None:
-        if lines is INTERNAL:
-            self._reply(session, fail("CH", "internal", "the history could not be read; try again"), out)
-            return
-        if limit is not None:
-            lines = lines[-limit:]
-        for page in history_pages(lines, self.frame_limit):
-            self._reply(session, page, out)
-
-    def _ex(self, session: Session, body: dict, out: Effects) -> None:
-        self._reply(session, ok("EX"), out)
-        self._end(session, out)
-        self._emit(session, Close(session.cid), out)
-
-    def _cancel(self, session: Session, body: dict, out: Effects) -> None:
-        session.state = State.READY
-        session.target = None
-        self._reply(session, ok("CANCEL"), out)
-
-    # --- AWAIT_BM_TEXT -----------------------------------------------------------
-    def _bm_send(self, session: Session, body: dict, out: Effects) -> None:
-        text = body.get("text")
-        problem = _text_problem(text)
-        if problem:
-            self._reply(session, fail("SEND", "bad_request", problem), out)
-            return
-        session.state = State.READY
-        ts = timestamp(self.clock())
-        line = json_line({"ts": ts, "type": "BM", "from": session.username, "to": "*", "text": text})
-        owners = self.online_snapshot()   # the sender and everyone it reaches
-        frame = framing.data({"op": "BM", "from": session.username, "text": text, "ts": ts})
-        version = self.online_version
-        self._defer(session, lambda s, result, o: self._bm_stored(s, owners, version, frame, result, o),
-                    AppendHistory(session.cid, [(owners, line)], session.username, "BM", frame,
-                                  token=self.token(session) if self.shared else ""), out)
-
-    def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, result: object,
+    def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, result: store.Result,
                    out: Effects) -> None:
-        if result is INTERNAL or result.error or session.username in result.failed:
-            out.append(Send(session.cid, fail("SEND", "internal", "the message could not be stored")))
-            return
-        if result.recipients is not None:   # shared: every node delivers it from the event stream
-            out.append(Send(session.cid, ok("SEND", recipients=result.recipients)))
-            return
+        if not isinstance(result, store.Appended):
+            raise Refused(Error.INTERNAL, "the message could not be stored")
         failed = result.failed
         if version == self.online_version and not failed:
             # Nobody came or went since SEND: everyone else online, in one shared effect.
@@ -981,108 +623,437 @@ class Room:
             if users:
                 out.append(Deliver(users, frame))
             count = len(users)
-        out.append(Send(session.cid, ok("SEND", recipients=count)))
+        out.append(Send(session.cid, ok(Op.SEND, recipients=count)))
+
+    def _pm_request(self, session: Session, target, request: store.AppendHistory) -> store.AppendHistory:
+        return request
+
+    def _pm_stored(self, session: Session, target, frame: bytes, result: store.Result, out: Effects) -> None:
+        if not isinstance(result, store.Appended):
+            raise Refused(Error.INTERNAL, "the message could not be stored")
+        delivered = self.online.get(target.key) is target and target.username not in result.failed
+        if delivered:
+            out.append(Deliver([target.key], frame))
+        out.append(Send(session.cid, ok(Op.SEND, recipients=int(delivered))))
+
+    # --- AWAIT_USERNAME ----------------------------------------------------------
+    def _login(self, session: Session, body: dict, out: Effects) -> Ask:
+        name = body.get("username")
+        if not valid_username(name):
+            raise Refused(Error.INVALID_USERNAME, f"a username is {USERNAME_RULE}")
+        session.username = name
+        session.key = name.lower()
+        return Ask(store.LoadAccount(session.cid, session.key), self._login_account)
+
+    def _login_account(self, session: Session, result: store.Result, out: Effects) -> None:
+        if session.state is State.CLOSED:
+            return
+        if not isinstance(result, store.AccountLoaded):
+            raise Refused(Error.INTERNAL, "the account could not be read; try again")
+        account = session.account = result.account
+        if account is not None:
+            session.username = account.username
+        session.nonce = self.random_bytes(NONCE_BYTES)
+        self._reply(session, ok(Op.LOGIN, new_user=account is None, server_key=self.server_key_form,
+                                fingerprint=self.server_keys.fingerprint,
+                                nonce=base64.b64encode(session.nonce).decode("ascii")), out)
+
+    # --- AWAIT_PASSWORD ----------------------------------------------------------
+    def _password(self, session: Session, body: dict, out: Effects) -> Ask:
+        sealed = body.get("ciphertext")
+        if not isinstance(sealed, str) or len(sealed) > MAX_SEALED_PASSWORD_CHARS:
+            raise self._failed_attempt(session, Error.BAD_REQUEST, "'ciphertext' must be a sealed string")
+        session.sealed = sealed
+        if session.account is None:
+            session.registering = self.throttle.reserve_registration(session.address)
+            return Ask(self._password_job(session), self._password_checked)
+        until = self.throttle.delayed_until(session.key)
+        if until > self.clock():
+            return Ask(None, self._password_checked, hold_until=until)
+        return Ask(self._password_job(session), self._password_checked)
+
+    def _password_job(self, session: Session) -> CheckPassword:
+        return CheckPassword(session.cid, session.sealed, session.nonce, session.username, session.account,
+                             session.account is not None or session.registering)
+
+    def _release_registration(self, session: Session, created: bool) -> None:
+        if session.registering:
+            session.registering = False
+            self.throttle.release_registration(session.address, created)
+
+    def _failed_attempt(self, session: Session, code: Error, message: str) -> Refused:
+        """A failed PASSWORD attempt: it counts, and the last one ends the connection."""
+        session.attempts_left -= 1
+        return Refused(code, message, attempts_left=session.attempts_left,
+                       bye=ByeReason.TOO_MANY_FAILURES if session.attempts_left <= 0 else None)
+
+    def _password_checked(self, session: Session, result: LoginResult, out: Effects) -> Ask | None:
+        if result.outcome != OK or session.state is State.CLOSED:
+            self._release_registration(session, created=False)
+        if session.account is not None:
+            if result.outcome == Error.WRONG_PASSWORD:
+                self.throttle.failed(session.key)
+            elif result.outcome == OK:
+                self.throttle.succeeded(session.key)
+        if session.state is State.CLOSED:
+            return None
+        if result.outcome != OK:
+            session.sealed = ""
+            if result.outcome in (Error.WEAK_PASSWORD, Error.RATE_LIMITED, Error.INTERNAL):   # not attempts
+                raise Refused(Error(result.outcome), result.message)
+            raise self._failed_attempt(session, Error(result.outcome), result.message)
+        if session.account is None:
+            return Ask(store.CreateAccount(session.cid, result.account), self._account_created)
+        session.sealed = ""
+        return self._claim(session, False, out)
+
+    def _account_created(self, session: Session, result: store.Result, out: Effects) -> Ask | None:
+        self._release_registration(session, created=result == store.AccountCreated(True))
+        if result == store.AccountCreated(False):
+            # Someone registered this name while the password was hashed: the
+            # password is checked against that account instead.
+            session.account = None
+            return Ask(store.LoadAccount(session.cid, session.key), self._login_recheck)
+        session.sealed = ""
+        if not isinstance(result, store.AccountCreated):
+            raise Refused(Error.INTERNAL, "the account could not be stored")
+        if session.state is State.CLOSED:
+            return None
+        return self._claim(session, True, out)
+
+    def _login_recheck(self, session: Session, result: store.Result, out: Effects) -> Ask | None:
+        if session.state is State.CLOSED:
+            return None
+        if not isinstance(result, store.AccountLoaded) or result.account is None:
+            session.sealed = ""
+            raise Refused(Error.INTERNAL, "the account could not be read")
+        account = session.account = result.account
+        session.username = account.username
+        return Ask(CheckPassword(session.cid, session.sealed, session.nonce, session.username, account),
+                   self._password_checked)
+
+    def _take_over(self, session: Session, new_user: bool, out: Effects) -> None:
+        """Logged in: an older session of the account gets BYE replaced; PASSWORD ok."""
+        old = self.logged_in.get(session.key)
+        if old is not None and old is not session:
+            self._say_bye(old, ByeReason.REPLACED, out)
+        self.logged_in[session.key] = session
+        session.account = None   # the hash is not needed any more
+        self._reply(session, ok(Op.PASSWORD, new_user=new_user, username=session.username), out)
+
+    # --- AWAIT_KEY ---------------------------------------------------------------
+    def _key(self, session: Session, body: dict, out: Effects) -> Ask | None:
+        try:
+            public_key = pg3lib.PublicKey.from_key_form(body.get("public_key")).compact()
+        except (pg3lib.InvalidKey, TypeError, AttributeError) as exc:
+            raise Refused(Error.BAD_REQUEST, f"'public_key' must be an RSA public key of at least 2048 bits "
+                                             f"in key form ({exc or 'not a string'})") from None
+        session.public_key = public_key
+        return self._go_online(session, out)
+
+    # --- READY -------------------------------------------------------------------
+    def _bm(self, session: Session, body: dict, out: Effects) -> None:
+        self._reply(session, ok(Op.BM), out)
+
+    def _pm(self, session: Session, body: dict, out: Effects) -> None:
+        self._reply(session, self._names_reply(Op.PM, session), out)
+
+    def _ch(self, session: Session, body: dict, out: Effects) -> Ask:
+        limit = body.get("limit")
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise Malformed("'limit' must be a positive integer")
+        # A barrier, not a slot: a history is read whole, so one read at a time per connection.
+        return Ask(store.ReadHistory(session.cid, session.username, limit),
+                   lambda s, result, o: self._history_read(s, result, limit, o))
+
+    def _history_read(self, session: Session, result: store.Result, limit: int | None, out: Effects) -> None:
+        if not isinstance(result, store.HistoryRead):
+            raise Refused(Error.INTERNAL, "the history could not be read; try again")
+        lines = result.lines if limit is None else result.lines[-limit:]
+        for page in history_pages(lines, self.frame_limit):
+            self._reply(session, page, out)
+
+    def _ex(self, session: Session, body: dict, out: Effects) -> None:
+        self._reply(session, ok(Op.EX), out)
+        self._end(session, out)
+        self._emit(session, Close(session.cid), out)
+
+    def _cancel(self, session: Session, body: dict, out: Effects) -> None:
+        self._reply(session, ok(Op.CANCEL), out)
+
+    # --- AWAIT_BM_TEXT -----------------------------------------------------------
+    def _bm_send(self, session: Session, body: dict, out: Effects) -> Ask:
+        text = body.get("text")
+        problem = text_problem(text)
+        if problem:
+            raise Refused(Error.BAD_REQUEST, problem)
+        ts = timestamp(self.clock())
+        line = json_line({"ts": ts, "type": "BM", "from": session.username, "to": "*", "text": text})
+        owners = self.online_snapshot()   # the sender and everyone it reaches
+        frame = framing.data({"op": Op.BM, "from": session.username, "text": text, "ts": ts})
+        version = self.online_version
+        return Ask(store.AppendHistory(session.cid, [(owners, line)], session.username, "BM", frame,
+                                       token=self._token_of(session)),
+                   lambda s, result, o: self._bm_stored(s, owners, version, frame, result, o), barrier=False)
+
+    def _token_of(self, session: Session) -> str:
+        """The session's name in a shared store ("" in one process)."""
+        return ""
 
     # --- AWAIT_PM_TARGET / AWAIT_PM_TEXT -----------------------------------------
     def _pm_target(self, session: Session, body: dict, out: Effects) -> None:
         name = body.get("username")
         if not isinstance(name, str):
-            self._reply(session, fail("TARGET", "bad_request", "'username' must be a string"), out)
-            return
+            raise Malformed("'username' must be a string")
         key = name.lower()
-        session.state = State.READY
         if key == session.key:
-            self._reply(session, fail("TARGET", "bad_request", "you cannot send a private message "
-                                                                       "to yourself"), out)
-            return
-        target = self.online.get(key) or self.remote.get(key)
+            raise Refused(Error.BAD_REQUEST, "you cannot send a private message to yourself")
+        target = self._find_online(key)
         if target is None:
-            self._reply(session, fail("TARGET", "not_online", f"{name!r} is not online"), out)
-            return
+            raise Refused(Error.NOT_ONLINE, f"{name!r} is not online")
         session.target = target
-        session.state = State.AWAIT_PM_TEXT
-        if isinstance(target, RemoteUser):
-            key_form, fingerprint = target.key_form, target.fingerprint
-        else:
-            key_form, fingerprint = target.public_key.key_form, target.public_key.fingerprint
-        self._reply(session, ok("TARGET", username=target.username, public_key=key_form,
+        key_form, fingerprint = _key_of(target)
+        self._reply(session, ok(Op.TARGET, username=target.username, public_key=key_form,
                                 fingerprint=fingerprint), out)
 
-    def _pm_send(self, session: Session, body: dict, out: Effects) -> None:
+    def _pm_send(self, session: Session, body: dict, out: Effects) -> Ask:
         ciphertext, self_copy, signature = body.get("ciphertext"), body.get("self_copy"), body.get("signature")
         if not (isinstance(ciphertext, str) and isinstance(self_copy, str) and isinstance(signature, str)
                 and ciphertext and self_copy):
-            self._reply(session, fail("SEND", "bad_request", "a private message needs string "
-                                                                     "'ciphertext', 'self_copy' and 'signature'"), out)
-            return
+            raise Malformed("a private message needs string 'ciphertext', 'self_copy' and 'signature'")
         target = session.target
-        if target is None or (self.online.get(target.key) or self.remote.get(target.key)) is not target:
-            session.state = State.READY
-            session.target = None
-            self._reply(session, fail("SEND", "not_online", "the recipient is not online any more"), out)
-            return
+        if target is None or self._find_online(target.key) is not target:
+            raise Refused(Error.NOT_ONLINE, "the recipient is not online any more")
         signed = pg3lib.pm_signed_bytes(session.username, target.username, ciphertext)
         if not session.public_key.verify(signed, signature):
-            self._reply(session, fail("SEND", "bad_request", "the signature does not verify with "
-                                                                     "your public key"), out)
-            return
+            raise Refused(Error.BAD_REQUEST, "the signature does not verify with your public key")
         ts = timestamp(self.clock())
         entry = {"ts": ts, "type": "PM", "from": session.username, "to": target.username}
         lines = [((session.username,), json_line({**entry, "ciphertext": self_copy})),
                  ((target.username,), json_line({**entry, "ciphertext": ciphertext}))]
-        frame = framing.data({"op": "PM", "from": session.username, "to": target.username,
+        frame = framing.data({"op": Op.PM, "from": session.username, "to": target.username,
                               "ciphertext": ciphertext, "signature": signature,
                               "sender_key": session.public_key.key_form, "ts": ts})
-        session.state = State.READY
-        session.target = None
-        request = AppendHistory(session.cid, lines, session.username, "PM", frame, target.key)
-        if self.shared:
-            target_token = target.token if isinstance(target, RemoteUser) else self.token(target)
-            request = request._replace(token=self.token(session), target_token=target_token)
-        self._defer(session, lambda s, result, o: self._pm_stored(s, target, frame, result, o), request, out)
+        request = self._pm_request(session, target,
+                                   store.AppendHistory(session.cid, lines, session.username, "PM", frame, target.key))
+        return Ask(request, lambda s, result, o: self._pm_stored(s, target, frame, result, o), barrier=False)
 
-    def _pm_stored(self, session: Session, target, frame: bytes, result: object, out: Effects) -> None:
-        if result is INTERNAL or result.error == "internal" or session.username in result.failed:
-            out.append(Send(session.cid, fail("SEND", "internal", "the message could not be stored")))
+
+def _key_of(target: Session | store.RemoteUser) -> tuple[str, str]:
+    """A PM target's public key form and fingerprint."""
+    if isinstance(target, store.RemoteUser):
+        return target.key_form, target.fingerprint
+    return target.public_key.key_form, target.public_key.fingerprint
+
+
+class SharedRoom(Room):
+    """One node of several on one store (docs/SCALEOUT.md).
+
+    One session per account across all nodes: the store swaps the account's
+    session token (``ClaimSession``), puts the session online (``GoOnline``)
+    and delivers BMs and PMs itself; presence, broadcasts, PMs and kicks from
+    every node come back as cluster events, in the store's order. A local user
+    gets an event only if it came online before it (``online_id``).
+    """
+
+    def __init__(self, server_keys: pg3lib.KeyPair, *, node: str, **options) -> None:
+        super().__init__(server_keys, **options)
+        self.node = node
+        self.remote: dict[str, store.RemoteUser] = {}
+        self._recent_bm: collections.deque = collections.deque(maxlen=RECENT_EVENTS)
+
+    def _token_of(self, session: Session) -> str:
+        """The session's name in the store, ``<node>/<connection>``."""
+        return f"{self.node}/{session.cid}"
+
+    token = _token_of
+
+    def _others_online(self, session: Session) -> list[str]:
+        names = super()._others_online(session)
+        names.extend(r.username for k, r in self.remote.items() if k != session.key and k not in self.online)
+        return names
+
+    def _find_online(self, key: str) -> Session | store.RemoteUser | None:
+        return self.online.get(key) or self.remote.get(key)
+
+    # --- logging in and going online ---------------------------------------------
+    def _claim(self, session: Session, new_user: bool, out: Effects) -> Ask | None:
+        if session.claimed:
+            self._take_over(session, new_user, out)
+            return None
+        return Ask(store.ClaimSession(session.cid, session.key, self._token_of(session)),
+                   lambda s, result, o: self._claimed(s, result, new_user, o))
+
+    def _claimed(self, session: Session, result: store.Result, new_user: bool, out: Effects) -> Ask | None:
+        if result is not store.CLAIMED:
+            raise Refused(Error.INTERNAL, "the session could not be stored; try again")
+        session.claimed = True
+        if session.kicked:   # replaced elsewhere before this answer came: the token is not ours
+            session.claimed = False
+            self._say_bye(session, ByeReason.REPLACED, out)
+            return None
+        if session.state is State.CLOSED:
+            out.append(store.Logout(0, session.key, self._token_of(session)))
+            session.claimed = False
+            return None
+        return self._claim(session, new_user, out)
+
+    def _release(self, session: Session, out: Effects) -> None:
+        if session.claimed:
+            session.claimed = False
+            out.append(store.Logout(0, session.key, self._token_of(session)))   # offline on every node
+
+    def _go_online(self, session: Session, out: Effects) -> Ask:
+        public_key = session.public_key
+        record = framing.encode_body({"username": session.username, "token": self._token_of(session),
+                                      "public_key": public_key.key_form,
+                                      "fingerprint": public_key.fingerprint}).decode("utf-8")
+        return Ask(store.GoOnline(session.cid, session.key, self._token_of(session), record), self._went_online)
+
+    def _went_online(self, session: Session, result: store.Result, out: Effects) -> None:
+        if session.state is State.CLOSED:
             return
-        if result.error == "not_online":
-            out.append(Send(session.cid, fail("SEND", "not_online", "the recipient is not online any more")))
+        if not isinstance(result, store.WentOnline):
+            raise Refused(Error.INTERNAL, "could not go online; try again")
+        if result.position is None:   # replaced by a login elsewhere: its kick is on the way
+            session.claimed = False
+            self._say_bye(session, ByeReason.REPLACED, out)
             return
-        if result.recipients is not None:   # shared: the target's node delivers it
-            out.append(Send(session.cid, ok("SEND", recipients=result.recipients)))
+        session.online_id = result.position
+        self._reply(session, self._names_reply(Op.KEY, session, fingerprint=session.public_key.fingerprint), out)
+        self.online[session.key] = session
+        self.remote.pop(session.key, None)
+        self._online_changed()
+        out.append(Online(session.key, session.cid))
+        # Broadcasts stored after it came online but read before this answer.
+        for bm_position, sender, frame in self._recent_bm:
+            if bm_position > session.online_id and sender != session.key:
+                out.append(Deliver([session.key], frame))
+
+    def _announce_offline(self, session: Session, out: Effects) -> None:
+        """Others hear it from the store's presence event."""
+
+    # --- messages: the store delivers ------------------------------------------------
+    def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, result: store.Result,
+                   out: Effects) -> None:
+        if not isinstance(result, store.Appended):
+            raise Refused(Error.INTERNAL, "the message could not be stored")
+        out.append(Send(session.cid, ok(Op.SEND, recipients=result.recipients)))
+
+    def _pm_request(self, session: Session, target, request: store.AppendHistory) -> store.AppendHistory:
+        target_token = target.token if isinstance(target, store.RemoteUser) else self._token_of(target)
+        return request._replace(token=self._token_of(session), target_token=target_token)
+
+    def _pm_stored(self, session: Session, target, frame: bytes, result: store.Result, out: Effects) -> None:
+        if not isinstance(result, store.Appended):
+            raise Refused(Error.INTERNAL, "the message could not be stored")
+        if result.target_gone:
+            raise Refused(Error.NOT_ONLINE, "the recipient is not online any more")
+        out.append(Send(session.cid, ok(Op.SEND, recipients=result.recipients)))
+
+    # --- what the other nodes did --------------------------------------------------
+    def cluster_event(self, event: store.ClusterEvent) -> Effects:
+        """One cluster event, in the store's order."""
+        out: Effects = []
+        kind = type(event)
+        if kind is store.Broadcast:
+            self._recent_bm.append((event.position, event.sender, event.frame))
+            users = [k for k, s in self.online.items() if k != event.sender and s.online_id < event.position]
+            if users:
+                out.append(Deliver(users, event.frame))
+        elif kind is store.Presence:
+            self._presence(event, out)
+        elif kind is store.Direct:
+            session = self.online.get(event.key)
+            if session is not None and self._token_of(session) == event.token:
+                out.append(Deliver([session.key], event.frame))
+        elif kind is store.Kick:
+            self._kicked(event, out)
+        elif kind is store.Dropped:
+            self._drop_all(event.reason, out)
+        elif kind is store.Joined:
+            self.node = event.node
+            self.remote = dict(event.remote)
+        return out
+
+    def _kicked(self, event: store.Kick, out: Effects) -> None:
+        session = self.logged_in.get(event.key)
+        if session is not None and self._token_of(session) == event.token:
+            session.claimed = False   # the token is someone else's now: no logout
+            self._say_bye(session, ByeReason.REPLACED, out)
             return
-        failed = result.failed
-        delivered = self.online.get(target.key) is target and target.username not in failed
-        if delivered:
-            out.append(Deliver([target.key], frame))
-        out.append(Send(session.cid, ok("SEND", recipients=int(delivered))))
+        # The kick can overtake the answer to the session's own claim (two links).
+        node, _, cid = event.token.rpartition("/")
+        early = self.sessions.get(int(cid)) if node == self.node and cid.isdigit() else None
+        if early is not None and early.key == event.key and not early.claimed:
+            early.kicked = True
+
+    def _presence(self, event: store.Presence, out: Effects) -> None:
+        key, token = event.key, event.token
+        local = self.online.get(key)
+        mine = local is not None and self._token_of(local) == token
+        if event.online:
+            if event.user is None:
+                return
+            if not mine:
+                self.remote[key] = event.user
+            spelling = event.user.username
+        else:
+            remote = self.remote.get(key)
+            if remote is not None and remote.token == token:
+                del self.remote[key]
+            spelling = remote.username if remote is not None else (local.username if local else key)
+            if mine:   # our own session was logged out by another node (a reap): it cannot stay
+                local.claimed = False
+                self._say_bye(local, ByeReason.SHUTDOWN, out)
+        users = [k for k, s in self.online.items() if k != key and s.online_id < event.position]
+        if users:
+            out.append(Deliver(users, presence_frame(spelling, event.online, self.clock())))
+
+    def _drop_all(self, reason: str, out: Effects) -> None:
+        """Close every connection (this node lost the store)."""
+        for session in list(self.sessions.values()):
+            if session.state is State.CLOSED:
+                continue
+            session.claimed = False   # the store is gone or has reaped us: nothing to log out
+            self._say_bye(session, ByeReason(reason), out)
+        self.remote.clear()
+
+
+def make_room(server_keys: pg3lib.KeyPair, *, node: str = "", **options) -> Room:
+    """The room for a store: one process (``node`` "") or a node of several."""
+    if node:
+        return SharedRoom(server_keys, node=node, **options)
+    return Room(server_keys, **options)
 
 
 # --- the transition table -------------------------------------------------------
 
 class Transition(NamedTuple):
     handler: Callable
-    next_state: State  # where a successful request leads
+    next_state: State                # where a successful request leads
+    on_fail: State | None = None  # where a refusal leads (None: the state stays)
+    keeps_on: frozenset = frozenset()   # refusals with these codes leave the state as it is
 
+
+_SEND_KEEPS = frozenset({Error.BAD_REQUEST})   # section 4.4: the client may send again or CANCEL
 
 TRANSITIONS: dict[State, dict[str, Transition]] = {
-    State.AWAIT_USERNAME: {"LOGIN": Transition(Room._login, State.AWAIT_PASSWORD)},
-    State.AWAIT_PASSWORD: {"PASSWORD": Transition(Room._password, State.AWAIT_KEY)},
-    State.AWAIT_KEY: {"KEY": Transition(Room._key, State.READY)},
-    State.READY: {"BM": Transition(Room._bm, State.AWAIT_BM_TEXT),
-                  "PM": Transition(Room._pm, State.AWAIT_PM_TARGET),
-                  "CH": Transition(Room._ch, State.READY),
-                  "EX": Transition(Room._ex, State.CLOSED)},
-    State.AWAIT_BM_TEXT: {"SEND": Transition(Room._bm_send, State.READY),
-                          "CANCEL": Transition(Room._cancel, State.READY)},
-    State.AWAIT_PM_TARGET: {"TARGET": Transition(Room._pm_target, State.AWAIT_PM_TEXT),
-                            "CANCEL": Transition(Room._cancel, State.READY)},
-    State.AWAIT_PM_TEXT: {"SEND": Transition(Room._pm_send, State.READY),
-                          "CANCEL": Transition(Room._cancel, State.READY)},
+    State.AWAIT_USERNAME: {Op.LOGIN: Transition(Room._login, State.AWAIT_PASSWORD)},
+    State.AWAIT_PASSWORD: {Op.PASSWORD: Transition(Room._password, State.AWAIT_KEY)},
+    State.AWAIT_KEY: {Op.KEY: Transition(Room._key, State.READY)},
+    State.READY: {Op.BM: Transition(Room._bm, State.AWAIT_BM_TEXT),
+                  Op.PM: Transition(Room._pm, State.AWAIT_PM_TARGET),
+                  Op.CH: Transition(Room._ch, State.READY),
+                  Op.EX: Transition(Room._ex, State.CLOSED)},
+    State.AWAIT_BM_TEXT: {Op.SEND: Transition(Room._bm_send, State.READY, State.READY, _SEND_KEEPS),
+                          Op.CANCEL: Transition(Room._cancel, State.READY)},
+    State.AWAIT_PM_TARGET: {Op.TARGET: Transition(Room._pm_target, State.AWAIT_PM_TEXT, State.READY),
+                            Op.CANCEL: Transition(Room._cancel, State.READY)},
+    State.AWAIT_PM_TEXT: {Op.SEND: Transition(Room._pm_send, State.READY, State.READY, _SEND_KEEPS),
+                          Op.CANCEL: Transition(Room._cancel, State.READY)},
     State.CLOSED: {},
 }
-
-LOGIN_STATES = (State.AWAIT_USERNAME, State.AWAIT_PASSWORD, State.AWAIT_KEY)
 
 
 def _expected(state: State) -> str:
@@ -1094,7 +1065,7 @@ def _expected(state: State) -> str:
 
 
 __all__ = [
-    "INTERNAL", "STORE_REQUESTS", "TRANSITIONS", "AppendHistory", "AppendResult", "CheckPassword", "ClaimSession",
-    "Close", "CreateAccount", "Deliver", "DeliverAll", "GoOnline", "LoadAccount", "Logout", "Offline", "Online",
-    "ReadHistory", "RemoteUser", "Room", "Send", "Session", "State", "Transition",
+    "REQUESTS", "TRANSITIONS", "Ask", "CheckPassword", "Close", "Deliver", "DeliverAll", "LoginThrottle",
+    "Malformed", "Offline", "Online", "Refused", "Room", "Send", "Session", "SharedRoom", "State", "Transition",
+    "make_room",
 ]

@@ -4,10 +4,10 @@
 one JSON line per account, written and fsync'd before a registration is
 acknowledged. ``HistoryLog`` keeps ``<Username>.chat`` per account, one JSON
 entry per line; a batch of entries is written with one ``os.write`` per file.
-``FileStore`` is the store seam the server talks to: it takes store requests
-from the session logic, runs appends as a group at the end of a loop pass
+``FileStore`` is the ``store.Store`` of one process: it takes the session
+logic's store requests, runs appends as a group at the end of a loop pass
 (group commit, still before any reply that depends on them), and hands back
-completions. A Redis store can take its place with the same two methods.
+typed results. It has no cluster: its cluster methods do nothing.
 
 Torn tails: a line is complete with its newline. On reading, a last line with
 no newline (a crash mid-write) is dropped with a warning, and before the next
@@ -25,8 +25,8 @@ import os
 from collections import OrderedDict
 
 import pg3lib
+import store
 from passwords import Account
-from state import AppendResult
 
 log = logging.getLogger("chat.storage")
 
@@ -235,6 +235,20 @@ def load_server_keys(directory: str) -> pg3lib.KeyPair:
     return keys
 
 
+def open_store(directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY) -> tuple[FileStore, pg3lib.KeyPair]:
+    """The data directory's store and the server key kept there (made on first start).
+
+    Raises:
+        StorageError: the directory, its accounts or its key cannot be used.
+    """
+    file_store = FileStore(directory, max_open_history)
+    try:
+        return file_store, load_server_keys(directory)
+    except BaseException:
+        file_store.close()
+        raise
+
+
 class FileStore:
     """The store seam over the data directory.
 
@@ -246,6 +260,8 @@ class FileStore:
     gets one write, before any completion is returned. Reads see the appends
     submitted before them.
     """
+
+    node = ""   # one process: no cluster
 
     def __init__(self, directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY) -> None:
         self.directory = directory
@@ -265,10 +281,11 @@ class FileStore:
     def pending(self) -> bool:
         return bool(self._queue)
 
-    def submit(self, request) -> None:
-        """Take one store request (state.py: LoadAccount, CreateAccount, AppendHistory, ReadHistory)."""
-        kind = type(request).__name__
-        if kind == "AppendHistory":
+    def submit(self, request: store.Request) -> None:
+        """Take one store request; its result comes with this pass's ``flush``."""
+        kind = type(request)
+        result: store.Result
+        if kind is store.AppendHistory:
             runs, sender = self._runs, request.sender
             for owners, line in request.entries:
                 if runs and runs[-1][0] is owners:
@@ -278,25 +295,31 @@ class FileStore:
                     runs.append([owners, [line], [sender]])
             self._queue.append([request.cid, None, request])
             return
-        if kind == "LoadAccount":
-            result = self.accounts.get(request.key)
-        elif kind == "CreateAccount":
+        if kind is store.LoadAccount:
+            result = store.AccountLoaded(self.accounts.get(request.key))
+        elif kind is store.CreateAccount:
             result = self._create(request.account)
-        elif kind == "ReadHistory":
-            result = self._read(request.username)
+        elif kind is store.ReadHistory:
+            result = store.HistoryRead(self._read(request.username))
+        elif kind is store.ClaimSession:
+            result = store.CLAIMED   # one process: the session logic itself replaces an older session
+        elif kind is store.GoOnline:
+            result = store.WentOnline(store.START)
+        elif kind is store.Logout:
+            return
         else:
             raise TypeError(f"not a store request: {request!r}")
         self._queue.append([request.cid, result, None])
 
-    def _create(self, account: Account) -> str:
+    def _create(self, account: Account) -> store.Result:
         try:
             if not self.accounts.add(account):
-                return "exists"
+                return store.AccountCreated(False)
         except OSError as exc:
             log.error("storing account %r failed: %s", account.username, exc)
-            return "failed"
+            return store.FAILED
         self.history.create(account.username)
-        return "created"
+        return store.AccountCreated(True)
 
     def _read(self, username: str) -> list[str]:
         lines = self.history.read(username)
@@ -305,7 +328,7 @@ class FileStore:
                 lines.extend(line[:-1].decode("utf-8") for line in pending)
         return lines
 
-    def flush(self) -> list[tuple[int, object]]:
+    def flush(self) -> list[tuple[int, store.Result]]:
         """Write pending appends (one write per file) and return every completion, in order."""
         queue, self._queue = self._queue, []
         runs, self._runs = self._runs, []
@@ -313,8 +336,7 @@ class FileStore:
         done = []
         for cid, result, append in queue:
             if append is not None:
-                result = _ALL_WRITTEN if not failed else AppendResult(frozenset(
-                    owner for owners, _ in append.entries for owner in owners if owner in failed))
+                result = _ALL_WRITTEN if not failed else _appended(append, failed)
             done.append((cid, result))
         return done
 
@@ -351,15 +373,31 @@ class FileStore:
                     mine.append(chunk)
         return chunks
 
+    def events(self) -> list[store.ClusterEvent]:
+        return []
+
+    def tick(self, now: float) -> None:
+        """No timers."""
+
+    def next_tick(self) -> float | None:
+        return None
+
     def send(self) -> None:
-        """Nothing to send: a file store answers within the pass (a Redis store sends here)."""
+        """Nothing to send: a file store answers within the pass."""
 
     def close(self) -> None:
         self.accounts.close()
         self.history.close()
 
 
-_ALL_WRITTEN = AppendResult(frozenset())
+_ALL_WRITTEN = store.Appended()
+
+
+def _appended(append: store.AppendHistory, failed: set) -> store.Result:
+    """The result of one append in a pass where some files could not be written."""
+    if append.sender in failed:
+        return store.FAILED
+    return store.Appended(frozenset(owner for owners, _ in append.entries for owner in owners if owner in failed))
 
 
 def _joined(chunks: list) -> bytes:

@@ -42,8 +42,10 @@ import os
 import framing
 import passwords
 import pg3lib
+import protocol
 import state
 import storage
+import store
 
 FAST_SCRYPT_N = 16
 
@@ -74,7 +76,7 @@ class RoomDriver:
         self.frame_limit = frame_limit
         self.clock = clock or FakeClock()
         self.store = storage.FileStore(data_dir)
-        self.room = state.Room(server_keys, frame_limit=frame_limit, login_timeout=login_timeout,
+        self.room = state.make_room(server_keys, frame_limit=frame_limit, login_timeout=login_timeout,
                                clock=self.clock, random_bytes=random_bytes, **room_options)
         self.inbox: dict[int, list[framing.Frame]] = {}
         self.requests: dict[int, list[str]] = {}   # ops handed to room.receive, in order
@@ -129,7 +131,7 @@ class RoomDriver:
                 frames = self._decoders[cid].feed(data)
             except framing.ProtocolError as exc:
                 self.pending[cid].extend(exc.frames)
-                self._fatal[cid] = state.fatal(exc.code, exc.message)
+                self._fatal[cid] = protocol.fatal(protocol.Error(exc.code), exc.message)
                 self._pump(cid)
                 continue
             self.pending[cid].extend(frames)
@@ -246,7 +248,7 @@ class RoomDriver:
                     del self.online[effect.user]
             elif kind is state.CheckPassword:
                 self._jobs.append(effect)
-            elif isinstance(effect, state.STORE_REQUESTS):
+            elif isinstance(effect, store.REQUESTS):
                 self.store.submit(effect)
             else:
                 raise AssertionError(f"unknown effect {effect!r}")

@@ -22,8 +22,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import framing
 import pg3lib
+import protocol
 import state
+import store
 from conftest import key_pair
+from passwords import Account, LoginResult
 from roomdriver import RoomDriver, log_in, pm_body, seal_password
 from state import State
 
@@ -924,7 +927,7 @@ def test_bad_frame_after_pipelined_requests(driver):
 USERS = ["alice", "bob", "carol", "dave"]
 SPELLINGS = {u: [u, u.capitalize(), u.upper()] for u in USERS}
 PASSWORDS = {u: f"{u} has a long password" for u in USERS}
-LONG_TEXT = "y" * (state.MAX_TEXT_CHARS + 1)
+LONG_TEXT = "y" * (protocol.MAX_TEXT_CHARS + 1)
 
 
 class Conn:
@@ -1102,7 +1105,7 @@ class RoomMachine(RuleBasedStateMachine):
         text = data.draw(st.one_of(st.text(max_size=20), st.sampled_from(["", " \n", "LONG"])), label="text")
         text = LONG_TEXT if text == "LONG" else text
         reply, seen = self._request(conn, {"op": "SEND", "text": text})
-        if not text.strip() or len(text) > state.MAX_TEXT_CHARS:
+        if not text.strip() or len(text) > protocol.MAX_TEXT_CHARS:
             assert reply["ok"] is False and reply["error"] == "bad_request"
             self._nothing_else(seen, conn.cid)
             return
@@ -1362,33 +1365,33 @@ def _shared_login(room: state.Room, cid: int, name: str) -> list:
     effects that came with the claim request (the ClaimSession is the last)."""
     room.connect(cid)
     room.receive(cid, framing.Frame("C", {"op": "LOGIN", "username": name}))
-    account = state.Account(name, 16, 8, 1, b"salt", b"hash")
-    room.completed(cid, account)
+    account = Account(name, 16, 8, 1, b"salt", b"hash")
+    room.completed(cid, store.AccountLoaded(account))
     out = room.receive(cid, framing.Frame("C", {"op": "PASSWORD", "ciphertext": "x;y"}))
     assert isinstance(out[-1], state.CheckPassword)
-    out = room.completed(cid, state.LoginResult("ok", account=account))
-    assert isinstance(out[-1], state.ClaimSession) and out[-1].token == f"node1/{cid}"
+    out = room.completed(cid, LoginResult("ok", account=account))
+    assert isinstance(out[-1], store.ClaimSession) and out[-1].token == f"node1/{cid}"
     return out
 
 
 def test_shared_kick_that_overtakes_the_claim_answer_still_replaces():
     """The kick (reader link) can arrive before this session's own claim answer (command link)."""
-    room = state.Room(server_keys(), node="node1")
+    room = state.SharedRoom(server_keys(), node="node1")
     _shared_login(room, 7, "alice")
-    assert room.event("kick", "5-0", {"u": "alice", "tok": "node1/7"}) == []
-    out = room.completed(7, "ok")
+    assert room.cluster_event(store.Kick("alice", "node1/7")) == []
+    out = room.completed(7, store.CLAIMED)
     sent = [framing.FrameDecoder(0).feed(e.data)[0].body for e in out if isinstance(e, state.Send)]
     assert sent == [{"op": "BYE", "reason": "replaced"}]
     assert any(isinstance(e, state.Close) for e in out)
-    assert not any(isinstance(e, state.Logout) for e in out)   # the token is someone else's: no logout
+    assert not any(isinstance(e, store.Logout) for e in out)   # the token is someone else's: no logout
     assert "alice" not in room.logged_in
 
 
 def test_shared_claim_without_a_kick_logs_in():
-    room = state.Room(server_keys(), node="node1")
+    room = state.SharedRoom(server_keys(), node="node1")
     _shared_login(room, 8, "bob")
-    room.event("kick", "5-0", {"u": "bob", "tok": "node1/99"})   # someone else's session
-    out = room.completed(8, "ok")
+    room.cluster_event(store.Kick("bob", "node1/99"))   # someone else's session
+    out = room.completed(8, store.CLAIMED)
     sent = [framing.FrameDecoder(0).feed(e.data)[0].body for e in out if isinstance(e, state.Send)]
     assert sent == [{"op": "PASSWORD", "ok": True, "new_user": False, "username": "bob"}]
     assert room.logged_in["bob"].cid == 8

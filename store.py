@@ -1,0 +1,243 @@
+"""The store seam: what the session logic asks of storage, what it gets back, and the interface.
+
+The session logic (``state.Room``) never touches files or Redis. It asks for
+storage with the *requests* below, returned among its effects; the server
+hands each to its one store (``submit``) and feeds every answer back
+(``Room.completed``) in the order the requests were made. A reply that depends
+on storage waits for that answer.
+
+Each request has one typed *result*, and every request has the same one
+failure value, ``FAILED`` (the store could not do it: a disk or Redis error);
+a session answers a ``FAILED`` with ``internal``. ``Logout`` is not answered.
+
+Two stores implement ``Store``: ``storage.FileStore`` (the data directory, one
+process) and ``redisstore.RedisStore`` (several nodes on one Redis,
+docs/SCALEOUT.md). A store of several nodes also reports *cluster events*
+(other nodes' broadcasts, presence, private messages and kicks, and changes
+in its own membership); the file store has none. Positions in the event order
+are opaque, comparable values; only the store that made them knows their
+form.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, Union
+
+from passwords import Account
+
+# A place in a store's event order, comparable with <; (0, 0) is before every event.
+Position = tuple[int, int]
+START: Position = (0, 0)
+
+
+# --- requests -----------------------------------------------------------------
+
+class LoadAccount(NamedTuple):
+    """Read an account. Result: ``AccountLoaded``."""
+    cid: int
+    key: str   # the lower-case name
+
+
+class CreateAccount(NamedTuple):
+    """Store a new account durably (and create its history). Result: ``AccountCreated``."""
+    cid: int
+    account: Account
+
+
+class AppendHistory(NamedTuple):
+    """Append each line to the history of each of its owners (registered spellings). Result: ``Appended``.
+
+    ``entries`` is a list of ``(owners, line)``; a BM's owners are the room's
+    online snapshot, the same tuple for every message until someone comes or
+    goes, so the store can write a pass's broadcasts as one chunk per file.
+    The sender's history is written first; if that fails the message is stored
+    for nobody (the sender is told ``internal`` and may send it again).
+    A store of several nodes also delivers the message: ``frame`` is the data
+    frame for the recipients, ``target`` the PM target's key, and the tokens
+    are the sessions it checks (the sender's, and the target's for a PM).
+    """
+    cid: int
+    entries: list
+    sender: str
+    kind: str = ""          # "BM" or "PM"
+    frame: bytes = b""
+    target: str = ""
+    token: str = ""
+    target_token: str = ""
+
+
+class ReadHistory(NamedTuple):
+    """Read a user's history entries (JSON texts), oldest first. Result: ``HistoryRead``."""
+    cid: int
+    username: str
+    limit: int | None = None   # only the newest entries (a store may use it to read less)
+
+
+class ClaimSession(NamedTuple):
+    """Make ``token`` the account's one session everywhere (others are kicked). Result: ``CLAIMED``."""
+    cid: int
+    key: str
+    token: str
+
+
+class GoOnline(NamedTuple):
+    """Put the session online if ``token`` is still the account's session. Result: ``WentOnline``."""
+    cid: int
+    key: str
+    token: str
+    record: str   # JSON: username, token, public_key, fingerprint (other nodes answer TARGET with it)
+
+
+class Logout(NamedTuple):
+    """End the session ``token`` if it is still the account's. Not answered (cid 0)."""
+    cid: int
+    key: str
+    token: str
+
+
+Request = Union[LoadAccount, CreateAccount, AppendHistory, ReadHistory, ClaimSession, GoOnline, Logout]
+REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory, ClaimSession, GoOnline, Logout)
+
+
+# --- results ------------------------------------------------------------------
+
+class Failed:
+    """The one failure value: the store could not carry the request out."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FAILED"
+
+
+FAILED = Failed()
+
+
+class AccountLoaded(NamedTuple):
+    account: Account | None   # None: no such account
+
+
+class AccountCreated(NamedTuple):
+    created: bool   # False: someone registered the name first (nothing was written)
+
+
+class Appended(NamedTuple):
+    """Written. ``failed``: owners whose history could not be written (never the sender).
+
+    A store of several nodes delivers too, and counts the ``recipients``; there,
+    ``target_gone`` says that a PM's target had left (nothing was stored).
+    """
+    failed: frozenset = frozenset()
+    recipients: int | None = None
+    target_gone: bool = False
+
+
+class HistoryRead(NamedTuple):
+    lines: list   # JSON entry texts, oldest first
+
+
+class Claimed:
+    """The session's token is the account's now."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "CLAIMED"
+
+
+CLAIMED = Claimed()
+
+
+class WentOnline(NamedTuple):
+    position: Position | None   # where its coming online is in the event order; None: replaced meanwhile
+
+
+Result = Union[Failed, AccountLoaded, AccountCreated, Appended, HistoryRead, Claimed, WentOnline]
+
+
+# --- cluster events (stores of several nodes only) -----------------------------------
+
+class RemoteUser(NamedTuple):
+    """A user online on another node, as its coming online described it."""
+    key: str
+    username: str
+    token: str
+    key_form: str
+    fingerprint: str
+
+
+class Broadcast(NamedTuple):
+    """A BM stored by any node: local users online before it get the frame."""
+    position: Position
+    sender: str   # key
+    frame: bytes
+
+
+class Presence(NamedTuple):
+    """A session came online (``user`` describes it) or went offline, on any node."""
+    position: Position
+    key: str
+    token: str
+    online: bool
+    user: RemoteUser | None = None
+
+
+class Direct(NamedTuple):
+    """A PM for the local session ``token`` of ``key``."""
+    key: str
+    token: str
+    frame: bytes
+
+
+class Kick(NamedTuple):
+    """The local session ``token`` of ``key`` was replaced by a login on another node."""
+    key: str
+    token: str
+
+
+class Dropped(NamedTuple):
+    """This node lost the store (fenced or cut off): every connection must close."""
+    reason: str
+
+
+class Joined(NamedTuple):
+    """This node (again) is ``node`` of the room; ``remote`` is who is online on other nodes."""
+    node: str
+    remote: dict   # key -> RemoteUser
+
+
+ClusterEvent = Union[Broadcast, Presence, Direct, Kick, Dropped, Joined]
+
+
+# --- the interface ------------------------------------------------------------
+
+class Store(Protocol):
+    """What the server calls on its store, whichever it is."""
+
+    # "" for a store of one process; else this node's name (tokens start with it).
+    node: str
+
+    @property
+    def pending(self) -> bool:
+        """True while answers are waiting to be collected with ``flush``."""
+
+    def submit(self, request: Request) -> None:
+        """Take one request; its answer comes from a later ``flush`` (or the same pass's)."""
+
+    def flush(self) -> list[tuple[int, Result]]:
+        """Carry out what can be done now; the answers ready, ``(cid, result)``, in request order."""
+
+    def events(self) -> list[ClusterEvent]:
+        """Cluster events read since the last call, in the store's order (none for one process)."""
+
+    def tick(self, now: float) -> None:
+        """Timers (``now`` from ``time.monotonic``): leases, stalls, reconnecting."""
+
+    def next_tick(self) -> float | None:
+        """When ``tick`` wants to run next (monotonic), or None."""
+
+    def send(self) -> None:
+        """Send what this pass asked for (a store that answers at once has nothing to send)."""
+
+    def close(self) -> None:
+        """Release files and connections."""
