@@ -652,7 +652,7 @@ def _raise_fd_limit() -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(
-        prog="chatserver.py", description="The chat room server (protocol: PROTOCOL.md).",
+        prog="chatserver.py", description="The chat room server (protocol: docs/PROTOCOL.md).",
         epilog="Every limit can be turned off with 0. Logs go to stderr.")
     parser.add_argument("port", type=int, metavar="PORT", help="TCP port to listen on (0: any free port)")
     parser.add_argument("--host", default="0.0.0.0",

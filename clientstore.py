@@ -15,7 +15,7 @@ written mode 0600, atomically (``pg3lib.write_private_file``):
   plus the public key and its fingerprint, so ``--fingerprint`` needs no
   password;
 * ``known_servers``: one ``host:port SHA256:...`` line per server, the key
-  first seen there (trust on first use, PROTOCOL.md section 9);
+  first seen there (trust on first use, docs/PROTOCOL.md section 9);
 * ``known_contacts``: one ``host:port username SHA256:...`` line per contact.
 
 Servers are named ``host:port`` as the user gave them (host lower-cased);

@@ -1,4 +1,4 @@
-"""Frames <-> bytes for the chat wire protocol (PROTOCOL.md section 1). No sockets.
+"""Frames <-> bytes for the chat wire protocol (docs/PROTOCOL.md section 1). No sockets.
 
 A frame is one kind byte (``C`` command, ``D`` data), a 4-byte big-endian body
 length, and a body that is one UTF-8 JSON object with a string ``op``.
@@ -34,7 +34,7 @@ _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allo
 
 
 class ProtocolError(Exception):
-    """A violation of the wire protocol, with a stable error code (PROTOCOL.md section 6)."""
+    """A violation of the wire protocol, with a stable error code (docs/PROTOCOL.md section 6)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

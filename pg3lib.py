@@ -1,4 +1,4 @@
-"""Crypto helpers: the course's ``pg3lib`` formats on pycryptodome (PROTOCOL.md section 8).
+"""Crypto helpers: the course's ``pg3lib`` formats on pycryptodome (docs/PROTOCOL.md section 8).
 
 Module functions, drop-in for the course helper, working with this process's
 own key pair (made on first use, not at import):
@@ -388,7 +388,7 @@ def _fernet_token(part: bytes) -> bytes:
 
 
 def pm_signed_bytes(sender: str, receiver: str, ciphertext: str) -> bytes:
-    """The bytes a PM signature covers (PROTOCOL.md section 4.5)."""
+    """The bytes a PM signature covers (docs/PROTOCOL.md section 4.5)."""
     return ("PM1\n" + sender + "\n" + receiver + "\n" + ciphertext).encode("utf-8")
 
 

@@ -1,6 +1,6 @@
 """The chat room's data in Redis: the key layout, and every mutation as one Lua script.
 
-Each flow of SCALEOUT.md that changes shared state is one script, so it is
+Each flow of docs/SCALEOUT.md that changes shared state is one script, so it is
 atomic and all nodes see one order. ``ChatKeys(prefix)`` names the keys and
 builds each script's call: ``link.eval(callback, *keys.bm(...))``.
 
@@ -60,7 +60,7 @@ from redislink import Script
 # a gap, yet bounded (about 100,000 x a few hundred bytes).
 EV_MAXLEN = 100_000
 INBOX_MAXLEN = 100_000
-LEASE_MS = 5000     # SCALEOUT.md: a 5 s lease, renewed every second
+LEASE_MS = 5000     # docs/SCALEOUT.md: a 5 s lease, renewed every second
 
 # Lua helpers shared by the scripts (each script is sent whole).
 _NODE_OF = """

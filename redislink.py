@@ -59,7 +59,7 @@ from urllib.parse import unquote, urlsplit
 import resp
 from resp import RedisError
 
-STALL_SECONDS = 2.0     # SCALEOUT.md: a command unanswered for 2 s means a broken link
+STALL_SECONDS = 2.0     # docs/SCALEOUT.md: a command unanswered for 2 s means a broken link
 READ_SIZE = 262144      # per recv; a pass reads at most MAX_READS_PER_PASS of them
 MAX_READS_PER_PASS = 16  # then other sockets get their turn
 DEFAULT_PORT = 6379

@@ -1,6 +1,6 @@
 """Reference: the course's original ``pg3lib`` helper, rebuilt with ``cryptography``.
 
-Test-only. It behaves as the course's file does (PROTOCOL.md section 8), so our
+Test-only. It behaves as the course's file does (docs/PROTOCOL.md section 8), so our
 ``pg3lib.py`` is checked against the real bytes: the same three functions,
 ``encrypt`` returning ``base64(RSA-OAEP(K)) ; base64(Fernet token)`` (the token's
 ASCII encoded once more with standard base64) and ``decrypt`` undoing both

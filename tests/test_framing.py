@@ -1,4 +1,4 @@
-"""Tests for framing.py: the frame codec of PROTOCOL.md section 1.
+"""Tests for framing.py: the frame codec of docs/PROTOCOL.md section 1.
 
 Every decoder case runs whole, one byte at a time, and with bytes around it;
 hypothesis checks round trips, arbitrary splits, and arbitrary input.

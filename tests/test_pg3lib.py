@@ -1,4 +1,4 @@
-"""Tests for pg3lib.py: Fernet, keys and sealed messages (PROTOCOL.md section 8).
+"""Tests for pg3lib.py: Fernet, keys and sealed messages (docs/PROTOCOL.md section 8).
 
 Fernet is checked against the specification's published vectors, and the
 module functions against ``course_pg3lib``, the course's original helper

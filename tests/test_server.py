@@ -105,7 +105,7 @@ def test_register_then_log_in_again_keeps_spelling(connect, keys, server):
 
 def test_course_helper_and_old_form_passwords_both_log_in(connect, keys):
     """A course-style client seals with the course's pg3lib; a client from before
-    the fix seals without the outer base64 (PROTOCOL.md section 8): both get in."""
+    the fix seals without the outer base64 (docs/PROTOCOL.md section 8): both get in."""
     course = connect()
     reply = course.login_start("coursey")
     plain = base64.b64decode(reply["nonce"]) + PASSWORD.encode()

@@ -32,7 +32,7 @@ from state import State
 
 PASSWORD = "correct horse"
 
-# PROTOCOL.md section 3, written out independently of state.TRANSITIONS.
+# docs/PROTOCOL.md section 3, written out independently of state.TRANSITIONS.
 PROTOCOL_NEXT: dict[State, dict[str, State]] = {
     State.AWAIT_USERNAME: {"LOGIN": State.AWAIT_PASSWORD},
     State.AWAIT_PASSWORD: {"PASSWORD": State.AWAIT_KEY},

@@ -18,7 +18,7 @@ def bare_form(sealed_text: str) -> str:
 
 
 class WireClient:
-    """Speaks PROTOCOL.md over one loopback TCP connection.
+    """Speaks docs/PROTOCOL.md over one loopback TCP connection.
 
     ``legacy_seal`` makes every sealed text in the version-1 form (``bare_form``),
     to play a client from before the course form was fixed.
