@@ -3,8 +3,9 @@
 Usage: ``python3 chatserver.py PORT [options]`` (``--help`` lists them).
 
 Theory of operation. The loop owns the listening socket, every client socket
-and all state. Each connection has a frame decoder (its read buffer), a queue
-of decoded requests not yet handed to the session logic, and a write queue;
+and all state. Each connection (``connection.Connection``, as asyncio's
+transport) owns its frame decoder, the decoded requests not yet handed to the
+session logic, and its write queue with flush, close-when-flushed and abort;
 ``EVENT_WRITE`` is registered only while output is pending. The session logic
 (``state.Room``) answers each event with effects, which ``apply`` carries out:
 bytes queued to connections, store requests handed to the store, password
@@ -19,10 +20,8 @@ store write the pass's history appends together (group commit) and complete
 the requests that waited on them, run timers, then send each connection's
 queued output with one ``send``.
 
-A connection closes in one of two ways: *close when flushed* (stop reading,
-send what is queued, e.g. a BYE, shut the write side, wait briefly for the
-peer to close) or *abort* (at once: the peer is gone). Either way the session
-logic is told, so presence stays right.
+Whichever way a connection closes (flushed or aborted), the session logic is
+told, so presence stays right.
 
 The store (``store.Store``) is the data directory or, with ``--redis``, a
 Redis shared by several nodes; the server holds one and never asks which.
@@ -49,59 +48,36 @@ import hashpool
 import passwords
 import state
 import storage
+from connection import Connection, Lifecycle
 from protocol import ByeReason, Error, bye, fatal
 
 log = logging.getLogger("chat.server")
 
-READ_SIZE = 65536          # per recv: larger reads cost more per call in CPython than they save
 LISTEN_BACKLOG = 1024
 DEFAULT_SEND_QUEUE = 1 << 20   # 1 MiB, InspIRCd's hard send queue
-FLUSH_GRACE = 5.0          # seconds a closing connection gets to take its last bytes
 SHUTDOWN_GRACE = 3.0       # seconds the whole server waits for BYEs to drain on exit
-LINGER = 2.0               # seconds a closed-for-writing connection waits for the peer's close
 # One core stays free for the loop: a login storm cannot take every core.
 HASH_WORKERS = max(1, (os.cpu_count() or 2) - 1)
 # A login storm must not slow the people already chatting: hashing processes run
 # at a lower priority, so on a busy machine the loop goes first.
 WORKER_NICENESS = 5
 
-_LISTENER = object()
-_WAKER = object()
+class _Source:
+    """A selector source the server handles itself (the listening socket, the wake-up pipe)."""
 
+    __slots__ = ("on_ready",)
 
-class Connection:
-    """One client socket and its buffers."""
-
-    __slots__ = ("cid", "sock", "fd", "address", "decoder", "pending", "taken", "out", "head", "out_size", "events",
-                 "closing", "closed", "fatal", "refused", "close_by", "lingering", "user", "tokens", "tokens_at",
-                 "seen")
-
-    def __init__(self, cid: int, sock: socket.socket, address: str, frame_limit: int, burst: float) -> None:
-        self.cid = cid
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.address = address
-        self.decoder = framing.FrameDecoder(frame_limit)
-        self.pending: list = []   # decoded, not yet handed over (a list: a deque costs 600 bytes)
-        self.taken = 0            # how many of pending have been handed over
-        self.out: list[bytes] = []   # whole frames; the first may be partly sent
-        self.head = 0                # bytes of out[0] already sent
-        self.out_size = 0            # bytes in out not yet sent
-        self.events = selectors.EVENT_READ
-        self.closing = False      # close when flushed
-        self.closed = False
-        self.fatal: bytes | None = None   # an ERROR to send once pending requests are done
-        self.refused = False      # a framing error: nothing more is read
-        self.close_by = 0.0
-        self.user = ""
-        self.seen = (0, 0)        # (broadcast run, how many of its frames this connection has been given)
-        self.lingering = False    # flushed and shut for writing; reading until the peer closes
-        self.tokens = burst
-        self.tokens_at = 0.0
+    def __init__(self, on_ready) -> None:
+        self.on_ready = on_ready
 
 
 class ChatServer:
-    """The event loop and everything it owns."""
+    """The event loop and everything it owns.
+
+    Every selector source (a connection, the listener, the wake-up socket, a
+    password worker, a store link) is dispatched the same way: ``on_ready(mask)``.
+    Connections call back through ``connection.ConnectionOwner`` (``on_*``).
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -127,16 +103,13 @@ class ChatServer:
         self.broadcasts: list[state.DeliverAll] = []   # this pass's, not yet queued to everyone
         self.broadcast_run = 1                           # numbers each such run (Connection.seen)
         self.cids = itertools.count(1)
-        self.pool = hashpool.HashPool(HASH_WORKERS, self.keys.to_pem(), args.scrypt_n, WORKER_NICENESS)
-        for worker in self.pool.workers:
-            self.sel.register(worker.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, worker)
-        self.done_jobs: collections.deque = collections.deque()
+        self.pool = hashpool.HashPool(HASH_WORKERS, self.keys.to_pem(), args.scrypt_n, self.sel, WORKER_NICENESS)
         self.stopping = False
         self.waker_r, self.waker_w = socket.socketpair()
         for sock in (self.waker_r, self.waker_w):
             sock.setblocking(False)
-        self.sel.register(self.listener, selectors.EVENT_READ, _LISTENER)
-        self.sel.register(self.waker_r, selectors.EVENT_READ, _WAKER)
+        self.sel.register(self.listener, selectors.EVENT_READ, _Source(lambda mask: self._accept()))
+        self.sel.register(self.waker_r, selectors.EVENT_READ, _Source(lambda mask: self._drain_waker()))
 
     @staticmethod
     def _listen(host: str, port: int) -> socket.socket:
@@ -187,20 +160,7 @@ class ChatServer:
     def run_once(self, timeout: float | None) -> None:
         """One pass: wait for events, handle them, settle the store, run timers, send."""
         for key, mask in self.sel.select(timeout):
-            data = key.data
-            if data is _LISTENER:
-                self._accept()
-            elif data is _WAKER:
-                self._drain_waker()
-            elif type(data) is hashpool.HashWorker:
-                self._worker_ready(data, mask)
-            elif type(data) is not Connection:
-                data.on_ready(mask)
-            else:
-                if mask & selectors.EVENT_READ and not data.closed:
-                    self._read(data)
-                if mask & selectors.EVENT_WRITE and not data.closed:
-                    self._flush(data)
+            key.data.on_ready(mask)
         self._settle()
         now = time.time()
         if self.throttled:
@@ -211,7 +171,7 @@ class ChatServer:
         self.store.tick(time.monotonic())
         if self.closing:
             for conn in [c for c in self.closing if c.close_by <= now]:
-                self._abort(conn)
+                conn.abort()
         self._settle()
         while self.dirty or self.cut_off or self.broadcasts:
             if self.broadcasts:
@@ -222,17 +182,18 @@ class ChatServer:
             dirty, self.dirty = self.dirty, []
             for conn in dirty:
                 if not conn.closed:
-                    self._flush(conn)
+                    conn.flush()
         self.store.send()
 
     def _settle(self) -> None:
         """Let the store finish what it can now; feed completions and cluster events to the sessions."""
+        done_jobs = self.pool.done
         while True:
             events = self.store.events()
-            if not (self.store.pending or self.done_jobs or events):
+            if not (self.store.pending or done_jobs or events):
                 return
-            while self.done_jobs:
-                cid, result = self.done_jobs.popleft()
+            while done_jobs:
+                cid, result = done_jobs.popleft()
                 self._complete(cid, result)
             for cid, result in self.store.flush():
                 self._complete(cid, result)
@@ -266,11 +227,10 @@ class ChatServer:
             for opt, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
                 if hasattr(socket, opt):
                     sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
-            conn = Connection(next(self.cids), sock, ip, self.args.frame_limit, self.args.flood_burst)
-            conn.tokens_at = time.time()
+            conn = Connection(next(self.cids), sock, ip, self, frame_limit=self.args.frame_limit,
+                              send_cap=self.args.send_queue, burst=self.args.flood_burst)
             self.conns[conn.cid] = conn
             self.per_ip[ip] += 1
-            self.sel.register(sock, selectors.EVENT_READ, conn)
             log.debug("connection %d from %s", conn.cid, ip)
             self.apply(self.room.connect(conn.cid, ip))
 
@@ -284,36 +244,11 @@ class ChatServer:
             pass
         sock.close()
 
-    def _read(self, conn: Connection) -> None:
-        try:
-            data = conn.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data or conn.lingering:
-            if not data:
-                self._abort(conn)
-            return   # a lingering connection's input is read only to be dropped
-        try:
-            frames = conn.decoder.feed(data)
-        except framing.ProtocolError as exc:
-            log.info("connection %d: %s", conn.cid, exc.message.encode("unicode_escape").decode("ascii"))
-            conn.pending.extend(exc.frames)
-            conn.fatal = fatal(Error(exc.code), exc.message)
-            conn.refused = True
-            self._pause_reading(conn)
-            self._pump(conn)
-            return
-        if frames:
-            conn.pending.extend(frames)
-            self._pump(conn)
-
     def _pump(self, conn: Connection) -> None:
         """Hand queued requests to the session while it is not busy and the flood bucket allows."""
         room, cid, pending = self.room, conn.cid, conn.pending
         rate = self.args.flood_rate
-        while conn.taken < len(pending) and not conn.closing and not conn.closed:
+        while conn.taken < len(pending) and not conn.ending:
             if room.busy(cid):
                 break
             if rate:
@@ -331,16 +266,16 @@ class ChatServer:
         if conn.taken == len(pending):
             pending.clear()
             conn.taken = 0
-        if conn.closed or conn.closing:
+        if conn.ending:
             return
         if pending:
-            self._pause_reading(conn)   # bounded memory: read more only when these are handled
+            conn.pause_reading()   # bounded memory: read more only when these are handled
         elif conn.fatal is not None:
             if not room.busy(cid):   # the ERROR follows the replies to everything sent before it
                 error, conn.fatal = conn.fatal, None
                 self.apply(room.refuse(cid, error))
         else:
-            self._resume_reading(conn)
+            conn.resume_reading()
 
     def _refill(self, conn: Connection) -> None:
         now = time.time()
@@ -350,121 +285,20 @@ class ChatServer:
     def _token_time(self, conn: Connection) -> float:
         return conn.tokens_at + (1.0 - conn.tokens) / self.args.flood_rate
 
-    def _set_events(self, conn: Connection, events: int) -> None:
-        if events == conn.events:
-            return
-        if conn.events and events:
-            self.sel.modify(conn.sock, events, conn)
-        elif events:
-            self.sel.register(conn.sock, events, conn)
-        else:
-            self.sel.unregister(conn.sock)
-        conn.events = events
+    # --- what connections tell the server (connection.ConnectionOwner) -----------------
+    def on_input(self, conn: Connection) -> None:
+        self._pump(conn)
 
-    def _pause_reading(self, conn: Connection) -> None:
-        self._set_events(conn, conn.events & ~selectors.EVENT_READ)
+    def on_output(self, conn: Connection) -> None:
+        self.dirty.append(conn)
 
-    def _resume_reading(self, conn: Connection) -> None:
-        if not conn.closing and not conn.refused:
-            self._set_events(conn, conn.events | selectors.EVENT_READ)
-
-    def _queue(self, conn: Connection, data: bytes) -> None:
-        if conn.closing or conn.closed:   # nothing may follow a BYE, an ERROR or the EX reply
-            return
-        if not conn.out:
-            self.dirty.append(conn)
-        conn.out.append(data)
-        conn.out_size += len(data)
-        cap = self.args.send_queue
-        if cap and conn.out_size > cap and not conn.closing:
-            self._too_slow(conn)
-
-    def _too_slow(self, conn: Connection) -> None:
-        """The client does not read: drop what it has not started, say BYE, close."""
-        log.warning("connection %d (%r): send queue over %d bytes, disconnecting", conn.cid, conn.user,
-                    self.args.send_queue)
-        del conn.out[1 if conn.head else 0:]
-        conn.out.append(bye(ByeReason.TOO_SLOW))
-        conn.out_size = sum(len(frame) for frame in conn.out) - conn.head
-        conn.pending.clear()
-        conn.taken = 0
-        self._close_when_flushed(conn)
-        self.cut_off.append(conn)   # the session ends after the current effects are applied
-
-    def _flush(self, conn: Connection) -> None:
-        """Send what is queued with one send; keep the rest and wait for EVENT_WRITE."""
-        out = conn.out
-        if out:
-            if len(out) == 1:
-                data = out[0][conn.head:] if conn.head else out[0]
-            else:
-                if conn.head:
-                    out[0] = out[0][conn.head:]
-                    conn.head = 0
-                data = b"".join(out)
-            try:
-                sent = conn.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self._abort(conn)
-                return
-            if sent < len(data):
-                conn.out_size -= sent
-                sent += conn.head
-                done = 0
-                while sent >= len(out[done]):
-                    sent -= len(out[done])
-                    done += 1
-                del out[:done]
-                conn.head = sent
-                self._set_events(conn, conn.events | selectors.EVENT_WRITE)
-                return
-            out.clear()
-            conn.head = 0
-            conn.out_size = 0
-        if conn.closing:
-            self._linger(conn)
-        else:
-            self._set_events(conn, conn.events & ~selectors.EVENT_WRITE)
-
-    def _close_when_flushed(self, conn: Connection) -> None:
-        if conn.closing or conn.closed:
-            return
-        conn.closing = True
-        conn.close_by = time.time() + FLUSH_GRACE
+    def on_closing(self, conn: Connection) -> None:
         self.closing.add(conn)
-        self._set_events(conn, conn.events & ~selectors.EVENT_READ)
-        if not conn.out:
-            self._linger(conn)
 
-    def _linger(self, conn: Connection) -> None:
-        """Everything is sent: shut the write side and drop input until the peer closes.
+    def on_cut_off(self, conn: Connection) -> None:
+        self.cut_off.append(conn)
 
-        Closing a socket with unread input makes the kernel send RST, which can
-        destroy the BYE or ERROR still unread at the peer; so we wait for its
-        end of the connection, briefly.
-        """
-        if conn.lingering or conn.closed:
-            return
-        conn.lingering = True
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._abort(conn)
-            return
-        conn.close_by = min(conn.close_by, time.time() + LINGER)
-        self._set_events(conn, selectors.EVENT_READ)
-
-    def _abort(self, conn: Connection) -> None:
-        """Close now and tell the session logic."""
-        if conn.closed:
-            return
-        conn.closed = True
-        if conn.events:
-            self.sel.unregister(conn.sock)
-            conn.events = 0
-        conn.sock.close()
+    def on_lost(self, conn: Connection) -> None:
         self.closing.discard(conn)
         self.throttled.discard(conn)
         del self.conns[conn.cid]
@@ -484,21 +318,21 @@ class ChatServer:
                 if conn is not None:
                     if self.broadcasts and conn.user:
                         self._catch_up(conn)   # broadcasts made before this reply come before it
-                    self._queue(conn, effect.data)
+                    conn.queue(effect.data)
             elif kind is state.DeliverAll:
                 self.broadcasts.append(effect)
             elif kind is state.Deliver:
-                online, data, queue, pending = self.online, effect.data, self._queue, self.broadcasts
+                online, data, pending = self.online, effect.data, self.broadcasts
                 for user in effect.users:
                     conn = online.get(user)
                     if conn is not None:
                         if pending:
                             self._catch_up(conn)   # keep every recipient's data frames in order
-                        queue(conn, data)
+                        conn.queue(data)
             elif kind is state.Close:
                 conn = self.conns.get(effect.cid)
                 if conn is not None:
-                    self._close_when_flushed(conn)
+                    conn.close_when_flushed()
             elif kind is state.Online:
                 conn = self.conns.get(effect.cid)
                 if conn is not None:
@@ -512,9 +346,7 @@ class ChatServer:
                     del self.online[effect.user]
                     log.info("%r is offline (connection %d)", effect.user, effect.cid)
             elif kind is state.CheckPassword:
-                worker = self.pool.submit(effect)
-                if worker.flush():
-                    self.sel.modify(worker.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, worker)
+                self.pool.submit(effect)
             else:
                 self.store.submit(effect)
 
@@ -529,17 +361,16 @@ class ChatServer:
         run, self.broadcasts = self.broadcasts, []
         generation = self.broadcast_run
         self.broadcast_run += 1
-        queue = self._queue
         whole = run[0].data if len(run) == 1 else b"".join(effect.data for effect in run)
         senders = {effect.exclude for effect in run}
         for user, conn in self.online.items():
             start = conn.seen[1] if conn.seen[0] == generation else 0
             if start == 0 and user not in senders:
-                queue(conn, whole)
+                conn.queue(whole)
             else:
                 mine = b"".join(effect.data for effect in run[start:] if effect.exclude != user)
                 if mine:
-                    queue(conn, mine)
+                    conn.queue(mine)
 
     def _catch_up(self, conn: Connection) -> None:
         """Give one connection the part of this pass's broadcasts it has not had yet."""
@@ -552,20 +383,7 @@ class ChatServer:
             mine = b"".join(effect.data for effect in run[start:] if effect.exclude != user)
             conn.seen = (self.broadcast_run, len(run))
             if mine:
-                self._queue(conn, mine)
-
-    def _worker_ready(self, worker: hashpool.HashWorker, mask: int) -> None:
-        """A password worker answered (or died, or can take more of its queued jobs)."""
-        if mask & selectors.EVENT_WRITE:
-            if not worker.flush():
-                self.sel.modify(worker.sock, selectors.EVENT_READ, worker)
-        if mask & selectors.EVENT_READ:
-            results = worker.read()
-            if results is None:   # the worker died: answer its jobs, start another
-                self.sel.unregister(worker.sock)
-                fresh, results = self.pool.replace(worker)
-                self.sel.register(fresh.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, fresh)
-            self.done_jobs.extend(results)
+                conn.queue(mine)
 
     def _drain_waker(self) -> None:
         try:
@@ -577,28 +395,23 @@ class ChatServer:
     # --- shutdown -------------------------------------------------------------------
     def _shutdown(self) -> None:
         log.info("shutting down: saying BYE to %d connections", len(self.conns))
+        self.sel.unregister(self.listener)   # no new connections
         goodbye = bye(ByeReason.SHUTDOWN)
         if self.broadcasts:
             self._deliver_broadcasts()
         for conn in list(self.conns.values()):
             conn.pending.clear()
             conn.taken = 0
-            self._queue(conn, goodbye)
-            self._close_when_flushed(conn)
+            conn.queue(goodbye)
+            conn.close_when_flushed()
         deadline = time.time() + SHUTDOWN_GRACE
         for conn in list(self.conns.values()):
-            self._flush(conn)
-        while any(not c.lingering for c in self.conns.values()) and time.time() < deadline:
+            conn.flush()
+        while any(c.lifecycle is not Lifecycle.LINGERING for c in self.conns.values()) and time.time() < deadline:
             for key, mask in self.sel.select(max(0.0, deadline - time.time())):
-                if isinstance(key.data, Connection):
-                    if mask & selectors.EVENT_WRITE:
-                        self._flush(key.data)
-                    if mask & selectors.EVENT_READ and not key.data.closed:
-                        self._read(key.data)
-                elif key.data is _WAKER:
-                    self._drain_waker()
+                key.data.on_ready(mask)
         for conn in list(self.conns.values()):
-            self._abort(conn)
+            conn.abort()
         self.pool.close()
         self._settle()
         self.store.send()   # shared mode: the logouts

@@ -3,8 +3,10 @@
 A password check (RSA decryption of the sealed password, then scrypt) costs
 tens of milliseconds of CPU; the event loop must not do it. Each worker is a
 child process (``python3 hashpool.py FD``) joined to the server by a
-socketpair, which the server registers in its own selector: a job goes down
-the socket, and its result coming back is what wakes the loop. No threads in
+socketpair, which the pool registers in the server's own selector: a job goes
+down the socket, and its result coming back is what wakes the loop. The pool
+is a selector source like any other (``HashWorker.on_ready``); answers
+collect in ``HashPool.done`` for the server to hand to the sessions. No threads in
 the server, so no GIL for the loop to wait on; the workers run at a lower
 priority, so a storm of logins does not slow the people already chatting.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import selectors
 import os
 import pickle
 import signal
@@ -26,6 +29,7 @@ import subprocess
 import sys
 
 import passwords
+from protocol import Error
 
 log = logging.getLogger("chat.hashpool")
 
@@ -40,9 +44,10 @@ def _message(obj) -> bytes:
 class HashWorker:
     """The server's end of one worker process."""
 
-    __slots__ = ("proc", "sock", "out", "inbuf", "jobs")
+    __slots__ = ("proc", "sock", "out", "inbuf", "jobs", "pool")
 
-    def __init__(self, setup: bytes, niceness: int) -> None:
+    def __init__(self, setup: bytes, niceness: int, pool: HashPool) -> None:
+        self.pool = pool
         parent, child = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), str(child.fileno()), str(niceness)],
@@ -56,6 +61,16 @@ class HashWorker:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def on_ready(self, mask: int) -> None:
+        """Its socket is ready: send queued jobs, read answers (or find it dead)."""
+        if mask & selectors.EVENT_WRITE and not self.flush():
+            self.pool.selector.modify(self.sock, selectors.EVENT_READ, self)
+        if mask & selectors.EVENT_READ:
+            results = self.read()
+            if results is None:
+                results = self.pool.replace(self)
+            self.pool.done.extend(results)
 
     def send(self, job) -> None:
         self.jobs.append(job.cid)
@@ -108,31 +123,41 @@ class HashWorker:
 class HashPool:
     """A fixed number of workers; a job goes to the one with the fewest in hand."""
 
-    def __init__(self, size: int, server_pem: bytes, scrypt_n: int, niceness: int = 10) -> None:
+    def __init__(self, size: int, server_pem: bytes, scrypt_n: int, selector: selectors.BaseSelector,
+                 niceness: int = 10) -> None:
         self._setup = _message((server_pem, scrypt_n))
         self._niceness = niceness
-        self.workers = [HashWorker(self._setup, niceness) for _ in range(max(1, size))]
+        self.selector = selector
+        self.done: collections.deque = collections.deque()   # (cid, LoginResult) answered, not yet taken
+        self.workers = [self._start() for _ in range(max(1, size))]
 
-    def submit(self, job) -> HashWorker:
-        """Queue one CheckPassword job; returns the worker that has it (flush it)."""
-        worker = min(self.workers, key=lambda w: len(w.jobs))
-        worker.send(job)
+    def _start(self) -> HashWorker:
+        worker = HashWorker(self._setup, self._niceness, self)
+        self.selector.register(worker.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, worker)
         return worker
 
-    def replace(self, worker: HashWorker) -> tuple[HashWorker, list]:
+    def submit(self, job) -> None:
+        """Queue one CheckPassword job with the worker that has the fewest in hand."""
+        worker = min(self.workers, key=lambda w: len(w.jobs))
+        worker.send(job)
+        if worker.flush():
+            self.selector.modify(worker.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, worker)
+
+    def replace(self, worker: HashWorker) -> list:
         """A worker died: start another; its unanswered jobs are answered ``internal``."""
         log.error("a password worker (pid %d) exited with %s; starting another",
                   worker.proc.pid, worker.proc.poll())
-        lost = [(cid, passwords.LoginResult("internal", "the password check failed; please try again"))
+        lost = [(cid, passwords.LoginResult(Error.INTERNAL, "the password check failed; please try again"))
                 for cid in worker.jobs]
         worker.jobs.clear()
+        self.selector.unregister(worker.sock)
         worker.sock.close()
-        fresh = HashWorker(self._setup, self._niceness)
-        self.workers[self.workers.index(worker)] = fresh
-        return fresh, lost
+        self.workers[self.workers.index(worker)] = self._start()
+        return lost
 
     def close(self) -> None:
         for worker in self.workers:
+            self.selector.unregister(worker.sock)
             worker.close()
 
 

@@ -1,0 +1,254 @@
+"""One client connection of the server: its socket, read side and write side, as asyncio's transport.
+
+The read side is a frame decoder (the read buffer) and the decoded requests
+not yet handed to the session logic (``pending``, at most one read's worth:
+reading pauses while any wait). The write side is a queue of whole frames,
+sent with one ``send`` per ``flush``; ``EVENT_WRITE`` is registered only while
+something is left, and a queue past the cap cuts the client off (``BYE
+too_slow``) so that others never wait on it.
+
+Two ways to end, as asyncio has. ``close_when_flushed``: stop reading, send
+what is queued (a BYE, an ERROR, the EX reply), shut the write side, then
+linger, dropping input until the peer closes or a grace period ends (closing
+a socket with unread input makes the kernel send a reset, which can destroy
+the last frame still unread at the peer). ``abort``: now. ``Lifecycle`` is the
+one state of all that. The connection tells its owner, the server, what it
+needs through ``ConnectionOwner``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import selectors
+import socket
+import time
+from typing import Protocol
+
+import framing
+from protocol import ByeReason, Error, bye, fatal
+
+log = logging.getLogger("chat.server")
+
+READ_SIZE = 65536   # per recv: larger reads cost more per call in CPython than they save
+FLUSH_GRACE = 5.0   # seconds a closing connection gets to take its last bytes
+LINGER = 2.0        # seconds a closed-for-writing connection waits for the peer's close
+
+
+class Lifecycle(enum.Enum):
+    OPEN = "open"              # reading requests, sending replies
+    REFUSED = "refused"        # a framing error: nothing more is read; replies owed go out, then the ERROR
+    CLOSING = "closing"        # close when flushed: sending what is queued, reading nothing
+    LINGERING = "lingering"    # all sent and the write side shut; input dropped until the peer closes
+    CLOSED = "closed"
+
+
+_ENDING = (Lifecycle.CLOSING, Lifecycle.LINGERING, Lifecycle.CLOSED)
+
+
+class ConnectionOwner(Protocol):
+    """What a connection asks of the server."""
+
+    sel: selectors.BaseSelector
+
+    def on_input(self, conn: Connection) -> None:
+        """Requests were decoded (or a framing error found): hand them over."""
+
+    def on_output(self, conn: Connection) -> None:
+        """An idle connection has something queued: flush it before the pass ends."""
+
+    def on_closing(self, conn: Connection) -> None:
+        """Close-when-flushed started: abort it if it is not done by ``close_by``."""
+
+    def on_cut_off(self, conn: Connection) -> None:
+        """Its queue passed the cap: the session must end."""
+
+    def on_lost(self, conn: Connection) -> None:
+        """It is closed: forget it."""
+
+
+class Connection:
+    """One client socket and its buffers."""
+
+    __slots__ = ("cid", "sock", "address", "owner", "send_cap", "decoder", "pending", "taken", "out", "head",
+                 "out_size", "events", "lifecycle", "fatal", "close_by", "user", "tokens", "tokens_at", "seen")
+
+    def __init__(self, cid: int, sock: socket.socket, address: str, owner: ConnectionOwner, *,
+                 frame_limit: int, send_cap: int, burst: float) -> None:
+        self.cid = cid
+        self.sock = sock
+        self.address = address
+        self.owner = owner
+        self.send_cap = send_cap  # bytes queued before BYE too_slow (0: no cap)
+        self.decoder = framing.FrameDecoder(frame_limit)
+        self.pending: list = []   # decoded, not yet handed over (a list: a deque costs 600 bytes)
+        self.taken = 0            # how many of pending have been handed over
+        self.out: list[bytes] = []   # whole frames; the first may be partly sent
+        self.head = 0                # bytes of out[0] already sent
+        self.out_size = 0            # bytes in out not yet sent
+        self.events = 0
+        self.lifecycle = Lifecycle.OPEN
+        self.fatal: bytes | None = None   # an ERROR to send once the replies owed are sent
+        self.close_by = 0.0
+        self.user = ""
+        self.seen = (0, 0)        # (broadcast run, how many of its frames this connection has been given)
+        self.tokens = burst       # the flood limit's bucket (the server's policy)
+        self.tokens_at = time.time()
+        self._set_events(selectors.EVENT_READ)
+
+    @property
+    def closed(self) -> bool:
+        return self.lifecycle is Lifecycle.CLOSED
+
+    @property
+    def ending(self) -> bool:
+        """Close-when-flushed started, or closed: nothing more is queued or handed over."""
+        return self.lifecycle in _ENDING
+
+    # --- the selector ---------------------------------------------------------------
+    def on_ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ and not self.closed:
+            self.read()
+        if mask & selectors.EVENT_WRITE and not self.closed:
+            self.flush()
+
+    def _set_events(self, events: int) -> None:
+        if events == self.events:
+            return
+        sel = self.owner.sel
+        if self.events and events:
+            sel.modify(self.sock, events, self)
+        elif events:
+            sel.register(self.sock, events, self)
+        else:
+            sel.unregister(self.sock)
+        self.events = events
+
+    def pause_reading(self) -> None:
+        self._set_events(self.events & ~selectors.EVENT_READ)
+
+    def resume_reading(self) -> None:
+        if self.lifecycle is Lifecycle.OPEN:
+            self._set_events(self.events | selectors.EVENT_READ)
+
+    # --- reading ------------------------------------------------------------------------
+    def read(self) -> None:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.abort()
+            return
+        if self.lifecycle is Lifecycle.LINGERING:
+            return   # read only to be dropped
+        try:
+            frames = self.decoder.feed(data)
+        except framing.ProtocolError as exc:
+            log.info("connection %d: %s", self.cid, exc.message.encode("unicode_escape").decode("ascii"))
+            self.pending.extend(exc.frames)
+            self.fatal = fatal(Error(exc.code), exc.message)
+            self.lifecycle = Lifecycle.REFUSED
+            self.pause_reading()
+            self.owner.on_input(self)
+            return
+        if frames:
+            self.pending.extend(frames)
+            self.owner.on_input(self)
+
+    # --- writing ------------------------------------------------------------------------
+    def queue(self, data: bytes) -> None:
+        """Queue one frame (or several, joined); it leaves with the next flush."""
+        if self.lifecycle in _ENDING:   # nothing may follow a BYE, an ERROR or the EX reply
+            return
+        if not self.out:
+            self.owner.on_output(self)
+        self.out.append(data)
+        self.out_size += len(data)
+        if self.send_cap and self.out_size > self.send_cap:
+            self._too_slow()
+
+    def _too_slow(self) -> None:
+        """The client does not read: drop what it has not started, say BYE, close."""
+        log.warning("connection %d (%r): send queue over %d bytes, disconnecting", self.cid, self.user,
+                    self.send_cap)
+        del self.out[1 if self.head else 0:]
+        self.out.append(bye(ByeReason.TOO_SLOW))
+        self.out_size = sum(len(frame) for frame in self.out) - self.head
+        self.pending.clear()
+        self.taken = 0
+        self.close_when_flushed()
+        self.owner.on_cut_off(self)   # the session ends after the current effects are applied
+
+    def flush(self) -> None:
+        """Send what is queued with one send; keep the rest and wait for EVENT_WRITE."""
+        out = self.out
+        if out:
+            if len(out) == 1:
+                data = out[0][self.head:] if self.head else out[0]
+            else:
+                if self.head:
+                    out[0] = out[0][self.head:]
+                    self.head = 0
+                data = b"".join(out)
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.abort()
+                return
+            if sent < len(data):
+                self.out_size -= sent
+                sent += self.head
+                done = 0
+                while sent >= len(out[done]):
+                    sent -= len(out[done])
+                    done += 1
+                del out[:done]
+                self.head = sent
+                self._set_events(self.events | selectors.EVENT_WRITE)
+                return
+            out.clear()
+            self.head = 0
+            self.out_size = 0
+        if self.lifecycle is Lifecycle.CLOSING:
+            self._linger()
+        elif self.lifecycle is not Lifecycle.LINGERING:
+            self._set_events(self.events & ~selectors.EVENT_WRITE)
+
+    # --- ending -------------------------------------------------------------------------
+    def close_when_flushed(self) -> None:
+        """Stop reading, send what is queued, then shut the write side and linger."""
+        if self.lifecycle in _ENDING:
+            return
+        self.lifecycle = Lifecycle.CLOSING
+        self.close_by = time.time() + FLUSH_GRACE
+        self.owner.on_closing(self)
+        self.pause_reading()
+        if not self.out:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Everything is sent: shut the write side and drop input until the peer closes."""
+        self.lifecycle = Lifecycle.LINGERING
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.abort()
+            return
+        self.close_by = min(self.close_by, time.time() + LINGER)
+        self._set_events(selectors.EVENT_READ)
+
+    def abort(self) -> None:
+        """Close now and tell the owner."""
+        if self.closed:
+            return
+        self.lifecycle = Lifecycle.CLOSED
+        if self.events:
+            self.owner.sel.unregister(self.sock)
+            self.events = 0
+        self.sock.close()
+        self.owner.on_lost(self)
