@@ -82,7 +82,7 @@ class ChatServer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.listener = self._listen(args.host, args.port)   # first: a busy port changes nothing on disk
-        self.sel = selectors.DefaultSelector()
+        self.sel: selectors.BaseSelector = selectors.DefaultSelector()
         try:
             self.store, self.keys = _open_store(args, self.sel)
         except BaseException:

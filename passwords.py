@@ -166,6 +166,8 @@ def run_job(job: tuple) -> tuple:
     """
     cid, sealed, nonce, username, account, may_register = job
     try:
+        if _worker_keys is None:
+            raise RuntimeError("init_worker was not called")
         result = check_login(_worker_keys, sealed, nonce, username, account, _worker_scrypt_n, may_register)
     except Exception as exc:
         result = LoginResult(Error.INTERNAL, f"the password could not be checked ({type(exc).__name__})")

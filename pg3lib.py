@@ -205,7 +205,7 @@ class PublicKey:
             raise InvalidKey(f"an RSA key of {bits} bits (allowed: {MIN_KEY_BITS}-{MAX_KEY_BITS})")
         if key.e != PUBLIC_EXPONENT:
             raise InvalidKey(f"an RSA key with exponent {key.e} (expected {PUBLIC_EXPONENT})")
-        self._key = key
+        self._key: RSA.RsaKey | None = key
         self._key_form: str | None = None
         self._fingerprint: str | None = None
 
@@ -237,7 +237,7 @@ class PublicKey:
         if self._key_form is None:
             # The course helper's PEM (from cryptography) ends with a newline;
             # pycryptodome's does not. Same key, same bytes: add it.
-            pem = self._key.export_key("PEM").rstrip(b"\n") + b"\n"
+            pem = self._rsa().export_key("PEM").rstrip(b"\n") + b"\n"
             self._key_form = base64.b64encode(pem).decode("ascii")
         return self._key_form
 

@@ -362,7 +362,8 @@ class RedisLink:
             if isinstance(reply, LinkError):
                 return
             if isinstance(reply, RedisError) or (expect is not None and reply != expect):
-                self._fail(LinkError(f"LINK {self.url} refused {args[0]}: {reply!r}", sent=True))
+                command = args[0].decode() if isinstance(args[0], bytes) else args[0]
+                self._fail(LinkError(f"LINK {self.url} refused {command}: {reply!r}", sent=True))
                 return
             self._handshake_left -= 1
             if not self._handshake_left:

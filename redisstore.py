@@ -63,7 +63,7 @@ def stream_position(text: object) -> store.Position:
         return store.START
 
 
-def remote_user(key: str, raw: object) -> store.RemoteUser | None:
+def remote_user(key: str, raw: str) -> store.RemoteUser | None:
     """The RemoteUser an online record (JSON) describes, or None if it is not one."""
     try:
         record = json.loads(raw)
@@ -116,8 +116,8 @@ class RedisStore:
         self.clock = clock
         self.keys = redis_scripts.ChatKeys()
         self.node = ""
-        self.cmd: RedisLink | None = None
-        self.reader: RedisLink | None = None
+        self.cmd: RedisLink = None  # type: ignore[assignment]  # both made by join_blocking below
+        self.reader: RedisLink = None  # type: ignore[assignment]
         self._events: list[store.ClusterEvent] = []   # read, not yet handed over
         self._done: list[tuple[int, store.Result]] = []
         self._last_ev = "$"
@@ -327,17 +327,17 @@ class RedisStore:
                     done(convert(reply))
             return callback
 
-        keys, kind = self.keys, type(request)
-        if kind is store.LoadAccount:
+        keys = self.keys
+        if isinstance(request, store.LoadAccount):
             self.cmd.call(checked(lambda raw: store.AccountLoaded(passwords.Account.from_json(_text(raw))
                                                                   if raw else None)),
                           "HGET", keys.acct(request.key), "json")
-        elif kind is store.CreateAccount:
+        elif isinstance(request, store.CreateAccount):
             account = request.account
             self.cmd.eval(checked(lambda n: store.AccountCreated(n == 1)),
                           *keys.create_account(account.key, {"username": account.username,
                                                              "json": account.to_json()}))
-        elif kind is store.ReadHistory:
+        elif isinstance(request, store.ReadHistory):
             name = request.username.lower()
             if request.limit:
                 self.cmd.call(checked(lambda rows: store.HistoryRead([_text(f[1]) for _, f in reversed(rows)])),
@@ -345,16 +345,16 @@ class RedisStore:
             else:
                 self.cmd.call(checked(lambda rows: store.HistoryRead([_text(f[1]) for _, f in rows])),
                               "XRANGE", keys.hist(name), "-", "+")
-        elif kind is store.ClaimSession:
+        elif isinstance(request, store.ClaimSession):
             self.cmd.eval(checked(lambda reply: store.CLAIMED if reply[0] == 1 else store.FAILED),
                           *keys.login_swap(request.key, request.token))
-        elif kind is store.GoOnline:
+        elif isinstance(request, store.GoOnline):
             self.cmd.eval(checked(lambda reply: store.WentOnline(stream_position(reply[1]) if reply[0] == 1
                                                                  else None)),
                           *keys.go_online(request.key, request.token, request.record))
-        elif kind is store.Logout:
+        elif isinstance(request, store.Logout):
             self.cmd.eval(lambda _: None, *keys.logout(request.key, request.token))
-        elif kind is store.AppendHistory:
+        elif isinstance(request, store.AppendHistory):
             self._append(request, checked)
         else:
             raise TypeError(f"not a store request: {request!r}")

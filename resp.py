@@ -375,7 +375,7 @@ try:
     if tuple(int(part) for part in _hiredis.__version__.split(".")[:3]) < HIREDIS_MIN_VERSION:
         raise ImportError(f"hiredis {_hiredis.__version__} is older than {HIREDIS_MIN_VERSION}")
 except (ImportError, ValueError):   # not installed, too old, or a version we cannot read
-    _hiredis = None
+    _hiredis = None  # type: ignore[assignment]
 
 HAVE_HIREDIS = _hiredis is not None
 

@@ -50,7 +50,7 @@ import enum
 import heapq
 import os
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, cast
 
 import framing
 import pg3lib
@@ -247,7 +247,7 @@ class Session:
         self.account: Account | None = None
         self.nonce = b""
         self.attempts_left = MAX_ATTEMPTS
-        self.public_key: pg3lib.PublicKey | None = None
+        self.public_key: pg3lib.PublicKey = None  # type: ignore[assignment]  # set by KEY, read only after it
         self.target: Session | store.RemoteUser | None = None
         self.slots: list[Slot] = []  # places in the reply order, oldest first (at most MAX_PIPELINE + a few)
         self.barriers = 0            # pending barrier slots (login steps): busy while > 0
@@ -389,12 +389,13 @@ class Room:
             session.barriers -= 1
         slot.effects = []   # filled: what the continuation emits through _emit queues behind it
         produced: Effects = []
+        assert slot.continuation is not None   # only filled slots have none
         slot.continuation(session, result, produced)
         for effect in produced:
             # Requests go out now, so requests are made in the order of their slots.
             (out if type(effect) in REQUESTS else slot.effects).append(effect)
         while slots and slots[0].effects is not None:
-            out.extend(slots.pop(0).effects)
+            out.extend(slots.pop(0).effects or ())
         if session.state is State.CLOSED and not slots:
             self.sessions.pop(cid, None)
         return out
@@ -631,7 +632,7 @@ class Room:
     def _pm_stored(self, session: Session, target, frame: bytes, result: store.Result, out: Effects) -> None:
         if not isinstance(result, store.Appended):
             raise Refused(Error.INTERNAL, "the message could not be stored")
-        delivered = self.online.get(target.key) is target and target.username not in result.failed
+        delivered = target.username not in result.failed and self.online.get(target.key) is target
         if delivered:
             out.append(Deliver([target.key], frame))
         out.append(Send(session.cid, ok(Op.SEND, recipients=int(delivered))))
@@ -639,7 +640,7 @@ class Room:
     # --- AWAIT_USERNAME ----------------------------------------------------------
     def _login(self, session: Session, body: dict, out: Effects) -> Ask:
         name = body.get("username")
-        if not valid_username(name):
+        if not isinstance(name, str) or not valid_username(name):
             raise Refused(Error.INVALID_USERNAME, f"a username is {USERNAME_RULE}")
         session.username = name
         session.key = name.lower()
@@ -703,6 +704,7 @@ class Room:
                 raise Refused(Error(result.outcome), result.message)
             raise self._failed_attempt(session, Error(result.outcome), result.message)
         if session.account is None:
+            assert result.account is not None   # a new user's OK carries the new account
             return Ask(store.CreateAccount(session.cid, result.account), self._account_created)
         session.sealed = ""
         return self._claim(session, False, out)
@@ -744,7 +746,7 @@ class Room:
     # --- AWAIT_KEY ---------------------------------------------------------------
     def _key(self, session: Session, body: dict, out: Effects) -> Ask | None:
         try:
-            public_key = pg3lib.PublicKey.from_key_form(body.get("public_key")).compact()
+            public_key = pg3lib.PublicKey.from_key_form(cast(str, body.get("public_key"))).compact()
         except (pg3lib.InvalidKey, TypeError, AttributeError) as exc:
             raise Refused(Error.BAD_REQUEST, f"'public_key' must be an RSA public key of at least 2048 bits "
                                              f"in key form ({exc or 'not a string'})") from None
@@ -955,23 +957,22 @@ class SharedRoom(Room):
     def cluster_event(self, event: store.ClusterEvent) -> Effects:
         """One cluster event, in the store's order."""
         out: Effects = []
-        kind = type(event)
-        if kind is store.Broadcast:
+        if isinstance(event, store.Broadcast):
             self._recent_bm.append((event.position, event.sender, event.frame))
             users = [k for k, s in self.online.items() if k != event.sender and s.online_id < event.position]
             if users:
                 out.append(Deliver(users, event.frame))
-        elif kind is store.Presence:
+        elif isinstance(event, store.Presence):
             self._presence(event, out)
-        elif kind is store.Direct:
+        elif isinstance(event, store.Direct):
             session = self.online.get(event.key)
             if session is not None and self._token_of(session) == event.token:
                 out.append(Deliver([session.key], event.frame))
-        elif kind is store.Kick:
+        elif isinstance(event, store.Kick):
             self._kicked(event, out)
-        elif kind is store.Dropped:
+        elif isinstance(event, store.Dropped):
             self._drop_all(event.reason, out)
-        elif kind is store.Joined:
+        elif isinstance(event, store.Joined):
             self.node = event.node
             self.remote = dict(event.remote)
         return out
@@ -1003,7 +1004,7 @@ class SharedRoom(Room):
             if remote is not None and remote.token == token:
                 del self.remote[key]
             spelling = remote.username if remote is not None else (local.username if local else key)
-            if mine:   # our own session was logged out by another node (a reap): it cannot stay
+            if mine and local is not None:   # our own session was logged out by another node (a reap)
                 local.claimed = False
                 self._say_bye(local, ByeReason.SHUTDOWN, out)
         users = [k for k, s in self.online.items() if k != key and s.online_id < event.position]

@@ -183,9 +183,8 @@ class HistoryLog:
         except OSError as exc:
             self._maybe_torn.add(username)
             log.error("history write for %r failed: %s", username, exc.strerror or exc)
-            fd = self._open.pop(username, None)
-            if fd is not None:
-                os.close(fd)
+            if username in self._open:
+                os.close(self._open.pop(username))
             return False
 
     def read(self, username: str) -> list[str]:
@@ -283,9 +282,8 @@ class FileStore:
 
     def submit(self, request: store.Request) -> None:
         """Take one store request; its result comes with this pass's ``flush``."""
-        kind = type(request)
         result: store.Result
-        if kind is store.AppendHistory:
+        if isinstance(request, store.AppendHistory):
             runs, sender = self._runs, request.sender
             for owners, line in request.entries:
                 if runs and runs[-1][0] is owners:
@@ -295,17 +293,17 @@ class FileStore:
                     runs.append([owners, [line], [sender]])
             self._queue.append([request.cid, None, request])
             return
-        if kind is store.LoadAccount:
+        if isinstance(request, store.LoadAccount):
             result = store.AccountLoaded(self.accounts.get(request.key))
-        elif kind is store.CreateAccount:
+        elif isinstance(request, store.CreateAccount):
             result = self._create(request.account)
-        elif kind is store.ReadHistory:
+        elif isinstance(request, store.ReadHistory):
             result = store.HistoryRead(self._read(request.username))
-        elif kind is store.ClaimSession:
+        elif isinstance(request, store.ClaimSession):
             result = store.CLAIMED   # one process: the session logic itself replaces an older session
-        elif kind is store.GoOnline:
+        elif isinstance(request, store.GoOnline):
             result = store.WentOnline(store.START)
-        elif kind is store.Logout:
+        elif isinstance(request, store.Logout):
             return
         else:
             raise TypeError(f"not a store request: {request!r}")
