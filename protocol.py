@@ -16,8 +16,6 @@ import time
 
 import framing
 
-# The version the server announces in its LOGIN reply.
-PROTOCOL_VERSION = 1
 
 
 class Op(str, enum.Enum):

@@ -868,8 +868,6 @@ class SharedRoom(Room):
         """The session's name in the store, ``<node>/<connection>``."""
         return f"{self.node}/{session.cid}"
 
-    token = _token_of
-
     def _others_online(self, session: Session) -> list[str]:
         names = super()._others_online(session)
         names.extend(r.username for k, r in self.remote.items() if k != session.key and k not in self.online)
