@@ -71,7 +71,8 @@ class Connection:
     """One client socket and its buffers."""
 
     __slots__ = ("cid", "sock", "address", "owner", "send_cap", "decoder", "pending", "taken", "out", "head",
-                 "out_size", "events", "lifecycle", "fatal", "close_by", "user", "tokens", "tokens_at", "seen")
+                 "out_size", "events", "lifecycle", "closed", "ending", "fatal", "close_by", "user", "tokens",
+                 "tokens_at", "seen")
 
     def __init__(self, cid: int, sock: socket.socket, address: str, owner: ConnectionOwner, *,
                  frame_limit: int, send_cap: int, burst: float) -> None:
@@ -88,6 +89,9 @@ class Connection:
         self.out_size = 0            # bytes in out not yet sent
         self.events = 0
         self.lifecycle = Lifecycle.OPEN
+        # Read on every queued frame: kept beside the lifecycle (set only by _become) rather than derived.
+        self.closed = False   # lifecycle CLOSED
+        self.ending = False   # lifecycle CLOSING, LINGERING or CLOSED: nothing more is queued or handed over
         self.fatal: bytes | None = None   # an ERROR to send once the replies owed are sent
         self.close_by = 0.0
         self.user = ""
@@ -96,14 +100,10 @@ class Connection:
         self.tokens_at = time.time()
         self._set_events(selectors.EVENT_READ)
 
-    @property
-    def closed(self) -> bool:
-        return self.lifecycle is Lifecycle.CLOSED
-
-    @property
-    def ending(self) -> bool:
-        """Close-when-flushed started, or closed: nothing more is queued or handed over."""
-        return self.lifecycle in _ENDING
+    def _become(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
+        self.closed = lifecycle is Lifecycle.CLOSED
+        self.ending = lifecycle in _ENDING
 
     # --- the selector ---------------------------------------------------------------
     def on_ready(self, mask: int) -> None:
@@ -150,7 +150,7 @@ class Connection:
             log.info("connection %d: %s", self.cid, exc.message.encode("unicode_escape").decode("ascii"))
             self.pending.extend(exc.frames)
             self.fatal = fatal(Error(exc.code), exc.message)
-            self.lifecycle = Lifecycle.REFUSED
+            self._become(Lifecycle.REFUSED)
             self.pause_reading()
             self.owner.on_input(self)
             return
@@ -161,7 +161,7 @@ class Connection:
     # --- writing ------------------------------------------------------------------------
     def queue(self, data: bytes) -> None:
         """Queue one frame (or several, joined); it leaves with the next flush."""
-        if self.lifecycle in _ENDING:   # nothing may follow a BYE, an ERROR or the EX reply
+        if self.ending:   # nothing may follow a BYE, an ERROR or the EX reply
             return
         if not self.out:
             self.owner.on_output(self)
@@ -222,9 +222,9 @@ class Connection:
     # --- ending -------------------------------------------------------------------------
     def close_when_flushed(self) -> None:
         """Stop reading, send what is queued, then shut the write side and linger."""
-        if self.lifecycle in _ENDING:
+        if self.ending:
             return
-        self.lifecycle = Lifecycle.CLOSING
+        self._become(Lifecycle.CLOSING)
         self.close_by = time.time() + FLUSH_GRACE
         self.owner.on_closing(self)
         self.pause_reading()
@@ -233,7 +233,7 @@ class Connection:
 
     def _linger(self) -> None:
         """Everything is sent: shut the write side and drop input until the peer closes."""
-        self.lifecycle = Lifecycle.LINGERING
+        self._become(Lifecycle.LINGERING)
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -246,7 +246,7 @@ class Connection:
         """Close now and tell the owner."""
         if self.closed:
             return
-        self.lifecycle = Lifecycle.CLOSED
+        self._become(Lifecycle.CLOSED)
         if self.events:
             self.owner.sel.unregister(self.sock)
             self.events = 0
