@@ -49,7 +49,6 @@ import argparse
 import base64
 import ctypes
 import errno
-import ipaddress
 import json
 import os
 import platform
@@ -72,7 +71,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import framing  # noqa: E402
-from chatserver import nonnegative  # noqa: E402 - the server's own option checks
+from loadgen_options import loopback_target, nonnegative, positive  # noqa: E402
 import passwords  # noqa: E402
 import pg3lib  # noqa: E402
 import redislink  # noqa: E402
@@ -493,21 +492,6 @@ class StartedRoom:
             print(f"loadgen: server data and logs kept in {self.dir}", file=sys.stderr)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def parse_target(text: str) -> tuple:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise argparse.ArgumentTypeError(f"cannot resolve {host!r}: {exc}") from None
-    for family, _type, _proto, _name, sockaddr in infos:
-        if ipaddress.ip_address(sockaddr[0]).is_loopback:
-            return family, sockaddr, text
-    raise argparse.ArgumentTypeError(f"{text}: the load generator targets loopback addresses only")
 
 
 # --- connections ------------------------------------------------------------------------
@@ -1641,19 +1625,10 @@ def table(res: dict) -> str:
 
 # --- command line -------------------------------------------------------------------------
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text} is not positive")
-        return value
-    return parse
-
-
 def parse_args(argv: list | None = None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("server and run")
-    g.add_argument("--connect", action="append", type=parse_target, default=[], metavar="HOST:PORT",
+    g.add_argument("--connect", action="append", type=loopback_target, default=[], metavar="HOST:PORT",
                    help="target a running server (loopback only); repeat to spread users round-robin "
                         "(default: start chatserver.py on a free 127.0.0.1 port)")
     g.add_argument("--server-pid", action="append", type=int, default=[], metavar="PID",
@@ -1677,13 +1652,13 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
                    help="where the started server's data directory goes (default: the system temp dir)")
     g.add_argument("--keep-data", action="store_true", help="keep the started server's data directory and log")
     g.add_argument("--prefix", default="", help="username prefix (default: random, 'lg' + 4 letters)")
-    g.add_argument("--login-window", type=_positive(int), default=200, metavar="N",
+    g.add_argument("--login-window", type=positive(int), default=200, metavar="N",
                    help="logins in flight at once (default: %(default)s)")
-    g.add_argument("--deadline", type=_positive(float), default=900.0, metavar="SECONDS",
+    g.add_argument("--deadline", type=positive(float), default=900.0, metavar="SECONDS",
                    help="the whole run must end within this (default: %(default)s)")
-    g.add_argument("--stall", type=_positive(float), default=20.0, metavar="SECONDS",
+    g.add_argument("--stall", type=positive(float), default=20.0, metavar="SECONDS",
                    help="give up after this long without progress (default: %(default)s)")
-    g.add_argument("--size", type=_positive(int), default=64, metavar="CHARS",
+    g.add_argument("--size", type=positive(int), default=64, metavar="CHARS",
                    help="message text length (default: %(default)s)")
     g.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -1694,42 +1669,42 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="scenario", metavar="SCENARIO")
     sub.required = True
     p = sub.add_parser("fanout", parents=[common], help="N users, K senders, M BMs each, window W")
-    p.add_argument("-n", "--users", type=_positive(int), default=1000, help="users online (default: %(default)s)")
-    p.add_argument("-k", "--senders", type=_positive(int), default=10, help="senders (default: %(default)s)")
-    p.add_argument("-m", "--messages", type=_positive(int), default=50, help="BMs per sender (default: %(default)s)")
-    p.add_argument("-w", "--window", type=_positive(int), default=20,
+    p.add_argument("-n", "--users", type=positive(int), default=1000, help="users online (default: %(default)s)")
+    p.add_argument("-k", "--senders", type=positive(int), default=10, help="senders (default: %(default)s)")
+    p.add_argument("-m", "--messages", type=positive(int), default=50, help="BMs per sender (default: %(default)s)")
+    p.add_argument("-w", "--window", type=positive(int), default=20,
                    help="unconfirmed BMs per sender at most (default: %(default)s)")
     p.add_argument("--probes", type=nonnegative(int), default=50,
                    help="receivers sampled for latency (default: %(default)s)")
     p = sub.add_parser("pm", parents=[common], help="one pair ping-pongs private messages")
-    p.add_argument("--count", type=_positive(int), default=200, help="round trips (default: %(default)s)")
+    p.add_argument("--count", type=positive(int), default=200, help="round trips (default: %(default)s)")
     p.add_argument("--warmup", type=nonnegative(int), default=5,
                    help="round trips first, not counted (default: %(default)s)")
     p.add_argument("--same-node", action="store_true",
                    help="both users on the first server (default: round-robin, i.e. on two different "
                         "servers when there are several)")
     p = sub.add_parser("hold", parents=[common], help="N users online; BM round trips; RSS per user")
-    p.add_argument("-n", "--users", type=_positive(int), default=10000, help="users online (default: %(default)s)")
-    p.add_argument("--samples", type=_positive(int), default=200, help="BM round trips (default: %(default)s)")
-    p.add_argument("--probes", type=_positive(int), default=10,
+    p.add_argument("-n", "--users", type=positive(int), default=10000, help="users online (default: %(default)s)")
+    p.add_argument("--samples", type=positive(int), default=200, help="BM round trips (default: %(default)s)")
+    p.add_argument("--probes", type=positive(int), default=10,
                    help="receivers the round trips end at, in turn (default: %(default)s)")
     p.add_argument("--gap", type=nonnegative(float), default=0.0, metavar="SECONDS",
                    help="pause between round trips (default: %(default)s)")
     p = sub.add_parser("storm", parents=[common], help="BM round trips before and during a login storm")
-    p.add_argument("--base", type=_positive(int), default=100, help="users online (default: %(default)s)")
-    p.add_argument("--senders", type=_positive(int), default=10,
+    p.add_argument("--base", type=positive(int), default=100, help="users online (default: %(default)s)")
+    p.add_argument("--senders", type=positive(int), default=10,
                    help="base users sending BMs (default: %(default)s)")
     p.add_argument("--interval", type=nonnegative(float), default=0.1, metavar="SECONDS",
                    help="a sender's pause after each round trip (default: %(default)s)")
-    p.add_argument("--baseline", type=_positive(float), default=5.0, metavar="SECONDS",
+    p.add_argument("--baseline", type=positive(float), default=5.0, metavar="SECONDS",
                    help="measuring time before the storm (default: %(default)s)")
-    p.add_argument("--storm", type=_positive(int), default=200, help="new logins at once (default: %(default)s)")
+    p.add_argument("--storm", type=positive(int), default=200, help="new logins at once (default: %(default)s)")
     p = sub.add_parser("failover", parents=[common],
                        help="N users over 2+ started nodes; SIGKILL one; time until the others see its users offline")
-    p.add_argument("-n", "--users", type=_positive(int), default=1000, help="users in all (default: %(default)s)")
+    p.add_argument("-n", "--users", type=positive(int), default=1000, help="users in all (default: %(default)s)")
     p.add_argument("--observers", type=nonnegative(int), default=0,
                    help="users on the surviving nodes that check every PRESENCE (default: 0 = all of them)")
-    p.add_argument("--limit", type=_positive(float), default=30.0, metavar="SECONDS",
+    p.add_argument("--limit", type=positive(float), default=30.0, metavar="SECONDS",
                    help="give up waiting for the offline presences after this (default: %(default)s)")
     a = parser.parse_args(argv)
     if a.server_pid and not a.connect:
