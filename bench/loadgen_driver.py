@@ -436,12 +436,16 @@ class Bench:
 
     # --- phase figures --------------------------------------------------------------------
     def mark(self) -> dict:
+        """The clocks at the start of a measured phase: wall, server CPU (ns and ticks), the load
+        generator's own CPU, Redis's CPU, and each node's CPU when there are several."""
         return {"t": time.monotonic(), "cpu": self.stats.cpu_s(), "ticks": self.stats.ticks_s(), "me": self_cpu_s(),
                 "redis": self.redis_stats.cpu_s(),
                 "nodes": [self.stats.cpu_s([pid]) for pid in self.stats.pids] if len(self.stats.pids) > 1 else None}
 
-    def figures(self, start: dict, seconds: float | None = None) -> dict:
-        """Server and load generator CPU since start (seconds: the phase length to divide by)."""
+    def figures(self, start: dict, seconds: float | None = None) -> tuple:
+        """Server and load generator CPU since the ``mark`` start (seconds: the phase length to
+        divide by): (the figures for the result, server CPU seconds, Redis CPU seconds); the
+        two CPU figures unrounded, None where not known."""
         end = self.mark()
         wall = seconds if seconds else end["t"] - start["t"]
         cpu = None if start["cpu"] is None or end["cpu"] is None else end["cpu"] - start["cpu"]
@@ -455,17 +459,17 @@ class Bench:
                "server_cpu_ticks_s": None if ticks is None else round(ticks, 2),
                "server_cpu_pct": None if cpu is None or not wall else round(100 * cpu / wall, 1),
                "loadgen_cpu_s": round(me, 4),
-               "loadgen_cpu_pct": round(100 * me / wall, 1) if wall else None,
-               "_cpu": cpu, "_redis_cpu": None}
+               "loadgen_cpu_pct": round(100 * me / wall, 1) if wall else None}
         if start["nodes"] and end["nodes"] and len(start["nodes"]) == len(end["nodes"]):
             fig["node_cpu_s"] = [None if a is None or b is None else round(b - a, 4)
                                  for a, b in zip(start["nodes"], end["nodes"])]
+        rcpu = None
         if start["redis"] is not None and end["redis"] is not None:
             rcpu = end["redis"] - start["redis"]
             fig.update({"redis_cpu_s": round(rcpu, 4),
                         "redis_cpu_pct": round(100 * rcpu / wall, 1) if wall else None,
-                        "redis_rss_kb": self.redis_stats.mem_kb(), "_redis_cpu": rcpu})
-        return fig
+                        "redis_rss_kb": self.redis_stats.mem_kb()})
+        return fig, cpu, rcpu
 
 
 def send_bm(bench: Bench, c: Conn, text: str) -> None:
