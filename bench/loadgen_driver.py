@@ -28,6 +28,8 @@ from typing import Callable
 
 import framing
 import pg3lib
+import protocol
+from protocol import Op
 from loadgen_errors import BenchError
 from loadgen_procs import StartedRoom
 from loadgen_stats import ServerStats, self_cpu_s
@@ -37,13 +39,38 @@ EV_W = selectors.EVENT_WRITE
 READ_SIZE = 65536
 now_ns = time.perf_counter_ns
 
+
+
+def body_start(op: Op) -> bytes:
+    """The first bytes of every body with this op as framing writes it (op first, no
+    spaces): ``{"op":"BM",``."""
+    return framing.encode_body({"op": op})[:-1] + b","
+
+
+def ok_start(op: Op) -> bytes:
+    """The first bytes of the successful reply to op, as protocol.ok builds it:
+    ``{"op":"SEND","ok":true``. Replies are told apart by these, not decoded."""
+    return protocol.ok(op)[framing.HEADER_SIZE:-1]
+
+
 # The start of a BM body. A D BM frame is the only place it can occur unescaped
 # in what a receiver gets (a C BM reply reaches only the connection that sent BM).
-BM_MARK = b'{"op":"BM",'
+BM_MARK = body_start(Op.BM)
 MARK_TAIL = len(BM_MARK) - 1
-OP_MARK = b'{"op":"'
-BM_REQUEST = framing.command({"op": "BM"})
-PM_REQUEST = framing.command({"op": "PM"})
+OP_MARK = b'{"op":"'     # how every body starts
+PM_MARK = body_start(Op.PM)
+PRESENCE_MARK = body_start(Op.PRESENCE)
+BM_OK = ok_start(Op.BM)
+KEY_OK = ok_start(Op.KEY)
+PM_OK = ok_start(Op.PM)
+SEND_OK = ok_start(Op.SEND)
+TARGET_OK = ok_start(Op.TARGET)
+BM_REQUEST = framing.command({"op": Op.BM})
+PM_REQUEST = framing.command({"op": Op.PM})
+# The frame header as framing lays it out: the kind byte, then the 4-byte body length.
+HEADER_SIZE = framing.HEADER_SIZE
+KIND_DATA = ord(framing.KIND_DATA)
+KIND_COMMAND = ord(framing.KIND_COMMAND)
 
 # Login states of a connection.
 NEW, LOGIN_SENT, PASSWORD_SENT, KEY_SENT, READY, DEAD = range(6)
@@ -93,7 +120,7 @@ class Bench:
         self.room = room
         self.redis_stats = redis_stats or ServerStats([])
         self.keys = keys
-        self.key_frame = framing.command({"op": "KEY", "public_key": keys.public.key_form})
+        self.key_frame = framing.command({"op": Op.KEY, "public_key": keys.public.key_form})
         self.sel = selectors.DefaultSelector()
         self.deadline = time.monotonic() + args.deadline
         self.tag = args.prefix or "lg" + "".join(random.choice(string.ascii_lowercase) for _ in range(4))
@@ -158,7 +185,7 @@ class Bench:
         c.state = LOGIN_SENT
         c.on_c = self._login_reply
         c.t_mark = now_ns()
-        c.wbuf += framing.command({"op": "LOGIN", "username": c.name})
+        c.wbuf += framing.command({"op": Op.LOGIN, "username": c.name})
         self.sel.register(sock, EV_R | EV_W, c)   # LOGIN goes out once the connect completes
         c.wmask = True
         self.pending_login += 1
@@ -254,6 +281,7 @@ class Bench:
         return len(events)
 
     def _count(self, c: Conn, data: bytes) -> None:
+        """Count the BM bodies in raw bytes of a receiver that no longer walks frames."""
         n = data.count(BM_MARK)
         if c.tail:
             n += (c.tail + data[:MARK_TAIL]).count(BM_MARK)   # a mark cut by the read boundary
@@ -263,26 +291,31 @@ class Bench:
         self.bm_delivered += n
 
     def _frames(self, c: Conn, data: bytes) -> None:
+        """Walk the complete frames in what arrived (after what the last read left): D BM
+        frames are counted (and given to on_bm), other D frames to on_d, C frames to on_c.
+        The header is framing's (kind byte, 4-byte big-endian length), read here rather than
+        with framing.FrameDecoder, which would decode every body; bodies are passed as bytes."""
         buf = c.rbuf + data if c.rbuf else data
         end = len(buf)
         pos = 0
-        while end - pos >= 5:
-            length = int.from_bytes(buf[pos + 1:pos + 5], "big")
-            stop = pos + 5 + length
+        header = HEADER_SIZE
+        while end - pos >= header:
+            start = pos + header
+            stop = start + int.from_bytes(buf[pos + 1:start], "big")
             if stop > end:
                 break
             kind = buf[pos]
-            if kind == 0x44:    # D
-                if buf.startswith(BM_MARK, pos + 5):
+            if kind == KIND_DATA:
+                if buf.startswith(BM_MARK, start):
                     self.bm_delivered += 1
                     if c.on_bm is not None:
-                        c.on_bm(c, buf[pos + 5:stop])
+                        c.on_bm(c, buf[start:stop])
                 elif c.on_d is not None:
-                    c.on_d(c, buf[pos + 5:stop])
-                elif not buf.startswith(OP_MARK, pos + 5):
-                    self._odd_order(buf[pos + 5:stop])
-            elif kind == 0x43:  # C
-                c.on_c(c, buf[pos + 5:stop])
+                    c.on_d(c, buf[start:stop])
+                elif not buf.startswith(OP_MARK, start):
+                    self._odd_order(buf[start:stop])
+            elif kind == KIND_COMMAND:
+                c.on_c(c, buf[start:stop])
                 if c.state == DEAD:
                     return
                 if c.counting:     # logged in, from here on only counting
@@ -300,8 +333,8 @@ class Bench:
             op = json.loads(body).get("op")
         except ValueError:
             op = None
-        if op == "BM":
-            raise BenchError('the server sent a BM data frame whose body does not start with {"op":"BM",: '
+        if op == Op.BM:
+            raise BenchError(f"the server sent a BM data frame whose body does not start with {BM_MARK.decode()}: "
                              "the receivers' byte-stream counting relies on that order; fix Bench._count")
 
     @staticmethod
@@ -315,7 +348,7 @@ class Bench:
     def unexpected(self, c: Conn, body: bytes, what: str) -> None:
         """A reply that should not happen in a load run: stop with the server's words."""
         msg = self.decode(body)
-        if msg.get("op") == "BYE":
+        if msg.get("op") == Op.BYE:
             self.lost(c, f"BYE {msg.get('reason')}")
             return
         raise BenchError(f"{c.name}: {what}: the server answered {json.dumps(msg)[:300]}")
@@ -330,21 +363,21 @@ class Bench:
             self.open(queue.popleft())
 
     def _login_reply(self, c: Conn, body: bytes) -> None:
-        if c.state == KEY_SENT and body.startswith(b'{"op":"KEY","ok":true'):
+        if c.state == KEY_SENT and body.startswith(KEY_OK):
             self._logged_in(c)
             return
         msg = self.decode(body)
         op = msg.get("op")
-        if op in ("BYE", "ERROR") or not msg.get("ok"):
+        if op in (Op.BYE, Op.ERROR) or not msg.get("ok"):
             self.lost(c, f"{op} {msg.get('error') or msg.get('reason')}")
             return
-        if c.state == LOGIN_SENT and op == "LOGIN":
+        if c.state == LOGIN_SENT and op == Op.LOGIN:
             key = self.public_key(msg["server_key"])
             nonce = base64.b64decode(msg["nonce"])
             sealed = key.seal(nonce + c.password.encode("utf-8")).decode("ascii")
             c.state = PASSWORD_SENT
-            self.send(c, framing.command({"op": "PASSWORD", "ciphertext": sealed}))
-        elif c.state == PASSWORD_SENT and op == "PASSWORD":
+            self.send(c, framing.command({"op": Op.PASSWORD, "ciphertext": sealed}))
+        elif c.state == PASSWORD_SENT and op == Op.PASSWORD:
             c.username = msg.get("username", c.name)
             c.state = KEY_SENT
             self.send(c, self.key_frame)
@@ -473,7 +506,7 @@ class Bench:
 
 
 def send_bm(bench: Bench, c: Conn, text: str) -> None:
-    bench.send(c, BM_REQUEST + framing.command({"op": "SEND", "text": text}))
+    bench.send(c, BM_REQUEST + framing.command({"op": Op.SEND, "text": text}))
 
 
 def padding(size: int, used: int) -> str:

@@ -13,7 +13,7 @@ import argparse
 import re
 import time
 
-from loadgen_driver import Bench, Conn, now_ns
+from loadgen_driver import PRESENCE_MARK, Bench, Conn, now_ns
 from loadgen_errors import BenchError
 from loadgen_options import nonnegative, positive
 from loadgen_report import redis_rows, value_text
@@ -21,7 +21,6 @@ from loadgen_stats import pct
 
 HELP = "N users over 2+ started nodes; SIGKILL one; time until the others see its users offline"
 
-PRESENCE_MARK = b'{"op":"PRESENCE",'
 OFFLINE_MARK = b'"online":false'
 USERNAME_FIELD = re.compile(rb'"username":"([^"\\]*)"')
 

@@ -13,7 +13,8 @@ import argparse
 import time
 
 import framing
-from loadgen_driver import BM_REQUEST, READY, Bench, Conn, now_ns, padding
+from protocol import Op
+from loadgen_driver import BM_OK, BM_REQUEST, READY, SEND_OK, Bench, Conn, now_ns, padding
 from loadgen_errors import BenchError
 from loadgen_options import nonnegative, positive
 from loadgen_report import core_text, latency_text, node_cpu_text, redis_rows, value_text
@@ -92,11 +93,11 @@ class Fanout:
                 (self.lat_same if self.where.get(int(parts[1])) == c.target[2] else self.lat_cross).append(ns)
 
     def _sender_reply(self, c: Conn, body: bytes) -> None:
-        if body.startswith(b'{"op":"SEND","ok":true'):
+        if body.startswith(SEND_OK):
             c.confirmed += 1
             self.confirmed += 1
             self.t_last = time.monotonic()
-        elif not body.startswith(b'{"op":"BM","ok":true'):
+        elif not body.startswith(BM_OK):
             self.bench.unexpected(c, body, "BM/SEND")
 
     # --- the phases -------------------------------------------------------------------
@@ -128,14 +129,14 @@ class Fanout:
 
     def _pump(self) -> None:
         """Top up every ready sender's window with BM+SEND pairs, in one write each."""
-        m, w, pad = self.a.messages, self.a.window, self.pad
+        m, w, pad, send = self.a.messages, self.a.window, self.pad, Op.SEND
         for s in self.senders:
             if s.sent < m and s.sent - s.confirmed < w and s.state == READY:
                 chunks = []
                 while s.sent < m and s.sent - s.confirmed < w:
                     s.sent += 1
                     chunks.append(BM_REQUEST)
-                    chunks.append(framing.command({"op": "SEND", "text": f"B {s.idx} {s.sent} {now_ns()} {pad}"}))
+                    chunks.append(framing.command({"op": send, "text": f"B {s.idx} {s.sent} {now_ns()} {pad}"}))
                 self.bench.send(s, b"".join(chunks))
 
     def _progress(self) -> int:

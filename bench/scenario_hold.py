@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from loadgen_driver import READY, Bench, Conn, now_ns, padding, send_bm
+from loadgen_driver import BM_OK, READY, SEND_OK, Bench, Conn, now_ns, padding, send_bm
 from loadgen_errors import BenchError
 from loadgen_options import nonnegative, positive
 from loadgen_report import core_text, latency_text, value_text
@@ -67,9 +67,9 @@ class Hold:
         self.sender.after = (self._sender_reply, None, None, False)
 
     def _sender_reply(self, c: Conn, body: bytes) -> None:
-        if body.startswith(b'{"op":"SEND","ok":true'):
+        if body.startswith(SEND_OK):
             self.cur["ok"] = self.bench.t_rx
-        elif not body.startswith(b'{"op":"BM","ok":true'):
+        elif not body.startswith(BM_OK):
             self.bench.unexpected(c, body, "BM/SEND")
 
     def _probe_bm(self, c: Conn, body: bytes) -> None:

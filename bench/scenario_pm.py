@@ -15,7 +15,8 @@ import time
 
 import framing
 import pg3lib
-from loadgen_driver import PM_REQUEST, Bench, Conn, now_ns, padding
+from protocol import Op
+from loadgen_driver import PM_MARK, PM_OK, PM_REQUEST, SEND_OK, TARGET_OK, Bench, Conn, now_ns, padding
 from loadgen_errors import BenchError
 from loadgen_options import nonnegative, positive
 from loadgen_report import core_text, latency_text, node_cpu_text, redis_rows, value_text
@@ -70,14 +71,14 @@ class PingPong:
     # --- one leg: PM+TARGET, TARGET reply -> SEND, D PM at the peer ------------------
     def _start_leg(self, src: Conn, dst: Conn) -> None:
         self.t1, self.t2, self.t3 = now_ns(), 0, 0
-        self.bench.send(src, PM_REQUEST + framing.command({"op": "TARGET", "username": dst.username}))
+        self.bench.send(src, PM_REQUEST + framing.command({"op": Op.TARGET, "username": dst.username}))
 
     def _on_c(self, c: Conn, body: bytes) -> None:
         """The TARGET reply: seal the text to the peer and to ourselves, sign, SEND."""
         bench = self.bench
-        if body.startswith(b'{"op":"PM","ok":true') or body.startswith(b'{"op":"SEND","ok":true'):
+        if body.startswith(PM_OK) or body.startswith(SEND_OK):
             return
-        if not body.startswith(b'{"op":"TARGET","ok":true'):
+        if not body.startswith(TARGET_OK):
             bench.unexpected(c, body, "PM/TARGET/SEND")
             return
         t2 = now_ns()
@@ -87,14 +88,14 @@ class PingPong:
         ciphertext = key.seal(text).decode("ascii")
         self_copy = bench.keys.public.seal(text).decode("ascii")
         signature = bench.keys.sign(pg3lib.pm_signed_bytes(c.username, msg["username"], ciphertext))
-        frame = framing.command({"op": "SEND", "ciphertext": ciphertext, "self_copy": self_copy,
+        frame = framing.command({"op": Op.SEND, "ciphertext": ciphertext, "self_copy": self_copy,
                                  "signature": signature})
         self.t2, self.t3 = t2, now_ns()
         bench.send(c, frame)
 
     def _on_d(self, c: Conn, body: bytes) -> None:
         """The D PM at the peer: verify, open, record the leg, send the next one back."""
-        if not body.startswith(b'{"op":"PM",'):
+        if not body.startswith(PM_MARK):
             return
         bench = self.bench
         t4 = bench.t_rx

@@ -17,7 +17,7 @@ import random
 import signal
 import time
 
-from loadgen_driver import READY, Bench, Conn, now_ns, padding, send_bm
+from loadgen_driver import BM_OK, READY, SEND_OK, Bench, Conn, now_ns, padding, send_bm
 from loadgen_errors import BenchError
 from loadgen_options import nonnegative, positive
 from loadgen_report import latency_text, value_text
@@ -153,13 +153,13 @@ class Storm:
         s.t_mark = now_ns() + int(self.interval_ns * random.uniform(0.8, 1.2))
 
     def _sender_reply(self, c: Conn, body: bytes) -> None:
-        if body.startswith(b'{"op":"SEND","ok":true'):
+        if body.startswith(SEND_OK):
             rec = self.samples.get(c.cur)
             if rec is not None:
                 rec[1] = self.bench.t_rx
                 if rec[2]:
                     self._finish(self.samples.pop(c.cur))
-        elif not body.startswith(b'{"op":"BM","ok":true'):
+        elif not body.startswith(BM_OK):
             self.bench.unexpected(c, body, "BM/SEND")
 
     def _observer_bm(self, c: Conn, body: bytes) -> None:
