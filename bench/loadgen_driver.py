@@ -29,16 +29,15 @@ from typing import Callable
 import framing
 import pg3lib
 import protocol
-from protocol import Op
 from loadgen_errors import BenchError
 from loadgen_procs import StartedRoom
 from loadgen_stats import ServerStats, self_cpu_s
+from protocol import Op
 
 EV_R = selectors.EVENT_READ
 EV_W = selectors.EVENT_WRITE
 READ_SIZE = 65536
 now_ns = time.perf_counter_ns
-
 
 
 def body_start(op: Op) -> bytes:

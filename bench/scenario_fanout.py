@@ -13,12 +13,12 @@ import argparse
 import time
 
 import framing
-from protocol import Op
 from loadgen_driver import BM_OK, BM_REQUEST, READY, SEND_OK, Bench, Conn, now_ns, padding
 from loadgen_errors import BenchError
 from loadgen_options import nonnegative, positive
 from loadgen_report import core_text, latency_text, node_cpu_text, redis_rows, value_text
 from loadgen_stats import lat_summary, per
+from protocol import Op
 
 HELP = "N users, K senders, M BMs each, window W"
 

@@ -15,12 +15,12 @@ import time
 
 import framing
 import pg3lib
-from protocol import Op
 from loadgen_driver import PM_MARK, PM_OK, PM_REQUEST, SEND_OK, TARGET_OK, Bench, Conn, now_ns, padding
 from loadgen_errors import BenchError
 from loadgen_options import nonnegative, positive
 from loadgen_report import core_text, latency_text, node_cpu_text, redis_rows, value_text
 from loadgen_stats import lat_summary, per
+from protocol import Op
 
 HELP = "one pair ping-pongs private messages"
 
