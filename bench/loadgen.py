@@ -41,1619 +41,65 @@ over the measured phase only: when the load generator is near 100% of a core,
 it, not the server, was the limit. Every wait is bounded: ``--stall`` seconds
 without progress or the global ``--deadline`` ends the run with a message and
 exit status 1; failover waits ``--limit`` seconds at most for the presences.
+
+The code, by what it owns (all in bench/; it imports the wire and crypto layers,
+never the server, which it only runs as a program):
+
+    loadgen.py            this command line: options, starting or targeting servers, running one scenario
+    scenario_fanout.py    fanout: broadcast fan-out, deliveries/s and CPU per delivery
+    scenario_pm.py        pm: one pair ping-ponging private messages
+    scenario_hold.py      hold: many users online, BM round trips, RSS per user
+    scenario_storm.py     storm: BM round trips before and during a login storm
+    scenario_failover.py  failover: SIGKILL a node, time its users' offline presences
+    loadgen_driver.py     Conn and Bench: the selectors loop, logins, reading, waiting, phase marks
+    loadgen_procs.py      the processes under test: chatserver.py (or N nodes) and redis-server
+    loadgen_stats.py      percentiles, latency summaries, CPU and RSS from /proc
+    loadgen_report.py     the table printed (--json prints the result dict instead)
+    loadgen_options.py    the option types (positive, nonnegative, loopback HOST:PORT)
+    loadgen_errors.py     BenchError, which ends a run with a message and exit status 1
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import ctypes
-import errno
-import ipaddress
 import json
 import os
-import platform
-import random
-import re
-import resource
-import selectors
-import shutil
 import signal
 import socket
-import string
-import subprocess
 import sys
-import tempfile
 import time
-from collections import Counter, deque
-from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import framing  # noqa: E402
-from chatserver import nonnegative  # noqa: E402 - the server's own option checks
-import passwords  # noqa: E402
+import passwords  # noqa: E402 - for the server's default scrypt cost
 import pg3lib  # noqa: E402
-import redislink  # noqa: E402
-
-SERVER = os.path.join(ROOT, "chatserver.py")
-EV_R = selectors.EVENT_READ
-EV_W = selectors.EVENT_WRITE
-READ_SIZE = 65536
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-now_ns = time.perf_counter_ns
-
-# The start of a BM body. A D BM frame is the only place it can occur unescaped
-# in what a receiver gets (a C BM reply reaches only the connection that sent BM).
-BM_MARK = b'{"op":"BM",'
-MARK_TAIL = len(BM_MARK) - 1
-OP_MARK = b'{"op":"'
-BM_REQUEST = framing.command({"op": "BM"})
-PM_REQUEST = framing.command({"op": "PM"})
-
-# Login states of a connection.
-NEW, LOGIN_SENT, PASSWORD_SENT, KEY_SENT, READY, DEAD = range(6)
-
-
-class BenchError(Exception):
-    """The run cannot go on; the message says why."""
-
-
-# --- measuring ------------------------------------------------------------------------
-
-def pct(sorted_vals: list, p: float):
-    """Nearest-rank percentile, as the anchor's ircbench.py computes it."""
-    if not sorted_vals:
-        return None
-    i = min(len(sorted_vals) - 1, max(0, int(round(p / 100.0 * (len(sorted_vals) - 1)))))
-    return sorted_vals[i]
-
-
-def lat_summary(values_ns: list) -> dict:
-    v = sorted(values_ns)
-
-    def ms(x):
-        return None if x is None else round(x / 1e6, 3)
-
-    return {"n": len(v), "p50_ms": ms(pct(v, 50)), "p90_ms": ms(pct(v, 90)), "p99_ms": ms(pct(v, 99)),
-            "max_ms": ms(v[-1] if v else None)}
-
-
-def self_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-class ServerStats:
-    """CPU and memory of the server processes, from /proc (nothing without pids)."""
-
-    def __init__(self, pids: list) -> None:
-        self.pids = list(pids)
-
-    def cpu_s(self, pids: list | None = None) -> float | None:
-        """CPU seconds of all server processes (or of ``pids``): the sum over their threads of
-        the nanosecond run time in /proc/PID/task/TID/schedstat, or the clock ticks of
-        /proc/PID/stat (10 ms steps) where that is missing. A thread that exits takes its
-        schedstat time with it, so ``figures`` falls back to ticks when they disagree."""
-        pids = self.pids if pids is None else pids
-        if not pids:
-            return None
-        total = 0.0
-        for pid in pids:
-            try:
-                ns = 0
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
-                        ns += int(fh.read().split()[0])
-                total += ns / 1e9
-            except (OSError, ValueError, IndexError):
-                ticks = self.ticks_s(pids)
-                return ticks
-        return total
-
-    def ticks_s(self, pids: list | None = None) -> float | None:
-        """utime + stime of /proc/PID/stat, in seconds (what the anchor's ircbench.py reads)."""
-        pids = self.pids if pids is None else pids
-        if not pids:
-            return None
-        total = 0.0
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as fh:
-                    text = fh.read()
-            except OSError:
-                return None
-            rest = text[text.rindex(")") + 2:].split()
-            total += (int(rest[11]) + int(rest[12])) / CLK_TCK
-        return total
-
-    def mem_kb(self, field: str = "VmRSS") -> int | None:
-        if not self.pids:
-            return None
-        total = 0
-        for pid in self.pids:
-            try:
-                with open(f"/proc/{pid}/status") as fh:
-                    for line in fh:
-                        if line.startswith(field + ":"):
-                            total += int(line.split()[1])
-                            break
-            except OSError:
-                return None
-        return total
-
-    def alive(self) -> bool:
-        for pid in self.pids:
-            try:
-                with open(f"/proc/{pid}/stat") as fh:
-                    text = fh.read()
-            except OSError:
-                return False
-            if text[text.rindex(")") + 2] in "ZX":
-                return False
-        return True
-
-
-def machine_info() -> dict:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "implementation": platform.python_implementation(), "loadavg": list(os.getloadavg())}
-
-
-# --- the server under test -------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """preexec_fn of every process started here: SIGKILL when the load generator dies
-    (PR_SET_PDEATHSIG), so a load generator killed by a timeout leaves nothing running."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
-
-
-try:   # looked up in the parent: the forked child only calls it
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-except (OSError, AttributeError):
-    _PRCTL = None
-
-
-class StartedServer:
-    """chatserver.py in a subprocess on 127.0.0.1 with its own data directory (under ``directory``);
-    with ``redis_url`` a node of a multi-node room (``--redis``)."""
-
-    def __init__(self, args: argparse.Namespace, scrypt_n: int, directory: str, redis_url: str | None = None,
-                 name: str = "server") -> None:
-        self.args = args
-        self.scrypt_n = scrypt_n
-        self.name = name
-        self.redis_url = redis_url
-        self.data = os.path.join(directory, name)
-        os.mkdir(self.data)
-        self.log_path = os.path.join(directory, name + ".log")
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.command: list = []
-        self.killed = False     # SIGKILLed on purpose (failover): its death is not an error
-
-    @property
-    def label(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        """Start the process; ``wait_ready`` says when it accepts connections."""
-        self.port = free_port()
-        a = self.args
-        self.command = [a.server_python, SERVER, str(self.port), "--host", "127.0.0.1", "--data", self.data,
-                        "--log-level", "WARNING", "--max-per-ip", "0", "--flood-rate", "0", "--register-rate", "0",
-                        "--login-timeout", "0", "--send-queue", str(a.send_queue), "--scrypt-n", str(self.scrypt_n),
-                        *(["--redis", self.redis_url] if self.redis_url else []), *a.server_arg]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=_die_with_parent)
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        attempts = 1
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                if "cannot listen" in self.log_tail() and attempts < 3:
-                    attempts += 1   # another process took the port between our probe and its bind
-                    self.start()
-                    continue
-                raise BenchError(f"{self.name}: chatserver.py exited with status {self.proc.returncode}:\n"
-                                 f"{self.log_tail()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise BenchError(f"{self.name}: chatserver.py did not accept connections within {timeout:.0f} s:\n"
-                         f"{self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL on purpose (failover); reaped by ``stop``."""
-        self.killed = True
-        if self.alive():
-            assert self.proc is not None
-            self.proc.kill()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-                return "".join(fh.readlines()[-lines:])
-        except OSError:
-            return ""
-
-    def log_lines(self) -> list:
-        """The server's WARNING/ERROR lines."""
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-                text = fh.read().splitlines()
-        except OSError:
-            return []
-        return [line for line in text if " WARNING " in line or " ERROR " in line or "Traceback" in line]
-
-    def terminate(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
-
-    def reap(self, until: float) -> int | None:
-        """Wait for the exit until the monotonic time ``until``, then SIGKILL; the exit status."""
-        if self.proc is None:
-            return None
-        try:
-            self.proc.wait(max(0.0, until - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        return self.proc.returncode
-
-
-redis_ping = redislink.ping
-
-
-class StartedRedis:
-    """redis-server on a free 127.0.0.1 port: AOF with fsync at every write (``always``: an
-    acknowledged message survives a Redis crash), no RDB snapshots, in a temporary directory."""
-
-    def __init__(self, executable: str, directory: str, fsync: str = "always") -> None:
-        self.executable = executable
-        self.fsync = fsync
-        self.dir = os.path.join(directory, "redis")
-        os.mkdir(self.dir)
-        self.log_path = os.path.join(self.dir, "redis.log")
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.version = ""
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 10.0) -> None:
-        try:
-            out = subprocess.run([self.executable, "--version"], capture_output=True, text=True, timeout=10).stdout
-            self.version = next((w[2:] for w in out.split() if w.startswith("v=")), out.strip())
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        for _ in range(5):   # another process may take the free port before redis-server binds it
-            self.port = free_port()
-            self.proc = subprocess.Popen(
-                [self.executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                 "--appendonly", "yes", "--appendfsync", self.fsync, "--dir", self.dir, "--daemonize", "no",
-                 "--logfile", self.log_path],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if redis_ping(self.port) == b"+PONG":
-                    return
-                time.sleep(0.02)
-            self.reap(time.monotonic())
-        raise BenchError(f"redis-server did not start:\n{self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def reap(self, until: float) -> int | None:
-        """SIGTERM, wait until the monotonic time ``until``, then SIGKILL; the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(max(0.0, until - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-                return "".join(fh.readlines()[-lines:])
-        except OSError:
-            return ""
-
-
-class StartedRoom:
-    """What the load generator starts: one chatserver.py on its data directory (``nodes`` 0),
-    or a redis-server and ``nodes`` chatserver.py nodes on it; all in one temporary directory."""
-
-    def __init__(self, args: argparse.Namespace, scrypt_n: int, nodes: int) -> None:
-        self.args = args
-        executable = None
-        if nodes:
-            executable = shutil.which(args.redis_server) or (args.redis_server if os.path.isfile(args.redis_server)
-                                                              else None)
-            if executable is None:
-                raise BenchError(f"{args.redis_server} not found: --nodes needs a redis-server "
-                                 "(Debian: apt-get install -y redis-server)")
-        self.dir = tempfile.mkdtemp(prefix="loadgen-", dir=args.tmpdir)
-        self.redis: StartedRedis | None = None
-        self.servers: list = []
-        if executable:
-            self.redis = StartedRedis(executable, self.dir, args.redis_fsync)
-            self.servers = [StartedServer(args, scrypt_n, self.dir, None, f"node{i}") for i in range(nodes)]
-        else:
-            self.servers = [StartedServer(args, scrypt_n, self.dir)]
-
-    def start(self) -> None:
-        """Start Redis (waiting for PONG), then every server; ``wait_ready`` waits for them."""
-        if self.redis is not None:
-            self.redis.start()
-            for s in self.servers:
-                s.redis_url = self.redis.url
-        for s in self.servers:
-            s.start()
-
-    def wait_ready(self) -> None:
-        for s in self.servers:
-            s.wait_ready()
-
-    @property
-    def pids(self) -> list:
-        return [s.pid for s in self.servers]
-
-    def describe(self) -> str:
-        if self.redis is None:
-            s = self.servers[0]
-            return f"started chatserver.py on {s.label} (pid {s.pid}, scrypt N={s.scrypt_n})"
-        nodes = ", ".join(f"{s.label} (pid {s.pid})" for s in self.servers)
-        return (f"started {len(self.servers)} chatserver.py node(s) {nodes}, scrypt N={self.servers[0].scrypt_n}, "
-                f"on redis-server {self.redis.version} 127.0.0.1:{self.redis.port} (pid {self.redis.pid}, "
-                f"AOF {self.redis.fsync})")
-
-    def info(self) -> dict:
-        info = {"description": self.describe(), "pids": self.pids, "command": self.servers[0].command[1:]}
-        if self.redis is not None:
-            info.update({"nodes": [s.label for s in self.servers], "redis_pid": self.redis.pid,
-                         "redis_version": self.redis.version, "redis_url": self.redis.url,
-                         "redis_config": f"--save '' --appendonly yes --appendfsync {self.redis.fsync}"})
-        return info
-
-    def check(self) -> str | None:
-        """What died that should not have (None: all well)."""
-        for s in self.servers:
-            if not s.killed and not s.alive():
-                return f"{s.name} (chatserver.py) exited:\n{s.log_tail()}"
-        if self.redis is not None and not self.redis.alive():
-            return f"redis-server exited:\n{self.redis.log_tail()}"
-        return None
-
-    def log_summary(self) -> dict:
-        """Counts of the servers' WARNING/ERROR lines and the first few of them."""
-        bad: list = []
-        for s in self.servers:
-            prefix = f"{s.name}: " if len(self.servers) > 1 else ""
-            bad += [prefix + line for line in s.log_lines()]
-        return {"warning_lines": len(bad), "first": bad[:5]}
-
-    def stop(self, timeout: float = 15.0) -> list:
-        """SIGTERM every server at once, SIGKILL what is left after ``timeout``, then Redis
-        (another 10 s at most). The servers' exit statuses (a killed one's is -9)."""
-        for s in self.servers:
-            s.terminate()
-        until = time.monotonic() + timeout
-        codes = [s.reap(until) for s in self.servers]
-        if self.redis is not None:
-            self.redis.reap(time.monotonic() + 10.0)
-        return codes
-
-    def cleanup(self) -> None:
-        if self.args.keep_data:
-            print(f"loadgen: server data and logs kept in {self.dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def parse_target(text: str) -> tuple:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise argparse.ArgumentTypeError(f"cannot resolve {host!r}: {exc}") from None
-    for family, _type, _proto, _name, sockaddr in infos:
-        if ipaddress.ip_address(sockaddr[0]).is_loopback:
-            return family, sockaddr, text
-    raise argparse.ArgumentTypeError(f"{text}: the load generator targets loopback addresses only")
-
-
-# --- connections ------------------------------------------------------------------------
-
-class Conn:
-    """One user: its socket, buffers, login state and what to do with its frames."""
-
-    __slots__ = ("idx", "name", "password", "target", "sock", "rbuf", "wbuf", "wmask", "state", "counting",
-                 "tail", "on_c", "on_bm", "on_d", "after", "username", "sent", "confirmed", "cur", "t_mark",
-                 "expendable")
-
-    def __init__(self, idx: int, name: str, password: str, target: tuple) -> None:
-        self.idx = idx
-        self.name = name
-        self.password = password
-        self.target = target          # (family, sockaddr, label)
-        self.sock: socket.socket | None = None
-        self.rbuf = b""
-        self.wbuf = bytearray()
-        self.wmask = False
-        self.state = NEW
-        self.counting = False         # only count BM bodies in the raw stream
-        self.tail = b""               # last bytes of the previous read, for a mark cut in two
-        self.on_c: Callable | None = None    # (conn, body bytes) for each C frame
-        self.on_bm: Callable | None = None   # (conn, body bytes) for each D BM frame, if wanted
-        self.on_d: Callable | None = None    # (conn, body bytes) for other D frames, if wanted
-        self.after: tuple = (None, None, None, True)   # on_c, on_bm, on_d, counting once logged in
-        self.username = name
-        self.sent = 0
-        self.confirmed = 0
-        self.cur = None
-        self.t_mark = 0
-        self.expendable = False       # its server is killed on purpose: losing it is no failure
-
-
-class Bench:
-    """The selectors loop, the login pipeline and the counters every scenario shares."""
-
-    def __init__(self, args: argparse.Namespace, targets: list, stats: ServerStats,
-                 room: StartedRoom | None, keys: pg3lib.KeyPair, redis_stats: ServerStats | None = None) -> None:
-        self.args = args
-        self.targets = targets
-        self.stats = stats
-        self.room = room
-        self.redis_stats = redis_stats or ServerStats([])
-        self.keys = keys
-        self.key_frame = framing.command({"op": "KEY", "public_key": keys.public.key_form})
-        self.sel = selectors.DefaultSelector()
-        self.deadline = time.monotonic() + args.deadline
-        self.tag = args.prefix or "lg" + "".join(random.choice(string.ascii_lowercase) for _ in range(4))
-        self.next_idx = 0
-        self.open_conns = 0
-        self.login_queue: deque = deque()
-        self.login_window = args.login_window
-        self.pending_login = 0
-        self.logged_in = 0
-        self.login_failed = 0
-        self.login_ns: list = []
-        self.failures: Counter = Counter()
-        self.dropped = 0
-        self.bm_delivered = 0
-        self.rx_bytes = 0
-        self.t_rx = 0
-        self.key_cache: dict = {}
-        self.phase = "setup"
-        self.last_report = time.monotonic()
-
-    # --- users ------------------------------------------------------------------------
-    def make_users(self, count: int) -> list:
-        users = []
-        for _ in range(count):
-            i = self.next_idx
-            self.next_idx += 1
-            name = f"{self.tag}{i}"
-            users.append(Conn(i, name, f"pw-{name}-bench", self.targets[i % len(self.targets)]))
-        return users
-
-    def public_key(self, key_form: str) -> pg3lib.PublicKey:
-        key = self.key_cache.get(key_form)
-        if key is None:
-            key = self.key_cache[key_form] = pg3lib.PublicKey.from_key_form(key_form)
-        return key
-
-    # --- sockets ----------------------------------------------------------------------
-    def open(self, c: Conn) -> None:
-        family, sockaddr, label = c.target
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-                raise BenchError(f"out of file descriptors after {self.open_conns} connections "
-                                 f"(open-file limit {soft}): cannot reach the users asked for") from None
-            raise
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = sock.connect_ex(sockaddr)
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
-            c.state = DEAD
-            self.login_failed += 1
-            self.failures["connect: " + os.strerror(err)] += 1
-            if err == errno.EADDRNOTAVAIL:
-                raise BenchError(f"no local port left to connect to {label} after {self.open_conns} "
-                                 "connections (ip_local_port_range)")
-            return
-        self.open_conns += 1
-        c.sock = sock
-        c.state = LOGIN_SENT
-        c.on_c = self._login_reply
-        c.t_mark = now_ns()
-        c.wbuf += framing.command({"op": "LOGIN", "username": c.name})
-        self.sel.register(sock, EV_R | EV_W, c)   # LOGIN goes out once the connect completes
-        c.wmask = True
-        self.pending_login += 1
-
-    def send(self, c: Conn, data: bytes) -> None:
-        if c.state == DEAD:
-            return
-        if c.wbuf:
-            c.wbuf += data
-            return
-        try:
-            n = c.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError as exc:
-            self.lost(c, "send: " + (exc.strerror or str(exc)))
-            return
-        if n < len(data):
-            c.wbuf += data[n:]
-            if not c.wmask:
-                self.sel.modify(c.sock, EV_R | EV_W, c)
-                c.wmask = True
-
-    def _flush(self, c: Conn) -> None:
-        if c.wbuf:
-            try:
-                n = c.sock.send(c.wbuf)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.lost(c, "send: " + (exc.strerror or str(exc)))
-                return
-            del c.wbuf[:n]
-        if not c.wbuf and c.wmask:
-            self.sel.modify(c.sock, EV_R, c)
-            c.wmask = False
-
-    def lost(self, c: Conn, why: str) -> None:
-        """The connection is gone or unusable: close it and count why."""
-        if c.state == DEAD:
-            return
-        if c.state in (LOGIN_SENT, PASSWORD_SENT, KEY_SENT):
-            self.pending_login -= 1
-            self.login_failed += 1
-            self.failures["login: " + why] += 1
-        elif not c.expendable:
-            self.dropped += 1
-            self.failures[f"dropped during {self.phase}: {why}"] += 1
-        c.state = DEAD
-        try:
-            self.sel.unregister(c.sock)
-        except (KeyError, ValueError):
-            pass
-        c.sock.close()
-        self.open_conns -= 1
-
-    def close_all(self, conns) -> None:
-        for c in conns:
-            if c.state != DEAD and c.sock is not None:
-                try:
-                    self.sel.unregister(c.sock)
-                except (KeyError, ValueError):
-                    pass
-                c.sock.close()
-                c.state = DEAD
-                self.open_conns -= 1
-
-    # --- reading ----------------------------------------------------------------------
-    def poll(self, timeout: float) -> int:
-        events = self.sel.select(timeout)
-        for key, mask in events:
-            c = key.data
-            if mask & EV_W:
-                self._flush(c)
-            if not mask & EV_R or c.state == DEAD:
-                continue
-            try:
-                data = c.sock.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                self.lost(c, "recv: " + (exc.strerror or str(exc)))
-                continue
-            if not data:
-                self.lost(c, "closed by the server")
-                continue
-            self.rx_bytes += len(data)
-            if c.counting:
-                self._count(c, data)
-            else:
-                self.t_rx = now_ns()
-                self._frames(c, data)
-        return len(events)
-
-    def _count(self, c: Conn, data: bytes) -> None:
-        n = data.count(BM_MARK)
-        if c.tail:
-            n += (c.tail + data[:MARK_TAIL]).count(BM_MARK)   # a mark cut by the read boundary
-            if len(data) < MARK_TAIL:
-                data = c.tail + data
-        c.tail = data[-MARK_TAIL:]
-        self.bm_delivered += n
-
-    def _frames(self, c: Conn, data: bytes) -> None:
-        buf = c.rbuf + data if c.rbuf else data
-        end = len(buf)
-        pos = 0
-        while end - pos >= 5:
-            length = int.from_bytes(buf[pos + 1:pos + 5], "big")
-            stop = pos + 5 + length
-            if stop > end:
-                break
-            kind = buf[pos]
-            if kind == 0x44:    # D
-                if buf.startswith(BM_MARK, pos + 5):
-                    self.bm_delivered += 1
-                    if c.on_bm is not None:
-                        c.on_bm(c, buf[pos + 5:stop])
-                elif c.on_d is not None:
-                    c.on_d(c, buf[pos + 5:stop])
-                elif not buf.startswith(OP_MARK, pos + 5):
-                    self._odd_order(buf[pos + 5:stop])
-            elif kind == 0x43:  # C
-                c.on_c(c, buf[pos + 5:stop])
-                if c.state == DEAD:
-                    return
-                if c.counting:     # logged in, from here on only counting
-                    c.rbuf = b""
-                    self._count(c, buf[stop:])
-                    return
-            else:
-                self.lost(c, f"bad frame kind byte {buf[pos:pos + 1]!r} from the server")
-                return
-            pos = stop
-        c.rbuf = buf[pos:] if pos else buf
-
-    def _odd_order(self, body: bytes) -> None:
-        try:
-            op = json.loads(body).get("op")
-        except ValueError:
-            op = None
-        if op == "BM":
-            raise BenchError('the server sent a BM data frame whose body does not start with {"op":"BM",: '
-                             "the receivers' byte-stream counting relies on that order; fix Bench._count")
-
-    @staticmethod
-    def decode(body: bytes) -> dict:
-        try:
-            msg = json.loads(body)
-        except ValueError:
-            raise BenchError(f"the server sent a body that is not JSON: {body[:80]!r}") from None
-        return msg
-
-    def unexpected(self, c: Conn, body: bytes, what: str) -> None:
-        """A reply that should not happen in a load run: stop with the server's words."""
-        msg = self.decode(body)
-        if msg.get("op") == "BYE":
-            self.lost(c, f"BYE {msg.get('reason')}")
-            return
-        raise BenchError(f"{c.name}: {what}: the server answered {json.dumps(msg)[:300]}")
-
-    # --- logging in ---------------------------------------------------------------------
-    def queue_logins(self, users: list) -> None:
-        self.login_queue.extend(users)
-
-    def _pump_logins(self) -> None:
-        queue = self.login_queue
-        while queue and self.pending_login < self.login_window:
-            self.open(queue.popleft())
-
-    def _login_reply(self, c: Conn, body: bytes) -> None:
-        if c.state == KEY_SENT and body.startswith(b'{"op":"KEY","ok":true'):
-            self._logged_in(c)
-            return
-        msg = self.decode(body)
-        op = msg.get("op")
-        if op in ("BYE", "ERROR") or not msg.get("ok"):
-            self.lost(c, f"{op} {msg.get('error') or msg.get('reason')}")
-            return
-        if c.state == LOGIN_SENT and op == "LOGIN":
-            key = self.public_key(msg["server_key"])
-            nonce = base64.b64decode(msg["nonce"])
-            sealed = key.seal(nonce + c.password.encode("utf-8")).decode("ascii")
-            c.state = PASSWORD_SENT
-            self.send(c, framing.command({"op": "PASSWORD", "ciphertext": sealed}))
-        elif c.state == PASSWORD_SENT and op == "PASSWORD":
-            c.username = msg.get("username", c.name)
-            c.state = KEY_SENT
-            self.send(c, self.key_frame)
-        else:
-            self.lost(c, f"unexpected {op} reply while logging in")
-
-    def _logged_in(self, c: Conn) -> None:
-        c.state = READY
-        self.pending_login -= 1
-        self.logged_in += 1
-        self.login_ns.append(now_ns() - c.t_mark)
-        c.on_c, c.on_bm, c.on_d, c.counting = c.after
-
-    def login(self, users: list, what: str) -> dict:
-        """Connect and log in users (bounded window); every one must make it."""
-        self.phase = f"login of {what}"
-        before_ok, before_failed = self.logged_in, self.login_failed
-        t0 = time.monotonic()
-        self.queue_logins(users)
-        total = len(users)
-
-        def done() -> bool:
-            return self.logged_in - before_ok + self.login_failed - before_failed >= total
-
-        self.wait(done, lambda: self.logged_in + self.login_failed,
-                  lambda: f"{self.logged_in - before_ok}/{total} logged in")
-        seconds = time.monotonic() - t0
-        ok = self.logged_in - before_ok
-        if ok < total:
-            raise BenchError(f"only {ok} of {total} {what} logged in; failures: {dict(self.failures)}")
-        return {"users": total, "seconds": round(seconds, 3), "per_s": round(total / seconds, 1) if seconds else None}
-
-    # --- waiting ----------------------------------------------------------------------
-    def check(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise BenchError(f"the deadline of {self.args.deadline:.0f} s passed during the {self.phase}")
-        if self.room is not None:
-            dead = self.room.check()
-            if dead:
-                raise BenchError(f"during the {self.phase}: {dead}")
-
-    def step(self, timeout: float) -> None:
-        self._pump_logins()
-        self.poll(timeout)
-        self.check()
-
-    def wait(self, done: Callable, progress: Callable, describe: Callable, tick: Callable | None = None,
-             poll_s: float = 0.02) -> None:
-        """Run the loop until done(); stall after --stall seconds without progress."""
-        last = progress()
-        last_change = time.monotonic()
-        while not done():
-            if tick is not None:
-                tick()
-            self.step(poll_s)
-            now = time.monotonic()
-            value = progress()
-            if value != last:
-                last, last_change = value, now
-            elif now - last_change > self.args.stall:
-                raise BenchError(f"no progress for {self.args.stall:.0f} s during the {self.phase} "
-                                 f"({describe()}); failures: {dict(self.failures)}")
-            if now - self.last_report > 5.0:
-                self.last_report = now
-                self.note(f"{self.phase}: {describe()}")
-
-    def settle(self, max_s: float = 30.0) -> None:
-        """Read until the server has gone quiet (CPU idle when known, no bytes arriving)."""
-        self.phase = "settling"
-        end = time.monotonic() + max_s
-        cpu = self.stats.cpu_s()
-        rx = self.rx_bytes
-        quiet = 0
-        while time.monotonic() < end:
-            t = time.monotonic() + 0.2
-            while time.monotonic() < t:
-                self.step(0.05)
-            cpu_now = self.stats.cpu_s()
-            busy = cpu is not None and cpu_now is not None and cpu_now - cpu > 0.015
-            quiet = 0 if busy or self.rx_bytes != rx else quiet + 1
-            cpu, rx = cpu_now, self.rx_bytes
-            if quiet >= 3:
-                return
-        self.note(f"the server did not go quiet within {max_s:.0f} s; measuring anyway")
-
-    def note(self, text: str) -> None:
-        if not self.args.quiet:
-            print(f"loadgen: {text}", file=sys.stderr, flush=True)
-
-    # --- phase figures --------------------------------------------------------------------
-    def mark(self) -> dict:
-        return {"t": time.monotonic(), "cpu": self.stats.cpu_s(), "ticks": self.stats.ticks_s(), "me": self_cpu_s(),
-                "redis": self.redis_stats.cpu_s(),
-                "nodes": [self.stats.cpu_s([pid]) for pid in self.stats.pids] if len(self.stats.pids) > 1 else None}
-
-    def figures(self, start: dict, seconds: float | None = None) -> dict:
-        """Server and load generator CPU since start (seconds: the phase length to divide by)."""
-        end = self.mark()
-        wall = seconds if seconds else end["t"] - start["t"]
-        cpu = None if start["cpu"] is None or end["cpu"] is None else end["cpu"] - start["cpu"]
-        ticks = None
-        if cpu is not None and start["ticks"] is not None and end["ticks"] is not None:
-            ticks = end["ticks"] - start["ticks"]
-            if ticks - cpu > 0.05 + 0.1 * ticks:   # a server thread exited: trust the ticks
-                cpu = ticks
-        me = end["me"] - start["me"]
-        fig = {"server_cpu_s": None if cpu is None else round(cpu, 4),
-               "server_cpu_ticks_s": None if ticks is None else round(ticks, 2),
-               "server_cpu_pct": None if cpu is None or not wall else round(100 * cpu / wall, 1),
-               "loadgen_cpu_s": round(me, 4),
-               "loadgen_cpu_pct": round(100 * me / wall, 1) if wall else None,
-               "_cpu": cpu, "_redis_cpu": None}
-        if start["nodes"] and end["nodes"] and len(start["nodes"]) == len(end["nodes"]):
-            fig["node_cpu_s"] = [None if a is None or b is None else round(b - a, 4)
-                                 for a, b in zip(start["nodes"], end["nodes"])]
-        if start["redis"] is not None and end["redis"] is not None:
-            rcpu = end["redis"] - start["redis"]
-            fig.update({"redis_cpu_s": round(rcpu, 4),
-                        "redis_cpu_pct": round(100 * rcpu / wall, 1) if wall else None,
-                        "redis_rss_kb": self.redis_stats.mem_kb(), "_redis_cpu": rcpu})
-        return fig
-
-
-def send_bm(bench: Bench, c: Conn, text: str) -> None:
-    bench.send(c, BM_REQUEST + framing.command({"op": "SEND", "text": text}))
-
-
-def padding(size: int, used: int) -> str:
-    return "x" * max(1, size - used)
-
-
-def per(cpu_s: float | None, count: int, digits: int = 1) -> float | None:
-    """Microseconds of CPU per item (None when the CPU is not known or nothing was counted)."""
-    return round(1e6 * cpu_s / count, digits) if cpu_s is not None and count else None
-
-
-# --- scenarios --------------------------------------------------------------------------
-
-def run_fanout(bench: Bench, a: argparse.Namespace, res: dict) -> None:
-    """N users, K senders, M BMs each, at most W unconfirmed per sender."""
-    n, k, m, w = a.users, a.senders, a.messages, a.window
-    if n < 2 or not 1 <= k <= n:
-        raise BenchError("fanout needs at least 2 users and 1..N senders")
-    users = bench.make_users(n)
-    senders = users[1:1 + k] if k < n else users
-    sender_set = set(senders)
-    candidates = [u for u in users if u not in sender_set]
-    nprobe = min(a.probes, len(candidates))
-    probes = [candidates[(j * len(candidates)) // nprobe] for j in range(nprobe)] if nprobe else []
-    lat: list = []
-    lat_same: list = []    # with several servers: sender and probe on the same one
-    lat_cross: list = []   # ... or on different ones
-    where = {u.idx: u.target[2] for u in senders}
-    several = len({t[2] for t in bench.targets}) > 1
-    totals = {"confirmed": 0, "t_last": 0.0}
-
-    def probe_bm(c: Conn, body: bytes) -> None:
-        parts = bench.decode(body).get("text", "").split(" ", 4)
-        if parts[0] == "B" and len(parts) > 3:
-            ns = bench.t_rx - int(parts[3])
-            lat.append(ns)
-            if several:
-                (lat_same if where.get(int(parts[1])) == c.target[2] else lat_cross).append(ns)
-
-    def sender_reply(c: Conn, body: bytes) -> None:
-        if body.startswith(b'{"op":"SEND","ok":true'):
-            c.confirmed += 1
-            totals["confirmed"] += 1
-            totals["t_last"] = time.monotonic()
-        elif not body.startswith(b'{"op":"BM","ok":true'):
-            bench.unexpected(c, body, "BM/SEND")
-
-    for u in users:
-        u.after = (None, None, None, True)
-    for p in probes:
-        p.after = (None, probe_bm, None, False)
-    for s in senders:
-        s.after = (sender_reply, None, None, False)
-
-    res["login"] = bench.login(users, f"{n} users")
-    bench.note(f"{n} users logged in ({res['login']['per_s']}/s); waiting for the server to go quiet")
-    bench.settle()
-
-    pad = padding(a.size, 40)
-    expected = k * m * (n - 1)
-    bench.bm_delivered = 0
-    bench.phase = "fan-out"
-    bench.note(f"fan-out: {k} senders x {m} messages to {n - 1} others ({expected} deliveries)")
-
-    def pump() -> None:
-        for s in senders:
-            if s.sent < m and s.sent - s.confirmed < w and s.state == READY:
-                chunks = []
-                while s.sent < m and s.sent - s.confirmed < w:
-                    s.sent += 1
-                    chunks.append(BM_REQUEST)
-                    chunks.append(framing.command({"op": "SEND", "text": f"B {s.idx} {s.sent} {now_ns()} {pad}"}))
-                bench.send(s, b"".join(chunks))
-
-    start = bench.mark()
-    totals["t_last"] = start["t"]
-    last_count = [0, start["t"]]
-
-    def progress() -> int:
-        value = bench.bm_delivered + totals["confirmed"]
-        if value != last_count[0]:
-            last_count[0], last_count[1] = value, time.monotonic()
-        return value
-
-    def done() -> bool:
-        return bench.bm_delivered >= expected and totals["confirmed"] >= k * m
-
-    try:
-        bench.wait(done, progress, lambda: f"{bench.bm_delivered}/{expected} delivered, "
-                   f"{totals['confirmed']}/{k * m} confirmed", tick=pump, poll_s=0.02)
-    finally:
-        seconds = max(last_count[1], totals["t_last"]) - start["t"]
-        fig = bench.figures(start, seconds)
-        delivered = bench.bm_delivered
-        cpu, rcpu = fig.pop("_cpu"), fig.pop("_redis_cpu")
-        res["fanout"] = {
-            "users": n, "senders": k, "msgs_per_sender": m, "window": w, "msg_text_chars": a.size,
-            "expected_deliveries": expected, "deliveries": delivered, "confirmed": totals["confirmed"],
-            "complete": delivered >= expected and totals["confirmed"] >= k * m,
-            "dropped_users": bench.dropped,
-            "seconds": round(seconds, 3),
-            "deliveries_per_s": round(delivered / seconds) if seconds > 0 else None,
-            "latency": lat_summary(lat), "latency_probes": len(probes),
-            "server_cpu_us_per_delivery": round(1e6 * cpu / delivered, 3) if cpu is not None and delivered else None,
-            "redis_cpu_us_per_delivery": per(rcpu, delivered, 3),
-            "servers": len(bench.targets),
-            **fig,
-            "server_rss_kb": bench.stats.mem_kb(),
-        }
-        if several:
-            res["fanout"]["latency_same_server"] = lat_summary(lat_same)
-            res["fanout"]["latency_cross_server"] = lat_summary(lat_cross)
-    if delivered > expected:
-        raise BenchError(f"{delivered} deliveries counted, more than the {expected} expected")
-
-
-def run_pm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
-    """One pair ping-pongs private messages: PM+TARGET (pipelined), seal and sign, SEND, delivery."""
-    x, y = bench.make_users(2)
-    if a.same_node:
-        y.target = x.target
-    legs_total = 2 * (a.count + a.warmup)
-    legs: list = []   # (server_ns, total_ns, send_crypto_ns, receive_crypto_ns, target_ns, delivery_ns)
-    leg = {"from": None, "t1": 0, "t2": 0, "t3": 0, "n": 0}
-    done_flag = [False]
-    pad = padding(a.size, 30)
-
-    def start_leg(src: Conn, dst: Conn) -> None:
-        leg.update({"from": src, "t1": now_ns(), "t2": 0, "t3": 0})
-        bench.send(src, PM_REQUEST + framing.command({"op": "TARGET", "username": dst.username}))
-
-    def on_c(c: Conn, body: bytes) -> None:
-        if body.startswith(b'{"op":"PM","ok":true') or body.startswith(b'{"op":"SEND","ok":true'):
-            return
-        if not body.startswith(b'{"op":"TARGET","ok":true'):
-            bench.unexpected(c, body, "PM/TARGET/SEND")
-            return
-        t2 = now_ns()
-        msg = bench.decode(body)
-        text = f"P {leg['n']} {leg['t1']} {pad}".encode()
-        key = bench.public_key(msg["public_key"])
-        ciphertext = key.seal(text).decode("ascii")
-        self_copy = bench.keys.public.seal(text).decode("ascii")
-        signature = bench.keys.sign(pg3lib.pm_signed_bytes(c.username, msg["username"], ciphertext))
-        frame = framing.command({"op": "SEND", "ciphertext": ciphertext, "self_copy": self_copy,
-                                 "signature": signature})
-        leg["t2"], leg["t3"] = t2, now_ns()
-        bench.send(c, frame)
-
-    def on_d(c: Conn, body: bytes) -> None:
-        if not body.startswith(b'{"op":"PM",'):
-            return
-        t4 = bench.t_rx
-        msg = bench.decode(body)
-        if msg.get("to") != c.username:
-            raise BenchError(f"{c.username} got a PM addressed to {msg.get('to')!r}")
-        sender_key = bench.public_key(msg["sender_key"])
-        if not sender_key.verify(pg3lib.pm_signed_bytes(msg["from"], c.username, msg["ciphertext"]),
-                                 msg["signature"]):
-            raise BenchError("a PM signature did not verify at the receiver")
-        text = bench.keys.open(msg["ciphertext"]).decode("utf-8")
-        if not text.startswith(f"P {leg['n']} "):
-            raise BenchError(f"PM {leg['n']} expected, got {text[:40]!r}")
-        t5 = now_ns()
-        legs.append(((leg["t2"] - leg["t1"]) + (t4 - leg["t3"]), t4 - leg["t1"], leg["t3"] - leg["t2"], t5 - t4,
-                     leg["t2"] - leg["t1"], t4 - leg["t3"]))
-        leg["n"] += 1
-        if leg["n"] >= legs_total:
-            done_flag[0] = True
-            return
-        start_leg(c, x if c is y else y)
-
-    for u in (x, y):
-        u.after = (on_c, None, on_d, False)
-    res["login"] = bench.login([x, y], "2 users")
-    bench.settle(10.0)
-    bench.phase = "PM ping-pong"
-    bench.note(f"PM ping-pong: {a.count} round trips (+{a.warmup} warm-up)")
-    start = None
-    warm_legs = 2 * a.warmup
-    start_leg(x, y)
-
-    def progress() -> int:
-        nonlocal start
-        if start is None and leg["n"] >= warm_legs:
-            start = bench.mark()
-        return leg["n"]
-
-    try:
-        bench.wait(lambda: done_flag[0], progress, lambda: f"{leg['n']}/{legs_total} messages", poll_s=0.05)
-    finally:
-        measured = legs[warm_legs:]
-        if start is None:
-            start = bench.mark()
-        seconds = time.monotonic() - start["t"]
-        fig = bench.figures(start)
-        cpu, rcpu = fig.pop("_cpu"), fig.pop("_redis_cpu")
-        msgs = len(measured)
-        rtt_server = [measured[i][0] + measured[i + 1][0] for i in range(0, msgs - 1, 2)]
-        rtt_total = [measured[i][1] + measured[i][3] + measured[i + 1][1] + measured[i + 1][3]
-                     for i in range(0, msgs - 1, 2)]
-        res["pm"] = {
-            "round_trips": len(rtt_server), "messages": msgs, "warmup_round_trips": a.warmup,
-            "users_at": [x.target[2], y.target[2]], "cross_server": x.target[2] != y.target[2],
-            "msg_text_chars": a.size, "pipelined": "PM+TARGET sent together; SEND after sealing and signing",
-            "message_server_side": lat_summary([leg_[0] for leg_ in measured]),
-            "round_trip_server_side": lat_summary(rtt_server),
-            "round_trip_total": lat_summary(rtt_total),
-            "client_seal_sign": lat_summary([leg_[2] for leg_ in measured]),
-            "client_verify_open": lat_summary([leg_[3] for leg_ in measured]),
-            "target_reply": lat_summary([leg_[4] for leg_ in measured]),
-            "send_to_delivery": lat_summary([leg_[5] for leg_ in measured]),
-            "seconds": round(seconds, 3),
-            "server_cpu_us_per_message": round(1e6 * cpu / msgs, 1) if cpu is not None and msgs else None,
-            "redis_cpu_us_per_message": per(rcpu, msgs),
-            **fig,
-            "server_rss_kb": bench.stats.mem_kb(),
-            "note": "server side = (PM+TARGET sent -> TARGET reply) + (SEND sent -> D PM at the peer); "
-                    "the client's sealing, signing, verifying and opening are timed apart and left out",
-        }
-
-
-def run_hold(bench: Bench, a: argparse.Namespace, res: dict) -> None:
-    """N users online; BM round trips one at a time; server RSS per connection."""
-    n = a.users
-    if n < 2:
-        raise BenchError("hold needs at least 2 users")
-    users = bench.make_users(n)
-    sender = users[0]
-    nprobe = max(1, min(a.probes, n - 1))
-    probes = [users[1 + ((j + 1) * (n - 1)) // nprobe - 1] for j in range(nprobe)]
-    cur = {"i": -1, "t0": 0, "ok": 0, "rx": 0, "receiver": None, "target": 0}
-    rtts: list = []
-    ok_rtts: list = []
-    rx_rtts: list = []
-
-    def sender_reply(c: Conn, body: bytes) -> None:
-        if body.startswith(b'{"op":"SEND","ok":true'):
-            cur["ok"] = bench.t_rx
-        elif not body.startswith(b'{"op":"BM","ok":true'):
-            bench.unexpected(c, body, "BM/SEND")
-
-    def probe_bm(c: Conn, body: bytes) -> None:
-        if c is cur["receiver"]:
-            parts = bench.decode(body).get("text", "").split(" ", 3)
-            if parts[0] == "H" and int(parts[1]) == cur["i"]:
-                cur["rx"] = bench.t_rx
-
-    for u in users:
-        u.after = (None, None, None, True)
-    for p in probes:
-        p.after = (None, probe_bm, None, False)
-    sender.after = (sender_reply, None, None, False)
-
-    rss0 = bench.stats.mem_kb()
-    res["login"] = bench.login(users, f"{n} users")
-    bench.note(f"{n} users logged in ({res['login']['per_s']}/s); waiting for the server to go quiet")
-    bench.settle(60.0)
-    rss1 = bench.stats.mem_kb()
-    hwm = bench.stats.mem_kb("VmHWM")
-    pad = padding(a.size, 40)
-    bench.phase = "BM round trips"
-    bench.note(f"{a.samples} BM round trips with {n} users online")
-    bench.bm_delivered = 0
-    start = bench.mark()
-    try:
-        for i in range(a.samples):
-            receiver = probes[i % nprobe]
-            cur.update({"i": i, "t0": now_ns(), "ok": 0, "rx": 0, "receiver": receiver})
-            send_bm(bench, sender, f"H {i} {cur['t0']} {pad}")
-            cur["target"] = (i + 1) * (n - 1)
-            bench.wait(lambda: cur["ok"] and cur["rx"] and bench.bm_delivered >= cur["target"],
-                       lambda: (bench.bm_delivered, cur["ok"], cur["rx"]),
-                       lambda: f"sample {cur['i']}: {bench.bm_delivered}/{cur['target']} delivered", poll_s=0.01)
-            rtts.append(max(cur["ok"], cur["rx"]) - cur["t0"])
-            ok_rtts.append(cur["ok"] - cur["t0"])
-            rx_rtts.append(cur["rx"] - cur["t0"])
-            if a.gap:
-                end = time.monotonic() + a.gap
-                while time.monotonic() < end:
-                    bench.step(max(0.0, end - time.monotonic()))
-    finally:
-        fig = bench.figures(start)
-        cpu, rcpu = fig.pop("_cpu"), fig.pop("_redis_cpu")
-        delivered = bench.bm_delivered
-        online = sum(1 for u in users if u.state == READY)
-        res["hold"] = {
-            "users": n, "online_at_end": online, "dropped_users": bench.dropped,
-            "samples": len(rtts), "probes": nprobe, "gap_s": a.gap,
-            "bm_round_trip": lat_summary(rtts),
-            "bm_send_ok": lat_summary(ok_rtts),
-            "bm_at_receiver": lat_summary(rx_rtts),
-            "deliveries": delivered,
-            "server_cpu_us_per_delivery": round(1e6 * cpu / delivered, 3) if cpu is not None and delivered else None,
-            "redis_cpu_us_per_delivery": per(rcpu, delivered, 3),
-            **fig,
-            "server_rss_empty_kb": rss0, "server_rss_kb": rss1, "server_hwm_kb": hwm,
-            "server_rss_per_user_kb": (round((rss1 - rss0) / n, 2) if rss0 is not None and rss1 is not None
-                                       else None),
-            "note": "round trip = BM+SEND sent -> both the SEND ok and the D BM at a probe receiver "
-                    "(probes spread over the login order); one BM at a time, each after the last is fully "
-                    "delivered",
-        }
-
-
-class StormProcess:
-    """Log users in from a forked child process, so the sealing of 200 passwords at once
-    (about 0.3 ms each) does not stall the loop that measures the round trips."""
-
-    def __init__(self, bench: Bench, count: int) -> None:
-        self.count = count
-        self.read_fd, write_fd = os.pipe()
-        self.report = b""
-        self.eof = False
-        self.pid = os.fork()
-        if self.pid == 0:   # the child: its own loop, its own users; stays online until told
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.close(self.read_fd)
-            code = 0
-            try:
-                child = Bench(bench.args, bench.targets, ServerStats([]), None, bench.keys)
-                child.tag = bench.tag + "s"
-                child.login_window = count
-                users = child.make_users(count)
-                for u in users:
-                    u.after = (None, None, None, False)
-                try:
-                    child.login(users, "storm users")
-                except BenchError:
-                    code = 1
-                os.write(write_fd, json.dumps([child.logged_in, child.login_failed, child.login_ns]).encode()
-                         + b"\n")
-                time.sleep(30.0)   # keep the users online while the parent measures
-            finally:
-                os._exit(code)
-        os.close(write_fd)
-        os.set_blocking(self.read_fd, False)
-
-    def _read(self) -> None:
-        while not self.eof:
-            try:
-                chunk = os.read(self.read_fd, 65536)
-            except BlockingIOError:
-                return
-            if not chunk:
-                self.eof = True
-            self.report += chunk
-
-    def finished(self) -> bool:
-        self._read()
-        return self.report.endswith(b"\n") or self.eof
-
-    def progress(self) -> int:
-        return self.count if self.finished() else 0
-
-    def result(self) -> tuple:
-        """(logged in, failed, login times in ns); ends the child."""
-        os.kill(self.pid, signal.SIGTERM)
-        os.waitpid(self.pid, 0)
-        os.close(self.read_fd)
-        if not self.report.endswith(b"\n"):
-            raise BenchError("the storm process ended without a report")
-        logged, failed, times = json.loads(self.report)
-        return logged, failed, times
-
-
-def run_storm(bench: Bench, a: argparse.Namespace, res: dict) -> None:
-    """BM round trips among base users, before and during a storm of new logins."""
-    b, s_count = a.base, a.senders
-    if b < 2 or not 1 <= s_count < b:
-        raise BenchError("storm needs at least 2 base users and 1..base-1 senders")
-    users = bench.make_users(b)
-    observer = users[0]
-    senders = users[1:1 + s_count]
-    samples: dict = {}
-    done: list = []   # (t0_ns, rtt_ns)
-    seq = [0]
-    interval_ns = int(a.interval * 1e9)
-    pad = padding(a.size, 40)
-    sampling = [False]
-
-    def finish(rec: list) -> None:
-        done.append((rec[0], max(rec[1], rec[2]) - rec[0]))
-        s = rec[3]
-        s.cur = None
-        # +-20% jitter, so that the senders do not fall into step and send in bursts
-        s.t_mark = now_ns() + int(interval_ns * random.uniform(0.8, 1.2))
-
-    def sender_reply(c: Conn, body: bytes) -> None:
-        if body.startswith(b'{"op":"SEND","ok":true'):
-            rec = samples.get(c.cur)
-            if rec is not None:
-                rec[1] = bench.t_rx
-                if rec[2]:
-                    finish(samples.pop(c.cur))
-        elif not body.startswith(b'{"op":"BM","ok":true'):
-            bench.unexpected(c, body, "BM/SEND")
-
-    def observer_bm(c: Conn, body: bytes) -> None:
-        parts = bench.decode(body).get("text", "").split(" ", 3)
-        if parts[0] == "S":
-            rec = samples.get(int(parts[1]))
-            if rec is not None:
-                rec[2] = bench.t_rx
-                if rec[1]:
-                    finish(samples.pop(int(parts[1])))
-
-    def pump() -> None:
-        if not sampling[0]:
-            return
-        for s in senders:
-            if s.cur is None and now_ns() >= s.t_mark and s.state == READY:
-                t = now_ns()
-                i = seq[0]
-                seq[0] += 1
-                samples[i] = [t, 0, 0, s]
-                s.cur = i
-                send_bm(bench, s, f"S {i} {t} {pad}")
-
-    for u in users:
-        u.after = (None, None, None, True)
-    observer.after = (None, observer_bm, None, False)
-    for s in senders:
-        s.after = (sender_reply, None, None, False)
-
-    res["login"] = bench.login(users, f"{b} base users")
-    bench.note(f"{b} base users logged in ({res['login']['per_s']}/s, scrypt N={a.scrypt_n_used})")
-    bench.settle()
-
-    bench.phase = "baseline"
-    bench.note(f"baseline: {s_count} senders, one BM each in flight, {a.interval} s apart, for {a.baseline} s")
-    t = now_ns()
-    for j, s in enumerate(senders):   # staggered over one interval
-        s.t_mark = t + (j * interval_ns) // s_count
-    sampling[0] = True
-    base_start = bench.mark()
-    base_t0 = now_ns()
-    end = time.monotonic() + a.baseline
-    bench.wait(lambda: time.monotonic() >= end, lambda: len(done), lambda: f"{len(done)} samples",
-               tick=pump, poll_s=0.005)
-    base_fig = bench.figures(base_start)
-    base_fig.pop("_cpu"), base_fig.pop("_redis_cpu")
-
-    bench.phase = "login storm"
-    bench.note(f"storm: {a.storm} new users log in at once (from a second process, as other people would)")
-    storm_start = bench.mark()
-    storm_t0 = now_ns()
-    storm = StormProcess(bench, a.storm)
-    bench.wait(storm.finished, lambda: (len(done), storm.progress()),
-               lambda: f"{storm.progress()}/{a.storm} logged in, {len(done)} samples", tick=pump, poll_s=0.005)
-    storm_t1 = now_ns()
-    storm_fig = bench.figures(storm_start)
-    storm_fig.pop("_cpu"), storm_fig.pop("_redis_cpu")
-    storm_seconds = (storm_t1 - storm_t0) / 1e9
-    # Samples still in flight belong to the storm: let them finish, bounded.
-    end = time.monotonic() + 5.0
-    sampling[0] = False
-    bench.wait(lambda: not samples or time.monotonic() > end, lambda: len(done),
-               lambda: f"{len(samples)} samples in flight", poll_s=0.005)
-    before = [rtt for t0, rtt in done if base_t0 <= t0 < storm_t0]
-    during = [rtt for t0, rtt in done if storm_t0 <= t0 <= storm_t1]
-    sb, sd = lat_summary(before), lat_summary(during)
-    logged, failed_storm, storm_login_ns = storm.result()
-    res["storm"] = {
-        "base_users": b, "senders": s_count, "interval_s": a.interval, "storm_logins": a.storm,
-        "scrypt_n": a.scrypt_n_used, "storm_logged_in": logged, "storm_failed": failed_storm,
-        "storm_seconds": round(storm_seconds, 3),
-        "storm_logins_per_s": round(logged / storm_seconds, 1) if storm_seconds else None,
-        "storm_login_time": lat_summary(storm_login_ns),
-        "bm_round_trip_before": sb, "bm_round_trip_during": sd,
-        "p99_ratio": round(sd["p99_ms"] / sb["p99_ms"], 2) if sb["p99_ms"] and sd["p99_ms"] else None,
-        "p50_ratio": round(sd["p50_ms"] / sb["p50_ms"], 2) if sb["p50_ms"] and sd["p50_ms"] else None,
-        "baseline": base_fig, "during_storm": storm_fig,
-        "server_rss_kb": bench.stats.mem_kb(),
-        "note": "round trip = BM+SEND sent -> both the SEND ok and the D BM at an observer; samples are "
-                "counted by their send time; the storm's users are new accounts (scrypt at the server's cost)",
-    }
-    if logged < a.storm:
-        raise BenchError(f"only {logged} of {a.storm} storm users logged in")
-    if not before or not during:
-        raise BenchError("no BM round trips measured before or during the storm")
-
-
-PRESENCE_MARK = b'{"op":"PRESENCE",'
-OFFLINE_MARK = b'"online":false'
-USERNAME_RE = re.compile(rb'"username":"([^"\\]*)"')
-
-
-def run_failover(bench: Bench, a: argparse.Namespace, res: dict) -> None:
-    """N users over the started nodes; SIGKILL node A; time until the users on the other
-    nodes have seen PRESENCE online:false for every user of A (bounded by --limit)."""
-    room = bench.room
-    if room is None or room.redis is None or len(room.servers) < 2:
-        raise BenchError("failover needs --nodes 2 or more: it SIGKILLs one of the nodes it started")
-    n = a.users
-    victim = room.servers[0]
-    users = bench.make_users(n)
-    on_a = [u for u in users if u.target[2] == victim.label]
-    others = [u for u in users if u.target[2] != victim.label]
-    if not on_a or not others:
-        raise BenchError("failover needs users on the killed node and on the others (-n 2 or more)")
-    nobs = min(a.observers, len(others)) if a.observers else len(others)
-    observers = [others[(j * len(others)) // nobs] for j in range(nobs)]
-    index = {u.name.lower(): i for i, u in enumerate(on_a)}
-    seen: dict = {}                  # observer idx -> indices (in on_a) it has seen go offline
-    count = [0] * len(on_a)          # observers that have seen each user of A go offline
-    all_at = [0] * len(on_a)         # when the last of them did (ns)
-    st = {"t_kill": 0, "first": 0, "pairs": 0, "done": 0, "duplicates": 0, "unexpected": 0}
-
-    def on_presence(c: Conn, body: bytes) -> None:
-        if not body.startswith(PRESENCE_MARK) or OFFLINE_MARK not in body:
-            return
-        m = USERNAME_RE.search(body)
-        name = m.group(1).decode("utf-8", "replace") if m else str(bench.decode(body).get("username"))
-        i = index.get(name.lower())
-        if i is None or not st["t_kill"]:
-            st["unexpected"] += 1    # a user not on A, or before the kill
-            return
-        mine = seen.setdefault(c.idx, set())
-        if i in mine:
-            st["duplicates"] += 1
-            return
-        mine.add(i)
-        st["pairs"] += 1
-        st["first"] = st["first"] or bench.t_rx
-        count[i] += 1
-        if count[i] == nobs:
-            all_at[i] = bench.t_rx
-            st["done"] += 1
-
-    for u in users:
-        u.after = (None, None, None, True)
-    for o in observers:
-        o.after = (None, None, on_presence, False)
-    res["login"] = bench.login(users, f"{n} users")
-    bench.note(f"{n} users logged in ({res['login']['per_s']}/s); waiting for the servers to go quiet")
-    bench.settle()
-
-    bench.phase = "failover"
-    bench.note(f"SIGKILL {victim.name} ({victim.label}, {len(on_a)} users); {nobs} observers on the other "
-               f"node(s) wait for them to go offline (at most {a.limit:.0f} s)")
-    for u in on_a:
-        u.expendable = True
-    bench.stats.pids.remove(victim.pid)   # CPU and RSS of the surviving nodes from here on
-    start = bench.mark()
-    st["t_kill"] = now_ns()
-    victim.kill()
-    end = time.monotonic() + a.limit
-    try:
-        while st["done"] < len(on_a) and time.monotonic() < end:
-            bench.step(0.01)
-            now = time.monotonic()
-            if now - bench.last_report > 5.0:
-                bench.last_report = now
-                bench.note(f"failover: {st['done']}/{len(on_a)} seen offline by every observer, "
-                           f"{st['pairs']}/{len(on_a) * nobs} sightings")
-    finally:
-        fig = bench.figures(start)
-        fig.pop("_cpu"), fig.pop("_redis_cpu")
-        t0 = st["t_kill"]
-        times = sorted((t - t0) / 1e9 for t in all_at if t)
-
-        def sec(x):
-            return None if x is None else round(x, 3)
-
-        res["failover"] = {
-            "users": n, "nodes": len(room.servers), "killed_node": victim.label,
-            "users_on_killed_node": len(on_a), "observers": nobs,
-            "observer_nodes": sorted({o.target[2] for o in observers}),
-            "limit_s": a.limit, "complete": st["done"] == len(on_a),
-            "seen_offline_by_all": st["done"],
-            "sightings": st["pairs"], "sightings_expected": len(on_a) * nobs,
-            "first_offline_s": sec((st["first"] - t0) / 1e9 if st["first"] else None),
-            "offline_everywhere_s": {"n": len(times), "p50_s": sec(pct(times, 50)), "p90_s": sec(pct(times, 90)),
-                                     "max_s": sec(times[-1] if times else None)},
-            "duplicate_offline": st["duplicates"], "other_offline": st["unexpected"],
-            "dropped_users": bench.dropped,
-            **fig,
-            "server_rss_kb": bench.stats.mem_kb(),
-            "note": "time from the SIGKILL of the node to the read of the last observer's PRESENCE "
-                    "online:false for each user of that node (max and p50 over those users); "
-                    "CPU and RSS are of the surviving nodes from the kill on",
-        }
-    if st["done"] < len(on_a):
-        raise BenchError(f"after {a.limit:.0f} s only {st['done']} of the {len(on_a)} users of the killed node "
-                         f"were seen offline by all {nobs} observers ({st['pairs']} of {len(on_a) * nobs} sightings)")
-
-
-SCENARIOS = {"fanout": run_fanout, "pm": run_pm, "hold": run_hold, "storm": run_storm,
-             "failover": run_failover}
-
-
-# --- output -----------------------------------------------------------------------------
-
-def _lat(d: dict | None) -> str:
-    if not d or not d.get("n"):
-        return "-"
-    return f"p50 {d['p50_ms']} ms, p99 {d['p99_ms']} ms, max {d['max_ms']} ms (n={d['n']})"
-
-
-def _v(value, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    return f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
-
-
-def _nodes_cpu(d: dict) -> str:
-    nodes = d.get("node_cpu_s")
-    return f"; per node {', '.join(_v(x, ' s') for x in nodes)}" if nodes else ""
-
-
-def _redis_rows(d: dict, unit: str, per_key: str = "redis_cpu_us_per_delivery") -> list:
-    if d.get("redis_cpu_s") is None:
-        return []
-    text = f"{_v(d['redis_cpu_s'], ' s')} ({_v(d['redis_cpu_pct'], '%')} of one core)"
-    if unit:
-        text += f", {_v(d.get(per_key), ' us')} per {unit}"
-    return [("Redis CPU", text + f", RSS {_v(d.get('redis_rss_kb'), ' KB')}")]
-
-
-def table(res: dict) -> str:
-    rows = [("scenario", res["scenario"]),
-            ("server", res["server"].get("description", "")),
-            ("machine", "{cpus} CPUs, {cpu_model}, Python {python}".format(**res["machine"]))]
-    login = res.get("login")
-    if login:
-        rows.append(("login", f"{login['users']} users in {login['seconds']} s ({login['per_s']}/s)"))
-    f = res.get("fanout")
-    if f:
-        rows += [("workload", f"{f['users']} users, {f['senders']} senders x {f['msgs_per_sender']} BMs, "
-                              f"window {f['window']}, {f['msg_text_chars']}-char texts"),
-                 ("deliveries", f"{_v(f['deliveries'])} of {_v(f['expected_deliveries'])} in {f['seconds']} s"),
-                 ("deliveries/s", _v(f["deliveries_per_s"])),
-                 ("latency", _lat(f["latency"]))]
-        if "latency_cross_server" in f:
-            rows += [("  same server", _lat(f["latency_same_server"])),
-                     ("  cross server", _lat(f["latency_cross_server"]))]
-        rows += [("server CPU/delivery", _v(f["server_cpu_us_per_delivery"], " us")),
-                 ("server CPU", f"{_v(f['server_cpu_s'], ' s')} ({_v(f['server_cpu_pct'], '%')} of one core)"
-                                + _nodes_cpu(f))]
-        rows += _redis_rows(f, "delivery")
-        rows += [("server RSS", _v(f["server_rss_kb"], " KB")),
-                 ("loadgen CPU", f"{_v(f['loadgen_cpu_s'], ' s')} ({_v(f['loadgen_cpu_pct'], '%')} of one core)")]
-    p = res.get("pm")
-    if p:
-        rows += [("round trips", f"{p['round_trips']} ({p['messages']} PMs), users at "
-                                 f"{' and '.join(p['users_at'])}" + (" (cross server)" if p["cross_server"] else "")),
-                 ("PM server side", _lat(p["message_server_side"])),
-                 ("  PM+TARGET->TARGET", _lat(p.get("target_reply"))),
-                 ("  SEND->D PM at peer", _lat(p.get("send_to_delivery"))),
-                 ("round trip srv side", _lat(p["round_trip_server_side"])),
-                 ("round trip total", _lat(p["round_trip_total"])),
-                 ("client seal+sign", _lat(p["client_seal_sign"])),
-                 ("client verify+open", _lat(p["client_verify_open"])),
-                 ("server CPU/PM", _v(p["server_cpu_us_per_message"], " us") + _nodes_cpu(p))]
-        rows += _redis_rows(p, "PM", "redis_cpu_us_per_message")
-        rows += [("server RSS", _v(p["server_rss_kb"], " KB")),
-                 ("loadgen CPU", f"{_v(p['loadgen_cpu_s'], ' s')} ({_v(p['loadgen_cpu_pct'], '%')} of one core)")]
-    h = res.get("hold")
-    if h:
-        rows += [("online", f"{h['online_at_end']} of {h['users']} at the end"),
-                 ("BM round trip", _lat(h["bm_round_trip"])),
-                 ("  SEND ok", _lat(h["bm_send_ok"])),
-                 ("  at receiver", _lat(h["bm_at_receiver"])),
-                 ("server RSS", f"{_v(h['server_rss_empty_kb'], ' KB')} empty, {_v(h['server_rss_kb'], ' KB')} "
-                                f"with {h['users']} users (peak {_v(h['server_hwm_kb'], ' KB')})"),
-                 ("RSS per user", _v(h["server_rss_per_user_kb"], " KB")),
-                 ("server CPU/delivery", _v(h["server_cpu_us_per_delivery"], " us")),
-                 ("loadgen CPU", f"{_v(h['loadgen_cpu_s'], ' s')} ({_v(h['loadgen_cpu_pct'], '%')} of one core)")]
-    s = res.get("storm")
-    if s:
-        rows += [("workload", f"{s['base_users']} online, {s['senders']} senders every {s['interval_s']} s; "
-                              f"{s['storm_logins']} new logins at once (scrypt N={s['scrypt_n']})"),
-                 ("storm", f"{s['storm_logged_in']} logged in in {s['storm_seconds']} s "
-                           f"({s['storm_logins_per_s']}/s), login {_lat(s['storm_login_time'])}"),
-                 ("BM RTT before", _lat(s["bm_round_trip_before"])),
-                 ("BM RTT during", _lat(s["bm_round_trip_during"])),
-                 ("p99 ratio", _v(s["p99_ratio"], "x")),
-                 ("server CPU", f"before {_v(s['baseline']['server_cpu_pct'], '%')}, "
-                                f"during {_v(s['during_storm']['server_cpu_pct'], '%')}"),
-                 ("loadgen CPU", f"before {_v(s['baseline']['loadgen_cpu_pct'], '%')}, "
-                                 f"during {_v(s['during_storm']['loadgen_cpu_pct'], '%')}")]
-    fo = res.get("failover")
-    if fo:
-        o = fo["offline_everywhere_s"]
-        rows += [("workload", f"{fo['users']} users over {fo['nodes']} nodes; SIGKILL {fo['killed_node']} "
-                              f"({fo['users_on_killed_node']} users); {fo['observers']} observers on "
-                              f"{', '.join(fo['observer_nodes'])}"),
-                 ("offline everywhere", f"p50 {_v(o['p50_s'], ' s')}, p90 {_v(o['p90_s'], ' s')}, "
-                                        f"max {_v(o['max_s'], ' s')} after the kill (n={o['n']}; "
-                                        f"first sighting {_v(fo['first_offline_s'], ' s')})"),
-                 ("sightings", f"{_v(fo['sightings'])} of {_v(fo['sightings_expected'])}"
-                               + (" (complete)" if fo["complete"] else f" (INCOMPLETE after {fo['limit_s']} s)")
-                               + f", {fo['duplicate_offline']} duplicates, {fo['other_offline']} other offline"),
-                 ("server CPU", f"{_v(fo['server_cpu_s'], ' s')} surviving nodes ({_v(fo['server_cpu_pct'], '%')} "
-                                "of one core)")]
-        rows += _redis_rows(fo, "")
-    if res.get("failures"):
-        rows.append(("failures", json.dumps(res["failures"])))
-    if res.get("server_log", {}).get("warning_lines"):
-        rows.append(("server log", f"{res['server_log']['warning_lines']} warning lines, first: "
-                                   f"{res['server_log']['first'][0][:100]}"))
-    if res.get("error"):
-        rows.append(("ERROR", res["error"]))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+import scenario_failover  # noqa: E402
+import scenario_fanout  # noqa: E402
+import scenario_hold  # noqa: E402
+import scenario_pm  # noqa: E402
+import scenario_storm  # noqa: E402
+from loadgen_driver import Bench, raise_fd_limit  # noqa: E402
+from loadgen_errors import BenchError  # noqa: E402
+from loadgen_options import loopback_target, nonnegative, positive  # noqa: E402
+from loadgen_procs import StartedRoom  # noqa: E402
+from loadgen_report import table  # noqa: E402
+from loadgen_stats import ServerStats, machine_info  # noqa: E402
+
+# Each scenario module has HELP, add_arguments(parser), users_needed(args),
+# run(bench, args, result) and table_rows(its part of the result); this order is
+# the order of --help.
+SCENARIOS = {"fanout": scenario_fanout, "pm": scenario_pm, "hold": scenario_hold, "storm": scenario_storm,
+             "failover": scenario_failover}
 
 
 # --- command line -------------------------------------------------------------------------
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text} is not positive")
-        return value
-    return parse
-
-
-def parse_args(argv: list | None = None) -> argparse.Namespace:
+def _common_options() -> argparse.ArgumentParser:
+    """The options every scenario takes (after the scenario name)."""
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("server and run")
-    g.add_argument("--connect", action="append", type=parse_target, default=[], metavar="HOST:PORT",
+    g.add_argument("--connect", action="append", type=loopback_target, default=[], metavar="HOST:PORT",
                    help="target a running server (loopback only); repeat to spread users round-robin "
                         "(default: start chatserver.py on a free 127.0.0.1 port)")
     g.add_argument("--server-pid", action="append", type=int, default=[], metavar="PID",
@@ -1677,60 +123,28 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
                    help="where the started server's data directory goes (default: the system temp dir)")
     g.add_argument("--keep-data", action="store_true", help="keep the started server's data directory and log")
     g.add_argument("--prefix", default="", help="username prefix (default: random, 'lg' + 4 letters)")
-    g.add_argument("--login-window", type=_positive(int), default=200, metavar="N",
+    g.add_argument("--login-window", type=positive(int), default=200, metavar="N",
                    help="logins in flight at once (default: %(default)s)")
-    g.add_argument("--deadline", type=_positive(float), default=900.0, metavar="SECONDS",
+    g.add_argument("--deadline", type=positive(float), default=900.0, metavar="SECONDS",
                    help="the whole run must end within this (default: %(default)s)")
-    g.add_argument("--stall", type=_positive(float), default=20.0, metavar="SECONDS",
+    g.add_argument("--stall", type=positive(float), default=20.0, metavar="SECONDS",
                    help="give up after this long without progress (default: %(default)s)")
-    g.add_argument("--size", type=_positive(int), default=64, metavar="CHARS",
+    g.add_argument("--size", type=positive(int), default=64, metavar="CHARS",
                    help="message text length (default: %(default)s)")
     g.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    return common
 
+
+def parse_args(argv: list | None = None) -> argparse.Namespace:
+    common = _common_options()
     parser = argparse.ArgumentParser(prog="loadgen.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Each scenario has --help. Options go after the scenario name.")
     sub = parser.add_subparsers(dest="scenario", metavar="SCENARIO")
     sub.required = True
-    p = sub.add_parser("fanout", parents=[common], help="N users, K senders, M BMs each, window W")
-    p.add_argument("-n", "--users", type=_positive(int), default=1000, help="users online (default: %(default)s)")
-    p.add_argument("-k", "--senders", type=_positive(int), default=10, help="senders (default: %(default)s)")
-    p.add_argument("-m", "--messages", type=_positive(int), default=50, help="BMs per sender (default: %(default)s)")
-    p.add_argument("-w", "--window", type=_positive(int), default=20,
-                   help="unconfirmed BMs per sender at most (default: %(default)s)")
-    p.add_argument("--probes", type=nonnegative(int), default=50,
-                   help="receivers sampled for latency (default: %(default)s)")
-    p = sub.add_parser("pm", parents=[common], help="one pair ping-pongs private messages")
-    p.add_argument("--count", type=_positive(int), default=200, help="round trips (default: %(default)s)")
-    p.add_argument("--warmup", type=nonnegative(int), default=5,
-                   help="round trips first, not counted (default: %(default)s)")
-    p.add_argument("--same-node", action="store_true",
-                   help="both users on the first server (default: round-robin, i.e. on two different "
-                        "servers when there are several)")
-    p = sub.add_parser("hold", parents=[common], help="N users online; BM round trips; RSS per user")
-    p.add_argument("-n", "--users", type=_positive(int), default=10000, help="users online (default: %(default)s)")
-    p.add_argument("--samples", type=_positive(int), default=200, help="BM round trips (default: %(default)s)")
-    p.add_argument("--probes", type=_positive(int), default=10,
-                   help="receivers the round trips end at, in turn (default: %(default)s)")
-    p.add_argument("--gap", type=nonnegative(float), default=0.0, metavar="SECONDS",
-                   help="pause between round trips (default: %(default)s)")
-    p = sub.add_parser("storm", parents=[common], help="BM round trips before and during a login storm")
-    p.add_argument("--base", type=_positive(int), default=100, help="users online (default: %(default)s)")
-    p.add_argument("--senders", type=_positive(int), default=10,
-                   help="base users sending BMs (default: %(default)s)")
-    p.add_argument("--interval", type=nonnegative(float), default=0.1, metavar="SECONDS",
-                   help="a sender's pause after each round trip (default: %(default)s)")
-    p.add_argument("--baseline", type=_positive(float), default=5.0, metavar="SECONDS",
-                   help="measuring time before the storm (default: %(default)s)")
-    p.add_argument("--storm", type=_positive(int), default=200, help="new logins at once (default: %(default)s)")
-    p = sub.add_parser("failover", parents=[common],
-                       help="N users over 2+ started nodes; SIGKILL one; time until the others see its users offline")
-    p.add_argument("-n", "--users", type=_positive(int), default=1000, help="users in all (default: %(default)s)")
-    p.add_argument("--observers", type=nonnegative(int), default=0,
-                   help="users on the surviving nodes that check every PRESENCE (default: 0 = all of them)")
-    p.add_argument("--limit", type=_positive(float), default=30.0, metavar="SECONDS",
-                   help="give up waiting for the offline presences after this (default: %(default)s)")
+    for name, scenario in SCENARIOS.items():
+        scenario.add_arguments(sub.add_parser(name, parents=[common], help=scenario.HELP))
     a = parser.parse_args(argv)
     if a.server_pid and not a.connect:
         parser.error("--server-pid goes with --connect (a started server is measured anyway)")
@@ -1741,19 +155,7 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
     return a
 
 
-def raise_fd_limit(need: int) -> dict:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard or hard == resource.RLIM_INFINITY:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    if soft != resource.RLIM_INFINITY and soft < need:
-        raise BenchError(f"cannot reach {need} open files (about one per user plus a few): the open-file "
-                         f"limit is {soft} (hard {hard}); raise it (ulimit -n) or ask for fewer users")
-    return {"soft": soft, "hard": hard}
-
+# --- the run ------------------------------------------------------------------------------
 
 class Terminated(Exception):
     """SIGTERM reached the load generator: end the run, stopping what it started."""
@@ -1763,47 +165,96 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+class Setup:
+    """What a scenario runs against: the targets (family, sockaddr, label), the readers of
+    the servers' and Redis's CPU, and the client key pair every user offers."""
+
+    def __init__(self, targets: list, stats: ServerStats, keys: pg3lib.KeyPair,
+                 redis_stats: ServerStats | None = None) -> None:
+        self.targets = targets
+        self.stats = stats
+        self.keys = keys
+        self.redis_stats = redis_stats
+
+
+def _running_servers(a: argparse.Namespace, res: dict) -> Setup:
+    """--connect: the servers are there already; their CPU and RSS only with --server-pid."""
+    a.scrypt_n_used = None
+    res["server"] = {"description": "running server(s) " + ", ".join(t[2] for t in a.connect),
+                     "pids": a.server_pid}
+    return Setup(a.connect, ServerStats(a.server_pid), pg3lib.KeyPair.generate())
+
+
+def _new_room(a: argparse.Namespace, res: dict, users: int) -> StartedRoom:
+    """The servers to start (not started yet): scrypt N=16 unless the scenario is storm
+    (the server's own default) or --scrypt-n says otherwise."""
+    scrypt_n = a.scrypt_n or (None if a.scenario == "storm" else 16)
+    if scrypt_n is None:   # the server's own default
+        scrypt_n = passwords.DEFAULT_SCRYPT_N
+    a.scrypt_n_used = scrypt_n
+    if a.scenario == "hold" and users // max(1, a.nodes) + 1200 > res["fd_limit"]["hard"]:
+        print(f"loadgen: warning: the server's open-file limit (hard {res['fd_limit']['hard']}) leaves "
+              f"little room for {users} connections plus its history files", file=sys.stderr)
+    return StartedRoom(a, scrypt_n, a.nodes)
+
+
+def _start_room(room: StartedRoom, res: dict) -> Setup:
+    """Start the room, make the client key pair while the servers make theirs, wait for them."""
+    room.start()
+    keys = pg3lib.KeyPair.generate()   # meanwhile the servers make their own key
+    room.wait_ready()
+    targets = [(socket.AF_INET, ("127.0.0.1", s.port), s.label) for s in room.servers]
+    redis_stats = ServerStats([room.redis.pid]) if room.redis is not None else None
+    res["server"] = room.info()
+    return Setup(targets, ServerStats(room.pids), keys, redis_stats)
+
+
+def _stop_room(room: StartedRoom, res: dict) -> bool:
+    """Stop what was started and record how it ended; True if a server exited badly and
+    nothing else has been reported as the error."""
+    codes = room.stop()
+    bad = [(s.name, code) for s, code in zip(room.servers, codes) if not s.killed and code not in (0, None)]
+    res.setdefault("server", {})["exit_status"] = bad[0][1] if bad else 0
+    if len(codes) > 1:
+        res["server"]["exit_statuses"] = codes
+    res["server_log"] = room.log_summary()
+    failed = bool(bad) and not res.get("error")
+    if failed:
+        res["error"] = ", ".join(f"{name} exited with status {code}" for name, code in bad)
+    room.cleanup()
+    return failed
+
+
+def _print_result(a: argparse.Namespace, res: dict) -> None:
+    if a.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(table(res, {name: scenario.table_rows for name, scenario in SCENARIOS.items()}))
+    if res.get("error"):
+        print(f"loadgen: {res['error']}", file=sys.stderr)
+
+
 def main(argv: list | None = None) -> int:
     a = parse_args(argv)
+    scenario = SCENARIOS[a.scenario]
     res: dict = {"scenario": a.scenario, "machine": machine_info(),
                  "args": {k: v for k, v in vars(a).items() if k not in ("connect", "json", "quiet")},
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    users = {"fanout": getattr(a, "users", 0), "pm": 2, "hold": getattr(a, "users", 0),
-             "storm": getattr(a, "base", 0) + getattr(a, "storm", 0), "failover": getattr(a, "users", 0)}[a.scenario]
+    users = scenario.users_needed(a)
     room: StartedRoom | None = None
     bench: Bench | None = None
     status = 0
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         res["fd_limit"] = raise_fd_limit(users + 64)
-        redis_stats = None
         if a.connect:
-            targets = a.connect
-            stats = ServerStats(a.server_pid)
-            a.scrypt_n_used = None
-            res["server"] = {"description": "running server(s) " + ", ".join(t[2] for t in targets),
-                             "pids": a.server_pid}
-            keys = pg3lib.KeyPair.generate()
+            setup = _running_servers(a, res)
         else:
-            scrypt_n = a.scrypt_n or (None if a.scenario == "storm" else 16)
-            if scrypt_n is None:   # the server's own default
-                scrypt_n = passwords.DEFAULT_SCRYPT_N
-            a.scrypt_n_used = scrypt_n
-            if a.scenario == "hold" and users // max(1, a.nodes) + 1200 > res["fd_limit"]["hard"]:
-                print(f"loadgen: warning: the server's open-file limit (hard {res['fd_limit']['hard']}) leaves "
-                      f"little room for {users} connections plus its history files", file=sys.stderr)
-            room = StartedRoom(a, scrypt_n, a.nodes)
-            room.start()
-            keys = pg3lib.KeyPair.generate()   # meanwhile the servers make their own key
-            room.wait_ready()
-            targets = [(socket.AF_INET, ("127.0.0.1", s.port), s.label) for s in room.servers]
-            stats = ServerStats(room.pids)
-            if room.redis is not None:
-                redis_stats = ServerStats([room.redis.pid])
-            res["server"] = room.info()
-        bench = Bench(a, targets, stats, room, keys, redis_stats)
+            room = _new_room(a, res, users)   # assigned before starting: the finally below stops it
+            setup = _start_room(room, res)
+        bench = Bench(a, setup.targets, setup.stats, room, setup.keys, setup.redis_stats)
         bench.note(res["server"]["description"])
-        SCENARIOS[a.scenario](bench, a, res)
+        scenario.run(bench, a, res)
     except BenchError as exc:
         res["error"] = str(exc)
         status = 1
@@ -1818,24 +269,10 @@ def main(argv: list | None = None) -> int:
         if bench is not None:
             res["failures"] = dict(bench.failures)
             bench.close_all([key.data for key in list(bench.sel.get_map().values())])
-        if room is not None:
-            codes = room.stop()
-            bad = [(s.name, code) for s, code in zip(room.servers, codes) if not s.killed and code not in (0, None)]
-            res.setdefault("server", {})["exit_status"] = bad[0][1] if bad else 0
-            if len(codes) > 1:
-                res["server"]["exit_statuses"] = codes
-            res["server_log"] = room.log_summary()
-            if bad and not res.get("error"):
-                res["error"] = ", ".join(f"{name} exited with status {code}" for name, code in bad)
-                status = 1
-            room.cleanup()
+        if room is not None and _stop_room(room, res):
+            status = 1
         signal.signal(signal.SIGTERM, previous)
-    if a.json:
-        print(json.dumps(res, indent=1))
-    else:
-        print(table(res))
-    if res.get("error"):
-        print(f"loadgen: {res['error']}", file=sys.stderr)
+    _print_result(a, res)
     return status
 
 

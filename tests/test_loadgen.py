@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN = os.path.join(ROOT, "bench", "loadgen.py")
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import loadgen  # noqa: E402
+import loadgen_driver  # noqa: E402 - the connection driver of bench/loadgen.py
 
 
 def run(*args: str, timeout: float = 60.0) -> dict:
@@ -101,12 +101,12 @@ def test_connect_refuses_other_hosts():
 
 def test_byte_counting_finds_marks_cut_by_reads():
     """A BM body start split over two reads (or three) is counted once."""
-    frame = b"D\0\0\0\x10" + loadgen.BM_MARK + b'"x"}'
+    frame = b"D\0\0\0\x10" + loadgen_driver.BM_MARK + b'"x"}'
     stream = frame * 7 + b'D\0\0\0\x11{"op":"PRESENCE"}'
     for cut in range(1, 40):
-        bench = loadgen.Bench.__new__(loadgen.Bench)
+        bench = loadgen_driver.Bench.__new__(loadgen_driver.Bench)
         bench.bm_delivered = 0
-        conn = loadgen.Conn(0, "u", "p", None)
+        conn = loadgen_driver.Conn(0, "u", "p", None)
         pieces = [stream[i:i + cut] for i in range(0, len(stream), cut)]
         for piece in pieces:
             bench._count(conn, piece)
