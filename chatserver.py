@@ -4,7 +4,7 @@ Usage: ``python3 chatserver.py PORT [options]`` (``--help`` lists them).
 
 Theory of operation. The loop owns the listening socket, every client socket
 and all state. Each connection (``connection.Connection``, as asyncio's
-transport) owns its frame decoder, the decoded requests not yet handed to the
+transport) owns its frame decoder, the bytes read and not yet handed to the
 session logic, and its write queue with flush, close-when-flushed and abort;
 ``EVENT_WRITE`` is registered only while output is pending. The session logic
 (``state.Room``) answers each event with effects, which ``apply`` carries out:
@@ -245,35 +245,35 @@ class ChatServer:
         sock.close()
 
     def _pump(self, conn: Connection) -> None:
-        """Hand queued requests to the session while it is not busy and the flood bucket allows."""
-        room, cid, pending = self.room, conn.cid, conn.pending
+        """Hand requests to the session while it is not busy and the flood bucket allows,
+        decoding each only then; pause reading while one waits."""
+        room, cid = self.room, conn.cid
         rate = self.args.flood_rate
-        while conn.taken < len(pending) and not conn.ending:
+        waiting = False
+        while not conn.ending:
             if room.busy(cid):
+                waiting = True
+                break
+            if rate and conn.tokens < 1.0:
+                self._refill(conn)
+                if conn.tokens < 1.0:
+                    self.throttled.add(conn)   # the login deadline runs on meanwhile
+                    waiting = True
+                    break
+            frame = conn.next_frame()
+            if frame is None:
                 break
             if rate:
-                if conn.tokens < 1.0:
-                    self._refill(conn)
-                    if conn.tokens < 1.0:
-                        self.throttled.add(conn)
-                        # Waiting in the penalty does not count against the login deadline.
-                        room.extend_deadline(cid, self._token_time(conn) - time.time())
-                        break
                 conn.tokens -= 1.0
-            frame = pending[conn.taken]
-            conn.taken += 1
             self.apply(room.receive(cid, frame))
-        if conn.taken == len(pending):
-            pending.clear()
-            conn.taken = 0
         if conn.ending:
             return
-        if pending:
-            conn.pause_reading()   # bounded memory: read more only when these are handled
-        elif conn.fatal is not None:
+        if conn.fatal is not None:
             if not room.busy(cid):   # the ERROR follows the replies to everything sent before it
                 error, conn.fatal = conn.fatal, None
                 self.apply(room.refuse(cid, error))
+        elif waiting:
+            conn.pause_reading()   # bounded memory: read more only when what is here is handled
         else:
             conn.resume_reading()
 
@@ -400,8 +400,6 @@ class ChatServer:
         if self.broadcasts:
             self._deliver_broadcasts()
         for conn in list(self.conns.values()):
-            conn.pending.clear()
-            conn.taken = 0
             conn.queue(goodbye)
             conn.close_when_flushed()
         deadline = time.time() + SHUTDOWN_GRACE

@@ -1,8 +1,10 @@
 """One client connection of the server: its socket, read side and write side, as asyncio's transport.
 
-The read side is a frame decoder (the read buffer) and the decoded requests
-not yet handed to the session logic (``pending``, at most one read's worth:
-reading pauses while any wait). The write side is a queue of whole frames,
+The read side is a frame decoder holding the bytes read and not yet handed to
+the session logic. A request is decoded only when the server can handle it
+(``next_frame``): what waits (a busy session, a client over its flood rate)
+is at most one read of raw bytes, never a pile of parsed bodies, and reading
+pauses meanwhile. The write side is a queue of whole frames,
 sent with one ``send`` per ``flush``; ``EVENT_WRITE`` is registered only while
 something is left, and a queue past the cap cuts the client off (``BYE
 too_slow``) so that others never wait on it.
@@ -70,7 +72,7 @@ class ConnectionOwner(Protocol):
 class Connection:
     """One client socket and its buffers."""
 
-    __slots__ = ("cid", "sock", "address", "owner", "send_cap", "decoder", "pending", "taken", "out", "head",
+    __slots__ = ("cid", "sock", "address", "owner", "send_cap", "decoder", "out", "head",
                  "out_size", "events", "lifecycle", "closed", "ending", "fatal", "close_by", "user", "tokens",
                  "tokens_at", "seen")
 
@@ -82,8 +84,6 @@ class Connection:
         self.owner = owner
         self.send_cap = send_cap  # bytes queued before BYE too_slow (0: no cap)
         self.decoder = framing.FrameDecoder(frame_limit)
-        self.pending: list = []   # decoded, not yet handed over (a list: a deque costs 600 bytes)
-        self.taken = 0            # how many of pending have been handed over
         self.out: list[bytes] = []   # whole frames; the first may be partly sent
         self.head = 0                # bytes of out[0] already sent
         self.out_size = 0            # bytes in out not yet sent
@@ -142,21 +142,24 @@ class Connection:
         if not data:
             self.abort()
             return
-        if self.lifecycle is Lifecycle.LINGERING:
-            return   # read only to be dropped
+        if self.lifecycle is not Lifecycle.OPEN:
+            return   # lingering (or refused): read only to be dropped
+        self.decoder.append(data)
+        self.owner.on_input(self)
+
+    def next_frame(self) -> framing.Frame | None:
+        """The next request, decoded now; None if none is complete or the bytes are not frames
+        (then ``fatal`` holds the ERROR to send once the replies still owed are out)."""
+        if self.lifecycle is not Lifecycle.OPEN:
+            return None
         try:
-            frames = self.decoder.feed(data)
+            return self.decoder.next_frame()
         except framing.ProtocolError as exc:
             log.info("connection %d: %s", self.cid, exc.message.encode("unicode_escape").decode("ascii"))
-            self.pending.extend(exc.frames)
             self.fatal = fatal(Error(exc.code), exc.message)
             self._become(Lifecycle.REFUSED)
             self.pause_reading()
-            self.owner.on_input(self)
-            return
-        if frames:
-            self.pending.extend(frames)
-            self.owner.on_input(self)
+            return None
 
     # --- writing ------------------------------------------------------------------------
     def queue(self, data: bytes) -> None:
@@ -177,8 +180,6 @@ class Connection:
         del self.out[1 if self.head else 0:]
         self.out.append(bye(ByeReason.TOO_SLOW))
         self.out_size = sum(len(frame) for frame in self.out) - self.head
-        self.pending.clear()
-        self.taken = 0
         self.close_when_flushed()
         self.owner.on_cut_off(self)   # the session ends after the current effects are applied
 

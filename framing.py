@@ -155,24 +155,71 @@ def parse_body(raw: bytes) -> dict:
 
 
 class FrameDecoder:
-    """Incremental frame decoder: ``feed(bytes) -> list[Frame]``.
+    """Incremental frame decoder: ``feed(bytes) -> list[Frame]``, or ``append`` then
+    ``next_frame`` to decode one frame at a time (a server decodes a request only when
+    it can handle it, so what waits is bytes, not parsed bodies).
 
     After a ``ProtocolError`` the stream is unusable: the decoder stays broken
-    and every later ``feed`` raises the same error again (code and message),
-    with no frames attached.
+    and every later ``feed`` or ``next_frame`` raises the same error again (code
+    and message), with no frames attached.
     """
 
-    __slots__ = ("limit", "_buf", "_error")
+    __slots__ = ("limit", "_buf", "_start", "_error")
 
     def __init__(self, limit: int = DEFAULT_FRAME_LIMIT) -> None:
         self.limit = limit  # 0 means no limit
         self._buf = bytearray()
+        self._start = 0     # bytes of _buf already decoded
         self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
-        """How many bytes are held waiting for the rest of a frame."""
-        return len(self._buf)
+        """How many bytes are held, not yet decoded."""
+        return len(self._buf) - self._start
+
+    def append(self, data: bytes) -> None:
+        """Take bytes that arrived; decode them later with ``next_frame``."""
+        if self._start:
+            del self._buf[:self._start]   # once per arrival, not once per frame
+            self._start = 0
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None until more bytes arrive.
+
+        Raises:
+            ProtocolError: ``bad_frame``: the next bytes are not a frame.
+        """
+        if self._error is not None:
+            raise ProtocolError(self._error.code, self._error.message)
+        buf, start = self._buf, self._start
+        end = len(buf)
+        if end == start:
+            return None
+        try:
+            # Each field is checked as soon as it is in: the kind byte alone, then the length.
+            kind = _KIND_BYTES.get(buf[start])
+            if kind is None:
+                raise _bad_frame(f"unknown frame kind byte {bytes(buf[start:start + 1])!r}")
+            if end - start < HEADER_SIZE:
+                return None
+            length = int.from_bytes(buf[start + 1:start + 5], "big")
+            if self.limit and length > self.limit:
+                raise _bad_frame(f"frame length {length} is over the limit of {self.limit} bytes")
+            if end - start - HEADER_SIZE < length:
+                return None
+            body_start = start + HEADER_SIZE
+            body = parse_body(bytes(buf[body_start:body_start + length]))
+        except ProtocolError as exc:
+            self._buf = bytearray()
+            self._start = 0
+            self._error = exc
+            raise
+        self._start = body_start + length
+        if self._start == end:
+            buf.clear()
+            self._start = 0
+        return Frame(kind, body)
 
     def feed(self, data: bytes) -> list[Frame]:
         """Take the bytes that arrived; return the frames now complete, in order.
@@ -184,33 +231,14 @@ class FrameDecoder:
         if self._error is not None:
             # The frames before the bad one were handed over with the first raise.
             raise ProtocolError(self._error.code, self._error.message)
-        buf = self._buf
-        buf += data
+        self.append(data)
         frames: list[Frame] = []
-        start = 0
-        end = len(buf)
         try:
-            while end > start:
-                # Each field is checked as soon as it is in: the kind byte alone, then the length.
-                kind = _KIND_BYTES.get(buf[start])
-                if kind is None:
-                    raise _bad_frame(f"unknown frame kind byte {bytes(buf[start:start + 1])!r}")
-                if end - start < HEADER_SIZE:
-                    break
-                length = int.from_bytes(buf[start + 1:start + 5], "big")
-                if self.limit and length > self.limit:
-                    raise _bad_frame(f"frame length {length} is over the limit of {self.limit} bytes")
-                if end - start - HEADER_SIZE < length:
-                    break
-                body_start = start + HEADER_SIZE
-                body = parse_body(bytes(buf[body_start:body_start + length]))
-                frames.append(Frame(kind, body))
-                start = body_start + length
+            while True:
+                frame = self.next_frame()
+                if frame is None:
+                    return frames
+                frames.append(frame)
         except ProtocolError as exc:
-            self._buf = bytearray()
             exc.frames = frames
-            self._error = exc
             raise
-        if start:
-            del buf[:start]
-        return frames

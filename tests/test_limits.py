@@ -494,23 +494,37 @@ def test_flood_rate_0_turns_it_off(make_server, keys):
     assert time.monotonic() - started < 2
 
 
-def test_login_deadline_does_not_run_while_requests_wait_in_the_penalty(make_server, keys):
+def test_login_deadline_runs_on_while_requests_wait_in_the_flood_penalty(make_server, keys):
+    """The login deadline is absolute from the connect: a client that floods before
+    logging in cannot stretch it by sitting in the flood penalty (issue 14)."""
     server = make_server("--flood-rate", "2", "--flood-burst", "1", "--login-timeout", "2")
     c = client(server.port)
     started = time.monotonic()
-    # Seven requests at 2 a second: the last is handled about 3 s after connecting,
-    # past the 2 s login deadline, but all that time was spent in the penalty.
-    c.send_raw(b"".join(framing.command({"op": "LOGIN", "username": "not valid!"}) for _ in range(6))
-               + framing.command({"op": "LOGIN", "username": "penalised"}))
-    for _ in range(6):
-        assert c.reply("LOGIN", timeout=5)["error"] == "invalid_username"
-    reply = c.reply("LOGIN", timeout=5)
-    assert reply["ok"], reply
-    c.server_key = pg3lib.PublicKey.from_key_form(reply["server_key"])
-    c.nonce = base64.b64decode(reply["nonce"])
-    assert time.monotonic() - started > 2.5            # the penalty really held the requests back
-    assert c.password(PASSWORD, timeout=5)["ok"]
-    assert c.key(keys(0))["ok"]
+    # Twenty requests at 2 a second would take 10 s; the deadline ends it at 2 s.
+    c.send_raw(b"".join(framing.command({"op": "LOGIN", "username": "not valid!"}) for _ in range(20)))
+    frames = c.recv_until_closed(timeout=8)
+    took = time.monotonic() - started
+    answered = [f for f in frames if f.body.get("op") == "LOGIN"]
+    assert frames[-1].body == {"op": "BYE", "reason": "idle"}, frames[-3:]
+    assert 1.8 < took < 3.5, took
+    assert 2 <= len(answered) <= 7, len(answered)
+
+
+def test_frames_before_login_at_20_a_second_do_not_keep_a_connection_open(make_server):
+    server = make_server("--login-timeout", "3")
+    c = client(server.port)
+    started = time.monotonic()
+    closed_at = None
+    while time.monotonic() - started < 12:
+        try:
+            c.send({"op": "PM"})
+            c.recv(timeout=0.05)
+        except TimeoutError:
+            continue
+        except (EOFError, OSError):
+            closed_at = time.monotonic() - started
+            break
+    assert closed_at is not None and closed_at < 4.5, closed_at
 
 
 # --- --register-rate ---------------------------------------------------------------------------------
