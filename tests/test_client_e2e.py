@@ -73,8 +73,8 @@ def client_env(home) -> dict:
     return env
 
 
-def client_command(port: int, username: str) -> list[str]:
-    return [sys.executable, CLIENT, "127.0.0.1", str(port), username]
+def client_command(port: int, username: str, *extra: str) -> list[str]:
+    return [sys.executable, CLIENT, "127.0.0.1", str(port), username, *extra]
 
 
 @pytest.fixture
@@ -205,8 +205,8 @@ def ptys():
 class PipedClient:
     """chatclient.py with its stdin a pipe we write to and stdout+stderr a pipe we read."""
 
-    def __init__(self, port: int, username: str, home) -> None:
-        self.proc = subprocess.Popen(client_command(port, username), stdin=subprocess.PIPE,
+    def __init__(self, port: int, username: str, home, *extra: str) -> None:
+        self.proc = subprocess.Popen(client_command(port, username, *extra), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=client_env(home), cwd=ROOT)
         self.output = b""
@@ -262,9 +262,9 @@ class PipedClient:
                 pipe.close()
 
 
-def run_script(port: int, username: str, home, script: str) -> subprocess.CompletedProcess:
-    """Run the client with script as its whole standard input."""
-    return subprocess.run(client_command(port, username), input=script, capture_output=True, text=True,
+def run_script(port: int, username: str, home, script: str, *extra: str) -> subprocess.CompletedProcess:
+    """Run the client with script as its whole standard input (extra: options such as --register)."""
+    return subprocess.run(client_command(port, username, *extra), input=script, capture_output=True, text=True,
                           timeout=DEADLINE, env=client_env(home), cwd=ROOT)
 
 
@@ -286,13 +286,13 @@ def test_message_arrives_above_a_half_typed_prompt(server, keys, home, ptys):
     bob.wait_prompt("message: half typed réponse")
 
     alice.type("BM hello from alice\r")
-    alice.wait_for("sent to 1 user")
+    alice.wait_line(CLOCK + r" alice: hello from alice  \(sent to 1\)")  # as bob sees it, and the count
     message_row = bob.wait_line(CLOCK + " alice: hello from alice")
     bob.wait_prompt("message: half typed réponse")
     assert message_row < bob.screen.cursor.y  # above the prompt, which is intact below it
 
     bob.type("\r")
-    bob.wait_for("sent to 1 user")
+    bob.wait_line(CLOCK + r" bob: half typed réponse  \(sent to 1\)")
     alice.wait_line(CLOCK + " bob: half typed réponse")
     alice.wait_prompt("alice> ")
 
@@ -309,7 +309,7 @@ def test_private_message_is_decrypted_on_the_other_side(server, keys, home, ptys
     alice.wait_for(f"first private message with bob: remembering their key {keys(1).fingerprint}")
     alice.wait_prompt("message to bob: ")
     alice.type("see you at 5\r")
-    alice.wait_for("sent privately to bob")
+    alice.wait_line(CLOCK + r" you -> bob \(private\): see you at 5")
     bob.wait_line(CLOCK + r" alice -> you \(private\): see you at 5")
 
     bob.type("pm Alice on my way\r")  # one-line form, any case
@@ -331,7 +331,7 @@ def test_ctrl_c_at_a_sub_prompt_cancels(server, connect, keys, home, ptys):
         alice.wait_for(sub_prompt + "never sent^C\ncancelled")  # the dropped text stays visible
         alice.wait_prompt("alice> ")
     alice.type("BM after cancel\r")  # the server is back in READY
-    alice.wait_for("sent to 1 user")
+    alice.wait_for("after cancel  (sent to 1)")
     assert bob.wait_data("BM")["text"] == "after cancel"
     assert not [d for d in bob.data if d["op"] in ("BM", "PM")]
 
@@ -397,11 +397,15 @@ def test_terminal_mode_is_restored(way, status, server, keys, home, tmp_path):
             client.type(b"\x15EX\r")
         elif way == "Ctrl-D":
             client.type(b"\x15\x04")
-        elif way == "Ctrl-C":  # the first drops the half-typed command, as in a shell; the second leaves
+        elif way == "Ctrl-C":  # it drops the half-typed command, as in a shell; it never leaves: Ctrl-D does
             client.type(b"\x03")
             client.wait_for("alice> BM half^C")
             client.wait_prompt("alice> ")
             client.type(b"\x03")
+            client.wait_for("alice> ^C\n(Ctrl-C only cancels; to leave, type EX or press Ctrl-D)")
+            client.wait_prompt("alice> ")
+            assert client.proc.poll() is None
+            client.type(b"\x04")
         elif way == "server gone":
             server.kill()
         elif way == "SIGTERM":
@@ -431,11 +435,11 @@ def test_resize_redraws_the_line_to_the_new_width(server, keys, home, ptys):
     alice.wait_until(lambda: alice.cursor_row().endswith("END") and len(alice.cursor_row()) < 40
                      and alice.screen.cursor.x == len(alice.cursor_row()), "the line redrawn in 40 columns")
     alice.type("\r")
-    alice.wait_for("sent (nobody else is online)")
+    alice.wait_line(CLOCK + r" alice: 0123456789\d*")  # the echo, wrapped at 40 columns
 
 
 def test_no_password_on_stdin(server, home):
-    result = run_script(server.port, "alice", home("alice"), "")
+    result = run_script(server.port, "alice", home("alice"), "", "--register")
     assert result.returncode == 1
     assert result.stderr == "chatclient: no password on standard input (its first line is the password)\n"
 
@@ -447,7 +451,7 @@ def test_changed_server_key_stops_before_the_password(make_server, keys, home, t
     port = first.port
     alice_home = home("alice")
     seed_key(alice_home, port, "alice", keys(0))
-    result = run_script(port, "alice", alice_home, f"{PASSWORD}\nEX\n")
+    result = run_script(port, "alice", alice_home, f"{PASSWORD}\nEX\n", "--register")
     assert result.returncode == 0, result.stderr
     store = ClientStore(str(alice_home / "chatroom"))
     remembered = store.server_fingerprint(f"127.0.0.1:{port}")
@@ -518,14 +522,16 @@ def test_piped_script_bm_pm_ch_ex(server, connect, keys, home):
     seed_key(alice_home, server.port, "alice", keys(0))
     script = (f"{PASSWORD}\nCH\nBM\nhello all\nbm one-liner\nPM\nbob\nsecret note\n"
               "pm Bob see you at 5\nCH\nEX\n")
-    result = run_script(server.port, "alice", alice_home, script)
+    result = run_script(server.port, "alice", alice_home, script, "--register")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert "\x1b" not in result.stdout
     out = result.stdout.splitlines()
     assert out[-1] == "bye"
     assert "your history is empty" in out
-    assert out.count("sent to 1 user") == 2 and out.count("sent privately to bob") == 2
+    echoes = [line[8:] for line in out if re.match(CLOCK + " ", line)]
+    assert echoes == ["alice: hello all  (sent to 1)", "alice: one-liner  (sent to 1)",
+                      "you -> bob (private): secret note", "you -> bob (private): see you at 5"]
     history = [line.split("] ", 1)[1] for line in out if re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] ", line)]
     assert history == ["BM alice -> all: hello all", "BM alice -> all: one-liner",
                        "PM alice -> bob: secret note", "PM alice -> bob: see you at 5"]
@@ -544,10 +550,10 @@ def test_piped_script_bm_pm_ch_ex(server, connect, keys, home):
 def test_piped_client_shows_messages_as_they_arrive_and_end_of_input_is_ex(server, connect, keys, home):
     bob = wire_login(connect, "bob", keys(1))
     seed_key(home("alice"), server.port, "alice", keys(0))
-    alice = PipedClient(server.port, "alice", home("alice"))
+    alice = PipedClient(server.port, "alice", home("alice"), "--register")
     try:
         alice.write(PASSWORD + "\n")
-        alice.expect("^logged in as alice at 127.0.0.1:\\d+. online: bob$")
+        alice.expect("^logged in as alice at 127.0.0.1:\\d+. also online: bob$")
         bob.bm("hi alice")
         alice.expect(f"^{CLOCK} bob: hi alice$")
         bob.pm("alice", "just for you")
@@ -564,7 +570,7 @@ def test_piped_client_shows_messages_as_they_arrive_and_end_of_input_is_ex(serve
 
 def test_piped_contact_key_change_is_warned_until_trusted(server, connect, keys, home):
     seed_key(home("alice"), server.port, "alice", keys(0))
-    alice = PipedClient(server.port, "alice", home("alice"))
+    alice = PipedClient(server.port, "alice", home("alice"), "--register")
     try:
         alice.write(PASSWORD + "\n")
         alice.expect("^logged in as alice")
@@ -585,10 +591,12 @@ def test_piped_contact_key_change_is_warned_until_trusted(server, connect, keys,
         alice.expect(f"^now trusting bob's key {re.escape(keys(2).fingerprint)}$")
         alice.expect(f"^{CLOCK} bob -> you \\(private\\): two$")
         alice.write("PM bob welcome back\n")
-        alice.expect("^sent privately to bob$")
+        alice.expect(f"^{CLOCK} you -> bob \\(private\\): welcome back$")
         assert keys(2).open(bob.wait_data("PM")["ciphertext"]) == b"welcome back"
         alice.close_input()
-        assert alice.wait() == 0
+        assert alice.wait() == 1  # the PM held back by the changed key is a failed line
+        assert alice.output.decode().splitlines()[-1] == (
+            "chatclient: 1 line of the script failed: PM to bob: their key has changed (TRUST bob accepts it)")
         assert "are you really" not in alice.output.decode()
     finally:
         alice.close()
@@ -597,7 +605,7 @@ def test_piped_contact_key_change_is_warned_until_trusted(server, connect, keys,
 def test_key_is_generated_once_kept_encrypted_and_a_lost_key_means_unreadable(server, connect, keys, home):
     carol_home = home("carol")
     wire_login(connect, "bob", keys(1))
-    first = run_script(server.port, "carol", carol_home, f"{PASSWORD}\nEX\n")
+    first = run_script(server.port, "carol", carol_home, f"{PASSWORD}\nEX\n", "--register")
     assert first.returncode == 0, first.stderr
     assert "generating your key..." in first.stdout
     store = ClientStore(str(carol_home / "chatroom"))
@@ -647,7 +655,7 @@ def test_piped_wrong_password_exits_1(server, connect, keys, home):
 
 def test_bye_replaced_is_one_line_and_exit_1(server, connect, keys, home):
     seed_key(home("alice"), server.port, "alice", keys(0))
-    alice = PipedClient(server.port, "alice", home("alice"))
+    alice = PipedClient(server.port, "alice", home("alice"), "--register")
     try:
         alice.write(PASSWORD + "\n")
         alice.expect("^logged in as alice")
