@@ -50,7 +50,7 @@ from typing import Any, NamedTuple, Union
 import framing
 import pg3lib
 from clientstore import ClientStore, KeyLocked, config_root, server_address
-from lineeditor import UNSAFE_FORMAT_CHARS, Completions, Event, Key, LineEditor, Submit
+from lineeditor import UNSAFE_FORMAT_CHARS, Completions, Event, Key, LineEditor, Submit, shorten, text_width
 from protocol import (MAX_TEXT_CHARS, MIN_PASSWORD_CHARS, USERNAME_RULE, ByeReason, Error, Op,
                       password_problem, text_problem, valid_username)
 
@@ -239,22 +239,25 @@ def bye_text(body: dict) -> str:
     return f"the server closed the connection: {known} ({one_line(reason, 60)})"
 
 
-def history_summary(shown: int, older: int, hidden: int) -> str:
+def history_summary(shown: int, older: int, hidden: int, shortened: int = 0) -> str:
     """The line after a CH: how many entries, how many older ones were left out (and how to see
-    them), how many from ignored users were hidden."""
-    if shown == 0 and older == 0:
-        return "your history is empty" + (f" (but for {hidden} from ignored users)" if hidden else "")
-
+    them), how many long ones were shortened, how many from ignored users were hidden."""
     def entries(count: int) -> str:
         return f"{count} {'entry' if count == 1 else 'entries'}"
 
+    if shown == 0 and older == 0:
+        return f"(nothing to show: {entries(hidden)} from ignored users hidden)" if hidden else \
+            "your history is empty"
+    total = shown + older
+    text = f"the newest {shown} of {total} entries" if older else entries(shown)
+    if shortened:
+        text += f", {shortened} shortened"
     if older:
-        total = shown + older
-        text = f"the newest {shown} of {total} entries; CH all shows all {total}"
+        text += f"; CH all shows all {total}" + (" in full" if shortened else "")
         if total > 100:
             text += ", CH 100 the newest 100"
-    else:
-        text = entries(shown)
+    elif shortened:
+        text += "; CH all shows " + ("it" if shortened == 1 else "them") + " in full"
     if hidden:
         text += f"; {entries(hidden)} from ignored users not shown"
     return f"({text})"
@@ -283,18 +286,18 @@ def script_failures_text(failures: list[str]) -> str:
     return f"{count} line{'' if count == 1 else 's'} of the script failed: {named}{more}"
 
 
-# The box is this wide; the lines in it are the same width, so that its edges line up.
-_BOX_WIDTH = 66
+_KEY_CHANGED_TITLE = "WARNING: THE SERVER'S KEY HAS CHANGED. THE LOGIN WAS STOPPED."
 
 
 def server_key_changed_text(server: str, remembered: str, presented: str, path: str) -> str:
-    """The changed-key warning: one line for the ``chatclient:`` prefix, then the box on lines of its own."""
-    title = "WARNING: THE SERVER'S KEY HAS CHANGED. THE LOGIN WAS STOPPED."
+    """The changed-key warning: one line for the ``chatclient:`` prefix, then the box on lines of its own
+    (all three of the same width, so that its edges line up)."""
+    edge = "@" * (len(_KEY_CHANGED_TITLE) + 6)
     return "\n".join((
         "the server's key has changed; login stopped, password not sent",
-        "@" * _BOX_WIDTH,
-        "@" + title.center(_BOX_WIDTH - 2) + "@",
-        "@" * _BOX_WIDTH,
+        edge,
+        f"@  {_KEY_CHANGED_TITLE}  @",
+        edge,
         f"The server at {server} presents a key other than the one remembered:",
         f"  remembered: {remembered}",
         f"  presented:  {presented}",
@@ -348,8 +351,16 @@ class Output:
         raise NotImplementedError
 
     def page_rows(self) -> int | None:
-        """How many lines of a long listing fit on the screen (None: no screen, show everything)."""
+        """How many rows of a long listing fit on the screen (None: no screen, show everything)."""
         return None
+
+    def rows_of(self, text: str) -> int:
+        """The screen rows a line takes (a long one wraps)."""
+        return 1
+
+    def fit_rows(self, text: str, rows: int) -> str:
+        """The line cut to take at most rows screen rows."""
+        return text
 
 
 class Session:
@@ -426,8 +437,10 @@ class Session:
         if new_user and not self.interactive and not self.register:
             raise ClientExit(f"there is no account {self.username} at {self.server}; a script creates one "
                              "only when asked: run it with --register (nothing was sent)")
-        if new_user:
+        if new_user and self.interactive:
             self.out.show(f"new user {self.username}: choose a password (at least {MIN_PASSWORD_CHARS} characters)")
+        elif new_user:
+            self.out.show(f"registering the new user {self.username} (--register)")
         while True:
             password = yield from self.read_password(new_user)
             if password is None:
@@ -598,8 +611,9 @@ class Session:
         if problem is None:
             return False
         if self.interactive:
-            self.out.warn(f"{what} not sent: {problem}. It is still in the line below: "
-                          f"shorten it to {MAX_TEXT_CHARS} and press Enter (Ctrl-C drops it)")
+            self.out.warn(f"{what} not sent: {problem}\n"
+                          f"  it is still in the line below: shorten it to {MAX_TEXT_CHARS} characters "
+                          "and press Enter (Ctrl-C drops it)")
         else:
             self.failed(f"{what} not sent", problem)
         return True
@@ -755,8 +769,9 @@ class Session:
     def history(self, argument: str) -> Flow:
         """CH [count | all]: the history, over as many frames as the server sends.
 
-        On a terminal a plain CH shows the newest screenful and says how many
-        older entries there are; ``CH count`` and ``CH all`` show what they ask
+        On a terminal a plain CH shows the newest screenful (counted in rows; an
+        entry longer than a quarter of the screen is shortened to that) and
+        says how many older entries there are; ``CH count`` and ``CH all`` show what they ask
         for, and so does every CH in a script. Entries from ignored users are
         left out (and counted).
         """
@@ -772,10 +787,11 @@ class Session:
         else:
             page = self.out.page_rows()
         yield Send(body)
-        # With a page, only its newest lines are kept (the rest is counted): a long history is
-        # read to its end yet never held whole.
-        lines: deque[str] = deque(maxlen=page)
-        total = hidden = 0
+        # With a page, only the newest lines that fill it are kept (the rest is counted): a long
+        # history is read to its end yet never held whole.
+        lines: deque[tuple[str, int, bool]] = deque()  # the line, its rows, whether it was cut
+        rows = total = hidden = 0
+        tall = max(3, (page or 0) // 4)  # rows an entry may take in a screenful
         while True:
             reply = yield Reply(Op.CH)
             if not succeeded(reply):
@@ -792,14 +808,21 @@ class Session:
                 line = format_history_entry(entry, self.open_sealed)
                 if page is None:
                     self.out.show(line)
-                else:
-                    lines.append(line)
+                    continue
+                cut = self.out.rows_of(line) > tall
+                if cut:
+                    line = self.out.fit_rows(line, tall)
+                lines.append((line, self.out.rows_of(line), cut))
+                rows += lines[-1][1]
+                while rows > page and len(lines) > 1:
+                    rows -= lines.popleft()[1]
             if reply.get("more") is not True:
                 break
-        for line in lines:
+        for line, _, _ in lines:
             self.out.show(line)
+        shortened = sum(cut for _, _, cut in lines)
         shown = len(lines) if page is not None else total
-        self.out.show(history_summary(shown, total - shown, hidden))
+        self.out.show(history_summary(shown, total - shown, hidden, shortened))
 
     def leave(self) -> Flow:
         self.exiting = True
@@ -827,8 +850,8 @@ class Session:
         changed = self.store.set_ignored(self.server, name, hide)
         self.ignored = self.store.ignored(self.server)
         if hide:
-            self.out.show(f"ignoring {name}: their messages are hidden here, in CH too (UNIGNORE {name} "
-                          "shows them again)" if changed else f"you already ignore {name}")
+            self.out.show(f"ignoring {name}: their BMs and PMs are hidden, in CH too (UNIGNORE {name} undoes it)"
+                          if changed else f"you already ignore {name}")
         else:
             self.out.show(f"no longer ignoring {name}" if changed else f"you do not ignore {name}")
 
@@ -1208,6 +1231,13 @@ class TtyScreen(Output):
         """A screenful of a listing: the rows but for its closing line and the prompt."""
         return max(self.height - 2, 5)
 
+    def rows_of(self, text: str) -> int:
+        return max(1, -(-text_width(visible(text)) // max(self.width, 1)))
+
+    def fit_rows(self, text: str, rows: int) -> str:
+        # Cut what will be shown (escapes included); visible() leaves its own output as it is.
+        return shorten(visible(text), rows * max(self.width, 1) - 1)
+
     def suspend(self) -> None:
         """Ctrl-Z: give the terminal back, stop, and take it again when continued."""
         if self._saved is None:
@@ -1278,7 +1308,11 @@ class TtyScreen(Output):
         self._write(self._line())
 
     def answered(self, ask: Ask, event: Event) -> None:
-        """Leave the question and its answer on screen, like a shell's transcript."""
+        """Leave the question and its answer on screen, like a shell's transcript.
+
+        The transcript is one row at most: a long message is shown whole by its
+        echo (or kept in the line when it was too long), not twice.
+        """
         if isinstance(event, Submit):
             answer = "" if ask.secret else event.text
             if not ask.secret:
@@ -1288,7 +1322,7 @@ class TtyScreen(Output):
         else:
             answer = "^D"
         self.prompt = None
-        self._write("\r\x1b[K" + visible(ask.prompt + answer) + "\r\n")
+        self._write("\r\x1b[K" + visible(shorten(ask.prompt + answer, max(self.width - 1, 8))) + "\r\n")
 
 
 Screen = Union[TtyScreen, PlainScreen]

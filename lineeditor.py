@@ -333,6 +333,21 @@ class LineEditor:
         return "\r\x1b[K" + row.text + "\r" + move
 
 
+def shorten(text: str, columns: int, tail: str = " ...") -> str:
+    """text cut to fit in columns (tail marking the cut), or text itself if it fits."""
+    if text_width(text) <= columns:
+        return text
+    kept: list[str] = []
+    used = 0
+    room = max(columns - text_width(tail), 0)
+    for ch in text:
+        used += char_width(ch)
+        if used > room:
+            break
+        kept.append(ch)
+    return "".join(kept) + tail
+
+
 def _fit_prompt(prompt: str, limit: int) -> str:
     """Shorten a long prompt (e.g. a long list of names) to limit columns."""
     if text_width(prompt) <= limit:

@@ -524,7 +524,10 @@ def test_history_summary():
     assert chatclient.history_summary(38, 212, 0) == \
         "(the newest 38 of 250 entries; CH all shows all 250, CH 100 the newest 100)"
     assert chatclient.history_summary(4, 0, 1) == "(4 entries; 1 entry from ignored users not shown)"
-    assert chatclient.history_summary(0, 0, 2) == "your history is empty (but for 2 from ignored users)"
+    assert chatclient.history_summary(0, 0, 2) == "(nothing to show: 2 entries from ignored users hidden)"
+    assert chatclient.history_summary(18, 19, 0, 1) == \
+        "(the newest 18 of 37 entries, 1 shortened; CH all shows all 37 in full)"
+    assert chatclient.history_summary(5, 0, 0, 2) == "(5 entries, 2 shortened; CH all shows them in full)"
 
 
 # --- the changed server key box -------------------------------------------------------------------------
@@ -547,7 +550,7 @@ def test_ignore_hides_bms_and_pms_and_is_remembered(alice, keys):
     alice.local_command("IGNORE", "IGNORE", "")
     assert alice.out.shown[-1].startswith("you ignore nobody")
     alice.local_command("IGNORE", "ignore", "Bob")
-    assert alice.out.shown[-1].startswith("ignoring Bob: their messages are hidden here")
+    assert alice.out.shown[-1] == "ignoring Bob: their BMs and PMs are hidden, in CH too (UNIGNORE Bob undoes it)"
     alice.out = Lines()
     alice.on_data({"op": "BM", "from": "bob", "text": "spam", "ts": "2026-11-24T15:04:05Z"})
     alice.on_data(pm_frame(keys(1), "BOB", keys(0), "private spam"))
@@ -580,3 +583,52 @@ def test_ignore_refuses_yourself_and_non_names(alice):
                                 "UNIGNORE: usage: UNIGNORE user"]
     assert alice.out.shown == ["you do not ignore zed"]
     assert alice.ignored == set()
+
+
+def test_the_transcript_of_a_long_line_is_one_row():
+    from lineeditor import shorten, text_width
+    assert shorten("alice> BM hi", 20) == "alice> BM hi"
+    cut = shorten("alice> BM " + "x" * 5000, 79)
+    assert text_width(cut) == 79 and cut.endswith("x ...")
+    assert text_width(shorten("日本語" * 40, 79)) <= 79
+
+
+def test_the_ch_screenful_counts_rows_so_long_entries_take_more(alice):
+    class Narrow(Screenful):  # 5 rows; a line takes a row per 40 characters
+        def rows_of(self, text: str) -> int:
+            return -(-len(text) // 40)
+
+    pages = ch_pages(6)
+    pages[-1]["entries"][0]["text"] = "w" * 60  # entry 4: three rows, with its date and sender
+    alice.out = Narrow()
+    drive(alice.command("CH"), pages)
+    assert [line.rsplit(": ", 1)[1][:2] for line in alice.out.shown[:-1]] == ["m3", "ww", "m5"]
+    assert alice.out.shown[-1] == "(the newest 3 of 6 entries; CH all shows all 6)"
+    alice.out = Narrow()
+    pages = ch_pages(2)
+    pages[0]["entries"][1]["text"] = "w" * 400  # the newest alone is more than a screenful: still shown
+    drive(alice.command("CH"), pages)
+    assert len(alice.out.shown) == 2 and alice.out.shown[0].endswith("w" * 400)
+
+
+def test_a_long_entry_in_the_ch_screenful_is_shortened(alice):
+    class Tall(Lines):  # 20 rows of 40 columns
+        def page_rows(self) -> int:
+            return 20
+
+        def rows_of(self, text: str) -> int:
+            return -(-len(text) // 40)
+
+        def fit_rows(self, text: str, rows: int) -> str:
+            return text[:rows * 40 - 4] + " ..."
+
+    pages = ch_pages(6)
+    pages[0]["entries"][2]["text"] = "w" * 4000  # a hundred rows: a quarter of the screen, 5 rows, is shown
+    alice.out = Tall()
+    drive(alice.command("CH"), list(pages))
+    assert len(alice.out.shown) == 7
+    assert alice.out.shown[2].endswith("w ...") and len(alice.out.shown[2]) == 5 * 40
+    assert alice.out.shown[-1] == "(6 entries, 1 shortened; CH all shows it in full)"
+    alice.out = Tall()
+    drive(alice.command("CH all"), pages)
+    assert alice.out.shown[2].endswith("w" * 4000)
