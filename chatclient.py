@@ -1513,7 +1513,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("host", nargs="?", metavar="HOST", help="server name or address")
     parser.add_argument("port", nargs="?", type=_port, metavar="PORT", help="server port")
     parser.add_argument("username", nargs="?", type=_username, metavar="USERNAME",
-                        help="your account; a new name is registered on its first login")
+                        help="your account; a new name is registered on its first login "
+                             "(from a script only with --register)")
     parser.add_argument("--register", action="store_true",
                         help="when standard input is not a terminal: create USERNAME if it is new (the "
                              "first input line is its password); without it a script only logs in. "

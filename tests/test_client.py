@@ -632,3 +632,19 @@ def test_a_long_entry_in_the_ch_screenful_is_shortened(alice):
     alice.out = Tall()
     drive(alice.command("CH all"), pages)
     assert alice.out.shown[2].endswith("w" * 4000)
+
+
+def test_help_names_every_command_and_fits_60_columns():
+    text = "\n".join(chatclient.HELP_LINES)
+    assert all(len(line) <= 60 for line in chatclient.HELP_LINES)
+    for word in chatclient.COMMANDS:
+        if word != "HELP":
+            assert word + " " in text, word
+    assert "CH [count | all]" in text and "Ctrl-D" in text and "never leaves" in text
+
+
+def test_usage_mentions_register():
+    result = run_client("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--register" in text and "exit status is 1 if any line failed" in text
