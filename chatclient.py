@@ -1,10 +1,11 @@
-"""The chat room client: ``python3 chatclient.py HOST PORT USERNAME`` (PROTOCOL.md, issue 4).
+"""The chat room client: ``python3 chatclient.py HOST PORT USERNAME`` (docs/PROTOCOL.md, issue 4).
 
 Owns the client side of the protocol: the login (the server's key checked
 against the one remembered for HOST:PORT before the password goes out), the
-operations BM, PM, CH and EX, the local commands (WHO, KEYS, TRUST, HELP),
-sealing and signing private messages end to end, checking received ones
-against the sender's pinned key, and showing what arrives.
+operations BM, PM, CH and EX, the local commands (WHO, KEYS, TRUST, IGNORE,
+UNIGNORE, HELP), sealing and signing private messages end to end, checking
+received ones against the sender's pinned key, and showing what arrives
+(except from the users ignored).
 
 Theory of operation: one ``selectors`` loop waits on the socket and standard
 input. The conversation with the server is lock-step, so it is written as a
@@ -20,8 +21,9 @@ Two front ends: ``TtyScreen`` (stdin is a terminal: cbreak mode, the
 ``LineEditor``, incoming lines printed above the prompt and the prompt and
 the half-typed text redrawn; the terminal mode is restored on every way out)
 and ``PlainScreen`` (a pipe or a file: plain lines, no prompts, no escape
-codes; the first line is the password; end of input means EX). Every line
-shown passes ``visible()`` at the screen, so nothing received is ever
+codes; the first line is the password; end of input means EX; a line that
+fails makes the exit status 1 at the end, each reason said on stderr). Every
+line shown passes ``visible()`` at the screen, so nothing received is ever
 interpreted by the terminal.
 """
 
@@ -42,53 +44,60 @@ import sys
 import termios
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, NamedTuple, Union
 
 import framing
 import pg3lib
 from clientstore import ClientStore, KeyLocked, config_root, server_address
-from lineeditor import UNSAFE_FORMAT_CHARS, Event, Key, LineEditor, Submit
+from lineeditor import UNSAFE_FORMAT_CHARS, Completions, Event, Key, LineEditor, Submit, shorten, text_width
+from protocol import (MAX_TEXT_CHARS, MIN_PASSWORD_CHARS, USERNAME_RULE, ByeReason, Error, Op,
+                      password_problem, text_problem, valid_username)
 
 log = logging.getLogger("chatclient")
 log.addHandler(logging.NullHandler())  # nothing on stderr unless --debug-log asks for a file
 
 EXIT_OK = 0
-EXIT_ERROR = 1
+EXIT_ERROR = 1  # also: a script in which something was not carried out (a message not sent...)
 EXIT_USAGE = 2
 EXIT_SECURITY = 3  # a server key that does not match: the login was stopped
 EXIT_INTERRUPTED = 130
 
-MAX_TEXT_CHARS = 4096  # PROTOCOL.md 4.4/4.5: the client enforces it for PMs
 CONNECT_TIMEOUT = 10.0
 # Larger than the server's default frame limit, so a server configured with a
 # bigger one still works, yet bounded.
 CLIENT_FRAME_LIMIT = 1 << 20
-USERNAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 UNREADABLE = "(unreadable: sealed for another key)"
-COMMANDS = ("BM", "PM", "CH", "WHO", "KEYS", "TRUST", "HELP", "EX")
-COMMANDS_HINT = "commands: BM PM CH WHO KEYS TRUST EX; HELP explains them"
+COMMANDS = ("BM", "PM", "CH", "WHO", "KEYS", "TRUST", "IGNORE", "UNIGNORE", "HELP", "EX")
+NAME_COMMANDS = ("PM", "TRUST", "KEYS", "IGNORE", "UNIGNORE")  # their first argument is a user name
+COMMANDS_HINT = "commands: BM PM CH WHO KEYS TRUST IGNORE EX; HELP explains them"
+LEAVE_HINT = "(Ctrl-C only cancels; to leave, type EX or press Ctrl-D)"
+LEAVE_HINT_LOGIN = "(Ctrl-C only cancels; to leave, press Ctrl-D)"
 HELP_LINES = (  # short enough for a terminal of 60 columns
     "BM [message]         message everyone online",
     "PM [user [message]]  private message, encrypted end to end",
-    "CH [count]           your history (or its newest entries)",
+    "CH [count | all]     your history: the newest screenful,",
+    "                     the newest count entries, or all",
     "WHO                  who is online",
     "KEYS [user]          fingerprints, to compare in person",
     "TRUST user           accept a contact's new key",
+    "IGNORE [user]        hide a user's messages (no user: list)",
+    "UNIGNORE user        show them again",
     "EX                   leave (or Ctrl-D)",
-    "Ctrl-C cancels; Up/Down recall; Tab completes names",
+    "Ctrl-C cancels (it never leaves); Up/Down recall lines;",
+    "Tab completes commands, then user names",
 )
-MIN_PASSWORD_CHARS = 8  # PROTOCOL.md 4.2: the server refuses shorter or longer ones as weak_password
-MAX_PASSWORD_BYTES = 256
 SLOW_REPLY = 1.0  # seconds without the awaited reply before the terminal says that we are waiting
-WAITING_NOTES = {"LOGIN": "connecting...", "PASSWORD": "checking the password..."}
+WAITING_NOTES = {Op.LOGIN.value: "connecting...", Op.PASSWORD.value: "checking the password..."}
 BYE_REASONS = {
-    "shutdown": "the server is shutting down",
-    "replaced": "you logged in somewhere else",
-    "idle": "the login took too long",
-    "too_slow": "this client did not keep up with the server",
-    "too_many_failures": "too many failed password attempts",
+    ByeReason.SHUTDOWN.value: "the server is shutting down",
+    ByeReason.REPLACED.value: "you logged in somewhere else",
+    ByeReason.IDLE.value: "the login took too long",
+    ByeReason.TOO_SLOW.value: "this client did not keep up with the server",
+    ByeReason.TOO_MANY_FAILURES.value: "too many failed password attempts",
 }
+CH_ALL = "all"  # CH all: the whole history, however long, on a terminal too
+SUMMARY_FAILURES = 3  # failures named in a script's closing line; the rest are counted
 
 
 class ClientExit(Exception):
@@ -159,6 +168,7 @@ def local_time(value: Any, with_date: bool = False) -> str:
 
 
 def format_broadcast(sender: str, text: str, ts: Any = None) -> str:
+    """A BM as everyone sees it, the sender too: ``[15:04] alice: hello``."""
     return f"[{local_time(ts)}] {sender}: {text}"
 
 
@@ -166,8 +176,29 @@ def format_private(sender: str, text: str, ts: Any = None) -> str:
     return f"[{local_time(ts)}] {sender} -> you (private): {text}"
 
 
-def format_presence(username: str, online: bool) -> str:
-    return f"* {username} is {'online' if online else 'offline'}"
+def format_own_private(receiver: str, text: str) -> str:
+    """The echo of a PM we sent, beside what the receiver sees (``alice -> you (private)``)."""
+    return f"[{local_time(None)}] you -> {receiver} (private): {text}"
+
+
+def recipients_note(recipients: Any) -> str:
+    """The short count after the echo of our own BM; empty if the server gave no usable count."""
+    if not isinstance(recipients, int) or isinstance(recipients, bool) or recipients < 0:
+        return ""
+    if recipients == 0:
+        return "(nobody else is online)"
+    return f"(sent to {recipients})"
+
+
+def format_own_broadcast(sender: str, text: str, recipients: Any) -> str:
+    """Our BM echoed as the others see it, the count folded in after it."""
+    note = recipients_note(recipients)
+    line = format_broadcast(sender, text)
+    return f"{line}  {note}" if note else line
+
+
+def format_presence(username: str, online: bool, ts: Any = None) -> str:
+    return f"[{local_time(ts)}] * {username} is {'online' if online else 'offline'}"
 
 
 def format_history_entry(entry: dict, open_sealed: Callable[[Any], str | None]) -> str:
@@ -191,11 +222,6 @@ def succeeded(reply: dict) -> bool:
     return reply.get("ok") is True
 
 
-def valid_username(name: Any) -> bool:
-    """A name the protocol allows (PROTOCOL.md 4.1); others are never shown as users or written to files."""
-    return isinstance(name, str) and USERNAME_RULE.match(name) is not None
-
-
 def one_line(value: Any, limit: int = 200) -> str:
     """Server-given text for a one-line message: escaped, no line breaks, at most limit characters."""
     text = visible(value if isinstance(value, str) else str(value))
@@ -213,39 +239,68 @@ def bye_text(body: dict) -> str:
     return f"the server closed the connection: {known} ({one_line(reason, 60)})"
 
 
-def sent_text(recipients: Any) -> str:
-    if not isinstance(recipients, int) or isinstance(recipients, bool) or recipients < 0:
-        return "sent"
-    if recipients == 0:
-        return "sent (nobody else is online)"
-    if recipients == 1:
-        return "sent to 1 user"
-    return f"sent to {recipients} users"
+def history_summary(shown: int, older: int, hidden: int, shortened: int = 0) -> str:
+    """The line after a CH: how many entries, how many older ones were left out (and how to see
+    them), how many long ones were shortened, how many from ignored users were hidden."""
+    def entries(count: int) -> str:
+        return f"{count} {'entry' if count == 1 else 'entries'}"
+
+    if shown == 0 and older == 0:
+        return f"(nothing to show: {entries(hidden)} from ignored users hidden)" if hidden else \
+            "your history is empty"
+    total = shown + older
+    text = f"the newest {shown} of {total} entries" if older else entries(shown)
+    if shortened:
+        text += f", {shortened} shortened"
+    if older:
+        text += f"; CH all shows all {total}" + (" in full" if shortened else "")
+        if total > 100:
+            text += ", CH 100 the newest 100"
+    elif shortened:
+        text += "; CH all shows " + ("it" if shortened == 1 else "them") + " in full"
+    if hidden:
+        text += f"; {entries(hidden)} from ignored users not shown"
+    return f"({text})"
 
 
-def password_problem(password: str) -> str | None:
-    """Why the server would refuse a new password as weak (PROTOCOL.md 4.2), or None."""
-    if len(password) < MIN_PASSWORD_CHARS:
-        return f"a password has at least {MIN_PASSWORD_CHARS} characters"
-    if len(password.encode("utf-8")) > MAX_PASSWORD_BYTES:
-        return f"a password has at most {MAX_PASSWORD_BYTES} bytes"
-    return None
+def completion_words(before: str, names: Sequence[str]) -> tuple[str, ...]:
+    """What Tab may complete a word at the operation prompt to, by where the word is.
+
+    ``before`` is the line before the word. The first word is a command; the
+    word after a command that takes a user (PM, TRUST, KEYS, IGNORE, UNIGNORE)
+    is one of names; anything else (a message, a second argument) is left alone.
+    """
+    words = before.split()
+    if not words:
+        return COMMANDS
+    if len(words) == 1 and before[-1:].isspace() and words[0].upper() in NAME_COMMANDS:
+        return tuple(names)
+    return ()
 
 
-def text_problem(text: str) -> str | None:
-    """Why a message cannot be sent (too long), or None."""
-    if len(text) > MAX_TEXT_CHARS:
-        return f"that message has {len(text)} characters; the limit is {MAX_TEXT_CHARS}"
-    return None
+def script_failures_text(failures: list[str]) -> str:
+    """A script's closing line on stderr when something in it was not carried out."""
+    count = len(failures)
+    named = "; ".join(failures[:SUMMARY_FAILURES])
+    more = f"; and {count - SUMMARY_FAILURES} more" if count > SUMMARY_FAILURES else ""
+    return f"{count} line{'' if count == 1 else 's'} of the script failed: {named}{more}"
+
+
+_KEY_CHANGED_TITLE = "WARNING: THE SERVER'S KEY HAS CHANGED. THE LOGIN WAS STOPPED."
 
 
 def server_key_changed_text(server: str, remembered: str, presented: str, path: str) -> str:
+    """The changed-key warning: one line for the ``chatclient:`` prefix, then the box on lines of its own
+    (all three of the same width, so that its edges line up)."""
+    edge = "@" * (len(_KEY_CHANGED_TITLE) + 6)
     return "\n".join((
-        "@" * 66,
-        "@  WARNING: THE SERVER'S KEY HAS CHANGED. THE LOGIN WAS STOPPED.  @",
-        "@" * 66,
-        f"The server at {server} now presents the key {presented}",
-        f"but the key remembered for it is               {remembered}.",
+        "the server's key has changed; login stopped, password not sent",
+        edge,
+        f"@  {_KEY_CHANGED_TITLE}  @",
+        edge,
+        f"The server at {server} presents a key other than the one remembered:",
+        f"  remembered: {remembered}",
+        f"  presented:  {presented}",
         "Someone may be impersonating the server to capture your password,",
         "or the server's key was replaced. Your password has NOT been sent.",
         "If you know the change is legitimate, delete the line for",
@@ -277,8 +332,9 @@ class Ask(NamedTuple):
 
     prompt: str
     secret: bool = False
-    completions: tuple = ()
+    completions: Completions = ()  # what Tab offers (lineeditor.Completions)
     clear_on_interrupt: bool = False  # Ctrl-C on a half-typed line only drops the line
+    initial: str = ""  # text already in the line, to edit (a message that was too long)
 
 
 Step = Union[Send, Reply, Ask]
@@ -294,22 +350,38 @@ class Output:
     def warn(self, text: str) -> None:
         raise NotImplementedError
 
+    def page_rows(self) -> int | None:
+        """How many rows of a long listing fit on the screen (None: no screen, show everything)."""
+        return None
+
+    def rows_of(self, text: str) -> int:
+        """The screen rows a line takes (a long one wraps)."""
+        return 1
+
+    def fit_rows(self, text: str, rows: int) -> str:
+        """The line cut to take at most rows screen rows."""
+        return text
+
 
 class Session:
     """The client's side of one connection: login, operations, what arrives (no I/O of its own)."""
 
     def __init__(self, server: str, username: str, store: ClientStore, out: Output,
-                 interactive: bool) -> None:
+                 interactive: bool, register: bool = False) -> None:
         self.server = server
         self.username = username  # the registered spelling once logged in
         self.store = store
         self.out = out
         self.interactive = interactive
+        self.register = register  # a script may create the account (--register)
         self.keys: pg3lib.KeyPair | None = None
         self.online: dict[str, str] = {}  # lower case -> as shown
         self.more_online = 0  # online users left out of a trimmed list
         self.changed_keys: dict[str, pg3lib.PublicKey] = {}  # contact -> new key, not trusted yet
         self.held: dict[str, list[dict]] = {}  # contact -> PMs waiting for TRUST
+        self.ignored = store.ignored(server)  # lower case: the users whose BMs and PMs are hidden
+        self.failures: list[str] = []  # a script's lines that were not carried out (exit status 1)
+        self.retry_line = ""  # put back at the next operation prompt (a message that was too long)
         self.exiting = False
 
     def request(self, body: dict) -> Flow:
@@ -317,20 +389,43 @@ class Session:
         return (yield Reply(body["op"]))
 
     def run(self) -> Flow:
-        """Log in, then take operations until EX, Ctrl-D, or Ctrl-C on an empty operation prompt."""
+        """Log in, then take operations until EX or Ctrl-D (Ctrl-C only cancels, and says how to leave)."""
         yield from self.login()
         while True:
-            event = yield Ask(f"{self.username}> ", completions=COMMANDS + tuple(self.online.values()),
-                              clear_on_interrupt=True)
+            initial, self.retry_line = self.retry_line, ""
+            event = yield Ask(f"{self.username}> ", completions=self.complete, clear_on_interrupt=True,
+                              initial=initial)
+            if event is Key.INTERRUPT:  # on an empty line (a half-typed one is only dropped)
+                self.out.show(LEAVE_HINT)
+                continue
             if not isinstance(event, Submit):
                 yield from self.leave()
                 return
             if (yield from self.command(event.text)):
                 return
 
+    def complete(self, before: str) -> tuple[str, ...]:
+        """What Tab offers at the operation prompt for the word after ``before`` (the text before it)."""
+        return completion_words(before, self.user_names())
+
+    def user_names(self) -> list[str]:
+        """Names worth completing: the users online now and the contacts remembered (and ignored)."""
+        names = {name.lower(): name for name in self.store.contacts(self.server)}
+        names.update((name, name) for name in self.ignored)
+        names.update((name.lower(), name) for name in self.changed_keys)
+        names.update(self.online)  # the spelling the server shows wins
+        names.pop(self.username.lower(), None)
+        return sorted(names.values(), key=str.lower)
+
+    def failed(self, what: str, reason: str) -> None:
+        """Something a line asked for was not done: warn; a script also exits with status 1 at its end."""
+        self.out.warn(f"{what}: {reason}")
+        if not self.interactive:
+            self.failures.append(f"{what}: {reason}")
+
     # --- login ---------------------------------------------------------------------
     def login(self) -> Flow:
-        reply = yield from self.request({"op": "LOGIN", "username": self.username})
+        reply = yield from self.request({"op": Op.LOGIN, "username": self.username})
         if not succeeded(reply):
             raise ClientExit(f"login refused: {describe_error(reply)}")
         server_key = self.check_server_key(reply)
@@ -339,27 +434,33 @@ class Session:
         except ValueError:
             raise ClientExit("the server sent a malformed login nonce; password not sent") from None
         new_user = bool(reply.get("new_user"))
-        if new_user:
+        if new_user and not self.interactive and not self.register:
+            raise ClientExit(f"there is no account {self.username} at {self.server}; a script creates one "
+                             "only when asked: run it with --register (nothing was sent)")
+        if new_user and self.interactive:
             self.out.show(f"new user {self.username}: choose a password (at least {MIN_PASSWORD_CHARS} characters)")
+        elif new_user:
+            self.out.show(f"registering the new user {self.username} (--register)")
         while True:
             password = yield from self.read_password(new_user)
             if password is None:
                 raise ClientExit("login cancelled" if self.interactive else
                                  "no password on standard input (its first line is the password)")
             sealed = server_key.seal(nonce + password.encode("utf-8")).decode("ascii")
-            reply = yield from self.request({"op": "PASSWORD", "ciphertext": sealed})
+            reply = yield from self.request({"op": Op.PASSWORD, "ciphertext": sealed})
             if succeeded(reply):
                 break
             self.password_refused(reply)
         registered = reply.get("username")
         if valid_username(registered) and registered.lower() == self.username.lower():
-            self.username = registered  # the spelling of the registration (PROTOCOL.md 4.2)
+            self.username = registered  # the spelling of the registration (docs/PROTOCOL.md 4.2)
         self.keys = self.own_key_pair(password)
-        reply = yield from self.request({"op": "KEY", "public_key": self.keys.public.key_form})
+        reply = yield from self.request({"op": Op.KEY, "public_key": self.keys.public.key_form})
         if not succeeded(reply):
             raise ClientExit(f"the server refused our key: {describe_error(reply)}")
         self.set_online(reply.get("online"), reply.get("more_online"))
-        self.out.show(f"logged in as {self.username} at {self.server}. {self.who_text()}")
+        others = f"also online: {self.who_list()}" if self.online or self.more_online else "nobody else is online"
+        self.out.show(f"logged in as {self.username} at {self.server}. {others}")
         if self.interactive:
             self.out.show(COMMANDS_HINT)
 
@@ -390,19 +491,34 @@ class Session:
         return key
 
     def read_password(self, new_user: bool) -> Flow:
-        """The password typed (twice for a new user on a terminal), or None if cancelled."""
+        """The password typed (twice for a new user on a terminal), or None if cancelled (Ctrl-D).
+
+        Ctrl-C drops what was typed and asks again from the start.
+        Raises:
+            ClientExit: a script's new password is one the server would refuse.
+        """
         prompt = "choose a password: " if new_user else f"password for {self.username}: "
         while True:
             first = yield Ask(prompt, secret=True)
+            if first is Key.INTERRUPT:
+                self.out.show(LEAVE_HINT_LOGIN)
+                continue
             if not isinstance(first, Submit):
                 return None
-            if not (new_user and self.interactive):
+            problem = password_problem(first.text) if new_user else None
+            if not self.interactive:
+                if problem is not None:
+                    raise ClientExit(f"cannot register {self.username}: {problem}")
                 return first.text
-            problem = password_problem(first.text)
+            if not new_user:
+                return first.text
             if problem is not None:  # say so now rather than after typing it twice
                 self.out.warn(problem)
                 continue
             again = yield Ask("repeat the password: ", secret=True)
+            if again is Key.INTERRUPT:
+                self.out.show(LEAVE_HINT_LOGIN)
+                continue
             if not isinstance(again, Submit):
                 return None
             if again.text == first.text:
@@ -412,14 +528,14 @@ class Session:
     def password_refused(self, reply: dict) -> None:
         """Say why; raise when asking again is of no use."""
         error = reply.get("error")
-        if error == "wrong_password":
+        if error == Error.WRONG_PASSWORD:
             left = reply.get("attempts_left")
             if not self.interactive or left == 0:
                 raise ClientExit("wrong password")
             counted = isinstance(left, int) and not isinstance(left, bool) and left > 0
             self.out.warn(f"wrong password; {left} attempt{'' if left == 1 else 's'} left" if counted
                           else "wrong password")
-        elif error in ("weak_password", "bad_request") and self.interactive:
+        elif error in (Error.WEAK_PASSWORD, Error.BAD_REQUEST) and self.interactive:
             self.out.warn(describe_error(reply))
         else:
             raise ClientExit(f"login failed: {describe_error(reply)}")
@@ -447,10 +563,10 @@ class Session:
             return False
         name, rest = words[0].upper(), (words[1] if len(words) > 1 else "")
         if name == "BM":
-            yield from self.broadcast(rest if rest.strip() else None)
+            yield from self.broadcast(rest if rest.strip() else None, line)
         elif name == "PM":
             parts = rest.split(maxsplit=1)
-            yield from self.private(parts[0] if parts else None, parts[1] if len(parts) > 1 else None)
+            yield from self.private(parts[0] if parts else None, parts[1] if len(parts) > 1 else None, line)
         elif name == "CH":
             yield from self.history(rest.strip())
         elif name in ("EX", "EXIT", "QUIT"):
@@ -467,66 +583,92 @@ class Session:
             self.show_keys(argument)
         elif name == "TRUST":
             self.trust(argument)
+        elif name in ("IGNORE", "UNIGNORE"):
+            self.ignore(argument, name == "IGNORE")
         elif name in ("HELP", "?"):
             for line in HELP_LINES:
                 self.out.show(line)
         else:
             line = f"{typed} {argument}".strip()
-            self.out.warn(f"unknown command {typed!r} (HELP lists the commands; "
-                          f"to send this to everyone: BM {line})")
+            self.failed(f"unknown command {typed!r}",
+                        f"HELP lists the commands; to send this to everyone: BM {line}")
 
-    def ask_text(self, prompt: str) -> Flow:
+    def ask_text(self, prompt: str, initial: str = "") -> Flow:
         """A message line, or None for Ctrl-C, Ctrl-D, end of input or an empty line."""
-        event = yield Ask(prompt)
+        event = yield Ask(prompt, initial=initial)
         if not isinstance(event, Submit) or not event.text.strip():
             return None
         return event.text
 
     def cancel(self, say: bool = True) -> Flow:
-        yield from self.request({"op": "CANCEL"})
+        yield from self.request({"op": Op.CANCEL})
         if say:
             self.out.show("cancelled")
 
-    def broadcast(self, text: str | None) -> Flow:
+    def too_long(self, what: str, text: str) -> bool:
+        """True (and said) if text is over the limit; on a terminal it stays to be shortened."""
+        problem = text_problem(text)
+        if problem is None:
+            return False
+        if self.interactive:
+            self.out.warn(f"{what} not sent: {problem}\n"
+                          f"  it is still in the line below: shorten it to {MAX_TEXT_CHARS} characters "
+                          "and press Enter (Ctrl-C drops it)")
+        else:
+            self.failed(f"{what} not sent", problem)
+        return True
+
+    def broadcast(self, text: str | None, line: str = "") -> Flow:
         """BM, then SEND the text (asked for when not given)."""
-        reply = yield from self.request({"op": "BM"})
-        if not succeeded(reply):
-            self.out.warn(f"BM refused: {describe_error(reply)}")
+        if text is not None and self.too_long("BM", text):
+            if self.interactive:
+                self.retry_line = line or f"BM {text}"  # nothing was sent: the whole line comes back
             return
+        reply = yield from self.request({"op": Op.BM})
+        if not succeeded(reply):
+            self.failed("BM refused", describe_error(reply))
+            return
+        retry = ""
         while True:
             if text is None:
-                text = yield from self.ask_text("message: ")
+                text = yield from self.ask_text("message: ", retry)
                 if text is None:
                     yield from self.cancel()
                     return
-            reply = yield from self.send_text(text, lambda text=text: {"op": "SEND", "text": text})
-            if reply is None:  # not sent, and the server still waits for a text
+            if self.too_long("BM", text):
                 if not self.interactive:
-                    yield from self.cancel()
+                    yield from self.cancel(say=False)
                     return
-                text = None
+                text, retry = None, text
+                continue
+            reply = yield from self.send_text("BM", {"op": Op.SEND, "text": text})
+            if reply is None:  # refused, and the server still waits for a text
+                if not self.interactive:
+                    yield from self.cancel(say=False)
+                    return
+                text, retry = None, text
                 continue
             if succeeded(reply):
-                self.out.show(sent_text(reply.get("recipients")))
+                self.out.show(format_own_broadcast(self.username, text, reply.get("recipients")))
             return
 
-    def send_text(self, text: str, make_body: Callable[[], dict]) -> Flow:
-        """SEND the text; the reply, or None if it was refused and the server still waits for a text."""
-        problem = text_problem(text)
-        if problem is not None:
-            self.out.warn(problem)
-            return None
-        reply = yield from self.request(make_body())
+    def send_text(self, what: str, body: dict) -> Flow:
+        """SEND a message; the reply, or None if it was refused and the server still waits for a text."""
+        reply = yield from self.request(body)
         if succeeded(reply):
             return reply
-        self.out.warn(f"not sent: {describe_error(reply)}")
-        return None if reply.get("error") == "bad_request" else reply
+        self.failed(f"{what} not sent", describe_error(reply))
+        return None if reply.get("error") == Error.BAD_REQUEST else reply
 
-    def private(self, target: str | None, text: str | None) -> Flow:
+    def private(self, target: str | None, text: str | None, line: str = "") -> Flow:
         """PM, TARGET, then SEND the text sealed for the target and signed."""
-        reply = yield from self.request({"op": "PM"})
+        if text is not None and self.too_long(f"PM to {target}", text):
+            if self.interactive:
+                self.retry_line = line or f"PM {target} {text}"
+            return
+        reply = yield from self.request({"op": Op.PM})
         if not succeeded(reply):
-            self.out.warn(f"PM refused: {describe_error(reply)}")
+            self.failed("PM refused", describe_error(reply))
             return
         self.set_online(reply.get("online"), reply.get("more_online"))
         given = target is not None
@@ -534,9 +676,9 @@ class Session:
         if target is None:
             yield from self.cancel(say=not given and bool(self.online))
             return
-        reply = yield from self.request({"op": "TARGET", "username": target})
+        reply = yield from self.request({"op": Op.TARGET, "username": target})
         if not succeeded(reply):
-            self.out.warn(f"cannot send to {target}: {describe_error(reply)}")
+            self.failed(f"cannot send to {target}", describe_error(reply))
             return
         name = reply.get("username")
         if not (valid_username(name) and name.lower() == target.lower()):
@@ -545,21 +687,28 @@ class Session:
         if their_key is None:
             yield from self.cancel()
             return
+        retry = ""
         while True:
             if text is None:
-                text = yield from self.ask_text(f"message to {name}: ")
+                text = yield from self.ask_text(f"message to {name}: ", retry)
                 if text is None:
                     yield from self.cancel()
                     return
-            reply = yield from self.send_text(text, lambda text=text: self.sealed_pm(name, their_key, text))
+            if self.too_long(f"PM to {name}", text):
+                if not self.interactive:
+                    yield from self.cancel(say=False)
+                    return
+                text, retry = None, text
+                continue
+            reply = yield from self.send_text(f"PM to {name}", self.sealed_pm(name, their_key, text))
             if reply is None:
                 if not self.interactive:
-                    yield from self.cancel()
+                    yield from self.cancel(say=False)
                     return
-                text = None
+                text, retry = None, text
                 continue
             if succeeded(reply):
-                self.out.show(f"sent privately to {name}")
+                self.out.show(format_own_private(name, text))
             return
 
     def choose_target(self, target: str | None) -> Flow:
@@ -571,7 +720,7 @@ class Session:
         asked = target is None
         while True:
             if not self.online and not self.more_online:
-                self.out.show("nobody else is online")
+                self.failed(f"PM to {target}" if target else "PM", "nobody else is online")
                 return None
             names = sorted(self.online.values(), key=str.lower)
             if target is None:
@@ -582,11 +731,11 @@ class Session:
             if target.lower() in self.online:
                 return self.online[target.lower()]
             if target.lower() == self.username.lower():
-                self.out.warn("a private message to yourself is not possible")
+                self.failed(f"PM to {target}", "a private message to yourself is not possible")
             elif self.more_online and valid_username(target):
                 return target  # the list is trimmed: the server knows
             else:
-                self.out.warn(f"{target} is not online (online: {self.who_list()})")
+                self.failed(f"PM to {target}", f"{target} is not online (online: {self.who_list()})")
             if not (asked and self.interactive):
                 return None
             target = None
@@ -596,52 +745,118 @@ class Session:
         try:
             key = pg3lib.PublicKey.from_key_form(str(reply.get("public_key", "")))
         except pg3lib.InvalidKey:
-            self.out.warn(f"the server sent no usable key for {name}; not sending")
+            self.failed(f"PM to {name}", "the server sent no usable key for them; not sending")
             return None
         if reply.get("fingerprint") != key.fingerprint:
-            self.out.warn(f"the server's fingerprint for {name} does not match the key it sent; not sending")
+            self.failed(f"PM to {name}", "the server's fingerprint for them does not match the key it sent; "
+                        "not sending")
             return None
         if not self.contact_key_trusted(name, key, "message not sent"):
+            if not self.interactive:
+                self.failures.append(f"PM to {name}: their key has changed (TRUST {name} accepts it)")
             return None
         return key
 
     def sealed_pm(self, name: str, their_key: pg3lib.PublicKey, text: str) -> dict:
-        """The SEND body of a PM: sealed for them, a copy sealed for us, signed (PROTOCOL.md 4.5)."""
+        """The SEND body of a PM: sealed for them, a copy sealed for us, signed (docs/PROTOCOL.md 4.5)."""
         assert self.keys is not None
         plain = text.encode("utf-8")
         ciphertext = their_key.seal(plain).decode("ascii")
-        return {"op": "SEND", "ciphertext": ciphertext,
+        return {"op": Op.SEND, "ciphertext": ciphertext,
                 "self_copy": self.keys.public.seal(plain).decode("ascii"),
                 "signature": self.keys.sign(pg3lib.pm_signed_bytes(self.username, name, ciphertext))}
 
     def history(self, argument: str) -> Flow:
-        """CH [count]: every entry, over as many frames as the server sends."""
-        body: dict = {"op": "CH"}
-        if argument:
+        """CH [count | all]: the history, over as many frames as the server sends.
+
+        On a terminal a plain CH shows the newest screenful (counted in rows; an
+        entry longer than a quarter of the screen is shortened to that) and
+        says how many older entries there are; ``CH count`` and ``CH all`` show what they ask
+        for, and so does every CH in a script. Entries from ignored users are
+        left out (and counted).
+        """
+        body: dict = {"op": Op.CH}
+        page = None
+        if argument.lower() == CH_ALL:
+            pass
+        elif argument:
             if not argument.isdigit() or int(argument) < 1:
-                self.out.warn("usage: CH [number of newest entries]")
+                self.failed("CH", "usage: CH [number of newest entries | all]")
                 return
             body["limit"] = int(argument)
+        else:
+            page = self.out.page_rows()
         yield Send(body)
-        count = 0
+        # With a page, only the newest lines that fill it are kept (the rest is counted): a long
+        # history is read to its end yet never held whole.
+        lines: deque[tuple[str, int, bool]] = deque()  # the line, its rows, whether it was cut
+        rows = total = hidden = 0
+        tall = max(3, (page or 0) // 4)  # rows an entry may take in a screenful
         while True:
-            reply = yield Reply("CH")
+            reply = yield Reply(Op.CH)
             if not succeeded(reply):
-                self.out.warn(f"CH failed: {describe_error(reply)}")
+                self.failed("CH failed", describe_error(reply))
                 return
             entries = reply.get("entries")
             for entry in entries if isinstance(entries, list) else ():
-                if isinstance(entry, dict):
-                    self.out.show(format_history_entry(entry, self.open_sealed))
-                    count += 1
+                if not isinstance(entry, dict):
+                    continue
+                if str(entry.get("from", "")).lower() in self.ignored:
+                    hidden += 1
+                    continue
+                total += 1
+                line = format_history_entry(entry, self.open_sealed)
+                if page is None:
+                    self.out.show(line)
+                    continue
+                cut = self.out.rows_of(line) > tall
+                if cut:
+                    line = self.out.fit_rows(line, tall)
+                lines.append((line, self.out.rows_of(line), cut))
+                rows += lines[-1][1]
+                while rows > page and len(lines) > 1:
+                    rows -= lines.popleft()[1]
             if reply.get("more") is not True:
                 break
-        self.out.show("your history is empty" if count == 0 else f"({count} {'entry' if count == 1 else 'entries'})")
+        for line, _, _ in lines:
+            self.out.show(line)
+        shortened = sum(cut for _, _, cut in lines)
+        shown = len(lines) if page is not None else total
+        self.out.show(history_summary(shown, total - shown, hidden, shortened))
 
     def leave(self) -> Flow:
         self.exiting = True
-        yield from self.request({"op": "EX"})
+        yield from self.request({"op": Op.EX})
         self.out.show("bye")
+
+    # --- ignoring users ----------------------------------------------------------------
+    def ignore(self, name: str, hide: bool) -> None:
+        """IGNORE name / UNIGNORE name: hide a user's BMs and PMs here (remembered); IGNORE alone lists."""
+        if not name:
+            if not hide:
+                self.failed("UNIGNORE", "usage: UNIGNORE user")
+            elif self.ignored:
+                self.out.show("ignoring: " + ", ".join(sorted(self.ignored)) + " (UNIGNORE user shows them again)")
+            else:
+                self.out.show("you ignore nobody (IGNORE user hides a user's messages)")
+            return
+        command = "IGNORE" if hide else "UNIGNORE"
+        if not valid_username(name):
+            self.failed(command, f"{name!r} is not a user name")
+            return
+        if name.lower() == self.username.lower():
+            self.failed(command, "that is you")
+            return
+        changed = self.store.set_ignored(self.server, name, hide)
+        self.ignored = self.store.ignored(self.server)
+        if hide:
+            self.out.show(f"ignoring {name}: their BMs and PMs are hidden, in CH too (UNIGNORE {name} undoes it)"
+                          if changed else f"you already ignore {name}")
+        else:
+            self.out.show(f"no longer ignoring {name}" if changed else f"you do not ignore {name}")
+
+    def is_ignored(self, sender: Any) -> bool:
+        return isinstance(sender, str) and sender.lower() in self.ignored
 
     # --- keys and trust ----------------------------------------------------------------
     def contact_key_trusted(self, name: str, key: pg3lib.PublicKey, consequence: str) -> bool:
@@ -661,7 +876,7 @@ class Session:
     def trust(self, name: str) -> None:
         """TRUST name: accept the new key the contact presented; show the PMs held back."""
         if not name:
-            self.out.warn("usage: TRUST user")
+            self.failed("TRUST", "usage: TRUST user")
             return
         key = self.changed_keys.pop(name.lower(), None)
         if key is None:
@@ -699,13 +914,15 @@ class Session:
 
     # --- what arrives ------------------------------------------------------------------
     def on_data(self, body: dict) -> None:
-        """A D frame: show it (any time, in any state)."""
+        """A D frame: show it (any time, in any state); BMs and PMs of ignored users are dropped."""
         op = body.get("op")
-        if op == "BM":
+        if op in (Op.BM, Op.PM) and self.is_ignored(body.get("from")):
+            log.debug("hiding a %s from an ignored user", op)
+        elif op == Op.BM:
             self.out.show(format_broadcast(str(body.get("from", "?")), str(body.get("text", "")), body.get("ts")))
-        elif op == "PM":
+        elif op == Op.PM:
             self.receive_private(body)
-        elif op == "PRESENCE":
+        elif op == Op.PRESENCE:
             name = body.get("username")
             online = body.get("online") is True
             if not valid_username(name) or name.lower() == self.username.lower():
@@ -715,7 +932,7 @@ class Session:
                 self.online[name.lower()] = name
             else:
                 self.online.pop(name.lower(), None)
-            self.out.show(format_presence(name, online))
+            self.out.show(format_presence(name, online, body.get("ts")))
         else:
             log.debug("ignoring a D frame with op %r", op)
 
@@ -750,13 +967,16 @@ class Session:
             self.more_online = more if isinstance(more, int) and not isinstance(more, bool) and more > 0 else 0
 
     def who_list(self) -> str:
+        """The other users online (for the PM prompt)."""
         names = ", ".join(sorted(self.online.values(), key=str.lower)) or "nobody else"
         return f"{names} and {self.more_online} more" if self.more_online else names
 
     def who_text(self) -> str:
+        """WHO: everyone online, ourselves first and marked."""
+        me = f"{self.username} (you)"
         if not self.online and not self.more_online:
-            return "nobody else is online"
-        return "online: " + self.who_list()
+            return f"online: {me}; nobody else"
+        return f"online: {me}, {self.who_list()}"
 
 
 # --- the socket ------------------------------------------------------------------------
@@ -945,6 +1165,7 @@ class TtyScreen(Output):
         self.prompt: str | None = None  # None: waiting for the server, no prompt shown
         self.note = ""  # shown instead of a prompt while a reply is slow to come
         self.width = 80
+        self.height = 24
         self.wakeup_fd: int | None = None
         self._wakeup_write: int | None = None
         self._resized = False
@@ -1001,9 +1222,21 @@ class TtyScreen(Output):
 
     def _measure(self) -> None:
         try:
-            self.width = os.get_terminal_size(self.fd_out).columns or 80
+            size = os.get_terminal_size(self.fd_out)
+            self.width, self.height = size.columns or 80, size.lines or 24
         except OSError:
-            self.width = 80
+            self.width, self.height = 80, 24
+
+    def page_rows(self) -> int:
+        """A screenful of a listing: the rows but for its closing line and the prompt."""
+        return max(self.height - 2, 5)
+
+    def rows_of(self, text: str) -> int:
+        return max(1, -(-text_width(visible(text)) // max(self.width, 1)))
+
+    def fit_rows(self, text: str, rows: int) -> str:
+        # Cut what will be shown (escapes included); visible() leaves its own output as it is.
+        return shorten(visible(text), rows * max(self.width, 1) - 1)
 
     def suspend(self) -> None:
         """Ctrl-Z: give the terminal back, stop, and take it again when continued."""
@@ -1070,10 +1303,16 @@ class TtyScreen(Output):
         self.prompt = ask.prompt
         self.editor.secret = ask.secret
         self.editor.completions = ask.completions
+        if ask.initial and not self.editor.chars:  # text typed ahead meanwhile is the user's: keep it
+            self.editor.set_text(ask.initial)
         self._write(self._line())
 
     def answered(self, ask: Ask, event: Event) -> None:
-        """Leave the question and its answer on screen, like a shell's transcript."""
+        """Leave the question and its answer on screen, like a shell's transcript.
+
+        The transcript is one row at most: a long message is shown whole by its
+        echo (or kept in the line when it was too long), not twice.
+        """
         if isinstance(event, Submit):
             answer = "" if ask.secret else event.text
             if not ask.secret:
@@ -1083,7 +1322,7 @@ class TtyScreen(Output):
         else:
             answer = "^D"
         self.prompt = None
-        self._write("\r\x1b[K" + visible(ask.prompt + answer) + "\r\n")
+        self._write("\r\x1b[K" + visible(shorten(ask.prompt + answer, max(self.width - 1, 8))) + "\r\n")
 
 
 Screen = Union[TtyScreen, PlainScreen]
@@ -1136,7 +1375,7 @@ class Driver:
             return left
         self.waiting_since = None
         self.screen.waiting(WAITING_NOTES.get(self.waiting_for, "waiting for the server...")
-                            + " (Ctrl-C twice quits)")
+                            + " (Ctrl-D leaves)")
         return None
 
     def _watch_input(self) -> None:
@@ -1193,15 +1432,22 @@ class Driver:
         for event in events:
             if (event is Key.INTERRUPT and self.asking is not None and self.asking.clear_on_interrupt
                     and isinstance(self.screen, TtyScreen) and self.screen.editor.interrupted):
-                # As in a shell: Ctrl-C drops the half-typed command; on an empty line it leaves.
+                # As in a shell: Ctrl-C drops the half-typed command (on an empty line the flow
+                # says how to leave; Ctrl-C itself never leaves).
                 self.screen.answered(self.asking, event)
                 self.screen.ask(self.asking)
                 continue
             if event is Key.INTERRUPT:
-                if self.waiting_for is not None and Key.INTERRUPT in self.inputs:
-                    raise ClientExit("interrupted", EXIT_INTERRUPTED)
-                # Ctrl-C also drops lines typed ahead.
+                # Ctrl-C also drops lines typed ahead; several count as one (one prompt cancelled).
                 self.inputs = deque(e for e in self.inputs if not isinstance(e, Submit))
+                if Key.INTERRUPT in self.inputs:
+                    continue
+            elif event is Key.END_OF_INPUT and self.waiting_for is not None and self.waiting_since is None:
+                # The screen says the reply is slow and how to leave: Ctrl-D leaves now.
+                if self.session.exiting:
+                    self.finished = True
+                    return
+                raise ClientExit(f"left without the server's reply to {self.waiting_for}")
             self.inputs.append(event)
         if ended:
             self.input_closed = True
@@ -1250,9 +1496,8 @@ def _port(text: str) -> int:
 
 
 def _username(text: str) -> str:
-    if not USERNAME_RULE.match(text):
-        raise argparse.ArgumentTypeError(
-            f"invalid username {text!r}: 1-32 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
+    if not valid_username(text):
+        raise argparse.ArgumentTypeError(f"invalid username {text!r}: {USERNAME_RULE}")
     return text
 
 
@@ -1260,13 +1505,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; exits with status 2 and a usage line when it is wrong."""
     parser = argparse.ArgumentParser(
         prog="chatclient.py", description="Chat room client (type HELP after logging in).",
-        usage="%(prog)s [-h] [--fingerprint] [--debug-log FILE] HOST PORT USERNAME",
+        usage="%(prog)s [-h] [--register] [--fingerprint] [--debug-log FILE] HOST PORT USERNAME",
         epilog="When standard input is not a terminal, its first line is the password and each "
-               "further line a command (BM, PM, CH, EX...); the end of input means EX.")
+               "further line a command (BM, PM, CH, EX...); the end of input means EX. A new USERNAME "
+               "is registered from a script only with --register. The exit status is 1 if any line "
+               "failed (a message not sent, an unknown command); the reasons are on stderr.")
     parser.add_argument("host", nargs="?", metavar="HOST", help="server name or address")
     parser.add_argument("port", nargs="?", type=_port, metavar="PORT", help="server port")
     parser.add_argument("username", nargs="?", type=_username, metavar="USERNAME",
-                        help="your account; a new name is registered on its first login")
+                        help="your account; a new name is registered on its first login "
+                             "(from a script only with --register)")
+    parser.add_argument("--register", action="store_true",
+                        help="when standard input is not a terminal: create USERNAME if it is new (the "
+                             "first input line is its password); without it a script only logs in. "
+                             "On a terminal a new name is always offered registration")
     parser.add_argument("--fingerprint", action="store_true",
                         help="print your key fingerprint(s) (for HOST PORT USERNAME if given) and exit")
     parser.add_argument("--debug-log", metavar="FILE", help="write a debug log (never secrets) to FILE")
@@ -1303,11 +1555,13 @@ def run_client(args: argparse.Namespace, store: ClientStore) -> int:
     try:
         screen: Screen = TtyScreen() if os.isatty(0) else PlainScreen()
         session = Session(server_address(args.host, args.port), args.username, store, screen,
-                          screen.interactive)
+                          screen.interactive, register=args.register)
         with screen:
             Driver(session, connection, screen).run()
     finally:
         connection.close()
+    if session.failures:  # a script: every failure was said on stderr when it happened
+        raise ClientExit(script_failures_text(session.failures))
     return EXIT_OK
 
 

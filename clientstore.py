@@ -16,7 +16,9 @@ written mode 0600, atomically (``pg3lib.write_private_file``):
   password;
 * ``known_servers``: one ``host:port SHA256:...`` line per server, the key
   first seen there (trust on first use, docs/PROTOCOL.md section 9);
-* ``known_contacts``: one ``host:port username SHA256:...`` line per contact.
+* ``known_contacts``: one ``host:port username SHA256:...`` line per contact;
+* ``ignored``: one ``host:port username`` line per user whose messages the
+  client hides (IGNORE), per server like the contacts.
 
 Servers are named ``host:port`` as the user gave them (host lower-cased);
 usernames are lower-cased, as accounts are case-insensitive.
@@ -39,6 +41,7 @@ import pg3lib
 APP_DIR = "chatroom"
 KNOWN_SERVERS = "known_servers"
 KNOWN_CONTACTS = "known_contacts"
+IGNORED = "ignored"
 # scrypt cost for the key passphrase: about 60 ms and 32 MiB, once per login.
 SCRYPT_N = 2 ** 15
 SCRYPT_R = 8
@@ -127,6 +130,10 @@ class ClientStore:
     @property
     def known_contacts_path(self) -> str:
         return os.path.join(self.root, KNOWN_CONTACTS)
+
+    @property
+    def ignored_path(self) -> str:
+        return os.path.join(self.root, IGNORED)
 
     def key_files(self, server: str, username: str) -> tuple[str, str]:
         """Paths of the private key (.pem) and its metadata (.json) for this server and account."""
@@ -230,6 +237,28 @@ class ClientStore:
         rows.append([server, name, fingerprint])
         self._write_rows(self.known_contacts_path,
                          "contact key fingerprints (host:port username fingerprint)", rows)
+
+    # --- ignored users -----------------------------------------------------------
+    def ignored(self, server: str) -> set[str]:
+        """The users (lower case) whose messages are hidden, for one server."""
+        return {f[1] for f in _read_lines(self.ignored_path) if len(f) >= 2 and f[0] == server}
+
+    def set_ignored(self, server: str, username: str, ignore: bool) -> bool:
+        """Add username to the server's ignore list (or take it off); False if it already was (or was not).
+
+        Raises:
+            ValueError: a name that would break the line apart.
+        """
+        name = username.lower()
+        rows = [f for f in _read_lines(self.ignored_path) if len(f) >= 2]
+        present = any(f[0] == server and f[1] == name for f in rows)
+        if present == ignore:
+            return False
+        rows = [f[:2] for f in rows if not (f[0] == server and f[1] == name)]
+        if ignore:
+            rows.append([server, name])
+        self._write_rows(self.ignored_path, "users whose messages are hidden (host:port username)", rows)
+        return True
 
     def _write_rows(self, path: str, title: str, rows: list[list[str]]) -> None:
         """Rewrite a file of space-separated fields.

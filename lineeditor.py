@@ -19,8 +19,11 @@ In ``secret`` mode (passwords) the text is kept but never drawn.
 
 Keys: printable text (any script), Backspace, Delete, Left/Right, Home/End
 (and Ctrl-A/E/B/F), Up/Down through the history, Ctrl-U (erase to the start),
-Ctrl-K (erase to the end), Ctrl-W (erase a word), Tab (complete from
-``completions``), Enter.
+Ctrl-K (erase to the end), Ctrl-W (erase a word), Tab (complete the word
+before the cursor), Enter. ``completions`` is either the words Tab may
+complete to, or a function that is given the text before the word being
+completed and returns them, so that what is offered can depend on where the
+word is (a command name first, a user name after it, nothing in a message).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import codecs
 import enum
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Union
 
 # Bidirectional controls (they reorder what follows them on screen, so a
@@ -75,6 +78,8 @@ class Submit(NamedTuple):
 
 
 Event = Union[Submit, Key]
+# The words Tab may complete to, or a function of the text before the word that returns them.
+Completions = Union[Sequence[str], Callable[[str], Sequence[str]]]
 
 
 class Rendered(NamedTuple):
@@ -99,7 +104,7 @@ class LineEditor:
         self.chars: list[str] = []
         self.cursor = 0
         self.secret = False
-        self.completions: Sequence[str] = ()
+        self.completions: Completions = ()
         self.history: list[str] = []
         self._history_index = 0  # == len(history) when not browsing
         self._draft: list[str] = []
@@ -283,7 +288,8 @@ class LineEditor:
         while start > 0 and not self.chars[start - 1].isspace():
             start -= 1
         word = "".join(self.chars[start:self.cursor]).lower()
-        matches = [c for c in self.completions if c.lower().startswith(word)]
+        words = self.completions("".join(self.chars[:start])) if callable(self.completions) else self.completions
+        matches = [c for c in words if c.lower().startswith(word)]
         if not matches:
             return
         completed = matches[0] + " " if len(matches) == 1 else _common_prefix(matches)
@@ -325,6 +331,21 @@ class LineEditor:
         row = self.render(prompt, width)
         move = f"\x1b[{row.cursor}C" if row.cursor else ""
         return "\r\x1b[K" + row.text + "\r" + move
+
+
+def shorten(text: str, columns: int, tail: str = " ...") -> str:
+    """text cut to fit in columns (tail marking the cut), or text itself if it fits."""
+    if text_width(text) <= columns:
+        return text
+    kept: list[str] = []
+    used = 0
+    room = max(columns - text_width(tail), 0)
+    for ch in text:
+        used += char_width(ch)
+        if used > room:
+            break
+        kept.append(ch)
+    return "".join(kept) + tail
 
 
 def _fit_prompt(prompt: str, limit: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -141,8 +142,13 @@ def test_presence_updates_who_is_online(alice):
     alice.on_data({"op": "PRESENCE", "username": "bob", "online": True})
     alice.on_data({"op": "PRESENCE", "username": "carol", "online": True})
     alice.on_data({"op": "PRESENCE", "username": "bob", "online": False})
-    assert alice.out.shown == ["* bob is online", "* carol is online", "* bob is offline"]
-    assert alice.who_text() == "online: carol"
+    clock = local_time("2026-11-24T15:04:05.123Z")
+    alice.on_data({"op": "PRESENCE", "username": "dave", "online": True, "ts": "2026-11-24T15:04:05.123Z"})
+    assert [line[8:] for line in alice.out.shown] == ["* bob is online", "* carol is online", "* bob is offline",
+                                                      "* dave is online"]
+    assert all(re.match(r"\[\d\d:\d\d\] \* ", line) for line in alice.out.shown)  # the time, as messages
+    assert alice.out.shown[-1] == f"[{clock}] * dave is online"
+    assert alice.who_text() == "online: alice (you), carol, dave"
 
 
 # --- the command line ----------------------------------------------------------------------
@@ -208,7 +214,8 @@ def test_server_text_in_one_line_messages():
     assert chatclient.describe_error({"error": "bad_request"}) == "bad_request"
     assert chatclient.bye_text({"reason": ["idle"]}) == \
         "the server closed the connection: no reason known (['idle'])"
-    assert chatclient.sent_text(True) == chatclient.sent_text("3") == chatclient.sent_text(-1) == "sent"
+    assert chatclient.recipients_note(True) == chatclient.recipients_note("3") == \
+        chatclient.recipients_note(-1) == ""
     assert chatclient.valid_username("Bob.2") and not chatclient.valid_username("bob\n")
     assert not chatclient.valid_username(["bob"]) and not chatclient.valid_username("a b")
 
@@ -242,18 +249,18 @@ def test_a_one_line_pm_to_someone_offline_ends_at_once(alice):
                      [{"op": "PM", "ok": True, "online": ["bob"]}, {"op": "CANCEL", "ok": True}])
     assert [type(s).__name__ for s in steps] == ["Send", "Reply", "Send", "Reply"]  # no "to" prompt
     assert steps[2].body == {"op": "CANCEL"}
-    assert alice.out.warned == ["carol is not online (online: bob)"]
+    assert alice.out.warned == ["PM to carol: carol is not online (online: bob)"]
     assert "cancelled" not in alice.out.shown
 
 
 def test_pm_with_nobody_online_says_so_once(alice):
     drive(alice.command("PM"), [{"op": "PM", "ok": True, "online": []}, {"op": "CANCEL", "ok": True}])
-    assert alice.out.shown == ["nobody else is online"]
+    assert alice.out.warned == ["PM: nobody else is online"] and alice.out.shown == []
 
 
 def test_a_trimmed_online_list_is_not_taken_as_everyone(alice):
     alice.set_online(["bob"], 3)
-    assert alice.who_text() == "online: bob and 3 more"
+    assert alice.who_text() == "online: alice (you), bob and 3 more"
     steps, _ = drive(alice.command("PM dave hi"),
                      [{"op": "PM", "ok": True, "online": ["bob"], "more_online": 3},
                       {"op": "TARGET", "ok": False, "error": "not_online", "message": "dave is not online"}])
@@ -263,5 +270,381 @@ def test_a_trimmed_online_list_is_not_taken_as_everyone(alice):
 
 def test_an_unknown_command_suggests_bm(alice):
     drive(alice.command("hello there"), [])
-    assert alice.out.warned == ["unknown command 'hello' (HELP lists the commands; "
-                                "to send this to everyone: BM hello there)"]
+    assert alice.out.warned == ["unknown command 'hello': HELP lists the commands; "
+                                "to send this to everyone: BM hello there"]
+
+
+# --- Tab completes by position -------------------------------------------------------------------
+
+@pytest.mark.parametrize("before, offered", [
+    ("", chatclient.COMMANDS),
+    ("  ", chatclient.COMMANDS),
+    ("PM ", ("bob", "carol")),
+    ("pm  ", ("bob", "carol")),
+    ("TRUST ", ("bob", "carol")),
+    ("KEYS ", ("bob", "carol")),
+    ("IGNORE ", ("bob", "carol")),
+    ("unignore ", ("bob", "carol")),
+    ("BM ", ()),  # a message: nothing
+    ("BM hello ", ()),
+    ("PM bob ", ()),  # the PM's text
+    ("CH ", ()),
+    ("WHO ", ()),
+    ("hello ", ()),
+])
+def test_completion_words_depend_on_the_position(before, offered):
+    assert chatclient.completion_words(before, ["bob", "carol"]) == offered
+
+
+@pytest.mark.parametrize("typed, line", [
+    (b"b\t", "BM "),
+    (b"e\t", "EX "),
+    (b"i\t", "IGNORE "),
+    (b"BM e\t", "BM e"),  # never BM EX
+    (b"BM hello w\t", "BM hello w"),
+    (b"TRUST c\t", "TRUST carol "),  # a contact, never TRUST CH
+    (b"TRUST x\t", "TRUST x"),
+    (b"pm B\t", "pm Bob "),  # online, as the server spells it
+    (b"PM Bob c\t", "PM Bob c"),
+    (b"KEYS \t", "KEYS "),  # two names: nothing in common to add
+    (b"c\t", "CH "),
+])
+def test_tab_at_the_operation_prompt(alice, typed, line):
+    from lineeditor import LineEditor
+    alice.online = {"bob": "Bob"}
+    alice.store.remember_contact("h:1", "carol", "SHA256:c")
+    editor = LineEditor()
+    editor.completions = alice.complete
+    editor.feed(typed)
+    assert editor.text == line
+
+
+def test_completed_names_are_the_online_users_and_the_contacts_not_yourself(alice):
+    alice.online = {"bob": "Bob"}
+    alice.store.remember_contact("h:1", "carol", "SHA256:c")
+    alice.store.remember_contact("h:1", "alice", "SHA256:a")
+    alice.store.remember_contact("other:1", "dave", "SHA256:d")  # another server's contact
+    assert alice.user_names() == ["Bob", "carol"]
+
+
+# --- Ctrl-C cancels, never leaves -------------------------------------------------------------------
+
+def logged_in_run(session: Session):
+    """session.run() without the login (done by hand in these tests)."""
+    session.login = lambda: iter(())
+    return session.run()
+
+
+def test_ctrl_c_on_an_empty_operation_line_says_how_to_leave_and_stays(alice):
+    steps, _ = drive(logged_in_run(alice), [chatclient.Key.INTERRUPT, chatclient.Key.INTERRUPT,
+                                            chatclient.Key.END_OF_INPUT, {"op": "EX", "ok": True}])
+    assert [type(s).__name__ for s in steps] == ["Ask", "Ask", "Ask", "Send", "Reply"]
+    assert steps[3].body == {"op": "EX"}  # only Ctrl-D left
+    assert alice.out.shown == [chatclient.LEAVE_HINT, chatclient.LEAVE_HINT, "bye"]
+    assert "EX" in chatclient.LEAVE_HINT and "Ctrl-D" in chatclient.LEAVE_HINT
+
+
+def test_ctrl_c_at_a_password_prompt_asks_again(alice):
+    steps, password = drive(alice.read_password(new_user=False),
+                            [chatclient.Key.INTERRUPT, chatclient.Submit("password1")])
+    assert [s.prompt for s in steps] == ["password for alice: "] * 2
+    assert alice.out.shown == [chatclient.LEAVE_HINT_LOGIN] and password == "password1"
+    steps, password = drive(alice.read_password(new_user=True),
+                            [chatclient.Submit("password1"), chatclient.Key.INTERRUPT,
+                             chatclient.Submit("password2"), chatclient.Submit("password2")])
+    assert [s.prompt for s in steps] == ["choose a password: ", "repeat the password: ",
+                                         "choose a password: ", "repeat the password: "]
+    assert password == "password2"
+    _, password = drive(alice.read_password(new_user=False), [chatclient.Key.END_OF_INPUT])
+    assert password is None  # Ctrl-D: the login is cancelled
+
+
+# --- a message over the limit is kept ------------------------------------------------------------------
+
+LONG = "x" * (chatclient.MAX_TEXT_CHARS + 1)
+
+
+def test_a_one_line_message_over_the_limit_comes_back_to_the_prompt(alice):
+    steps, _ = drive(logged_in_run(alice), [chatclient.Submit("bm " + LONG), chatclient.Key.END_OF_INPUT,
+                                            {"op": "EX", "ok": True}])
+    assert [type(s).__name__ for s in steps] == ["Ask", "Ask", "Send", "Reply"]  # nothing sent but EX
+    assert steps[0].initial == "" and steps[1].initial == "bm " + LONG
+    [warning] = alice.out.warned
+    assert f"(this one has {len(LONG)})" in warning and "still in the line below" in warning
+    steps, _ = drive(alice.command("PM bob " + LONG), [])
+    assert steps == [] and alice.retry_line == "PM bob " + LONG
+
+
+def test_a_message_over_the_limit_at_the_message_prompt_is_asked_again_with_it(alice):
+    steps, _ = drive(alice.command("BM"), [{"op": "BM", "ok": True}, chatclient.Submit(LONG),
+                                           chatclient.Submit("short"), {"op": "SEND", "ok": True, "recipients": 1}])
+    asks = [s for s in steps if isinstance(s, chatclient.Ask)]
+    assert [(a.prompt, a.initial) for a in asks] == [("message: ", ""), ("message: ", LONG)]
+    assert [s.body for s in steps if isinstance(s, chatclient.Send)] == [{"op": "BM"},
+                                                                         {"op": "SEND", "text": "short"}]
+
+
+def test_a_send_refused_as_bad_request_keeps_the_text_too(alice):
+    steps, _ = drive(alice.command("BM hi"), [
+        {"op": "BM", "ok": True},
+        {"op": "SEND", "ok": False, "error": "bad_request", "message": "no"},
+        chatclient.Key.INTERRUPT, {"op": "CANCEL", "ok": True}])
+    asks = [s for s in steps if isinstance(s, chatclient.Ask)]
+    assert [(a.prompt, a.initial) for a in asks] == [("message: ", "hi")]
+    assert alice.out.warned == ["BM not sent: no"]
+
+
+# --- scripts: what failed, and --register --------------------------------------------------------------
+
+@pytest.fixture
+def script_alice(tmp_path, keys):
+    """alice's session when standard input is not a terminal."""
+    session = Session("h:1", "alice", ClientStore(str(tmp_path / "chatroom")), Lines(), interactive=False)
+    session.keys = keys(0)
+    return session
+
+
+def test_script_lines_that_fail_are_counted(script_alice):
+    drive(script_alice.command("BM " + LONG), [])  # not even a BM request
+    drive(script_alice.command("PM carol hi"), [{"op": "PM", "ok": True, "online": ["bob"]},
+                                                {"op": "CANCEL", "ok": True}])
+    drive(script_alice.command("BM hi"), [{"op": "BM", "ok": True},
+                                          {"op": "SEND", "ok": False, "error": "internal", "message": "disk"}])
+    drive(script_alice.command("BM"), [{"op": "BM", "ok": True}, chatclient.Submit(LONG),
+                                       {"op": "CANCEL", "ok": True}])
+    drive(script_alice.command("hello"), [])
+    drive(script_alice.command("BM fine"), [{"op": "BM", "ok": True}, {"op": "SEND", "ok": True, "recipients": 0}])
+    failures = script_alice.failures
+    assert len(failures) == 5 and script_alice.retry_line == ""
+    assert failures[0].startswith("BM not sent: a message is at most 4096 characters")
+    assert failures[1] == "PM to carol: carol is not online (online: bob)"
+    assert failures[2] == "BM not sent: disk"
+    assert failures[4].startswith("unknown command 'hello'")
+    assert script_alice.out.warned == failures  # each said when it happened (stderr)
+    summary = chatclient.script_failures_text(failures)
+    assert summary.startswith("5 lines of the script failed: BM not sent: a message")
+    assert summary.endswith("; and 2 more")
+    assert chatclient.script_failures_text(failures[1:2]) == \
+        "1 line of the script failed: PM to carol: carol is not online (online: bob)"
+
+
+def login_reply(keys, new_user: bool) -> dict:
+    return {"op": "LOGIN", "ok": True, "new_user": new_user, "server_key": keys(2).public.key_form,
+            "fingerprint": keys(2).fingerprint, "nonce": "MDEyMzQ1Njc4OWFiY2RlZg=="}
+
+
+def test_a_script_registers_a_new_name_only_with_register(script_alice, keys):
+    with pytest.raises(chatclient.ClientExit, match="--register"):
+        drive(script_alice.login(), [login_reply(keys, new_user=True)])
+    script_alice.register = True
+    with pytest.raises(chatclient.ClientExit, match="cannot register alice: a password has at least 8"):
+        drive(script_alice.login(), [login_reply(keys, new_user=True), chatclient.Submit("short")])
+    flow = script_alice.login()
+    step = flow.send(None)
+    assert step == chatclient.Send({"op": "LOGIN", "username": "alice"})
+    flow.send(None)
+    assert flow.send(login_reply(keys, new_user=True)) == chatclient.Ask("choose a password: ", secret=True)
+    assert flow.send(chatclient.Submit("long enough")).body["op"] == "PASSWORD"  # once: no repeat in a script
+
+
+def test_an_interactive_new_user_is_asked_as_before(alice, keys):
+    flow = alice.login()
+    flow.send(None)
+    flow.send(None)
+    assert flow.send(login_reply(keys, new_user=True)) == chatclient.Ask("choose a password: ", secret=True)
+
+
+# --- what is shown: our own messages, WHO ---------------------------------------------------------------
+
+def test_our_bm_is_echoed_as_the_others_see_it(alice):
+    drive(alice.command("BM hello all"), [{"op": "BM", "ok": True}, {"op": "SEND", "ok": True, "recipients": 2}])
+    drive(alice.command("BM anyone?"), [{"op": "BM", "ok": True}, {"op": "SEND", "ok": True, "recipients": 0}])
+    drive(alice.command("BM odd"), [{"op": "BM", "ok": True}, {"op": "SEND", "ok": True}])
+    assert re.fullmatch(r"\[\d\d:\d\d\] alice: hello all  \(sent to 2\)", alice.out.shown[0])
+    assert re.fullmatch(r"\[\d\d:\d\d\] alice: anyone\?  \(nobody else is online\)", alice.out.shown[1])
+    assert re.fullmatch(r"\[\d\d:\d\d\] alice: odd", alice.out.shown[2])
+
+
+def test_our_pm_is_echoed(alice, keys):
+    drive(alice.command("PM bob see you"), [
+        {"op": "PM", "ok": True, "online": ["bob"]},
+        {"op": "TARGET", "ok": True, "username": "bob", "public_key": keys(1).public.key_form,
+         "fingerprint": keys(1).fingerprint},
+        {"op": "SEND", "ok": True, "recipients": 1}])
+    assert re.fullmatch(r"\[\d\d:\d\d\] you -> bob \(private\): see you", alice.out.shown[-1])
+
+
+def test_who_includes_yourself(tmp_path):
+    session = Session("h:1", "alice", ClientStore(str(tmp_path)), Lines(), interactive=True)
+    assert session.who_text() == "online: alice (you); nobody else"
+    session.set_online(["carol", "alice", "Bob"])
+    assert session.who_text() == "online: alice (you), Bob, carol"
+
+
+# --- CH: the newest screenful on a terminal ------------------------------------------------------------
+
+class Screenful(Lines):
+    def page_rows(self) -> int:
+        return 5
+
+
+def ch_pages(count: int, per_page: int = 4, sender=lambda i: "bob") -> list[dict]:
+    entries = [{"ts": "2026-11-24T15:04:05Z", "type": "BM", "from": sender(i), "to": "*", "text": f"m{i}"}
+               for i in range(count)]
+    pages = [entries[i:i + per_page] for i in range(0, count, per_page)] or [[]]
+    return [{"op": "CH", "ok": True, "entries": page, "more": n < len(pages) - 1} for n, page in enumerate(pages)]
+
+
+def test_ch_on_a_terminal_shows_the_newest_screenful_and_says_how_to_see_more(alice):
+    alice.out = Screenful()
+    steps, _ = drive(alice.command("CH"), ch_pages(10))
+    assert steps[0].body == {"op": "CH"}  # the whole history, to count it
+    assert [line.rsplit(": ", 1)[1] for line in alice.out.shown[:-1]] == ["m5", "m6", "m7", "m8", "m9"]
+    assert alice.out.shown[-1] == "(the newest 5 of 10 entries; CH all shows all 10)"
+    alice.out = Screenful()
+    drive(alice.command("ch ALL"), ch_pages(10))
+    assert len(alice.out.shown) == 11 and alice.out.shown[-1] == "(10 entries)"
+    alice.out = Screenful()
+    steps, _ = drive(alice.command("CH 7"), ch_pages(7))
+    assert steps[0].body == {"op": "CH", "limit": 7}
+    assert len(alice.out.shown) == 8 and alice.out.shown[-1] == "(7 entries)"
+    alice.out = Screenful()
+    drive(alice.command("CH"), ch_pages(3))
+    assert len(alice.out.shown) == 4 and alice.out.shown[-1] == "(3 entries)"
+
+
+def test_ch_in_a_script_shows_everything(script_alice):
+    drive(script_alice.command("CH"), ch_pages(30))
+    assert len(script_alice.out.shown) == 31 and script_alice.out.shown[-1] == "(30 entries)"
+
+
+def test_history_summary():
+    assert chatclient.history_summary(0, 0, 0) == "your history is empty"
+    assert chatclient.history_summary(1, 0, 0) == "(1 entry)"
+    assert chatclient.history_summary(38, 212, 0) == \
+        "(the newest 38 of 250 entries; CH all shows all 250, CH 100 the newest 100)"
+    assert chatclient.history_summary(4, 0, 1) == "(4 entries; 1 entry from ignored users not shown)"
+    assert chatclient.history_summary(0, 0, 2) == "(nothing to show: 2 entries from ignored users hidden)"
+    assert chatclient.history_summary(18, 19, 0, 1) == \
+        "(the newest 18 of 37 entries, 1 shortened; CH all shows all 37 in full)"
+    assert chatclient.history_summary(5, 0, 0, 2) == "(5 entries, 2 shortened; CH all shows them in full)"
+
+
+# --- the changed server key box -------------------------------------------------------------------------
+
+def test_the_server_key_box_lines_up_whatever_the_names():
+    for server in ("h:1", "a-much-longer-host-name.example.org:41001"):
+        text = chatclient.server_key_changed_text(server, "SHA256:old", "SHA256:newer", "/x/known_servers")
+        first, *lines = text.split("\n")
+        assert "@" not in first  # the line that gets the "chatclient: " prefix
+        box = lines[:3]
+        assert len({len(line) for line in box}) == 1 and all(line[0] == line[-1] == "@" for line in box)
+        [old] = [line for line in lines if "SHA256:old" in line]
+        [new] = [line for line in lines if "SHA256:newer" in line]
+        assert old.index("SHA256:") == new.index("SHA256:")
+
+
+# --- IGNORE ---------------------------------------------------------------------------------------------
+
+def test_ignore_hides_bms_and_pms_and_is_remembered(alice, keys):
+    alice.local_command("IGNORE", "IGNORE", "")
+    assert alice.out.shown[-1].startswith("you ignore nobody")
+    alice.local_command("IGNORE", "ignore", "Bob")
+    assert alice.out.shown[-1] == "ignoring Bob: their BMs and PMs are hidden, in CH too (UNIGNORE Bob undoes it)"
+    alice.out = Lines()
+    alice.on_data({"op": "BM", "from": "bob", "text": "spam", "ts": "2026-11-24T15:04:05Z"})
+    alice.on_data(pm_frame(keys(1), "BOB", keys(0), "private spam"))
+    alice.on_data({"op": "BM", "from": "carol", "text": "hi", "ts": "2026-11-24T15:04:05Z"})
+    alice.on_data({"op": "PRESENCE", "username": "bob", "online": False})
+    assert [line[8:] for line in alice.out.shown] == ["carol: hi", "* bob is offline"]
+    assert alice.out.warned == []
+
+    again = Session("h:1", "alice", ClientStore(alice.store.root), Lines(), interactive=True)
+    assert again.ignored == {"bob"}  # remembered, per server
+    assert Session("h:2", "alice", ClientStore(alice.store.root), Lines(), interactive=True).ignored == set()
+    again.keys = keys(0)
+    drive(again.command("CH"), ch_pages(4, sender=lambda i: "Bob" if i % 2 else "carol"))
+    assert [line.rsplit(": ", 1)[1] for line in again.out.shown[:-1]] == ["m0", "m2"]
+    assert again.out.shown[-1] == "(2 entries; 2 entries from ignored users not shown)"
+    again.local_command("IGNORE", "IGNORE", "")
+    assert again.out.shown[-1] == "ignoring: bob (UNIGNORE user shows them again)"
+    again.local_command("UNIGNORE", "UNIGNORE", "bob")
+    assert again.out.shown[-1] == "no longer ignoring bob"
+    again.on_data({"op": "BM", "from": "bob", "text": "back", "ts": "2026-11-24T15:04:05Z"})
+    assert again.out.shown[-1].endswith("bob: back")
+
+
+def test_ignore_refuses_yourself_and_non_names(alice):
+    alice.local_command("IGNORE", "IGNORE", "Alice")
+    alice.local_command("IGNORE", "IGNORE", "a b")
+    alice.local_command("UNIGNORE", "UNIGNORE", "")
+    alice.local_command("UNIGNORE", "UNIGNORE", "zed")
+    assert alice.out.warned == ["IGNORE: that is you", "IGNORE: 'a b' is not a user name",
+                                "UNIGNORE: usage: UNIGNORE user"]
+    assert alice.out.shown == ["you do not ignore zed"]
+    assert alice.ignored == set()
+
+
+def test_the_transcript_of_a_long_line_is_one_row():
+    from lineeditor import shorten, text_width
+    assert shorten("alice> BM hi", 20) == "alice> BM hi"
+    cut = shorten("alice> BM " + "x" * 5000, 79)
+    assert text_width(cut) == 79 and cut.endswith("x ...")
+    assert text_width(shorten("日本語" * 40, 79)) <= 79
+
+
+def test_the_ch_screenful_counts_rows_so_long_entries_take_more(alice):
+    class Narrow(Screenful):  # 5 rows; a line takes a row per 40 characters
+        def rows_of(self, text: str) -> int:
+            return -(-len(text) // 40)
+
+    pages = ch_pages(6)
+    pages[-1]["entries"][0]["text"] = "w" * 60  # entry 4: three rows, with its date and sender
+    alice.out = Narrow()
+    drive(alice.command("CH"), pages)
+    assert [line.rsplit(": ", 1)[1][:2] for line in alice.out.shown[:-1]] == ["m3", "ww", "m5"]
+    assert alice.out.shown[-1] == "(the newest 3 of 6 entries; CH all shows all 6)"
+    alice.out = Narrow()
+    pages = ch_pages(2)
+    pages[0]["entries"][1]["text"] = "w" * 400  # the newest alone is more than a screenful: still shown
+    drive(alice.command("CH"), pages)
+    assert len(alice.out.shown) == 2 and alice.out.shown[0].endswith("w" * 400)
+
+
+def test_a_long_entry_in_the_ch_screenful_is_shortened(alice):
+    class Tall(Lines):  # 20 rows of 40 columns
+        def page_rows(self) -> int:
+            return 20
+
+        def rows_of(self, text: str) -> int:
+            return -(-len(text) // 40)
+
+        def fit_rows(self, text: str, rows: int) -> str:
+            return text[:rows * 40 - 4] + " ..."
+
+    pages = ch_pages(6)
+    pages[0]["entries"][2]["text"] = "w" * 4000  # a hundred rows: a quarter of the screen, 5 rows, is shown
+    alice.out = Tall()
+    drive(alice.command("CH"), list(pages))
+    assert len(alice.out.shown) == 7
+    assert alice.out.shown[2].endswith("w ...") and len(alice.out.shown[2]) == 5 * 40
+    assert alice.out.shown[-1] == "(6 entries, 1 shortened; CH all shows it in full)"
+    alice.out = Tall()
+    drive(alice.command("CH all"), pages)
+    assert alice.out.shown[2].endswith("w" * 4000)
+
+
+def test_help_names_every_command_and_fits_60_columns():
+    text = "\n".join(chatclient.HELP_LINES)
+    assert all(len(line) <= 60 for line in chatclient.HELP_LINES)
+    for word in chatclient.COMMANDS:
+        if word != "HELP":
+            assert word + " " in text, word
+    assert "CH [count | all]" in text and "Ctrl-D" in text and "never leaves" in text
+
+
+def test_usage_mentions_register():
+    result = run_client("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--register" in text and "exit status is 1 if any line failed" in text

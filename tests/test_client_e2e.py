@@ -32,6 +32,7 @@ import pytest
 
 import framing
 import pg3lib
+import protocol
 from clientstore import ClientStore, server_address
 from serverproc import ServerProcess
 from wire import WireClient
@@ -73,8 +74,8 @@ def client_env(home) -> dict:
     return env
 
 
-def client_command(port: int, username: str) -> list[str]:
-    return [sys.executable, CLIENT, "127.0.0.1", str(port), username]
+def client_command(port: int, username: str, *extra: str) -> list[str]:
+    return [sys.executable, CLIENT, "127.0.0.1", str(port), username, *extra]
 
 
 @pytest.fixture
@@ -205,8 +206,8 @@ def ptys():
 class PipedClient:
     """chatclient.py with its stdin a pipe we write to and stdout+stderr a pipe we read."""
 
-    def __init__(self, port: int, username: str, home) -> None:
-        self.proc = subprocess.Popen(client_command(port, username), stdin=subprocess.PIPE,
+    def __init__(self, port: int, username: str, home, *extra: str) -> None:
+        self.proc = subprocess.Popen(client_command(port, username, *extra), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=client_env(home), cwd=ROOT)
         self.output = b""
@@ -262,9 +263,9 @@ class PipedClient:
                 pipe.close()
 
 
-def run_script(port: int, username: str, home, script: str) -> subprocess.CompletedProcess:
-    """Run the client with script as its whole standard input."""
-    return subprocess.run(client_command(port, username), input=script, capture_output=True, text=True,
+def run_script(port: int, username: str, home, script: str, *extra: str) -> subprocess.CompletedProcess:
+    """Run the client with script as its whole standard input (extra: options such as --register)."""
+    return subprocess.run(client_command(port, username, *extra), input=script, capture_output=True, text=True,
                           timeout=DEADLINE, env=client_env(home), cwd=ROOT)
 
 
@@ -286,13 +287,13 @@ def test_message_arrives_above_a_half_typed_prompt(server, keys, home, ptys):
     bob.wait_prompt("message: half typed réponse")
 
     alice.type("BM hello from alice\r")
-    alice.wait_for("sent to 1 user")
+    alice.wait_line(CLOCK + r" alice: hello from alice  \(sent to 1\)")  # as bob sees it, and the count
     message_row = bob.wait_line(CLOCK + " alice: hello from alice")
     bob.wait_prompt("message: half typed réponse")
     assert message_row < bob.screen.cursor.y  # above the prompt, which is intact below it
 
     bob.type("\r")
-    bob.wait_for("sent to 1 user")
+    bob.wait_line(CLOCK + r" bob: half typed réponse  \(sent to 1\)")
     alice.wait_line(CLOCK + " bob: half typed réponse")
     alice.wait_prompt("alice> ")
 
@@ -309,7 +310,7 @@ def test_private_message_is_decrypted_on_the_other_side(server, keys, home, ptys
     alice.wait_for(f"first private message with bob: remembering their key {keys(1).fingerprint}")
     alice.wait_prompt("message to bob: ")
     alice.type("see you at 5\r")
-    alice.wait_for("sent privately to bob")
+    alice.wait_line(CLOCK + r" you -> bob \(private\): see you at 5")
     bob.wait_line(CLOCK + r" alice -> you \(private\): see you at 5")
 
     bob.type("pm Alice on my way\r")  # one-line form, any case
@@ -331,7 +332,7 @@ def test_ctrl_c_at_a_sub_prompt_cancels(server, connect, keys, home, ptys):
         alice.wait_for(sub_prompt + "never sent^C\ncancelled")  # the dropped text stays visible
         alice.wait_prompt("alice> ")
     alice.type("BM after cancel\r")  # the server is back in READY
-    alice.wait_for("sent to 1 user")
+    alice.wait_for("after cancel  (sent to 1)")
     assert bob.wait_data("BM")["text"] == "after cancel"
     assert not [d for d in bob.data if d["op"] in ("BM", "PM")]
 
@@ -397,11 +398,15 @@ def test_terminal_mode_is_restored(way, status, server, keys, home, tmp_path):
             client.type(b"\x15EX\r")
         elif way == "Ctrl-D":
             client.type(b"\x15\x04")
-        elif way == "Ctrl-C":  # the first drops the half-typed command, as in a shell; the second leaves
+        elif way == "Ctrl-C":  # it drops the half-typed command, as in a shell; it never leaves: Ctrl-D does
             client.type(b"\x03")
             client.wait_for("alice> BM half^C")
             client.wait_prompt("alice> ")
             client.type(b"\x03")
+            client.wait_for("alice> ^C\n(Ctrl-C only cancels; to leave, type EX or press Ctrl-D)")
+            client.wait_prompt("alice> ")
+            assert client.proc.poll() is None
+            client.type(b"\x04")
         elif way == "server gone":
             server.kill()
         elif way == "SIGTERM":
@@ -431,11 +436,11 @@ def test_resize_redraws_the_line_to_the_new_width(server, keys, home, ptys):
     alice.wait_until(lambda: alice.cursor_row().endswith("END") and len(alice.cursor_row()) < 40
                      and alice.screen.cursor.x == len(alice.cursor_row()), "the line redrawn in 40 columns")
     alice.type("\r")
-    alice.wait_for("sent (nobody else is online)")
+    alice.wait_line(CLOCK + r" alice: 0123456789\d*")  # the echo, wrapped at 40 columns
 
 
 def test_no_password_on_stdin(server, home):
-    result = run_script(server.port, "alice", home("alice"), "")
+    result = run_script(server.port, "alice", home("alice"), "", "--register")
     assert result.returncode == 1
     assert result.stderr == "chatclient: no password on standard input (its first line is the password)\n"
 
@@ -447,7 +452,7 @@ def test_changed_server_key_stops_before_the_password(make_server, keys, home, t
     port = first.port
     alice_home = home("alice")
     seed_key(alice_home, port, "alice", keys(0))
-    result = run_script(port, "alice", alice_home, f"{PASSWORD}\nEX\n")
+    result = run_script(port, "alice", alice_home, f"{PASSWORD}\nEX\n", "--register")
     assert result.returncode == 0, result.stderr
     store = ClientStore(str(alice_home / "chatroom"))
     remembered = store.server_fingerprint(f"127.0.0.1:{port}")
@@ -518,14 +523,16 @@ def test_piped_script_bm_pm_ch_ex(server, connect, keys, home):
     seed_key(alice_home, server.port, "alice", keys(0))
     script = (f"{PASSWORD}\nCH\nBM\nhello all\nbm one-liner\nPM\nbob\nsecret note\n"
               "pm Bob see you at 5\nCH\nEX\n")
-    result = run_script(server.port, "alice", alice_home, script)
+    result = run_script(server.port, "alice", alice_home, script, "--register")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert "\x1b" not in result.stdout
     out = result.stdout.splitlines()
     assert out[-1] == "bye"
     assert "your history is empty" in out
-    assert out.count("sent to 1 user") == 2 and out.count("sent privately to bob") == 2
+    echoes = [line[8:] for line in out if re.match(CLOCK + " ", line)]
+    assert echoes == ["alice: hello all  (sent to 1)", "alice: one-liner  (sent to 1)",
+                      "you -> bob (private): secret note", "you -> bob (private): see you at 5"]
     history = [line.split("] ", 1)[1] for line in out if re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] ", line)]
     assert history == ["BM alice -> all: hello all", "BM alice -> all: one-liner",
                        "PM alice -> bob: secret note", "PM alice -> bob: see you at 5"]
@@ -544,10 +551,10 @@ def test_piped_script_bm_pm_ch_ex(server, connect, keys, home):
 def test_piped_client_shows_messages_as_they_arrive_and_end_of_input_is_ex(server, connect, keys, home):
     bob = wire_login(connect, "bob", keys(1))
     seed_key(home("alice"), server.port, "alice", keys(0))
-    alice = PipedClient(server.port, "alice", home("alice"))
+    alice = PipedClient(server.port, "alice", home("alice"), "--register")
     try:
         alice.write(PASSWORD + "\n")
-        alice.expect("^logged in as alice at 127.0.0.1:\\d+. online: bob$")
+        alice.expect("^logged in as alice at 127.0.0.1:\\d+. also online: bob$")
         bob.bm("hi alice")
         alice.expect(f"^{CLOCK} bob: hi alice$")
         bob.pm("alice", "just for you")
@@ -564,7 +571,7 @@ def test_piped_client_shows_messages_as_they_arrive_and_end_of_input_is_ex(serve
 
 def test_piped_contact_key_change_is_warned_until_trusted(server, connect, keys, home):
     seed_key(home("alice"), server.port, "alice", keys(0))
-    alice = PipedClient(server.port, "alice", home("alice"))
+    alice = PipedClient(server.port, "alice", home("alice"), "--register")
     try:
         alice.write(PASSWORD + "\n")
         alice.expect("^logged in as alice")
@@ -585,10 +592,12 @@ def test_piped_contact_key_change_is_warned_until_trusted(server, connect, keys,
         alice.expect(f"^now trusting bob's key {re.escape(keys(2).fingerprint)}$")
         alice.expect(f"^{CLOCK} bob -> you \\(private\\): two$")
         alice.write("PM bob welcome back\n")
-        alice.expect("^sent privately to bob$")
+        alice.expect(f"^{CLOCK} you -> bob \\(private\\): welcome back$")
         assert keys(2).open(bob.wait_data("PM")["ciphertext"]) == b"welcome back"
         alice.close_input()
-        assert alice.wait() == 0
+        assert alice.wait() == 1  # the PM held back by the changed key is a failed line
+        assert alice.output.decode().splitlines()[-1] == (
+            "chatclient: 1 line of the script failed: PM to bob: their key has changed (TRUST bob accepts it)")
         assert "are you really" not in alice.output.decode()
     finally:
         alice.close()
@@ -597,7 +606,7 @@ def test_piped_contact_key_change_is_warned_until_trusted(server, connect, keys,
 def test_key_is_generated_once_kept_encrypted_and_a_lost_key_means_unreadable(server, connect, keys, home):
     carol_home = home("carol")
     wire_login(connect, "bob", keys(1))
-    first = run_script(server.port, "carol", carol_home, f"{PASSWORD}\nEX\n")
+    first = run_script(server.port, "carol", carol_home, f"{PASSWORD}\nEX\n", "--register")
     assert first.returncode == 0, first.stderr
     assert "generating your key..." in first.stdout
     store = ClientStore(str(carol_home / "chatroom"))
@@ -647,7 +656,7 @@ def test_piped_wrong_password_exits_1(server, connect, keys, home):
 
 def test_bye_replaced_is_one_line_and_exit_1(server, connect, keys, home):
     seed_key(home("alice"), server.port, "alice", keys(0))
-    alice = PipedClient(server.port, "alice", home("alice"))
+    alice = PipedClient(server.port, "alice", home("alice"), "--register")
     try:
         alice.write(PASSWORD + "\n")
         alice.expect("^logged in as alice")
@@ -657,3 +666,254 @@ def test_bye_replaced_is_one_line_and_exit_1(server, connect, keys, home):
             "chatclient: the server closed the connection: you logged in somewhere else (replaced)"
     finally:
         alice.close()
+
+
+# --- what a new user ran into (Tab, Ctrl-C, long messages, echoes, CH, the key box, IGNORE) ------------
+
+ENTRY = r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] "
+
+
+def existing_user_pty(port: int, username: str, home) -> PtyClient:
+    """A PtyClient for an account that exists already (its key seeded): the password once."""
+    client = PtyClient(port, username, home)
+    client.wait_prompt(f"password for {username}: ")
+    client.type(PASSWORD + "\r")
+    client.wait_prompt(f"{username}> ")
+    return client
+
+
+def test_tab_completes_commands_first_then_user_names_never_message_text(server, connect, keys, home, ptys):
+    wire_login(connect, "bob", keys(1))
+    alice_home = home("alice")
+    ClientStore(str(alice_home / "chatroom")).remember_contact(server_address("127.0.0.1", server.port),
+                                                               "carol", keys(2).fingerprint)
+    alice = ptys(server.port, "alice", alice_home, keys(0))
+    for typed, row in (("BM e\t!", "alice> BM e!"),  # never "BM EX"
+                       ("BM see you at c\t!", "alice> BM see you at c!"),
+                       ("TRUST c\t!", "alice> TRUST carol !"),  # a contact, never "TRUST CH"
+                       ("pm b\t!", "alice> pm bob !"),  # online now
+                       ("PM bob e\t!", "alice> PM bob e!"),
+                       ("i\t", "alice> IGNORE "),
+                       ("ke\tc\t", "alice> KEYS carol ")):
+        alice.type("\x15" + typed)  # Ctrl-U, then the keys; "!" after Tab shows that Tab is done
+        alice.wait_prompt(row)
+    alice.type("\x15w\t\r")
+    alice.wait_for("alice> WHO\nonline: alice (you), bob")
+
+
+def test_ctrl_c_only_cancels_even_at_the_password_prompt(server, connect, keys, home):
+    wire_login(connect, "alice", keys(0)).exit()
+    seed_key(home("alice"), server.port, "alice", keys(0))
+    alice = PtyClient(server.port, "alice", home("alice"))
+    try:
+        alice.wait_prompt("password for alice: ")
+        alice.type("half a pass\x03")
+        alice.wait_for("password for alice: ^C\n(Ctrl-C only cancels; to leave, press Ctrl-D)")
+        alice.wait_prompt("password for alice: ")
+        alice.type(PASSWORD + "\r")
+        alice.wait_prompt("alice> ")
+        assert "attempts left" not in alice.text()  # nothing was sent for the dropped text
+        for count in (1, 2, 3):
+            alice.type(b"\x03")
+            alice.wait_until(lambda count=count: alice.text().count("to leave, type EX or press Ctrl-D") == count,
+                             f"hint {count}")
+        alice.wait_prompt("alice> ")
+        assert alice.proc.poll() is None
+        alice.type(b"\x04")
+        assert alice.wait_exit() == 0
+        assert "bye" in alice.text()
+    finally:
+        alice.close()
+
+
+def type_slowly(client: PtyClient, text: str, chunk: int = 512) -> None:
+    """Type a long text in pieces, reading the screen between them (the pty buffers are small)."""
+    for start in range(0, len(text), chunk):
+        client.type(text[start:start + chunk])
+        client.pump(0.01)
+
+
+def test_a_message_over_the_limit_stays_in_the_line_and_in_history(server, connect, keys, home, ptys):
+    bob = wire_login(connect, "bob", keys(1))
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    limit = protocol.MAX_TEXT_CHARS
+    type_slowly(alice, "BM " + "x" * limit + "yz")
+    alice.wait_until(lambda: alice.cursor_row().endswith("xyz"), "the long line")
+    alice.type("\r")
+    alice.wait_for(f"! BM not sent: a message is at most {limit} characters (this one has {limit + 2})\n"
+                   "  it is still in the line below")
+    transcript = [row for row in alice.rows() if row.startswith("alice> BM xxx")]
+    assert len(transcript) == 1 and transcript[0].endswith("x ...")  # one row, not the whole text again
+    assert len(transcript[0]) < COLS
+    # The line is back for editing, the cursor at its end: two Backspaces make it fit.
+    alice.wait_until(lambda: alice.cursor_row().startswith("alice> xxx") and alice.cursor_row().endswith("xyz")
+                     and alice.screen.cursor.x == len(alice.cursor_row()), "the line given back")
+    alice.type("\x7f\x7f\r")
+    alice.wait_line(CLOCK + r" alice: x+")
+    assert bob.wait_data("BM")["text"] == "x" * limit
+    alice.wait_prompt("alice> ")
+    alice.type("\x1b[A\x1b[A")  # Up, Up: the sent line, then the long one
+    alice.wait_until(lambda: alice.cursor_row().endswith("xyz"), "the long line in history")
+    alice.type("\x15BM\r")
+    alice.wait_prompt("message: ")
+    type_slowly(alice, "y" * (limit + 1))
+    alice.type("\r")
+    alice.wait_for(f"(this one has {limit + 1})")
+    alice.wait_until(lambda: alice.cursor_row().startswith("message: yyy")
+                     and alice.screen.cursor.x == len(alice.cursor_row()), "the message prompt with the text")
+    alice.type("\x7f\r")
+    alice.wait_prompt("alice> ")
+    assert bob.wait_data("BM")["text"] == "y" * limit
+
+
+def test_a_script_with_a_failed_line_exits_1_and_says_why(server, connect, keys, home):
+    bob = wire_login(connect, "bob", keys(1))
+    seed_key(home("alice"), server.port, "alice", keys(0))
+    too_long = "z" * (protocol.MAX_TEXT_CHARS + 1)
+    result = run_script(server.port, "alice", home("alice"),
+                        f"{PASSWORD}\nBM {too_long}\nPM carol are you there\nBM still here\nbm\n{too_long}\nEX\n",
+                        "--register")
+    assert result.returncode == 1
+    errors = result.stderr.splitlines()
+    assert errors[0].startswith("BM not sent: a message is at most 4096 characters (this one has 4097)")
+    assert errors[1] == "PM to carol: carol is not online (online: bob)"
+    assert errors[2].startswith("BM not sent: a message is at most 4096")
+    assert errors[3].startswith("chatclient: 3 lines of the script failed: BM not sent: a message is at most")
+    assert len(errors) == 4
+    assert re.search(f"^{CLOCK} alice: still here  \\(sent to 1\\)$", result.stdout, re.M)
+    assert result.stdout.endswith("bye\n")  # the rest of the script ran
+    assert bob.wait_data("BM")["text"] == "still here"
+    with pytest.raises(TimeoutError):
+        bob.wait_data("BM", timeout=0.3)
+    fine = run_script(server.port, "alice", home("alice"), f"{PASSWORD}\nBM all good\n")
+    assert fine.returncode == 0 and fine.stderr == ""
+
+
+def test_a_script_registers_a_new_name_only_with_register(server, connect, keys, home):
+    seed_key(home("dave"), server.port, "dave", keys(3))
+    result = run_script(server.port, "dave", home("dave"), f"{PASSWORD}\nBM hi\n")
+    assert result.returncode == 1
+    assert result.stderr == (f"chatclient: there is no account dave at 127.0.0.1:{server.port}; a script "
+                             "creates one only when asked: run it with --register (nothing was sent)\n")
+    probe = connect()
+    assert probe.login_start("dave")["new_user"] is True  # no account was made
+    probe.close()
+    result = run_script(server.port, "dave", home("dave"), f"{PASSWORD}\nEX\n", "--register")
+    assert result.returncode == 0, result.stderr
+    assert connect().login_start("dave")["new_user"] is False
+    short = run_script(server.port, "erin", home("erin"), "short\n", "--register")
+    assert short.returncode == 1
+    assert short.stderr == "chatclient: cannot register erin: a password has at least 8 characters\n"
+
+
+def test_own_bm_echo_who_with_you_and_timed_presence(server, keys, home, ptys):
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    bob = ptys(server.port, "bob", home("bob"), keys(1))
+    alice.wait_line(CLOCK + r" \* bob is online")
+    alice.type("WHO\r")
+    alice.wait_for("alice> WHO\nonline: alice (you), bob")
+    alice.type("BM hello bob\r")
+    row = alice.wait_line(CLOCK + r" alice: hello bob  \(sent to 1\)")
+    mine = alice.rows()[row]
+    row = bob.wait_line(CLOCK + r" alice: hello bob")
+    theirs = bob.rows()[row]
+    assert mine.startswith(theirs)  # the same line, the count after it
+    assert "sent to 1 user" not in alice.text()
+    bob.type("EX\r")
+    alice.wait_line(CLOCK + r" \* bob is offline")
+    alice.type("WHO\r")
+    alice.wait_for("online: alice (you); nobody else")
+
+
+def test_a_long_history_shows_the_newest_screenful_on_a_terminal_and_all_when_piped(server, connect, keys, home):
+    writer = wire_login(connect, "alice", keys(0))
+    for i in range(60):
+        assert writer.bm(f"entry {i:02d}")["ok"]
+    writer.exit()
+    seed_key(home("alice"), server.port, "alice", keys(0))
+    alice = existing_user_pty(server.port, "alice", home("alice"))
+    try:
+        alice.type("CH\r")
+        alice.wait_for("(the newest 38 of 60 entries; CH all shows all 60)")
+        alice.wait_prompt("alice> ")
+        shown = [row for row in alice.rows() if re.match(ENTRY, row)]
+        assert len(shown) == ROWS - 2  # one screenful: the summary line and the prompt below it
+        assert shown[0].endswith("alice -> all: entry 22") and shown[-1].endswith("alice -> all: entry 59")
+        alice.type("CH all\r")
+        alice.wait_for("(60 entries)")
+        alice.type("CH 5\r")
+        alice.wait_for("alice> CH 5\n")
+        alice.wait_for("(5 entries)")
+        assert alice.rows()[alice.screen.cursor.y - 6].endswith("entry 55")
+    finally:
+        alice.close()
+    result = run_script(server.port, "alice", home("alice"), f"{PASSWORD}\nCH\n")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if re.match(ENTRY, line)]
+    assert len(lines) == 60 and "(60 entries)" in result.stdout
+
+
+def test_changed_server_key_box_lines_up_on_the_terminal(server, keys, home):
+    alice_home = home("alice")
+    store = ClientStore(str(alice_home / "chatroom"))
+    store.remember_server(server_address("127.0.0.1", server.port), keys(5).fingerprint)  # another key
+    alice = PtyClient(server.port, "alice", alice_home)
+    try:
+        assert alice.wait_exit() == 3
+        rows = alice.rows()
+        summary = [i for i, row in enumerate(rows) if row.startswith("chatclient: the server's key has changed")]
+        assert summary, alice.text()
+        box = rows[summary[0] + 1:summary[0] + 4]
+        assert box[0] == box[2] == "@" * len(box[0]) and len(box[0]) > 60
+        assert box[1].startswith("@  W") and box[1].endswith(".  @") and len(box[1]) == len(box[0])
+        assert "WARNING: THE SERVER'S KEY HAS CHANGED" in box[1]
+        [remembered] = [row for row in rows if row.startswith("  remembered: ")]
+        [presented] = [row for row in rows if row.startswith("  presented: ")]
+        assert remembered.index("SHA256:") == presented.index("SHA256:")
+        assert keys(5).fingerprint in remembered
+    finally:
+        alice.close()
+
+
+def test_ignore_hides_a_user_and_is_remembered_across_runs(server, connect, keys, home):
+    bob = wire_login(connect, "bob", keys(1))
+    carol = wire_login(connect, "carol", keys(2))
+    alice_home = home("alice")
+    seed_key(alice_home, server.port, "alice", keys(0))
+    first = PipedClient(server.port, "alice", alice_home, "--register")
+    try:
+        first.write(PASSWORD + "\n")
+        first.expect("^logged in as alice")
+        first.write("IGNORE Bob\n")
+        first.expect("^ignoring Bob: their BMs and PMs are hidden, in CH too")
+        assert bob.bm("spam one")["ok"] and bob.pm("alice", "private spam")["ok"]
+        assert carol.bm("marker one")["ok"]  # after bob's, on the same connection to alice
+        first.expect(f"^{CLOCK} carol: marker one$")
+        first.write("IGNORE\n")
+        first.expect("^ignoring: bob ")
+        first.close_input()
+        assert first.wait() == 0
+        assert "spam" not in first.output.decode()
+    finally:
+        first.close()
+    with open(ClientStore(str(alice_home / "chatroom")).ignored_path, encoding="utf-8") as fh:
+        assert f"127.0.0.1:{server.port} bob\n" in fh.read()
+
+    second = PipedClient(server.port, "alice", alice_home)  # a new run: still ignoring bob
+    try:
+        second.write(PASSWORD + "\n")
+        second.expect("^logged in as alice")
+        assert bob.bm("spam two")["ok"] and carol.bm("marker two")["ok"]
+        second.expect(f"^{CLOCK} carol: marker two$")
+        second.write("CH\n")
+        second.expect(r"^\(2 entries; 3 entries from ignored users not shown\)$")
+        second.write("UNIGNORE bob\n")
+        second.expect("^no longer ignoring bob$")
+        assert bob.bm("welcome back")["ok"]
+        second.expect(f"^{CLOCK} bob: welcome back$")
+        second.close_input()
+        assert second.wait() == 0
+        output = second.output.decode()
+        assert "spam" not in output and re.search(ENTRY + "BM carol -> all: marker one$", output, re.M)
+    finally:
+        second.close()

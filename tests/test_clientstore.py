@@ -125,3 +125,21 @@ def test_key_files_of_the_earlier_format_still_open(tmp_path, keys):
     with open(meta_path, "w", encoding="utf-8") as fh:
         json.dump(meta, fh)
     assert store.load_key_pair("h:1", "alice", "password1").fingerprint == keys(0).fingerprint
+
+
+def test_ignored_users_per_server(tmp_path):
+    store = ClientStore(str(tmp_path / "chatroom"))
+    assert store.ignored("h:1") == set()
+    assert store.set_ignored("h:1", "Bob", True) is True
+    assert store.set_ignored("h:1", "BOB", True) is False  # already
+    assert store.set_ignored("h:2", "carol", True) is True
+    assert store.set_ignored("h:1", "dave", True) is True
+    assert mode(store.ignored_path) == 0o600
+    again = ClientStore(str(tmp_path / "chatroom"))  # a later run
+    assert again.ignored("h:1") == {"bob", "dave"} and again.ignored("h:2") == {"carol"}
+    assert again.set_ignored("h:1", "bob", False) is True
+    assert again.set_ignored("h:1", "bob", False) is False
+    assert again.ignored("h:1") == {"dave"} and again.ignored("h:2") == {"carol"}
+    with pytest.raises(ValueError):
+        again.set_ignored("h:1", "a b\nh:2 x", True)
+    assert again.ignored("h:1") == {"dave"}

@@ -184,3 +184,21 @@ def test_ctrl_c_keeps_the_dropped_text_for_the_transcript():
     editor = LineEditor()
     assert editor.feed(b"half typed\x03") == [Key.INTERRUPT]
     assert editor.text == "" and editor.interrupted == "half typed"
+
+
+def test_tab_asks_a_completion_function_with_the_text_before_the_word(split):
+    seen = []
+
+    def offered(before: str):
+        seen.append(before)
+        return {"": ("PM",), "PM ": ("bob",)}.get(before, ("PM", "bob"))
+
+    editor = LineEditor()
+    editor.completions = offered
+    feed(editor, b"p\t", split)
+    assert editor.text == "PM "
+    feed(editor, b"b\t", split)
+    assert editor.text == "PM bob "
+    feed(editor, b"hi p\t", split)
+    assert editor.text == "PM bob hi PM "  # the function decides, given the text before the word
+    assert seen == ["", "PM ", "PM bob hi "]
