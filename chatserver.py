@@ -90,7 +90,8 @@ class ChatServer:
             raise
         self.room = state.make_room(self.keys, node=self.store.node, frame_limit=args.frame_limit,
                                     login_timeout=args.login_timeout, register_rate=args.register_rate,
-                                    login_delay_cap=args.login_delay_cap)
+                                    login_delay_cap=args.login_delay_cap, guess_limit=args.guess_limit,
+                                    bm_rate=args.bm_rate, bm_burst=args.bm_burst)
         for event in self.store.events():   # e.g. who is online on the other nodes
             self.room.cluster_event(event)
         self.conns: dict[int, Connection] = {}
@@ -299,6 +300,8 @@ class ChatServer:
         self.cut_off.append(conn)
 
     def on_lost(self, conn: Connection) -> None:
+        if self.pool.cancel(conn.cid):   # its password check never reached a worker: answer it here
+            self.pool.done.append((conn.cid, passwords.LoginResult(Error.INTERNAL, "the connection closed")))
         self.closing.discard(conn)
         self.throttled.discard(conn)
         del self.conns[conn.cid]
@@ -497,8 +500,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="new accounts per address per hour; past it PASSWORD answers rate_limited "
                         "(default: %(default)s)")
     limits.add_argument("--login-delay-cap", type=nonnegative(float), default=60.0, metavar="SECONDS",
-                        help="after wrong passwords an account's next attempt waits 1, 2, 4, ... seconds, "
-                        "at most this long (default: %(default)s)")
+                        help="after wrong passwords an account's next attempt from that address waits 1, 2, 4, ... "
+                        "seconds, at most this long (default: %(default)s)")
+    limits.add_argument("--bm-rate", type=nonnegative(float), default=state.BM_RATE, metavar="R",
+                        help="broadcasts per second one account may send, whatever its connections; more are "
+                        "answered rate_limited (default: %(default)s)")
+    limits.add_argument("--bm-burst", type=nonnegative(float), default=state.BM_BURST, metavar="B",
+                        help="broadcasts one account may send at once before --bm-rate applies (default: %(default)s)")
+    limits.add_argument("--guess-limit", type=nonnegative(int), default=state.GUESS_LIMIT, metavar="N",
+                        help="failed password checks an hour per account from addresses that failed on it "
+                        "(twice that from all addresses); past it PASSWORD answers rate_limited (default: %(default)s)")
     limits.add_argument("--scrypt-n", type=_power_of_two, default=passwords.DEFAULT_SCRYPT_N, metavar="N",
                         help="scrypt cost for new accounts, a power of two (default: %(default)s); "
                         "existing accounts keep the cost they were made with")

@@ -90,6 +90,11 @@ def encode_body(body: dict) -> bytes:
     return _json_encoder.encode(body).encode("utf-8")
 
 
+def json_size(value: Any) -> int:
+    """Bytes of value in the wire's JSON (escapes included), e.g. a text as it is relayed and stored."""
+    return len(_json_encoder.encode(value).encode("utf-8"))
+
+
 def encode(kind: str, body: dict) -> bytes:
     """Return the bytes of one frame.
 

@@ -6,7 +6,11 @@ child process (``python3 hashpool.py FD``) joined to the server by a
 socketpair, which the pool registers in the server's own selector: a job goes
 down the socket, and its result coming back is what wakes the loop. The pool
 is a selector source like any other (``HashWorker.on_ready``); answers
-collect in ``HashPool.done`` for the server to hand to the sessions. No threads in
+collect in ``HashPool.done`` for the server to hand to the sessions.
+
+The pool keeps the queue: a job goes to a worker only when that worker is
+free, so a job whose connection has closed meanwhile can still be dropped
+(``cancel``) instead of costing a worker its RSA and scrypt time. No threads in
 the server, so no GIL for the loop to wait on; the workers run at a lower
 priority, so a storm of logins does not slow the people already chatting.
 
@@ -71,6 +75,7 @@ class HashWorker:
             if results is None:
                 results = self.pool.replace(self)
             self.pool.done.extend(results)
+            self.pool.dispatch()
 
     def send(self, job) -> None:
         self.jobs.append(job.cid)
@@ -121,7 +126,7 @@ class HashWorker:
 
 
 class HashPool:
-    """A fixed number of workers; a job goes to the one with the fewest in hand."""
+    """A fixed number of workers and the queue of jobs waiting for one of them."""
 
     def __init__(self, size: int, server_pem: bytes, scrypt_n: int, selector: selectors.BaseSelector,
                  niceness: int = 10) -> None:
@@ -129,6 +134,7 @@ class HashPool:
         self._niceness = niceness
         self.selector = selector
         self.done: collections.deque = collections.deque()   # (cid, LoginResult) answered, not yet taken
+        self.queue: collections.deque = collections.deque()  # CheckPassword jobs no worker has yet
         self.workers = [self._start() for _ in range(max(1, size))]
 
     def _start(self) -> HashWorker:
@@ -137,11 +143,27 @@ class HashPool:
         return worker
 
     def submit(self, job) -> None:
-        """Queue one CheckPassword job with the worker that has the fewest in hand."""
-        worker = min(self.workers, key=lambda w: len(w.jobs))
-        worker.send(job)
-        if worker.flush():
-            self.selector.modify(worker.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, worker)
+        """Queue one CheckPassword job; it goes to a worker as soon as one is free."""
+        self.queue.append(job)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Give each free worker the oldest queued job."""
+        for worker in self.workers:
+            if not self.queue:
+                return
+            if not worker.jobs:
+                worker.send(self.queue.popleft())
+                if worker.flush():
+                    self.selector.modify(worker.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, worker)
+
+    def cancel(self, cid: int) -> bool:
+        """Drop the queued job of a connection that closed; True if one was still queued."""
+        for job in self.queue:
+            if job.cid == cid:
+                self.queue.remove(job)
+                return True
+        return False
 
     def replace(self, worker: HashWorker) -> list:
         """A worker died: start another; its unanswered jobs are answered ``internal``."""
@@ -153,7 +175,7 @@ class HashPool:
         self.selector.unregister(worker.sock)
         worker.sock.close()
         self.workers[self.workers.index(worker)] = self._start()
-        return lost
+        return lost   # the caller hands these over, then dispatches
 
     def close(self) -> None:
         for worker in self.workers:

@@ -77,6 +77,10 @@ class ByeReason(str, enum.Enum):
 # A message is at most this many characters (code points): a screenful of
 # text, and small enough that a PM with both sealed copies fits one frame.
 MAX_TEXT_CHARS = 4096
+# What a text costs once stored and relayed: JSON escapes included (a control
+# character is six bytes). 16 KiB holds 4,096 four-byte characters; it stops
+# 4,096 escaped control characters (24 KB) from multiplying every history write.
+MAX_STORED_TEXT_BYTES = 16384
 # Wrong passwords one connection may try before BYE too_many_failures.
 MAX_ATTEMPTS = 3
 # The LOGIN nonce: 128 random bits make a captured PASSWORD useless elsewhere.
@@ -117,6 +121,10 @@ def text_problem(text: object) -> str | None:
         return f"a message is at most {MAX_TEXT_CHARS} characters (this one has {len(text)})"
     if not text.strip():
         return "a message needs at least one character that is not white space"
+    stored = framing.json_size(text) - 2
+    if stored > MAX_STORED_TEXT_BYTES:
+        return (f"a message is at most {MAX_STORED_TEXT_BYTES} bytes once stored (this one is {stored}: "
+                "control characters take six bytes each)")
     return None
 
 

@@ -67,6 +67,15 @@ MAX_PIPELINE = 64
 RECENT_EVENTS = 1000
 REGISTRATION_WINDOW = 3600.0     # --register-rate counts over a sliding hour
 FAILURE_MEMORY = 3600.0          # an hour without failures forgets an account's failed logins
+# Password checks (RSA and scrypt, tens of ms each) one address may have waiting or
+# running at once: enough for a household behind one NAT logging in together.
+MAX_CHECKS_PER_ADDRESS = 8
+MAX_CHECKS = 256                 # in all: past it the server is busy checking passwords
+GUESS_LIMIT = 100                # failed checks an hour per account (--guess-limit), see LoginThrottle
+# BMs per account (--bm-rate, --bm-burst): a paste of 60 lines goes at once, a flood
+# is held to 5 a second whatever the number of connections or logins it uses.
+BM_RATE = 5.0
+BM_BURST = 60.0
 
 
 class State(enum.Enum):
@@ -236,7 +245,7 @@ class Session:
 
     __slots__ = ("cid", "address", "state", "username", "key", "account", "nonce", "attempts_left",
                  "public_key", "target", "barriers", "deadline", "sealed", "registering", "slots", "online_id",
-                 "claimed", "kicked")
+                 "claimed", "kicked", "checking", "extended")
 
     def __init__(self, cid: int, address: str) -> None:
         self.cid = cid
@@ -254,23 +263,44 @@ class Session:
         self.deadline = 0.0
         self.sealed = ""             # the PASSWORD ciphertext while it is being checked
         self.registering = False     # holds one of its address's registration slots
+        self.checking = False        # holds one of its address's places for a password check
+        self.extended = 0.0          # seconds the failed-login delay added to the login deadline
         self.online_id = store.START  # shared mode: where its coming online is in the event order
         self.claimed = False         # shared mode: the store holds this session's token
         self.kicked = False          # shared mode: replaced before its claim was answered
 
 
 class LoginThrottle:
-    """New accounts per address per hour (``--register-rate``) and the failed-login
-    delay per account (doubling per failure, capped at ``--login-delay-cap``)."""
+    """What password checks one address or one account may cost (issue 14's rules).
 
-    def __init__(self, register_rate: int, delay_cap: float, clock: Callable[[], float]) -> None:
+    * Registrations: at most ``register_rate`` new accounts per address per hour.
+    * Checks in hand: at most ``MAX_CHECKS_PER_ADDRESS`` password checks waiting or
+      running per address, ``MAX_CHECKS`` in all; past either, PASSWORD answers
+      ``rate_limited`` at once (not an attempt), so abandoned logins cannot pile
+      up work in front of everyone else's.
+    * Guessing: after a wrong password, the next check of that account *from that
+      address* waits 1, 2, 4, ... seconds (capped at ``delay_cap``), so the real
+      user, coming from an address that is not failing, never waits for someone
+      else's failures. An account takes at most ``guess_limit`` failed checks an
+      hour from addresses that have failed on it; past that, those addresses get
+      ``rate_limited`` without a check; a fresh address still gets checked, until
+      the account has had ``2 * guess_limit`` failures in the hour: whatever the
+      number of addresses, at most that many guesses an hour.
+    """
+
+    def __init__(self, register_rate: int, delay_cap: float, clock: Callable[[], float],
+                 guess_limit: int = GUESS_LIMIT) -> None:
         self.register_rate = register_rate
         self.delay_cap = delay_cap
+        self.guess_limit = guess_limit
         self.clock = clock
         self._registered: dict[str, collections.deque] = {}   # address -> times of accounts created
         self._registering: collections.Counter = collections.Counter()   # address -> being created
-        self._failures: dict[str, tuple[int, float]] = {}   # account -> (failed logins, time of the last)
+        self._checks: collections.Counter = collections.Counter()        # address -> checks in hand
+        self._delays: dict[tuple[str, str], tuple[int, float]] = {}   # (account, address) -> (failures, last)
+        self._guesses: dict[str, collections.deque] = {}   # account -> times of its failed checks
 
+    # --- registrations ---------------------------------------------------------------
     def reserve_registration(self, address: str) -> bool:
         """Take one of the address's registrations for this hour, if one is left."""
         if self.register_rate <= 0:
@@ -295,25 +325,84 @@ class LoginThrottle:
         if created:
             self._registered.setdefault(address, collections.deque()).append(self.clock())
 
-    def delayed_until(self, key: str) -> float:
-        """Until when the account's next password check waits (0: not at all)."""
-        if self.delay_cap <= 0 or key not in self._failures:
+    # --- checks in hand ----------------------------------------------------------------
+    def reserve_check(self, address: str) -> bool:
+        """Take a place for one password check (waiting, held or running), if the address has one."""
+        if self._checks[address] >= MAX_CHECKS_PER_ADDRESS or sum(self._checks.values()) >= MAX_CHECKS:
+            return False
+        self._checks[address] += 1
+        return True
+
+    def release_check(self, address: str) -> None:
+        self._checks[address] -= 1
+        if self._checks[address] <= 0:
+            del self._checks[address]
+
+    # --- guessing ------------------------------------------------------------------------
+    def delayed_until(self, key: str, address: str) -> float:
+        """Until when the account's next check from this address waits (0: not at all)."""
+        entry = self._delays.get((key, address))
+        if self.delay_cap <= 0 or entry is None:
             return 0.0
-        count, last = self._failures[key]
+        count, last = entry
         if self.clock() - last >= FAILURE_MEMORY:
-            del self._failures[key]
+            del self._delays[(key, address)]
             return 0.0
         return last + min(self.delay_cap, 2.0 ** (count - 1))
 
-    def failed(self, key: str) -> None:
-        count, last = self._failures.get(key, (0, 0.0))
+    def refuses_guess(self, key: str, address: str) -> bool:
+        """True if the account has had its guesses for this hour from such an address."""
+        if self.guess_limit <= 0:
+            return False
+        recent = self._guesses.get(key)
+        if not recent:
+            return False
+        cutoff = self.clock() - FAILURE_MEMORY
+        while recent and recent[0] <= cutoff:
+            recent.popleft()
+        if len(recent) >= 2 * self.guess_limit:
+            return True
+        if len(recent) < self.guess_limit:
+            return False
+        entry = self._delays.get((key, address))   # has this address failed on the account lately?
+        return entry is not None and cutoff < entry[1]
+
+    def failed(self, key: str, address: str) -> None:
         now = self.clock()
+        count, last = self._delays.get((key, address), (0, 0.0))
         if now - last >= FAILURE_MEMORY:
             count = 0
-        self._failures[key] = (count + 1, now)
+        self._delays[(key, address)] = (count + 1, now)
+        if self.guess_limit > 0:
+            self._guesses.setdefault(key, collections.deque()).append(now)
 
-    def succeeded(self, key: str) -> None:
-        self._failures.pop(key, None)
+    def succeeded(self, key: str, address: str) -> None:
+        self._delays.pop((key, address), None)
+
+
+class RateLimit:
+    """A token bucket per account: ``rate`` a second, ``burst`` at once (rate 0: no limit)."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}   # key -> (tokens, when)
+
+    def take(self, key: str) -> bool:
+        """Spend one token of key's bucket; False if it is empty."""
+        if self.rate <= 0:
+            return True
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > 4096:   # bounded: forget the buckets that have filled up again
+            full = [k for k, (t, when) in self._buckets.items() if t + (now - when) * self.rate >= self.burst]
+            for k in full:
+                del self._buckets[k]
+        return allowed
 
 
 class Room:
@@ -321,6 +410,7 @@ class Room:
 
     def __init__(self, server_keys: pg3lib.KeyPair, *, frame_limit: int = framing.DEFAULT_FRAME_LIMIT,
                  login_timeout: float = 30.0, register_rate: int = 100, login_delay_cap: float = 60.0,
+                 guess_limit: int = GUESS_LIMIT, bm_rate: float = BM_RATE, bm_burst: float = BM_BURST,
                  clock: Callable[[], float] = time.time,
                  random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         self.server_keys = server_keys
@@ -329,7 +419,8 @@ class Room:
         self.login_timeout = login_timeout
         self.clock = clock
         self.random_bytes = random_bytes
-        self.throttle = LoginThrottle(register_rate, login_delay_cap, clock)
+        self.throttle = LoginThrottle(register_rate, login_delay_cap, clock, guess_limit)
+        self.bm_limit = RateLimit(bm_rate, bm_burst, clock)   # per account, whatever its connections
         self.sessions: dict[int, Session] = {}
         self.online: dict[str, Session] = {}       # after KEY: key -> session
         self.online_version = 0                     # changes whenever someone comes or goes
@@ -410,6 +501,9 @@ class Room:
         for slot in [slot for slot in session.slots if slot.held]:   # never asked for: nothing will answer
             session.slots.remove(slot)
             session.barriers -= 1
+            if session.checking:
+                session.checking = False
+                self.throttle.release_check(session.address)
         if not session.slots:
             del self.sessions[cid]
         return out
@@ -454,12 +548,14 @@ class Room:
         times = [heap[0][0] for heap in (self._deadlines, self._held) if heap]
         return min(times) if times else None
 
-    def extend_deadline(self, cid: int, seconds: float) -> None:
-        """Stop the login clock for a while (the shell held this connection's requests back)."""
-        session = self.sessions.get(cid)
-        if session is not None and session.deadline and session.state in LOGIN_STATES and seconds > 0:
+    def _extend_deadline(self, session: Session, seconds: float) -> None:
+        """Stop the login clock while an attempt waits out the failed-login delay: the one
+        pause of the otherwise absolute deadline, at most the delays of its three attempts."""
+        seconds = min(seconds, MAX_ATTEMPTS * self.throttle.delay_cap - session.extended)
+        if session.deadline and session.state in LOGIN_STATES and seconds > 0:
+            session.extended += seconds
             session.deadline += seconds
-            heapq.heappush(self._deadlines, (session.deadline, cid))
+            heapq.heappush(self._deadlines, (session.deadline, session.cid))
 
     def cluster_event(self, event: store.ClusterEvent) -> Effects:
         """What another node did (a store of several nodes); one process has none."""
@@ -489,7 +585,7 @@ class Room:
                 # when the delay ends, and the login clock stops meanwhile.
                 slot.held = True
                 heapq.heappush(self._held, (ask.hold_until, session.cid))
-                self.extend_deadline(session.cid, ask.hold_until - self.clock())
+                self._extend_deadline(session, ask.hold_until - self.clock())
         else:
             # A slot: the edge is taken now; the answer only makes the reply, in its place.
             self._enter(session, transition.next_state)
@@ -664,11 +760,17 @@ class Room:
         sealed = body.get("ciphertext")
         if not isinstance(sealed, str) or len(sealed) > MAX_SEALED_PASSWORD_CHARS:
             raise self._failed_attempt(session, Error.BAD_REQUEST, "'ciphertext' must be a sealed string")
+        throttle, address = self.throttle, session.address
+        if session.account is not None and throttle.refuses_guess(session.key, address):
+            raise Refused(Error.RATE_LIMITED, "too many failed logins for this account; try again later")
+        if not throttle.reserve_check(address):
+            raise Refused(Error.RATE_LIMITED, "too many password checks waiting; try again in a moment")
+        session.checking = True
         session.sealed = sealed
         if session.account is None:
-            session.registering = self.throttle.reserve_registration(session.address)
+            session.registering = throttle.reserve_registration(address)
             return Ask(self._password_job(session), self._password_checked)
-        until = self.throttle.delayed_until(session.key)
+        until = throttle.delayed_until(session.key, address)
         if until > self.clock():
             return Ask(None, self._password_checked, hold_until=until)
         return Ask(self._password_job(session), self._password_checked)
@@ -689,13 +791,16 @@ class Room:
                        bye=ByeReason.TOO_MANY_FAILURES if session.attempts_left <= 0 else None)
 
     def _password_checked(self, session: Session, result: LoginResult, out: Effects) -> Ask | None:
+        if session.checking:
+            session.checking = False
+            self.throttle.release_check(session.address)
         if result.outcome != OK or session.state is State.CLOSED:
             self._release_registration(session, created=False)
         if session.account is not None:
             if result.outcome == Error.WRONG_PASSWORD:
-                self.throttle.failed(session.key)
+                self.throttle.failed(session.key, session.address)
             elif result.outcome == OK:
-                self.throttle.succeeded(session.key)
+                self.throttle.succeeded(session.key, session.address)
         if session.state is State.CLOSED:
             return None
         if result.outcome != OK:
@@ -789,6 +894,8 @@ class Room:
         problem = text_problem(text)
         if problem:
             raise Refused(Error.BAD_REQUEST, problem)
+        if not self.bm_limit.take(session.key):
+            raise Refused(Error.RATE_LIMITED, "you are sending too fast; wait a moment")
         ts = timestamp(self.clock())
         line = json_line({"ts": ts, "type": "BM", "from": session.username, "to": "*", "text": text})
         owners = self.online_snapshot()   # the sender and everyone it reaches

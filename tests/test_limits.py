@@ -9,7 +9,6 @@ missing.
 
 from __future__ import annotations
 
-import base64
 import os
 import socket
 import statistics
@@ -20,7 +19,6 @@ from unittest import mock
 import pytest
 
 import framing
-import pg3lib
 import wire
 from wire import WireClient
 
@@ -204,7 +202,7 @@ def test_server_frames_respect_the_frame_limit(make_server, keys):
 # --- --send-queue ------------------------------------------------------------------------------
 
 def test_client_that_never_reads_gets_bye_too_slow_and_nobody_waits(make_server, keys):
-    server = make_server("--send-queue", "65536", "--flood-rate", "0")
+    server = make_server("--send-queue", "65536", "--flood-rate", "0", "--bm-rate", "0")
     slow = client(server.port, rcvbuf=4096)
     slow.login("slow", PASSWORD, keys(0))
     reader = client(server.port)
@@ -258,7 +256,7 @@ def test_client_that_never_reads_gets_bye_too_slow_and_nobody_waits(make_server,
 
 
 def test_send_queue_0_turns_it_off(make_server, keys):
-    server = make_server("--send-queue", "0", "--flood-rate", "0")
+    server = make_server("--send-queue", "0", "--flood-rate", "0", "--bm-rate", "0")
     slow = client(server.port, rcvbuf=4096)
     slow.login("slow", PASSWORD, keys(0))
     sender = client(server.port)
@@ -277,7 +275,7 @@ def test_send_queue_0_turns_it_off(make_server, keys):
 
 
 def test_rss_stays_bounded_while_a_client_that_never_reads_is_sent_100_mb(make_server, keys):
-    server = make_server("--flood-rate", "0")          # the default send queue, 1 MiB
+    server = make_server("--flood-rate", "0", "--bm-rate", "0")   # the default send queue, 1 MiB
     pid = server.proc.pid
     slow = client(server.port)
     slow.login("sleeper", PASSWORD, keys(0))
@@ -311,7 +309,7 @@ def test_rss_stays_bounded_while_a_client_that_never_reads_is_sent_100_mb(make_s
 
 def test_client_that_never_reads_its_own_replies_is_cut_off(make_server, keys):
     """Amplification: tiny CH requests, big replies, never read. Memory stays bounded."""
-    server = make_server("--send-queue", "262144", "--flood-rate", "0")
+    server = make_server("--send-queue", "262144", "--flood-rate", "0", "--bm-rate", "0")
     pid = server.proc.pid
     c = client(server.port, rcvbuf=4096)
     c.login("hoarder", PASSWORD, keys(0))
