@@ -48,7 +48,7 @@ import hashpool
 import passwords
 import state
 import storage
-from connection import Connection, Lifecycle
+from connection import PACE_STALL, Connection, Lifecycle
 from protocol import ByeReason, Error, bye, fatal
 
 log = logging.getLogger("chat.server")
@@ -100,6 +100,7 @@ class ChatServer:
         self.dirty: list[Connection] = []
         self.throttled: set[Connection] = set()
         self.closing: set[Connection] = set()
+        self.pacing: set[Connection] = set()      # CH pages waiting for the socket to drain
         self.cut_off: list[Connection] = []
         self.broadcasts: list[state.DeliverAll] = []   # this pass's, not yet queued to everyone
         self.broadcast_run = 1                           # numbers each such run (Connection.seen)
@@ -153,6 +154,8 @@ class ChatServer:
             times.append(min(self._token_time(conn) for conn in self.throttled))
         if self.closing:
             times.append(min(conn.close_by for conn in self.closing))
+        if self.pacing:
+            times.append(min(conn.progress_at for conn in self.pacing) + PACE_STALL)
         store_tick = self.store.next_tick()
         if store_tick is not None:
             times.append(now + store_tick - time.monotonic())
@@ -173,8 +176,16 @@ class ChatServer:
         if self.closing:
             for conn in [c for c in self.closing if c.close_by <= now]:
                 conn.abort()
+        if self.pacing:
+            for conn in list(self.pacing):
+                if conn.paced is None or conn.ending:
+                    self.pacing.discard(conn)
+                elif conn.progress_at + PACE_STALL <= now:
+                    self.pacing.discard(conn)
+                    conn.too_slow()
         self._settle()
-        while self.dirty or self.cut_off or self.broadcasts:
+        while self.dirty or self.cut_off or self.broadcasts or self.store.pending or self.pool.done:
+            self._settle()   # a flush can hand over requests (held behind CH pages): answer them now
             if self.broadcasts:
                 self._deliver_broadcasts()
             while self.cut_off:
@@ -252,7 +263,7 @@ class ChatServer:
         rate = self.args.flood_rate
         waiting = False
         while not conn.ending:
-            if room.busy(cid):
+            if room.busy(cid) or conn.paced is not None:   # one CH's pages at a time
                 waiting = True
                 break
             if rate and conn.tokens < 1.0:
@@ -296,6 +307,9 @@ class ChatServer:
     def on_closing(self, conn: Connection) -> None:
         self.closing.add(conn)
 
+    def on_pacing(self, conn: Connection) -> None:
+        self.pacing.add(conn)
+
     def on_cut_off(self, conn: Connection) -> None:
         self.cut_off.append(conn)
 
@@ -303,6 +317,7 @@ class ChatServer:
         if self.pool.cancel(conn.cid):   # its password check never reached a worker: answer it here
             self.pool.done.append((conn.cid, passwords.LoginResult(Error.INTERNAL, "the connection closed")))
         self.closing.discard(conn)
+        self.pacing.discard(conn)
         self.throttled.discard(conn)
         del self.conns[conn.cid]
         self.per_ip[conn.address] -= 1
@@ -322,6 +337,12 @@ class ChatServer:
                     if self.broadcasts and conn.user:
                         self._catch_up(conn)   # broadcasts made before this reply come before it
                     conn.queue(effect.data)
+            elif kind is state.Page:
+                conn = self.conns.get(effect.cid)
+                if conn is not None:
+                    if self.broadcasts and conn.user:
+                        self._catch_up(conn)
+                    conn.queue_page(effect.data)
             elif kind is state.DeliverAll:
                 self.broadcasts.append(effect)
             elif kind is state.Deliver:

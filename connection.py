@@ -7,7 +7,10 @@ is at most one read of raw bytes, never a pile of parsed bodies, and reading
 pauses meanwhile. The write side is a queue of whole frames,
 sent with one ``send`` per ``flush``; ``EVENT_WRITE`` is registered only while
 something is left, and a queue past the cap cuts the client off (``BYE
-too_slow``) so that others never wait on it.
+too_slow``) so that others never wait on it. CH pages are the exception: they
+wait in ``paced`` and enter the queue a little at a time as the socket drains
+(frames queued after them wait behind them, so replies keep their order), so a
+client that reads gets a history of any length and is never cut off for it.
 
 Two ways to end, as asyncio has. ``close_when_flushed``: stop reading, send
 what is queued (a BYE, an ERROR, the EX reply), shut the write side, then
@@ -20,6 +23,7 @@ needs through ``ConnectionOwner``.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import selectors
@@ -35,6 +39,12 @@ log = logging.getLogger("chat.server")
 READ_SIZE = 65536   # per recv: larger reads cost more per call in CPython than they save
 FLUSH_GRACE = 5.0   # seconds a closing connection gets to take its last bytes
 LINGER = 2.0        # seconds a closed-for-writing connection waits for the peer's close
+# CH pages enter the send queue while it holds less than this (and a quarter of the cap):
+# enough to keep a socket busy between passes, far from any cap.
+PAGE_LOW_WATER = 65536
+# A connection whose socket takes none of its waiting CH pages for this long is
+# not reading: it is cut off (BYE too_slow) like any client that does not read.
+PACE_STALL = 5.0
 
 
 class Lifecycle(enum.Enum):
@@ -62,6 +72,9 @@ class ConnectionOwner(Protocol):
     def on_closing(self, conn: Connection) -> None:
         """Close-when-flushed started: abort it if it is not done by ``close_by``."""
 
+    def on_pacing(self, conn: Connection) -> None:
+        """CH pages wait for the socket to drain: cut it off if it stops taking them."""
+
     def on_cut_off(self, conn: Connection) -> None:
         """Its queue passed the cap: the session must end."""
 
@@ -74,7 +87,7 @@ class Connection:
 
     __slots__ = ("cid", "sock", "address", "owner", "send_cap", "decoder", "out", "head",
                  "out_size", "events", "lifecycle", "closed", "ending", "fatal", "close_by", "user", "tokens",
-                 "tokens_at", "seen")
+                 "tokens_at", "seen", "paced", "paced_other", "progress_at")
 
     def __init__(self, cid: int, sock: socket.socket, address: str, owner: ConnectionOwner, *,
                  frame_limit: int, send_cap: int, burst: float) -> None:
@@ -87,6 +100,9 @@ class Connection:
         self.out: list[bytes] = []   # whole frames; the first may be partly sent
         self.head = 0                # bytes of out[0] already sent
         self.out_size = 0            # bytes in out not yet sent
+        self.paced: collections.deque | None = None   # (frame, is CH page) behind CH pages not yet queued
+        self.paced_other = 0         # bytes in paced that are not CH pages (they count against the cap)
+        self.progress_at = 0.0       # while pages wait: when the socket last took bytes
         self.events = 0
         self.lifecycle = Lifecycle.OPEN
         # Read on every queued frame: kept beside the lifecycle (set only by _become) rather than derived.
@@ -168,16 +184,49 @@ class Connection:
             return
         if not self.out:
             self.owner.on_output(self)
-        self.out.append(data)
-        self.out_size += len(data)
-        if self.send_cap and self.out_size > self.send_cap:
-            self._too_slow()
+        if self.paced is not None:   # behind CH pages still waiting
+            self.paced.append((data, False))
+            self.paced_other += len(data)
+        else:
+            self.out.append(data)
+            self.out_size += len(data)
+        if self.send_cap and self.out_size + self.paced_other > self.send_cap:
+            self.too_slow()
 
-    def _too_slow(self) -> None:
+    def queue_page(self, data: bytes) -> None:
+        """Queue a CH page: it enters the send queue as the socket drains, never past the cap."""
+        if self.ending:
+            return
+        if not self.out:
+            self.owner.on_output(self)
+        if self.paced is None:
+            self.paced = collections.deque()
+            self.progress_at = time.time()
+            self.owner.on_pacing(self)
+        self.paced.append((data, True))
+
+    def _refill(self) -> bool:
+        """Move frames from behind the CH pages into the send queue while it is short;
+        True when the last of them has moved."""
+        paced, out = self.paced, self.out
+        low_water = self.send_cap // 4 if self.send_cap else PAGE_LOW_WATER
+        while paced and self.out_size < min(low_water, PAGE_LOW_WATER):
+            data, is_page = paced.popleft()
+            out.append(data)
+            self.out_size += len(data)
+            if not is_page:
+                self.paced_other -= len(data)
+        if paced:
+            return False
+        self.paced = None
+        return True
+
+    def too_slow(self) -> None:
         """The client does not read: drop what it has not started, say BYE, close."""
         log.warning("connection %d (%r): send queue over %d bytes, disconnecting", self.cid, self.user,
                     self.send_cap)
         del self.out[1 if self.head else 0:]
+        self.paced, self.paced_other = None, 0
         self.out.append(bye(ByeReason.TOO_SLOW))
         self.out_size = sum(len(frame) for frame in self.out) - self.head
         self.close_when_flushed()
@@ -185,6 +234,8 @@ class Connection:
 
     def flush(self) -> None:
         """Send what is queued with one send; keep the rest and wait for EVENT_WRITE."""
+        if self.paced is not None and self._refill():
+            self.owner.on_input(self)   # the requests held behind the CH go on
         out = self.out
         if out:
             if len(out) == 1:
@@ -201,6 +252,8 @@ class Connection:
             except OSError:
                 self.abort()
                 return
+            if sent and self.paced is not None:
+                self.progress_at = time.time()
             if sent < len(data):
                 self.out_size -= sent
                 sent += self.head
@@ -215,6 +268,9 @@ class Connection:
             out.clear()
             self.head = 0
             self.out_size = 0
+        if self.paced is not None:   # more CH pages: the socket is writable again next pass
+            self._set_events(self.events | selectors.EVENT_WRITE)
+            return
         if self.lifecycle is Lifecycle.CLOSING:
             self._linger()
         elif self.lifecycle is not Lifecycle.LINGERING:
@@ -229,7 +285,7 @@ class Connection:
         self.close_by = time.time() + FLUSH_GRACE
         self.owner.on_closing(self)
         self.pause_reading()
-        if not self.out:
+        if not self.out and self.paced is None:
             self._linger()
 
     def _linger(self) -> None:

@@ -18,6 +18,7 @@ list of effects, plain data the server carries out in order:
 * ``Send(cid, data)``: bytes for one connection (a reply);
 * ``Deliver(users, data)`` / ``DeliverAll(data, exclude)``: a data frame for
   online users, encoded once;
+* ``Page(cid, data)``: a CH reply frame, sent as the connection drains;
 * ``Close(cid)``: close that connection once its output is flushed;
 * ``Online(user, cid)`` / ``Offline(user, cid)``: presence changes;
 * the store requests of ``store.py`` and the worker job ``CheckPassword``.
@@ -107,6 +108,13 @@ class Deliver(NamedTuple):
 class DeliverAll(NamedTuple):
     data: bytes
     exclude: str  # lower-case name, or ""
+
+
+class Page(NamedTuple):
+    """A CH reply frame: queued behind what the connection already has, and sent as its
+    socket drains, so a long history never counts against the client's send queue."""
+    cid: int
+    data: bytes
 
 
 class Close(NamedTuple):
@@ -878,7 +886,7 @@ class Room:
             raise Refused(Error.INTERNAL, "the history could not be read; try again")
         lines = result.lines if limit is None else result.lines[-limit:]
         for page in history_pages(lines, self.frame_limit):
-            self._reply(session, page, out)
+            self._emit(session, Page(session.cid, page), out)
 
     def _ex(self, session: Session, body: dict, out: Effects) -> None:
         self._reply(session, ok(Op.EX), out)
@@ -1172,6 +1180,6 @@ def _expected(state: State) -> str:
 
 __all__ = [
     "REQUESTS", "TRANSITIONS", "Ask", "CheckPassword", "Close", "Deliver", "DeliverAll", "LoginThrottle",
-    "Malformed", "Offline", "Online", "Refused", "Room", "Send", "Session", "SharedRoom", "State", "Transition",
+    "Malformed", "Offline", "Online", "Page", "Refused", "Room", "Send", "Session", "SharedRoom", "State", "Transition",
     "make_room",
 ]

@@ -217,7 +217,7 @@ class RoomDriver:
         """Carry out effects in order, as ChatServer.apply does."""
         for effect in effects:
             kind = type(effect)
-            if kind is state.Send:
+            if kind is state.Send or kind is state.Page:
                 self._queue(effect.cid, effect.data, effect)
             elif kind is state.DeliverAll:
                 self._broadcasts.append(effect)

@@ -156,3 +156,20 @@ def test_bm_rate_is_per_account_across_its_connections(make_server, keys):
     assert again.bm("still too many")["error"] == "rate_limited"
     time.sleep(1.2)
     assert again.bm("after a second")["ok"]
+
+
+def test_a_long_history_reaches_a_reading_client_whatever_its_send_queue(make_server, keys):
+    """45 BMs from someone, then an ordinary CH (was: the reader cut off with too_slow)."""
+    server = make_server("--send-queue", "65536", "--flood-rate", "0", "--bm-rate", "0")
+    reader, writer = log_in(server.port, keys, ["reader", "writer"])
+    texts = [f"{i:02d} " + "w" * 4000 for i in range(45)]   # 180 KB of the reader's history
+    for text in texts:
+        assert writer.bm(text)["ok"]
+    got = 0
+    while got < len(texts):
+        frame = reader.recv(timeout=10)
+        got += frame.kind == "D" and frame.body["op"] == "BM"
+    entries = reader.history()
+    assert [e["text"] for e in entries] == texts
+    assert reader.bm("still here")["ok"]                     # not cut off
+    assert "send queue over" not in server.log()

@@ -18,6 +18,7 @@ from unittest import mock
 
 import pytest
 
+import connection
 import framing
 import wire
 from wire import WireClient
@@ -308,7 +309,8 @@ def test_rss_stays_bounded_while_a_client_that_never_reads_is_sent_100_mb(make_s
 
 
 def test_client_that_never_reads_its_own_replies_is_cut_off(make_server, keys):
-    """Amplification: tiny CH requests, big replies, never read. Memory stays bounded."""
+    """Amplification: tiny CH requests, big replies, never read. Memory stays bounded, and a
+    client whose socket takes none of its CH pages for PACE_STALL seconds is cut off."""
     server = make_server("--send-queue", "262144", "--flood-rate", "0", "--bm-rate", "0")
     pid = server.proc.pid
     c = client(server.port, rcvbuf=4096)
@@ -329,6 +331,7 @@ def test_client_that_never_reads_its_own_replies_is_cut_off(make_server, keys):
     print(f"\nCH flood: {sent} requests sent; server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB "
           f"(peak {peak / 1024:.1f} MiB)")
     assert peak - before < 50 * 1024
+    time.sleep(connection.PACE_STALL + 1)              # still not reading
     frames = c.recv_until_closed(timeout=10)
     assert frames[-1].body == {"op": "BYE", "reason": "too_slow"}
     assert log_in(server.port, keys, ["other"])[0].bm("still serving")["ok"]
