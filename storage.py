@@ -376,7 +376,7 @@ def parse_user_line(line: bytes) -> tuple | None:
     return None
 
 
-def merge_history(items, room, limit: int | None) -> list[str]:
+def merge_history(items, room, limit: int | None, open_at: int | None = None) -> list[str]:
     """A user's history, oldest first: their file's items (newest first) merged with the room's BMs.
 
     ``items`` yields what ``parse_user_line`` gives, newest first;
@@ -384,14 +384,34 @@ def merge_history(items, room, limit: int | None) -> list[str]:
     [lo, hi), newest first, and ``room.run_end(run)`` says where a run ended. The lines between
     two marks belong to the earlier mark: after "online" they interleave with
     the BMs up to the next mark, after "offline" (or before any mark) they
-    stand alone. Reading stops once ``limit`` entries are found.
+    stand alone. Reading stops once ``limit`` entries are found. ``open_at``:
+    the user is online now, since that position (its last mark), so the newest
+    lines are merged as they are read.
     """
     out: list[str] = []
     need = limit if limit else 1 << 62
     later = None          # the mark after the lines in ``between`` (None: none after them)
     between: list = []    # lines since that mark, newest first
+    hi = room.end if open_at is not None else -1   # streaming the open span: BMs below hi not yet given
+    since = open_at or 0
     for item in items:
         kind = item[0]
+        if hi >= 0:
+            # The user's span is open (known without reading back to its mark): no buffering.
+            if kind == "pm":
+                at = max(since, min(item[1], hi))
+                if _emit_span(out, need, [], at, hi, room):
+                    return out[::-1]
+                hi = at
+            if kind in ("pm", "entry"):
+                out.append(item[-1])
+                if len(out) >= need:
+                    return out[::-1]
+                continue
+            if _emit_span(out, need, [], since, hi, room):
+                return out[::-1]
+            hi, later = -1, item
+            continue
         if kind in ("pm", "entry"):
             between.append(item)
             continue
@@ -741,7 +761,8 @@ class FileStore:
         if self._messages or self._user_ops:
             self._write()   # what was asked for before this read is in it
         try:
-            return store.HistoryRead(merge_history(self.history.items_back(username), self.room, limit))
+            return store.HistoryRead(merge_history(self.history.items_back(username), self.room, limit,
+                                                   self._open.get(username)))
         except OSError as exc:
             log.error("reading the history of %r failed: %s", username, exc.strerror or exc)
             return store.FAILED

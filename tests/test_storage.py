@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import passwords
 import storage
@@ -267,5 +268,29 @@ def test_messages_are_refused_below_the_free_space_watermark(tmp_path, caplog):
         fs.submit(store.AppendHistory(3, [(("ann", "Bob"), bm_line("ann", 3))], "ann", "BM"))
         fs.submit(store.ReadHistory(4, "Bob"))
         assert [json.loads(t)["text"] for t in fs.flush()[1][1].lines] == ["bm 3"]   # the marks were kept
+    finally:
+        fs.close()
+
+
+def test_ch_with_a_limit_reads_from_the_end_of_a_big_history(tmp_path):
+    """limit=50 on a 100 MiB room log and a user file of 10 MiB of PMs: milliseconds, not a whole-file read."""
+    line = (json.dumps({"ts": "t", "type": "BM", "from": "ann", "to": "*", "text": "bm 0", "pad": " " * 150},
+                       separators=(",", ":")) + "\n").encode()
+    count = (100 << 20) // len(line)
+    with open(tmp_path / f"room.{0:015d}.log", "wb") as fh:
+        fh.write(line * count)
+    pms = [pm_lines("ann", "Bob", n)[1][1][:-1] for n in range(3)]
+    with open(tmp_path / "Bob.chat", "wb") as fh:
+        fh.write(storage.mark_line(True, 0, 0))
+        fh.write(b"".join(storage.pm_line(0, pms[n % 3]) for n in range((10 << 20) // 200)))
+    fs = storage.FileStore(str(tmp_path), history_limit=0)
+    try:
+        fs._open["Bob"] = 0   # as if Bob had been online all along in this run (its span is known)
+        fs.submit(store.ReadHistory(1, "Bob", 50))
+        started = time.perf_counter()
+        [(_, result)] = fs.flush()
+        seconds = time.perf_counter() - started
+        assert len(result.lines) == 50 and json.loads(result.lines[-1])["text"] == "bm 0"
+        assert seconds < 0.05, f"{seconds * 1000:.1f} ms for 50 entries"
     finally:
         fs.close()
