@@ -448,3 +448,57 @@ def test_interleaved_scripts_from_three_links_keep_the_invariants(shared_redis):
     for link in links:
         link.close()
     sel.close()
+
+
+# --- history: the room log and the marks against a per-recipient model ---------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+USERS = ["ann", "bob", "cat"]
+HISTORY_OPS = st.lists(st.tuples(st.sampled_from(["on", "off", "takeover", "bm", "pm", "read", "reap"]),
+                                 st.sampled_from(USERS), st.sampled_from(USERS), st.sampled_from([0, 1, 2, 5]),
+                                 st.sampled_from([1, 2, 1000])), max_size=50)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=HISTORY_OPS, legacy=st.dictionaries(st.sampled_from(USERS), st.integers(0, 2)))
+def test_history_script_is_the_per_recipient_history(r, ops, legacy):
+    """CH from the history script equals CH on a store that appends every BM to every online user."""
+    r.call("FLUSHDB")
+    register(r, A, B)
+    model = {name: [b"OLD %s %d" % (name.encode(), i) for i in range(legacy.get(name, 0))] for name in USERS}
+    for name, lines in model.items():
+        for line in lines:
+            r.call("XADD", K.hist(name), "*", "e", line)
+    sessions: dict = {}      # name -> token online
+    conn = 0
+    for n, (op, a, b, limit, page) in enumerate(ops):
+        conn += 1
+        if op == "on" and a not in sessions:
+            sessions[a] = token(A if conn % 2 else B, conn)
+            login(r, a, sessions[a])
+        elif op == "off" and a in sessions:
+            run(r, K.logout(a, sessions.pop(a)))
+        elif op == "takeover" and a in sessions:   # a login elsewhere: offline, then online again
+            sessions[a] = token(B, conn)
+            login(r, a, sessions[a])
+        elif op == "bm" and a in sessions:
+            line = b"BM %d" % n
+            assert run(r, K.bm(a, line, b"F", sender_token=sessions[a]))[0] == 1
+            for name in sessions:
+                model[name].append(line)
+        elif op == "pm" and a in sessions and b in sessions and a != b:
+            assert run(r, K.pm(a, b, sessions[b], b"S %d" % n, b"T %d" % n, b"F", sender_token=sessions[a]))[0] == 1
+            model[a].append(b"S %d" % n)
+            model[b].append(b"T %d" % n)
+        elif op == "reap":   # node B dies: its users go offline
+            r.call("DEL", K.node(B))
+            assert run(r, K.reap_node(B))[0] == 1
+            sessions = {name: tok for name, tok in sessions.items() if not tok.startswith(B + "/")}
+            assert run(r, K.register_node(B)) == 1
+        elif op == "read":
+            expected = model[a][-limit:] if limit else model[a]
+            assert history(r, a, limit or None, page) == expected, (a, limit, page)
+    for name in USERS:
+        assert history(r, name) == model[name], name
