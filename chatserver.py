@@ -450,8 +450,9 @@ def _open_store(args: argparse.Namespace, selector: selectors.BaseSelector):
     """
     if args.redis:
         import redisstore   # only a node of several needs it (and its Redis modules)
-        return redisstore.open_store(args.redis, selector, args.data)
-    return storage.open_store(args.data, getattr(args, "history_files", storage.DEFAULT_MAX_OPEN_HISTORY))
+        return redisstore.open_store(args.redis, selector, args.data, history_limit=args.history_limit)
+    return storage.open_store(args.data, getattr(args, "history_files", storage.DEFAULT_MAX_OPEN_HISTORY),
+                              history_limit=args.history_limit, min_free=args.min_free)
 
 
 # --- command line -------------------------------------------------------------------
@@ -534,6 +535,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits.add_argument("--scrypt-n", type=_power_of_two, default=passwords.DEFAULT_SCRYPT_N, metavar="N",
                         help="scrypt cost for new accounts, a power of two (default: %(default)s); "
                         "existing accounts keep the cost they were made with")
+    limits.add_argument("--history-limit", type=nonnegative(int), default=storage.DEFAULT_HISTORY_LIMIT,
+                        metavar="BYTES", help="history kept: the room log keeps about the newest BYTES of BMs and "
+                        "each <Username>.chat at most BYTES (two halves); with --redis, streams of about "
+                        "BYTES/512 (room) and BYTES/4096 (each user) entries (default: %(default)s)")
+    limits.add_argument("--min-free", type=nonnegative(int), default=storage.DEFAULT_MIN_FREE, metavar="BYTES",
+                        help="free disk below which new messages are refused with internal, before a write "
+                        "could fail half-way (default: %(default)s)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"port {args.port} is not between 0 and 65535")

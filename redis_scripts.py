@@ -12,8 +12,13 @@ key                         type        holds
 ==========================  ==========  ==============================================
 ``chat:acct:<name>``        hash        the account: fields chosen by the caller (e.g.
                                         ``username`` and ``json``), written once
-``chat:hist:<name>``        stream      the user's history: one entry per line,
-                                        field ``e`` = the JSON line (no newline)
+``chat:room``               stream      the room log: one entry per BM, field ``e`` = its
+                                        history line (JSON, no newline), ``MAXLEN ~``
+``chat:hist:<name>``        stream      the user's own history (``MAXLEN ~``): ``t=on at=<id>``
+                                        (came online when the room log's last id was
+                                        ``<id>``), ``t=off at=<id>``, ``t=pm at=<id> e=<line>``;
+                                        an entry with only ``e`` is a line of the older
+                                        per-recipient layout (BM or PM), read as it is
 ``chat:online``             hash        ``<name>`` -> the session's record (JSON from
                                         the node: node, token, spelling, key, fingerprint)
 ``chat:sess:<name>``        string      the session token ``<node>/<connection>``
@@ -26,8 +31,9 @@ key                         type        holds
 
 Stream entries (field ``t`` says which):
 
-* ``chat:ev``  ``t=bm from=<name> d=<payload>``: a broadcast, stored in the
-  history of the sender and of everyone online when it ran;
+* ``chat:ev``  ``t=bm from=<name> d=<payload>``: a broadcast, stored once in
+  ``chat:room``; it is in the history of everyone online when it ran (their
+  ``on`` mark is older, their ``off`` mark newer);
 * ``chat:ev``  ``t=on u=<name> tok=<token> rec=<record>``: came online;
 * ``chat:ev``  ``t=off u=<name> tok=<token>``: went offline (logout,
   takeover, reap);
@@ -47,6 +53,13 @@ and a stale node (an old token) can change nothing.
 
 Every reply is an array whose first element is the outcome (1 done, 0 refused)
 unless said otherwise; a missing value is the empty string.
+
+A user's history is its ``chat:hist`` stream merged with the room log by the
+``history`` script: the BMs with ids above an ``on`` mark's ``at`` and up to the
+next ``off`` mark's ``at`` (or the end, while online), interleaved with the PMs
+by their ``at``; a PM's ``at`` is the room log's last id when it was stored. Every
+script that puts a user online or takes it off writes its mark, in the same
+step, so spans are exact; a BM costs the same whatever the room's size.
 """
 
 from __future__ import annotations
@@ -60,12 +73,27 @@ from redislink import Script
 # a gap, yet bounded (about 100,000 x a few hundred bytes).
 EV_MAXLEN = 100_000
 INBOX_MAXLEN = 100_000
+# Defaults for --history-limit's default (512 MiB): about 1 M BMs, 130 k entries per user.
+ROOM_MAXLEN = 1_000_000
+HIST_MAXLEN = 131_072
+HISTORY_PAGE = 1000   # the history script reads streams in pieces of this many entries
 LEASE_MS = 5000     # docs/SCALEOUT.md: a 5 s lease, renewed every second
 
 # Lua helpers shared by the scripts (each script is sent whole).
 _NODE_OF = """
 local function node_of(token)
   return string.match(token, '^(.*)/') or token
+end
+"""
+
+# The room log's last id ('0-0' while empty): where a user's marks and PMs stand in it.
+_ROOM_LAST = """
+local function room_last(p)
+  local last = redis.call('XREVRANGE', p .. 'room', '+', '-', 'COUNT', 1)
+  if last[1] then
+    return last[1][1]
+  end
+  return '0-0'
 end
 """
 
@@ -78,39 +106,29 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """)
 
-BM = Script("bm", "Append a broadcast to the sender's and every online user's history, then XADD it to chat:ev.", """
+BM = Script("bm", "Append a broadcast to the room log once, then XADD it to chat:ev.", """
 -- KEYS[1] online, KEYS[2] ev; ARGV prefix, sender, line, payload, ev maxlen,
--- the sender's session token ('' = do not check).
+-- the sender's session token ('' = do not check), room maxlen.
 -- Returns {1, recipients (online users but the sender), event id},
 -- or {0, the sender's current token or ''} when its session is not that token (stored nothing).
-local hist = ARGV[1] .. 'hist:'
-local sender, line = ARGV[2], ARGV[3]
+local sender = ARGV[2]
 if ARGV[6] ~= '' then
   local token = redis.call('GET', ARGV[1] .. 'sess:' .. sender)
   if token ~= ARGV[6] then
     return {0, token or ''}
   end
 end
-local count, sender_online = 0, false
-for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
-  redis.call('XADD', hist .. name, '*', 'e', line)
-  if name == sender then
-    sender_online = true
-  else
-    count = count + 1
-  end
-end
-if not sender_online then
-  redis.call('XADD', hist .. sender, '*', 'e', line)
-end
+local count = redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], sender)
+redis.call('XADD', ARGV[1] .. 'room', 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[3])
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 't', 'bm', 'from', sender, 'd', ARGV[4])
 return {1, count, id}
 """)
 
 PM = Script("pm", "If the target's session token is the one expected, store a PM in both histories and "
-            "XADD it to the target node's inbox.", _NODE_OF + """
+            "XADD it to the target node's inbox.", _NODE_OF + _ROOM_LAST + """
 -- KEYS[1] the target's sess key; ARGV prefix, sender, target, expected token,
--- sender's line, target's line, payload, inbox maxlen, the sender's token ('' = do not check).
+-- sender's line, target's line, payload, inbox maxlen, the sender's token ('' = do not check),
+-- history maxlen.
 -- Returns {1, inbox entry id}; {0, the target's current token or ''} (not_online);
 -- {-1, the sender's current token or ''} (the sender's session is not that token).
 local p = ARGV[1]
@@ -124,17 +142,18 @@ local token = redis.call('GET', KEYS[1])
 if token ~= ARGV[4] then
   return {0, token or ''}
 end
-redis.call('XADD', p .. 'hist:' .. ARGV[2], '*', 'e', ARGV[5])
-redis.call('XADD', p .. 'hist:' .. ARGV[3], '*', 'e', ARGV[6])
+local at = room_last(p)
+redis.call('XADD', p .. 'hist:' .. ARGV[2], 'MAXLEN', '~', ARGV[10], '*', 't', 'pm', 'at', at, 'e', ARGV[5])
+redis.call('XADD', p .. 'hist:' .. ARGV[3], 'MAXLEN', '~', ARGV[10], '*', 't', 'pm', 'at', at, 'e', ARGV[6])
 local id = redis.call('XADD', p .. 'in:' .. node_of(token), 'MAXLEN', '~', ARGV[8], '*',
                       't', 'pm', 'from', ARGV[2], 'to', ARGV[3], 'tok', token, 'd', ARGV[7])
 return {1, id}
 """)
 
 LOGIN_SWAP = Script("login_swap", "Set the session token (compare-and-set if an old one is given); KICK the "
-                    "replaced session on its node and mark it offline.", _NODE_OF + """
+                    "replaced session on its node and mark it offline.", _NODE_OF + _ROOM_LAST + """
 -- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, new token,
--- expected old token ('' = whatever it is), ev maxlen, inbox maxlen.
+-- expected old token ('' = whatever it is), ev maxlen, inbox maxlen, history maxlen.
 -- Returns {1, old token or '', offline event id or ''} or {0, current token or ''}.
 local p, name, new = ARGV[1], ARGV[2], ARGV[3]
 local old = redis.call('GET', KEYS[1])
@@ -157,6 +176,7 @@ if old ~= new then
     end
   end
   if redis.call('HDEL', KEYS[2], name) == 1 then
+    redis.call('XADD', p .. 'hist:' .. name, 'MAXLEN', '~', ARGV[7], '*', 't', 'off', 'at', room_last(p))
     offline = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 't', 'off', 'u', name, 'tok', old or '')
   end
 end
@@ -164,14 +184,16 @@ return {1, old or '', offline}
 """)
 
 GO_ONLINE = Script("go_online", "Only if the session token is still ours: HSET chat:online, SADD nodeusers, "
-                   "XADD the online event.", _NODE_OF + """
--- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, token, record, ev maxlen.
+                   "XADD the online event.", _NODE_OF + _ROOM_LAST + """
+-- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, token, record, ev maxlen, history maxlen.
 -- Returns {1, online event id} or {0, current token or ''}.
 local token = redis.call('GET', KEYS[1])
 if token ~= ARGV[3] then
   return {0, token or ''}
 end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
+if redis.call('HSET', KEYS[2], ARGV[2], ARGV[4]) == 1 then
+  redis.call('XADD', ARGV[1] .. 'hist:' .. ARGV[2], 'MAXLEN', '~', ARGV[6], '*', 't', 'on', 'at', room_last(ARGV[1]))
+end
 redis.call('SADD', ARGV[1] .. 'nodeusers:' .. node_of(token), ARGV[2])
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 't', 'on', 'u', ARGV[2], 'tok', token,
                       'rec', ARGV[4])
@@ -179,8 +201,8 @@ return {1, id}
 """)
 
 LOGOUT = Script("logout", "Compare-and-delete the session token; if it was ours, HDEL online, SREM nodeusers "
-                "and XADD the offline event.", _NODE_OF + """
--- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, token, ev maxlen.
+                "and XADD the offline event.", _NODE_OF + _ROOM_LAST + """
+-- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, token, ev maxlen, history maxlen.
 -- Returns {1, offline event id or '' (was not online)} or {0, current token or ''}.
 local token = redis.call('GET', KEYS[1])
 if token ~= ARGV[3] then
@@ -190,6 +212,7 @@ redis.call('DEL', KEYS[1])
 redis.call('SREM', ARGV[1] .. 'nodeusers:' .. node_of(token), ARGV[2])
 local offline = ''
 if redis.call('HDEL', KEYS[2], ARGV[2]) == 1 then
+  redis.call('XADD', ARGV[1] .. 'hist:' .. ARGV[2], 'MAXLEN', '~', ARGV[5], '*', 't', 'off', 'at', room_last(ARGV[1]))
   offline = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 't', 'off', 'u', ARGV[2], 'tok', token)
 end
 return {1, offline}
@@ -228,8 +251,8 @@ return dead
 """)
 
 REAP_NODE = Script("reap_node", "Log out every session of a node whose lease has expired, atomically, and "
-                   "forget the node.", _NODE_OF + """
--- KEYS[1] nodes, KEYS[2] online, KEYS[3] ev; ARGV prefix, node id, ev maxlen.
+                   "forget the node.", _NODE_OF + _ROOM_LAST + """
+-- KEYS[1] nodes, KEYS[2] online, KEYS[3] ev; ARGV prefix, node id, ev maxlen, history maxlen.
 -- Returns {1, sessions ended, offline events} or {0, 0, 0} if the lease is still held.
 local p, id = ARGV[1], ARGV[2]
 if redis.call('EXISTS', p .. 'node:' .. id) == 1 then
@@ -243,6 +266,7 @@ for _, name in ipairs(redis.call('SMEMBERS', p .. 'nodeusers:' .. id)) do
     redis.call('DEL', sess)
     ended = ended + 1
     if redis.call('HDEL', KEYS[2], name) == 1 then
+      redis.call('XADD', p .. 'hist:' .. name, 'MAXLEN', '~', ARGV[4], '*', 't', 'off', 'at', room_last(p))
       redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 't', 'off', 'u', name, 'tok', token)
       offline = offline + 1
     end
@@ -253,8 +277,88 @@ redis.call('ZREM', KEYS[1], id)
 return {1, ended, offline}
 """)
 
+HISTORY = Script("history", "A user's history (read only): its stream merged with the room log's BMs of its "
+                 "online spans, newest first, at most limit entries.", """
+-- KEYS[1] the user's hist key; ARGV prefix, limit (0 = all), page size.
+-- Returns the entries' JSON lines, oldest first.
+local room = ARGV[1] .. 'room'
+local need = tonumber(ARGV[2])
+local page = tonumber(ARGV[3])
+if need == 0 then
+  need = 1e15
+end
+local out = {}
+local function bms(lo, hi)   -- the room's lines with ids in (lo, hi], newest first
+  while #out < need do
+    local count = math.min(need - #out, page)
+    local rows = redis.call('XREVRANGE', room, hi, '(' .. lo, 'COUNT', count)
+    for _, row in ipairs(rows) do
+      out[#out + 1] = row[2][2]
+    end
+    if #rows < count then
+      return
+    end
+    hi = '(' .. rows[#rows][1]
+  end
+end
+local function alone(between)
+  for _, item in ipairs(between) do
+    if #out >= need then
+      return
+    end
+    out[#out + 1] = item[3]
+  end
+end
+local function span(between, lo, hi)
+  for _, item in ipairs(between) do
+    if item[1] == 'pm' then
+      bms(item[2], hi)
+      hi = item[2]
+    end
+    if #out >= need then
+      return
+    end
+    out[#out + 1] = item[3]
+  end
+  bms(lo, hi)
+end
+local later, between = nil, {}
+local top = '+'
+while #out < need do
+  local rows = redis.call('XREVRANGE', KEYS[1], top, '-', 'COUNT', page)
+  for _, row in ipairs(rows) do
+    local f = {}
+    for i = 1, #row[2], 2 do
+      f[row[2][i]] = row[2][i + 1]
+    end
+    if f.t == 'on' then
+      span(between, f.at, later and later[2] or '+')
+      later, between = {'on', f.at}, {}
+    elseif f.t == 'off' then
+      alone(between)
+      later, between = {'off', f.at}, {}
+    elseif f.e then
+      between[#between + 1] = {f.t or 'entry', f.at, f.e}
+    end
+    if #out >= need then
+      break
+    end
+  end
+  if #rows < page then
+    break
+  end
+  top = '(' .. rows[#rows][1]
+end
+alone(between)
+local n = #out
+for i = 1, math.floor(n / 2) do
+  out[i], out[n + 1 - i] = out[n + 1 - i], out[i]
+end
+return out
+""")
+
 SCRIPTS = (CREATE_ACCOUNT, BM, PM, LOGIN_SWAP, GO_ONLINE, LOGOUT, REGISTER_NODE, RENEW_LEASE, DEAD_NODES,
-           REAP_NODE)
+           REAP_NODE, HISTORY)
 
 
 class ScriptCall(NamedTuple):
@@ -268,11 +372,14 @@ class ScriptCall(NamedTuple):
 class ChatKeys:
     """Key names under one prefix, and the call of each script with its keys and arguments."""
 
-    def __init__(self, prefix: str = "chat:") -> None:
+    def __init__(self, prefix: str = "chat:", room_maxlen: int = ROOM_MAXLEN, hist_maxlen: int = HIST_MAXLEN) -> None:
         self.prefix = prefix
         self.online = prefix + "online"
         self.nodes = prefix + "nodes"
         self.ev = prefix + "ev"
+        self.room = prefix + "room"
+        self.room_maxlen = room_maxlen
+        self.hist_maxlen = hist_maxlen
 
     def acct(self, name: str) -> str:
         return f"{self.prefix}acct:{name}"
@@ -299,24 +406,27 @@ class ChatKeys:
 
     def bm(self, sender: str, line: bytes | str, payload: bytes | str, sender_token: str = "",
            maxlen: int = EV_MAXLEN) -> ScriptCall:
-        return ScriptCall(BM, [self.online, self.ev], [self.prefix, sender, line, payload, maxlen, sender_token])
+        return ScriptCall(BM, [self.online, self.ev], [self.prefix, sender, line, payload, maxlen, sender_token,
+                                                       self.room_maxlen])
 
     def pm(self, sender: str, target: str, token: str, sender_line: bytes | str, target_line: bytes | str,
            payload: bytes | str, sender_token: str = "", maxlen: int = INBOX_MAXLEN) -> ScriptCall:
         return ScriptCall(PM, [self.sess(target)], [self.prefix, sender, target, token, sender_line,
-                                                    target_line, payload, maxlen, sender_token])
+                                                    target_line, payload, maxlen, sender_token,
+                                                    self.hist_maxlen])
 
     def login_swap(self, name: str, token: str, expected: str = "", ev_maxlen: int = EV_MAXLEN,
                    inbox_maxlen: int = INBOX_MAXLEN) -> ScriptCall:
         return ScriptCall(LOGIN_SWAP, [self.sess(name), self.online, self.ev],
-                          [self.prefix, name, token, expected, ev_maxlen, inbox_maxlen])
+                          [self.prefix, name, token, expected, ev_maxlen, inbox_maxlen, self.hist_maxlen])
 
     def go_online(self, name: str, token: str, record: bytes | str, maxlen: int = EV_MAXLEN) -> ScriptCall:
         return ScriptCall(GO_ONLINE, [self.sess(name), self.online, self.ev],
-                          [self.prefix, name, token, record, maxlen])
+                          [self.prefix, name, token, record, maxlen, self.hist_maxlen])
 
     def logout(self, name: str, token: str, maxlen: int = EV_MAXLEN) -> ScriptCall:
-        return ScriptCall(LOGOUT, [self.sess(name), self.online, self.ev], [self.prefix, name, token, maxlen])
+        return ScriptCall(LOGOUT, [self.sess(name), self.online, self.ev],
+                          [self.prefix, name, token, maxlen, self.hist_maxlen])
 
     def register_node(self, node: str, lease_ms: int = LEASE_MS) -> ScriptCall:
         return ScriptCall(REGISTER_NODE, [self.node(node), self.nodes], [node, lease_ms])
@@ -328,4 +438,7 @@ class ChatKeys:
         return ScriptCall(DEAD_NODES, [self.nodes], [self.prefix])
 
     def reap_node(self, node: str, maxlen: int = EV_MAXLEN) -> ScriptCall:
-        return ScriptCall(REAP_NODE, [self.nodes, self.online, self.ev], [self.prefix, node, maxlen])
+        return ScriptCall(REAP_NODE, [self.nodes, self.online, self.ev], [self.prefix, node, maxlen, self.hist_maxlen])
+
+    def history(self, name: str, limit: int | None = None, page: int = HISTORY_PAGE) -> ScriptCall:
+        return ScriptCall(HISTORY, [self.hist(name)], [self.prefix, limit or 0, page])

@@ -73,11 +73,19 @@ def remote_user(key: str, raw: str) -> store.RemoteUser | None:
         return None
 
 
+def stream_lengths(history_limit: int) -> dict:
+    """The MAXLEN of the room stream and of each user's stream for ``--history-limit`` bytes (0: no trim)."""
+    if not history_limit:
+        return {"room_maxlen": 1 << 62, "hist_maxlen": 1 << 62}
+    return {"room_maxlen": max(1000, history_limit // 512), "hist_maxlen": max(1000, history_limit // 4096)}
+
+
 def new_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}".replace("/", "_")
 
 
-def open_store(url: str, selector, directory: str) -> tuple[RedisStore, pg3lib.KeyPair]:
+def open_store(url: str, selector, directory: str,
+               history_limit: int = storage.DEFAULT_HISTORY_LIMIT) -> tuple[RedisStore, pg3lib.KeyPair]:
     """A node's store on the Redis at url, and the server key every node presents.
 
     Raises:
@@ -87,7 +95,7 @@ def open_store(url: str, selector, directory: str) -> tuple[RedisStore, pg3lib.K
     local = storage.load_server_keys(directory)
     try:
         keys = pg3lib.KeyPair.from_pem(shared_server_pem(url, local.to_pem()))
-        return RedisStore(url, selector), keys
+        return RedisStore(url, selector, history_limit=history_limit), keys
     except (OSError, TimeoutError, ValueError) as exc:
         raise storage.StorageError(f"cannot use Redis at {url}: {exc}") from None
 
@@ -110,11 +118,12 @@ def shared_server_pem(url: str, local_pem: bytes) -> bytes:
 class RedisStore:
     """The store seam and the node's membership, over two non-blocking Redis links."""
 
-    def __init__(self, url: str, selector, clock=time.monotonic) -> None:
+    def __init__(self, url: str, selector, clock=time.monotonic,
+                 history_limit: int = storage.DEFAULT_HISTORY_LIMIT) -> None:
         self.url = url
         self.selector = selector
         self.clock = clock
-        self.keys = redis_scripts.ChatKeys()
+        self.keys = redis_scripts.ChatKeys(**stream_lengths(history_limit))
         self.node = ""
         self.cmd: RedisLink = None  # type: ignore[assignment]  # both made by join_blocking below
         self.reader: RedisLink = None  # type: ignore[assignment]
@@ -338,13 +347,10 @@ class RedisStore:
                           *keys.create_account(account.key, {"username": account.username,
                                                              "json": account.to_json()}))
         elif isinstance(request, store.ReadHistory):
-            name = request.username.lower()
-            if request.limit:
-                self.cmd.call(checked(lambda rows: store.HistoryRead([_text(f[1]) for _, f in reversed(rows)])),
-                              "XREVRANGE", keys.hist(name), "+", "-", "COUNT", request.limit)
-            else:
-                self.cmd.call(checked(lambda rows: store.HistoryRead([_text(f[1]) for _, f in rows])),
-                              "XRANGE", keys.hist(name), "-", "+")
+            self.cmd.eval(checked(lambda rows: store.HistoryRead([_text(line) for line in rows])),
+                          *keys.history(request.username.lower(), request.limit))
+        elif isinstance(request, store.MarkOnline):
+            return   # the scripts that put a session online or take it off mark it themselves
         elif isinstance(request, store.ClaimSession):
             self.cmd.eval(checked(lambda reply: store.CLAIMED if reply[0] == 1 else store.FAILED),
                           *keys.login_swap(request.key, request.token))

@@ -706,11 +706,14 @@ class Room:
         self._reply(session, self._names_reply(Op.KEY, session, fingerprint=session.public_key.fingerprint), out)
         self.online[session.key] = session
         self._online_changed()
+        # Asked for now, not behind the reply: the BMs asked for from here on are in its history.
+        out.append(store.MarkOnline(0, session.username, True))
         out.append(Online(session.key, session.cid))
         out.append(DeliverAll(presence_frame(session.username, True, self.clock()), session.key))
         return None
 
     def _announce_offline(self, session: Session, out: Effects) -> None:
+        out.append(store.MarkOnline(0, session.username, False))   # now: later BMs are not its history
         self._emit(session, DeliverAll(presence_frame(session.username, False, self.clock()), session.key), out)
 
     def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, result: store.Result,
@@ -877,7 +880,7 @@ class Room:
         limit = body.get("limit")
         if limit is not None and (type(limit) is not int or limit < 1):
             raise Malformed("'limit' must be a positive integer")
-        # A barrier, not a slot: a history is read whole, so one read at a time per connection.
+        # A barrier, not a slot: one history read at a time per connection.
         return Ask(store.ReadHistory(session.cid, session.username, limit),
                    lambda s, result, o: self._history_read(s, result, limit, o))
 

@@ -24,6 +24,7 @@ import logging
 import os
 from collections import OrderedDict
 
+import framing
 import pg3lib
 import store
 from passwords import Account
@@ -135,12 +136,336 @@ class AccountStore:
         os.close(self._fd)
 
 
-class HistoryLog:
-    """``<Username>.chat`` files: append batches, read whole."""
+# A history file rotates (``.chat`` to ``.chat.1``) at half the history limit,
+# and the room log starts a new segment at an eighth of it, so a file is
+# bounded by the limit and a rotation costs one rename.
+DEFAULT_HISTORY_LIMIT = 512 << 20
+DEFAULT_MIN_FREE = 64 << 20      # below this much free disk, new messages are refused (internal)
+ROOM_PREFIX, ROOM_SUFFIX = "room.", ".log"
+RUNS_FILE = "room.runs"
+READ_BLOCK = 65536               # histories are read backwards in blocks of this size
 
-    def __init__(self, directory: str, max_open: int = DEFAULT_MAX_OPEN_HISTORY) -> None:
+
+def _lines_back(fd: int, start: int, end: int):
+    """(offset, line) of the lines in bytes [start, end) of a file, newest first (empty ones left out).
+
+    ``start`` and ``end`` are line boundaries.
+    """
+    tail = b""
+    pos = end
+    while pos > start:
+        lo = max(start, pos - READ_BLOCK)
+        block = os.pread(fd, pos - lo, lo) + tail
+        pos = lo
+        lines = block.split(b"\n")
+        tail = lines[0]
+        at = pos + len(tail) + 1
+        found = []
+        for line in lines[1:]:
+            found.append((at, line))
+            at += len(line) + 1
+        for offset, line in reversed(found):
+            if line:
+                yield offset, line
+    if tail:
+        yield start, tail
+
+
+class RoomLog:
+    """The room's log of BMs: one line per BM, in segments ``room.<base>.log``.
+
+    A *position* is a byte offset counted over the whole life of the log
+    (``base`` of a segment is the position of its first byte), so positions stay
+    valid when old segments are deleted. ``end`` is the position after the last
+    complete line. Every server start is remembered (``room.runs``), so a
+    history whose user was online when the server died knows where that ended.
+    """
+
+    def __init__(self, directory: str, limit: int = DEFAULT_HISTORY_LIMIT) -> None:
+        self.directory = directory
+        self.limit = limit
+        self.segment_limit = max(4096, limit // 8) if limit else 0
+        self.segments: list[tuple[int, str]] = []
+        for name in os.listdir(directory):
+            digits = name[len(ROOM_PREFIX):-len(ROOM_SUFFIX)]
+            if name.startswith(ROOM_PREFIX) and name.endswith(ROOM_SUFFIX) and digits.isdigit():
+                self.segments.append((int(digits), os.path.join(directory, name)))
+        self.segments.sort()
+        if not self.segments:
+            self.segments.append((0, self._segment_path(0)))
+        base, path = self.segments[-1]
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            torn_end = os.fstat(self._fd).st_size
+            cut_torn_tail(self._fd, path)
+            self._size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+        self.end = base + self._size
+        if self._size < torn_end:
+            # The torn bytes' positions are not given out again: the new lines start a segment after them.
+            self.end = base + torn_end
+            self._roll()
+        self.run = self.end
+        self.runs = self._start_run()
+
+    def _segment_path(self, base: int) -> str:
+        return os.path.join(self.directory, f"{ROOM_PREFIX}{base:015d}{ROOM_SUFFIX}")
+
+    def _start_run(self) -> list[int]:
+        """The start positions of every run so far, this one (``end`` now) last, made durable."""
+        path = os.path.join(self.directory, RUNS_FILE)
+        runs: list[int] = []
+        try:
+            with open(path, "rb") as fh:
+                for _, line in complete_lines(fh.read(), path):
+                    try:
+                        runs.append(int(json.loads(line)["start"]))
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("%s: skipping a corrupt line", path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from None
+        runs.append(self.end)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                cut_torn_tail(fd, path)
+                os.write(fd, b'{"start":%d}\n' % self.end)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+        return sorted(runs)
+
+    def run_end(self, run: int) -> int:
+        """Where the run that started at ``run`` ended (``end`` for this one)."""
+        later = [start for start in self.runs if start > run]
+        return min(later) if later else self.end
+
+    def append(self, data: bytes) -> bool:
+        """Append complete lines in one write; False (logged, the file as it was) if it failed."""
+        try:
+            _write_all(self._fd, data)
+        except OSError as exc:
+            log.error("room log write failed: %s", exc.strerror or exc)
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass   # cut at the next start (a torn tail)
+            return False
+        self._size += len(data)
+        self.end += len(data)
+        if self.segment_limit and self._size >= self.segment_limit:
+            self._roll()
+        return True
+
+    def _roll(self) -> None:
+        """Start a new segment; drop the oldest ones beyond the limit."""
+        path = self._segment_path(self.end)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.error("cannot start a room log segment: %s", exc.strerror)
+            return
+        os.close(self._fd)
+        self._fd, self._size = fd, 0
+        self.segments.append((self.end, path))
+        while self.limit and len(self.segments) > 1 and self.end - self.segments[1][0] >= self.limit:
+            _, old = self.segments.pop(0)
+            try:
+                os.unlink(old)
+            except OSError as exc:
+                log.warning("cannot delete %s: %s", old, exc.strerror)
+
+    def read_back(self, lo: int, hi: int):
+        """The BM lines (texts) at positions in [lo, hi), newest first."""
+        hi = min(hi, self.end)
+        segments = self.segments
+        for i in range(len(segments) - 1, -1, -1):
+            base, path = segments[i]
+            top = segments[i + 1][0] if i + 1 < len(segments) else self.end
+            if base >= hi:
+                continue
+            if top <= lo:
+                return
+            if i == len(segments) - 1:
+                yield from self._read_segment(self._fd, base, lo, min(hi, top), path)
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue   # deleted meanwhile (rolled past the limit)
+            try:
+                yield from self._read_segment(fd, base, lo, min(hi, top), path)
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _read_segment(fd: int, base: int, lo: int, hi: int, path: str):
+        end = min(hi - base, os.fstat(fd).st_size)   # an old segment may end before the next one's base
+        for offset, line in _lines_back(fd, min(end, max(0, lo - base)), end):
+            try:
+                if not (line.startswith(b"{") and line.endswith(b"}")):
+                    raise ValueError("not an object")
+                yield line.decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                log.warning("%s, byte %d: skipping a corrupt entry", path, offset)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# User-file lines (each a JSON object; "kind" says which):
+#   {"kind":"online","at":P,"run":R}   came online; the room's BMs from position P on are theirs
+#   {"kind":"offline","at":P}          went offline; ... up to position P
+#   {"kind":"pm","at":P,"entry":{...}} a PM (the PROTOCOL.md 4.6 entry), stored when the room log ended at P
+# A line without "kind" is an entry of the older per-recipient layout, shown as it is,
+# older than everything after it.
+_PM_HEAD = b'{"kind":"pm","at":'
+_ENTRY = b',"entry":'
+
+
+def pm_line(at: int, entry: bytes) -> bytes:
+    """A user-file line holding a PM entry (``entry`` without its newline)."""
+    return _PM_HEAD + str(at).encode("ascii") + _ENTRY + entry + b"}\n"
+
+
+def mark_line(online: bool, at: int, run: int) -> bytes:
+    if online:
+        return b'{"kind":"online","at":%d,"run":%d}\n' % (at, run)
+    return b'{"kind":"offline","at":%d}\n' % at
+
+
+def parse_user_line(line: bytes) -> tuple | None:
+    """("pm", at, text), ("online", at, run), ("offline", at) or ("entry", text); None if corrupt."""
+    if line.startswith(_PM_HEAD):
+        split = line.find(_ENTRY)
+        if split > 0 and line.endswith(b"}"):
+            try:
+                return "pm", int(line[len(_PM_HEAD):split]), line[split + len(_ENTRY):-1].decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                return None
+    try:
+        text = line.decode("utf-8")
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    kind = obj.get("kind")
+    try:
+        if kind is None:
+            return "entry", text
+        if kind == "online":
+            return "online", int(obj["at"]), int(obj.get("run", 0))
+        if kind == "offline":
+            return "offline", int(obj["at"])
+        if kind == "pm":
+            return "pm", int(obj["at"]), framing.encode_body(obj["entry"]).decode("utf-8")
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
+def merge_history(items, room, limit: int | None, open_at: int | None = None) -> list[str]:
+    """A user's history, oldest first: their file's items (newest first) merged with the room's BMs.
+
+    ``items`` yields what ``parse_user_line`` gives, newest first;
+    ``room.read_back(lo, hi)`` yields the room's BM texts at positions in
+    [lo, hi), newest first, and ``room.run_end(run)`` says where a run ended. The lines between
+    two marks belong to the earlier mark: after "online" they interleave with
+    the BMs up to the next mark, after "offline" (or before any mark) they
+    stand alone. Reading stops once ``limit`` entries are found. ``open_at``:
+    the user is online now, since that position (its last mark), so the newest
+    lines are merged as they are read.
+    """
+    out: list[str] = []
+    need = limit if limit else 1 << 62
+    later = None          # the mark after the lines in ``between`` (None: none after them)
+    between: list = []    # lines since that mark, newest first
+    hi = room.end if open_at is not None else -1   # streaming the open span: BMs below hi not yet given
+    since = open_at or 0
+    for item in items:
+        kind = item[0]
+        if hi >= 0:
+            # The user's span is open (known without reading back to its mark): no buffering.
+            if kind == "pm":
+                at = max(since, min(item[1], hi))
+                if _emit_span(out, need, [], at, hi, room):
+                    return out[::-1]
+                hi = at
+            if kind in ("pm", "entry"):
+                out.append(item[-1])
+                if len(out) >= need:
+                    return out[::-1]
+                continue
+            if _emit_span(out, need, [], since, hi, room):
+                return out[::-1]
+            hi, later = -1, item
+            continue
+        if kind in ("pm", "entry"):
+            between.append(item)
+            continue
+        if kind == "online":
+            if later is None:
+                top = room.run_end(item[2])
+            elif later[0] == "offline":
+                top = later[1]
+            else:   # a second "online" with no "offline" between: the span ended at most there
+                top = min(later[1], room.run_end(item[2]))
+            if _emit_span(out, need, between, item[1], top, room):
+                return out[::-1]
+        elif _emit_alone(out, need, between):
+            return out[::-1]
+        later, between = item, []
+    _emit_alone(out, need, between)
+    return out[::-1]
+
+
+def _emit_alone(out: list, need: int, between: list) -> bool:
+    for item in between:
+        out.append(item[-1])
+        if len(out) >= need:
+            return True
+    return False
+
+
+def _emit_span(out: list, need: int, between: list, lo: int, hi: int, room) -> bool:
+    for item in between:
+        if item[0] == "pm":
+            at = max(lo, min(item[1], hi))
+            for text in room.read_back(at, hi):
+                out.append(text)
+                if len(out) >= need:
+                    return True
+            hi = at
+        out.append(item[-1])
+        if len(out) >= need:
+            return True
+    for text in room.read_back(lo, hi):
+        out.append(text)
+        if len(out) >= need:
+            return True
+    return False
+
+
+class HistoryLog:
+    """``<Username>.chat`` files (PMs and online marks): append batches, read backwards."""
+
+    def __init__(self, directory: str, max_open: int = DEFAULT_MAX_OPEN_HISTORY,
+                 limit: int = DEFAULT_HISTORY_LIMIT) -> None:
         self.directory = directory
         self.max_open = max(1, max_open)
+        self.rotate_at = limit // 2 if limit else 0
         self._open: OrderedDict[str, int] = OrderedDict()
         self._maybe_torn: set[str] = set()
         self._checked: set[str] = set()   # files whose tail was looked at since the start
@@ -169,47 +494,95 @@ class HistoryLog:
         """Create the (empty) history file of a new account."""
         self._fd(username)
 
+    def size(self, username: str) -> int:
+        try:
+            return os.fstat(self._fd(username)).st_size
+        except OSError:
+            return 0
+
+    def needs_rotation(self, username: str, more: int) -> bool:
+        size = self.size(username)
+        return bool(self.rotate_at) and size > 0 and size + more > self.rotate_at
+
+    def rotate(self, username: str) -> bool:
+        """``.chat`` becomes ``.chat.1`` (the older one is dropped); False if that failed."""
+        fd = self._open.pop(username, None)
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.replace(self.path(username), self.path(username) + ".1")
+        except OSError as exc:
+            log.error("rotating the history of %r failed: %s", username, exc.strerror)
+            return False
+        return True
+
     def append(self, username: str, data: bytes) -> bool:
-        """Append complete lines; False (and logged) if the write failed."""
+        """Append complete lines; False (logged, the file as it was) if the write failed."""
+        size = -1
         try:
             fd = self._fd(username)
             if username in self._maybe_torn:
                 cut_torn_tail(fd, self.path(username))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            self._maybe_torn.discard(username)
+                self._maybe_torn.discard(username)
+            size = os.fstat(fd).st_size
+            _write_all(fd, data)
             return True
         except OSError as exc:
-            self._maybe_torn.add(username)
             log.error("history write for %r failed: %s", username, exc.strerror or exc)
-            if username in self._open:
-                os.close(self._open.pop(username))
+            fd = self._open.pop(username, -1)
+            if fd >= 0:
+                try:
+                    if size >= 0:
+                        os.ftruncate(fd, size)   # as before the write: a resend cannot duplicate
+                except OSError:
+                    self._maybe_torn.add(username)
+                os.close(fd)
+            else:
+                self._maybe_torn.add(username)
             return False
 
-    def read(self, username: str) -> list[str]:
-        """The complete, valid JSON lines of a user's history, oldest first."""
-        try:
-            with open(self.path(username), "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            return []
-        entries = []
-        for number, line in complete_lines(data, self.path(username)):
+    def items_back(self, username: str):
+        """The parsed lines of a user's files (``.chat``, then ``.chat.1``), newest first."""
+        for path in (self.path(username), self.path(username) + ".1"):
             try:
-                text = line.decode("utf-8")
-                if not isinstance(json.loads(text), dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                log.warning("%s, line %d: skipping a corrupt entry", self.path(username), number)
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
                 continue
-            entries.append(text)
-        return entries
+            try:
+                size = os.fstat(fd).st_size
+                end = size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    end = _last_newline(fd, size)
+                    log.warning("%s: dropping a torn last line (%d bytes, no newline)", path, size - end)
+                for offset, line in _lines_back(fd, 0, end):
+                    item = parse_user_line(line)
+                    if item is None:
+                        log.warning("%s, byte %d: skipping a corrupt entry", path, offset)
+                        continue
+                    yield item
+            finally:
+                os.close(fd)
+
+    def read(self, username: str) -> list[str]:
+        """The lines of a user's files as texts, oldest first (what they hold, not the merged history)."""
+        items = self.items_back(username)
+        return [item[-1] if item[0] in ("pm", "entry") else json.dumps(item) for item in items][::-1]
 
     def close(self) -> None:
         for fd in self._open.values():
             os.close(fd)
         self._open.clear()
+
+
+def _last_newline(fd: int, size: int) -> int:
+    end = size
+    while end > 0:
+        start = max(0, end - READ_BLOCK)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
 
 
 def load_server_keys(directory: str) -> pg3lib.KeyPair:
@@ -234,13 +607,15 @@ def load_server_keys(directory: str) -> pg3lib.KeyPair:
     return keys
 
 
-def open_store(directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY) -> tuple[FileStore, pg3lib.KeyPair]:
+def open_store(directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY, *,
+               history_limit: int = DEFAULT_HISTORY_LIMIT,
+               min_free: int = DEFAULT_MIN_FREE) -> tuple[FileStore, pg3lib.KeyPair]:
     """The data directory's store and the server key kept there (made on first start).
 
     Raises:
         StorageError: the directory, its accounts or its key cannot be used.
     """
-    file_store = FileStore(directory, max_open_history)
+    file_store = FileStore(directory, max_open_history, history_limit=history_limit, min_free=min_free)
     try:
         return file_store, load_server_keys(directory)
     except BaseException:
@@ -248,21 +623,65 @@ def open_store(directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY)
         raise
 
 
+def read_history(directory: str, username: str, limit: int | None = None) -> list[str]:
+    """A user's history entries from a data directory no server is writing (tools, tests), oldest first."""
+    room = RoomLog.__new__(RoomLog)   # read only: no torn tail cut, no run recorded
+    room.directory, room.limit, room.segment_limit = directory, 0, 0
+    room.segments = sorted((int(name[len(ROOM_PREFIX):-len(ROOM_SUFFIX)]), os.path.join(directory, name))
+                           for name in os.listdir(directory)
+                           if name.startswith(ROOM_PREFIX) and name.endswith(ROOM_SUFFIX)
+                           and name[len(ROOM_PREFIX):-len(ROOM_SUFFIX)].isdigit()) or [(0, os.devnull)]
+    base, path = room.segments[-1]
+    room._fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(room._fd).st_size
+        room.end = base + (_last_newline(room._fd, size) if size else 0)
+        runs_path = os.path.join(directory, RUNS_FILE)
+        runs = []
+        if os.path.exists(runs_path):
+            with open(runs_path, "rb") as fh:
+                runs = [int(json.loads(line)["start"]) for _, line in complete_lines(fh.read(), runs_path)]
+        room.runs = sorted(runs)
+        room.run = room.end + 1   # a run that has not started: every open span has ended
+        return merge_history(HistoryLog(directory).items_back(username), room, limit)
+    finally:
+        os.close(room._fd)
+
+
+class _Message:
+    """A BM or PM of this pass, until its write decides its result."""
+
+    __slots__ = ("request", "result")
+
+    def __init__(self, request: store.AppendHistory) -> None:
+        self.request = request
+        self.result: store.Result = _ALL_WRITTEN
+
+
+MAX_RETRIED_MARKS = 64   # online marks kept for a file that cannot be written (retried at its next write)
+
+
 class FileStore:
     """The store seam over the data directory.
 
     ``submit(request)`` takes a store request from the session logic;
     ``flush()`` carries out what is pending and returns ``(cid, result)``
-    completions in the order the requests were submitted. The history appends
-    of one loop pass are written together (group commit): consecutive entries
-    for the same owners (a BM's online snapshot) are joined once, and each file
-    gets one write, before any completion is returned. Reads see the appends
-    submitted before them.
+    completions in the order the requests were submitted. The writes of one
+    loop pass go together (group commit), before any completion is returned:
+    the pass's BMs are one write to the room log, whatever the room's size;
+    each user file touched (PMs, online marks) gets one write. A position in
+    the room log is given to each PM and mark in the order they were asked
+    for, so a user's history holds exactly the BMs stored while they were
+    online. Reads see the writes submitted before them.
+
+    Below ``min_free`` bytes of free disk, new messages are refused (FAILED,
+    i.e. ``internal``) before a write can fail half-way; marks still go.
     """
 
     node = ""   # one process: no cluster
 
-    def __init__(self, directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY) -> None:
+    def __init__(self, directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY, *,
+                 history_limit: int = DEFAULT_HISTORY_LIMIT, min_free: int = DEFAULT_MIN_FREE) -> None:
         self.directory = directory
         if not os.path.isdir(directory):
             try:
@@ -272,9 +691,22 @@ class FileStore:
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StorageError(f"the data directory {directory} is not writable")
         self.accounts = AccountStore(os.path.join(directory, ACCOUNTS_FILE))
-        self.history = HistoryLog(directory, max_open_history)
-        self._queue: list[list] = []      # [cid, result or None, append request or None], in order
-        self._runs: list[list] = []       # [owners, [lines]]: pending appends, in order
+        fresh = not os.path.exists(os.path.join(directory, RUNS_FILE))
+        self.room = RoomLog(directory, history_limit)
+        self.history = HistoryLog(directory, max_open_history, history_limit)
+        if fresh and len(self.accounts):
+            log.info("%s holds histories of the per-recipient layout (%d accounts): they are read as they "
+                     "are, their lines before everything stored from now on; new BMs go to the room log",
+                     directory, len(self.accounts))
+        self.min_free = min_free
+        self._low_disk = False
+        self._queue: list[list] = []       # [cid, result, or the _Message that decides it], in order
+        self._room_lines: list[bytes] = []  # this pass's BMs
+        self._room_bytes = 0
+        self._user_ops: list[tuple] = []   # (owner, room bytes before it, line or online flag, _Message or None)
+        self._messages: list[_Message] = []
+        self._open: dict[str, int] = {}    # user -> start of its open span (this run)
+        self._retry: dict[str, list[bytes]] = {}   # marks whose write failed, written before the next lines
 
     @property
     def pending(self) -> bool:
@@ -284,21 +716,27 @@ class FileStore:
         """Take one store request; its result comes with this pass's ``flush``."""
         result: store.Result
         if isinstance(request, store.AppendHistory):
-            runs, sender = self._runs, request.sender
-            for owners, line in request.entries:
-                if runs and runs[-1][0] is owners:
-                    runs[-1][1].append(line)
-                    runs[-1][2].append(sender)
-                else:
-                    runs.append([owners, [line], [sender]])
-            self._queue.append([request.cid, None, request])
+            message = _Message(request)
+            self._messages.append(message)
+            if request.kind == "PM":
+                for owners, line in request.entries:
+                    for owner in owners:
+                        self._user_ops.append((owner, self._room_bytes, line, message))
+            else:
+                for _, line in request.entries:
+                    self._room_lines.append(line)
+                    self._room_bytes += len(line)
+            self._queue.append([request.cid, None, message])
+            return
+        if isinstance(request, store.MarkOnline):
+            self._user_ops.append((request.username, self._room_bytes, request.online, None))
             return
         if isinstance(request, store.LoadAccount):
             result = store.AccountLoaded(self.accounts.get(request.key))
         elif isinstance(request, store.CreateAccount):
             result = self._create(request.account)
         elif isinstance(request, store.ReadHistory):
-            result = store.HistoryRead(self._read(request.username))
+            result = self._read(request.username, request.limit)
         elif isinstance(request, store.ClaimSession):
             result = store.CLAIMED   # one process: the session logic itself replaces an older session
         elif isinstance(request, store.GoOnline):
@@ -319,57 +757,100 @@ class FileStore:
         self.history.create(account.username)
         return store.AccountCreated(True)
 
-    def _read(self, username: str) -> list[str]:
-        lines = self.history.read(username)
-        for owners, pending, _ in self._runs:   # appends submitted before this read, not yet written
-            if username in owners:
-                lines.extend(line[:-1].decode("utf-8") for line in pending)
-        return lines
+    def _read(self, username: str, limit: int | None) -> store.Result:
+        if self._messages or self._user_ops:
+            self._write()   # what was asked for before this read is in it
+        try:
+            return store.HistoryRead(merge_history(self.history.items_back(username), self.room, limit,
+                                                   self._open.get(username)))
+        except OSError as exc:
+            log.error("reading the history of %r failed: %s", username, exc.strerror or exc)
+            return store.FAILED
 
     def flush(self) -> list[tuple[int, store.Result]]:
-        """Write pending appends (one write per file) and return every completion, in order."""
+        """Write what is pending (one write per file) and return every completion, in order."""
+        if self._messages or self._user_ops:
+            self._write()
         queue, self._queue = self._queue, []
-        runs, self._runs = self._runs, []
-        failed = self._write(runs) if runs else set()
-        done = []
-        for cid, result, append in queue:
-            if append is not None:
-                result = _ALL_WRITTEN if not failed else _appended(append, failed)
-            done.append((cid, result))
-        return done
+        return [(cid, result if message is None else message.result) for cid, result, message in queue]
 
-    def _write(self, runs: list) -> set:
-        """Each owner's lines of this pass in one write; returns the owners whose write failed.
+    def _disk_low(self) -> bool:
+        if not self.min_free:
+            return False
+        try:
+            info = os.statvfs(self.directory)
+        except OSError:
+            return False
+        low = info.f_bavail * info.f_frsize < self.min_free
+        if low != self._low_disk:
+            self._low_disk = low
+            if low:
+                log.error("less than %d bytes free in %s: refusing new messages (internal)",
+                          self.min_free, self.directory)
+            else:
+                log.info("disk space is back in %s: accepting messages again", self.directory)
+        return low
 
-        Senders' files go first. A line whose sender's file failed is then left
-        out of everyone else's (rare: the chunks are built again without it).
-        """
-        senders = {sender for _, _, run_senders in runs for sender in run_senders}
-        chunks = self._chunks(runs)
-        append = self.history.append
-        failed = {owner for owner in senders
-                  if owner in chunks and not append(owner, _joined(chunks.pop(owner)))}
-        if failed:
-            kept = [[owners, [line for line, s in zip(lines, run_senders) if s not in failed], run_senders]
-                    for owners, lines, run_senders in runs]
-            chunks = self._chunks([run for run in kept if run[1]])
-            for owner in senders:
-                chunks.pop(owner, None)
-        failed.update(owner for owner, mine in chunks.items() if not append(owner, _joined(mine)))
-        return failed
+    def _write(self) -> None:
+        """The group commit: the room log first, then each user file (PM senders' first)."""
+        lines, self._room_lines, self._room_bytes = self._room_lines, [], 0
+        ops, self._user_ops = self._user_ops, []
+        messages, self._messages = self._messages, []
+        base = self.room.end
+        refused = bool(messages) and self._disk_low()
+        room_ok = not refused and (not lines or self.room.append(b"".join(lines)))
+        if refused or not room_ok:
+            for message in messages:
+                if refused or message.request.kind != "PM":
+                    message.result = store.FAILED
+        chunks: dict[str, list] = {}
+        for owner, before, what, message in ops:
+            at = base + before if room_ok else base
+            if message is None:
+                line = mark_line(what, at, self.room.run)
+            elif message.result is store.FAILED:
+                continue
+            else:
+                line = pm_line(at, what.rstrip(b"\n"))
+            chunks.setdefault(owner, []).append((at, line, message))
+        senders = {m.request.sender for m in messages if m.request.kind == "PM" and m.result is not store.FAILED}
+        for owner in [o for o in chunks if o in senders]:
+            if not self._write_user(owner, chunks.pop(owner)):
+                for m in messages:
+                    if m.request.kind == "PM" and m.request.sender == owner:
+                        m.result = store.FAILED
+        for owner, items in chunks.items():
+            items = [item for item in items if item[2] is None or item[2].result is not store.FAILED]
+            if items and not self._write_user(owner, items):
+                for _, _, message in items:
+                    if message is not None:
+                        message.result = store.Appended(frozenset({owner}))
 
-    @staticmethod
-    def _chunks(runs: list) -> dict:
-        chunks: dict[str, list[bytes]] = {}
-        for owners, lines, _ in runs:
-            chunk = lines[0] if len(lines) == 1 else b"".join(lines)
-            for owner in owners:
-                mine = chunks.get(owner)
-                if mine is None:
-                    chunks[owner] = [chunk]
+    def _write_user(self, owner: str, items: list) -> bool:
+        """One user's lines of this pass in one write (rotating the file first if it is full)."""
+        retry = self._retry.pop(owner, [])
+        was_open = self._open.get(owner)
+        for at, line, message in items:
+            if message is None:
+                if line.startswith(b'{"kind":"online"'):
+                    self._open[owner] = at
                 else:
-                    mine.append(chunk)
-        return chunks
+                    self._open.pop(owner, None)
+        data = b"".join(retry + [line for _, line, _ in items])
+        history = self.history
+        if history.needs_rotation(owner, len(data)):
+            split = items[0][0]
+            if was_open is not None and not retry:
+                ok = history.append(owner, mark_line(False, split, self.room.run))
+                if ok and history.rotate(owner):
+                    data = mark_line(True, split, self.room.run) + data
+            else:
+                history.rotate(owner)
+        if history.append(owner, data):
+            return True
+        marks = retry + [line for _, line, message in items if message is None]
+        self._retry[owner] = marks[-MAX_RETRIED_MARKS:]
+        return False
 
     def events(self) -> list[store.ClusterEvent]:
         return []
@@ -385,18 +866,8 @@ class FileStore:
 
     def close(self) -> None:
         self.accounts.close()
+        self.room.close()
         self.history.close()
 
 
 _ALL_WRITTEN = store.Appended()
-
-
-def _appended(append: store.AppendHistory, failed: set) -> store.Result:
-    """The result of one append in a pass where some files could not be written."""
-    if append.sender in failed:
-        return store.FAILED
-    return store.Appended(frozenset(owner for owners, _ in append.entries for owner in owners if owner in failed))
-
-
-def _joined(chunks: list) -> bytes:
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -45,13 +45,14 @@ class CreateAccount(NamedTuple):
 
 
 class AppendHistory(NamedTuple):
-    """Append each line to the history of each of its owners (registered spellings). Result: ``Appended``.
+    """Store a message in the history of each of its owners (registered spellings). Result: ``Appended``.
 
     ``entries`` is a list of ``(owners, line)``; a BM's owners are the room's
-    online snapshot, the same tuple for every message until someone comes or
-    goes, so the store can write a pass's broadcasts as one chunk per file.
-    The sender's history is written first; if that fails the message is stored
-    for nobody (the sender is told ``internal`` and may send it again).
+    online snapshot (the sender and everyone it reaches). A store keeps a BM
+    once, in the room's log, and it is in the history of everyone online then
+    (``MarkOnline``); a PM's two lines go to the two histories, the sender's
+    first. If the sender's copy cannot be stored the message is stored for
+    nobody (the sender is told ``internal`` and may send it again).
     A store of several nodes also delivers the message: ``frame`` is the data
     frame for the recipients, ``target`` the PM target's key, and the tokens
     are the sessions it checks (the sender's, and the target's for a PM).
@@ -67,10 +68,27 @@ class AppendHistory(NamedTuple):
 
 
 class ReadHistory(NamedTuple):
-    """Read a user's history entries (JSON texts), oldest first. Result: ``HistoryRead``."""
+    """Read a user's history entries (JSON texts), oldest first. Result: ``HistoryRead``.
+
+    A history is the user's PMs and the room's BMs stored while the user was
+    online (between its ``MarkOnline`` marks, or a store of several nodes' own
+    presence), merged in the order they were stored.
+    """
     cid: int
     username: str
     limit: int | None = None   # only the newest entries (a store may use it to read less)
+
+
+class MarkOnline(NamedTuple):
+    """Record that the user (registered spelling) came online (``online``) or went offline. Not answered (cid 0).
+
+    The BMs stored between the two marks are in the user's history. A store
+    of one process needs this; a store of several nodes marks presence itself
+    (``GoOnline``, ``Logout``).
+    """
+    cid: int
+    username: str
+    online: bool
 
 
 class ClaimSession(NamedTuple):
@@ -95,8 +113,8 @@ class Logout(NamedTuple):
     token: str
 
 
-Request = Union[LoadAccount, CreateAccount, AppendHistory, ReadHistory, ClaimSession, GoOnline, Logout]
-REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory, ClaimSession, GoOnline, Logout)
+Request = Union[LoadAccount, CreateAccount, AppendHistory, ReadHistory, MarkOnline, ClaimSession, GoOnline, Logout]
+REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory, MarkOnline, ClaimSession, GoOnline, Logout)
 
 
 # --- results ------------------------------------------------------------------

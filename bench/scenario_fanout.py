@@ -10,6 +10,9 @@ only count BM bodies in the raw byte stream, so the load generator stays cheap.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import time
 
 import framing
@@ -31,6 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="unconfirmed BMs per sender at most (default: %(default)s)")
     p.add_argument("--probes", type=nonnegative(int), default=50,
                    help="receivers sampled for latency (default: %(default)s)")
+    p.add_argument("--ngircd", action="store_true",
+                   help="then run the team's ngircd kit on the same workload and print its figures beside ours "
+                   "(e.g. -n 2000 -k 1 -m 30 -w 1: one BM at a time to 2,000 users)")
+    p.add_argument("--ngircd-bench", default=NGIRCD_BENCH, metavar="PATH",
+                   help="the kit (default: %(default)s)")
+
+
+NGIRCD_BENCH = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                                             "anchors", "ngircd-bench"))
 
 
 def users_needed(a: argparse.Namespace) -> int:
@@ -42,6 +54,19 @@ def run(bench: Bench, a: argparse.Namespace, res: dict) -> None:
     fanout = Fanout(bench, a)
     fanout.log_in(res)
     fanout.send_and_count(res)
+    if a.ngircd:
+        bench.note(f"ngircd: {a.ngircd_bench} {a.users} {a.senders} {a.messages} {a.window}")
+        res["fanout"]["ngircd"] = ngircd(a)
+
+
+def ngircd(a: argparse.Namespace) -> dict:
+    """The ngircd kit's figures for the same N K M W (its JSON line), or the error."""
+    try:
+        done = subprocess.run([a.ngircd_bench, str(a.users), str(a.senders), str(a.messages), str(a.window)],
+                              capture_output=True, text=True, timeout=300)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        return {"error": f"the ngircd kit gave no figures: {exc}"}
 
 
 def _spread(candidates: list, count: int) -> list:
@@ -167,6 +192,7 @@ class Fanout:
             "latency": lat_summary(self.lat), "latency_probes": len(self.probes),
             "server_cpu_us_per_delivery": per(cpu, delivered, 3),
             "redis_cpu_us_per_delivery": per(rcpu, delivered, 3),
+            "redis_cpu_us_per_bm": per(rcpu, self.confirmed, 1),
             "servers": len(bench.targets),
             **fig,
             "server_rss_kb": bench.stats.mem_kb(),
@@ -190,6 +216,14 @@ def table_rows(f: dict) -> list:
     rows += [("server CPU/delivery", value_text(f["server_cpu_us_per_delivery"], " us")),
              ("server CPU", core_text(f["server_cpu_s"], f["server_cpu_pct"]) + node_cpu_text(f))]
     rows += redis_rows(f, "delivery")
+    if f.get("redis_cpu_s") is not None:
+        rows.append(("  per BM", value_text(f.get("redis_cpu_us_per_bm"), " us")))
+    if "ngircd" in f:
+        g = f["ngircd"]
+        rows.append(("ngircd, same session", g["error"] if "error" in g else
+                     f"{value_text(g.get('server_cpu_us_per_delivery'), ' us')} server CPU/delivery, "
+                     f"{value_text(g.get('deliveries_per_s'))} deliveries/s, latency "
+                     f"p50 {g['latency']['p50_ms']} ms, p99 {g['latency']['p99_ms']} ms"))
     rows += [("server RSS", value_text(f["server_rss_kb"], " KB")),
              ("loadgen CPU", core_text(f["loadgen_cpu_s"], f["loadgen_cpu_pct"]))]
     return rows

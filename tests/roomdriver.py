@@ -263,13 +263,8 @@ class RoomDriver:
         return state.State.CLOSED if session is None else session.state
 
     def history(self, username: str) -> list[dict]:
-        """The entries in ``<username>.chat``, straight from the file."""
-        try:
-            with open(os.path.join(self.data_dir, username + storage.HISTORY_SUFFIX), "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in data.split(b"\n") if line.strip()]
+        """The user's history entries as the data directory holds them (room log and ``<username>.chat``)."""
+        return [json.loads(text) for text in storage.read_history(self.data_dir, username)]
 
     def close(self) -> None:
         self.store.close()

@@ -57,10 +57,8 @@ def sealed_pm(c: WireClient, target: str, text: str) -> tuple[dict, str, str]:
 
 
 def history_on_disk(data_dir: str, name: str) -> list[dict]:
-    """The complete lines of a history file (a torn last line dropped), parsed."""
-    with open(os.path.join(data_dir, name + ".chat"), "rb") as fh:
-        data = fh.read()
-    return [json.loads(line) for line in data.split(b"\n")[:-1] if line.strip()]
+    """A user's history as the data directory holds it (room log and ``<name>.chat``), parsed."""
+    return [json.loads(text) for text in storage.read_history(data_dir, name)]
 
 
 # --- SIGKILL at random moments -------------------------------------------------------------------
@@ -291,56 +289,67 @@ def test_server_starts_on_a_torn_accounts_file(registered_data, tmp_path):
             server.kill()
 
 
-def test_history_file_torn_at_every_offset(registered_data, keys, tmp_path):
-    """CH on a running server after every possible truncation of alice's history file."""
-    target = str(tmp_path / "live")
-    server = _start_on_copy(registered_data, target).start()
-    try:
-        path = os.path.join(target, "alice.chat")
-        data = open(path, "rb").read()
-        lines = data.splitlines(keepends=True)
-        texts = [json.loads(line)["text"] for line in lines]
-        assert len(texts) == 3
-        alice = WireClient(server.port)
-        alice.login("alice", PASSWORD + "alice", keys(0))
-        for cut in range(len(data) + 1):
-            with open(path, "r+b") as fh:    # in place: the server's open file stays the same file
-                fh.truncate(cut)
-                fh.seek(0)
-                fh.write(data[:cut])
-            whole = _complete_before(lines, cut)
-            assert [e["text"] for e in alice.history()] == texts[:whole], cut
-        assert "torn" in server.log()
-    finally:
-        server.kill()
+def _room_segment(data_dir: str) -> str:
+    return os.path.join(data_dir, max(n for n in os.listdir(data_dir) if n.startswith("room.") and n.endswith(".log")))
 
 
-def test_history_file_torn_then_appended_across_restarts(registered_data, keys, tmp_path):
-    data = open(os.path.join(registered_data, "bob.chat"), "rb").read()
-    lines = data.splitlines(keepends=True)
-    texts = [json.loads(line)["text"] for line in lines]
-    for cut in (1, len(lines[0]) + 7, len(data) - 1):
-        target = str(tmp_path / f"h{cut}")
-        server = _start_on_copy(registered_data, target)
-        with open(os.path.join(target, "bob.chat"), "r+b") as fh:
-            fh.truncate(cut)
-        try:
-            server.start()
-            whole = _complete_before(lines, cut)
-            bob = WireClient(server.port)
-            bob.login("bob", PASSWORD + "bob", keys(1))
-            assert [e["text"] for e in bob.history()] == texts[:whole]
-            assert bob.bm("after the tear")["ok"]
-            assert [e["text"] for e in bob.history()] == texts[:whole] + ["after the tear"], \
-                f"cut at byte {cut} of {len(data)}: the dropped torn line came back after an append"
-            bob.close()
-            server.restart()
-            bob = WireClient(server.port)
-            bob.login("bob", PASSWORD + "bob", keys(1))
-            assert [e["text"] for e in bob.history()] == texts[:whole] + ["after the tear"]
-            bob.close()
-        finally:
-            server.kill()
+def test_room_log_and_history_torn_by_a_sigkill(make_server, keys):
+    """A crash that tears the last line of the room log and of a user's file: CH skips both, new
+    messages go after them, and the torn lines never come back (the room log torn at every offset is
+    tests/test_storage.py)."""
+    server = make_server("--flood-rate", "0")
+    ann, bob = log_in(server.port, keys, ["ann", "bob"])
+    assert ann.bm("one")["ok"] and bob.bm("two")["ok"]
+    reply, _, self_copy = sealed_pm(ann, "bob", "private")
+    assert reply["ok"]
+    server.kill()
+    with open(_room_segment(server.data_dir), "ab") as fh:
+        fh.write(b'{"ts":"2026-11-24T15:04:05.123Z","type":"BM","from":"ann","to":"*","te')
+    with open(os.path.join(server.data_dir, "bob.chat"), "ab") as fh:
+        fh.write(b'{"kind":"pm","at":12,"entry":{"ts":"2026')
+    server.start(server.port)
+    ann, bob = log_in(server.port, keys, ["ann", "bob"])
+    assert "torn" in server.log()
+    assert [e.get("text") or e["ciphertext"] for e in ann.history()] == ["one", "two", self_copy]
+    assert [e["type"] for e in bob.history()] == ["BM", "BM", "PM"]
+    assert ann.bm("after the tear")["recipients"] == 1
+    for _ in range(2):
+        assert [e.get("text") for e in bob.history()] == ["one", "two", None, "after the tear"]
+        assert [e.get("text") for e in ann.history()] == ["one", "two", None, "after the tear"]
+        server.restart()
+        ann, bob = log_in(server.port, keys, ["ann", "bob"])
+
+
+def test_a_data_directory_of_the_per_recipient_layout_keeps_working(make_server, keys):
+    """Histories written by the per-recipient layout (every BM in every recipient's file) are read as
+    they are, before what is stored from then on; nothing is rewritten or lost."""
+    server = make_server("--flood-rate", "0")
+    for c in log_in(server.port, keys, ["ann", "bob"]):
+        c.exit()
+    assert server.stop() == 0
+    for name in os.listdir(server.data_dir):     # as an older version left it: no room log
+        if name.startswith("room."):
+            os.unlink(os.path.join(server.data_dir, name))
+    old = [{"ts": "2026-11-20T10:00:00.000Z", "type": "BM", "from": "ann", "to": "*", "text": f"old {i}"}
+           for i in range(3)]
+    old_pm = {"ts": "2026-11-20T10:01:00.000Z", "type": "PM", "from": "bob", "to": "ann", "ciphertext": "c"}
+    for name, entries in (("ann", old + [old_pm]), ("bob", old)):
+        with open(os.path.join(server.data_dir, name + ".chat"), "w") as fh:
+            fh.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries))
+    before = open(os.path.join(server.data_dir, "ann.chat"), "rb").read()
+    server.start(server.port)
+    assert "per-recipient layout" in server.log()
+    ann, bob = log_in(server.port, keys, ["ann", "bob"])
+    assert ann.history() == old + [old_pm]
+    assert ann.history(limit=2) == [old[2], old_pm]
+    assert bob.bm("new")["ok"]
+    assert [e.get("text") for e in ann.history()] == ["old 0", "old 1", "old 2", None, "new"]
+    assert [e.get("text") for e in bob.history(limit=2)] == ["old 2", "new"]
+    assert open(os.path.join(server.data_dir, "ann.chat"), "rb").read().startswith(before)
+    server.restart()
+    assert "per-recipient layout" not in server.log().split("listening")[-1]
+    ann = log_in(server.port, keys, ["ann"])[0]
+    assert [e.get("text") for e in ann.history()] == ["old 0", "old 1", "old 2", None, "new"]
 
 
 # --- a corrupt accounts file ---------------------------------------------------------------------
@@ -367,6 +376,30 @@ def test_corrupt_accounts_line_stops_the_server_naming_file_and_line(tmp_path, b
 # --- history writes failing at run time ----------------------------------------------------------
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_failing_room_log_write_is_internal_and_delivers_nothing(make_server, keys):
+    server = make_server("--flood-rate", "0")
+    for c in log_in(server.port, keys, ["Alice", "bob", "carol"]):
+        c.exit()
+    assert server.stop() == 0
+    for name in os.listdir(server.data_dir):
+        if name.startswith("room.") and name.endswith(".log"):
+            os.unlink(os.path.join(server.data_dir, name))
+    os.symlink("/dev/full", os.path.join(server.data_dir, f"room.{10**9:015d}.log"))   # every write: ENOSPC
+    server.start(server.port)
+    alice, bob, carol = log_in(server.port, keys, ["Alice", "bob", "carol"])
+    reply = alice.bm("never stored")
+    assert reply["ok"] is False and reply["error"] == "internal", reply
+    assert alice.request({"op": "BM"})["ok"]                 # READY again
+    alice.request({"op": "CANCEL"})
+    for c in (bob, carol):
+        with pytest.raises(TimeoutError):
+            c.wait_data("BM", timeout=0.3)
+    assert sealed_pm(alice, "bob", "PMs are not in the room log")[0]["ok"]
+    assert [e["type"] for e in bob.history()] == ["PM"]
+    assert "room log" in server.log() and server.proc.poll() is None
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_failing_history_write_is_internal_for_the_sender_and_skips_a_recipient(make_server, keys):
     server = make_server("--flood-rate", "0")
     for c in log_in(server.port, keys, ["Alice", "bob", "carol"]):
@@ -378,53 +411,26 @@ def test_failing_history_write_is_internal_for_the_sender_and_skips_a_recipient(
     server.start(server.port)
     alice, bob, carol = log_in(server.port, keys, ["Alice", "bob", "carol"])
 
-    # the sender's own write fails: internal, nothing delivered, back in READY
-    reply = alice.bm("never stored")
-    assert reply["ok"] is False and reply["error"] == "internal", reply
-    reply, _, _ = sealed_pm(alice, "bob", "never stored either")
+    # the sender's own copy fails: internal, nothing delivered or stored, back in READY
+    reply, _, _ = sealed_pm(alice, "bob", "never stored")
     assert reply["ok"] is False and reply["error"] == "internal", reply
     assert alice.request({"op": "BM"})["ok"]                 # READY again
     alice.request({"op": "CANCEL"})
-    for c in (bob, carol):
-        with pytest.raises(TimeoutError):
-            c.wait_data("BM", timeout=0.3)
     assert not [d for d in bob.data if d["op"] == "PM"]
+    assert [e for e in bob.history() if e["type"] == "PM"] == []
 
-    # a recipient whose write fails is skipped (and logged); the sender gets ok
-    reply = bob.bm("to everyone who can store it")
-    assert reply == {"op": "SEND", "ok": True, "recipients": 1}, reply
-    assert carol.wait_data("BM")["text"] == "to everyone who can store it"
-    with pytest.raises(TimeoutError):
-        alice.wait_data("BM", timeout=0.3)
+    # a recipient whose copy fails is skipped (and logged); the sender gets ok
     reply, _, _ = sealed_pm(bob, "Alice", "for alice")
     assert reply["ok"] is True and reply["recipients"] == 0, reply
     with pytest.raises(TimeoutError):
         alice.wait_data("PM", timeout=0.3)
     assert "Alice" in server.log() and re.search(r"(?i)history.*Alice|Alice.*history", server.log())
 
-    # everyone else carries on, and the server is still up
-    assert "to everyone who can store it" in [e["text"] for e in carol.history()]
-    assert carol.bm("still here")["recipients"] == 1      # bob; alice's write fails again
+    # BMs are one write to the room log: everyone still gets them, and the server is still up
+    assert carol.bm("still here")["recipients"] == 2
     assert bob.wait_data("BM")["text"] == "still here"
+    assert "still here" in [e.get("text") for e in carol.history()]
     assert server.proc.poll() is None
-
-
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_send_refused_as_internal_leaves_no_entry_in_recipients_history(make_server, keys):
-    """"internal ... and then nothing is delivered": a message its sender was told failed must not
-    turn up in the recipients' CH (the sender would retry, and they would see it twice)."""
-    server = make_server("--flood-rate", "0")
-    for c in log_in(server.port, keys, ["Alice", "bob"]):
-        c.exit()
-    assert server.stop() == 0
-    path = os.path.join(server.data_dir, "Alice.chat")
-    os.unlink(path)
-    os.symlink("/dev/full", path)
-    server.start(server.port)
-    alice, bob = log_in(server.port, keys, ["Alice", "bob"])
-    assert alice.bm("refused as internal")["error"] == "internal"
-    assert sealed_pm(alice, "bob", "refused too")[0]["error"] == "internal"
-    assert bob.history() == []
 
 
 # --- logs -------------------------------------------------------------------------------------------

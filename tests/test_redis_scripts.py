@@ -174,7 +174,11 @@ def test_logout_of_a_session_not_online(r):
 
 # --- messages: bm, pm ------------------------------------------------------------------------
 
-def test_bm_goes_to_the_sender_and_everyone_online(r):
+def history(r: BlockingRedis, name: str, limit: int | None = None, page: int = 1000) -> list[bytes]:
+    return run(r, K.history(name, limit, page))
+
+
+def test_bm_is_one_entry_in_the_room_log_and_in_the_history_of_everyone_online(r):
     register(r, A, B)
     login(r, "alice", token(A, 1))
     login(r, "bob", token(B, 1))
@@ -183,18 +187,75 @@ def test_bm_goes_to_the_sender_and_everyone_online(r):
     line = b'{"type":"BM","from":"Alice","text":"hi"}'
     ok, count, event_id = run(r, K.bm("alice", line, b"FRAME", sender_token=token(A, 1)))
     assert (ok, count) == (1, 2)
+    assert entries(r, K.room) == [{b"e": line}]
     for name in ("alice", "bob", "carol"):
-        assert entries(r, K.hist(name)) == [{b"e": line}]
-    assert r.call("EXISTS", K.hist("dave")) == 0
+        assert entries(r, K.hist(name)) == [{b"t": b"on", b"at": b"0-0"}]   # only its online mark
+        assert history(r, name) == [line]
+    assert history(r, "dave") == [] and r.call("EXISTS", K.hist("dave")) == 0
     assert r.call("XRANGE", K.ev, "-", "+")[-1] == [event_id, [b"t", b"bm", b"from", b"alice", b"d", b"FRAME"]]
+    login(r, "erin", token(A, 3))
+    assert history(r, "erin") == []                       # came online after it
 
 
-def test_bm_from_a_sender_not_online_is_in_its_history_too(r):
+def test_history_merges_pms_and_the_bms_of_each_online_span(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    run(r, K.bm("alice", b"B1", b"F"))
+    login(r, "bob", token(B, 1))
+    run(r, K.bm("alice", b"B2", b"F"))
+    run(r, K.pm("alice", "bob", token(B, 1), b"S1", b"T1", b"F"))
+    run(r, K.bm("bob", b"B3", b"F"))
+    run(r, K.logout("bob", token(B, 1)))
+    run(r, K.bm("alice", b"B4", b"F"))
+    login(r, "bob", token(A, 7))
+    run(r, K.bm("alice", b"B5", b"F"))
+    assert history(r, "alice") == [b"B1", b"B2", b"S1", b"B3", b"B4", b"B5"]
+    assert history(r, "bob") == [b"B2", b"T1", b"B3", b"B5"]
+    for page in (1, 2, 3):
+        for limit in (1, 2, 3, 4, 10):
+            assert history(r, "bob", limit, page) == [b"B2", b"T1", b"B3", b"B5"][-limit:], (limit, page)
+            assert history(r, "alice", limit, page) == [b"B1", b"B2", b"S1", b"B3", b"B4", b"B5"][-limit:]
+    login(r, "bob", token(B, 8))                        # a takeover marks the old session offline
+    run(r, K.bm("alice", b"B6", b"F"))
+    assert history(r, "bob", 2) == [b"B5", b"B6"]
+
+
+def test_history_of_the_older_layout_comes_first(r):
     register(r, A)
-    login(r, "bob", token(A, 1))
-    assert run(r, K.bm("alice", b"L", b"F"))[:2] == [1, 1]
-    assert entries(r, K.hist("alice")) == [{b"e": b"L"}]
-    assert entries(r, K.hist("bob")) == [{b"e": b"L"}]
+    for line in (b"OLD1", b"OLD2"):     # what the per-recipient layout left: entries with only e
+        r.call("XADD", K.hist("alice"), "*", "e", line)
+    login(r, "alice", token(A, 1))
+    run(r, K.bm("alice", b"NEW", b"F"))
+    assert history(r, "alice") == [b"OLD1", b"OLD2", b"NEW"]
+    assert history(r, "alice", 2) == [b"OLD2", b"NEW"]
+
+
+def test_a_reaped_node_closes_its_users_spans(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    login(r, "bob", token(B, 1))
+    run(r, K.bm("alice", b"B1", b"F"))
+    r.call("DEL", K.node(B))                            # B's lease ran out
+    assert run(r, K.reap_node(B))[0] == 1
+    run(r, K.bm("alice", b"B2", b"F"))
+    assert history(r, "bob") == [b"B1"] and history(r, "alice") == [b"B1", b"B2"]
+
+
+def test_bm_cost_does_not_grow_with_the_room(r):
+    """One BM is the same commands for 10 or 2,000 online users (no loop over them)."""
+    register(r, A)
+    for i in range(2000):
+        login(r, f"u{i}", token(A, i + 1))
+    before = r.call("INFO", "commandstats")
+    run(r, K.bm("u0", b"L", b"F"))
+    after = r.call("INFO", "commandstats")
+
+    def calls(info: bytes, command: str) -> int:
+        for row in info.decode().splitlines():
+            if row.startswith(f"cmdstat_{command}:"):
+                return int(row.split("calls=")[1].split(",")[0])
+        return 0
+    assert calls(after, "xadd") - calls(before, "xadd") == 2    # the room log and the event
 
 
 def test_bm_ids_order_against_presence(r):
@@ -212,12 +273,13 @@ def test_bm_ids_order_against_presence(r):
     assert as_tuple(bm_id) < as_tuple(online_id) < as_tuple(later_bm)
 
 
-def test_bm_trims_the_event_stream(r):
-    for _ in range(150):
-        run(r, K.bm("alice", b"L", b"F", maxlen=10))
+def test_bm_trims_the_event_stream_and_the_room_log(r):
+    keys = ChatKeys(room_maxlen=20)
+    for _ in range(250):
+        run(r, keys.bm("alice", b"L", b"F", maxlen=10))
     length = r.call("XLEN", K.ev)
-    assert 10 <= length < 150           # MAXLEN ~ trims whole stream nodes (100 entries)
-    assert r.call("XLEN", K.hist("alice")) == 150     # history is never trimmed
+    assert 10 <= length < 250           # MAXLEN ~ trims whole stream nodes (100 entries)
+    assert 20 <= r.call("XLEN", K.room) < 250
 
 
 def test_bm_from_a_replaced_session_is_refused_and_stores_nothing(r):
@@ -226,7 +288,7 @@ def test_bm_from_a_replaced_session_is_refused_and_stores_nothing(r):
     login(r, "alice", token(B, 2))
     events = r.call("XLEN", K.ev)
     assert run(r, K.bm("alice", b"L", b"F", sender_token=token(A, 1))) == [0, token(B, 2).encode()]
-    assert r.call("EXISTS", K.hist("alice")) == 0
+    assert r.call("EXISTS", K.room) == 0
     assert r.call("XLEN", K.ev) == events
     run(r, K.logout("alice", token(B, 2)))
     assert run(r, K.bm("alice", b"L", b"F", sender_token=token(B, 2))) == [0, b""]
@@ -238,8 +300,9 @@ def test_pm_to_the_session_seen_at_target(r):
     login(r, "bob", token(B, 5))
     ok, entry_id = run(r, K.pm("alice", "bob", token(B, 5), b"SELF", b"THEIRS", b"FRAME", sender_token=token(A, 1)))
     assert ok == 1
-    assert entries(r, K.hist("alice")) == [{b"e": b"SELF"}]
-    assert entries(r, K.hist("bob")) == [{b"e": b"THEIRS"}]
+    assert entries(r, K.hist("alice"))[-1] == {b"t": b"pm", b"at": b"0-0", b"e": b"SELF"}
+    assert entries(r, K.hist("bob"))[-1] == {b"t": b"pm", b"at": b"0-0", b"e": b"THEIRS"}
+    assert history(r, "alice") == [b"SELF"] and history(r, "bob") == [b"THEIRS"]
     assert r.call("XRANGE", K.inbox(B), "-", "+") == [
         [entry_id, [b"t", b"pm", b"from", b"alice", b"to", b"bob", b"tok", token(B, 5).encode(), b"d", b"FRAME"]]]
     assert r.call("EXISTS", K.inbox(A)) == 0
@@ -251,7 +314,7 @@ def test_pm_to_a_replaced_session_is_refused_and_stores_nothing(r):
     login(r, "bob", token(B, 5))
     login(r, "bob", token(A, 6))              # bob moved between TARGET and SEND
     assert run(r, K.pm("alice", "bob", token(B, 5), b"S", b"T", b"F")) == [0, token(A, 6).encode()]
-    assert r.call("EXISTS", K.hist("alice"), K.hist("bob")) == 0
+    assert history(r, "alice") == [] and history(r, "bob") == []
     assert r.call("XLEN", K.inbox(A)) == 0 and r.call("XLEN", K.inbox(B)) == 1   # only bob's KICK
     run(r, K.logout("bob", token(A, 6)))
     assert run(r, K.pm("alice", "bob", token(A, 6), b"S", b"T", b"F")) == [0, b""]
@@ -264,7 +327,7 @@ def test_pm_from_a_replaced_sender_is_refused(r):
     login(r, "alice", token(B, 3))
     assert run(r, K.pm("alice", "bob", token(B, 5), b"S", b"T", b"F", sender_token=token(A, 1))) == [
         -1, token(B, 3).encode()]
-    assert r.call("EXISTS", K.hist("alice"), K.hist("bob")) == 0
+    assert history(r, "alice") == [] and history(r, "bob") == []
     assert r.call("XLEN", K.inbox(B)) == 0
 
 
@@ -385,3 +448,57 @@ def test_interleaved_scripts_from_three_links_keep_the_invariants(shared_redis):
     for link in links:
         link.close()
     sel.close()
+
+
+# --- history: the room log and the marks against a per-recipient model ---------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+USERS = ["ann", "bob", "cat"]
+HISTORY_OPS = st.lists(st.tuples(st.sampled_from(["on", "off", "takeover", "bm", "pm", "read", "reap"]),
+                                 st.sampled_from(USERS), st.sampled_from(USERS), st.sampled_from([0, 1, 2, 5]),
+                                 st.sampled_from([1, 2, 1000])), max_size=50)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=HISTORY_OPS, legacy=st.dictionaries(st.sampled_from(USERS), st.integers(0, 2)))
+def test_history_script_is_the_per_recipient_history(r, ops, legacy):
+    """CH from the history script equals CH on a store that appends every BM to every online user."""
+    r.call("FLUSHDB")
+    register(r, A, B)
+    model = {name: [b"OLD %s %d" % (name.encode(), i) for i in range(legacy.get(name, 0))] for name in USERS}
+    for name, lines in model.items():
+        for line in lines:
+            r.call("XADD", K.hist(name), "*", "e", line)
+    sessions: dict = {}      # name -> token online
+    conn = 0
+    for n, (op, a, b, limit, page) in enumerate(ops):
+        conn += 1
+        if op == "on" and a not in sessions:
+            sessions[a] = token(A if conn % 2 else B, conn)
+            login(r, a, sessions[a])
+        elif op == "off" and a in sessions:
+            run(r, K.logout(a, sessions.pop(a)))
+        elif op == "takeover" and a in sessions:   # a login elsewhere: offline, then online again
+            sessions[a] = token(B, conn)
+            login(r, a, sessions[a])
+        elif op == "bm" and a in sessions:
+            line = b"BM %d" % n
+            assert run(r, K.bm(a, line, b"F", sender_token=sessions[a]))[0] == 1
+            for name in sessions:
+                model[name].append(line)
+        elif op == "pm" and a in sessions and b in sessions and a != b:
+            assert run(r, K.pm(a, b, sessions[b], b"S %d" % n, b"T %d" % n, b"F", sender_token=sessions[a]))[0] == 1
+            model[a].append(b"S %d" % n)
+            model[b].append(b"T %d" % n)
+        elif op == "reap":   # node B dies: its users go offline
+            r.call("DEL", K.node(B))
+            assert run(r, K.reap_node(B))[0] == 1
+            sessions = {name: tok for name, tok in sessions.items() if not tok.startswith(B + "/")}
+            assert run(r, K.register_node(B)) == 1
+        elif op == "read":
+            expected = model[a][-limit:] if limit else model[a]
+            assert history(r, a, limit or None, page) == expected, (a, limit, page)
+    for name in USERS:
+        assert history(r, name) == model[name], name

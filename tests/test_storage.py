@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 
 import passwords
 import storage
@@ -24,6 +26,7 @@ def test_every_request_gets_its_typed_result_in_order(tmp_path):
             store.CreateAccount(2, alice),
             store.CreateAccount(3, account("ALICE")),
             store.LoadAccount(4, "alice"),
+            store.MarkOnline(0, "Alice", True),
             store.AppendHistory(5, [(("Alice",), line)], "Alice", "BM"),
             store.ReadHistory(6, "Alice"),
             store.ClaimSession(7, "alice", "t"),
@@ -56,6 +59,7 @@ def test_a_read_sees_the_appends_submitted_before_it(tmp_path):
     fs, _ = storage.open_store(str(tmp_path))
     try:
         first, second = b'{"n":1}\n', b'{"n":2}\n'
+        fs.submit(store.MarkOnline(0, "bob", True))
         fs.submit(store.AppendHistory(1, [(("bob",), first)], "bob", "BM"))
         fs.submit(store.ReadHistory(2, "bob"))
         fs.submit(store.AppendHistory(3, [(("bob",), second)], "bob", "BM"))
@@ -63,5 +67,230 @@ def test_a_read_sees_the_appends_submitted_before_it(tmp_path):
         fs.submit(store.ReadHistory(4, "bob", limit=1))
         [(cid, result)] = fs.flush()   # a store may read less than the whole history for a limit
         assert cid == 4 and result.lines[-1:] == ['{"n":2}']
+    finally:
+        fs.close()
+
+
+# --- the room log and the users' files ------------------------------------------------------------
+
+import resource  # noqa: E402
+import signal  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+NAMES = ["ann", "Bob", "cat"]
+
+
+def bm_line(sender: str, n: int) -> bytes:
+    return (json.dumps({"ts": "t", "type": "BM", "from": sender, "to": "*", "text": f"bm {n}"},
+                       separators=(",", ":")) + "\n").encode()
+
+
+def pm_lines(sender: str, target: str, n: int) -> list:
+    entry = {"ts": "t", "type": "PM", "from": sender, "to": target}
+    return [((sender,), (json.dumps({**entry, "ciphertext": f"self {n}"}, separators=(",", ":")) + "\n").encode()),
+            ((target,), (json.dumps({**entry, "ciphertext": f"for {n}"}, separators=(",", ":")) + "\n").encode())]
+
+
+class Model:
+    """The per-recipient layout: every entry appended to each owner's own list."""
+
+    def __init__(self, legacy: dict) -> None:
+        self.lines = {name: list(legacy.get(name, [])) for name in NAMES}
+        self.online: list[str] = []
+
+    def read(self, name: str, limit: int | None) -> list[str]:
+        lines = self.lines[name]
+        return lines[-limit:] if limit else list(lines)
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["on", "off", "bm", "pm", "read", "flush", "crash"]),
+                         st.sampled_from(NAMES), st.sampled_from(NAMES), st.sampled_from([None, 1, 2, 5])),
+               max_size=60)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS, legacy=st.dictionaries(st.sampled_from(NAMES), st.integers(0, 3)))
+def test_history_is_the_per_recipient_history(tmp_path_factory, ops, legacy):
+    """CH on the room log and users' files equals CH on a store that appends to every recipient."""
+    directory = str(tmp_path_factory.mktemp("d"))
+    old = {name: [json.dumps({"ts": "t", "type": "BM", "from": "x", "to": "*", "text": f"old {i}"})
+                  for i in range(count)] for name, count in legacy.items()}
+    for name, lines in old.items():    # a data directory of the per-recipient layout
+        with open(os.path.join(directory, name + ".chat"), "w") as fh:
+            fh.write("".join(line + "\n" for line in lines))
+    model = Model(old)
+    fs = storage.FileStore(directory)
+    cid = 0
+    try:
+        for op, a, b, limit in ops:
+            cid += 1
+            if op == "on" and a not in model.online:
+                model.online.append(a)
+                fs.submit(store.MarkOnline(0, a, True))
+            elif op == "off" and a in model.online:
+                model.online.remove(a)
+                fs.submit(store.MarkOnline(0, a, False))
+            elif op == "bm" and a in model.online:
+                line = bm_line(a, cid)
+                owners = tuple(model.online)
+                fs.submit(store.AppendHistory(cid, [(owners, line)], a, "BM"))
+                for name in owners:
+                    model.lines[name].append(line[:-1].decode())
+            elif op == "pm" and a in model.online and b in model.online and a != b:
+                entries = pm_lines(a, b, cid)
+                fs.submit(store.AppendHistory(cid, entries, a, "PM", target=b.lower()))
+                for (owner,), line in entries:
+                    model.lines[owner].append(line[:-1].decode())
+            elif op == "read":
+                fs.submit(store.ReadHistory(cid, a, limit))
+                done = dict(fs.flush())
+                assert done[cid] == store.HistoryRead(model.read(a, limit)), (a, limit)
+            elif op == "flush":
+                assert all(isinstance(r, store.Appended) and not r.failed for _, r in fs.flush()
+                           if not isinstance(r, store.HistoryRead))
+            elif op == "crash":   # no offline marks: the next run knows where this one ended
+                fs.flush()
+                fs.close()
+                fs = storage.FileStore(directory)
+                model.online = []
+        fs.flush()
+        for name in NAMES:
+            assert storage.read_history(directory, name) == model.read(name, None), name
+    finally:
+        fs.close()
+
+
+def _bm_store(directory: str, texts: list) -> None:
+    """ann online sends the texts, then the process 'dies' (no offline mark)."""
+    fs = storage.FileStore(directory)
+    fs.submit(store.MarkOnline(0, "ann", True))
+    for i, text in enumerate(texts):
+        line = (json.dumps({"ts": "t", "type": "BM", "from": "ann", "to": "*", "text": text}) + "\n").encode()
+        fs.submit(store.AppendHistory(i + 1, [(("ann",), line)], "ann", "BM"))
+        fs.flush()
+    fs.close()
+
+
+def test_room_log_torn_at_every_offset(tmp_path):
+    seed = str(tmp_path / "seed")
+    texts = ["one", "två ☃", "three"]
+    _bm_store(seed, texts)
+    [segment] = [n for n in os.listdir(seed) if n.startswith("room.") and n.endswith(".log")]
+    data = open(os.path.join(seed, segment), "rb").read()
+    ends = [i + 1 for i, byte in enumerate(data) if byte == 0x0A]
+    for cut in range(len(data) + 1):
+        directory = str(tmp_path / f"c{cut}")
+        shutil.copytree(seed, directory)
+        with open(os.path.join(directory, segment), "r+b") as fh:
+            fh.truncate(cut)
+        whole = texts[:sum(1 for end in ends if end <= cut)]
+        fs = storage.FileStore(directory)
+        try:
+            fs.submit(store.ReadHistory(1, "ann"))
+            assert [json.loads(t)["text"] for t in fs.flush()[0][1].lines] == whole, cut
+            fs.submit(store.MarkOnline(0, "ann", True))
+            fs.submit(store.MarkOnline(0, "bob", True))
+            line = (json.dumps({"ts": "t", "type": "BM", "from": "bob", "to": "*", "text": "after"}) + "\n").encode()
+            fs.submit(store.AppendHistory(2, [(("ann", "bob"), line)], "bob", "BM"))
+            fs.flush()
+        finally:
+            fs.close()
+        for name, expected in (("ann", whole + ["after"]), ("bob", ["after"])):
+            assert [json.loads(t)["text"] for t in storage.read_history(directory, name)] == expected, (cut, name)
+
+
+def test_history_limit_rotates_and_keeps_the_newest(tmp_path):
+    limit = 20_000
+    fs = storage.FileStore(str(tmp_path), history_limit=limit)
+    try:
+        fs.submit(store.MarkOnline(0, "ann", True))
+        fs.submit(store.MarkOnline(0, "Bob", True))
+        for n in range(1, 2001):
+            if n % 3:
+                fs.submit(store.AppendHistory(n, [(("ann", "Bob"), bm_line("ann", n))], "ann", "BM"))
+            else:
+                fs.submit(store.AppendHistory(n, pm_lines("ann", "Bob", n), "ann", "PM", target="bob"))
+            fs.flush()
+        fs.submit(store.ReadHistory(1, "Bob", 50))
+        newest = fs.flush()[0][1].lines
+        expected = [json.loads(line)for n in range(1951, 2001)
+                    for line in ([bm_line("ann", n)[:-1]] if n % 3 else [pm_lines("ann", "Bob", n)[1][1][:-1]])]
+        assert [json.loads(t) for t in newest] == expected
+        sizes = {name: os.path.getsize(tmp_path / name) for name in os.listdir(tmp_path)}
+        room = sum(size for name, size in sizes.items() if name.startswith("room.") and name.endswith(".log"))
+        assert limit <= room <= limit + limit // 4, sizes   # the newest limit bytes, in segments of limit/8
+        for user in ("ann", "Bob"):
+            assert sizes[user + ".chat"] + sizes.get(user + ".chat.1", 0) <= limit + 200, sizes
+        fs.submit(store.ReadHistory(2, "ann"))
+        whole = fs.flush()[0][1].lines
+        assert [json.loads(t) for t in whole[-50:]][-1] == expected[-1] and len(whole) > 100
+    finally:
+        fs.close()
+
+
+def test_a_failed_write_leaves_the_file_as_it_was(tmp_path):
+    fs = storage.FileStore(str(tmp_path))
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        fs.submit(store.MarkOnline(0, "ann", True))
+        fs.submit(store.AppendHistory(1, [(("ann",), bm_line("ann", 1))], "ann", "BM"))
+        assert fs.flush() == [(1, store.Appended())]
+        [segment] = [tmp_path / n for n in os.listdir(tmp_path) if n.endswith(".log")]
+        before = segment.read_bytes()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 100, hard))
+        big = (json.dumps({"ts": "t", "type": "BM", "from": "ann", "to": "*", "text": "x" * 500}) + "\n").encode()
+        fs.submit(store.AppendHistory(2, [(("ann",), big)], "ann", "BM"))
+        assert fs.flush() == [(2, store.FAILED)]
+        assert segment.read_bytes() == before     # cut back: sending it again cannot duplicate it
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        fs.submit(store.AppendHistory(3, [(("ann",), big)], "ann", "BM"))
+        fs.submit(store.ReadHistory(4, "ann"))
+        assert [json.loads(t)["text"] for t in fs.flush()[1][1].lines] == ["bm 1", "x" * 500]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+        fs.close()
+
+
+def test_messages_are_refused_below_the_free_space_watermark(tmp_path, caplog):
+    fs = storage.FileStore(str(tmp_path), min_free=1 << 62)
+    try:
+        fs.submit(store.MarkOnline(0, "ann", True))
+        fs.submit(store.MarkOnline(0, "Bob", True))
+        fs.submit(store.AppendHistory(1, [(("ann", "Bob"), bm_line("ann", 1))], "ann", "BM"))
+        fs.submit(store.AppendHistory(2, pm_lines("ann", "Bob", 2), "ann", "PM", target="bob"))
+        assert fs.flush() == [(1, store.FAILED), (2, store.FAILED)]
+        assert "free" in caplog.text
+        fs.min_free = 0
+        fs.submit(store.AppendHistory(3, [(("ann", "Bob"), bm_line("ann", 3))], "ann", "BM"))
+        fs.submit(store.ReadHistory(4, "Bob"))
+        assert [json.loads(t)["text"] for t in fs.flush()[1][1].lines] == ["bm 3"]   # the marks were kept
+    finally:
+        fs.close()
+
+
+def test_ch_with_a_limit_reads_from_the_end_of_a_big_history(tmp_path):
+    """limit=50 on a 100 MiB room log and a user file of 10 MiB of PMs: milliseconds, not a whole-file read."""
+    line = (json.dumps({"ts": "t", "type": "BM", "from": "ann", "to": "*", "text": "bm 0", "pad": " " * 150},
+                       separators=(",", ":")) + "\n").encode()
+    count = (100 << 20) // len(line)
+    with open(tmp_path / f"room.{0:015d}.log", "wb") as fh:
+        fh.write(line * count)
+    pms = [pm_lines("ann", "Bob", n)[1][1][:-1] for n in range(3)]
+    with open(tmp_path / "Bob.chat", "wb") as fh:
+        fh.write(storage.mark_line(True, 0, 0))
+        fh.write(b"".join(storage.pm_line(0, pms[n % 3]) for n in range((10 << 20) // 200)))
+    fs = storage.FileStore(str(tmp_path), history_limit=0)
+    try:
+        fs._open["Bob"] = 0   # as if Bob had been online all along in this run (its span is known)
+        fs.submit(store.ReadHistory(1, "Bob", 50))
+        started = time.perf_counter()
+        [(_, result)] = fs.flush()
+        seconds = time.perf_counter() - started
+        assert len(result.lines) == 50 and json.loads(result.lines[-1])["text"] == "bm 0"
+        assert seconds < 0.05, f"{seconds * 1000:.1f} ms for 50 entries"
     finally:
         fs.close()
