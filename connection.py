@@ -271,26 +271,34 @@ class Connection:
     def _flush_tls(self, tls: TLSLayer) -> None:
         """``flush`` through TLS: the queued frames are encrypted whole, then sent as far as they go."""
         out = self.out
+        records = b""
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
             self.head = 0
             if tls.ready:
-                tls.send(data)
+                records = tls.encrypt(data)
             # else: before the handshake ends the only frame can be a BYE (idle, shutdown):
             # dropped, so the connection closes without a frame (section 0).
-        if self.lifecycle is Lifecycle.CLOSING:
-            tls.goodbye()
         pending = tls.pending
-        if pending:
+        if self.lifecycle is Lifecycle.CLOSING:
+            pending += records
+            records = b""
+            tls.goodbye()
+        if records or pending:
+            chunk = records or pending   # records only when nothing older waits (TLSLayer.encrypt)
             try:
-                sent = self.sock.send(pending)
+                sent = self.sock.send(chunk)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
                 self.abort()
                 return
-            del pending[:sent]
+            if records:
+                if sent < len(records):
+                    pending += memoryview(records)[sent:]
+            else:
+                del pending[:sent]
         self.out_size = len(pending)
         if pending:
             self._set_events(self.events | selectors.EVENT_WRITE)

@@ -6,8 +6,8 @@ reads that byte as part of its first ``recv`` and keeps it; if it starts TLS,
 every byte read from then on goes through a ``TLSLayer``, an ``ssl.SSLObject``
 over two ``ssl.MemoryBIO``s, and plaintext comes out to the frame decoder as
 if it had been read from a plain socket. Writing goes the other way: the
-connection's queued frames are encrypted into ``TLSLayer.pending`` when it
-flushes, and that is what ``send`` is given. With memory BIOs the TLS object
+connection's queued frames are encrypted when it flushes and given to
+``send`` (what does not go waits in ``TLSLayer.pending``). With memory BIOs the TLS object
 never touches the socket, so the one ``selectors`` loop stays as it is: an
 ``SSLWantReadError`` only means "the record is not complete, read more";
 writing to a memory BIO never blocks. Before the handshake has finished no
@@ -160,10 +160,15 @@ class TLSLayer:
         finally:
             self._collect()
 
-    def send(self, plaintext: bytes) -> None:
-        """Encrypt plaintext into ``pending`` (only once ready)."""
+    def encrypt(self, plaintext: bytes) -> bytes:
+        """The TLS records of plaintext (only once ready): returned to be sent now when nothing
+        older waits in ``pending``, else added to it (and b"" returned), so records keep their order."""
         self._tls.write(plaintext)
-        self._collect()
+        records = self._outgoing.read()
+        if self.pending:
+            self.pending += records
+            return b""
+        return records
 
     def goodbye(self) -> None:
         """Queue TLS's close_notify (once), so the peer sees a clean end, not a truncation."""

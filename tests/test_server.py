@@ -732,3 +732,48 @@ def test_pm1_is_accepted_by_default_and_refused_with_no_accept_pm1(make_server, 
             assert reply["error"] == "bad_request"
             assert alice.request(alice.pm_send("bob", keys(1).public, "the new way", version=2))["ok"]
         server.kill()
+
+
+def test_tls_client_that_never_reads_is_cut_off_and_a_reading_one_gets_everything(make_server, keys):
+    """Partial TLS writes: what the socket does not take waits (EVENT_WRITE) and keeps its order;
+    past --send-queue a TLS client is cut off (BYE too_slow) as a plain one is."""
+    server = make_server("--send-queue", "65536", "--flood-rate", "0")
+    stuck = WireClient(server.port, tls=True, rcvbuf=4096)
+    stuck.login("stuck", PASSWORD, keys(0))
+    reader = WireClient(server.port, tls=True)
+    reader.login("reader", PASSWORD, keys(1))
+    sender = WireClient(server.port)
+    sender.login("sender", PASSWORD, keys(2))
+    received: list[int] = []
+
+    def drain() -> None:
+        try:
+            while True:
+                frame = reader.recv(timeout=15)
+                if frame.kind == "D" and frame.body["op"] == "BM":
+                    received.append(int(frame.body["text"][:5]))
+        except (EOFError, TimeoutError, OSError):
+            pass
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    text, sent, cut = "z" * 4000, 0, False
+    while sent < 4000 and not cut:   # 16 MB at most
+        sender.send_raw(b"".join(framing.command({"op": "BM"})
+                                 + framing.command({"op": "SEND", "text": f"{sent + i:05d}{text}"})
+                                 for i in range(20)))
+        for _ in range(20):
+            assert sender.reply("BM")["ok"] and sender.reply("SEND")["ok"]
+        sent += 20
+        cut = any(d["op"] == "PRESENCE" and d["username"] == "stuck" and not d["online"] for d in sender.data)
+    assert cut, "the TLS client that never reads was never cut off"
+    frames = stuck.recv_until_closed(timeout=10)
+    assert frames[-1].body == {"op": "BYE", "reason": "too_slow"}
+    numbers = [int(f.body["text"][:5]) for f in frames if f.kind == "D" and f.body["op"] == "BM"]
+    assert numbers == list(range(len(numbers))), "an unbroken prefix, then BYE"
+    deadline = time.monotonic() + 15
+    while len(received) < sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert received == list(range(sent)), "the reading TLS client got every BM, in order"
+    reader.close()
+    thread.join(20)

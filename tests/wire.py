@@ -45,11 +45,18 @@ class WireClient:
     pm_version = 2
 
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0,
-                 legacy_seal: bool = False, tls: bool = False, pm_version: int | None = None) -> None:
+                 legacy_seal: bool = False, tls: bool = False, pm_version: int | None = None,
+                 rcvbuf: int = 0) -> None:
         self.legacy_seal = legacy_seal
         if pm_version is not None:
             self.pm_version = pm_version
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        if rcvbuf:   # set before connect, so the window stays small (a client that reads slowly)
+            self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            self.sock.connect((host, port))
+        else:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.cert_key: pg3lib.PublicKey | None = None
         if tls:
