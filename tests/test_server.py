@@ -55,7 +55,8 @@ def test_help_explains_every_option():
     out = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True, timeout=20).stdout
     for option in ("PORT", "--host", "--data", "--login-timeout", "--max-clients", "--log-level",
                    "--frame-limit", "--send-queue", "--max-per-ip", "--flood-rate", "--flood-burst",
-                   "--scrypt-n", "--register-rate", "--login-delay-cap"):
+                   "--scrypt-n", "--register-rate", "--login-delay-cap", "--require-tls", "--accept-pm1",
+                   "--no-accept-pm1"):
         assert option in out
 
 
