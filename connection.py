@@ -29,8 +29,8 @@ import enum
 import logging
 import selectors
 import socket
-import time
 import ssl
+import time
 from typing import Protocol
 
 import framing
