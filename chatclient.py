@@ -639,14 +639,14 @@ class Session:
                 if not self.interactive:
                     yield from self.cancel(say=False)
                     return
-                text, retry = None, text
+                retry, text = text, None
                 continue
             reply = yield from self.send_text("BM", {"op": Op.SEND, "text": text})
             if reply is None:  # refused, and the server still waits for a text
                 if not self.interactive:
                     yield from self.cancel(say=False)
                     return
-                text, retry = None, text
+                retry, text = text, None
                 continue
             if succeeded(reply):
                 self.out.show(format_own_broadcast(self.username, text, reply.get("recipients")))
@@ -698,14 +698,14 @@ class Session:
                 if not self.interactive:
                     yield from self.cancel(say=False)
                     return
-                text, retry = None, text
+                retry, text = text, None
                 continue
             reply = yield from self.send_text(f"PM to {name}", self.sealed_pm(name, their_key, text))
             if reply is None:
                 if not self.interactive:
                     yield from self.cancel(say=False)
                     return
-                text, retry = None, text
+                retry, text = text, None
                 continue
             if succeeded(reply):
                 self.out.show(format_own_private(name, text))
@@ -925,7 +925,7 @@ class Session:
         elif op == Op.PRESENCE:
             name = body.get("username")
             online = body.get("online") is True
-            if not valid_username(name) or name.lower() == self.username.lower():
+            if not isinstance(name, str) or not valid_username(name) or name.lower() == self.username.lower():
                 log.debug("ignoring a PRESENCE of %r", name)
                 return
             if online:
@@ -939,7 +939,7 @@ class Session:
     def receive_private(self, body: dict) -> None:
         """A PM: check the signature with the sender's pinned key, then decrypt and show it."""
         sender = body.get("from")
-        if not valid_username(sender):
+        if not isinstance(sender, str) or not valid_username(sender):
             self.out.warn(f"a private message from an invalid sender name, {one_line(sender, 40)}; not shown")
             return
         try:
@@ -1145,7 +1145,7 @@ class PlainScreen(Output):
 
 def cbreak_attributes(attrs: list) -> list:
     """Terminal attributes for the editor: no echo, no line buffering, no signal keys, no flow control."""
-    new = [list(a) if isinstance(a, list) else a for a in attrs]
+    new: list = [list(a) if isinstance(a, list) else a for a in attrs]
     new[0] &= ~(termios.ICRNL | termios.INLCR | termios.IGNCR | termios.IXON)
     new[3] &= ~(termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)
     new[6][termios.VMIN] = 1
@@ -1258,7 +1258,7 @@ class TtyScreen(Output):
             data = b""
         if not data:
             return [], True
-        events = []
+        events: list[Submit | Key] = []
         for event in self.editor.feed(data):
             if event is Key.SUSPEND:
                 self.suspend()

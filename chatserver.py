@@ -48,6 +48,7 @@ import hashpool
 import passwords
 import state
 import storage
+import tlslayer
 from connection import PACE_STALL, Connection, Lifecycle
 from protocol import ByeReason, Error, bye, fatal
 
@@ -88,10 +89,16 @@ class ChatServer:
         except BaseException:
             self.listener.close()
             raise
+        try:   # section 0: TLS on the same port, with a certificate holding the server key
+            self.tls = tlslayer.TLSPolicy(tlslayer.server_context(args.data, self.keys), args.require_tls)
+        except BaseException:
+            self.store.close()
+            self.listener.close()
+            raise
         self.room = state.make_room(self.keys, node=self.store.node, frame_limit=args.frame_limit,
                                     login_timeout=args.login_timeout, register_rate=args.register_rate,
                                     login_delay_cap=args.login_delay_cap, guess_limit=args.guess_limit,
-                                    bm_rate=args.bm_rate, bm_burst=args.bm_burst)
+                                    bm_rate=args.bm_rate, bm_burst=args.bm_burst, accept_pm1=args.accept_pm1)
         for event in self.store.events():   # e.g. who is online on the other nodes
             self.room.cluster_event(event)
         self.conns: dict[int, Connection] = {}
@@ -137,8 +144,8 @@ class ChatServer:
         signal.set_wakeup_fd(self.waker_w.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
-        log.info("listening on %s (data in %s, server key %s)", self.address, self.args.data,
-                 self.keys.fingerprint)
+        log.info("listening on %s (data in %s, server key %s; TLS %s)", self.address, self.args.data,
+                 self.keys.fingerprint, "required" if self.args.require_tls else "or plain")
         while not self.stopping:
             self.run_once(self._timeout())
         self._shutdown()
@@ -240,7 +247,7 @@ class ChatServer:
                 if hasattr(socket, opt):
                     sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
             conn = Connection(next(self.cids), sock, ip, self, frame_limit=self.args.frame_limit,
-                              send_cap=self.args.send_queue, burst=self.args.flood_burst)
+                              send_cap=self.args.send_queue, burst=self.args.flood_burst, tls=self.tls)
             self.conns[conn.cid] = conn
             self.per_ip[ip] += 1
             log.debug("connection %d from %s", conn.cid, ip)
@@ -498,6 +505,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis", metavar="URL", default=None,
                         help="run as one node of several sharing a Redis (redis://HOST:PORT[/DB]): accounts, "
                         "history, presence and messages go through it; default: the data directory alone")
+    parser.add_argument("--require-tls", action="store_true",
+                        help="refuse plain connections (ERROR tls_required); default: TLS and plain on one port")
+    parser.add_argument("--accept-pm1", action=argparse.BooleanOptionalAction, default=True,
+                        help="transitional: also accept version-1 PM SENDs (no id, replayable) from clients not "
+                        "yet on PM2 (default: on; --no-accept-pm1 refuses them with bad_request)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log detail (default: %(default)s)")
     limits = parser.add_argument_group("limits")
@@ -561,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_clients = max(16, fd_limit - args.history_files - 64)
     try:
         server = ChatServer(args)
-    except storage.StorageError as exc:
+    except (storage.StorageError, tlslayer.TLSError) as exc:
         print(f"chatserver.py: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -19,6 +19,13 @@ a socket with unread input makes the kernel send a reset, which can destroy
 the last frame still unread at the peer). ``abort``: now. ``Lifecycle`` is the
 one state of all that. The connection tells its owner, the server, what it
 needs through ``ConnectionOwner``.
+
+TLS (section 0): the first ``recv`` decides. If its first byte starts a TLS
+handshake, the connection gets a ``tlslayer.TLSLayer`` and from then on reads
+go through it (``_through_tls``) and flushes encrypt (``_flush_tls``); a plain
+connection pays one attribute check per read and per flush. With
+``--require-tls`` a plain first byte is refused like a framing error, with
+``tls_required``.
 """
 
 from __future__ import annotations
@@ -28,11 +35,13 @@ import enum
 import logging
 import selectors
 import socket
+import ssl
 import time
 from typing import Protocol
 
 import framing
-from protocol import ByeReason, Error, bye, fatal
+from protocol import TLS_HANDSHAKE_BYTE, ByeReason, Error, bye, fatal
+from tlslayer import TLSLayer, TLSPolicy
 
 log = logging.getLogger("chat.server")
 
@@ -87,10 +96,10 @@ class Connection:
 
     __slots__ = ("cid", "sock", "address", "owner", "send_cap", "decoder", "out", "head",
                  "out_size", "events", "lifecycle", "closed", "ending", "fatal", "close_by", "user", "tokens",
-                 "tokens_at", "seen", "paced", "paced_other", "progress_at")
+                 "tokens_at", "seen", "paced", "paced_other", "progress_at", "tls", "sniff")
 
     def __init__(self, cid: int, sock: socket.socket, address: str, owner: ConnectionOwner, *,
-                 frame_limit: int, send_cap: int, burst: float) -> None:
+                 frame_limit: int, send_cap: int, burst: float, tls: TLSPolicy | None = None) -> None:
         self.cid = cid
         self.sock = sock
         self.address = address
@@ -114,6 +123,8 @@ class Connection:
         self.seen = (0, 0)        # (broadcast run, how many of its frames this connection has been given)
         self.tokens = burst       # the flood limit's bucket (the server's policy)
         self.tokens_at = time.time()
+        self.tls: TLSLayer | None = None     # set when the first byte starts TLS
+        self.sniff = tls                      # until the first byte is read: what it may start
         self._set_events(selectors.EVENT_READ)
 
     def _become(self, lifecycle: Lifecycle) -> None:
@@ -160,6 +171,10 @@ class Connection:
             return
         if self.lifecycle is not Lifecycle.OPEN:
             return   # lingering (or refused): read only to be dropped
+        if self.tls is not None or self.sniff is not None:
+            data = self._through_tls(data)
+            if not data:
+                return
         self.decoder.append(data)
         self.owner.on_input(self)
 
@@ -176,6 +191,40 @@ class Connection:
             self._become(Lifecycle.REFUSED)
             self.pause_reading()
             return None
+
+    def _refuse_input(self, error: bytes) -> None:
+        """Read nothing more; the replies owed go out, then this ERROR, then the connection closes."""
+        self.fatal = error
+        self._become(Lifecycle.REFUSED)
+        self.pause_reading()
+        self.owner.on_input(self)
+
+    def _through_tls(self, data: bytes) -> bytes:
+        """Bytes read -> the plaintext for the decoder (b"": nothing for it now)."""
+        policy = self.sniff
+        if policy is not None:   # the first bytes: TLS, or plain (section 0)
+            self.sniff = None
+            if data[0] != TLS_HANDSHAKE_BYTE:
+                if policy.require:
+                    log.info("connection %d: plain connection refused (--require-tls)", self.cid)
+                    self._refuse_input(fatal(Error.TLS_REQUIRED, "this server accepts TLS connections only"))
+                    return b""
+                return data
+            self.tls = policy.layer()
+        tls = self.tls
+        assert tls is not None
+        try:
+            plaintext = tls.receive(data)
+        except ssl.SSLError as exc:
+            log.info("connection %d: TLS failed: %s", self.cid, exc.reason or exc)
+            self.abort()
+            return b""
+        if tls.pending:
+            self.owner.on_output(self)   # the handshake's answer, or a session ticket
+        if plaintext is None:   # close_notify: the peer is done, as at the end of a plain stream
+            self.abort()
+            return b""
+        return plaintext
 
     # --- writing ------------------------------------------------------------------------
     def queue(self, data: bytes) -> None:
@@ -236,6 +285,9 @@ class Connection:
         """Send what is queued with one send; keep the rest and wait for EVENT_WRITE."""
         if self.paced is not None and self._refill():
             self.owner.on_input(self)   # the requests held behind the CH go on
+        if self.tls is not None:
+            self._flush_tls(self.tls)
+            return
         out = self.out
         if out:
             if len(out) == 1:
@@ -276,6 +328,45 @@ class Connection:
         elif self.lifecycle is not Lifecycle.LINGERING:
             self._set_events(self.events & ~selectors.EVENT_WRITE)
 
+    def _flush_tls(self, tls: TLSLayer) -> None:
+        """``flush`` through TLS: the queued frames are encrypted whole, then sent as far as they go."""
+        out = self.out
+        records = b""
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            self.head = 0
+            if tls.ready:
+                records = tls.encrypt(data)
+            # else: before the handshake ends the only frame can be a BYE (idle, shutdown):
+            # dropped, so the connection closes without a frame (section 0).
+        pending = tls.pending
+        if self.lifecycle is Lifecycle.CLOSING:
+            pending += records
+            records = b""
+            tls.goodbye()
+        if records or pending:
+            chunk = records or pending   # records only when nothing older waits (TLSLayer.encrypt)
+            try:
+                sent = self.sock.send(chunk)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.abort()
+                return
+            if records:
+                if sent < len(records):
+                    pending += memoryview(records)[sent:]
+            else:
+                del pending[:sent]
+        self.out_size = len(pending)
+        if pending:
+            self._set_events(self.events | selectors.EVENT_WRITE)
+        elif self.lifecycle is Lifecycle.CLOSING:
+            self._linger()
+        elif self.lifecycle is not Lifecycle.LINGERING:
+            self._set_events(self.events & ~selectors.EVENT_WRITE)
+
     # --- ending -------------------------------------------------------------------------
     def close_when_flushed(self) -> None:
         """Stop reading, send what is queued, then shut the write side and linger."""
@@ -285,7 +376,9 @@ class Connection:
         self.close_by = time.time() + FLUSH_GRACE
         self.owner.on_closing(self)
         self.pause_reading()
-        if not self.out and self.paced is None:
+        if self.tls is not None:
+            self.owner.on_output(self)   # close_notify and any ciphertext left go first (_flush_tls)
+        elif not self.out and self.paced is None:
             self._linger()
 
     def _linger(self) -> None:

@@ -388,8 +388,28 @@ def _fernet_token(part: bytes) -> bytes:
 
 
 def pm_signed_bytes(sender: str, receiver: str, ciphertext: str) -> bytes:
-    """The bytes a PM signature covers (docs/PROTOCOL.md section 4.5)."""
+    """The bytes a version-1 PM signature covers (no id, no time: replayable; kept for old clients)."""
     return ("PM1\n" + sender + "\n" + receiver + "\n" + ciphertext).encode("utf-8")
+
+
+def sealed_digest(sealed: str) -> str:
+    """``hex(SHA-256(x))`` of a sealed text's ASCII, as PM2 signs it (docs/PROTOCOL.md section 4.5).
+
+    Raises:
+        UnicodeEncodeError: the text is not ASCII (so it is not a sealed text).
+    """
+    return hashlib.sha256(sealed.encode("ascii")).hexdigest()
+
+
+def pm2_signed_bytes(pm_id: str, sent: str, sender: str, receiver: str, ciphertext_sha256: str,
+                     self_copy_sha256: str) -> bytes:
+    """The bytes a PM2 signature covers (docs/PROTOCOL.md section 4.5).
+
+    The digests are ``sealed_digest`` of ``ciphertext`` and ``self_copy``: a
+    receiver holds only one of the two sealed texts, and the digest of the other.
+    """
+    return ("PM2\n" + pm_id + "\n" + sent + "\n" + sender + "\n" + receiver + "\n"
+            + ciphertext_sha256 + "\n" + self_copy_sha256).encode("utf-8")
 
 
 def write_private_file(path: str, data: bytes) -> None:

@@ -10,12 +10,16 @@ their words and numbers from here, so none of them repeats a limit or a code.
 
 from __future__ import annotations
 
+import calendar
 import enum
 import re
 import time
 
 import framing
 
+# The version of docs/PROTOCOL.md this server speaks; the LOGIN reply says it
+# (section 4.1), so a client knows PMs must carry id and sent.
+PROTOCOL_VERSION = 2
 
 
 class Op(str, enum.Enum):
@@ -97,6 +101,20 @@ USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 USERNAME_RULE = "1-32 letters, digits, '_', '.' or '-', starting with a letter or digit"
 # The frame limit a server uses unless told otherwise (section 1).
 DEFAULT_FRAME_LIMIT = framing.DEFAULT_FRAME_LIMIT
+# Section 0: a TLS connection starts with a handshake record, content type 22;
+# no plain frame starts so (its kind byte is C or D).
+TLS_HANDSHAKE_BYTE = 0x16
+# PM2 (section 4.5): 128 random bits make an id that no two PMs share by chance.
+PM_ID_BYTES = 16
+# PM2: how far a PM's ``sent`` may be from the server's (and receiver's) clock,
+# in seconds: wide enough for unsynchronised clocks, short enough that the ids
+# of the window can be remembered to refuse a replay.
+PM_CLOCK_WINDOW = 600.0
+# PM2: ids remembered per sender. A sender past it loses its oldest id, and its
+# PMs sent no later than that one are refused from then on (a replay of a
+# forgotten id is then still caught); 256 is far more PMs than a person sends in
+# ten minutes, and about 40 KB per busy sender.
+PM_IDS_PER_SENDER = 256
 
 
 def valid_username(name: object) -> bool:
@@ -140,6 +158,22 @@ def timestamp(now: float) -> str:
         _ts_cache[0] = second
         _ts_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     return f"{_ts_cache[1]}.{int((now - second) * 1000):03d}Z"
+
+
+# ASCII digits only: \d would take any Unicode digit (int() reads "２０２６").
+_TS_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{3})Z\Z")
+
+
+def parse_timestamp(text: object) -> float | None:
+    """The time a ``ts``-format text names (``timestamp``'s inverse), or None if it is not one."""
+    match = _TS_RE.match(text) if isinstance(text, str) else None
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, millis = (int(part) for part in match.groups())
+    if not (year >= 1 and 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1] and hour < 24
+            and minute < 60 and second < 60):
+        return None
+    return calendar.timegm((year, month, day, hour, minute, second)) + millis / 1000
 
 
 # --- reply frames (server side) -----------------------------------------------

@@ -55,10 +55,11 @@ from typing import Callable, NamedTuple, cast
 
 import framing
 import pg3lib
+import pmguard
 import store
 from passwords import OK, Account, LoginResult
-from protocol import (MAX_ATTEMPTS, MAX_SEALED_PASSWORD_CHARS, NONCE_BYTES, USERNAME_RULE, ByeReason, Error, Op,
-                      bye, fail, ok, text_problem, timestamp, valid_username)
+from protocol import (MAX_ATTEMPTS, MAX_SEALED_PASSWORD_CHARS, NONCE_BYTES, PROTOCOL_VERSION, USERNAME_RULE, ByeReason,
+                      Error, Op, bye, fail, ok, text_problem, timestamp, valid_username)
 
 # Replies one connection may have waiting on the store; past it, its further
 # requests wait (memory per connection stays bounded however much it pipelines).
@@ -419,7 +420,7 @@ class Room:
     def __init__(self, server_keys: pg3lib.KeyPair, *, frame_limit: int = framing.DEFAULT_FRAME_LIMIT,
                  login_timeout: float = 30.0, register_rate: int = 100, login_delay_cap: float = 60.0,
                  guess_limit: int = GUESS_LIMIT, bm_rate: float = BM_RATE, bm_burst: float = BM_BURST,
-                 clock: Callable[[], float] = time.time,
+                 accept_pm1: bool = True, clock: Callable[[], float] = time.time,
                  random_bytes: Callable[[int], bytes] = os.urandom) -> None:
         self.server_keys = server_keys
         self.server_key_form = server_keys.public.key_form
@@ -436,6 +437,11 @@ class Room:
         self.logged_in: dict[str, Session] = {}    # after PASSWORD: key -> session
         self._deadlines: list[tuple[float, int]] = []
         self._held: list[tuple[float, int]] = []   # (until, cid): attempts waiting out a failed-login delay
+        # PMs (section 4.5): version 1 (no id) accepted while clients move to PM2 (--accept-pm1).
+        self.accept_pm1 = accept_pm1
+        self.pm_ids = pmguard.UsedIds()
+        # A CH page with no entries: what every history entry must fit beside (its size is the page's overhead).
+        self._page_overhead = len(history_pages([], frame_limit)[0])
 
     @property
     def login_delay_cap(self) -> float:
@@ -532,6 +538,7 @@ class Room:
         """Timers: held password checks whose delay is over; connections that did not
         finish logging in in time (BYE idle)."""
         out: Effects = []
+        self.pm_ids.sweep(now)
         while self._held and self._held[0][0] <= now:
             _, cid = heapq.heappop(self._held)
             session = self.sessions.get(cid)
@@ -764,7 +771,7 @@ class Room:
         session.nonce = self.random_bytes(NONCE_BYTES)
         self._reply(session, ok(Op.LOGIN, new_user=account is None, server_key=self.server_key_form,
                                 fingerprint=self.server_keys.fingerprint,
-                                nonce=base64.b64encode(session.nonce).decode("ascii")), out)
+                                nonce=base64.b64encode(session.nonce).decode("ascii"), protocol=PROTOCOL_VERSION), out)
 
     # --- AWAIT_PASSWORD ----------------------------------------------------------
     def _password(self, session: Session, body: dict, out: Effects) -> Ask:
@@ -941,22 +948,66 @@ class Room:
         if not (isinstance(ciphertext, str) and isinstance(self_copy, str) and isinstance(signature, str)
                 and ciphertext and self_copy):
             raise Malformed("a private message needs string 'ciphertext', 'self_copy' and 'signature'")
+        if "id" not in body and not self.accept_pm1:
+            raise Malformed(f"a private message needs 'id' and 'sent' (protocol version {PROTOCOL_VERSION})")
         target = session.target
         if target is None or self._find_online(target.key) is not target:
             raise Refused(Error.NOT_ONLINE, "the recipient is not online any more")
-        signed = pg3lib.pm_signed_bytes(session.username, target.username, ciphertext)
-        if not session.public_key.verify(signed, signature):
-            raise Refused(Error.BAD_REQUEST, "the signature does not verify with your public key")
         ts = timestamp(self.clock())
         entry = {"ts": ts, "type": "PM", "from": session.username, "to": target.username}
+        if "id" in body:
+            signed, pm_id, sent_at = self._pm2_checked(session, target, body, ciphertext, self_copy, signature)
+            entry.update(signed)
+            frame_fields = {"id": signed["id"], "sent": signed["sent"], "ciphertext": ciphertext,
+                            "self_copy_sha256": signed["self_copy_sha256"]}
+        else:   # version 1, transitional (--accept-pm1): signed without id or time, so replayable
+            pm_id, sent_at = "", 0.0
+            if not session.public_key.verify(pg3lib.pm_signed_bytes(session.username, target.username, ciphertext),
+                                             signature):
+                raise Refused(Error.BAD_REQUEST, "the signature does not verify with your public key")
+            frame_fields = {"ciphertext": ciphertext}
         lines = [((session.username,), json_line({**entry, "ciphertext": self_copy})),
                  ((target.username,), json_line({**entry, "ciphertext": ciphertext}))]
-        frame = framing.data({"op": Op.PM, "from": session.username, "to": target.username,
-                              "ciphertext": ciphertext, "signature": signature,
-                              "sender_key": session.public_key.key_form, "ts": ts})
+        frame = framing.data({"op": Op.PM, "from": session.username, "to": target.username, **frame_fields,
+                              "signature": signature, "sender_key": session.public_key.key_form, "ts": ts})
+        if self.frame_limit and (len(frame) - framing.HEADER_SIZE > self.frame_limit
+                                 or any(len(line) + self._page_overhead > self.frame_limit for _, line in lines)):
+            raise Refused(Error.BAD_REQUEST, "this private message is too long to relay in one frame")
+        if pm_id:
+            problem = self.pm_ids.use(session.key, pm_id, sent_at, self.clock())   # last: only a PM that goes
+            if problem:
+                raise Refused(Error.BAD_REQUEST, problem)
         request = self._pm_request(session, target,
                                    store.AppendHistory(session.cid, lines, session.username, "PM", frame, target.key))
         return Ask(request, lambda s, result, o: self._pm_stored(s, target, frame, result, o), barrier=False)
+
+    def _pm2_checked(self, session: Session, target, body: dict, ciphertext: str, self_copy: str,
+                     signature: str) -> tuple[dict, str, float]:
+        """A PM2 SEND's id, time and signature checked (section 4.5): the signed members for
+        history, the id, and the time ``sent`` names.
+
+        Raises:
+            Refused: bad_request, naming the first problem found.
+        """
+        pm_id, sent = body.get("id"), body.get("sent")
+        if not isinstance(pm_id, str) or not isinstance(sent, str):
+            raise Malformed("a private message needs string 'id' and 'sent'")
+        problem = pmguard.id_problem(pm_id)
+        if problem:
+            raise Refused(Error.BAD_REQUEST, problem)
+        try:
+            sent_at = pmguard.sent_time(sent, self.clock())
+            ciphertext_sha256, self_copy_sha256 = pg3lib.sealed_digest(ciphertext), pg3lib.sealed_digest(self_copy)
+        except ValueError as exc:   # UnicodeEncodeError too: a sealed text is ASCII
+            raise Refused(Error.BAD_REQUEST, str(exc) if not isinstance(exc, UnicodeError)
+                          else "sealed texts are ASCII") from None
+        signed = pg3lib.pm2_signed_bytes(pm_id, sent, session.username, target.username, ciphertext_sha256,
+                                         self_copy_sha256)
+        if not session.public_key.verify(signed, signature):
+            raise Refused(Error.BAD_REQUEST, "the signature does not verify with your public key "
+                                             "(PM2: id, sent, from, to and the digests of both sealed texts)")
+        return ({"id": pm_id, "sent": sent, "signature": signature, "ciphertext_sha256": ciphertext_sha256,
+                 "self_copy_sha256": self_copy_sha256}, pm_id, sent_at)
 
 
 def _key_of(target: Session | store.RemoteUser) -> tuple[str, str]:

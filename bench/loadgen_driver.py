@@ -7,6 +7,13 @@ writes, and reads that either walk frames (replies checked by their first bytes,
 bodies decoded only when needed) or, once a receiver is logged in, only count BM
 bodies in the raw byte stream. Also the bounded waits (``--stall``,
 ``--deadline``), the progress notes, and the CPU marks around a measured phase.
+
+With ``--tls`` (fanout) every connection is TLS (docs/PROTOCOL.md section 0):
+the TCP connect and the handshake are made blocking, with a deadline, when the
+connection is opened (simple, and outside every measured phase); from then on
+the socket is a non-blocking ``ssl.SSLSocket`` in the same loop, whose reads
+drain what the TLS object holds (``pending()``). Each certificate's key is
+checked against LOGIN's ``server_key`` (the pin check of section 9).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import random
 import resource
 import selectors
 import socket
+import ssl
 import string
 import sys
 import time
@@ -29,6 +37,7 @@ from typing import Callable
 import framing
 import pg3lib
 import protocol
+import x509
 from loadgen_errors import BenchError
 from loadgen_procs import StartedRoom
 from loadgen_stats import ServerStats, self_cpu_s
@@ -37,7 +46,19 @@ from protocol import Op
 EV_R = selectors.EVENT_READ
 EV_W = selectors.EVENT_WRITE
 READ_SIZE = 65536
+TLS_CONNECT_S = 10.0   # seconds a TLS connect and handshake may take
+# What a non-blocking socket raises when it cannot go on now (SSLSocket adds its two).
+WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 now_ns = time.perf_counter_ns
+
+
+def tls_client_context() -> ssl.SSLContext:
+    """TLS 1.2+ to a self-signed server: no CA check; the certificate's key is compared with LOGIN's instead."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def body_start(op: Op) -> bytes:
@@ -82,7 +103,7 @@ class Conn:
 
     __slots__ = ("idx", "name", "password", "target", "sock", "rbuf", "wbuf", "wmask", "state", "counting",
                  "tail", "on_c", "on_bm", "on_d", "after", "username", "sent", "confirmed", "cur", "t_mark",
-                 "expendable")
+                 "expendable", "cert_key")
 
     def __init__(self, idx: int, name: str, password: str, target: tuple) -> None:
         self.idx = idx
@@ -106,6 +127,7 @@ class Conn:
         self.cur = None
         self.t_mark = 0
         self.expendable = False       # its server is killed on purpose: losing it is no failure
+        self.cert_key = ""            # TLS: the fingerprint of the key the certificate holds
 
 
 class Bench:
@@ -137,6 +159,7 @@ class Bench:
         self.rx_bytes = 0
         self.t_rx = 0
         self.key_cache: dict = {}
+        self.tls = tls_client_context() if getattr(args, "tls", False) else None
         self.phase = "setup"
         self.last_report = time.monotonic()
 
@@ -167,9 +190,15 @@ class Bench:
                 raise BenchError(f"out of file descriptors after {self.open_conns} connections "
                                  f"(open-file limit {soft}): cannot reach the users asked for") from None
             raise
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = sock.connect_ex(sockaddr)
+        if self.tls is not None:
+            sock = self._tls_connect(c, sock)
+            if sock is None:
+                return
+            err = 0
+        else:
+            sock.setblocking(False)
+            err = sock.connect_ex(sockaddr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             c.state = DEAD
@@ -189,6 +218,25 @@ class Bench:
         c.wmask = True
         self.pending_login += 1
 
+    def _tls_connect(self, c: Conn, sock: socket.socket) -> socket.socket | None:
+        """Connect and handshake (blocking, bounded); the TLS socket, non-blocking, or None if it failed."""
+        assert self.tls is not None
+        sock.settimeout(TLS_CONNECT_S)
+        try:
+            sock.connect(c.target[1])
+            tls = self.tls.wrap_socket(sock)
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            c.cert_key = x509.certificate_key(der).fingerprint
+        except (OSError, x509.CertificateError, pg3lib.InvalidKey) as exc:
+            sock.close()
+            c.state = DEAD
+            self.login_failed += 1
+            self.failures[f"TLS connect: {exc}"] += 1
+            return None
+        tls.setblocking(False)
+        return tls
+
     def send(self, c: Conn, data: bytes) -> None:
         if c.state == DEAD:
             return
@@ -197,7 +245,7 @@ class Bench:
             return
         try:
             n = c.sock.send(data)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             n = 0
         except OSError as exc:
             self.lost(c, "send: " + (exc.strerror or str(exc)))
@@ -212,7 +260,7 @@ class Bench:
         if c.wbuf:
             try:
                 n = c.sock.send(c.wbuf)
-            except (BlockingIOError, InterruptedError):
+            except WOULD_BLOCK:
                 return
             except OSError as exc:
                 self.lost(c, "send: " + (exc.strerror or str(exc)))
@@ -255,6 +303,7 @@ class Bench:
     # --- reading ----------------------------------------------------------------------
     def poll(self, timeout: float) -> int:
         events = self.sel.select(timeout)
+        tls = self.tls is not None
         for key, mask in events:
             c = key.data
             if mask & EV_W:
@@ -263,7 +312,9 @@ class Bench:
                 continue
             try:
                 data = c.sock.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError):
+                if tls and c.sock.pending():   # decrypted, held in the TLS object: select would not say
+                    data += c.sock.recv(c.sock.pending())
+            except WOULD_BLOCK:
                 continue
             except OSError as exc:
                 self.lost(c, "recv: " + (exc.strerror or str(exc)))
@@ -372,6 +423,9 @@ class Bench:
             return
         if c.state == LOGIN_SENT and op == Op.LOGIN:
             key = self.public_key(msg["server_key"])
+            if c.cert_key and c.cert_key != key.fingerprint:
+                self.lost(c, "the TLS certificate's key is not LOGIN's server_key")
+                return
             nonce = base64.b64decode(msg["nonce"])
             sealed = key.seal(nonce + c.password.encode("utf-8")).decode("ascii")
             c.state = PASSWORD_SENT

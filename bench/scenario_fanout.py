@@ -39,10 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(e.g. -n 2000 -k 1 -m 30 -w 1: one BM at a time to 2,000 users)")
     p.add_argument("--ngircd-bench", default=NGIRCD_BENCH, metavar="PATH",
                    help="the kit (default: %(default)s)")
+    p.add_argument("--tls", action="store_true",
+                   help="every user connects with TLS (docs/PROTOCOL.md section 0), the pinned key checked")
 
 
-NGIRCD_BENCH = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
-                                             "anchors", "ngircd-bench"))
+NGIRCD_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ngircd-bench")   # the kit, copied here
 
 
 def users_needed(a: argparse.Namespace) -> int:
@@ -183,7 +184,8 @@ class Fanout:
         delivered = bench.bm_delivered
         k, m = a.senders, a.messages
         result = {
-            "users": a.users, "senders": k, "msgs_per_sender": m, "window": a.window, "msg_text_chars": a.size,
+            "tls": bool(a.tls), "users": a.users, "senders": k, "msgs_per_sender": m, "window": a.window,
+            "msg_text_chars": a.size,
             "expected_deliveries": self.expected, "deliveries": delivered, "confirmed": self.confirmed,
             "complete": delivered >= self.expected and self.confirmed >= k * m,
             "dropped_users": bench.dropped,
@@ -204,8 +206,8 @@ class Fanout:
 
 
 def table_rows(f: dict) -> list:
-    rows = [("workload", f"{f['users']} users, {f['senders']} senders x {f['msgs_per_sender']} BMs, "
-                         f"window {f['window']}, {f['msg_text_chars']}-char texts"),
+    rows = [("workload", f"{f['users']} users{' on TLS' if f.get('tls') else ''}, {f['senders']} senders x "
+                         f"{f['msgs_per_sender']} BMs, window {f['window']}, {f['msg_text_chars']}-char texts"),
             ("deliveries", f"{value_text(f['deliveries'])} of {value_text(f['expected_deliveries'])} "
                            f"in {f['seconds']} s"),
             ("deliveries/s", value_text(f["deliveries_per_s"])),

@@ -11,6 +11,8 @@ on different ones (the cross-node PM) unless ``--same-node``.
 from __future__ import annotations
 
 import argparse
+import base64
+import os
 import time
 
 import framing
@@ -20,7 +22,7 @@ from loadgen_errors import BenchError
 from loadgen_options import nonnegative, positive
 from loadgen_report import core_text, latency_text, node_cpu_text, redis_rows, value_text
 from loadgen_stats import lat_summary, per
-from protocol import Op
+from protocol import PM_ID_BYTES, Op, timestamp
 
 HELP = "one pair ping-pongs private messages"
 
@@ -87,9 +89,13 @@ class PingPong:
         key = bench.public_key(msg["public_key"])
         ciphertext = key.seal(text).decode("ascii")
         self_copy = bench.keys.public.seal(text).decode("ascii")
-        signature = bench.keys.sign(pg3lib.pm_signed_bytes(c.username, msg["username"], ciphertext))
-        frame = framing.command({"op": Op.SEND, "ciphertext": ciphertext, "self_copy": self_copy,
-                                 "signature": signature})
+        pm_id = base64.b64encode(os.urandom(PM_ID_BYTES)).decode("ascii")
+        sent = timestamp(time.time())
+        signature = bench.keys.sign(pg3lib.pm2_signed_bytes(pm_id, sent, c.username, msg["username"],
+                                                            pg3lib.sealed_digest(ciphertext),
+                                                            pg3lib.sealed_digest(self_copy)))
+        frame = framing.command({"op": Op.SEND, "id": pm_id, "sent": sent, "ciphertext": ciphertext,
+                                 "self_copy": self_copy, "signature": signature})
         self.t2, self.t3 = t2, now_ns()
         bench.send(c, frame)
 
@@ -103,8 +109,9 @@ class PingPong:
         if msg.get("to") != c.username:
             raise BenchError(f"{c.username} got a PM addressed to {msg.get('to')!r}")
         sender_key = bench.public_key(msg["sender_key"])
-        if not sender_key.verify(pg3lib.pm_signed_bytes(msg["from"], c.username, msg["ciphertext"]),
-                                 msg["signature"]):
+        signed = pg3lib.pm2_signed_bytes(msg["id"], msg["sent"], msg["from"], c.username,
+                                         pg3lib.sealed_digest(msg["ciphertext"]), msg["self_copy_sha256"])
+        if not sender_key.verify(signed, msg["signature"]):
             raise BenchError("a PM signature did not verify at the receiver")
         text = bench.keys.open(msg["ciphertext"]).decode("utf-8")
         if not text.startswith(f"P {self.n} "):

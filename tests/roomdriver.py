@@ -281,12 +281,30 @@ def seal_password(server_key: str, nonce: bytes | str, password: str | bytes) ->
     return pg3lib.PublicKey.from_key_form(server_key).seal(nonce + password).decode("ascii")
 
 
-def pm_body(sender_keys: pg3lib.KeyPair, sender: str, receiver: str, receiver_key: str, text: str) -> dict:
-    """A PM SEND body: text sealed for the receiver and for the sender, signed by the sender."""
+def pm_body(sender_keys: pg3lib.KeyPair, sender: str, receiver: str, receiver_key: str, text: str, *,
+            now: float | None = None, pm_id: str | None = None, version: int = 2) -> dict:
+    """A PM SEND body: text sealed for the receiver and for the sender, signed by the sender.
+
+    Version 2 (section 4.5): a random id (or pm_id) and ``sent`` at now (default: a
+    ``FakeClock``'s start), signed with ``pg3lib.pm2_signed_bytes``; version 1: the
+    transitional PM1 body (no id), signed over the ciphertext alone.
+    """
     ciphertext = pg3lib.PublicKey.from_key_form(receiver_key).seal(text.encode("utf-8")).decode("ascii")
     self_copy = sender_keys.public.seal(text.encode("utf-8")).decode("ascii")
-    signature = sender_keys.sign(pg3lib.pm_signed_bytes(sender, receiver, ciphertext))
-    return {"op": "SEND", "ciphertext": ciphertext, "self_copy": self_copy, "signature": signature}
+    if version == 1:
+        signature = sender_keys.sign(pg3lib.pm_signed_bytes(sender, receiver, ciphertext))
+        return {"op": "SEND", "ciphertext": ciphertext, "self_copy": self_copy, "signature": signature}
+    pm_id = base64.b64encode(os.urandom(protocol.PM_ID_BYTES)).decode("ascii") if pm_id is None else pm_id
+    sent = protocol.timestamp(FakeClock().now if now is None else now)
+    return {"op": "SEND", "id": pm_id, "sent": sent, "ciphertext": ciphertext, "self_copy": self_copy,
+            "signature": sign_pm2(sender_keys, pm_id, sent, sender, receiver, ciphertext, self_copy)}
+
+
+def sign_pm2(sender_keys: pg3lib.KeyPair, pm_id: str, sent: str, sender: str, receiver: str, ciphertext: str,
+             self_copy: str) -> str:
+    """The PM2 signature over these members (docs/PROTOCOL.md section 4.5)."""
+    return sender_keys.sign(pg3lib.pm2_signed_bytes(pm_id, sent, sender, receiver, pg3lib.sealed_digest(ciphertext),
+                                                    pg3lib.sealed_digest(self_copy)))
 
 
 def log_in(driver: RoomDriver, cid: int, username: str, password: str, keys: pg3lib.KeyPair) -> list[dict]:

@@ -25,7 +25,7 @@ import passwords
 import pg3lib
 import storage
 from serverproc import SERVER, ServerProcess
-from wire import WireClient
+from wire import WireClient, pm2_send
 
 PASSWORD = "correct horse"
 
@@ -51,8 +51,7 @@ def sealed_pm(c: WireClient, target: str, text: str) -> tuple[dict, str, str]:
     their_key = pg3lib.PublicKey.from_key_form(reply["public_key"])
     ciphertext = their_key.seal(text.encode()).decode("ascii")
     self_copy = c.keys.public.seal(text.encode()).decode("ascii")
-    signature = c.keys.sign(pg3lib.pm_signed_bytes(c.username, reply["username"], ciphertext))
-    reply = c.request({"op": "SEND", "ciphertext": ciphertext, "self_copy": self_copy, "signature": signature})
+    reply = c.request(pm2_send(c.keys, c.username, reply["username"], ciphertext, self_copy))
     return reply, ciphertext, self_copy
 
 

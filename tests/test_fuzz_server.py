@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import framing
+import protocol
 from conftest import key_pair
 from serverproc import ServerProcess
 from wire import WireClient
@@ -81,6 +82,7 @@ raw_bytes = st.one_of(
     st.builds(lambda kind, length, rest: kind + length.to_bytes(4, "big") + rest,
               st.sampled_from([b"C", b"D"]), st.integers(0, 2 ** 32 - 1), st.binary(max_size=100)),
     st.builds(lambda text: _headed(b"C", text.encode("utf-8", "surrogatepass")), st.text(max_size=200)),
+    st.builds(lambda rest: b"\x16" + rest, st.binary(max_size=300)),   # the start of TLS, and junk (section 0)
 )
 
 
@@ -106,7 +108,8 @@ def test_arbitrary_bytes(live, prefix_logged_in, chunks):
 # --- arbitrary well-framed requests ---------------------------------------------------------------
 
 OPS = ["LOGIN", "PASSWORD", "KEY", "BM", "PM", "TARGET", "SEND", "CH", "EX", "CANCEL", "ERROR", "BYE"]
-MEMBERS = ["username", "ciphertext", "public_key", "text", "limit", "self_copy", "signature", "ok", "op"]
+MEMBERS = ["username", "ciphertext", "public_key", "text", "limit", "self_copy", "signature", "id", "sent", "ok",
+           "op"]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70)
@@ -116,7 +119,8 @@ json_values = st.recursive(
 
 member_values = st.one_of(
     json_values,
-    st.sampled_from(["Check.Sender", "check.receiver", "fuzz", "", " ", "x" * 4097, "a;b", "Zm9v"]),
+    st.sampled_from(["Check.Sender", "check.receiver", "fuzz", "", " ", "x" * 4097, "a;b", "Zm9v",
+                     "AAAAAAAAAAAAAAAAAAAAAA==", protocol.timestamp(time.time()), "2026-02-30T00:00:00.000Z"]),
     st.integers(-3, 3),
 )
 

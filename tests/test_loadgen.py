@@ -52,6 +52,14 @@ def test_fanout_counts_every_delivery(probes):
     assert res["server"]["exit_status"] == 0
 
 
+def test_fanout_over_tls_counts_every_delivery():
+    res = run("fanout", "--tls", "-n", "20", "-k", "2", "-m", "5", "-w", "3", "--probes", "5")
+    f = res["fanout"]
+    assert f["tls"] is True and f["complete"] and f["dropped_users"] == 0
+    assert f["deliveries"] == f["expected_deliveries"] == 19 * 2 * 5
+    assert res["server"]["exit_status"] == 0
+
+
 def test_pm_ping_pong():
     res = run("pm", "--count", "5", "--warmup", "1")
     p = res["pm"]

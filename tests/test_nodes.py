@@ -22,7 +22,7 @@ import pytest
 import framing
 import pg3lib
 from serverproc import ServerProcess
-from wire import WireClient
+from wire import WireClient, pm2_send, verify_pm2
 
 
 PASSWORD = "correct horse"
@@ -185,9 +185,7 @@ def pm_send(client: WireClient, target: str, text: str) -> tuple[dict, str, str]
     their_key = pg3lib.PublicKey.from_key_form(reply["public_key"])
     ciphertext = their_key.seal(text.encode()).decode("ascii")
     self_copy = client.keys.public.seal(text.encode()).decode("ascii")
-    signature = client.keys.sign(pg3lib.pm_signed_bytes(client.username, reply["username"], ciphertext))
-    reply = client.request({"op": "SEND", "ciphertext": ciphertext, "self_copy": self_copy,
-                            "signature": signature})
+    reply = client.request(pm2_send(client.keys, client.username, reply["username"], ciphertext, self_copy))
     return reply, ciphertext, self_copy
 
 
@@ -257,7 +255,7 @@ def test_bm_pm_presence_and_online_list_span_both_nodes(cluster, keys):
     assert keys(1).open(message["ciphertext"]) == b"psst, Bob"
     sender = pg3lib.PublicKey.from_key_form(message["sender_key"])
     assert sender == keys(0).public
-    assert sender.verify(pg3lib.pm_signed_bytes("ann", "Bob", message["ciphertext"]), message["signature"])
+    assert verify_pm2(message, "Bob")
     assert bob.pm("ann", "hi ann") == {"op": "SEND", "ok": True, "recipients": 1}
     message = ann.wait_data("PM", timeout=5)
     assert keys(0).open(message["ciphertext"]) == b"hi ann"

@@ -23,8 +23,9 @@ import pytest
 import course_pg3lib
 import framing
 import pg3lib
+import protocol
 from serverproc import SERVER, ServerProcess, redis_mode
-from wire import WireClient
+from wire import WireClient, verify_pm2
 
 PASSWORD = "correct horse"
 FILE_STORE = not redis_mode()   # the data directory is the store: its files can be checked
@@ -54,7 +55,8 @@ def test_help_explains_every_option():
     out = subprocess.run([sys.executable, SERVER, "--help"], capture_output=True, text=True, timeout=20).stdout
     for option in ("PORT", "--host", "--data", "--login-timeout", "--max-clients", "--log-level",
                    "--frame-limit", "--send-queue", "--max-per-ip", "--flood-rate", "--flood-burst",
-                   "--scrypt-n", "--register-rate", "--login-delay-cap"):
+                   "--scrypt-n", "--register-rate", "--login-delay-cap", "--require-tls", "--accept-pm1",
+                   "--no-accept-pm1"):
         assert option in out
 
 
@@ -260,7 +262,7 @@ def test_pm_end_to_end(connect, keys):
     assert keys(1).open(message["ciphertext"]) == b"psst, bob"
     sender = pg3lib.PublicKey.from_key_form(message["sender_key"])
     assert sender == keys(0).public
-    assert sender.verify(pg3lib.pm_signed_bytes("alice", "bob", message["ciphertext"]), message["signature"])
+    assert verify_pm2(message, "bob")
 
 
 def test_pm_with_a_forged_signature_is_refused(connect, keys):
@@ -545,3 +547,234 @@ def test_server_started_twice_on_one_data_dir_keeps_accounts(tmp_path, keys):
         assert again.password(PASSWORD)["ok"]
     finally:
         second.kill()
+
+
+# --- version 2: TLS on the same port (section 0), PM2 (sections 4.5, 4.6, 5) -----------------------
+
+def online_mixed(connect, keys, *names: str, tls: tuple = ()) -> list[WireClient]:
+    """As ``online``, with the names in tls connecting over TLS."""
+    clients = []
+    for i, name in enumerate(names):
+        client = connect(tls=name in tls)
+        client.login(name, PASSWORD + name, keys(i))
+        clients.append(client)
+    for i, client in enumerate(clients):
+        for other in names[i + 1:]:
+            client.wait_data("PRESENCE", username=other, online=True)
+    return clients
+
+
+def test_tls_and_plain_clients_share_one_room(connect, keys):
+    alice, bob = online_mixed(connect, keys, "alice", "bob", tls=("alice",))
+    assert alice.sock.version() in ("TLSv1.2", "TLSv1.3") and alice.cert_key is not None
+    assert alice.bm("over TLS")["recipients"] == 1
+    assert bob.wait_data("BM")["text"] == "over TLS"
+    assert bob.bm("in plain")["recipients"] == 1
+    assert alice.wait_data("BM")["text"] == "in plain"
+    assert alice.pm("bob", "sealed, over TLS")["ok"]
+    got = bob.wait_data("PM")
+    assert keys(1).open(got["ciphertext"]) == b"sealed, over TLS" and verify_pm2(got, "bob")
+    assert bob.pm("alice", "sealed, in plain")["ok"]
+    got = alice.wait_data("PM")
+    assert keys(0).open(got["ciphertext"]) == b"sealed, in plain" and verify_pm2(got, "alice")
+    assert [e["type"] for e in alice.history()] == ["BM", "BM", "PM", "PM"]
+    assert alice.exit()["ok"] and alice.recv_until_closed() == []
+
+
+def test_login_reply_says_protocol_2_and_the_certificate_holds_its_key(connect, server):
+    client = connect(tls=True)
+    reply = client.login_start("alice")   # checks the certificate's key against server_key and fingerprint
+    assert reply["protocol"] == 2
+    assert client.cert_key == pg3lib.PublicKey.from_key_form(reply["server_key"])
+    assert client.cert_key.fingerprint == reply["fingerprint"]
+    assert connect().login_start("bob")["protocol"] == 2   # plain too
+    if FILE_STORE:
+        stored = pg3lib.KeyPair.load(os.path.join(server.data_dir, "server_key.pem"))
+        assert stored.public == client.cert_key
+    pem = open(os.path.join(server.data_dir, "server_cert.pem"), "rb").read()
+    server.restart()
+    assert open(os.path.join(server.data_dir, "server_cert.pem"), "rb").read() == pem   # made once, kept
+    assert WireClient(server.port, tls=True).cert_key == client.cert_key
+
+
+def test_require_tls_refuses_plain_at_the_first_byte(make_server, keys):
+    server = make_server("--require-tls")
+    plain = WireClient(server.port)
+    plain.send_raw(b"C")   # one byte: the refusal does not wait for the rest of a frame
+    frames = plain.recv_until_closed()
+    assert [f.kind for f in frames] == ["C"]
+    assert frames[0].body["op"] == "ERROR" and frames[0].body["error"] == "tls_required"
+    tls = WireClient(server.port, tls=True)
+    tls.login("alice", PASSWORD, keys(0))
+    assert tls.bm("only TLS here")["ok"]
+
+
+def test_server_busy_stays_a_plain_frame(make_server):
+    server = make_server("--max-clients", "1")
+    first = WireClient(server.port, tls=True)
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    decoder = framing.FrameDecoder()
+    frames: list = []
+    while not frames:   # refused before any byte is read, so in plain, whatever the client meant to speak
+        chunk = raw.recv(4096)
+        assert chunk, "closed without the ERROR"
+        frames = decoder.feed(chunk)
+    raw.close()
+    assert frames[0].body["error"] == "server_busy"
+    first.close()
+
+
+def test_tls_handshake_that_never_finishes_is_closed_at_the_login_deadline(make_server):
+    server = make_server("--login-timeout", "1")
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    raw.sendall(b"\x16\x03\x01\x02\x00\x01")   # the start of a ClientHello, and no more
+    started = time.monotonic()
+    data = b""
+    while True:
+        chunk = raw.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    waited = time.monotonic() - started
+    raw.close()
+    assert data == b"", "closed without a frame (section 0)"
+    assert 0.5 < waited < 6
+    # A TLS client that finished its handshake but not its login gets BYE idle, over TLS.
+    tls = WireClient(server.port, tls=True)
+    (frame,) = tls.recv_until_closed(timeout=6)
+    assert frame.body == {"op": "BYE", "reason": "idle"}
+
+
+def test_tls_garbage_closes_that_connection_only(connect, keys, server):
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    raw.sendall(b"\x16" + b"\xff" * 200)   # not a TLS record
+    try:
+        while raw.recv(4096):   # perhaps a TLS alert; then the close (within the socket's timeout)
+            pass
+    except ConnectionResetError:
+        pass
+    raw.close()
+    alice = connect(tls=True)
+    alice.login("alice", PASSWORD, keys(0))
+    alice.send_raw(b"X\x00\x00\x00\x02{}")   # a framing error inside TLS: answered inside TLS
+    (frame,) = alice.recv_until_closed()
+    assert frame.body["error"] == "bad_frame"
+    assert connect(tls=True).login_start("bob")["ok"]
+
+
+def test_shutdown_says_bye_over_tls(make_server, keys):
+    server = make_server()
+    client = WireClient(server.port, tls=True)
+    client.login("alice", PASSWORD, keys(0))
+    server.signal(signal.SIGTERM)
+    assert client.recv_until_closed() == [framing.Frame("C", {"op": "BYE", "reason": "shutdown"})]
+    assert server.proc.wait(10) == 0
+
+
+def test_pm2_members_in_delivery_and_history(connect, keys):
+    alice, bob = online_mixed(connect, keys, "alice", "bob", tls=("bob",))
+    body, reply = alice.pm_checked("BOB", "hello bob")
+    assert reply == {"op": "SEND", "ok": True, "recipients": 1}
+    got = bob.wait_data("PM")
+    assert sorted(got) == ["ciphertext", "from", "id", "op", "self_copy_sha256", "sender_key", "sent", "signature",
+                           "to", "ts"]
+    assert (got["id"], got["sent"], got["ciphertext"], got["signature"]) == \
+        (body["id"], body["sent"], body["ciphertext"], body["signature"])
+    assert got["self_copy_sha256"] == pg3lib.sealed_digest(body["self_copy"]) and verify_pm2(got, "bob")
+    signed = {"id": body["id"], "sent": body["sent"], "signature": body["signature"],
+              "ciphertext_sha256": pg3lib.sealed_digest(body["ciphertext"]),
+              "self_copy_sha256": pg3lib.sealed_digest(body["self_copy"])}
+    for client, copy in ((alice, body["self_copy"]), (bob, body["ciphertext"])):
+        (entry,) = client.history()
+        assert entry == {"ts": got["ts"], "type": "PM", "from": "alice", "to": "bob", "ciphertext": copy, **signed}
+        # What the owner checks (section 4.6): the digest of its copy, then the signature.
+        assert pg3lib.sealed_digest(copy) == entry["ciphertext_sha256" if client is bob else "self_copy_sha256"]
+        assert keys(0).public.verify(pg3lib.pm2_signed_bytes(
+            entry["id"], entry["sent"], "alice", "bob", entry["ciphertext_sha256"], entry["self_copy_sha256"]),
+            entry["signature"])
+
+
+def test_pm2_replay_stale_time_and_bad_signature_are_refused(connect, keys):
+    alice, bob = online_mixed(connect, keys, "alice", "bob")
+    body, reply = alice.pm_checked("bob", "once")
+    assert reply["ok"]
+    bob.wait_data("PM")
+    assert alice.request({"op": "PM"})["ok"] and alice.request({"op": "TARGET", "username": "bob"})["ok"]
+    replayed = alice.request(body)
+    assert replayed["error"] == "bad_request" and "used before" in replayed["message"]
+    stale = alice.pm_send("bob", keys(1).public, "late", sent=protocol.timestamp(time.time() - 11 * 60))
+    assert alice.request(stale)["error"] == "bad_request"
+    ahead = alice.pm_send("bob", keys(1).public, "early", sent=protocol.timestamp(time.time() + 11 * 60))
+    assert alice.request(ahead)["error"] == "bad_request"
+    wrong_digest = alice.pm_send("bob", keys(1).public, "tampered")
+    wrong_digest["self_copy"] = keys(0).public.seal(b"something else").decode()   # signed over the other one
+    assert alice.request(wrong_digest)["error"] == "bad_request"
+    short_id = alice.pm_send("bob", keys(1).public, "short id", pm_id=base64.b64encode(bytes(8)).decode())
+    assert alice.request(short_id)["error"] == "bad_request"
+    # Each refusal left the state alone (AWAIT_PM_TEXT): a correct SEND still goes, once.
+    assert alice.request(alice.pm_send("bob", keys(1).public, "fine"))["ok"]
+    assert keys(1).open(bob.wait_data("PM")["ciphertext"]) == b"fine"
+    assert [keys(1).open(e["ciphertext"]) for e in bob.history()] == [b"once", b"fine"]
+
+
+def test_pm1_is_accepted_by_default_and_refused_with_no_accept_pm1(make_server, keys):
+    for options, accepted in (((), True), (("--no-accept-pm1",), False)):
+        server = make_server(*options)
+        alice, bob = WireClient(server.port, pm_version=1), WireClient(server.port)
+        alice.login("alice", PASSWORD, keys(0))
+        bob.login("bob", PASSWORD, keys(1))
+        reply = alice.pm("bob", "the old way")
+        assert reply["ok"] is accepted, (options, reply)
+        if accepted:
+            got = bob.wait_data("PM")
+            assert "id" not in got and keys(0).public.verify(
+                pg3lib.pm_signed_bytes("alice", "bob", got["ciphertext"]), got["signature"])
+        else:
+            assert reply["error"] == "bad_request"
+            assert alice.request(alice.pm_send("bob", keys(1).public, "the new way", version=2))["ok"]
+        server.kill()
+
+
+def test_tls_client_that_never_reads_is_cut_off_and_a_reading_one_gets_everything(make_server, keys):
+    """Partial TLS writes: what the socket does not take waits (EVENT_WRITE) and keeps its order;
+    past --send-queue a TLS client is cut off (BYE too_slow) as a plain one is."""
+    server = make_server("--send-queue", "65536", "--flood-rate", "0")
+    stuck = WireClient(server.port, tls=True, rcvbuf=4096)
+    stuck.login("stuck", PASSWORD, keys(0))
+    reader = WireClient(server.port, tls=True)
+    reader.login("reader", PASSWORD, keys(1))
+    sender = WireClient(server.port)
+    sender.login("sender", PASSWORD, keys(2))
+    received: list[int] = []
+
+    def drain() -> None:
+        try:
+            while True:
+                frame = reader.recv(timeout=15)
+                if frame.kind == "D" and frame.body["op"] == "BM":
+                    received.append(int(frame.body["text"][:5]))
+        except (EOFError, TimeoutError, OSError):
+            pass
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    text, sent, cut = "z" * 4000, 0, False
+    while sent < 4000 and not cut:   # 16 MB at most
+        sender.send_raw(b"".join(framing.command({"op": "BM"})
+                                 + framing.command({"op": "SEND", "text": f"{sent + i:05d}{text}"})
+                                 for i in range(20)))
+        for _ in range(20):
+            assert sender.reply("BM")["ok"] and sender.reply("SEND")["ok"]
+        sent += 20
+        cut = any(d["op"] == "PRESENCE" and d["username"] == "stuck" and not d["online"] for d in sender.data)
+    assert cut, "the TLS client that never reads was never cut off"
+    frames = stuck.recv_until_closed(timeout=10)
+    assert frames[-1].body == {"op": "BYE", "reason": "too_slow"}
+    numbers = [int(f.body["text"][:5]) for f in frames if f.kind == "D" and f.body["op"] == "BM"]
+    assert numbers == list(range(len(numbers))), "an unbroken prefix, then BYE"
+    deadline = time.monotonic() + 15
+    while len(received) < sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert received == list(range(sent)), "the reading TLS client got every BM, in order"
+    reader.close()
+    thread.join(20)

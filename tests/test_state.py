@@ -27,7 +27,7 @@ import state
 import store
 from conftest import key_pair
 from passwords import Account, LoginResult
-from roomdriver import RoomDriver, log_in, pm_body, seal_password
+from roomdriver import FakeClock, RoomDriver, log_in, pm_body, seal_password, sign_pm2
 from state import State
 
 PASSWORD = "correct horse"
@@ -253,12 +253,32 @@ def _pm(ctx: Ctx, **changes) -> dict:
     return {k: v for k, v in body.items() if v is not None}
 
 
-def _signed_by(key_index: int, sender: str, receiver: str):
+def _signed_by(key_index: int, sender: str, receiver: str, self_copy: str | None = None):
+    """A PM2 SEND body whose signature is by that key, over those names (and that self_copy's digest)."""
     def make(ctx: Ctx) -> dict:
         body = valid_body(ctx, State.AWAIT_PM_TEXT, "SEND")
-        body["signature"] = client_keys(key_index).sign(pg3lib.pm_signed_bytes(sender, receiver, body["ciphertext"]))
+        body["signature"] = sign_pm2(client_keys(key_index), body["id"], body["sent"], sender, receiver,
+                                     body["ciphertext"], body["self_copy"] if self_copy is None else self_copy)
         return body
     return make
+
+
+def _pm2(pm_id: str | None = None, sent: str | None = None, **texts: str):
+    """A PM2 SEND body with this id, sent, ciphertext or self_copy, correctly signed over them."""
+    def make(ctx: Ctx) -> dict:
+        body = valid_body(ctx, State.AWAIT_PM_TEXT, "SEND")
+        if pm_id is not None:
+            body["id"] = pm_id
+        if sent is not None:
+            body["sent"] = sent
+        body.update(texts)
+        body["signature"] = sign_pm2(client_keys(0), body["id"], body["sent"], "alice", "bob", body["ciphertext"],
+                                     body["self_copy"])
+        return body
+    return make
+
+
+_START = FakeClock().now
 
 
 BAD_REQUESTS = [
@@ -324,6 +344,28 @@ BAD_REQUESTS = [
     ("pm-send-no-signature", State.AWAIT_PM_TEXT, lambda c: _pm(c, signature=None), "bad_request", None),
     ("pm-send-text-instead", State.AWAIT_PM_TEXT, lambda c: {"op": "SEND", "text": "hi bob"}, "bad_request",
      None),
+    # PM2 (section 4.5)
+    ("pm2-signed-over-another-self-copy", State.AWAIT_PM_TEXT, _signed_by(0, "alice", "bob", self_copy="x;y"),
+     "bad_request", None),
+    ("pm2-id-not-base64", State.AWAIT_PM_TEXT, _pm2(pm_id="not base64!"), "bad_request", None),
+    ("pm2-id-15-bytes", State.AWAIT_PM_TEXT, _pm2(pm_id=base64.b64encode(bytes(15)).decode()), "bad_request", None),
+    ("pm2-id-17-bytes", State.AWAIT_PM_TEXT, _pm2(pm_id=base64.b64encode(bytes(17)).decode()), "bad_request", None),
+    ("pm2-id-unpadded", State.AWAIT_PM_TEXT, _pm2(pm_id=base64.b64encode(bytes(16)).decode().rstrip("=")),
+     "bad_request", None),
+    ("pm2-id-int", State.AWAIT_PM_TEXT, lambda c: _pm(c, id=7), "bad_request", None),
+    ("pm2-no-sent", State.AWAIT_PM_TEXT, lambda c: _pm(c, sent=None), "bad_request", None),
+    ("pm2-sent-not-ts", State.AWAIT_PM_TEXT, _pm2(sent=protocol.timestamp(_START).replace("T", " ")),
+     "bad_request", None),
+    ("pm2-sent-no-millis", State.AWAIT_PM_TEXT, _pm2(sent=protocol.timestamp(_START)[:19] + "Z"),
+     "bad_request", None),
+    ("pm2-sent-11-minutes-ago", State.AWAIT_PM_TEXT, _pm2(sent=protocol.timestamp(_START - 660)), "bad_request",
+     None),
+    ("pm2-sent-11-minutes-ahead", State.AWAIT_PM_TEXT, _pm2(sent=protocol.timestamp(_START + 660)), "bad_request",
+     None),
+    ("pm2-not-ascii", State.AWAIT_PM_TEXT, lambda c: _pm(c, ciphertext="\u00e9;x"), "bad_request", None),
+    # The SEND fits the frame limit, the D PM (which adds the sender's key) would not.
+    ("pm2-too-big-to-relay", State.AWAIT_PM_TEXT,
+     _pm2(ciphertext="A" * (protocol.DEFAULT_FRAME_LIMIT - 900), self_copy="x;y"), "bad_request", None),
 ]
 
 
@@ -616,7 +658,17 @@ def test_pm_end_to_end(driver):
     assert got["from"] == "alice" and got["to"] == "Bob" and got["ciphertext"] == body["ciphertext"]
     assert got["sender_key"] == client_keys(0).public.key_form
     sender = pg3lib.PublicKey.from_key_form(got["sender_key"])
-    assert sender.verify(pg3lib.pm_signed_bytes("alice", "Bob", got["ciphertext"]), got["signature"])
+    digests = {"ciphertext_sha256": pg3lib.sealed_digest(body["ciphertext"]),
+               "self_copy_sha256": pg3lib.sealed_digest(body["self_copy"])}
+    assert sorted(got) == ["ciphertext", "from", "id", "op", "self_copy_sha256", "sender_key", "sent", "signature",
+                           "to", "ts"]
+    assert (got["id"], got["sent"], got["self_copy_sha256"]) == (body["id"], body["sent"], digests["self_copy_sha256"])
+    assert sender.verify(pg3lib.pm2_signed_bytes(got["id"], got["sent"], "alice", "Bob", *digests.values()),
+                         got["signature"])
+    signed = {"id": body["id"], "sent": body["sent"], "signature": body["signature"], **digests}
+    for owner, copy in (("alice", body["self_copy"]), ("Bob", body["ciphertext"])):   # section 4.6
+        assert driver.history(owner)[-1] == {"ts": got["ts"], "type": "PM", "from": "alice", "to": "Bob",
+                                             "ciphertext": copy, **signed}
     assert client_keys(1).open(got["ciphertext"]).decode() == "secret \U0001F600"
     assert data_frames(driver, carol, "PM") == []
     assert driver.history("alice")[-1]["ciphertext"] == body["self_copy"]
@@ -626,6 +678,77 @@ def test_pm_end_to_end(driver):
         (page,) = replies(driver.send(cid, {"op": "CH"}))
         assert [(e["type"], e["from"], e["to"], e["ciphertext"]) for e in page["entries"]] == \
             [("PM", "alice", "Bob", copy)]
+
+
+def _pm_again(driver: RoomDriver, cid: int, body: dict) -> list:
+    """PM, TARGET bob, then this SEND body: the SEND's frames."""
+    assert one_reply(driver.send(cid, {"op": "PM"}), "PM")["ok"]
+    assert one_reply(driver.send(cid, {"op": "TARGET", "username": "bob"}), "TARGET")["ok"]
+    return driver.send(cid, body)
+
+
+def test_pm2_replayed_id_is_refused_even_after_a_new_login(driver):
+    ctx = drive_to(driver, State.AWAIT_PM_TEXT)
+    body = valid_body(ctx, State.AWAIT_PM_TEXT, "SEND")
+    assert one_reply(driver.send(ctx.cid, body), "SEND")["ok"]
+    stored = (driver.history("alice"), driver.history("bob"))
+    reply = assert_error(_pm_again(driver, ctx.cid, body), "SEND", "bad_request")
+    assert "used before" in reply["message"]
+    assert driver.state_of(ctx.cid) is State.AWAIT_PM_TEXT   # a refused SEND may be corrected (section 4.4)
+    ctx2 = drive_to(driver, State.AWAIT_PM_TEXT)   # alice again, on a new connection: the memory is the room's
+    assert_error(driver.send(ctx2.cid, body), "SEND", "bad_request")
+    assert (driver.history("alice"), driver.history("bob")) == stored
+    assert len(data_frames(driver, ctx.bob, "PM")) == 1 and data_frames(driver, ctx2.bob, "PM") == []
+    # The same id from another sender is that sender's own business.
+    fresh = pm_body(client_keys(1), "bob", "alice", client_keys(0).public.key_form, "hi", pm_id=body["id"])
+    assert one_reply(_pm_again_to(driver, ctx2.bob, "alice", fresh), "SEND")["ok"]
+
+
+def _pm_again_to(driver: RoomDriver, cid: int, target: str, body: dict) -> list:
+    assert one_reply(driver.send(cid, {"op": "PM"}), "PM")["ok"]
+    assert one_reply(driver.send(cid, {"op": "TARGET", "username": target}), "TARGET")["ok"]
+    return driver.send(cid, body)
+
+
+def test_pm2_replay_after_the_window_is_refused_as_stale(driver):
+    ctx = drive_to(driver, State.AWAIT_PM_TEXT)
+    body = valid_body(ctx, State.AWAIT_PM_TEXT, "SEND")
+    assert one_reply(driver.send(ctx.cid, body), "SEND")["ok"]
+    driver.tick(protocol.PM_CLOCK_WINDOW + 61)   # the id is forgotten by now (a sweep ran) ...
+    assert len(driver.room.pm_ids) == 0
+    reply = assert_error(_pm_again(driver, ctx.cid, body), "SEND", "bad_request")
+    assert "minutes" in reply["message"]          # ... and its sent is out of the window
+    assert one_reply(driver.send(ctx.cid, pm_body(client_keys(0), "alice", "bob", client_keys(1).public.key_form,
+                                                  "now", now=driver.clock())), "SEND")["ok"]
+
+
+def test_pm1_is_accepted_while_accept_pm1_is_on(driver):
+    ctx = drive_to(driver, State.AWAIT_PM_TEXT)
+    body = pm_body(client_keys(0), "alice", "bob", client_keys(1).public.key_form, "old client", version=1)
+    assert one_reply(driver.send(ctx.cid, body), "SEND") == {"op": "SEND", "ok": True, "recipients": 1}
+    (got,) = data_frames(driver, ctx.bob, "PM")
+    assert "id" not in got and pg3lib.PublicKey.from_key_form(got["sender_key"]).verify(
+        pg3lib.pm_signed_bytes("alice", "bob", got["ciphertext"]), got["signature"])
+    assert "id" not in driver.history("bob")[-1]
+
+
+def test_pm1_is_refused_without_accept_pm1(tmp_path):
+    d = RoomDriver(str(tmp_path), server_keys(), accept_pm1=False)
+    try:
+        ctx = drive_to(d, State.AWAIT_PM_TEXT)
+        body = pm_body(client_keys(0), "alice", "bob", client_keys(1).public.key_form, "old client", version=1)
+        reply = assert_error(d.send(ctx.cid, body), "SEND", "bad_request")
+        assert "version 2" in reply["message"] and d.state_of(ctx.cid) is State.AWAIT_PM_TEXT
+        assert d.history("bob") == [] and data_frames(d, ctx.bob, "PM") == []
+        assert one_reply(d.send(ctx.cid, valid_body(ctx, State.AWAIT_PM_TEXT, "SEND")), "SEND")["ok"]
+    finally:
+        d.close()
+
+
+def test_login_reply_says_protocol_2(driver):
+    cid = driver.connect()
+    reply = one_reply(driver.send(cid, {"op": "LOGIN", "username": "alice"}), "LOGIN")
+    assert reply["protocol"] == protocol.PROTOCOL_VERSION == 2
 
 
 def test_pm_to_a_target_gone_offline(driver):
@@ -1161,10 +1284,11 @@ class RoomMachine(RuleBasedStateMachine):
         good_signature = data.draw(st.sampled_from([True, True, False]), label="good_signature")
         sender = self.registered[conn.user]
         keys = client_keys(USERS.index(conn.user))
-        body = pm_body(keys, sender, conn.target_name, conn.target_key, text)
+        body = pm_body(keys, sender, conn.target_name, conn.target_key, text, now=self.d.clock())
         target_here = self.online.get(conn.target_name.lower()) == conn.target_cid
         if not good_signature and target_here:
-            body["signature"] = keys.sign(pg3lib.pm_signed_bytes(sender, conn.target_name + "x", body["ciphertext"]))
+            body["signature"] = sign_pm2(keys, body["id"], body["sent"], sender, conn.target_name + "x",
+                                         body["ciphertext"], body["self_copy"])
         reply, seen = self._request(conn, body)
         if not target_here:
             assert reply["ok"] is False and reply["error"] == "not_online", reply

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import os
 import socket
+import ssl
 import time
 
 import framing
 import pg3lib
+import protocol
+import x509
 
 
 def bare_form(sealed_text: str) -> str:
@@ -17,18 +21,49 @@ def bare_form(sealed_text: str) -> str:
     return wrapped + ";" + base64.b64decode(token).decode("ascii")
 
 
+def client_context() -> ssl.SSLContext:
+    """A TLS client context for a self-signed server: no CA check, the key is compared with the pin instead."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class WireClient:
     """Speaks docs/PROTOCOL.md over one loopback TCP connection.
 
     ``legacy_seal`` makes every sealed text in the version-1 form (``bare_form``),
-    to play a client from before the course form was fixed.
+    to play a client from before the course form was fixed. ``tls`` connects
+    with TLS (section 0); ``cert_key`` is then the key the server's certificate
+    holds, and ``login_start`` checks that LOGIN's ``server_key`` and
+    ``fingerprint`` are that key (the pin check of section 9). ``pm_version``
+    picks the PM SEND ``pm`` makes: 2 (id, sent, PM2 signature) or 1 (as
+    version-1 clients do).
     """
 
+    pm_version = 2
+
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0,
-                 legacy_seal: bool = False) -> None:
+                 legacy_seal: bool = False, tls: bool = False, pm_version: int | None = None,
+                 rcvbuf: int = 0) -> None:
         self.legacy_seal = legacy_seal
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        if pm_version is not None:
+            self.pm_version = pm_version
+        if rcvbuf:   # set before connect, so the window stays small (a client that reads slowly)
+            self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            self.sock.connect((host, port))
+        else:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.cert_key: pg3lib.PublicKey | None = None
+        if tls:
+            self.sock = client_context().wrap_socket(self.sock)   # handshakes now, within the timeout
+            der = self.sock.getpeercert(binary_form=True)
+            assert der is not None
+            self.cert_key = x509.certificate_key(der)
         self.timeout = timeout
         self.decoder = framing.FrameDecoder(limit=0)
         self.inbox: list[framing.Frame] = []   # frames received, not yet taken
@@ -56,7 +91,7 @@ class WireClient:
             chunk = self.sock.recv(65536)
         except socket.timeout:
             raise TimeoutError("no frame before the deadline") from None
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLEOFError):
             chunk = b""
         if not chunk:
             self.closed = True
@@ -114,6 +149,9 @@ class WireClient:
         if reply["ok"]:
             self.server_key = pg3lib.PublicKey.from_key_form(reply["server_key"])
             self.nonce = base64.b64decode(reply["nonce"])
+            if self.cert_key is not None:   # the pin check: TLS reached the very key LOGIN announces
+                assert self.cert_key == self.server_key, "the certificate's key is not LOGIN's server_key"
+                assert reply["fingerprint"] == self.cert_key.fingerprint, "LOGIN's fingerprint is not its key's"
         return reply
 
     def sealed_password(self, password: str, nonce: bytes | None = None) -> str:
@@ -156,13 +194,28 @@ class WireClient:
         reply = self.request({"op": "TARGET", "username": target})
         if not reply["ok"]:
             return reply
-        assert self.keys is not None
         their_key = pg3lib.PublicKey.from_key_form(reply["public_key"])
+        return self.request(self.pm_send(reply["username"], their_key, text))
+
+    def pm_send(self, target: str, their_key: pg3lib.PublicKey, text: str, *, pm_id: str | None = None,
+                sent: str | None = None, version: int | None = None) -> dict:
+        """The SEND body of a PM to target (its registered spelling), sealed and signed."""
+        assert self.keys is not None
         ciphertext = self.seal(their_key, text.encode("utf-8"))
         self_copy = self.seal(self.keys.public, text.encode("utf-8"))
-        signature = self.keys.sign(pg3lib.pm_signed_bytes(self.username, reply["username"], ciphertext))
-        return self.request({"op": "SEND", "ciphertext": ciphertext, "self_copy": self_copy,
-                             "signature": signature})
+        if (version or self.pm_version) == 1:
+            signature = self.keys.sign(pg3lib.pm_signed_bytes(self.username, target, ciphertext))
+            return {"op": "SEND", "ciphertext": ciphertext, "self_copy": self_copy, "signature": signature}
+        return pm2_send(self.keys, self.username, target, ciphertext, self_copy, pm_id=pm_id, sent=sent)
+
+    def pm_checked(self, target: str, text: str, **options) -> tuple[dict, dict]:
+        """PM, TARGET and a PM2 SEND built with options (pm_id, sent, ...); returns (SEND body, reply)."""
+        reply = self.request({"op": "PM"})
+        assert reply["ok"], reply
+        reply = self.request({"op": "TARGET", "username": target})
+        assert reply["ok"], reply
+        body = self.pm_send(reply["username"], pg3lib.PublicKey.from_key_form(reply["public_key"]), text, **options)
+        return body, self.request(body)
 
     def history(self, limit: int | None = None) -> list[dict]:
         """CH: every entry, over as many frames as the server sends."""
@@ -186,3 +239,25 @@ class WireClient:
             self.sock.close()
         except OSError:
             pass
+
+
+def new_pm_id() -> str:
+    return base64.b64encode(os.urandom(protocol.PM_ID_BYTES)).decode("ascii")
+
+
+def pm2_send(keys: pg3lib.KeyPair, sender: str, target: str, ciphertext: str, self_copy: str, *,
+             pm_id: str | None = None, sent: str | None = None) -> dict:
+    """A PM2 SEND body (docs/PROTOCOL.md section 4.5): a fresh id and the clock now unless given."""
+    pm_id = new_pm_id() if pm_id is None else pm_id
+    sent = protocol.timestamp(time.time()) if sent is None else sent
+    signed = pg3lib.pm2_signed_bytes(pm_id, sent, sender, target, pg3lib.sealed_digest(ciphertext),
+                                     pg3lib.sealed_digest(self_copy))
+    return {"op": "SEND", "id": pm_id, "sent": sent, "ciphertext": ciphertext, "self_copy": self_copy,
+            "signature": keys.sign(signed)}
+
+
+def verify_pm2(frame: dict, receiver: str) -> bool:
+    """What a receiver checks of a D PM (section 4.5): the PM2 signature with the frame's sender key."""
+    signed = pg3lib.pm2_signed_bytes(frame["id"], frame["sent"], frame["from"], receiver,
+                                     pg3lib.sealed_digest(frame["ciphertext"]), frame["self_copy_sha256"])
+    return pg3lib.PublicKey.from_key_form(frame["sender_key"]).verify(signed, frame["signature"])
