@@ -66,7 +66,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(make_server, keys)
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     print(f"\nSIGKILL test seed {seed}")
-    server = make_server("--flood-rate", "0", "--register-rate", "0")
+    server = make_server("--flood-rate", "0", "--bm-rate", "0", "--register-rate", "0")
     names = ["ann", "ben", "cat", "dan"]
     acked_bm: list[tuple[str, str]] = []              # (sender, text)
     acked_pm: list[tuple[str, str, str, str]] = []    # (sender, target, ciphertext, self_copy)
@@ -228,7 +228,7 @@ def registered_data(tmp_path, keys):
     """A data directory with three accounts (alice, bob, carol) and some history, server stopped."""
     data = tmp_path / "seed"
     data.mkdir()
-    server = ServerProcess(str(data), "--flood-rate", "0").start()
+    server = ServerProcess(str(data), "--flood-rate", "0", "--bm-rate", "0").start()
     try:
         clients = log_in(server.port, keys, ["alice", "bob", "carol"])
         for text in ("one", "två ☃", "three"):
@@ -243,7 +243,7 @@ def registered_data(tmp_path, keys):
 
 def _start_on_copy(seed: str, target: str, *args: str) -> ServerProcess:
     shutil.copytree(seed, target)
-    return ServerProcess(target, "--flood-rate", "0", *args)
+    return ServerProcess(target, "--flood-rate", "0", "--bm-rate", "0", *args)
 
 
 def test_server_starts_on_a_torn_accounts_file(registered_data, tmp_path):
@@ -296,7 +296,7 @@ def test_room_log_and_history_torn_by_a_sigkill(make_server, keys):
     """A crash that tears the last line of the room log and of a user's file: CH skips both, new
     messages go after them, and the torn lines never come back (the room log torn at every offset is
     tests/test_storage.py)."""
-    server = make_server("--flood-rate", "0")
+    server = make_server("--flood-rate", "0", "--bm-rate", "0")
     ann, bob = log_in(server.port, keys, ["ann", "bob"])
     assert ann.bm("one")["ok"] and bob.bm("two")["ok"]
     reply, _, self_copy = sealed_pm(ann, "bob", "private")
@@ -322,7 +322,7 @@ def test_room_log_and_history_torn_by_a_sigkill(make_server, keys):
 def test_a_data_directory_of_the_per_recipient_layout_keeps_working(make_server, keys):
     """Histories written by the per-recipient layout (every BM in every recipient's file) are read as
     they are, before what is stored from then on; nothing is rewritten or lost."""
-    server = make_server("--flood-rate", "0")
+    server = make_server("--flood-rate", "0", "--bm-rate", "0")
     for c in log_in(server.port, keys, ["ann", "bob"]):
         c.exit()
     assert server.stop() == 0
@@ -376,7 +376,7 @@ def test_corrupt_accounts_line_stops_the_server_naming_file_and_line(tmp_path, b
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_failing_room_log_write_is_internal_and_delivers_nothing(make_server, keys):
-    server = make_server("--flood-rate", "0")
+    server = make_server("--flood-rate", "0", "--bm-rate", "0")
     for c in log_in(server.port, keys, ["Alice", "bob", "carol"]):
         c.exit()
     assert server.stop() == 0
@@ -400,7 +400,7 @@ def test_failing_room_log_write_is_internal_and_delivers_nothing(make_server, ke
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_failing_history_write_is_internal_for_the_sender_and_skips_a_recipient(make_server, keys):
-    server = make_server("--flood-rate", "0")
+    server = make_server("--flood-rate", "0", "--bm-rate", "0")
     for c in log_in(server.port, keys, ["Alice", "bob", "carol"]):
         c.exit()
     assert server.stop() == 0

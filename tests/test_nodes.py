@@ -28,7 +28,7 @@ from wire import WireClient, pm2_send, verify_pm2
 PASSWORD = "correct horse"
 REAP_WITHIN = 7.0          # a dead node's users are shown offline on the others within this
 PROMPTLY = 3.0             # a fenced node closes its users' connections within this after SIGCONT
-NODE_ARGS = ("--flood-rate", "0", "--register-rate", "0")
+NODE_ARGS = ("--flood-rate", "0", "--bm-rate", "0", "--register-rate", "0")
 ALLOWED_AFTER_FAULT = ("internal", "not_online")
 
 
