@@ -31,6 +31,7 @@ from passwords import Account
 log = logging.getLogger("chat.storage")
 
 ACCOUNTS_FILE = "accounts.jsonl"
+MODERATION_FILE = "moderation.jsonl"
 SERVER_KEY_FILE = "server_key.pem"
 HISTORY_SUFFIX = ".chat"
 # Open history files kept between passes: a broadcast writes to every online
@@ -129,6 +130,76 @@ class AccountStore:
                 pass   # cut on the next start
             raise
         self._accounts[account.key] = account
+        return True
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class ModerationLog:
+    """``moderation.jsonl``: every moderation action, one JSON line each, appended and fsync'd
+    before it is acknowledged; replayed at start into the bans and mutes in force.
+
+    Like the accounts file: a torn last line is cut, a corrupt line in the middle stops the
+    server at start (a ban is never dropped silently).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.kept: dict[tuple[str, str], store.ModRecord] = {}   # ("ban"|"mute", key) -> the action
+        self._load()
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            cut_torn_tail(self._fd, path)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+
+    def _load(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path}: {exc.strerror}") from None
+        for number, line in complete_lines(data, self.path):
+            try:
+                record = store.ModRecord.from_json(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise StorageError(f"{self.path}, line {number}: corrupt moderation record ({exc})") from None
+            self._apply(record)
+
+    def _apply(self, record: store.ModRecord) -> None:
+        if record.action in ("ban", "mute"):
+            self.kept[(record.action, record.key)] = record
+        elif record.action in ("unban", "unmute"):
+            self.kept.pop((record.action[2:], record.key), None)
+
+    def get(self, kind: str, key: str) -> store.ModRecord | None:
+        return self.kept.get((kind, key))
+
+    def add(self, record: store.ModRecord) -> bool:
+        """Journal and apply an action; False (nothing written) for an unban or unmute of nothing in force.
+
+        Raises:
+            OSError: the write or fsync failed (nothing is applied then).
+        """
+        if record.action in ("unban", "unmute"):
+            old = self.kept.get((record.action[2:], record.key))
+            if old is None or (old.until is not None and old.until <= record.at):
+                return False
+        line = (record.to_json() + "\n").encode("utf-8")
+        try:
+            if os.write(self._fd, line) != len(line):
+                raise OSError("short write to the moderation file")
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                cut_torn_tail(self._fd, self.path)
+            except OSError:
+                pass   # cut on the next start
+            raise
+        self._apply(record)
         return True
 
     def close(self) -> None:
@@ -273,6 +344,11 @@ class FileStore:
             raise StorageError(f"the data directory {directory} is not writable")
         self.accounts = AccountStore(os.path.join(directory, ACCOUNTS_FILE))
         self.history = HistoryLog(directory, max_open_history)
+        try:
+            self.moderation = ModerationLog(os.path.join(directory, MODERATION_FILE))
+        except BaseException:
+            self.accounts.close()
+            raise
         self._queue: list[list] = []      # [cid, result or None, append request or None], in order
         self._runs: list[list] = []       # [owners, [lines]]: pending appends, in order
 
@@ -305,6 +381,13 @@ class FileStore:
             result = store.WentOnline(store.START)
         elif isinstance(request, store.Logout):
             return
+        elif isinstance(request, store.LoadSanctions):
+            result = store.SanctionsLoaded(self.moderation.get("ban", request.key),
+                                           self.moderation.get("mute", request.key))
+        elif isinstance(request, store.ListSanctions):
+            result = store.SanctionsListed(list(self.moderation.kept.values()))
+        elif isinstance(request, store.Moderate):
+            result = self._moderate(request.record)
         else:
             raise TypeError(f"not a store request: {request!r}")
         self._queue.append([request.cid, result, None])
@@ -318,6 +401,13 @@ class FileStore:
             return store.FAILED
         self.history.create(account.username)
         return store.AccountCreated(True)
+
+    def _moderate(self, record: store.ModRecord) -> store.Result:
+        try:
+            return store.ModerationStored(self.moderation.add(record))
+        except OSError as exc:
+            log.error("storing a moderation action on %r failed: %s", record.username, exc)
+            return store.FAILED
 
     def _read(self, username: str) -> list[str]:
         lines = self.history.read(username)
@@ -386,6 +476,7 @@ class FileStore:
     def close(self) -> None:
         self.accounts.close()
         self.history.close()
+        self.moderation.close()
 
 
 _ALL_WRITTEN = store.Appended()
