@@ -976,7 +976,7 @@ class Room:
             out.append(Audit(f"refused the login of {session.username!r}: banned by {ban.by!r}", refused=True))
             raise Refused(Error.BANNED, "this account is " + moderation.sanction_text("banned", ban.by, ban.until,
                                                                                        ban.reason),
-                          bye=ByeReason.BANNED, until=moderation.until_ts(ban.until), reason=ban.reason)
+                          bye=ByeReason.BANNED, until=moderation.until_ts(ban.until), by=ban.by, reason=ban.reason)
         mute = result.mute
         if mute is not None and moderation.in_force(mute.until, now):
             self.mutes[session.key] = mute
@@ -993,7 +993,7 @@ class Room:
             del self.mutes[session.key]
             return
         raise Refused(Error.MUTED, "you are " + moderation.sanction_text("muted", mute.by, mute.until, mute.reason),
-                      until=moderation.until_ts(mute.until), reason=mute.reason)
+                      until=moderation.until_ts(mute.until), by=mute.by, reason=mute.reason)
 
     def _mod(self, session: Session, body: dict, out: Effects) -> Ask:
         try:
