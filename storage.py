@@ -8,6 +8,9 @@ entry per line; a batch of entries is written with one ``os.write`` per file.
 logic's store requests, runs appends as a group at the end of a loop pass
 (group commit, still before any reply that depends on them), and hands back
 typed results. It has no cluster: its cluster methods do nothing.
+``ModerationLog`` keeps ``moderation.jsonl``: every moderation action (docs/PROTOCOL.md
+section 10), appended and fsync'd like an account, replayed at start into the
+bans and mutes in force.
 
 Torn tails: a line is complete with its newline. On reading, a last line with
 no newline (a crash mid-write) is dropped with a warning, and before the next

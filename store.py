@@ -9,6 +9,9 @@ on storage waits for that answer.
 Each request has one typed *result*, and every request has the same one
 failure value, ``FAILED`` (the store could not do it: a disk or Redis error);
 a session answers a ``FAILED`` with ``internal``. ``Logout`` is not answered.
+Moderation (docs/PROTOCOL.md section 10) is three requests: ``Moderate`` (journal
+and apply an action), ``LoadSanctions`` (an account's ban and mute, at login) and
+``ListSanctions``.
 
 Two stores implement ``Store``: ``storage.FileStore`` (the data directory, one
 process) and ``redisstore.RedisStore`` (several nodes on one Redis,
