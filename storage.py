@@ -144,18 +144,32 @@ class ModerationLog:
     before it is acknowledged; replayed at start into the bans and mutes in force.
 
     Like the accounts file: a torn last line is cut, a corrupt line in the middle stops the
-    server at start (a ban is never dropped silently).
+    server at start (a ban is never dropped silently). The file is made by the first action,
+    so a room that never moderates has none.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.kept: dict[tuple[str, str], store.ModRecord] = {}   # ("ban"|"mute", key) -> the action
+        self._fd: int | None = None
         self._load()
-        try:
-            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-            cut_torn_tail(self._fd, path)
-        except OSError as exc:
-            raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+        if os.path.exists(path):
+            try:
+                self._open()
+            except OSError as exc:
+                raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+
+    def _open(self) -> int:
+        """Raises: OSError: the file cannot be opened or its torn tail cut."""
+        if self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                cut_torn_tail(fd, self.path)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
+        return self._fd
 
     def _load(self) -> None:
         try:
@@ -192,13 +206,14 @@ class ModerationLog:
             if old is None or (old.until is not None and old.until <= record.at):
                 return False
         line = (record.to_json() + "\n").encode("utf-8")
+        fd = self._open()
         try:
-            if os.write(self._fd, line) != len(line):
+            if os.write(fd, line) != len(line):
                 raise OSError("short write to the moderation file")
-            os.fsync(self._fd)
+            os.fsync(fd)
         except OSError:
             try:
-                cut_torn_tail(self._fd, self.path)
+                cut_torn_tail(fd, self.path)
             except OSError:
                 pass   # cut on the next start
             raise
@@ -206,7 +221,9 @@ class ModerationLog:
         return True
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class HistoryLog:
