@@ -2,7 +2,8 @@
 
 Owns the client side of the protocol: the login (the server's key checked
 against the one remembered for HOST:PORT before the password goes out), the
-operations BM, PM, CH and EX, the local commands (WHO, KEYS, TRUST, IGNORE,
+operations BM, PM, CH and EX, the admins' MOD commands (KICK, BAN, UNBAN,
+MUTE, UNMUTE, BANS: section 10), the local commands (WHO, KEYS, TRUST, IGNORE,
 UNIGNORE, HELP), sealing and signing private messages end to end, checking
 received ones against the sender's pinned key, and showing what arrives
 (except from the users ignored).
@@ -51,8 +52,9 @@ import framing
 import pg3lib
 from clientstore import ClientStore, KeyLocked, config_root, server_address
 from lineeditor import UNSAFE_FORMAT_CHARS, Completions, Event, Key, LineEditor, Submit, shorten, text_width
-from protocol import (MAX_TEXT_CHARS, MIN_PASSWORD_CHARS, USERNAME_RULE, ByeReason, Error, Op,
-                      password_problem, text_problem, valid_username)
+from moderation import PAST, parse_duration
+from protocol import (MAX_REASON_CHARS, MAX_TEXT_CHARS, MIN_PASSWORD_CHARS, USERNAME_RULE, ByeReason, Error,
+                      ModAction, Op, password_problem, text_problem, valid_username)
 
 log = logging.getLogger("chatclient")
 log.addHandler(logging.NullHandler())  # nothing on stderr unless --debug-log asks for a file
@@ -69,7 +71,19 @@ CONNECT_TIMEOUT = 10.0
 CLIENT_FRAME_LIMIT = 1 << 20
 UNREADABLE = "(unreadable: sealed for another key)"
 COMMANDS = ("BM", "PM", "CH", "WHO", "KEYS", "TRUST", "IGNORE", "UNIGNORE", "HELP", "EX")
-NAME_COMMANDS = ("PM", "TRUST", "KEYS", "IGNORE", "UNIGNORE")  # their first argument is a user name
+# Moderation (docs/PROTOCOL.md section 10): for admins only (the server refuses everyone else), so
+# they are not offered by Tab as a first word ("b" and Tab stays "BM ").
+ADMIN_COMMANDS = ("KICK", "BAN", "UNBAN", "MUTE", "UNMUTE", "BANS")
+NAME_COMMANDS = ("PM", "TRUST", "KEYS", "IGNORE", "UNIGNORE",  # their first argument is a user name
+                 "KICK", "BAN", "UNBAN", "MUTE", "UNMUTE")
+MOD_USAGE = {
+    ModAction.KICK: "KICK user [reason]",
+    ModAction.BAN: "BAN user [time] [reason] (time like 10m, 2h, 1d; none: for good)",
+    ModAction.UNBAN: "UNBAN user",
+    ModAction.MUTE: "MUTE user time [reason] (time like 10m, 2h, 1d)",
+    ModAction.UNMUTE: "UNMUTE user",
+    ModAction.BANS: "BANS",
+}
 COMMANDS_HINT = "commands: BM PM CH WHO KEYS TRUST IGNORE EX; HELP explains them"
 LEAVE_HINT = "(Ctrl-C only cancels; to leave, type EX or press Ctrl-D)"
 LEAVE_HINT_LOGIN = "(Ctrl-C only cancels; to leave, press Ctrl-D)"
@@ -86,6 +100,16 @@ HELP_LINES = (  # short enough for a terminal of 60 columns
     "EX                   leave (or Ctrl-D)",
     "Ctrl-C cancels (it never leaves); Up/Down recall lines;",
     "Tab completes commands, then user names",
+    "For admins (named at the server; others are refused):",
+    "KICK user [reason]   end a user's session",
+    "BAN user [time] [reason]",
+    "                     refuse their logins; time like 10m,",
+    "                     2h, 1d; no time: for good",
+    "UNBAN user           lift a ban",
+    "MUTE user time [reason]",
+    "                     refuse their BMs for that long",
+    "UNMUTE user          lift a mute",
+    "BANS                 the bans and mutes in force",
 )
 SLOW_REPLY = 1.0  # seconds without the awaited reply before the terminal says that we are waiting
 WAITING_NOTES = {Op.LOGIN.value: "connecting...", Op.PASSWORD.value: "checking the password..."}
@@ -95,6 +119,8 @@ BYE_REASONS = {
     ByeReason.IDLE.value: "the login took too long",
     ByeReason.TOO_SLOW.value: "this client did not keep up with the server",
     ByeReason.TOO_MANY_FAILURES.value: "too many failed password attempts",
+    ByeReason.KICKED.value: "an admin removed you from the room",
+    ByeReason.BANNED.value: "an admin banned this account",
 }
 CH_ALL = "all"  # CH all: the whole history, however long, on a terminal too
 SUMMARY_FAILURES = 3  # failures named in a script's closing line; the rest are counted
@@ -233,8 +259,25 @@ def describe_error(reply: dict) -> str:
     return one_line(reply.get("message") or reply.get("error") or "unknown error")
 
 
+def sanction_text(kind: str, reply: dict) -> str:
+    """``banned until 2026-12-02 16:04 by alice: spam`` from a refusal's members, in local time."""
+    until = reply.get("until")
+    when = f"until {local_time(until, with_date=True)}" if parse_timestamp(until) else "for good"
+    by, reason = reply.get("by"), reply.get("reason")
+    text = f"{kind} {when}" + (f" by {one_line(by, 40)}" if isinstance(by, str) and by else "")
+    return text + (f": {one_line(reason)}" if isinstance(reason, str) and reason else "")
+
+
 def bye_text(body: dict) -> str:
     reason = body.get("reason", "unknown")
+    message = body.get("message")
+    if reason in (ByeReason.KICKED, ByeReason.BANNED) and isinstance(message, str):
+        # Said as what happened, not as a failure of the client (section 10).
+        until = body.get("until")
+        if reason == ByeReason.KICKED:
+            return f"{one_line(message)}: you were removed from the room (you may log in again)"
+        end = f"until {local_time(until, with_date=True)}" if parse_timestamp(until) else "for good"
+        return f"{one_line(message)}: this account is banned {end}"
     known = BYE_REASONS.get(reason, "no reason known") if isinstance(reason, str) else "no reason known"
     return f"the server closed the connection: {known} ({one_line(reason, 60)})"
 
@@ -537,6 +580,8 @@ class Session:
                           else "wrong password")
         elif error in (Error.WEAK_PASSWORD, Error.BAD_REQUEST) and self.interactive:
             self.out.warn(describe_error(reply))
+        elif error == Error.BANNED:
+            raise ClientExit("login refused: this account is " + sanction_text("banned", reply))
         else:
             raise ClientExit(f"login failed: {describe_error(reply)}")
 
@@ -572,6 +617,8 @@ class Session:
         elif name in ("EX", "EXIT", "QUIT"):
             yield from self.leave()
             return True
+        elif name in ADMIN_COMMANDS:
+            yield from self.moderate(ModAction(name.lower()), rest.strip())
         else:
             self.local_command(name, words[0], rest.strip())
         return False
@@ -656,6 +703,9 @@ class Session:
         """SEND a message; the reply, or None if it was refused and the server still waits for a text."""
         reply = yield from self.request(body)
         if succeeded(reply):
+            return reply
+        if reply.get("error") == Error.MUTED:
+            self.failed(f"{what} not sent", "you are " + sanction_text("muted", reply))
             return reply
         self.failed(f"{what} not sent", describe_error(reply))
         return None if reply.get("error") == Error.BAD_REQUEST else reply
@@ -824,6 +874,82 @@ class Session:
         shown = len(lines) if page is not None else total
         self.out.show(history_summary(shown, total - shown, hidden, shortened))
 
+    # --- moderation (admins; docs/PROTOCOL.md section 10) ---------------------------------
+    def moderate(self, action: ModAction, argument: str) -> Flow:
+        """KICK, BAN, UNBAN, MUTE, UNMUTE or BANS; acting on another admin is asked about first."""
+        what = action.value.upper()
+        if action is ModAction.BANS:
+            reply = yield from self.request({"op": Op.MOD, "action": action.value})
+            if succeeded(reply):
+                self.show_bans(reply)
+            else:
+                self.failed(what, describe_error(reply))
+            return
+        words = argument.split(maxsplit=1)
+        target, rest = (words[0], words[1] if len(words) > 1 else "") if words else ("", "")
+        if not valid_username(target):
+            self.failed(what, f"usage: {MOD_USAGE[action]}")
+            return
+        body: dict = {"op": Op.MOD, "action": action.value, "username": target}
+        if action in (ModAction.BAN, ModAction.MUTE):
+            first, _, after = rest.partition(" ")
+            if first[:1].isdigit():
+                try:
+                    body["seconds"] = parse_duration(first)
+                except ValueError as exc:
+                    self.failed(f"{what} {target}", str(exc))
+                    return
+                rest = after
+            elif action is ModAction.MUTE:
+                self.failed(f"{what} {target}", f"usage: {MOD_USAGE[action]}")
+                return
+        rest = rest.strip()
+        if rest and action in (ModAction.UNBAN, ModAction.UNMUTE):
+            self.failed(what, f"usage: {MOD_USAGE[action]}")
+            return
+        if len(rest) > MAX_REASON_CHARS:
+            self.failed(f"{what} {target}", f"a reason is at most {MAX_REASON_CHARS} characters")
+            return
+        if rest:
+            body["reason"] = rest
+        reply = yield from self.request(body)
+        if reply.get("error") == Error.CONFIRM_NEEDED:
+            admin = one_line(reply.get("username") or target, 40)
+            if not self.interactive:
+                self.failed(f"{what} {target}", f"{admin} is an admin; acting on an admin is confirmed "
+                            "only at a terminal")
+                return
+            answer = yield Ask(f"{admin} is an admin: {action.value} anyway? [y/N] ")
+            if not (isinstance(answer, Submit) and answer.text.strip().lower() in ("y", "yes")):
+                self.out.show(f"not done: {admin} was not {PAST[action]}")
+                return
+            reply = yield from self.request({**body, "confirm": True})
+        if not succeeded(reply):
+            self.failed(f"{what} {target}", describe_error(reply))
+            return
+        name = one_line(reply.get("username") or target, 40)
+        until = reply.get("until")
+        if action in (ModAction.BAN, ModAction.MUTE):
+            end = f"until {local_time(until, with_date=True)}" if parse_timestamp(until) else "for good"
+            self.out.show(f"done: {name} is {PAST[action]} {end}")
+        else:
+            self.out.show(f"done: {name} {PAST[action]}")
+
+    def show_bans(self, reply: dict) -> None:
+        """The BANS listing: who, until when, by whom, why."""
+        shown = 0
+        for kind, label in (("bans", "banned"), ("mutes", "muted")):
+            entries = reply.get(kind)
+            for entry in entries if isinstance(entries, list) else ():
+                if isinstance(entry, dict):
+                    self.out.show(f"{one_line(entry.get('username', '?'), 40)}: {sanction_text(label, entry)}")
+                    shown += 1
+        more = reply.get("more")
+        if isinstance(more, int) and not isinstance(more, bool) and more > 0:
+            self.out.show(f"(and {more} more not shown)")
+        elif not shown:
+            self.out.show("nobody is banned or muted")
+
     def leave(self) -> Flow:
         self.exiting = True
         yield from self.request({"op": Op.EX})
@@ -922,6 +1048,8 @@ class Session:
             self.out.show(format_broadcast(str(body.get("from", "?")), str(body.get("text", "")), body.get("ts")))
         elif op == Op.PM:
             self.receive_private(body)
+        elif op == Op.NOTICE:  # what an admin did (section 10)
+            self.out.show(f"[{local_time(body.get('ts'))}] * {one_line(body.get('text', ''), 400)}")
         elif op == Op.PRESENCE:
             name = body.get("username")
             online = body.get("online") is True

@@ -50,9 +50,10 @@ import state
 import storage
 import tlslayer
 from connection import PACE_STALL, Connection, Lifecycle
-from protocol import ByeReason, Error, bye, fatal
+from protocol import USERNAME_RULE, ByeReason, Error, bye, fatal, valid_username
 
 log = logging.getLogger("chat.server")
+mod_log = logging.getLogger("chat.moderation")   # every moderation action, with who did it
 
 LISTEN_BACKLOG = 1024
 DEFAULT_SEND_QUEUE = 1 << 20   # 1 MiB, InspIRCd's hard send queue
@@ -98,7 +99,8 @@ class ChatServer:
         self.room = state.make_room(self.keys, node=self.store.node, frame_limit=args.frame_limit,
                                     login_timeout=args.login_timeout, register_rate=args.register_rate,
                                     login_delay_cap=args.login_delay_cap, guess_limit=args.guess_limit,
-                                    bm_rate=args.bm_rate, bm_burst=args.bm_burst, accept_pm1=args.accept_pm1)
+                                    bm_rate=args.bm_rate, bm_burst=args.bm_burst, accept_pm1=args.accept_pm1,
+                                    admins=getattr(args, "admin_names", ()))
         for event in self.store.events():   # e.g. who is online on the other nodes
             self.room.cluster_event(event)
         self.conns: dict[int, Connection] = {}
@@ -146,6 +148,8 @@ class ChatServer:
             signal.signal(signum, self._on_signal)
         log.info("listening on %s (data in %s, server key %s; TLS %s)", self.address, self.args.data,
                  self.keys.fingerprint, "required" if self.args.require_tls else "or plain")
+        admins = sorted(self.room.admins)
+        mod_log.info("admins: %s", ", ".join(admins) if admins else "none (--admin NAME names one)")
         while not self.stopping:
             self.run_once(self._timeout())
         self._shutdown()
@@ -378,6 +382,8 @@ class ChatServer:
                     log.info("%r is offline (connection %d)", effect.user, effect.cid)
             elif kind is state.CheckPassword:
                 self.pool.submit(effect)
+            elif kind is state.Audit:
+                (mod_log.warning if effect.refused else mod_log.info)("%s", effect.text)
             else:
                 self.store.submit(effect)
 
@@ -512,6 +518,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "yet on PM2 (default: on; --no-accept-pm1 refuses them with bad_request)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log detail (default: %(default)s)")
+    moderation = parser.add_argument_group("moderation (docs/PROTOCOL.md section 10)")
+    moderation.add_argument("--admin", action="append", default=[], metavar="NAME",
+                            help="an account that may kick, ban, unban, mute and unmute (repeatable; "
+                            "names ignore case; give every node of a room the same admins)")
+    moderation.add_argument("--admins", metavar="FILE", default=None,
+                            help="a file of admin account names, one a line ('#' starts a comment), "
+                            "read at start, in addition to --admin")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--frame-limit", type=nonnegative(int), default=framing.DEFAULT_FRAME_LIMIT,
                         metavar="BYTES", help="largest frame body accepted or sent (default: %(default)s); "
@@ -559,7 +572,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"port {args.port} is not between 0 and 65535")
     if args.flood_rate and args.flood_burst < 1:
         args.flood_burst = 1.0
+    args.admin_names = _admin_names(parser, args)
     return args
+
+
+def _admin_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The admins of --admin and --admins FILE, each a valid username (else a usage error, status 2)."""
+    names = list(args.admin)
+    if args.admins:
+        try:
+            with open(args.admins, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"cannot read the admins file {args.admins}: {getattr(exc, 'strerror', None) or exc}")
+        names.extend(word for line in lines for word in line.split("#", 1)[0].split())
+    for name in names:
+        if not valid_username(name):
+            parser.error(f"admin {name!r} is not a username ({USERNAME_RULE})")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,8 @@ class Op(str, enum.Enum):
     BYE = "BYE"
     ERROR = "ERROR"
     PRESENCE = "PRESENCE"
+    MOD = "MOD"            # section 10, moderation (an extension)
+    NOTICE = "NOTICE"      # section 10: a data frame telling the room what an admin did
 
     def __str__(self) -> str:
         return self.value
@@ -58,6 +60,11 @@ class Error(str, enum.Enum):
     SERVER_BUSY = "server_busy"        # fatal
     RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
+    # Section 10, moderation (an extension).
+    FORBIDDEN = "forbidden"            # MOD from someone who is not an admin
+    BANNED = "banned"                  # PASSWORD of a banned account (then BYE banned)
+    MUTED = "muted"                    # BM SEND of a muted account
+    CONFIRM_NEEDED = "confirm_needed"  # MOD on another admin without "confirm": true
 
     def __str__(self) -> str:
         return self.value
@@ -71,6 +78,22 @@ class ByeReason(str, enum.Enum):
     IDLE = "idle"
     TOO_SLOW = "too_slow"
     TOO_MANY_FAILURES = "too_many_failures"
+    KICKED = "kicked"      # section 10: an admin kicked the user
+    BANNED = "banned"      # section 10: an admin banned the account (or a banned account logged in)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ModAction(str, enum.Enum):
+    """The ``action`` of a MOD request (section 10)."""
+
+    KICK = "kick"
+    BAN = "ban"
+    UNBAN = "unban"
+    MUTE = "mute"
+    UNMUTE = "unmute"
+    BANS = "bans"
 
     def __str__(self) -> str:
         return self.value
@@ -99,6 +122,10 @@ MAX_SEALED_PASSWORD_CHARS = 4096
 # Usernames: 1-32 of A-Z a-z 0-9 _ . -, starting with a letter or digit.
 USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 USERNAME_RULE = "1-32 letters, digits, '_', '.' or '-', starting with a letter or digit"
+# Moderation (section 10): a reason is a line, not a letter; a timed sanction is at most
+# ten years (longer is "for good", which has no seconds at all).
+MAX_REASON_CHARS = 200
+MAX_SANCTION_SECONDS = 10 * 366 * 86400
 # The frame limit a server uses unless told otherwise (section 1).
 DEFAULT_FRAME_LIMIT = framing.DEFAULT_FRAME_LIMIT
 # Section 0: a TLS connection starts with a handshake record, content type 22;
@@ -197,6 +224,9 @@ def fatal(error: Error, message: str) -> bytes:
     return framing.command({"op": Op.ERROR, "ok": False, "error": error, "message": message})
 
 
-def bye(reason: ByeReason) -> bytes:
-    """The unsolicited BYE frame sent before the server closes a connection."""
-    return framing.command({"op": Op.BYE, "reason": reason})
+def bye(reason: ByeReason, **fields) -> bytes:
+    """The unsolicited BYE frame sent before the server closes a connection (``fields``: section 10's
+    ``message``, ``until``)."""
+    body: dict = {"op": Op.BYE, "reason": reason}
+    body.update(fields)
+    return framing.command(body)

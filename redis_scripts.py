@@ -27,6 +27,11 @@ key                         type        holds
 ``chat:nodeusers:<node>``   set         names with a session on that node
 ``chat:ev``                 stream      events for every node (``MAXLEN ~``)
 ``chat:in:<node>``          stream      events for one node's users (``MAXLEN ~``)
+``chat:mod``                hash        bans and mutes in force: ``ban:<name>`` /
+                                        ``mute:<name>`` -> the action (JSON,
+                                        ``store.ModRecord``); expired ones may linger
+``chat:modlog``             stream      every moderation action, field ``e`` = its JSON
+                                        (``MAXLEN ~``): the audit trail
 ==========================  ==========  ==============================================
 
 Stream entries (field ``t`` says which):
@@ -40,7 +45,10 @@ Stream entries (field ``t`` says which):
 * ``chat:in:<node>``  ``t=pm from=<name> to=<name> tok=<token> d=<payload>``:
   a private message for that exact session;
 * ``chat:in:<node>``  ``t=kick u=<name> tok=<token>``: that session was
-  replaced (``BYE replaced``).
+  replaced (``BYE replaced``);
+* ``chat:ev``  ``t=mod u=<name> d=<action JSON>``: a moderation action
+  (docs/PROTOCOL.md section 10); every node enforces it on its own users
+  (a kick or ban ends the session there, a mute holds its BMs) and tells them.
 
 BM and PM take the sender's session token too (optional): a node that lost
 its users to a reap or a takeover cannot store messages in their name.
@@ -72,6 +80,7 @@ from redislink import Script
 # Enough events for a node to resume after a Redis blip or a slow pass without
 # a gap, yet bounded (about 100,000 x a few hundred bytes).
 EV_MAXLEN = 100_000
+MODLOG_MAXLEN = 100_000   # moderation actions kept in Redis's audit trail (the server logs keep them all)
 INBOX_MAXLEN = 100_000
 # Defaults for --history-limit's default (512 MiB): about 1 M BMs, 130 k entries per user.
 ROOM_MAXLEN = 1_000_000
@@ -357,8 +366,33 @@ end
 return out
 """)
 
+MODERATE = Script("moderate", "Apply a moderation action to chat:mod, journal it in chat:modlog and XADD it "
+                  "to chat:ev for every node.", """
+-- KEYS[1] mod, KEYS[2] ev, KEYS[3] modlog; ARGV action, name, record (JSON), now (seconds),
+-- ev maxlen, log maxlen.
+-- Returns {1, event id}, or {0, ''} for an unban or unmute with nothing in force (nothing written).
+local action, name, record, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+if action == 'ban' or action == 'mute' then
+  redis.call('HSET', KEYS[1], action .. ':' .. name, record)
+elseif action == 'unban' or action == 'unmute' then
+  local field = string.sub(action, 3) .. ':' .. name
+  local old = redis.call('HGET', KEYS[1], field)
+  if not old then
+    return {0, ''}
+  end
+  redis.call('HDEL', KEYS[1], field)
+  local ends = cjson.decode(old)['until']
+  if type(ends) == 'number' and ends <= now then
+    return {0, ''}
+  end
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'e', record)
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 't', 'mod', 'u', name, 'd', record)
+return {1, id}
+""")
+
 SCRIPTS = (CREATE_ACCOUNT, BM, PM, LOGIN_SWAP, GO_ONLINE, LOGOUT, REGISTER_NODE, RENEW_LEASE, DEAD_NODES,
-           REAP_NODE, HISTORY)
+           REAP_NODE, HISTORY, MODERATE)
 
 
 class ScriptCall(NamedTuple):
@@ -380,6 +414,8 @@ class ChatKeys:
         self.room = prefix + "room"
         self.room_maxlen = room_maxlen
         self.hist_maxlen = hist_maxlen
+        self.mod = prefix + "mod"
+        self.modlog = prefix + "modlog"
 
     def acct(self, name: str) -> str:
         return f"{self.prefix}acct:{name}"
@@ -442,3 +478,8 @@ class ChatKeys:
 
     def history(self, name: str, limit: int | None = None, page: int = HISTORY_PAGE) -> ScriptCall:
         return ScriptCall(HISTORY, [self.hist(name)], [self.prefix, limit or 0, page])
+
+    def moderate(self, action: str, name: str, record: str, now: float, ev_maxlen: int = EV_MAXLEN,
+                 log_maxlen: int = MODLOG_MAXLEN) -> ScriptCall:
+        return ScriptCall(MODERATE, [self.mod, self.ev, self.modlog],
+                          [action, name, record, repr(float(now)), ev_maxlen, log_maxlen])

@@ -78,6 +78,15 @@ def stream_lengths(history_limit: int) -> dict:
     if not history_limit:
         return {"room_maxlen": 1 << 62, "hist_maxlen": 1 << 62}
     return {"room_maxlen": max(1000, history_limit // 512), "hist_maxlen": max(1000, history_limit // 4096)}
+def _record(raw) -> store.ModRecord | None:
+    """A moderation record kept in chat:mod, or None (absent, or not one: logged)."""
+    if not raw:
+        return None
+    try:
+        return store.ModRecord.from_json(raw)
+    except ValueError:
+        log.error("ignoring a malformed moderation record in Redis")
+        return None
 
 
 def new_node_id() -> str:
@@ -291,6 +300,12 @@ class RedisStore:
             return store.Direct(_text(fields.get("to", b"")), token, frame)
         if kind == "kick":
             return store.Kick(key, token)
+        if kind == "mod":
+            try:
+                return store.ModerationEvent(store.ModRecord.from_json(frame))
+            except ValueError:
+                log.error("ignoring a malformed moderation event at %s", position)
+                return None
         return None
 
     def events(self) -> list[store.ClusterEvent]:
@@ -362,6 +377,16 @@ class RedisStore:
             self.cmd.eval(lambda _: None, *keys.logout(request.key, request.token))
         elif isinstance(request, store.AppendHistory):
             self._append(request, checked)
+        elif isinstance(request, store.LoadSanctions):
+            self.cmd.call(checked(lambda pair: store.SanctionsLoaded(*(_record(raw) for raw in pair))),
+                          "HMGET", keys.mod, "ban:" + request.key, "mute:" + request.key)
+        elif isinstance(request, store.ListSanctions):
+            self.cmd.call(checked(lambda flat: store.SanctionsListed(
+                [r for r in (_record(raw) for raw in flat[1::2]) if r is not None])), "HGETALL", keys.mod)
+        elif isinstance(request, store.Moderate):
+            record = request.record
+            self.cmd.eval(checked(lambda reply: store.ModerationStored(reply[0] == 1)),
+                          *keys.moderate(record.action, record.key, record.to_json(), record.at))
         else:
             raise TypeError(f"not a store request: {request!r}")
 

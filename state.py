@@ -54,12 +54,13 @@ import time
 from typing import Callable, NamedTuple, cast
 
 import framing
+import moderation
 import pg3lib
 import pmguard
 import store
 from passwords import OK, Account, LoginResult
 from protocol import (MAX_ATTEMPTS, MAX_SEALED_PASSWORD_CHARS, NONCE_BYTES, PROTOCOL_VERSION, USERNAME_RULE, ByeReason,
-                      Error, Op, bye, fail, ok, text_problem, timestamp, valid_username)
+                      Error, ModAction, Op, bye, fail, ok, text_problem, timestamp, valid_username)
 
 # Replies one connection may have waiting on the store; past it, its further
 # requests wait (memory per connection stays bounded however much it pipelines).
@@ -140,6 +141,12 @@ class CheckPassword(NamedTuple):
     username: str
     account: Account | None
     may_register: bool = True   # False: the address is over its registration rate
+
+
+class Audit(NamedTuple):
+    """A line for the server's log: a moderation action with who did it (``refused``: a warning)."""
+    text: str
+    refused: bool = False
 
 
 REQUESTS = frozenset((*store.REQUESTS, CheckPassword))   # effects that are answered by completed()
@@ -421,7 +428,7 @@ class Room:
                  login_timeout: float = 30.0, register_rate: int = 100, login_delay_cap: float = 60.0,
                  guess_limit: int = GUESS_LIMIT, bm_rate: float = BM_RATE, bm_burst: float = BM_BURST,
                  accept_pm1: bool = True, clock: Callable[[], float] = time.time,
-                 random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 random_bytes: Callable[[int], bytes] = os.urandom, admins=()) -> None:
         self.server_keys = server_keys
         self.server_key_form = server_keys.public.key_form
         self.frame_limit = frame_limit
@@ -442,6 +449,10 @@ class Room:
         self.pm_ids = pmguard.UsedIds()
         # A CH page with no entries: what every history entry must fit beside (its size is the page's overhead).
         self._page_overhead = len(history_pages([], frame_limit)[0])
+        # Moderation (section 10): admins are named at the server; the mutes of accounts logged in
+        # here (loaded at login, changed by MOD) are kept to answer their BMs without a store read.
+        self.admins = frozenset(name.lower() for name in admins)
+        self.mutes: dict[str, store.ModRecord] = {}
 
     @property
     def login_delay_cap(self) -> float:
@@ -654,9 +665,9 @@ class Room:
     def _reply(self, session: Session, data: bytes, out: Effects) -> None:
         self._emit(session, Send(session.cid, data), out)
 
-    def _say_bye(self, session: Session, reason: ByeReason, out: Effects) -> None:
+    def _say_bye(self, session: Session, reason: ByeReason, out: Effects, **fields) -> None:
         """BYE, the session ends, and the connection closes once the BYE is sent."""
-        self._reply(session, bye(reason), out)
+        self._reply(session, bye(reason, **fields), out)
         self._end(session, out)
         self._emit(session, Close(session.cid), out)
 
@@ -830,7 +841,7 @@ class Room:
             assert result.account is not None   # a new user's OK carries the new account
             return Ask(store.CreateAccount(session.cid, result.account), self._account_created)
         session.sealed = ""
-        return self._claim(session, False, out)
+        return self._check_banned(session, out)
 
     def _account_created(self, session: Session, result: store.Result, out: Effects) -> Ask | None:
         self._release_registration(session, created=result == store.AccountCreated(True))
@@ -912,6 +923,7 @@ class Room:
         problem = text_problem(text)
         if problem:
             raise Refused(Error.BAD_REQUEST, problem)
+        self._check_muted(session)
         if not self.bm_limit.take(session.key):
             raise Refused(Error.RATE_LIMITED, "you are sending too fast; wait a moment")
         ts = timestamp(self.clock())
@@ -1008,6 +1020,136 @@ class Room:
                                              "(PM2: id, sent, from, to and the digests of both sealed texts)")
         return ({"id": pm_id, "sent": sent, "signature": signature, "ciphertext_sha256": ciphertext_sha256,
                  "self_copy_sha256": self_copy_sha256}, pm_id, sent_at)
+
+
+    # --- moderation (section 10) ----------------------------------------------------
+    def _check_banned(self, session: Session, out: Effects) -> Ask:
+        """The password is right: a banned account goes no further; its mute is remembered."""
+        return Ask(store.LoadSanctions(session.cid, session.key), self._sanctions_loaded)
+
+    def _sanctions_loaded(self, session: Session, result: store.Result, out: Effects) -> Ask | None:
+        if session.state is State.CLOSED:
+            return None
+        if not isinstance(result, store.SanctionsLoaded):
+            raise Refused(Error.INTERNAL, "the account could not be read; try again")
+        now = self.clock()
+        ban = result.ban
+        if ban is not None and moderation.in_force(ban.until, now):
+            out.append(Audit(f"refused the login of {session.username!r}: banned by {ban.by!r}", refused=True))
+            raise Refused(Error.BANNED, "this account is " + moderation.sanction_text("banned", ban.by, ban.until,
+                                                                                       ban.reason),
+                          bye=ByeReason.BANNED, until=moderation.until_ts(ban.until), by=ban.by, reason=ban.reason)
+        mute = result.mute
+        if mute is not None and moderation.in_force(mute.until, now):
+            self.mutes[session.key] = mute
+        else:
+            self.mutes.pop(session.key, None)
+        return self._claim(session, False, out)
+
+    def _check_muted(self, session: Session) -> None:
+        """Raises: Refused: the account is muted."""
+        mute = self.mutes.get(session.key)
+        if mute is None:
+            return
+        if not moderation.in_force(mute.until, self.clock()):
+            del self.mutes[session.key]
+            return
+        raise Refused(Error.MUTED, "you are " + moderation.sanction_text("muted", mute.by, mute.until, mute.reason),
+                      until=moderation.until_ts(mute.until), by=mute.by, reason=mute.reason)
+
+    def _mod(self, session: Session, body: dict, out: Effects) -> Ask:
+        try:
+            request = moderation.parse_request(body)
+        except ValueError as exc:
+            raise Malformed(str(exc)) from None
+        if session.key not in self.admins:
+            out.append(Audit(f"refused MOD {request.action.value} {request.username!r} from {session.username!r}: "
+                             "not an admin", refused=True))
+            raise Refused(Error.FORBIDDEN, "only an admin named at the server can moderate")
+        if request.action is ModAction.BANS:
+            return Ask(store.ListSanctions(session.cid), self._sanctions_listed)
+        key = request.username.lower()
+        if key == session.key:
+            raise Refused(Error.BAD_REQUEST, f"you cannot {request.action.value} yourself")
+        if request.action is ModAction.KICK:
+            target = self._find_online(key)
+            if target is None:
+                raise Refused(Error.NOT_ONLINE, f"{request.username!r} is not online")
+            return self._moderate(session, request, target.username)
+        return Ask(store.LoadAccount(session.cid, key), lambda s, result, o: self._mod_account(s, request, result))
+
+    def _mod_account(self, session: Session, request: moderation.ModRequest, result: store.Result) -> Ask:
+        if not isinstance(result, store.AccountLoaded):
+            raise Refused(Error.INTERNAL, "the account could not be read; try again")
+        if result.account is None:
+            raise Refused(Error.NO_SUCH_USER, f"there is no account {request.username!r}")
+        return self._moderate(session, request, result.account.username)
+
+    def _moderate(self, session: Session, request: moderation.ModRequest, spelling: str) -> Ask:
+        action = request.action
+        if action in moderation.NEEDS_CONFIRM and spelling.lower() in self.admins and not request.confirm:
+            raise Refused(Error.CONFIRM_NEEDED, f"{spelling} is an admin: send it again with \"confirm\": true "
+                          f"to {action.value} them anyway", username=spelling)
+        now = self.clock()
+        until = now + request.seconds if action in moderation.TIMED and request.seconds is not None else None
+        record = store.ModRecord(action.value, spelling, session.username, until, request.reason, now)
+        return Ask(store.Moderate(session.cid, record), lambda s, result, o: self._moderated(s, record, result, o))
+
+    def _moderated(self, session: Session, record: store.ModRecord, result: store.Result, out: Effects) -> None:
+        if not isinstance(result, store.ModerationStored):
+            raise Refused(Error.INTERNAL, "the action could not be stored; nothing was done")
+        if not result.applied:
+            what = "banned" if record.action == ModAction.UNBAN else "muted"
+            raise Refused(Error.BAD_REQUEST, f"{record.username} is not {what}")
+        out.append(Audit(moderation.notice_text(record.action, repr(record.username), repr(record.by), record.until,
+                                                repr(record.reason) if record.reason else "", record.at)))
+        self._reply(session, ok(Op.MOD, action=record.action, username=record.username,
+                                until=moderation.until_ts(record.until), reason=record.reason), out)
+        self._enforce(record, out)
+
+    def _enforce(self, record: store.ModRecord, out: Effects) -> None:
+        """One process: the action is stored, so it holds now."""
+        self._sanction(record, out)
+
+    def _sanction(self, record: store.ModRecord, out: Effects) -> None:
+        """Carry a stored action out on this server's users, and tell them (a NOTICE)."""
+        action, key = ModAction(record.action), record.key
+        target = self.logged_in.get(key)
+        text = moderation.notice_text(record.action, record.username, record.by, record.until, record.reason,
+                                      record.at)
+        if action in (ModAction.KICK, ModAction.BAN) and target is not None:
+            reason = ByeReason.KICKED if action is ModAction.KICK else ByeReason.BANNED
+            self._say_bye(target, reason, out, message=text, until=moderation.until_ts(record.until))
+        elif action is ModAction.MUTE and target is not None:
+            self.mutes[key] = record
+        elif action is ModAction.UNMUTE:
+            self.mutes.pop(key, None)
+        out.append(DeliverAll(framing.data({"op": Op.NOTICE, "text": text, "action": record.action,
+                                            "username": record.username, "by": record.by,
+                                            "until": moderation.until_ts(record.until), "reason": record.reason,
+                                            "ts": timestamp(self.clock())}), ""))
+
+    def _sanctions_listed(self, session: Session, result: store.Result, out: Effects) -> None:
+        if not isinstance(result, store.SanctionsListed):
+            raise Refused(Error.INTERNAL, "the bans could not be read; try again")
+        now = self.clock()
+        kept = sorted((r for r in result.records if moderation.in_force(r.until, now)),
+                      key=lambda r: (r.action, r.key))
+        entries: dict[str, list] = {"ban": [], "mute": []}
+        budget = (self.frame_limit or 1 << 62) - 200
+        left_out = 0
+        for record in kept:
+            entry = {"username": record.username, "by": record.by, "until": moderation.until_ts(record.until),
+                     "reason": record.reason, "since": timestamp(record.at)}
+            size = framing.json_size(entry) + 1
+            if size > budget or record.action not in entries:
+                left_out += record.action in entries
+                continue
+            budget -= size
+            entries[record.action].append(entry)
+        fields = {"more": left_out} if left_out else {}
+        self._reply(session, ok(Op.MOD, action=ModAction.BANS, bans=entries["ban"], mutes=entries["mute"],
+                                **fields), out)
 
 
 def _key_of(target: Session | store.RemoteUser) -> tuple[str, str]:
@@ -1142,7 +1284,12 @@ class SharedRoom(Room):
         elif isinstance(event, store.Joined):
             self.node = event.node
             self.remote = dict(event.remote)
+        elif isinstance(event, store.ModerationEvent):
+            self._sanction(event.record, out)
         return out
+
+    def _enforce(self, record: store.ModRecord, out: Effects) -> None:
+        """Every node, this one included, enforces it when the store's event arrives."""
 
     def _kicked(self, event: store.Kick, out: Effects) -> None:
         session = self.logged_in.get(event.key)
@@ -1213,7 +1360,8 @@ TRANSITIONS: dict[State, dict[str, Transition]] = {
     State.READY: {Op.BM: Transition(Room._bm, State.AWAIT_BM_TEXT),
                   Op.PM: Transition(Room._pm, State.AWAIT_PM_TARGET),
                   Op.CH: Transition(Room._ch, State.READY),
-                  Op.EX: Transition(Room._ex, State.CLOSED)},
+                  Op.EX: Transition(Room._ex, State.CLOSED),
+                  Op.MOD: Transition(Room._mod, State.READY)},   # section 10, moderation
     State.AWAIT_BM_TEXT: {Op.SEND: Transition(Room._bm_send, State.READY, State.READY, _SEND_KEEPS),
                           Op.CANCEL: Transition(Room._cancel, State.READY)},
     State.AWAIT_PM_TARGET: {Op.TARGET: Transition(Room._pm_target, State.AWAIT_PM_TEXT, State.READY),
@@ -1233,7 +1381,7 @@ def _expected(state: State) -> str:
 
 
 __all__ = [
-    "REQUESTS", "TRANSITIONS", "Ask", "CheckPassword", "Close", "Deliver", "DeliverAll", "LoginThrottle",
+    "REQUESTS", "TRANSITIONS", "Ask", "Audit", "CheckPassword", "Close", "Deliver", "DeliverAll", "LoginThrottle",
     "Malformed", "Offline", "Online", "Page", "Refused", "Room", "Send", "Session", "SharedRoom", "State", "Transition",
     "make_room",
 ]

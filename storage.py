@@ -8,6 +8,9 @@ entry per line; a batch of entries is written with one ``os.write`` per file.
 logic's store requests, runs appends as a group at the end of a loop pass
 (group commit, still before any reply that depends on them), and hands back
 typed results. It has no cluster: its cluster methods do nothing.
+``ModerationLog`` keeps ``moderation.jsonl``: every moderation action (docs/PROTOCOL.md
+section 10), appended and fsync'd like an account, replayed at start into the
+bans and mutes in force.
 
 Torn tails: a line is complete with its newline. On reading, a last line with
 no newline (a crash mid-write) is dropped with a warning, and before the next
@@ -32,6 +35,7 @@ from passwords import Account
 log = logging.getLogger("chat.storage")
 
 ACCOUNTS_FILE = "accounts.jsonl"
+MODERATION_FILE = "moderation.jsonl"
 SERVER_KEY_FILE = "server_key.pem"
 HISTORY_SUFFIX = ".chat"
 # Open history files kept between passes: a broadcast writes to every online
@@ -144,6 +148,94 @@ DEFAULT_MIN_FREE = 64 << 20      # below this much free disk, new messages are r
 ROOM_PREFIX, ROOM_SUFFIX = "room.", ".log"
 RUNS_FILE = "room.runs"
 READ_BLOCK = 65536               # histories are read backwards in blocks of this size
+
+
+class ModerationLog:
+    """``moderation.jsonl``: every moderation action, one JSON line each, appended and fsync'd
+    before it is acknowledged; replayed at start into the bans and mutes in force.
+
+    Like the accounts file: a torn last line is cut, a corrupt line in the middle stops the
+    server at start (a ban is never dropped silently). The file is made by the first action,
+    so a room that never moderates has none.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.kept: dict[tuple[str, str], store.ModRecord] = {}   # ("ban"|"mute", key) -> the action
+        self._fd: int | None = None
+        self._load()
+        if os.path.exists(path):
+            try:
+                self._open()
+            except OSError as exc:
+                raise StorageError(f"cannot write {path}: {exc.strerror}") from None
+
+    def _open(self) -> int:
+        """Raises: OSError: the file cannot be opened or its torn tail cut."""
+        if self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                cut_torn_tail(fd, self.path)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
+        return self._fd
+
+    def _load(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path}: {exc.strerror}") from None
+        for number, line in complete_lines(data, self.path):
+            try:
+                record = store.ModRecord.from_json(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise StorageError(f"{self.path}, line {number}: corrupt moderation record ({exc})") from None
+            self._apply(record)
+
+    def _apply(self, record: store.ModRecord) -> None:
+        if record.action in ("ban", "mute"):
+            self.kept[(record.action, record.key)] = record
+        elif record.action in ("unban", "unmute"):
+            self.kept.pop((record.action[2:], record.key), None)
+
+    def get(self, kind: str, key: str) -> store.ModRecord | None:
+        return self.kept.get((kind, key))
+
+    def add(self, record: store.ModRecord) -> bool:
+        """Journal and apply an action; False (nothing written) for an unban or unmute of nothing in force.
+
+        Raises:
+            OSError: the write or fsync failed (nothing is applied then).
+        """
+        if record.action in ("unban", "unmute"):
+            old = self.kept.get((record.action[2:], record.key))
+            if old is None or (old.until is not None and old.until <= record.at):
+                return False
+        line = (record.to_json() + "\n").encode("utf-8")
+        fd = self._open()
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError("short write to the moderation file")
+            os.fsync(fd)
+        except OSError:
+            try:
+                cut_torn_tail(fd, self.path)
+            except OSError:
+                pass   # cut on the next start
+            raise
+        self._apply(record)
+        return True
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
 
 
 def _lines_back(fd: int, start: int, end: int):
@@ -694,6 +786,11 @@ class FileStore:
         fresh = not os.path.exists(os.path.join(directory, RUNS_FILE))
         self.room = RoomLog(directory, history_limit)
         self.history = HistoryLog(directory, max_open_history, history_limit)
+        try:
+            self.moderation = ModerationLog(os.path.join(directory, MODERATION_FILE))
+        except BaseException:
+            self.accounts.close()
+            raise
         if fresh and len(self.accounts):
             log.info("%s holds histories of the per-recipient layout (%d accounts): they are read as they "
                      "are, their lines before everything stored from now on; new BMs go to the room log",
@@ -743,6 +840,13 @@ class FileStore:
             result = store.WentOnline(store.START)
         elif isinstance(request, store.Logout):
             return
+        elif isinstance(request, store.LoadSanctions):
+            result = store.SanctionsLoaded(self.moderation.get("ban", request.key),
+                                           self.moderation.get("mute", request.key))
+        elif isinstance(request, store.ListSanctions):
+            result = store.SanctionsListed(list(self.moderation.kept.values()))
+        elif isinstance(request, store.Moderate):
+            result = self._moderate(request.record)
         else:
             raise TypeError(f"not a store request: {request!r}")
         self._queue.append([request.cid, result, None])
@@ -766,6 +870,14 @@ class FileStore:
         except OSError as exc:
             log.error("reading the history of %r failed: %s", username, exc.strerror or exc)
             return store.FAILED
+
+    def _moderate(self, record: store.ModRecord) -> store.Result:
+        try:
+            return store.ModerationStored(self.moderation.add(record))
+        except OSError as exc:
+            log.error("storing a moderation action on %r failed: %s", record.username, exc)
+            return store.FAILED
+
 
     def flush(self) -> list[tuple[int, store.Result]]:
         """Write what is pending (one write per file) and return every completion, in order."""
@@ -868,6 +980,7 @@ class FileStore:
         self.accounts.close()
         self.room.close()
         self.history.close()
+        self.moderation.close()
 
 
 _ALL_WRITTEN = store.Appended()

@@ -9,6 +9,9 @@ on storage waits for that answer.
 Each request has one typed *result*, and every request has the same one
 failure value, ``FAILED`` (the store could not do it: a disk or Redis error);
 a session answers a ``FAILED`` with ``internal``. ``Logout`` is not answered.
+Moderation (docs/PROTOCOL.md section 10) is three requests: ``Moderate`` (journal
+and apply an action), ``LoadSanctions`` (an account's ban and mute, at login) and
+``ListSanctions``.
 
 Two stores implement ``Store``: ``storage.FileStore`` (the data directory, one
 process) and ``redisstore.RedisStore`` (several nodes on one Redis,
@@ -21,6 +24,7 @@ form.
 
 from __future__ import annotations
 
+import json
 from typing import NamedTuple, Protocol, Union
 
 from passwords import Account
@@ -113,8 +117,67 @@ class Logout(NamedTuple):
     token: str
 
 
-Request = Union[LoadAccount, CreateAccount, AppendHistory, ReadHistory, MarkOnline, ClaimSession, GoOnline, Logout]
-REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory, MarkOnline, ClaimSession, GoOnline, Logout)
+# --- moderation (docs/PROTOCOL.md section 10) ---------------------------------------
+
+class ModRecord(NamedTuple):
+    """One moderation action, as journalled and as a ban or mute is kept: what, on whom, by whom.
+
+    ``until`` is a wall-clock time (``time.time``), None for good (and for the actions
+    that last no time: kick, unban, unmute); ``at`` is when the action was taken.
+    """
+    action: str      # protocol.ModAction value: kick, ban, unban, mute, unmute
+    username: str    # the registered spelling of the account acted on
+    by: str          # the admin's registered spelling
+    until: float | None
+    reason: str
+    at: float
+
+    @property
+    def key(self) -> str:
+        return self.username.lower()
+
+    def to_json(self) -> str:
+        return json.dumps(self._asdict(), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModRecord:
+        """Raises: ValueError: not a record."""
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("not an object")
+        until = raw.get("until")
+        try:
+            record = cls(str(raw["action"]), str(raw["username"]), str(raw["by"]),
+                         None if until is None else float(until), str(raw.get("reason", "")), float(raw["at"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a moderation record ({exc})") from None
+        return record
+
+
+class LoadSanctions(NamedTuple):
+    """The account's ban and mute, if any (expired ones included). Result: ``SanctionsLoaded``."""
+    cid: int
+    key: str
+
+
+class ListSanctions(NamedTuple):
+    """Every ban and mute kept (expired ones may be included). Result: ``SanctionsListed``."""
+    cid: int
+
+
+class Moderate(NamedTuple):
+    """Journal an action durably and apply it: a ban or mute replaces the account's, an unban or
+    unmute clears it (only if one is in force at ``record.at``), a kick changes nothing kept.
+    A store of several nodes also tells every node (cluster event ``ModerationEvent``).
+    Result: ``ModerationStored``."""
+    cid: int
+    record: ModRecord
+
+
+Request = Union[LoadAccount, CreateAccount, AppendHistory, ReadHistory, MarkOnline, ClaimSession, GoOnline, Logout,
+                LoadSanctions, ListSanctions, Moderate]
+REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory, MarkOnline, ClaimSession, GoOnline, Logout,
+            LoadSanctions, ListSanctions, Moderate)
 
 
 # --- results ------------------------------------------------------------------
@@ -170,7 +233,21 @@ class WentOnline(NamedTuple):
     position: Position | None   # where its coming online is in the event order; None: replaced meanwhile
 
 
-Result = Union[Failed, AccountLoaded, AccountCreated, Appended, HistoryRead, Claimed, WentOnline]
+class SanctionsLoaded(NamedTuple):
+    ban: ModRecord | None
+    mute: ModRecord | None
+
+
+class SanctionsListed(NamedTuple):
+    records: list   # ModRecord: bans and mutes, in no particular order
+
+
+class ModerationStored(NamedTuple):
+    applied: bool   # False: an unban or unmute found nothing in force (nothing was written)
+
+
+Result = Union[Failed, AccountLoaded, AccountCreated, Appended, HistoryRead, Claimed, WentOnline,
+               SanctionsLoaded, SanctionsListed, ModerationStored]
 
 
 # --- cluster events (stores of several nodes only) -----------------------------------
@@ -224,7 +301,12 @@ class Joined(NamedTuple):
     remote: dict   # key -> RemoteUser
 
 
-ClusterEvent = Union[Broadcast, Presence, Direct, Kick, Dropped, Joined]
+class ModerationEvent(NamedTuple):
+    """A moderation action stored by any node: each node enforces it on its own users and tells them."""
+    record: ModRecord
+
+
+ClusterEvent = Union[Broadcast, Presence, Direct, Kick, Dropped, Joined, ModerationEvent]
 
 
 # --- the interface ------------------------------------------------------------

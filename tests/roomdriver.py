@@ -86,6 +86,7 @@ class RoomDriver:
         self.online: dict[str, int] = {}
         self.stray: list = []                  # effects that should not exist (see the module docstring)
         self.dropped: list = []                # sends to a connection the peer closed (normal)
+        self.audits: list = []                 # state.Audit effects (the server logs them)
         self._fatal: dict[int, bytes] = {}
         self._broadcasts: list = []
         self._decoders: dict[int, framing.FrameDecoder] = {}
@@ -248,6 +249,8 @@ class RoomDriver:
                     del self.online[effect.user]
             elif kind is state.CheckPassword:
                 self._jobs.append(effect)
+            elif kind is state.Audit:
+                self.audits.append(effect)
             elif isinstance(effect, store.REQUESTS):
                 self.store.submit(effect)
             else:

@@ -648,3 +648,51 @@ def test_usage_mentions_register():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     assert "--register" in text and "exit status is 1 if any line failed" in text
+
+
+# --- moderation commands (docs/PROTOCOL.md section 10) ----------------------------------------------
+
+@pytest.mark.parametrize("line, body", [
+    ("BAN bob 2h spam here", {"action": "ban", "username": "bob", "seconds": 7200, "reason": "spam here"}),
+    ("ban bob spam", {"action": "ban", "username": "bob", "reason": "spam"}),
+    ("BAN bob", {"action": "ban", "username": "bob"}),
+    ("MUTE bob 10m", {"action": "mute", "username": "bob", "seconds": 600}),
+    ("KICK bob 1 more time", {"action": "kick", "username": "bob", "reason": "1 more time"}),
+    ("UNBAN bob", {"action": "unban", "username": "bob"}),
+    ("UNMUTE bob", {"action": "unmute", "username": "bob"}),
+    ("BANS", {"action": "bans"}),
+])
+def test_moderation_commands_make_mod_requests(alice, line, body):
+    steps, _ = drive(alice.command(line), [{"op": "MOD", "ok": True, "action": body["action"], "bans": [],
+                                            "mutes": [], "username": body.get("username"), "until": None}])
+    assert steps[0].body == {"op": "MOD", **body}
+    assert alice.out.warned == []
+
+
+@pytest.mark.parametrize("line, warning", [
+    ("BAN", "BAN: usage: BAN user [time] [reason]"),
+    ("BAN bob 2x", "BAN bob: '2x' is not a duration"),
+    ("MUTE bob loud", "MUTE bob: usage: MUTE user time [reason]"),
+    ("UNBAN bob please", "UNBAN: usage: UNBAN user"),
+])
+def test_moderation_command_mistakes_send_nothing(alice, line, warning):
+    steps, _ = drive(alice.command(line), [])
+    assert steps == [] and alice.out.warned[0].startswith(warning), alice.out.warned
+
+
+def test_confirmation_for_an_admin_resends_with_confirm(alice):
+    need = {"op": "MOD", "ok": False, "error": "confirm_needed", "message": "zed is an admin", "username": "Zed"}
+    done = {"op": "MOD", "ok": True, "action": "kick", "username": "Zed", "until": None}
+    steps, _ = drive(alice.command("KICK zed"), [need, chatclient.Submit("y"), done])
+    assert steps[2].prompt == "Zed is an admin: kick anyway? [y/N] "
+    assert steps[3].body == {"op": "MOD", "action": "kick", "username": "zed", "confirm": True}
+    assert alice.out.shown[-1] == "done: Zed kicked"
+    steps, _ = drive(alice.command("KICK zed"), [need, chatclient.Submit("")])
+    assert len(steps) == 3 and alice.out.shown[-1] == "not done: Zed was not kicked"
+
+
+def test_notice_is_shown_with_its_time(alice):
+    alice.on_data({"op": "NOTICE", "text": "zed banned bob for 1 h: spam", "ts": "2026-11-24T15:04:05.000Z"})
+    assert re.fullmatch(r"\[\d\d:\d\d\] \* zed banned bob for 1 h: spam", alice.out.shown[-1])
+    alice.on_data({"op": "SOMETHING_NEW", "x": 1})   # an unknown D op is ignored
+    assert len(alice.out.shown) == 1

@@ -924,3 +924,87 @@ def test_ignore_hides_a_user_and_is_remembered_across_runs(server, connect, keys
         assert "spam" not in output and re.search(ENTRY + "BM carol -> all: marker one$", output, re.M)
     finally:
         second.close()
+
+
+# --- moderation (docs/PROTOCOL.md section 10) --------------------------------------------------
+
+def test_piped_admin_commands_and_notices(make_server, keys, home):
+    server = make_server("--admin", "alice")
+    seed_key(home("alice"), server.port, "alice", keys(0))
+    bob = WireClient(server.port)
+    bob.login("bob", PASSWORD, keys(1))
+    carol = WireClient(server.port)
+    carol.login("carol", PASSWORD, keys(2))
+    carol.exit()
+    try:
+        script = (PASSWORD + "\nMUTE bob 10m shouting\nBANS\nKICK bob bye now\nBAN carol 2h spam\nUNBAN carol\n"
+                  "BANS\nMUTE bob\n")
+        result = run_script(server.port, "alice", home("alice"), script, "--register")
+        out = result.stdout
+        assert re.search(r"^done: bob is muted until \d{4}-\d\d-\d\d \d\d:\d\d$", out, re.M), out
+        assert re.search(CLOCK + r" \* alice muted bob for 10 min: shouting$", out, re.M), out
+        assert re.search(r"^bob: muted until \d{4}-\d\d-\d\d \d\d:\d\d by alice: shouting$", out, re.M), out
+        assert "done: bob kicked" in out and "done: carol is banned until" in out and "done: carol unbanned" in out
+        assert re.search(CLOCK + r" \* alice banned carol for 2 h: spam$", out, re.M), out
+        assert out.count("bob: muted until") == 2 and "carol: banned" not in out
+        assert result.returncode == 1   # the last line lacks MUTE's time
+        assert "MUTE bob: usage: MUTE user time [reason]" in result.stderr
+        frames = [f.body for f in bob.recv_until_closed(DEADLINE) if f.kind == "C"]
+        assert frames[-1] == {"op": "BYE", "reason": "kicked", "message": "alice kicked bob: bye now", "until": None}
+    finally:
+        bob.close()
+
+
+def test_non_admin_is_refused_and_the_script_says_why(server, connect, keys, home):
+    wire_login(connect, "alice", keys(0))
+    seed_key(home("bob"), server.port, "bob", keys(1))
+    result = run_script(server.port, "bob", home("bob"), PASSWORD + "\nBAN alice 1h\nBANS\n", "--register")
+    assert result.returncode == 1
+    assert "BAN alice: only an admin named at the server can moderate" in result.stderr
+    assert "BANS: only an admin" in result.stderr
+
+
+def test_kicked_and_banned_are_said_plainly(make_server, keys, home):
+    server = make_server("--admin", "zed")
+    zed = WireClient(server.port)
+    zed.login("zed", PASSWORD, keys(2))
+    seed_key(home("alice"), server.port, "alice", keys(0))
+    alice = PipedClient(server.port, "alice", home("alice"), "--register")
+    try:
+        alice.write(PASSWORD + "\n")
+        alice.expect("^logged in as alice")
+        assert zed.request({"op": "MOD", "action": "kick", "username": "alice", "reason": "test"})["ok"]
+        assert alice.wait() == 1
+        last = alice.output.decode().splitlines()[-1]
+        assert last == "chatclient: zed kicked alice: test: you were removed from the room (you may log in again)"
+        assert zed.request({"op": "MOD", "action": "ban", "username": "alice", "reason": "spam"})["ok"]
+        result = run_script(server.port, "alice", home("alice"), PASSWORD + "\nBM hi\n")
+        assert result.returncode == 1
+        assert result.stderr == "chatclient: login refused: this account is banned for good by zed: spam\n"
+    finally:
+        alice.close()
+        zed.close()
+
+
+def test_acting_on_another_admin_asks_first_on_the_terminal(make_server, keys, home, ptys):
+    server = make_server("--admin", "alice", "--admin", "zed")
+    zed = WireClient(server.port)
+    zed.login("zed", PASSWORD, keys(2))
+    try:
+        alice = ptys(server.port, "alice", home("alice"), keys(0))
+        alice.type("HELP\r")
+        alice.wait_for("For admins (named at the server; others are refused):")
+        alice.type("BAN zed 1h oops\r")
+        alice.wait_prompt("zed is an admin: ban anyway? [y/N] ")
+        alice.type("\r")
+        alice.wait_for("not done: zed was not banned")
+        alice.type("ban zed 1h really\r")
+        alice.wait_prompt("zed is an admin: ban anyway? [y/N] ")
+        alice.type("y\r")
+        alice.wait_line(r"done: zed is banned until \d{4}-\d\d-\d\d \d\d:\d\d")
+        alice.wait_line(CLOCK + r" \* alice banned zed for 1 h: really")
+        frames = [f.body for f in zed.recv_until_closed(DEADLINE) if f.kind == "C"]
+        assert frames[-1]["reason"] == "banned" and frames[-1]["message"] == "alice banned zed for 1 h: really"
+        alice.wait_prompt("alice> ")
+    finally:
+        zed.close()

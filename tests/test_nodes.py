@@ -46,10 +46,10 @@ class Cluster:
         self.nodes: list[ServerProcess] = []
         self.clients: list[WireClient] = []
 
-    def node(self) -> ServerProcess:
+    def node(self, *extra: str) -> ServerProcess:
         data = self.tmp_path / f"node{len(self.nodes)}"   # one data directory each, as on two machines
         data.mkdir()
-        proc = ServerProcess(str(data), "--redis", self.redis.url + "/0", *NODE_ARGS)
+        proc = ServerProcess(str(data), "--redis", self.redis.url + "/0", *NODE_ARGS, *extra)
         self.nodes.append(proc)
         return proc.start()
 
@@ -716,3 +716,45 @@ def test_redis_down_gives_internal_then_bye_then_the_nodes_rejoin(cluster):
     wait_presence(ann, "bob", True, time.monotonic() + 5, "ann on A after both rejoined")
     assert ann.bm("back again")["recipients"] == 1
     assert bob.wait_data("BM", timeout=5)["text"] == "back again"
+
+
+# --- moderation across nodes (docs/PROTOCOL.md section 10) -------------------------------------
+
+def test_a_ban_on_node_a_kicks_the_user_on_node_b_and_holds_on_both(cluster, keys):
+    a, b = cluster.node("--admin", "ann"), cluster.node("--admin", "ann")
+    ann = cluster.login(a, "ann", 0)
+    bob = cluster.login(b, "bob", 1)
+    cat = cluster.login(b, "cat", 2)
+    settle([ann, bob, cat])
+
+    reply = ann.request({"op": "MOD", "action": "ban", "username": "bob", "seconds": 600, "reason": "spam"})
+    assert reply["ok"] and reply["username"] == "bob", reply
+    frames, closed = frames_for(bob, 5)
+    assert closed and c_frames(frames)[-1] == {"op": "BYE", "reason": "banned", "message":
+                                               "ann banned bob for 10 min: spam", "until": reply["until"]}
+    assert cat.wait_data("NOTICE", timeout=5)["text"] == "ann banned bob for 10 min: spam"
+    assert ann.wait_data("NOTICE", timeout=5)["text"] == "ann banned bob for 10 min: spam"
+    wait_presence(ann, "bob", False, time.monotonic() + 5, "ann on A after bob's ban on B")
+    for node in (a, b):
+        again = cluster.connect(node)
+        assert again.login_start("bob")["ok"]
+        refused = again.password(secret("bob"))
+        assert refused["error"] == "banned" and refused["reason"] == "spam", refused
+        frames, closed = frames_for(again, 5)
+        assert closed and c_frames(frames) == [{"op": "BYE", "reason": "banned"}]
+
+    # a kick and a mute reach the other node too
+    dan = cluster.login(b, "dan", 3)
+    assert ann.request({"op": "MOD", "action": "mute", "username": "cat", "seconds": 600})["ok"]
+    assert cat.wait_data("NOTICE", timeout=5)["text"] == "ann muted cat for 10 min"
+    assert cat.bm("can I talk?")["error"] == "muted"
+    assert ann.request({"op": "MOD", "action": "kick", "username": "dan"})["ok"]
+    frames, closed = frames_for(dan, 5)
+    assert closed and c_frames(frames)[-1]["reason"] == "kicked"
+    listing = ann.request({"op": "MOD", "action": "bans"})
+    assert [x["username"] for x in listing["bans"]] == ["bob"] and [x["username"] for x in listing["mutes"]] == ["cat"]
+    assert ann.request({"op": "MOD", "action": "unmute", "username": "cat"})["ok"]
+    deadline = time.monotonic() + 5
+    while (reply := cat.bm("thanks"))["ok"] is not True and time.monotonic() < deadline:
+        time.sleep(0.1)   # the unmute reaches B with its event
+    assert reply["ok"], reply

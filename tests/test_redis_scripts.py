@@ -502,3 +502,20 @@ def test_history_script_is_the_per_recipient_history(r, ops, legacy):
             assert history(r, a, limit or None, page) == expected, (a, limit, page)
     for name in USERS:
         assert history(r, name) == model[name], name
+# --- moderation (docs/PROTOCOL.md section 10) --------------------------------------------------
+
+def test_moderate_keeps_bans_and_mutes_journals_and_announces(r):
+    ban = b'{"action":"ban","username":"Bob","until":null,"at":10.0}'
+    mute = b'{"action":"mute","username":"Bob","until":50.0,"at":10.0}'
+    assert run(r, K.moderate("ban", "bob", ban, 10.0))[0] == 1
+    assert run(r, K.moderate("mute", "bob", mute, 10.0))[0] == 1
+    assert r.call("HMGET", K.mod, "ban:bob", "mute:bob") == [ban, mute]
+    assert run(r, K.moderate("unmute", "bob", b'{"action":"unmute"}', 60.0)) == [0, b""]   # expired: nothing
+    assert r.call("HEXISTS", K.mod, "mute:bob") == 0
+    assert run(r, K.moderate("unban", "bob", b'{"action":"unban"}', 60.0))[0] == 1
+    assert run(r, K.moderate("unban", "bob", b'{"action":"unban"}', 61.0)) == [0, b""]    # not banned
+    ok, event_id = run(r, K.moderate("kick", "bob", b'{"action":"kick"}', 62.0))
+    assert ok == 1 and r.call("HLEN", K.mod) == 0
+    assert [e[b"e"] for e in entries(r, K.modlog)] == [ban, mute, b'{"action":"unban"}', b'{"action":"kick"}']
+    assert r.call("XRANGE", K.ev, "-", "+")[-1] == [event_id, [b"t", b"mod", b"u", b"bob", b"d",
+                                                              b'{"action":"kick"}']]

@@ -38,13 +38,13 @@ PROTOCOL_NEXT: dict[State, dict[str, State]] = {
     State.AWAIT_PASSWORD: {"PASSWORD": State.AWAIT_KEY},
     State.AWAIT_KEY: {"KEY": State.READY},
     State.READY: {"BM": State.AWAIT_BM_TEXT, "PM": State.AWAIT_PM_TARGET, "CH": State.READY,
-                  "EX": State.CLOSED},
+                  "EX": State.CLOSED, "MOD": State.READY},   # MOD: section 10, moderation
     State.AWAIT_BM_TEXT: {"SEND": State.READY, "CANCEL": State.READY},
     State.AWAIT_PM_TARGET: {"TARGET": State.AWAIT_PM_TEXT, "CANCEL": State.READY},
     State.AWAIT_PM_TEXT: {"SEND": State.READY, "CANCEL": State.READY},
     State.CLOSED: {},
 }
-KNOWN_OPS = ["LOGIN", "PASSWORD", "KEY", "BM", "PM", "CH", "EX", "SEND", "TARGET", "CANCEL"]
+KNOWN_OPS = ["LOGIN", "PASSWORD", "KEY", "BM", "PM", "CH", "EX", "SEND", "TARGET", "CANCEL", "MOD"]
 ALL_OPS = KNOWN_OPS + ["FOO", "BYE", "ERROR", "login"]
 LOGIN_STATES = (State.AWAIT_USERNAME, State.AWAIT_PASSWORD, State.AWAIT_KEY)
 SUB_STATES = (State.AWAIT_BM_TEXT, State.AWAIT_PM_TARGET, State.AWAIT_PM_TEXT)
@@ -166,6 +166,8 @@ def valid_body(ctx: Ctx, in_state: State, op: str) -> dict:
         return {"op": op, "username": "bob"}
     if op == "CH":
         return {"op": op, "limit": 10}
+    if op == "MOD":
+        return {"op": op, "action": "bans"}   # alice is an admin in check_state_op
     return {"op": op}
 
 
@@ -178,7 +180,7 @@ def test_transition_table_is_the_protocols():
 
 
 def check_state_op(in_state: State, op: str) -> None:
-    with fresh_driver() as d:
+    with fresh_driver(admins=("alice",)) as d:
         ctx = drive_to(d, in_state)
         body = valid_body(ctx, in_state, op)
         if in_state is State.CLOSED:
@@ -1494,6 +1496,8 @@ def _shared_login(room: state.Room, cid: int, name: str) -> list:
     out = room.receive(cid, framing.Frame("C", {"op": "PASSWORD", "ciphertext": "x;y"}))
     assert isinstance(out[-1], state.CheckPassword)
     out = room.completed(cid, LoginResult("ok", account=account))
+    assert isinstance(out[-1], store.LoadSanctions)   # a banned account goes no further (section 10)
+    out = room.completed(cid, store.SanctionsLoaded(None, None))
     assert isinstance(out[-1], store.ClaimSession) and out[-1].token == f"node1/{cid}"
     return out
 
@@ -1519,3 +1523,214 @@ def test_shared_claim_without_a_kick_logs_in():
     sent = [framing.FrameDecoder(0).feed(e.data)[0].body for e in out if isinstance(e, state.Send)]
     assert sent == [{"op": "PASSWORD", "ok": True, "new_user": False, "username": "bob"}]
     assert room.logged_in["bob"].cid == 8
+
+
+# --- moderation (docs/PROTOCOL.md section 10) ----------------------------------------------
+
+def mod_driver(tmp_path, clock=None) -> RoomDriver:
+    return RoomDriver(str(tmp_path), server_keys(), admins=("alice", "Zed"), clock=clock)
+
+
+def mod(d: RoomDriver, cid: int, action: str, username: str = "", **fields) -> dict:
+    body = {"op": "MOD", "action": action, **({"username": username} if username else {}), **fields}
+    return one_reply(d.send(cid, body), "MOD")
+
+
+def byes(d: RoomDriver, cid: int) -> list[dict]:
+    return [f.body for f in d.inbox[cid] if f.kind == "C" and f.body["op"] == "BYE"]
+
+
+def try_login(d: RoomDriver, name: str, i: int) -> tuple[int, dict]:
+    """LOGIN and PASSWORD of an existing account; the PASSWORD reply."""
+    cid = d.connect()
+    login = one_reply(d.send(cid, {"op": "LOGIN", "username": name}), "LOGIN")
+    frames = d.send(cid, {"op": "PASSWORD", "ciphertext": seal_password(login["server_key"], login["nonce"],
+                                                                          PASSWORD)})
+    return cid, one_reply(frames, "PASSWORD")
+
+
+def test_mod_from_a_non_admin_is_forbidden_and_logged(tmp_path):
+    d = mod_driver(tmp_path)
+    alice, bob = online_user(d, "alice", 0), online_user(d, "bob", 1)
+    for action, name in (("kick", "alice"), ("ban", "alice"), ("unban", "alice"), ("mute", "alice"),
+                         ("unmute", "alice"), ("bans", "")):
+        reply = mod(d, bob, action, name)
+        assert reply["ok"] is False and reply["error"] == "forbidden", reply
+    assert d.state_of(bob) is State.READY and alice not in d.closed
+    assert all(a.refused and "'bob'" in a.text for a in d.audits) and len(d.audits) == 6
+    d.close()
+
+
+@pytest.mark.parametrize("body", [{"action": "nuke", "username": "bob"}, {"action": "ban"},
+                                  {"action": "ban", "username": "bob", "seconds": 0},
+                                  {"action": "ban", "username": "bob", "seconds": "60"},
+                                  {"action": "kick", "username": "bob", "seconds": 60},
+                                  {"action": "ban", "username": "bob", "reason": "x" * 201},
+                                  {"action": "ban", "username": "bob", "confirm": "yes"}])
+def test_malformed_mod_is_bad_request(tmp_path, body):
+    d = mod_driver(tmp_path)
+    alice = online_user(d, "alice", 0)
+    assert_error(d.send(alice, {"op": "MOD", **body}), "MOD", "bad_request")
+    assert d.state_of(alice) is State.READY
+    d.close()
+
+
+def test_kick_says_bye_kicked_and_tells_the_room(tmp_path):
+    d = mod_driver(tmp_path)
+    alice, bob, carol = online_user(d, "alice", 0), online_user(d, "bob", 1), online_user(d, "carol", 2)
+    seen = len(d.inbox[carol])
+    reply = mod(d, alice, "kick", "BOB", reason="calm down")
+    assert reply == {"op": "MOD", "ok": True, "action": "kick", "username": "bob", "until": None,
+                     "reason": "calm down"}
+    assert byes(d, bob) == [{"op": "BYE", "reason": "kicked", "message": "alice kicked bob: calm down",
+                             "until": None}]
+    assert bob in d.closed and "bob" not in d.room.online
+    notices = data_frames(d, carol, "NOTICE", seen)
+    assert [n["text"] for n in notices] == ["alice kicked bob: calm down"]
+    assert notices[0]["by"] == "alice" and notices[0]["action"] == "kick"
+    assert [p["username"] for p in data_frames(d, carol, "PRESENCE", seen)] == ["bob"]
+    assert data_frames(d, alice, "NOTICE")[-1]["text"] == "alice kicked bob: calm down"
+    assert "'alice' kicked 'bob'" in d.audits[-1].text and not d.audits[-1].refused
+    online_user(d, "bob", 1)   # a kick is not a ban
+    d.close()
+
+
+def test_kick_refusals(tmp_path):
+    d = mod_driver(tmp_path)
+    alice = online_user(d, "alice", 0)
+    online_user(d, "bob", 1)
+    d.send(online_user(d, "carol", 2), {"op": "EX"})
+    assert_error(d.send(alice, {"op": "MOD", "action": "kick", "username": "carol"}), "MOD", "not_online")
+    assert_error(d.send(alice, {"op": "MOD", "action": "kick", "username": "Alice"}), "MOD", "bad_request")
+    assert_error(d.send(alice, {"op": "MOD", "action": "ban", "username": "nobody"}), "MOD", "no_such_user")
+    assert_error(d.send(alice, {"op": "MOD", "action": "mute", "username": "nobody", "seconds": 5}), "MOD",
+                 "no_such_user")
+    d.close()
+
+
+def test_timed_ban_kicks_refuses_the_login_with_the_reason_and_expires(tmp_path):
+    d = mod_driver(tmp_path)
+    alice, bob = online_user(d, "alice", 0), online_user(d, "bob", 1)
+    reply = mod(d, alice, "ban", "bob", seconds=3600, reason="spam")
+    assert reply["ok"] and reply["until"] == protocol.timestamp(d.clock() + 3600)
+    assert byes(d, bob)[0]["reason"] == "banned"
+    assert byes(d, bob)[0]["message"] == "alice banned bob for 1 h: spam"
+    assert data_frames(d, alice, "NOTICE")[-1]["text"] == "alice banned bob for 1 h: spam"
+
+    cid, refused = try_login(d, "bob", 1)
+    assert refused["ok"] is False and refused["error"] == "banned", refused
+    assert refused["until"] == reply["until"] and refused["reason"] == "spam"
+    assert "banned until" in refused["message"] and "by alice" in refused["message"] and "spam" in refused["message"]
+    assert byes(d, cid) == [{"op": "BYE", "reason": "banned"}] and cid in d.closed
+    assert "bob" not in d.room.logged_in
+
+    d.clock.advance(3601)
+    cid, accepted = try_login(d, "bob", 1)
+    assert accepted["ok"] is True
+    d.close()
+
+
+def test_ban_for_good_is_kept_across_a_restart_and_unban_lifts_it(tmp_path):
+    d = mod_driver(tmp_path)
+    alice = online_user(d, "alice", 0)
+    online_user(d, "bob", 1)
+    assert mod(d, alice, "ban", "bob")["until"] is None
+    assert data_frames(d, alice, "NOTICE")[-1]["text"] == "alice banned bob for good"
+    d.close()
+
+    d = mod_driver(tmp_path, clock=d.clock)   # the server again, on the same data directory
+    d.clock.advance(10 * 366 * 86400)
+    _, refused = try_login(d, "bob", 1)
+    assert refused["error"] == "banned" and refused["until"] is None and "for good" in refused["message"]
+    alice = online_user(d, "alice", 0)
+    assert mod(d, alice, "unban", "Bob")["ok"] is True
+    assert data_frames(d, alice, "NOTICE")[-1]["text"] == "alice unbanned bob"
+    assert_error(d.send(alice, {"op": "MOD", "action": "unban", "username": "bob"}), "MOD", "bad_request")
+    assert try_login(d, "bob", 1)[1]["ok"] is True
+    d.close()
+    d = mod_driver(tmp_path)
+    assert try_login(d, "bob", 1)[1]["ok"] is True   # the unban is kept too
+    d.close()
+
+
+def test_mute_refuses_bms_until_it_expires_or_is_lifted(tmp_path):
+    d = mod_driver(tmp_path)
+    alice, bob = online_user(d, "alice", 0), online_user(d, "bob", 1)
+    assert mod(d, alice, "mute", "bob", seconds=600, reason="shouting")["ok"]
+    assert data_frames(d, bob, "NOTICE")[-1]["text"] == "alice muted bob for 10 min: shouting"
+    assert one_reply(d.send(bob, {"op": "BM"}), "BM")["ok"]
+    refused = assert_error(d.send(bob, {"op": "SEND", "text": "LOUD"}), "SEND", "muted")
+    assert refused["until"] == protocol.timestamp(d.clock() + 600) and refused["reason"] == "shouting"
+    assert "muted until" in refused["message"]
+    assert d.state_of(bob) is State.READY and d.history("bob") == []
+    # a mute is the account's: a new login is muted too
+    bob = online_user(d, "bob", 1)
+    d.send(bob, {"op": "BM"})
+    assert_error(d.send(bob, {"op": "SEND", "text": "again"}), "SEND", "muted")
+    assert pm_allowed(d, bob)
+    d.clock.advance(601)
+    d.send(bob, {"op": "BM"})
+    assert one_reply(d.send(bob, {"op": "SEND", "text": "quietly"}), "SEND")["ok"]
+
+    assert mod(d, alice, "mute", "bob", seconds=60)["ok"]
+    d.send(bob, {"op": "BM"})
+    assert_error(d.send(bob, {"op": "SEND", "text": "x"}), "SEND", "muted")
+    assert mod(d, alice, "unmute", "bob")["ok"]
+    d.send(bob, {"op": "BM"})
+    assert one_reply(d.send(bob, {"op": "SEND", "text": "thanks"}), "SEND")["ok"]
+    assert_error(d.send(alice, {"op": "MOD", "action": "unmute", "username": "bob"}), "MOD", "bad_request")
+    d.close()
+
+
+def pm_allowed(d: RoomDriver, cid: int) -> bool:
+    """A muted user may still send PMs (a mute is about the room)."""
+    d.send(cid, {"op": "PM"})
+    return one_reply(d.send(cid, {"op": "CANCEL"}), "CANCEL")["ok"]
+
+
+def test_bans_lists_bans_and_mutes_in_force(tmp_path):
+    d = mod_driver(tmp_path)
+    alice = online_user(d, "alice", 0)
+    for i, name in enumerate(("bob", "carol", "dave")):
+        online_user(d, name, 1 + i)
+    assert mod(d, alice, "bans") == {"op": "MOD", "ok": True, "action": "bans", "bans": [], "mutes": []}
+    mod(d, alice, "ban", "carol", seconds=60, reason="spam")
+    mod(d, alice, "ban", "dave")
+    mod(d, alice, "mute", "bob", seconds=120)
+    listing = mod(d, alice, "bans")
+    assert [(b["username"], b["by"], b["reason"]) for b in listing["bans"]] == [("carol", "alice", "spam"),
+                                                                              ("dave", "alice", "")]
+    assert listing["bans"][0]["until"] == protocol.timestamp(d.clock() + 60) and listing["bans"][1]["until"] is None
+    assert [m["username"] for m in listing["mutes"]] == ["bob"]
+    d.clock.advance(90)
+    listing = mod(d, alice, "bans")
+    assert [b["username"] for b in listing["bans"]] == ["dave"] and [m["username"] for m in listing["mutes"]] == ["bob"]
+    d.close()
+
+
+def test_acting_on_another_admin_needs_confirm(tmp_path):
+    d = mod_driver(tmp_path)
+    alice, zed = online_user(d, "alice", 0), online_user(d, "zed", 1)
+    for action, extra in (("kick", {}), ("ban", {"seconds": 60}), ("mute", {"seconds": 60})):
+        refused = assert_error(d.send(alice, {"op": "MOD", "action": action, "username": "ZED", **extra}), "MOD",
+                               "confirm_needed")
+        assert refused["username"] == "zed" and "admin" in refused["message"]
+    assert zed not in d.closed and data_frames(d, zed, "NOTICE") == []
+    assert mod(d, alice, "ban", "zed", seconds=60, confirm=True)["ok"]
+    assert byes(d, zed)[0]["reason"] == "banned"
+    assert try_login(d, "zed", 1)[1]["error"] == "banned"   # an admin banned cannot log in either
+    assert mod(d, alice, "unban", "zed")["ok"]              # undoing needs no confirmation
+    d.close()
+
+
+def test_shared_room_enforces_a_moderation_event_on_its_own_session():
+    room = state.SharedRoom(server_keys(), node="node1")
+    _shared_login(room, 9, "bob")
+    room.completed(9, store.CLAIMED)
+    record = store.ModRecord("ban", "bob", "alice", None, "spam", 1.0)
+    out = room.cluster_event(store.ModerationEvent(record))
+    sent = [framing.FrameDecoder(0).feed(e.data)[0].body for e in out if isinstance(e, state.Send)]
+    assert sent == [{"op": "BYE", "reason": "banned", "message": "alice banned bob for good: spam", "until": None}]
+    assert any(isinstance(e, store.Logout) for e in out)   # its session ends on every node
+    assert any(isinstance(e, state.DeliverAll) for e in out)
+    assert "bob" not in room.logged_in

@@ -294,3 +294,49 @@ def test_ch_with_a_limit_reads_from_the_end_of_a_big_history(tmp_path):
         assert seconds < 0.05, f"{seconds * 1000:.1f} ms for 50 entries"
     finally:
         fs.close()
+# --- moderation.jsonl (docs/PROTOCOL.md section 10) ------------------------------------------
+
+def test_moderation_requests_in_order_and_kept_across_a_restart(tmp_path):
+    ban = store.ModRecord("ban", "Bob", "alice", None, "spam", 100.0)
+    mute = store.ModRecord("mute", "Carol", "alice", 200.0, "", 100.0)
+    fs, _ = storage.open_store(str(tmp_path))
+    for request in (store.Moderate(1, ban), store.Moderate(2, mute), store.LoadSanctions(3, "bob"),
+                    store.Moderate(4, store.ModRecord("unmute", "Carol", "alice", None, "", 300.0)),  # expired
+                    store.Moderate(5, store.ModRecord("kick", "Dave", "alice", None, "", 300.0)),
+                    store.ListSanctions(6)):
+        fs.submit(request)
+    done = fs.flush()
+    assert done[:5] == [(1, store.ModerationStored(True)), (2, store.ModerationStored(True)),
+                        (3, store.SanctionsLoaded(ban, None)), (4, store.ModerationStored(False)),
+                        (5, store.ModerationStored(True))]
+    assert sorted(done[5][1].records) == sorted([ban, mute])
+    fs.close()
+    with open(tmp_path / storage.MODERATION_FILE, "rb") as fh:
+        assert [json.loads(line)["action"] for line in fh] == ["ban", "mute", "kick"]   # nothing for the no-op
+    fs, _ = storage.open_store(str(tmp_path))
+    fs.submit(store.Moderate(1, store.ModRecord("unban", "bob", "zed", None, "", 400.0)))
+    fs.submit(store.LoadSanctions(2, "bob"))
+    fs.submit(store.LoadSanctions(3, "carol"))
+    assert fs.flush() == [(1, store.ModerationStored(True)), (2, store.SanctionsLoaded(None, None)),
+                          (3, store.SanctionsLoaded(None, mute))]
+    fs.close()
+
+
+def test_moderation_file_torn_tail_is_cut_and_a_corrupt_line_stops_the_start(tmp_path):
+    path = tmp_path / storage.MODERATION_FILE
+    ban = store.ModRecord("ban", "Bob", "alice", None, "", 1.0)
+    path.write_bytes((ban.to_json() + "\n").encode() + b'{"action":"ba')
+    fs, _ = storage.open_store(str(tmp_path))
+    fs.submit(store.LoadSanctions(1, "bob"))
+    assert fs.flush() == [(1, store.SanctionsLoaded(ban, None))]
+    fs.submit(store.Moderate(2, store.ModRecord("mute", "Bob", "alice", None, "", 2.0)))
+    fs.flush()
+    fs.close()
+    assert len(path.read_bytes().splitlines()) == 2 and path.read_bytes().endswith(b"\n")
+    path.write_bytes(b"garbage\n" + path.read_bytes())
+    try:
+        storage.open_store(str(tmp_path))
+    except storage.StorageError as exc:
+        assert "moderation.jsonl, line 1" in str(exc)
+    else:
+        raise AssertionError("a corrupt moderation line must stop the start")
