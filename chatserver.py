@@ -463,9 +463,10 @@ def _open_store(args: argparse.Namespace, selector: selectors.BaseSelector):
     """
     if args.redis:
         import redisstore   # only a node of several needs it (and its Redis modules)
-        return redisstore.open_store(args.redis, selector, args.data, history_limit=args.history_limit)
+        return redisstore.open_store(args.redis, selector, args.data, history_limit=args.history_limit,
+                                     key_file=args.server_key, frame_limit=args.frame_limit)
     return storage.open_store(args.data, getattr(args, "history_files", storage.DEFAULT_MAX_OPEN_HISTORY),
-                              history_limit=args.history_limit, min_free=args.min_free)
+                              history_limit=args.history_limit, min_free=args.min_free, key_file=args.server_key)
 
 
 # --- command line -------------------------------------------------------------------
@@ -508,6 +509,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address to listen on (default: all IPv4 interfaces)")
     parser.add_argument("--data", default=os.path.join(here, "data"), metavar="DIR",
                         help="data directory: accounts, <Username>.chat histories, server key (default: %(default)s)")
+    parser.add_argument("--server-key", metavar="FILE", default=None,
+                        help="the server's private key (PEM, made on first start, mode 0600; default: "
+                        "server_key.pem in the data directory). Every node of a room needs the same one: "
+                        "Redis holds only its public key, to check that they agree")
     parser.add_argument("--redis", metavar="URL", default=None,
                         help="run as one node of several sharing a Redis (redis://HOST:PORT[/DB]): accounts, "
                         "history, presence and messages go through it; default: the data directory alone")

@@ -32,12 +32,14 @@ import time
 
 import json
 
+import framing
 import passwords
 import pg3lib
 import redis_scripts
 import storage
 import store
 from redislink import BlockingRedis, LinkError, RedisLink
+from protocol import valid_username
 from resp import RedisError
 
 log = logging.getLogger("chat.redis")
@@ -93,43 +95,71 @@ def new_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}".replace("/", "_")
 
 
-def open_store(url: str, selector, directory: str,
-               history_limit: int = storage.DEFAULT_HISTORY_LIMIT) -> tuple[RedisStore, pg3lib.KeyPair]:
-    """A node's store on the Redis at url, and the server key every node presents.
+def open_store(url: str, selector, directory: str, history_limit: int = storage.DEFAULT_HISTORY_LIMIT,
+               key_file: str | None = None, frame_limit: int = 0) -> tuple[RedisStore, pg3lib.KeyPair]:
+    """A node's store on the Redis at url, and its server key (from its own key file).
 
     Raises:
-        storage.StorageError: Redis cannot be used, or the local key cannot be read or made.
+        storage.StorageError: Redis cannot be used, the key file cannot be read or made, or
+            this node's key is not the room's.
     """
     os.makedirs(directory, exist_ok=True)
-    local = storage.load_server_keys(directory)
+    path = key_file or os.path.join(directory, storage.SERVER_KEY_FILE)
+    fresh = not os.path.exists(path)
+    local = storage.load_server_keys(directory, path)
     try:
-        keys = pg3lib.KeyPair.from_pem(shared_server_pem(url, local.to_pem()))
-        return RedisStore(url, selector, history_limit=history_limit), keys
+        keys = room_server_key(url, local, path, fresh)
+        return RedisStore(url, selector, history_limit=history_limit, frame_limit=frame_limit), keys
     except (OSError, TimeoutError, ValueError) as exc:
         raise storage.StorageError(f"cannot use Redis at {url}: {exc}") from None
 
 
-def shared_server_pem(url: str, local_pem: bytes) -> bytes:
-    """The server key every node presents: the first node's, kept in Redis (blocking; at start).
+def room_server_key(url: str, local: pg3lib.KeyPair, path: str, fresh: bool) -> pg3lib.KeyPair:
+    """Check that this node's key is the room's (blocking; at start).
+
+    Redis holds only the room key's public key form, so that nodes can check they
+    agree; each node reads the private key from its own file (``--server-key``).
+    An older release kept the whole private key there: it is replaced by the
+    public form, and a node started with no key file of its own adopts it once.
 
     Raises:
+        ValueError: this node's key is not the room's.
         OSError, TimeoutError: Redis cannot be reached.
     """
-    keys = redis_scripts.ChatKeys()
+    name = redis_scripts.ChatKeys().prefix + SERVER_KEY
     with BlockingRedis(url) as redis:
-        redis.call("SET", keys.prefix + SERVER_KEY, local_pem, "NX")
-        pem = redis.call("GET", keys.prefix + SERVER_KEY)
-    if not isinstance(pem, bytes):
-        raise OSError(f"cannot read the shared server key from {url}: {pem!r}")
-    return pem
+        redis.call("SET", name, local.public.key_form, "NX")
+        held = redis.call("GET", name)
+        if not isinstance(held, bytes):
+            raise OSError(f"cannot read the room's server key from {url}: {held!r}")
+        if held.lstrip().startswith(b"-----BEGIN"):   # an older release's private key, in the clear
+            old = pg3lib.KeyPair.from_pem(held)
+            if old.fingerprint != local.fingerprint and not fresh:
+                raise ValueError(f"this node's server key {local.fingerprint} ({path}) is not the room's "
+                                 f"{old.fingerprint}, which an older release kept in Redis")
+            if old.fingerprint != local.fingerprint:
+                old.save(path)
+                log.warning("adopted the room's server key %s from Redis into %s", old.fingerprint, path)
+                local = old
+            redis.call("SET", name, local.public.key_form)
+            log.warning("Redis held the private server key in the clear (an older release); it now holds "
+                        "only the public key. Its AOF may still hold the old value: rewrite it "
+                        "(BGREWRITEAOF) to be rid of it")
+            return local
+    room = pg3lib.PublicKey.from_key_form(held)
+    if room.fingerprint != local.fingerprint:
+        raise ValueError(f"this node's server key {local.fingerprint} ({path}) is not the room's "
+                         f"{room.fingerprint}: give every node of a room the same key file (--server-key)")
+    return local
 
 
 class RedisStore:
     """The store seam and the node's membership, over two non-blocking Redis links."""
 
     def __init__(self, url: str, selector, clock=time.monotonic,
-                 history_limit: int = storage.DEFAULT_HISTORY_LIMIT) -> None:
+                 history_limit: int = storage.DEFAULT_HISTORY_LIMIT, frame_limit: int = 0) -> None:
         self.url = url
+        self.frame_limit = frame_limit   # a data frame from a stream must fit it to reach a client
         self.selector = selector
         self.clock = clock
         self.keys = redis_scripts.ChatKeys(**stream_lengths(history_limit))
@@ -282,12 +312,19 @@ class RedisStore:
                     self._last_ev = ident
         self._read_events()
 
-    @staticmethod
-    def _event(position: store.Position, fields: dict) -> store.ClusterEvent | None:
-        """The cluster event of one stream entry (the layout of redis_scripts.py), or None."""
+    def _event(self, position: store.Position, fields: dict) -> store.ClusterEvent | None:
+        """The cluster event of one stream entry (the layout of redis_scripts.py), or None.
+
+        A message's data frame goes to clients as it is, so it is checked first: one
+        whole ``D`` frame of the right op from a valid sender, within this node's frame
+        limit. Anything else (a bug, or someone writing to Redis) is dropped and logged.
+        """
         kind = _text(fields.get("t", b""))
         frame = fields.get("d", b"")
         frame = frame if isinstance(frame, bytes) else b""
+        if kind in ("bm", "pm") and not self._relayable(frame, "BM" if kind == "bm" else "PM", fields):
+            log.error("dropping a malformed %s entry at %s in the event streams", kind, position)
+            return None
         if kind == "bm":
             return store.Broadcast(position, _text(fields.get("from", b"")), frame)
         key, token = _text(fields.get("u", b"")), _text(fields.get("tok", b""))
@@ -307,6 +344,24 @@ class RedisStore:
                 log.error("ignoring a malformed moderation event at %s", position)
                 return None
         return None
+
+    def _relayable(self, frame: bytes, op: str, fields: dict) -> bool:
+        if self.frame_limit and len(frame) > self.frame_limit + framing.HEADER_SIZE:
+            return False
+        decoder = framing.FrameDecoder(self.frame_limit)
+        decoder.append(frame)
+        try:
+            parsed = decoder.next_frame()
+        except framing.ProtocolError:
+            return False
+        if parsed is None or decoder.buffered or parsed.kind != framing.KIND_DATA or parsed.body["op"] != op:
+            return False
+        sender = parsed.body.get("from")
+        if not (isinstance(sender, str) and valid_username(sender)):
+            return False
+        if op == "BM":
+            return sender.lower() == _text(fields.get("from", b""))
+        return str(parsed.body.get("to", "")).lower() == _text(fields.get("to", b""))
 
     def events(self) -> list[store.ClusterEvent]:
         """Cluster events read since the last call, in stream order."""

@@ -677,13 +677,14 @@ def _last_newline(fd: int, size: int) -> int:
     return 0
 
 
-def load_server_keys(directory: str) -> pg3lib.KeyPair:
-    """The server key pair from the data directory, created (mode 0600) on first start.
+def load_server_keys(directory: str, path: str | None = None) -> pg3lib.KeyPair:
+    """The server key pair from ``path`` (default: the data directory's ``server_key.pem``),
+    created (mode 0600) on first start.
 
     Raises:
         StorageError: the file exists but is not a key, or cannot be written.
     """
-    path = os.path.join(directory, SERVER_KEY_FILE)
+    path = path or os.path.join(directory, SERVER_KEY_FILE)
     try:
         return pg3lib.KeyPair.load(path)
     except FileNotFoundError:
@@ -701,15 +702,16 @@ def load_server_keys(directory: str) -> pg3lib.KeyPair:
 
 def open_store(directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY, *,
                history_limit: int = DEFAULT_HISTORY_LIMIT,
-               min_free: int = DEFAULT_MIN_FREE) -> tuple[FileStore, pg3lib.KeyPair]:
-    """The data directory's store and the server key kept there (made on first start).
+               min_free: int = DEFAULT_MIN_FREE, key_file: str | None = None) -> tuple[FileStore, pg3lib.KeyPair]:
+    """The data directory's store and the server key (``key_file``, default the one kept there; made on
+    first start).
 
     Raises:
         StorageError: the directory, its accounts or its key cannot be used.
     """
     file_store = FileStore(directory, max_open_history, history_limit=history_limit, min_free=min_free)
     try:
-        return file_store, load_server_keys(directory)
+        return file_store, load_server_keys(directory, key_file)
     except BaseException:
         file_store.close()
         raise

@@ -66,7 +66,8 @@ def store_args(request) -> tuple[str, ...]:
         redis.restart()
     from redisproc import flushall
     flushall(redis.port)
-    return ("--redis", redis.url + "/0")
+    # The nodes of a room share one key file: Redis holds only its public key.
+    return ("--redis", redis.url + "/0", "--server-key", os.path.join(redis.directory, "room_server_key.pem"))
 
 
 @pytest.fixture

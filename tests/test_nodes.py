@@ -21,6 +21,7 @@ import pytest
 
 import framing
 import pg3lib
+from redislink import BlockingRedis
 from serverproc import ServerProcess
 from wire import WireClient, pm2_send, verify_pm2
 
@@ -36,6 +37,39 @@ def secret(name: str) -> str:
     return PASSWORD + " " + name.lower()
 
 
+def test_a_node_with_another_key_is_refused_and_redis_holds_no_private_key(cluster, tmp_path):
+    first = cluster.node()
+    with BlockingRedis(cluster.redis.url) as r:
+        held = r.call("GET", "chat:serverkey")
+    assert b"PRIVATE" not in held and b"BEGIN" not in held   # the public key form only
+    assert pg3lib.PublicKey.from_key_form(held).fingerprint == pg3lib.KeyPair.load(
+        str(tmp_path / "room_server_key.pem")).fingerprint
+    other = tmp_path / "stranger"
+    other.mkdir()
+    stranger = ServerProcess(str(other), "--redis", cluster.redis.url + "/0", *NODE_ARGS)   # its own new key
+    with pytest.raises(RuntimeError):
+        stranger.start(timeout=8)
+    assert "is not the room's" in stranger.log() and "--server-key" in stranger.log()
+    assert first.proc.poll() is None
+
+
+def test_an_older_releases_private_key_in_redis_is_replaced_by_the_public_key(redis_server, tmp_path):
+    old = pg3lib.KeyPair.generate()
+    with BlockingRedis(redis_server.url) as r:
+        r.call("FLUSHALL")
+        r.call("SET", "chat:serverkey", old.to_pem())
+    data = tmp_path / "fresh"
+    data.mkdir()
+    node = ServerProcess(str(data), "--redis", redis_server.url + "/0", *NODE_ARGS).start()
+    try:
+        with BlockingRedis(redis_server.url) as r:
+            held = r.call("GET", "chat:serverkey")
+        assert held == old.public.key_form.encode()          # no private key left in Redis
+        assert pg3lib.KeyPair.load(str(data / "server_key.pem")).fingerprint == old.fingerprint   # adopted
+    finally:
+        node.kill()
+
+
 class Cluster:
     """Nodes on one Redis, and every client made through it (all closed at teardown)."""
 
@@ -49,7 +83,10 @@ class Cluster:
     def node(self, *extra: str) -> ServerProcess:
         data = self.tmp_path / f"node{len(self.nodes)}"   # one data directory each, as on two machines
         data.mkdir()
-        proc = ServerProcess(str(data), "--redis", self.redis.url + "/0", *NODE_ARGS, *extra)
+        # Every node of a room is given the room's key file (Redis holds only its public key).
+        key_file = str(self.tmp_path / "room_server_key.pem")
+        proc = ServerProcess(str(data), "--redis", self.redis.url + "/0", "--server-key", key_file,
+                             *NODE_ARGS, *extra)
         self.nodes.append(proc)
         return proc.start()
 
@@ -758,3 +795,27 @@ def test_a_ban_on_node_a_kicks_the_user_on_node_b_and_holds_on_both(cluster, key
     while (reply := cat.bm("thanks"))["ok"] is not True and time.monotonic() < deadline:
         time.sleep(0.1)   # the unmute reaches B with its event
     assert reply["ok"], reply
+
+
+def test_stream_payloads_are_checked_before_a_client_gets_them(cluster, keys):
+    """Someone with Redis access writes entries into the event stream: a node relays only
+    whole D frames of the right op from a valid sender, within its frame limit (issue 14)."""
+    node = cluster.node()
+    reader = cluster.login(node, "reader", 0)
+    good = framing.data({"op": "BM", "from": "mallory", "text": "fine", "ts": "2026-12-02T00:00:00.000Z"})
+    bad = [
+        b"\x00garbage",                                                      # not a frame
+        framing.command({"op": "BM", "from": "mallory", "text": "x"}),       # a C frame
+        framing.data({"op": "BYE", "from": "mallory"}),                      # another op
+        framing.data({"op": "BM", "from": "not valid!", "text": "x"}),       # not a username
+        framing.data({"op": "BM", "from": "mallory", "text": "y" * 70000}),  # past the frame limit
+        good + b"C",                                                          # trailing bytes
+    ]
+    with BlockingRedis(cluster.redis.url) as r:
+        for payload in bad + [good]:
+            r.call("XADD", "chat:ev", "*", "t", "bm", "from", "mallory", "d", payload)
+    frame = reader.recv(timeout=5)
+    assert frame.kind == "D" and frame.body["text"] == "fine", frame
+    with pytest.raises(TimeoutError):
+        reader.recv(timeout=0.5)
+    assert node.log().count("dropping a malformed bm entry") == len(bad)
