@@ -22,7 +22,14 @@ import framing
 PROTOCOL_VERSION = 2
 
 
-class Op(str, enum.Enum):
+class _Word(str, enum.Enum):
+    """A word of the protocol: compares equal to, and prints as, its text on the wire."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Op(_Word):
     """Request and data-frame names (sections 4 and 5)."""
 
     LOGIN = "LOGIN"
@@ -41,11 +48,8 @@ class Op(str, enum.Enum):
     MOD = "MOD"            # section 10, moderation (an extension)
     NOTICE = "NOTICE"      # section 10: a data frame telling the room what an admin did
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Error(str, enum.Enum):
+class Error(_Word):
     """The stable error codes of section 6."""
 
     BAD_FRAME = "bad_frame"            # fatal
@@ -66,11 +70,8 @@ class Error(str, enum.Enum):
     MUTED = "muted"                    # BM SEND of a muted account
     CONFIRM_NEEDED = "confirm_needed"  # MOD on another admin without "confirm": true
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ByeReason(str, enum.Enum):
+class ByeReason(_Word):
     """Why the server says BYE (section 4.7)."""
 
     SHUTDOWN = "shutdown"
@@ -81,11 +82,8 @@ class ByeReason(str, enum.Enum):
     KICKED = "kicked"      # section 10: an admin kicked the user
     BANNED = "banned"      # section 10: an admin banned the account (or a banned account logged in)
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class ModAction(str, enum.Enum):
+class ModAction(_Word):
     """The ``action`` of a MOD request (section 10)."""
 
     KICK = "kick"
@@ -94,9 +92,6 @@ class ModAction(str, enum.Enum):
     MUTE = "mute"
     UNMUTE = "unmute"
     BANS = "bans"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 # --- limits -------------------------------------------------------------------

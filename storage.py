@@ -57,6 +57,22 @@ def complete_lines(data: bytes, name: str) -> list[tuple[int, bytes]]:
     return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
 
 
+def read_records(path: str) -> list[tuple[int, bytes]]:
+    """(line number, line) of a JSON-lines file's complete lines; [] if there is no file.
+
+    Raises:
+        StorageError: the file exists but cannot be read.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from None
+    return complete_lines(data, path)
+
+
 def cut_torn_tail(fd: int, name: str) -> None:
     """Truncate a file after its last newline (drop a torn last line), if it has one.
 
@@ -93,14 +109,7 @@ class AccountStore:
             raise StorageError(f"cannot write {path}: {exc.strerror}") from None
 
     def _load(self) -> None:
-        try:
-            with open(self.path, "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.path}: {exc.strerror}") from None
-        for number, line in complete_lines(data, self.path):
+        for number, line in read_records(self.path):
             try:
                 account = Account.from_json(line.decode("utf-8"))
             except (ValueError, UnicodeDecodeError) as exc:
@@ -183,14 +192,7 @@ class ModerationLog:
         return self._fd
 
     def _load(self) -> None:
-        try:
-            with open(self.path, "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.path}: {exc.strerror}") from None
-        for number, line in complete_lines(data, self.path):
+        for number, line in read_records(self.path):
             try:
                 record = store.ModRecord.from_json(line.decode("utf-8"))
             except (ValueError, UnicodeDecodeError) as exc:
