@@ -99,6 +99,7 @@ class ChatServer:
         self.room = state.make_room(self.keys, node=self.store.node, frame_limit=args.frame_limit,
                                     login_timeout=args.login_timeout, register_rate=args.register_rate,
                                     login_delay_cap=args.login_delay_cap, guess_limit=args.guess_limit,
+                                    checks_per_ip=args.checks_per_ip,
                                     bm_rate=args.bm_rate, bm_burst=args.bm_burst, accept_pm1=args.accept_pm1,
                                     admins=getattr(args, "admin_names", ()))
         for event in self.store.events():   # e.g. who is online on the other nodes
@@ -559,6 +560,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "answered rate_limited (default: %(default)s)")
     limits.add_argument("--bm-burst", type=nonnegative(float), default=state.BM_BURST, metavar="B",
                         help="broadcasts one account may send at once before --bm-rate applies (default: %(default)s)")
+    limits.add_argument("--checks-per-ip", type=nonnegative(int), default=state.MAX_CHECKS_PER_ADDRESS, metavar="N",
+                        help="password checks one address may have waiting or running at once (256 in all); "
+                        "past it PASSWORD answers rate_limited (default: %(default)s)")
     limits.add_argument("--guess-limit", type=nonnegative(int), default=state.GUESS_LIMIT, metavar="N",
                         help="failed password checks an hour per account from addresses that failed on it "
                         "(twice that from all addresses); past it PASSWORD answers rate_limited (default: %(default)s)")

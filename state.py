@@ -291,7 +291,7 @@ class LoginThrottle:
 
     * Registrations: at most ``register_rate`` new accounts per address per hour.
     * Checks in hand: at most ``MAX_CHECKS_PER_ADDRESS`` password checks waiting or
-      running per address, ``MAX_CHECKS`` in all; past either, PASSWORD answers
+      running per address (``--checks-per-ip``), ``MAX_CHECKS`` in all; past either, PASSWORD answers
       ``rate_limited`` at once (not an attempt), so abandoned logins cannot pile
       up work in front of everyone else's.
     * Guessing: after a wrong password, the next check of that account *from that
@@ -305,8 +305,9 @@ class LoginThrottle:
     """
 
     def __init__(self, register_rate: int, delay_cap: float, clock: Callable[[], float],
-                 guess_limit: int = GUESS_LIMIT) -> None:
+                 guess_limit: int = GUESS_LIMIT, checks_per_address: int = MAX_CHECKS_PER_ADDRESS) -> None:
         self.register_rate = register_rate
+        self.checks_per_address = checks_per_address
         self.delay_cap = delay_cap
         self.guess_limit = guess_limit
         self.clock = clock
@@ -344,7 +345,8 @@ class LoginThrottle:
     # --- checks in hand ----------------------------------------------------------------
     def reserve_check(self, address: str) -> bool:
         """Take a place for one password check (waiting, held or running), if the address has one."""
-        if self._checks[address] >= MAX_CHECKS_PER_ADDRESS or sum(self._checks.values()) >= MAX_CHECKS:
+        limit = self.checks_per_address
+        if limit and (self._checks[address] >= limit or sum(self._checks.values()) >= MAX_CHECKS):
             return False
         self._checks[address] += 1
         return True
@@ -426,7 +428,8 @@ class Room:
 
     def __init__(self, server_keys: pg3lib.KeyPair, *, frame_limit: int = framing.DEFAULT_FRAME_LIMIT,
                  login_timeout: float = 30.0, register_rate: int = 100, login_delay_cap: float = 60.0,
-                 guess_limit: int = GUESS_LIMIT, bm_rate: float = BM_RATE, bm_burst: float = BM_BURST,
+                 guess_limit: int = GUESS_LIMIT, checks_per_ip: int = MAX_CHECKS_PER_ADDRESS,
+                 bm_rate: float = BM_RATE, bm_burst: float = BM_BURST,
                  accept_pm1: bool = True, clock: Callable[[], float] = time.time,
                  random_bytes: Callable[[int], bytes] = os.urandom, admins=()) -> None:
         self.server_keys = server_keys
@@ -435,7 +438,7 @@ class Room:
         self.login_timeout = login_timeout
         self.clock = clock
         self.random_bytes = random_bytes
-        self.throttle = LoginThrottle(register_rate, login_delay_cap, clock, guess_limit)
+        self.throttle = LoginThrottle(register_rate, login_delay_cap, clock, guess_limit, checks_per_ip)
         self.bm_limit = RateLimit(bm_rate, bm_burst, clock)   # per account, whatever its connections
         self.sessions: dict[int, Session] = {}
         self.online: dict[str, Session] = {}       # after KEY: key -> session

@@ -80,7 +80,7 @@ class StartedServer:
         a = self.args
         return [a.server_python, SERVER, str(self.port), "--host", "127.0.0.1", "--data", self.data,
                 "--log-level", "WARNING", "--max-per-ip", "0", "--flood-rate", "0", "--register-rate", "0",
-                "--bm-rate", "0", "--login-timeout", "0", "--send-queue", str(a.send_queue),
+                "--bm-rate", "0", "--checks-per-ip", "0", "--login-timeout", "0", "--send-queue", str(a.send_queue),
                 "--scrypt-n", str(self.scrypt_n),
                 *(["--redis", self.redis_url] if self.redis_url else []), *a.server_arg]
 
