@@ -265,7 +265,10 @@ class RedisLink:
         self._tls_ready = tls is None      # True once the TLS handshake is done (at once for plain)
         self._wire = bytearray()           # TLS: ciphertext waiting to be sent
         self._peer_closed = False          # TLS: Redis sent close_notify
+        self._verified_by = ""             # TLS: what the certificate is checked against, for errors
         if tls is not None:
+            self._verified_by = (f"verified against {tls.ca or 'the system CAs'}"
+                                 + (f" for host {host}" if tls.check_hostname else ", host name not checked"))
             self._tls = tls_context(tls).wrap_bio(self._tls_in, self._tls_out, server_side=False,
                                                   server_hostname=host)
         self.clock = clock
@@ -549,7 +552,7 @@ class RedisLink:
             pass
         except ssl.SSLCertVerificationError as exc:
             self._fail(LinkError(f"LINK TLS to {self.url} refused the server's certificate: "
-                                 f"{exc.verify_message or exc.reason or exc}", sent=False))
+                                 f"{exc.verify_message or exc.reason or exc} ({self._verified_by})", sent=False))
             return
         except ssl.SSLError as exc:    # e.g. WRONG_VERSION_NUMBER: not a TLS port
             self._fail(LinkError(f"LINK TLS handshake with {self.url} failed: {exc.reason or exc}", sent=False))

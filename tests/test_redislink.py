@@ -597,7 +597,7 @@ def test_rediss_checks_the_host_name_unless_told_not_to(tmp_path, sel):
         link = new_link(proc.rediss_url(), sel)
         drive(sel, lambda: link.broken)
         assert "refused the server's certificate" in link.error.message
-        assert "127.0.0.1" in link.error.message.split("certificate:", 1)[1]   # IP address mismatch
+        assert "mismatch" in link.error.message and "for host 127.0.0.1" in link.error.message, link.error.message
         with BlockingRedis(proc.rediss_url(check_hostname="no")) as r:   # the chain is still verified
             assert r.call("PING") == b"PONG"
         with BlockingRedis(proc.rediss_url(check_hostname="no", ca=make_tls_files(
