@@ -515,8 +515,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "server_key.pem in the data directory). Every node of a room needs the same one: "
                         "Redis holds only its public key, to check that they agree")
     parser.add_argument("--redis", metavar="URL", default=None,
-                        help="run as one node of several sharing a Redis (redis://HOST:PORT[/DB]): accounts, "
-                        "history, presence and messages go through it; default: the data directory alone")
+                        help="run as one node of several sharing a Redis "
+                        "(redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], or rediss://... for TLS, the server's "
+                        "certificate verified against the system CAs and HOST; rediss:// options: ?ca=FILE "
+                        "(verify against this CA file), &check_hostname=no, &cert=FILE&key=FILE (a client "
+                        "certificate)): accounts, history, presence and messages go through it; default: the "
+                        "data directory alone")
     parser.add_argument("--require-tls", action="store_true",
                         help="refuse plain connections (ERROR tls_required); default: TLS and plain on one port")
     parser.add_argument("--accept-pm1", action=argparse.BooleanOptionalAction, default=True,

@@ -41,6 +41,44 @@ the batch are still delivered, and the first exception is raised afterwards.
 
 ``BlockingRedis`` drives one link with a private selector until each answer
 is in: for tests and tools only, never inside the server's loop.
+
+TLS (``rediss://``). The URL forms are::
+
+    redis://[[user]:password@]host[:port][/db]
+    rediss://[[user]:password@]host[:port][/db][?option=value&...]
+
+``rediss://`` is TLS 1.2 or later to Redis's ``tls-port``, with the server's
+certificate always verified (there is no way to turn verification off). The
+query options, each at most once, only with ``rediss://``:
+
+* ``ca=FILE``: verify against the CA certificate(s) in the PEM file FILE
+  instead of the system's CAs (a self-signed server certificate can be its
+  own CA);
+* ``check_hostname=no`` (or ``yes``, the default): whether the certificate
+  must name the URL's host (a DNS name, or an IP address in its
+  subjectAltName); the chain is verified either way;
+* ``cert=FILE`` and ``key=FILE`` (``key`` defaults to ``cert``): a client
+  certificate, for a Redis with ``tls-auth-clients yes``.
+
+Any other option, or an option on a ``redis://`` URL, is a ``ValueError``, so
+a typo never gives a weaker link than asked for. A ``rediss://`` link never
+falls back to plain: a handshake that fails (a certificate that does not
+verify, a plain port) fails the link with a ``LinkError`` ("LINK TLS ...")
+before any command, AUTH included, has left.
+
+The socket stays non-blocking and no ``ssl.SSLSocket`` is used: an
+``ssl.SSLObject`` over two ``ssl.MemoryBIO``s (as in ``tlslayer.py``) sits
+between the socket and the RESP buffers. ``on_writable`` starts the
+handshake once the connect finishes; ``on_readable`` feeds what arrives to
+the TLS object, continues the handshake (``SSLWantReadError`` only means "read
+more"), and reads plaintext until the TLS object has none left, so no reply
+waits inside it. The handshake commands (AUTH, SELECT, PING, SCRIPT LOAD) are
+queued as plaintext and encrypted once the handshake is done; ``flush``
+encrypts at most ``TLS_CHUNK`` bytes ahead of what the socket has taken, so a
+big value is not held twice. While the TLS handshake is not done the link
+does not ask for EVENT_WRITE unless handshake bytes are waiting. A stalled
+handshake is a stall like any other (the handshake's PING is pending). The
+SSL contexts are made once per set of options and kept.
 """
 
 from __future__ import annotations
@@ -51,10 +89,12 @@ import hashlib
 import os
 import selectors
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, NamedTuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import resp
 from resp import RedisError
@@ -63,6 +103,8 @@ STALL_SECONDS = 2.0     # docs/SCALEOUT.md: a command unanswered for 2 s means a
 READ_SIZE = 262144      # per recv; a pass reads at most MAX_READS_PER_PASS of them
 MAX_READS_PER_PASS = 16  # then other sockets get their turn
 DEFAULT_PORT = 6379
+TLS_CHUNK = 262144      # plaintext encrypted per step of flush, at most this much ahead of the socket
+TLS_OPTIONS = ("ca", "check_hostname", "cert", "key")
 
 Callback = Callable[[Any], Any]
 
@@ -94,32 +136,99 @@ class Script:
         return f"Script({self.name!r}, sha={self.sha[:12]})"
 
 
+class TLSOptions(NamedTuple):
+    """A rediss:// URL's TLS settings (see the module docstring)."""
+
+    ca: str | None = None          # CA file (PEM); None: the system's CAs
+    check_hostname: bool = True
+    cert: str | None = None        # client certificate (PEM)
+    key: str | None = None         # its private key (PEM); None: in cert
+
+
 class RedisAddress(NamedTuple):
-    """Where a redis:// URL points."""
+    """Where a redis:// or rediss:// URL points; ``tls`` is None for plain redis://."""
 
     host: str
     port: int
     db: int
     password: str | None
     username: str | None = None
+    tls: TLSOptions | None = None
 
 
 def parse_url(url: str) -> RedisAddress:
-    """``redis://[[username]:password@]host[:port][/db]`` -> its parts.
+    """``redis[s]://[[username]:password@]host[:port][/db][?options]`` -> its parts.
 
     Raises:
-        ValueError: not a redis:// URL, or a bad port or db number.
+        ValueError: not a redis:// or rediss:// URL, a bad port or db number, or
+            an unknown, repeated or misplaced option.
     """
     parts = urlsplit(url)
-    if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError(f"not a redis://HOST[:PORT][/DB] URL: {url!r}")
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(f"not a redis[s]://HOST[:PORT][/DB] URL: {url!r}")
     port = parts.port or DEFAULT_PORT       # .port raises ValueError on a bad port
     path = parts.path.strip("/")
     if path and not path.isdigit():
         raise ValueError(f"the database in {url!r} must be a number")
     password = unquote(parts.password) if parts.password is not None else None
     username = unquote(parts.username) if parts.username else None
-    return RedisAddress(parts.hostname, port, int(path or 0), password, username)
+    tls = None
+    if parts.scheme == "rediss":
+        tls = _tls_options(url, parts.query)
+    elif parts.query:
+        raise ValueError(f"options ({parts.query!r}) are for rediss:// URLs only: {url!r}")
+    return RedisAddress(parts.hostname, port, int(path or 0), password, username, tls)
+
+
+def _tls_options(url: str, query: str) -> TLSOptions:
+    options: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValueError(f"bad options in {url!r}: {query!r}") from None
+    for name, value in pairs:
+        if name not in TLS_OPTIONS:
+            raise ValueError(f"unknown option {name!r} in {url!r} (known: {', '.join(TLS_OPTIONS)})")
+        if name in options:
+            raise ValueError(f"option {name!r} given twice in {url!r}")
+        if not value:
+            raise ValueError(f"option {name!r} needs a value in {url!r}")
+        options[name] = value
+    check = options.get("check_hostname", "yes").lower()
+    if check not in ("yes", "no"):
+        raise ValueError(f"check_hostname must be yes or no in {url!r}")
+    if "key" in options and "cert" not in options:
+        raise ValueError(f"option 'key' needs 'cert' in {url!r}")
+    return TLSOptions(options.get("ca"), check == "yes", options.get("cert"), options.get("key"))
+
+
+_contexts: dict[TLSOptions, ssl.SSLContext] = {}
+_contexts_lock = threading.Lock()   # BlockingRedis may be used from a tool's threads
+
+
+def tls_context(options: TLSOptions) -> ssl.SSLContext:
+    """The client SSL context for these options (made once, then kept).
+
+    Raises:
+        OSError: a CA, certificate or key file cannot be read or loaded.
+    """
+    with _contexts_lock:
+        context = _contexts.get(options)
+        if context is not None:
+            return context
+        what = f"the CA file {options.ca}" if options.ca else "the system's CA certificates"
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=options.ca)
+            what = f"the client certificate {options.cert}"
+            if options.cert:
+                context.load_cert_chain(options.cert, options.key)
+        except (OSError, ValueError) as exc:     # ssl.SSLError is an OSError
+            raise OSError(f"cannot load {what} for rediss://: {exc}") from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.check_hostname = options.check_hostname
+        context.verify_mode = ssl.CERT_REQUIRED
+        _contexts[options] = context
+        return context
 
 
 class _Pending:
@@ -145,10 +254,23 @@ class RedisLink:
 
         Raises:
             ValueError: a bad URL.
-            OSError: the host name does not resolve.
+            OSError: the host name does not resolve, or (rediss://) a CA or
+                certificate file cannot be loaded.
         """
-        host, port, db, password, username = parse_url(url)
+        host, port, db, password, username, tls = parse_url(url)
         self.url = url
+        self._tls: ssl.SSLObject | None = None
+        self._tls_in = ssl.MemoryBIO()     # TLS: ciphertext from Redis, into the TLS object
+        self._tls_out = ssl.MemoryBIO()    # TLS: ciphertext from the TLS object, to Redis
+        self._tls_ready = tls is None      # True once the TLS handshake is done (at once for plain)
+        self._wire = bytearray()           # TLS: ciphertext waiting to be sent
+        self._peer_closed = False          # TLS: Redis sent close_notify
+        self._verified_by = ""             # TLS: what the certificate is checked against, for errors
+        if tls is not None:
+            self._verified_by = (f"verified against {tls.ca or 'the system CAs'}"
+                                 + (f" for host {host}" if tls.check_hostname else ", host name not checked"))
+            self._tls = tls_context(tls).wrap_bio(self._tls_in, self._tls_out, server_side=False,
+                                                  server_hostname=host)
         self.clock = clock
         self.on_down = on_down
         self.error: LinkError | None = None
@@ -213,11 +335,20 @@ class RedisLink:
     @property
     def pending_bytes(self) -> int:
         """Bytes queued and not yet sent, held commands included."""
-        return len(self._out) + sum(len(data) for _, data in self._held)
+        return len(self._out) + len(self._wire) + sum(len(data) for _, data in self._held)
+
+    @property
+    def tls(self) -> bool:
+        """True for a rediss:// link."""
+        return self._tls is not None
 
     def wants_write(self) -> bool:
-        """True while connecting or while there are bytes to send: register EVENT_WRITE then."""
-        return self.error is None and (self._connecting or bool(self._out))
+        """True while connecting or while there are bytes to send: register EVENT_WRITE then.
+
+        (Over TLS, commands queued before the handshake is done wait for it, not for the socket.)
+        """
+        return self.error is None and (self._connecting or bool(self._wire)
+                                       or (bool(self._out) and self._tls_ready))
 
     def on_ready(self, mask: int) -> None:
         """The selector says the socket is ready (``mask``: EVENT_WRITE and/or EVENT_READ)."""
@@ -236,6 +367,10 @@ class RedisLink:
                 self._fail(LinkError(f"LINK cannot connect to {self.url}: {os.strerror(err)}", sent=False))
                 return
             self._connecting = False
+            if self._tls is not None:
+                self._tls_step()      # the ClientHello
+                if self.error is not None:
+                    return
         self.flush()
 
     def on_readable(self) -> int:
@@ -255,6 +390,18 @@ class RedisLink:
                 self._fail(LinkError(f"LINK connection to {self.url} closed by Redis"))
                 break
             self._last_progress = self.clock()
+            if self._tls is not None:
+                more = len(data) == READ_SIZE
+                plain = self._decrypt(data)
+                if plain is None:
+                    break
+                if not plain and not self._peer_closed:
+                    if not more:
+                        break
+                    continue
+                data = plain
+            else:
+                more = len(data) == READ_SIZE
             try:
                 replies = self.parser.feed(data)
             except resp.ProtocolError as exc:
@@ -263,26 +410,56 @@ class RedisLink:
                 finally:
                     self._fail(LinkError(f"LINK protocol error from {self.url}: {exc.message}"))
                 break
-            count += self._dispatch(replies)
-            if len(data) < READ_SIZE:
+            try:
+                count += self._dispatch(replies)
+            finally:
+                if self._peer_closed:
+                    self._fail(LinkError(f"LINK connection to {self.url} closed by Redis (TLS close_notify)"))
+            if not more or self._peer_closed:
                 break
+        if self._tls is not None and self.error is None:
+            self._update_events()    # handshake bytes to send, or commands the handshake let go
         return count
 
     def flush(self) -> None:
         """Send what is queued now, as far as the socket takes it (never blocks)."""
         if self.error is not None or self._connecting:
             return
-        out = self._out
-        while out:
-            try:
-                sent = self.sock.send(out)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self._fail(LinkError(f"LINK sending to {self.url} failed: {exc.strerror or exc}"))
-                return
-            del out[:sent]
-            self._sent += sent
+        if self._tls is None:
+            out = self._out
+            while out:
+                try:
+                    sent = self.sock.send(out)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    self._fail(LinkError(f"LINK sending to {self.url} failed: {exc.strerror or exc}"))
+                    return
+                del out[:sent]
+                self._sent += sent
+        else:
+            out, wire = self._out, self._wire
+            while True:
+                if self._tls_ready and out and len(wire) < TLS_CHUNK:
+                    chunk = bytes(out[:TLS_CHUNK])
+                    try:
+                        self._tls.write(chunk)
+                    except ssl.SSLError as exc:
+                        self._fail(LinkError(f"LINK TLS to {self.url} failed: {exc}"))
+                        return
+                    del out[:len(chunk)]
+                    self._sent += len(chunk)      # plaintext handed to TLS: counted as (maybe) sent
+                    wire += self._tls_out.read()
+                if not wire:
+                    break
+                try:
+                    sent = self.sock.send(wire)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    self._fail(LinkError(f"LINK sending to {self.url} failed: {exc.strerror or exc}"))
+                    return
+                del wire[:sent]
         self._update_events()
 
     def oldest_pending_age(self, now: float | None = None) -> float:
@@ -354,9 +531,64 @@ class RedisLink:
     def close(self) -> None:
         """Close now: every pending callback gets a ``LinkError``; ``on_down`` is called."""
         if self.error is None:
+            if self._tls is not None and self._tls_ready and not self._connecting:
+                try:   # close_notify, if the socket takes it now; never waited for
+                    self._tls.unwrap()
+                except ssl.SSLError:
+                    pass
+                try:
+                    self.sock.send(self._wire + self._tls_out.read())
+                except OSError:
+                    pass
             self._fail(LinkError(f"LINK to {self.url} closed"))
 
     # --- inside -----------------------------------------------------------------
+    def _tls_step(self) -> None:
+        """Advance the TLS handshake with what has arrived; queue what it says back."""
+        assert self._tls is not None
+        try:
+            self._tls.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except ssl.SSLCertVerificationError as exc:
+            self._fail(LinkError(f"LINK TLS to {self.url} refused the server's certificate: "
+                                 f"{exc.verify_message or exc.reason or exc} ({self._verified_by})", sent=False))
+            return
+        except ssl.SSLError as exc:    # e.g. WRONG_VERSION_NUMBER: not a TLS port
+            self._fail(LinkError(f"LINK TLS handshake with {self.url} failed: {exc.reason or exc}", sent=False))
+            return
+        else:
+            self._tls_ready = True
+        self._wire += self._tls_out.read()
+
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """Ciphertext read -> the plaintext it completes (b"" if none yet); None once the link failed."""
+        assert self._tls is not None
+        self._tls_in.write(data)
+        if not self._tls_ready:
+            self._tls_step()
+            if self.error is not None:
+                return None
+            if not self._tls_ready:
+                return b""
+        chunks = []
+        while True:    # until WantRead: nothing decrypted is left waiting inside the TLS object
+            try:
+                chunk = self._tls.read(READ_SIZE)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except ssl.SSLZeroReturnError:
+                chunk = b""
+            except ssl.SSLError as exc:
+                self._fail(LinkError(f"LINK TLS from {self.url} failed: {exc.reason or exc}"))
+                return None
+            if not chunk:     # close_notify: what came before it is still delivered, then the link fails
+                self._peer_closed = True
+                break
+            chunks.append(chunk)
+        if self._tls_out.pending:
+            self._wire += self._tls_out.read()
+        return b"".join(chunks)
     def _handshake(self, *args: bytes | str | int, expect: bytes | None = None) -> None:
         def check(reply: Any) -> None:
             if isinstance(reply, LinkError):
@@ -478,8 +710,11 @@ class BlockingRedis:
         while not done():
             left = deadline - time.monotonic()
             if left <= 0:
+                handshaking = link.tls and not link._tls_ready
                 link.close()
-                raise TimeoutError(f"no reply from {link.url} within {self.timeout} s")
+                raise TimeoutError(f"no reply from {link.url} within {self.timeout} s" +
+                                   (" (the TLS handshake did not finish: is that Redis's tls-port?)"
+                                    if handshaking else ""))
             for _key, mask in self._sel.select(left):
                 if mask & selectors.EVENT_WRITE:
                     link.on_writable()

@@ -11,6 +11,15 @@ Fixtures (import them into a test module: ``from redisproc import redis_server``
 with FLUSHALL before each use) and ``make_redis`` (a factory). A missing
 ``redis-server`` fails the test with the command that installs it: the Redis
 tests must run in CI, never be skipped silently.
+
+TLS: ``RedisProcess(directory, tls=files)`` also listens on ``tls_port``
+(``--tls-port``, with ``files.cert``/``files.key``, clients need no
+certificate unless ``tls_auth_clients`` says so); the plain port stays, on
+loopback, for readiness checks and FLUSHALL. ``password=`` adds
+``--requirepass``. ``make_tls_files(directory)`` makes a throwaway CA and a
+server certificate for 127.0.0.1 and localhost with ``openssl`` (fixtures:
+``tls_files``, one set per module, and ``tls_redis``, a TLS redis-server of
+the test's own); ``rediss_url()`` is the URL that trusts that CA.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import signal
 import socket
 import subprocess
 import time
+from typing import NamedTuple
+from urllib.parse import quote
 
 import pytest
 
@@ -49,12 +60,53 @@ def free_port() -> int:
 ping = redislink.ping
 
 
+class TLSFiles(NamedTuple):
+    """A throwaway CA and a certificate it signed (PEM files)."""
+
+    ca: str        # the CA certificate
+    cert: str      # a certificate for 127.0.0.1 and localhost, signed by ca
+    key: str       # its private key
+
+
+def _openssl(*args: str, cwd: str) -> None:
+    path = shutil.which("openssl")
+    if path is None:
+        pytest.fail("openssl is not on PATH: install it (Debian: apt-get install -y openssl) - "
+                    "the rediss:// tests need it to make a throwaway CA", pytrace=False)
+    subprocess.run([path, *args], cwd=cwd, check=True, timeout=30,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def make_tls_files(directory: str, name: str = "test",
+                   names: str = "IP:127.0.0.1,DNS:localhost") -> TLSFiles:
+    """A new CA (``<name>-ca.pem``) and a server/client certificate it signed for names
+    (a subjectAltName value), in directory."""
+    os.makedirs(directory, exist_ok=True)
+    ca, ca_key = f"{name}-ca.pem", f"{name}-ca.key"
+    cert, key, csr, ext = f"{name}-server.pem", f"{name}-server.key", f"{name}-server.csr", f"{name}-ext.cnf"
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", f"/CN={name} test CA",
+             cwd=directory)
+    _openssl("req", "-new", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1", cwd=directory)
+    with open(os.path.join(directory, ext), "w", encoding="ascii") as fh:
+        fh.write(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\n"
+                 "extendedKeyUsage=serverAuth,clientAuth\n")
+    _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+             "-days", "2", "-extfile", ext, cwd=directory)
+    return TLSFiles(*(os.path.join(directory, f) for f in (ca, cert, key)))
+
+
 class RedisProcess:
     """One redis-server process; ``port`` and ``url`` are known once ``start`` returns."""
 
-    def __init__(self, directory: str, port: int = 0) -> None:
+    def __init__(self, directory: str, port: int = 0, *, tls: TLSFiles | None = None,
+                 password: str | None = None, tls_auth_clients: str = "no") -> None:
         self.directory = directory
         self.port = port
+        self.tls = tls
+        self.tls_port = 0
+        self.password = password
+        self.tls_auth_clients = tls_auth_clients
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(directory, "redis.log")
         self.paused = False
@@ -62,6 +114,15 @@ class RedisProcess:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
+
+    def rediss_url(self, db: int | None = None, password: str | None = None, ca: str | None = None,
+                   host: str = "127.0.0.1", **options: str) -> str:
+        """The rediss:// URL of the TLS port, trusting ``ca`` (default: this server's CA)."""
+        assert self.tls is not None and self.tls_port
+        auth = f":{quote(password, safe='')}@" if password is not None else ""
+        query = "&".join(f"{name}={quote(value, safe='/')}"
+                         for name, value in {"ca": ca or self.tls.ca, **options}.items())
+        return f"rediss://{auth}{host}:{self.tls_port}/{'' if db is None else db}?{query}"
 
     @property
     def pid(self) -> int:
@@ -71,7 +132,17 @@ class RedisProcess:
     def command(self) -> list[str]:
         return [require_redis_server(), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                 "--appendonly", "yes", "--appendfsync", "always", "--dir", self.directory,
-                "--daemonize", "no", "--logfile", self.log_path]
+                "--daemonize", "no", "--logfile", self.log_path, *self._extra()]
+
+    def _extra(self) -> list[str]:
+        extra = []
+        if self.password is not None:
+            extra += ["--requirepass", self.password]
+        if self.tls is not None:
+            extra += ["--tls-port", str(self.tls_port), "--tls-cert-file", self.tls.cert,
+                      "--tls-key-file", self.tls.key, "--tls-ca-cert-file", self.tls.ca,
+                      "--tls-auth-clients", self.tls_auth_clients]
+        return extra
 
     def start(self, timeout: float = 10.0) -> RedisProcess:
         """Start (a free port unless one is set) and wait until PING answers PONG."""
@@ -80,6 +151,8 @@ class RedisProcess:
         for _ in range(1 if fixed else 5):
             if not fixed:
                 self.port = free_port()
+            if self.tls is not None and not (fixed and self.tls_port):
+                self.tls_port = free_port()
             if self._launch(timeout):
                 return self
         raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.log()}")
@@ -92,7 +165,8 @@ class RedisProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False     # e.g. the port was taken between free_port() and now
-            if ping(self.port) == b"+PONG":
+            answer = ping(self.port)
+            if answer == b"+PONG" or (self.password is not None and answer.startswith(b"-NOAUTH")):
                 return True
             time.sleep(0.01)
         self.kill()
@@ -174,6 +248,23 @@ def make_redis(tmp_path):
 def redis_server(make_redis) -> RedisProcess:
     """A started redis-server of this test's own."""
     return make_redis()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> TLSFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost, shared by the module."""
+    return make_tls_files(str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture
+def tls_redis(tmp_path, tls_files) -> RedisProcess:
+    """A redis-server of this test's own with a TLS port (``tls_port``, ``rediss_url()``)."""
+    require_redis_server()
+    proc = RedisProcess(str(tmp_path / "tls-redis"), tls=tls_files)
+    try:
+        yield proc.start()
+    finally:
+        proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ SIGSTOP of a node past its lease (it fences itself); SIGKILL of a node, and of
 Redis, in the middle of a stream of messages (nothing acknowledged is lost); a
 Redis pause while messages flow (every BM delivered once and in order, ``ok``
 only for what is stored); Redis down (``internal``, then BYE shutdown, then the
-node rejoins). Every wait has an explicit deadline.
+node rejoins); two nodes on a Redis reached only over rediss:// (TLS, with
+AUTH) serve a BM end to end. Every wait has an explicit deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 import framing
 import pg3lib
 from redislink import BlockingRedis
+from redisproc import RedisProcess
 from serverproc import ServerProcess
 from wire import WireClient, pm2_send, verify_pm2
 
@@ -819,3 +821,40 @@ def test_stream_payloads_are_checked_before_a_client_gets_them(cluster, keys):
     with pytest.raises(TimeoutError):
         reader.recv(timeout=0.5)
     assert node.log().count("dropping a malformed bm entry") == len(bad)
+
+
+def test_nodes_over_rediss_serve_a_bm_end_to_end(tmp_path, tls_files, keys):
+    """Two nodes whose only way to Redis is rediss:// (TLS to its tls-port, verified against
+    the test CA, with AUTH) are one room: a BM from a user on A reaches a user on B."""
+    redis = RedisProcess(str(tmp_path / "tls-redis"), tls=tls_files, password="node pw").start()
+    url = redis.rediss_url(db=0, password="node pw")
+    key_file = str(tmp_path / "room_server_key.pem")
+    nodes: list[ServerProcess] = []
+    clients: list[WireClient] = []
+    try:
+        for i in range(2):
+            data = tmp_path / f"node{i}"
+            data.mkdir()
+            nodes.append(ServerProcess(str(data), "--redis", url, "--server-key", key_file, *NODE_ARGS).start())
+        for i, node in enumerate(nodes):
+            client = WireClient(node.port, timeout=10)
+            clients.append(client)
+            client.login(("ann", "bob")[i], secret(("ann", "bob")[i]), keys(i))
+        ann, bob = clients
+        settle([ann, bob])
+        assert ann.bm("hello over TLS") == {"op": "SEND", "ok": True, "recipients": 1}
+        message = bob.wait_data("BM", timeout=5)
+        assert message["from"] == "ann" and message["text"] == "hello over TLS"
+        assert bm_texts(history(bob)) == [("ann", "hello over TLS")]
+        with BlockingRedis(redis.rediss_url(password="node pw")) as r:
+            assert r.call("XLEN", "chat:room") == 1
+            clients_seen = r.call("CLIENT", "LIST")
+        assert isinstance(clients_seen, bytes) and clients_seen.count(b"laddr=127.0.0.1:%d" % redis.tls_port) >= 5
+        assert b"laddr=127.0.0.1:%d" % redis.port not in clients_seen      # nothing came in plain
+    finally:
+        for client in clients:
+            client.close()
+        for node in nodes:
+            node.kill()
+            print(f"--- node on port {node.port}, log tail ---\n{node.log()[-3000:]}")
+        redis.kill()

@@ -3,7 +3,11 @@
 Pipelining and reply order, errors in order, a Redis killed mid-pipeline, a
 Redis stopped (SIGSTOP) long enough to count as stalled, the handshake
 (SELECT, a Redis still loading), scripts with the NOSCRIPT fallback, and the
-blocking helper.
+blocking helper. rediss://: the same pipelining over TLS to a real
+redis-server's tls-port (a throwaway CA), the blocking helper, AUTH
+(``--requirepass``), a client certificate, and the refusals: a wrong CA, the
+system CAs, a wrong host name, a plain Redis answering a TLS hello (never
+plain in its place).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import time
 import pytest
 
 import resp
-from redislink import STALL_SECONDS, BlockingRedis, LinkError, RedisLink, Script, parse_url
+from redislink import STALL_SECONDS, BlockingRedis, LinkError, RedisLink, Script, TLSOptions, parse_url
+from redisproc import RedisProcess, make_tls_files
 from resp import RedisError
 
 
@@ -55,12 +60,25 @@ def new_link(url: str, sel, **kwargs) -> RedisLink:
 # --- URLs ------------------------------------------------------------------------
 
 def test_parse_url():
-    assert parse_url("redis://127.0.0.1:6380") == ("127.0.0.1", 6380, 0, None, None)
-    assert parse_url("redis://localhost/3") == ("localhost", 6379, 3, None, None)
-    assert parse_url("redis://:s%40cret@10.0.0.1:7000/2") == ("10.0.0.1", 7000, 2, "s@cret", None)
-    assert parse_url("redis://chat:pw@h") == ("h", 6379, 0, "pw", "chat")
-    assert parse_url("redis://[::1]:6379/") == ("::1", 6379, 0, None, None)
-    for bad in ("http://127.0.0.1", "redis://", "redis://h:port", "redis://h/db"):
+    assert parse_url("redis://127.0.0.1:6380") == ("127.0.0.1", 6380, 0, None, None, None)
+    assert parse_url("redis://localhost/3") == ("localhost", 6379, 3, None, None, None)
+    assert parse_url("redis://:s%40cret@10.0.0.1:7000/2") == ("10.0.0.1", 7000, 2, "s@cret", None, None)
+    assert parse_url("redis://chat:pw@h") == ("h", 6379, 0, "pw", "chat", None)
+    assert parse_url("redis://[::1]:6379/") == ("::1", 6379, 0, None, None, None)
+    for bad in ("http://127.0.0.1", "redis://", "redis://h:port", "redis://h/db", "redis://h/0?ca=/x.pem"):
+        with pytest.raises(ValueError):
+            parse_url(bad)
+
+
+def test_parse_rediss_url():
+    assert parse_url("rediss://h") == ("h", 6379, 0, None, None, TLSOptions(None, True, None, None))
+    assert parse_url("rediss://:pw@h:6380/2?ca=/etc/ca%20file.pem") == (
+        "h", 6380, 2, "pw", None, TLSOptions("/etc/ca file.pem", True, None, None))
+    assert parse_url("rediss://u:pw@10.0.0.1/?ca=c.pem&check_hostname=no&cert=me.pem&key=me.key").tls == \
+        TLSOptions("c.pem", False, "me.pem", "me.key")
+    assert parse_url("rediss://h/0?check_hostname=yes").tls == TLSOptions(None, True, None, None)
+    for bad in ("rediss://h/0?cafile=x", "rediss://h/0?ca=x&ca=y", "rediss://h/0?ca=", "rediss://h/0?check_hostname=0",
+                "rediss://h/0?key=k.pem", "rediss://h/0?verify=none", "rediss://h/0?ca"):
         with pytest.raises(ValueError):
             parse_url(bad)
 
@@ -452,3 +470,176 @@ def test_two_servers_on_different_ports(make_redis):
     with BlockingRedis(one.url) as a, BlockingRedis(two.url) as b:
         a.call("SET", "k", "1")
         assert b.call("GET", "k") is None
+
+
+# --- rediss:// (TLS) ----------------------------------------------------------------------
+
+def test_rediss_link_pipelines_commands_and_gets_replies_in_a_selectors_loop(tls_redis, sel):
+    url = tls_redis.rediss_url(db=2)
+    link = new_link(url, sel)
+    other = new_link(url, sel)
+    assert link.tls and not link.ready
+    replies: list = []
+    for _ in range(10_000):
+        link.call(replies.append, "INCR", "counter")
+    big = bytes(range(256)) * 20_000     # 5 MB: many records, many partial sends
+    link.call(replies.append, "SET", "big", big)
+    link.call(replies.append, "GET", "big")
+    other_replies: list = []
+    other.call(other_replies.append, "PING")
+    # while the TLS handshake runs, the link asks for EVENT_WRITE only for handshake bytes (no busy loop)
+    writable = 0
+    deadline = time.monotonic() + 10
+    while not link.ready:
+        assert time.monotonic() < deadline and not link.broken
+        for key, mask in sel.select(0.05):
+            if mask & selectors.EVENT_WRITE:
+                writable += key.data is link
+                key.data.on_writable()
+            if mask & selectors.EVENT_READ:
+                key.data.on_readable()
+    assert writable <= 3, writable
+    drive(sel, lambda: len(replies) == 10_002 and len(other_replies) == 1)
+    assert replies[:10_000] == list(range(1, 10_001))
+    assert replies[10_000:] == [b"OK", big]
+    assert other_replies == [b"PONG"]
+    assert link.ready and link.pending == 0 and link.pending_bytes == 0 and not link.wants_write()
+    with BlockingRedis(tls_redis.url + "/2") as plain:       # the same data, read over the plain port
+        assert plain.call("GET", "counter") == b"10000"
+    # the scripts and the NOSCRIPT fallback work over TLS too
+    link.eval(replies.append, ADD, ["sum"], [2])
+    link.call(replies.append, "SCRIPT", "FLUSH")
+    link.eval(replies.append, ADD, ["sum"], [3])
+    drive(sel, lambda: len(replies) == 10_005)
+    assert replies[10_002:] == [2, b"OK", 5]
+    link.close()
+    other.close()
+    assert sel.get_map() == {}
+
+
+def test_rediss_killed_mid_pipeline_fails_the_pending_callbacks(tls_redis, sel):
+    downs: list = []
+    link = new_link(tls_redis.rediss_url(), sel, on_down=lambda lnk, err: downs.append(err))
+    replies: list = []
+    for _ in range(100):
+        link.call(replies.append, "INCR", "n")
+    drive(sel, lambda: len(replies) == 100)
+    tls_redis.pause()
+    for _ in range(100):
+        link.call(replies.append, "INCR", "n")
+    drive(sel, lambda: not link.wants_write())
+    tls_redis.kill()
+    drive(sel, lambda: len(replies) == 200)
+    assert replies[:100] == list(range(1, 101))
+    assert all(type(reply) is LinkError and reply.sent for reply in replies[100:])
+    assert len(downs) == 1 and link.broken
+
+
+def test_rediss_blocking_helper(tls_redis):
+    with BlockingRedis(tls_redis.rediss_url()) as r:
+        assert r.link.tls
+        assert r.call("SET", "a", "1") == b"OK"
+        assert r.pipeline([("INCR", "a"), ("INCR", "a"), ("GET", "a")]) == [2, 3, b"3"]
+        assert r.eval(ADD, ["b"], [4]) == 4
+    with BlockingRedis(tls_redis.rediss_url(host="localhost", db=0)) as r:   # the certificate names localhost too
+        assert r.call("GET", "a") == b"3"
+
+
+def test_rediss_auth_over_tls(tmp_path, tls_files, sel):
+    proc = RedisProcess(str(tmp_path / "auth"), tls=tls_files, password="s3cr@t pw").start()
+    try:
+        with BlockingRedis(proc.rediss_url(password="s3cr@t pw", db=1)) as r:
+            assert r.call("SET", "k", "v") == b"OK"
+            assert r.call("ACL", "WHOAMI") == b"default"
+        user_url = proc.rediss_url(db=1).replace("rediss://", "rediss://default:s3cr%40t%20pw@")
+        with BlockingRedis(user_url) as r:                 # user:password -> AUTH user password
+            assert r.call("GET", "k") == b"v"
+        wrong = new_link(proc.rediss_url(password="nope"), sel)
+        none = new_link(proc.rediss_url(), sel)
+        replies: list = []
+        wrong.call(replies.append, "GET", "k")
+        none.call(replies.append, "GET", "k")
+        drive(sel, lambda: wrong.broken and len(replies) == 2)
+        assert "refused AUTH" in wrong.error.message and "WRONGPASS" in wrong.error.message
+        assert type(replies[0]) is LinkError and not replies[0].sent     # held behind the handshake
+        assert replies[1] != b"v" and isinstance(replies[1], RedisError) and "NOAUTH" in replies[1].message
+    finally:
+        proc.kill()
+
+
+def test_rediss_with_the_wrong_ca_is_refused_before_anything_is_sent(tls_redis, tmp_path, sel):
+    def refused(url: str) -> None:
+        downs: list = []
+        link = new_link(url, sel, on_down=lambda lnk, err: downs.append(err))
+        replies: list = []
+        link.call(replies.append, "SET", "k", "v")
+        drive(sel, lambda: link.broken)
+        assert link.error.code == "LINK"
+        assert "refused the server's certificate" in link.error.message, link.error.message
+        assert "certificate" in link.error.message.split("certificate:", 1)[1]     # OpenSSL's reason
+        assert downs == [link.error]
+        assert len(replies) == 1 and type(replies[0]) is LinkError and not replies[0].sent
+
+    stranger = make_tls_files(str(tmp_path / "stranger"), "stranger")
+    refused(tls_redis.rediss_url(ca=stranger.ca, password="secret"))    # another CA (AUTH never sent)
+    refused(tls_redis.rediss_url().split("?")[0])                       # the system's CAs
+    with BlockingRedis(tls_redis.rediss_url(ca=stranger.ca)) as r:
+        reply = r.call("PING")
+        assert type(reply) is LinkError and "certificate" in reply.message
+    with BlockingRedis(tls_redis.url) as plain:
+        assert plain.call("EXISTS", "k") == 0        # the SET never ran
+
+
+def test_rediss_checks_the_host_name_unless_told_not_to(tmp_path, sel):
+    files = make_tls_files(str(tmp_path / "elsewhere"), "elsewhere", names="DNS:redis.elsewhere.example")
+    proc = RedisProcess(str(tmp_path / "r"), tls=files).start()
+    try:
+        link = new_link(proc.rediss_url(), sel)
+        drive(sel, lambda: link.broken)
+        assert "refused the server's certificate" in link.error.message
+        assert "mismatch" in link.error.message and "for host 127.0.0.1" in link.error.message, link.error.message
+        with BlockingRedis(proc.rediss_url(check_hostname="no")) as r:   # the chain is still verified
+            assert r.call("PING") == b"PONG"
+        with BlockingRedis(proc.rediss_url(check_hostname="no", ca=make_tls_files(
+                str(tmp_path / "other"), "other").ca)) as r:
+            assert "refused the server's certificate" in r.call("PING").message
+    finally:
+        proc.kill()
+
+
+def test_rediss_client_certificate(tmp_path, tls_files, sel):
+    proc = RedisProcess(str(tmp_path / "mtls"), tls=tls_files, tls_auth_clients="yes").start()
+    try:
+        with BlockingRedis(proc.rediss_url(cert=tls_files.cert, key=tls_files.key)) as r:
+            assert r.call("PING") == b"PONG"
+        link = new_link(proc.rediss_url(), sel)   # no certificate: Redis ends the handshake
+        replies: list = []
+        link.call(replies.append, "PING")
+        drive(sel, lambda: link.broken)
+        assert type(replies[0]) is LinkError and link.error.message.startswith("LINK TLS"), link.error.message
+    finally:
+        proc.kill()
+
+
+def test_rediss_never_falls_back_to_plain(redis_server, sel):
+    # a plain server answering the TLS hello in RESP: a TLS error, not its +PONG
+    port, thread, received = fake_redis(b"+PONG\r\n")
+    link = new_link(f"rediss://127.0.0.1:{port}/", sel)
+    replies: list = []
+    link.call(replies.append, "PING")
+    drive(sel, lambda: link.broken)
+    assert "TLS handshake" in link.error.message, link.error.message
+    assert type(replies[0]) is LinkError and not replies[0].sent
+    thread.join(5)
+    assert received and received[0][:1] == b"\x16"     # what left was a TLS hello, no command
+    # a real Redis's plain port waits for a line that never comes: the handshake stalls, it never goes plain
+    stalled = new_link(f"rediss://127.0.0.1:{redis_server.port}/", sel)
+    stalled.call(replies.append, "PING")
+    started = time.monotonic()
+    drive(sel, lambda: time.monotonic() - started >= STALL_SECONDS + 0.3, timeout=5)
+    assert stalled.stalled() and not stalled.ready and len(replies) == 1
+    stalled.close()
+    assert type(replies[1]) is LinkError and not replies[1].sent
+    with BlockingRedis(f"rediss://127.0.0.1:{redis_server.port}/", timeout=0.5) as r:
+        with pytest.raises(TimeoutError, match="TLS handshake did not finish"):
+            r.call("PING")
