@@ -156,6 +156,19 @@ class RedisAddress(NamedTuple):
     tls: TLSOptions | None = None
 
 
+def redact(url: str) -> str:
+    """The URL with its password (if any) replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
 def parse_url(url: str) -> RedisAddress:
     """``redis[s]://[[username]:password@]host[:port][/db][?options]`` -> its parts.
 
@@ -259,6 +272,7 @@ class RedisLink:
         """
         host, port, db, password, username, tls = parse_url(url)
         self.url = url
+        self.shown = redact(url)   # for messages and logs: never the password
         self._tls: ssl.SSLObject | None = None
         self._tls_in = ssl.MemoryBIO()     # TLS: ciphertext from Redis, into the TLS object
         self._tls_out = ssl.MemoryBIO()    # TLS: ciphertext from the TLS object, to Redis
@@ -364,7 +378,7 @@ class RedisLink:
         if self._connecting:
             err = self._connect_errno or self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self._fail(LinkError(f"LINK cannot connect to {self.url}: {os.strerror(err)}", sent=False))
+                self._fail(LinkError(f"LINK cannot connect to {self.shown}: {os.strerror(err)}", sent=False))
                 return
             self._connecting = False
             if self._tls is not None:
@@ -384,10 +398,10 @@ class RedisLink:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self._fail(LinkError(f"LINK connection to {self.url} failed: {exc.strerror or exc}"))
+                self._fail(LinkError(f"LINK connection to {self.shown} failed: {exc.strerror or exc}"))
                 break
             if not data:
-                self._fail(LinkError(f"LINK connection to {self.url} closed by Redis"))
+                self._fail(LinkError(f"LINK connection to {self.shown} closed by Redis"))
                 break
             self._last_progress = self.clock()
             if self._tls is not None:
@@ -408,13 +422,13 @@ class RedisLink:
                 try:
                     count += self._dispatch(exc.replies)
                 finally:
-                    self._fail(LinkError(f"LINK protocol error from {self.url}: {exc.message}"))
+                    self._fail(LinkError(f"LINK protocol error from {self.shown}: {exc.message}"))
                 break
             try:
                 count += self._dispatch(replies)
             finally:
                 if self._peer_closed:
-                    self._fail(LinkError(f"LINK connection to {self.url} closed by Redis (TLS close_notify)"))
+                    self._fail(LinkError(f"LINK connection to {self.shown} closed by Redis (TLS close_notify)"))
             if not more or self._peer_closed:
                 break
         if self._tls is not None and self.error is None:
@@ -433,7 +447,7 @@ class RedisLink:
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
-                    self._fail(LinkError(f"LINK sending to {self.url} failed: {exc.strerror or exc}"))
+                    self._fail(LinkError(f"LINK sending to {self.shown} failed: {exc.strerror or exc}"))
                     return
                 del out[:sent]
                 self._sent += sent
@@ -445,7 +459,7 @@ class RedisLink:
                     try:
                         self._tls.write(chunk)
                     except ssl.SSLError as exc:
-                        self._fail(LinkError(f"LINK TLS to {self.url} failed: {exc}"))
+                        self._fail(LinkError(f"LINK TLS to {self.shown} failed: {exc}"))
                         return
                     del out[:len(chunk)]
                     self._sent += len(chunk)      # plaintext handed to TLS: counted as (maybe) sent
@@ -457,7 +471,7 @@ class RedisLink:
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
-                    self._fail(LinkError(f"LINK sending to {self.url} failed: {exc.strerror or exc}"))
+                    self._fail(LinkError(f"LINK sending to {self.shown} failed: {exc.strerror or exc}"))
                     return
                 del wire[:sent]
         self._update_events()
@@ -540,7 +554,7 @@ class RedisLink:
                     self.sock.send(self._wire + self._tls_out.read())
                 except OSError:
                     pass
-            self._fail(LinkError(f"LINK to {self.url} closed"))
+            self._fail(LinkError(f"LINK to {self.shown} closed"))
 
     # --- inside -----------------------------------------------------------------
     def _tls_step(self) -> None:
@@ -551,11 +565,11 @@ class RedisLink:
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass
         except ssl.SSLCertVerificationError as exc:
-            self._fail(LinkError(f"LINK TLS to {self.url} refused the server's certificate: "
+            self._fail(LinkError(f"LINK TLS to {self.shown} refused the server's certificate: "
                                  f"{exc.verify_message or exc.reason or exc} ({self._verified_by})", sent=False))
             return
         except ssl.SSLError as exc:    # e.g. WRONG_VERSION_NUMBER: not a TLS port
-            self._fail(LinkError(f"LINK TLS handshake with {self.url} failed: {exc.reason or exc}", sent=False))
+            self._fail(LinkError(f"LINK TLS handshake with {self.shown} failed: {exc.reason or exc}", sent=False))
             return
         else:
             self._tls_ready = True
@@ -580,7 +594,7 @@ class RedisLink:
             except ssl.SSLZeroReturnError:
                 chunk = b""
             except ssl.SSLError as exc:
-                self._fail(LinkError(f"LINK TLS from {self.url} failed: {exc.reason or exc}"))
+                self._fail(LinkError(f"LINK TLS from {self.shown} failed: {exc.reason or exc}"))
                 return None
             if not chunk:     # close_notify: what came before it is still delivered, then the link fails
                 self._peer_closed = True
@@ -595,7 +609,7 @@ class RedisLink:
                 return
             if isinstance(reply, RedisError) or (expect is not None and reply != expect):
                 command = args[0].decode() if isinstance(args[0], bytes) else args[0]
-                self._fail(LinkError(f"LINK {self.url} refused {command}: {reply!r}", sent=True))
+                self._fail(LinkError(f"LINK {self.shown} refused {command}: {reply!r}", sent=True))
                 return
             self._handshake_left -= 1
             if not self._handshake_left:
@@ -630,7 +644,7 @@ class RedisLink:
         for reply in replies:
             if not pending:
                 if self.error is None:
-                    self._fail(LinkError(f"LINK {self.url} sent a reply to no command: {reply!r}"))
+                    self._fail(LinkError(f"LINK {self.shown} sent a reply to no command: {reply!r}"))
                 break
             entry = pending.popleft()
             done += 1

@@ -38,7 +38,7 @@ import pg3lib
 import redis_scripts
 import storage
 import store
-from redislink import BlockingRedis, LinkError, RedisLink
+from redislink import BlockingRedis, LinkError, RedisLink, redact
 from protocol import valid_username
 from resp import RedisError
 
@@ -111,7 +111,7 @@ def open_store(url: str, selector, directory: str, history_limit: int = storage.
         keys = room_server_key(url, local, path, fresh)
         return RedisStore(url, selector, history_limit=history_limit, frame_limit=frame_limit), keys
     except (OSError, TimeoutError, ValueError) as exc:
-        raise storage.StorageError(f"cannot use Redis at {url}: {exc}") from None
+        raise storage.StorageError(f"cannot use Redis at {redact(url)}: {exc}") from None
 
 
 def room_server_key(url: str, local: pg3lib.KeyPair, path: str, fresh: bool) -> pg3lib.KeyPair:
@@ -131,7 +131,7 @@ def room_server_key(url: str, local: pg3lib.KeyPair, path: str, fresh: bool) -> 
         redis.call("SET", name, local.public.key_form, "NX")
         held = redis.call("GET", name)
         if not isinstance(held, bytes):
-            raise OSError(f"cannot read the room's server key from {url}: {held!r}")
+            raise OSError(f"cannot read the room's server key from {redact(url)}: {held!r}")
         if held.lstrip().startswith(b"-----BEGIN"):   # an older release's private key, in the clear
             old = pg3lib.KeyPair.from_pem(held)
             if old.fingerprint != local.fingerprint and not fresh:
@@ -197,7 +197,7 @@ class RedisStore:
         self._joined = True
         self._down_since = None
         self._connect()
-        log.info("node %s joined %s", self.node, self.url)
+        log.info("node %s joined %s", self.node, redact(self.url))
 
     def _connect(self) -> None:
         for link in (self.cmd, self.reader):

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+import pg3lib
 import redislink
 from loadgen_errors import BenchError
 
@@ -59,6 +60,7 @@ class StartedServer:
         self.redis_url = redis_url
         self.data = os.path.join(directory, name)
         os.mkdir(self.data)
+        self.room_key = os.path.join(directory, "room_server_key.pem")   # one key file for all nodes of a room
         self.log_path = os.path.join(directory, name + ".log")
         self.proc: subprocess.Popen | None = None
         self.port = 0
@@ -82,10 +84,14 @@ class StartedServer:
                 "--log-level", "WARNING", "--max-per-ip", "0", "--flood-rate", "0", "--register-rate", "0",
                 "--bm-rate", "0", "--checks-per-ip", "0", "--login-timeout", "0", "--send-queue", str(a.send_queue),
                 "--scrypt-n", str(self.scrypt_n),
-                *(["--redis", self.redis_url] if self.redis_url else []), *a.server_arg]
+                *(["--redis", self.redis_url, "--server-key", self.room_key] if self.redis_url else []),
+                *a.server_arg]
 
     def start(self) -> None:
         """Start the process; ``wait_ready`` says when it accepts connections."""
+        if self.redis_url and not os.path.exists(self.room_key):
+            # Made here, once: nodes starting together would each make their own.
+            pg3lib.KeyPair.generate().save(self.room_key)
         self.port = free_port()
         self.command = self._command()
         with open(self.log_path, "ab") as log:

@@ -90,7 +90,8 @@ def test_storm_with_real_scrypt_cost():
 def test_connect_spreads_users_over_targets(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    server = ServerProcess(str(data), "--max-per-ip", "0", "--flood-rate", "0", "--register-rate", "0").start()
+    server = ServerProcess(str(data), "--max-per-ip", "0", "--flood-rate", "0", "--register-rate", "0",
+                           "--checks-per-ip", "0").start()
     try:
         target = f"127.0.0.1:{server.port}"
         res = run("fanout", "--connect", target, "--connect", target, "--server-pid", str(server.proc.pid),

@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+import redislink
 import resp
 from redislink import STALL_SECONDS, BlockingRedis, LinkError, RedisLink, Script, TLSOptions, parse_url
 from redisproc import RedisProcess, make_tls_files
@@ -643,3 +644,11 @@ def test_rediss_never_falls_back_to_plain(redis_server, sel):
     with BlockingRedis(f"rediss://127.0.0.1:{redis_server.port}/", timeout=0.5) as r:
         with pytest.raises(TimeoutError, match="TLS handshake did not finish"):
             r.call("PING")
+
+
+def test_messages_never_show_the_password():
+    assert redislink.redact("redis://:s3cret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redislink.redact("rediss://bob:pw@localhost/1?ca=/x") == "rediss://bob:***@localhost/1?ca=/x"
+    assert redislink.redact("redis://127.0.0.1:6379") == "redis://127.0.0.1:6379"
+    link = redislink.RedisLink("redis://:s3cret@127.0.0.1:1/0")   # nothing listens on port 1
+    assert "s3cret" not in link.shown
