@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Load generator for chatserver.py: broadcast fan-out, private messages, many idle users, login storms.
+"""Load generator for chatserver.py: broadcast fan-out, private messages, many idle users, login storms, abuse.
 
     python3 bench/loadgen.py fanout -n 1000 -k 10 -m 50 -w 20
     python3 bench/loadgen.py pm --count 200
@@ -9,10 +9,11 @@
     python3 bench/loadgen.py fanout --nodes 2 -n 1000          # two nodes on one Redis
     python3 bench/loadgen.py pm --nodes 2                      # cross-node PM round trip
     python3 bench/loadgen.py failover --nodes 2 -n 200         # SIGKILL a node: offline presence
+    python3 bench/loadgen.py abuse                             # attacks on a server with its limits on
 
 By default it starts chatserver.py itself on a free 127.0.0.1 port, with a
-temporary data directory and the per-address and rate limits turned off, and
-stops it at the end; ``--connect`` (repeatable: users are spread over the
+temporary data directory and the per-address and rate limits turned off
+(abuse: on, the server's own), and stops it at the end; ``--connect`` (repeatable: users are spread over the
 servers round-robin) targets running servers instead, whose CPU and memory it
 reads only when given ``--server-pid``. ``--nodes N`` starts a redis-server
 (free loopback port, AOF ``always``, no RDB snapshots) and N chatserver.py
@@ -51,6 +52,7 @@ never the server, which it only runs as a program):
     scenario_hold.py      hold: many users online, BM round trips, RSS per user
     scenario_storm.py     storm: BM round trips before and during a login storm
     scenario_failover.py  failover: SIGKILL a node, time its users' offline presences
+    scenario_abuse.py     abuse: login storm, BM flood, CH of a long history, limits on; what others saw
     loadgen_driver.py     Conn and Bench: the selectors loop, logins, reading, waiting, phase marks
     loadgen_procs.py      the processes under test: chatserver.py (or N nodes) and redis-server
     loadgen_stats.py      percentiles, latency summaries, CPU and RSS from /proc
@@ -74,6 +76,7 @@ sys.path.insert(0, ROOT)
 
 import passwords  # noqa: E402 - for the server's default scrypt cost
 import pg3lib  # noqa: E402
+import scenario_abuse  # noqa: E402
 import scenario_failover  # noqa: E402
 import scenario_fanout  # noqa: E402
 import scenario_hold  # noqa: E402
@@ -87,10 +90,11 @@ from loadgen_report import table  # noqa: E402
 from loadgen_stats import ServerStats, machine_info  # noqa: E402
 
 # Each scenario module has HELP, add_arguments(parser), users_needed(args),
-# run(bench, args, result) and table_rows(its part of the result); this order is
-# the order of --help.
+# run(bench, args, result) and table_rows(its part of the result), and may have
+# prepare(room, args, result) -> client key pair or None, run on the room before
+# it starts (abuse: a setup run of the server); this order is the order of --help.
 SCENARIOS = {"fanout": scenario_fanout, "pm": scenario_pm, "hold": scenario_hold, "storm": scenario_storm,
-             "failover": scenario_failover}
+             "failover": scenario_failover, "abuse": scenario_abuse}
 
 
 # --- command line -------------------------------------------------------------------------
@@ -112,9 +116,10 @@ def _common_options() -> argparse.ArgumentParser:
     g.add_argument("--redis-fsync", choices=("always", "everysec", "no"), default="always",
                    help="its --appendfsync (default: %(default)s: every acknowledged write is on disk)")
     g.add_argument("--scrypt-n", type=int, default=None, metavar="N",
-                   help="scrypt cost of the started server (default: 16, storm: the server's default)")
-    g.add_argument("--send-queue", type=nonnegative(int), default=16 << 20, metavar="BYTES",
-                   help="--send-queue of the started server (default: %(default)s; 0 = no limit)")
+                   help="scrypt cost of the started server (default: 16, storm and abuse: the server's default)")
+    g.add_argument("--send-queue", type=nonnegative(int), default=None, metavar="BYTES",
+                   help="--send-queue of the started server (default: 16 MiB with the limits off, the "
+                        "server's own with abuse's production limits; 0 = no limit)")
     g.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the started server (repeat; e.g. --server-arg=--frame-limit=0)")
     g.add_argument("--server-python", default=sys.executable, metavar="PATH",
@@ -150,6 +155,9 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
         parser.error("--server-pid goes with --connect (a started server is measured anyway)")
     if a.nodes and a.connect:
         parser.error("--nodes starts its own servers; --connect targets running ones: give one of them")
+    if a.scenario == "abuse" and (a.connect or a.nodes):
+        parser.error("abuse starts its own server (a setup run with the limits off, then its limits on): "
+                     "no --connect or --nodes")
     if a.scenario == "failover" and a.nodes < 2:
         parser.error("failover needs --nodes 2 or more (it SIGKILLs one of the nodes it started)")
     return a
@@ -186,9 +194,9 @@ def _running_servers(a: argparse.Namespace, res: dict) -> Setup:
 
 
 def _new_room(a: argparse.Namespace, res: dict, users: int) -> StartedRoom:
-    """The servers to start (not started yet): scrypt N=16 unless the scenario is storm
+    """The servers to start (not started yet): scrypt N=16 unless the scenario is storm or abuse
     (the server's own default) or --scrypt-n says otherwise."""
-    scrypt_n = a.scrypt_n or (None if a.scenario == "storm" else 16)
+    scrypt_n = a.scrypt_n or (None if a.scenario in ("storm", "abuse") else 16)
     if scrypt_n is None:   # the server's own default
         scrypt_n = passwords.DEFAULT_SCRYPT_N
     a.scrypt_n_used = scrypt_n
@@ -198,10 +206,10 @@ def _new_room(a: argparse.Namespace, res: dict, users: int) -> StartedRoom:
     return StartedRoom(a, scrypt_n, a.nodes)
 
 
-def _start_room(room: StartedRoom, res: dict) -> Setup:
-    """Start the room, make the client key pair while the servers make theirs, wait for them."""
+def _start_room(room: StartedRoom, res: dict, keys: pg3lib.KeyPair | None = None) -> Setup:
+    """Start the room, make the client key pair (unless given) while the servers make theirs, wait for them."""
     room.start()
-    keys = pg3lib.KeyPair.generate()   # meanwhile the servers make their own key
+    keys = keys or pg3lib.KeyPair.generate()   # meanwhile the servers make their own key
     room.wait_ready()
     targets = [(socket.AF_INET, ("127.0.0.1", s.port), s.label) for s in room.servers]
     redis_stats = ServerStats([room.redis.pid]) if room.redis is not None else None
@@ -251,7 +259,8 @@ def main(argv: list | None = None) -> int:
             setup = _running_servers(a, res)
         else:
             room = _new_room(a, res, users)   # assigned before starting: the finally below stops it
-            setup = _start_room(room, res)
+            prepare = getattr(scenario, "prepare", None)
+            setup = _start_room(room, res, prepare(room, a, res) if prepare else None)
         bench = Bench(a, setup.targets, setup.stats, room, setup.keys, setup.redis_stats)
         bench.note(res["server"]["description"])
         scenario.run(bench, a, res)

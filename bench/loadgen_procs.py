@@ -27,6 +27,7 @@ from loadgen_errors import BenchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "chatserver.py")
+DEFAULT_SEND_QUEUE = 16 << 20   # --send-queue of a started server with the limits off
 
 
 def free_port() -> int:
@@ -66,6 +67,9 @@ class StartedServer:
         self.port = 0
         self.command: list = []
         self.killed = False     # SIGKILLed on purpose (failover): its death is not an error
+        # The limits off (load runs from one address), or the server's own (abuse: --limits production)
+        self.limits_off = getattr(args, "limits", "off") == "off"
+        self.extra: list = []   # arguments after --server-arg (a scenario's setup run)
 
     @property
     def label(self) -> str:
@@ -78,14 +82,19 @@ class StartedServer:
 
     def _command(self) -> list:
         """The command line: loopback, WARNING log, the per-address, flood, registration-rate and
-        login-time limits off, the run's send queue and scrypt cost, then any --server-arg."""
+        login-time limits off (unless ``limits_off`` is False: then the server's own limits and send
+        queue, unless --send-queue is given), the run's scrypt cost, then any --server-arg."""
         a = self.args
+        if self.limits_off:
+            limits = ["--max-per-ip", "0", "--flood-rate", "0", "--register-rate", "0", "--bm-rate", "0",
+                      "--checks-per-ip", "0", "--login-timeout", "0", "--send-queue", str(DEFAULT_SEND_QUEUE if a.send_queue is None
+                                                                   else a.send_queue)]
+        else:
+            limits = [] if a.send_queue is None else ["--send-queue", str(a.send_queue)]
         return [a.server_python, SERVER, str(self.port), "--host", "127.0.0.1", "--data", self.data,
-                "--log-level", "WARNING", "--max-per-ip", "0", "--flood-rate", "0", "--register-rate", "0",
-                "--bm-rate", "0", "--checks-per-ip", "0", "--login-timeout", "0", "--send-queue", str(a.send_queue),
-                "--scrypt-n", str(self.scrypt_n),
+                "--log-level", "WARNING", *limits, "--scrypt-n", str(self.scrypt_n),
                 *(["--redis", self.redis_url, "--server-key", self.room_key] if self.redis_url else []),
-                *a.server_arg]
+                *a.server_arg, *self.extra]
 
     def start(self) -> None:
         """Start the process; ``wait_ready`` says when it accepts connections."""

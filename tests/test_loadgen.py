@@ -87,6 +87,36 @@ def test_storm_with_real_scrypt_cost():
     assert s["p99_ratio"] > 0
 
 
+def test_abuse_three_phases_with_the_server_limits_on():
+    res = run("abuse", "--storm", "12", "--storm-seconds", "0", "--victim-logins", "1", "--flood-conns", "2",
+              "--flood-seconds", "0.5", "--flood-window", "4", "--history", "300", "--history-chars", "100",
+              "--ch-repeat", "1", "--bystanders", "2", "--baseline", "0.3", "--interval", "0.05")
+    ab = res["abuse"]
+    assert ab["limits"] == "production" and ab["scrypt_n"] >= 16384
+    assert "--flood-rate" not in res["server"]["command"] and "--max-per-ip" not in res["server"]["command"]
+    storm, flood, history = ab["storm"], ab["flood"], ab["history"]
+    assert storm["connections"] == 12 and sum(storm["answers"].values()) >= 12
+    assert isinstance(storm["victim_login_before_ms"], float) and storm["victim_login_before_ms"] > 0
+    assert isinstance(storm["victim_login_during_ms"], float) and storm["victim_login_during"]["n"] >= 1
+    assert storm["rate_limited"] >= 12 - 8   # at most 8 checks in hand per address
+    assert flood["accepted"] > 0 and flood["bad_request"] > 0   # every fourth text is over the stored size
+    assert flood["data_dir_bytes_added"] >= flood["accepted"] * 4096
+    assert flood["bm_round_trip_before"]["n"] > 0 and flood["bm_round_trip_during"]["n"] > 0
+    assert history["short_entries"] == 50 and history["full_entries"] >= 300
+    assert history["bm_round_trip_before"]["n"] > 0
+    assert res["server"]["exit_status"] == 0
+
+
+def test_abuse_table_names_the_three_phases():
+    proc = subprocess.run([sys.executable, LOADGEN, "abuse", "--storm", "4", "--storm-seconds", "0",
+                           "--victim-logins", "1", "--flood-conns", "1", "--flood-seconds", "0.3", "--history", "60",
+                           "--ch-repeat", "1", "--bystanders", "1", "--baseline", "0.2", "-q", "--deadline", "50"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for row in ("1 storm", "victim login before", "2 BM flood", "data dir grew", "3 CH", "worst stall"):
+        assert row in proc.stdout, proc.stdout
+
+
 def test_connect_spreads_users_over_targets(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
