@@ -86,9 +86,9 @@ class StartedServer:
         queue, unless --send-queue is given), the run's scrypt cost, then any --server-arg."""
         a = self.args
         if self.limits_off:
+            queue = DEFAULT_SEND_QUEUE if a.send_queue is None else a.send_queue
             limits = ["--max-per-ip", "0", "--flood-rate", "0", "--register-rate", "0", "--bm-rate", "0",
-                      "--checks-per-ip", "0", "--login-timeout", "0", "--send-queue", str(DEFAULT_SEND_QUEUE if a.send_queue is None
-                                                                   else a.send_queue)]
+                      "--checks-per-ip", "0", "--login-timeout", "0", "--send-queue", str(queue)]
         else:
             limits = [] if a.send_queue is None else ["--send-queue", str(a.send_queue)]
         return [a.server_python, SERVER, str(self.port), "--host", "127.0.0.1", "--data", self.data,
