@@ -49,7 +49,7 @@ import passwords
 import state
 import storage
 import tlslayer
-from connection import PACE_STALL, Connection, Lifecycle
+from connection import PACE_STALL, READ_SIZE, Connection, Lifecycle
 from protocol import USERNAME_RULE, ByeReason, Error, bye, fatal, valid_username
 
 log = logging.getLogger("chat.server")
@@ -296,9 +296,11 @@ class ChatServer:
             if not room.busy(cid):   # the ERROR follows the replies to everything sent before it
                 error, conn.fatal = conn.fatal, None
                 self.apply(room.refuse(cid, error))
-        elif waiting:
+        elif waiting and conn.decoder.buffered >= READ_SIZE:
             conn.pause_reading()   # bounded memory: read more only when what is here is handled
         else:
+            # Reading goes on while a request waits (up to one read's worth), so a client that
+            # hangs up is seen at once, and its password check is dropped before a worker runs it.
             conn.resume_reading()
 
     def _refill(self, conn: Connection) -> None:

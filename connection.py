@@ -176,6 +176,8 @@ class Connection:
             if not data:
                 return
         self.decoder.append(data)
+        if self.decoder.buffered >= READ_SIZE:
+            self.pause_reading()   # the owner resumes once what is here is handled
         self.owner.on_input(self)
 
     def next_frame(self) -> framing.Frame | None:
