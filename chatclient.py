@@ -448,6 +448,7 @@ class Session:
         self.exiting = False
         self.cert_key: pg3lib.PublicKey | None = None  # the key of the server's TLS certificate
         self.import_keys: pg3lib.KeyPair | None = None  # --import-key: the key pair to adopt at this login
+        self.first_noted: set[str] = set()  # contacts whose unpinned key was shown once
         self.contact_keys: dict[str, pg3lib.PublicKey] = {}  # lower case -> a key seen for the contact
         self.seen: SeenIds | None = None  # the PM ids seen (section 4.5), once logged in
         self.server_key_id = server  # where the key pair is kept: the server key's fingerprint (section 9)
@@ -913,6 +914,10 @@ class Session:
             if not self.interactive:
                 self.failures.append(f"PM to {name}: their key has changed (TRUST {name} accepts it)")
             return None
+        if self.store.contact_fingerprint(self.server, name) is None and name.lower() not in self.first_noted:
+            self.first_noted.add(name.lower())
+            self.out.show(f"* first PM with {name}: their key is {key.fingerprint} (pinned once a PM from them "
+                          "verifies)")
         return key
 
     def sealed_pm(self, name: str, their_key: pg3lib.PublicKey, text: str) -> dict:
@@ -1351,6 +1356,7 @@ class Connection:
         self.malformed: str | None = None  # why the stream stopped being frames
         self.handshaken = not tls
         self.plain_refusal = False  # the server answered the handshake with a plain frame
+        self.ended = ""  # why TLS ended (close_notify, an error), once it has
         self._first_byte = tls
         self._incoming = ssl.MemoryBIO()
         self._tls_out = ssl.MemoryBIO()
@@ -1445,23 +1451,23 @@ class Connection:
                 return b""
         parts = []
         try:
-            while True:
-                try:
-                    part = self.tls.read(65536)
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    break
+            while True:  # every whole record so far: no plaintext waits inside the TLS object
+                part = self.tls.read(65536)
                 if not part:
-                    raise ConnectionClosed("end of TLS")
+                    self.ended = "end of TLS"
+                    break
                 parts.append(part)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
         except ssl.SSLZeroReturnError:
-            if not parts:
-                raise ConnectionClosed("end of TLS") from None
+            self.ended = "end of TLS"
         except ssl.SSLError as exc:
-            if not parts:
-                raise ConnectionClosed(f"TLS error: {exc}") from None
+            self.ended = f"TLS error: {exc}"
         finally:
             self._collect()
-        return b"".join(parts)
+        if not parts and self.ended:
+            raise ConnectionClosed(self.ended)
+        return b"".join(parts)  # the frames before the end are not lost (a BYE, the EX reply)
 
     def receive(self) -> list[framing.Frame]:
         """The frames completed by what arrived.
@@ -1476,6 +1482,8 @@ class Connection:
         """
         if self.malformed is not None:
             raise ClientExit(f"the server sent a malformed frame: {self.malformed}")
+        if self.ended:
+            raise ConnectionClosed(self.ended)
         try:
             chunk = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):

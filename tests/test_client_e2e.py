@@ -33,9 +33,9 @@ import pytest
 import framing
 import pg3lib
 import protocol
-from clientstore import ClientStore, server_address
+from clientstore import ClientStore, server_address, server_id
 from serverproc import ServerProcess
-from wire import WireClient
+from wire import WireClient, verify_pm2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT = os.path.join(ROOT, "chatclient.py")
@@ -45,13 +45,6 @@ COLS, ROWS = 120, 40
 CLOCK = r"\[\d\d:\d\d\]"
 
 _seeded: dict[tuple[str, str], tuple[bytes, dict]] = {}
-
-
-@pytest.fixture(autouse=True)
-def _wire_clients_send_pm1(monkeypatch):
-    """chatclient.py verifies version-1 PM signatures only, for now: the WireClients that PM it do so too.
-    The server accepts PM1 while --accept-pm1 is on (its default). Remove when the client speaks PM2."""
-    monkeypatch.setattr(WireClient, "pm_version", 1)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -73,6 +66,13 @@ def seed_key(home, port: int, username: str, key_pair: pg3lib.KeyPair, password:
     pg3lib.write_private_file(pem_path, pem_bytes)
     meta = dict(meta, server=server, username=username.lower())
     pg3lib.write_private_file(meta_path, json.dumps(meta).encode("utf-8"))
+
+
+def key_stem(store: ClientStore, port: int, host: str = "127.0.0.1") -> str:
+    """Where the key pairs for the server on port are kept: its key's fingerprint (section 9)."""
+    pinned = store.server_fingerprint(server_address(host, port))
+    assert pinned is not None
+    return server_id(pinned)
 
 
 def client_env(home) -> dict:
@@ -314,11 +314,12 @@ def test_private_message_is_decrypted_on_the_other_side(server, keys, home, ptys
     alice.type("b\t")  # Tab completes the online user
     alice.wait_prompt("to (bob): bob ")
     alice.type("\r")
-    alice.wait_for(f"first private message with bob: remembering their key {keys(1).fingerprint}")
+    alice.wait_for(f"first PM with bob: their key is {keys(1).fingerprint}")
     alice.wait_prompt("message to bob: ")
     alice.type("see you at 5\r")
     alice.wait_line(CLOCK + r" you -> bob \(private\): see you at 5")
     bob.wait_line(CLOCK + r" alice -> you \(private\): see you at 5")
+    bob.wait_for(f"first private message from alice: remembering their key {keys(0).fingerprint}")
 
     bob.type("pm Alice on my way\r")  # one-line form, any case
     alice.wait_line(CLOCK + r" bob -> you \(private\): on my way")
@@ -326,6 +327,7 @@ def test_private_message_is_decrypted_on_the_other_side(server, keys, home, ptys
     bob.wait_line(r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] PM alice -> bob: see you at 5")
     bob.wait_line(r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] PM bob -> alice: on my way")
     bob.wait_for("(2 entries)")
+    assert "UNVERIFIED" not in bob.text()  # both PMs of the history check out (PM2, section 4.6)
 
 
 def test_ctrl_c_at_a_sub_prompt_cancels(server, connect, keys, home, ptys):
@@ -551,7 +553,8 @@ def test_piped_script_bm_pm_ch_ex(server, connect, keys, home):
         pm = bob.wait_data("PM")
         sender_key = pg3lib.PublicKey.from_key_form(pm["sender_key"])
         assert sender_key == keys(0).public
-        assert sender_key.verify(pg3lib.pm_signed_bytes("alice", "bob", pm["ciphertext"]), pm["signature"])
+        assert verify_pm2(pm, "bob")  # PM2: id and sent under the signature (section 4.5)
+        assert len(base64.b64decode(pm["id"])) == protocol.PM_ID_BYTES
         assert keys(1).open(pm["ciphertext"]).decode() == expected
 
 
@@ -618,11 +621,13 @@ def test_key_is_generated_once_kept_encrypted_and_a_lost_key_means_unreadable(se
     assert "generating your key..." in first.stdout
     store = ClientStore(str(carol_home / "chatroom"))
     server_name = f"127.0.0.1:{server.port}"
-    for path in store.key_files(server_name, "carol"):
+    stem = key_stem(store, server.port)  # kept per server key, not per address (section 9)
+    for path in store.key_files(stem, "carol"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    with open(store.key_files(server_name, "carol")[0], "rb") as fh:
+    with open(store.key_files(stem, "carol")[0], "rb") as fh:
         assert b"BEGIN ENCRYPTED PRIVATE KEY" in fh.read()
-    [(_, _, fingerprint)] = store.own_keys()
+    [own] = store.own_keys()
+    fingerprint = own.fingerprint
     assert f"your key fingerprint is {fingerprint}" in first.stdout
 
     second = run_script(server.port, "carol", carol_home, f"{PASSWORD}\nPM bob kept secret\nKEYS\nEX\n")
@@ -630,11 +635,13 @@ def test_key_is_generated_once_kept_encrypted_and_a_lost_key_means_unreadable(se
     assert "generating" not in second.stdout
     assert f"your key (carol at {server_name}): {fingerprint}" in second.stdout
 
-    for path in store.key_files(server_name, "carol"):
+    for path in store.key_files(stem, "carol"):
         os.remove(path)
     third = run_script(server.port, "carol", carol_home, f"{PASSWORD}\nCH\nEX\n")
     assert third.returncode == 0, third.stderr
     assert "generating your key..." in third.stdout
+    # The account existed: what a new key pair costs, and how to bring the old one, is said first.
+    assert "a NEW one is made" in third.stderr and "--import-key" in third.stderr
     assert re.search(r"\] PM carol -> bob: \(unreadable: sealed for another key\)$", third.stdout, re.M)
 
 
@@ -783,7 +790,9 @@ def test_a_script_with_a_failed_line_exits_1_and_says_why(server, connect, keys,
     assert result.returncode == 1
     errors = result.stderr.splitlines()
     assert errors[0].startswith("BM not sent: a message is at most 4096 characters (this one has 4097)")
-    assert errors[1] == "PM to carol: carol is not online (online: bob)"
+    # carol has no account: no_such_user, or not_online from a server that does not say so yet
+    assert errors[1] in ("cannot send to carol: there is no user carol",
+                         "cannot send to carol: carol is not online (and the server keeps no message for them)")
     assert errors[2].startswith("BM not sent: a message is at most 4096")
     assert errors[3].startswith("chatclient: 3 lines of the script failed: BM not sent: a message is at most")
     assert len(errors) == 4
