@@ -19,6 +19,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -33,6 +34,7 @@ import pytest
 import framing
 import pg3lib
 import protocol
+import tlslayer
 from clientstore import ClientStore, server_address, server_id
 from serverproc import ServerProcess
 from wire import WireClient, verify_pm2
@@ -489,39 +491,194 @@ def test_changed_server_key_stops_before_the_password(make_server, keys, home, t
     assert not accounts.exists() or accounts.stat().st_size == 0
 
 
-def test_login_reply_whose_fingerprint_does_not_match_its_key_stops(keys, home):
-    """A fake server answers LOGIN with keys(3)'s key but keys(4)'s fingerprint."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(DEADLINE)
-    received: list[str] = []
+def tls_context_for(keys: pg3lib.KeyPair, directory) -> ssl.SSLContext:
+    """A server TLS context presenting keys in a self-signed certificate (made with x509.py)."""
+    os.makedirs(str(directory), exist_ok=True)
+    return tlslayer.server_context(str(directory), keys)
 
-    def serve() -> None:
-        conn, _ = listener.accept()
+
+class FakeLoginServer:
+    """One TLS connection on loopback, played by a thread: it answers LOGIN with login_reply and
+    records the ops it received (never more than that: a test of where the client stops)."""
+
+    def __init__(self, context: ssl.SSLContext | None, login_reply: dict, greeting: bytes = b"") -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(DEADLINE)
+        self.port = self.listener.getsockname()[1]
+        self.context = context
+        self.login_reply = login_reply
+        self.greeting = greeting
+        self.received: list[str] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
         conn.settimeout(DEADLINE)
-        decoder = framing.FrameDecoder()
         with conn:
-            while True:
-                data = conn.recv(65536)
-                if not data:
+            try:
+                if self.greeting:  # sent before reading, as the server's server_busy
+                    conn.sendall(self.greeting)
+                    conn.shutdown(socket.SHUT_WR)
+                    while conn.recv(65536):
+                        pass
                     return
-                for frame in decoder.feed(data):
-                    received.append(frame.op)
-                    if frame.op == "LOGIN":
-                        conn.sendall(framing.command({
-                            "op": "LOGIN", "ok": True, "new_user": False,
-                            "server_key": keys(3).public.key_form, "fingerprint": keys(4).fingerprint,
-                            "nonce": base64.b64encode(os.urandom(16)).decode()}))
+                assert self.context is not None
+                tls = self.context.wrap_socket(conn, server_side=True)
+                decoder = framing.FrameDecoder()
+                while True:
+                    data = tls.recv(65536)
+                    if not data:
+                        return
+                    for frame in decoder.feed(data):
+                        self.received.append(frame.op)
+                        if frame.op == "LOGIN":
+                            tls.sendall(framing.command(self.login_reply))
+            except (OSError, framing.ProtocolError):
+                return
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    def close(self) -> None:
+        self.thread.join(DEADLINE)
+        self.listener.close()
+
+
+def fake_login(keys_shown: pg3lib.KeyPair, fingerprint: str) -> dict:
+    return {"op": "LOGIN", "ok": True, "new_user": False, "server_key": keys_shown.public.key_form,
+            "fingerprint": fingerprint, "nonce": base64.b64encode(os.urandom(16)).decode(), "protocol": 2}
+
+
+def test_login_reply_whose_fingerprint_does_not_match_its_key_stops(keys, home, tmp_path):
+    """A fake server (its certificate: keys(3)) answers LOGIN with keys(3)'s key but keys(4)'s fingerprint."""
+    fake = FakeLoginServer(tls_context_for(keys(3), tmp_path / "cert"), fake_login(keys(3), keys(4).fingerprint))
     try:
-        result = run_script(listener.getsockname()[1], "alice", home("alice"), f"{PASSWORD}\nEX\n")
-        thread.join(DEADLINE)
+        result = run_script(fake.port, "alice", home("alice"), f"{PASSWORD}\nEX\n")
     finally:
-        listener.close()
+        fake.close()
     assert result.returncode == 3
     assert keys(3).fingerprint in result.stderr and keys(4).fingerprint in result.stderr
-    assert received == ["LOGIN"]
+    assert fake.received == ["LOGIN"]
+
+
+def test_login_server_key_other_than_the_certificates_stops_before_the_password(keys, home, tmp_path):
+    """The certificate holds keys(3); LOGIN announces keys(4), with keys(4)'s own fingerprint."""
+    fake = FakeLoginServer(tls_context_for(keys(3), tmp_path / "cert"), fake_login(keys(4), keys(4).fingerprint))
+    try:
+        result = run_script(fake.port, "alice", home("alice"), f"{PASSWORD}\nEX\n")
+    finally:
+        fake.close()
+    assert result.returncode == 3, result.stderr
+    assert "TLS certificate" in result.stderr
+    assert keys(3).fingerprint in result.stderr and keys(4).fingerprint in result.stderr
+    assert fake.received == ["LOGIN"]  # no PASSWORD
+
+
+def test_a_plain_refusal_instead_of_the_handshake_is_shown(home):
+    """server_busy comes as a plain C frame before the server reads (section 0): the client shows it."""
+    busy = framing.command({"op": "ERROR", "ok": False, "error": "server_busy",
+                            "message": "the server is full, try again later"})
+    fake = FakeLoginServer(None, {}, greeting=busy)
+    try:
+        result = run_script(fake.port, "alice", home("alice"), f"{PASSWORD}\nEX\n")
+    finally:
+        fake.close()
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == \
+        "chatclient: the server ended the connection: the server is full, try again later"
+
+
+class MitmProxy:
+    """A TCP proxy on loopback that terminates TLS with its own certificate and forwards the plaintext
+    to the real server over plain TCP; it records what the client sent through it."""
+
+    def __init__(self, context: ssl.SSLContext, upstream_port: int, port: int = 0) -> None:
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.listener.settimeout(DEADLINE)
+        self.port = self.listener.getsockname()[1]
+        self.context = context
+        self.upstream_port = upstream_port
+        self.from_client = bytearray()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        deadline = time.monotonic() + DEADLINE
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls, \
+                    socket.create_connection(("127.0.0.1", self.upstream_port), timeout=DEADLINE) as up:
+                tls.setblocking(False)
+                up.setblocking(False)
+                while time.monotonic() < deadline:
+                    ready, _, _ = select.select([tls, up], [], [], 0.2)
+                    for sock in ready:
+                        try:
+                            data = sock.recv(65536)
+                        except (ssl.SSLWantReadError, BlockingIOError):
+                            continue
+                        if not data:
+                            return
+                        if sock is tls:
+                            self.from_client += data
+                            up.sendall(data)
+                        else:
+                            tls.sendall(data)
+        except (OSError, ssl.SSLError):
+            return
+
+    def close(self) -> None:
+        self.thread.join(DEADLINE)
+        self.listener.close()
+
+
+def test_a_tls_proxy_with_another_certificate_is_stopped_before_login(make_server, keys, home, tmp_path):
+    """A man in the middle at the address the client knows: the server now runs elsewhere, and a proxy
+    with its own certificate terminates TLS and forwards to it. The client stops, exit 3, and the proxy
+    never sees a LOGIN."""
+    data = str(tmp_path / "data-mitm")
+    os.makedirs(data)
+    first = make_server(data=data)
+    port = first.port
+    alice_home = home("alice")
+    seed_key(alice_home, port, "alice", keys(0))
+    result = run_script(port, "alice", alice_home, f"{PASSWORD}\nEX\n", "--register")
+    assert result.returncode == 0, result.stderr
+    store = ClientStore(str(alice_home / "chatroom"))
+    pinned = store.server_fingerprint(f"127.0.0.1:{port}")
+    first.kill()
+    moved = make_server(data=data)  # the same server (same key), on another port
+    proxy = MitmProxy(tls_context_for(keys(5), tmp_path / "mitm"), moved.port, port=port)
+    try:
+        result = run_script(port, "alice", alice_home, f"{PASSWORD}\nBM hi\nEX\n")
+    finally:
+        proxy.close()
+    assert result.returncode == 3
+    assert "THE SERVER'S KEY HAS CHANGED" in result.stderr
+    assert pinned in result.stderr and keys(5).fingerprint in result.stderr
+    assert b"LOGIN" not in proxy.from_client and bytes(proxy.from_client) == b""
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_a_tls_client_and_a_plain_wire_client_share_the_room(server, connect, keys, home):
+    plain = wire_login(connect, "bob", keys(1))  # a version-1 style plain TCP connection
+    alice = PipedClient(server.port, "alice", home("alice"), "--register")
+    try:
+        alice.write(f"{PASSWORD}\n")
+        alice.expect("logged in as alice")
+        plain.wait_data("PRESENCE", username="alice", online=True)
+        alice.write("BM over TLS\n")
+        assert plain.wait_data("BM")["text"] == "over TLS"
+        plain.bm("over plain TCP")
+        alice.expect(CLOCK + " bob: over plain TCP")
+        alice.close_input()
+        assert alice.wait() == 0
+    finally:
+        alice.close()
 
 
 # --- through pipes ------------------------------------------------------------------------------
