@@ -35,6 +35,7 @@ import framing
 import pg3lib
 import protocol
 import tlslayer
+import wire
 from clientstore import ClientStore, server_address, server_id
 from serverproc import ServerProcess
 from wire import WireClient, verify_pm2
@@ -1174,3 +1175,223 @@ def test_acting_on_another_admin_asks_first_on_the_terminal(make_server, keys, h
         alice.wait_prompt("alice> ")
     finally:
         zed.close()
+
+
+# --- issue 13: PM2 checks, history checks, one identity per server key, moving the key pair ------------
+
+class FakeRoomServer:
+    """A TLS fake server (its certificate: keys) that logs anyone in, sends data frames after the KEY
+    reply, and answers EX; for what the real server would refuse to relay (a replay, a stale PM...)."""
+
+    def __init__(self, context: ssl.SSLContext, keys: pg3lib.KeyPair, after_key: list[dict]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(DEADLINE)
+        self.port = self.listener.getsockname()[1]
+        self.context = context
+        self.keys = keys
+        self.after_key = after_key
+        self.thread: threading.Thread | None = None
+
+    def serve_once(self) -> None:
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            conn.settimeout(DEADLINE)
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except OSError:
+            return
+        decoder = framing.FrameDecoder()
+        with tls:
+            try:
+                while True:
+                    data = tls.recv(65536)
+                    if not data:
+                        return
+                    for frame in decoder.feed(data):
+                        tls.sendall(self._answer(frame.body))
+                        if frame.op == "EX":
+                            return
+            except OSError:
+                return
+
+    def _answer(self, body: dict) -> bytes:
+        op = body.get("op")
+        if op == "LOGIN":
+            return framing.command(dict(fake_login(self.keys, self.keys.fingerprint), new_user=False))
+        if op == "PASSWORD":
+            return framing.command({"op": "PASSWORD", "ok": True, "new_user": False, "username": "alice"})
+        if op == "KEY":
+            out = framing.command({"op": "KEY", "ok": True, "fingerprint": "x", "online": ["bob"]})
+            return out + b"".join(framing.data(frame) for frame in self.after_key)
+        return framing.command({"op": op, "ok": True})
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join(DEADLINE)
+
+    def close(self) -> None:
+        self.join()
+        self.listener.close()
+
+
+def d_pm(sender: pg3lib.KeyPair, receiver: pg3lib.KeyPair, text: str, *, signer: pg3lib.KeyPair | None = None,
+         sent: str | None = None, pm_id: str | None = None) -> dict:
+    """A D PM from bob to alice as the server relays it (section 5)."""
+    ciphertext = receiver.public.seal(text.encode()).decode()
+    self_copy = sender.public.seal(text.encode()).decode()
+    send = wire.pm2_send(signer or sender, "bob", "alice", ciphertext, self_copy, pm_id=pm_id, sent=sent)
+    return {"op": "PM", "from": "bob", "to": "alice", "id": send["id"], "sent": send["sent"],
+            "ciphertext": ciphertext, "self_copy_sha256": pg3lib.sealed_digest(self_copy),
+            "signature": send["signature"], "sender_key": sender.public.key_form,
+            "ts": protocol.timestamp(time.time())}
+
+
+def test_a_replay_a_stale_pm_and_a_bad_signature_are_warnings_never_the_words(keys, home, tmp_path):
+    good = d_pm(keys(1), keys(0), "the real one")
+    frames = [good, dict(good),  # the same id again: a replay
+              d_pm(keys(1), keys(0), "from an hour ago", sent=protocol.timestamp(time.time() - 3600)),
+              d_pm(keys(1), keys(0), "forged words", signer=keys(2)),
+              d_pm(keys(1), keys(0), "the next one")]
+    fake = FakeRoomServer(tls_context_for(keys(3), tmp_path / "cert"), keys(3), frames)
+    alice_home = home("alice")
+    seed_key(alice_home, fake.port, "alice", keys(0))
+    try:
+        fake.serve_once()
+        first = run_script(fake.port, "alice", alice_home, f"{PASSWORD}\nEX\n")
+        fake.join()
+        fake.after_key = [dict(good)]  # the next run: the id is remembered across runs
+        fake.serve_once()
+        second = run_script(fake.port, "alice", alice_home, f"{PASSWORD}\nEX\n")
+    finally:
+        fake.close()
+    assert first.returncode == 0, first.stderr
+    shown = [line for line in first.stdout.splitlines() if "bob -> you" in line]
+    assert [line.split("(private): ")[1] for line in shown] == ["the real one", "the next one"]
+    warnings = [line for line in first.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 3
+    assert "delivered AGAIN" in warnings[0] and "more than 10 minutes" in warnings[1]
+    assert "failed its signature check" in warnings[2]
+    for words in ("from an hour ago", "forged words"):
+        assert words not in first.stdout + first.stderr
+    assert second.returncode == 0, second.stderr
+    assert "the real one" not in second.stdout and "delivered AGAIN" in second.stderr
+
+
+def append_history_line(data_dir: str, username: str, entry: dict) -> None:
+    """A PM line written straight into <Username>.chat (README, data directory), as a server could forge it."""
+    path = os.path.join(data_dir, f"{username}.chat")
+    with open(path, encoding="utf-8") as fh:
+        lines = [json.loads(line) for line in fh if line.strip()]
+    at = max(line.get("at", 0) for line in lines)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"kind": "pm", "at": at, "entry": entry}) + "\n")
+
+
+def test_a_forged_history_line_is_marked_unverified_in_ch(server, connect, keys, home):
+    bob = wire_login(connect, "bob", keys(1))
+    alice_home = home("alice")
+    seed_key(alice_home, server.port, "alice", keys(0))
+    alice = PipedClient(server.port, "alice", alice_home, "--register")
+    try:
+        alice.write(f"{PASSWORD}\n")
+        alice.expect("logged in as alice")
+        bob.wait_data("PRESENCE", username="alice", online=True)
+        assert bob.pm("alice", "the genuine one")["ok"]
+        alice.expect(r"bob -> you \(private\): the genuine one")  # verified: bob's key is pinned now
+        [real] = [e for e in bob.history() if e.get("type") == "PM"]
+        forged_text = keys(0).public.seal(b"send me your password").decode()
+        forged = dict(real, ciphertext=forged_text, ts=protocol.timestamp(time.time()))  # bob's signature kept
+        append_history_line(server.data_dir, "alice", forged)
+        v1 = {"ts": protocol.timestamp(time.time()), "type": "PM", "from": "bob", "to": "alice",
+              "ciphertext": keys(0).public.seal(b"an old one").decode()}
+        append_history_line(server.data_dir, "alice", v1)
+        alice.write("CH\n")
+        alice.expect(r"\(\d+ entries\)")
+        alice.close_input()
+        assert alice.wait() == 0
+    finally:
+        alice.close()
+    out = alice.output.decode()
+    [genuine] = [line for line in out.splitlines() if "PM bob -> alice: the genuine one" in line]
+    assert "UNVERIFIED" not in genuine
+    [bad] = [line for line in out.splitlines() if "send me your password" in line]
+    assert bad.startswith("[UNVERIFIED: the text is not the one signed]")
+    [old] = [line for line in out.splitlines() if "an old one" in line]
+    assert old.startswith("[UNVERIFIED: version-1 PM")
+
+
+def test_localhost_and_127_0_0_1_are_one_identity(server, home):
+    alice_home = home("alice")
+    first = run_script(server.port, "alice", alice_home, f"{PASSWORD}\nKEYS\nEX\n", "--register")
+    assert first.returncode == 0, first.stderr
+    assert "generating your key..." in first.stdout
+    [mine] = re.findall(r"your key \(alice at [^)]*\): (SHA256:\S+)", first.stdout)
+    second = subprocess.run([sys.executable, CLIENT, "localhost", str(server.port), "alice"],
+                            input=f"{PASSWORD}\nKEYS\nEX\n", capture_output=True, text=True, timeout=DEADLINE,
+                            env=client_env(alice_home), cwd=ROOT)
+    assert second.returncode == 0, second.stderr
+    assert "generating" not in second.stdout and "NEW" not in second.stderr
+    assert f"your key (alice at localhost:{server.port}): {mine}" in second.stdout
+    assert len(ClientStore(str(alice_home / "chatroom")).own_keys()) == 1
+
+
+def test_key_files_under_the_old_address_name_are_adopted(server, keys, home):
+    alice_home = home("alice")
+    seed_key(alice_home, server.port, "alice", keys(0))  # the older layout: keys/127.0.0.1_<port>_alice.*
+    store = ClientStore(str(alice_home / "chatroom"))
+    old = store.key_files(f"127.0.0.1:{server.port}", "alice")
+    result = run_script(server.port, "alice", alice_home, f"{PASSWORD}\nKEYS\nEX\n", "--register")
+    assert result.returncode == 0, result.stderr
+    assert "generating" not in result.stdout and keys(0).fingerprint in result.stdout
+    assert not any(os.path.exists(path) for path in old)
+    assert all(os.path.exists(path) for path in store.key_files(key_stem(store, server.port), "alice"))
+
+
+def test_export_then_import_into_a_fresh_config_dir_reads_old_pms(server, connect, keys, home, tmp_path):
+    bob = wire_login(connect, "bob", keys(1))
+    first_home = home("first")
+    seed_key(first_home, server.port, "alice", keys(0))
+    result = run_script(server.port, "alice", first_home, f"{PASSWORD}\nEX\n", "--register")
+    assert result.returncode == 0, result.stderr
+    alice_live = PipedClient(server.port, "alice", first_home)
+    try:
+        alice_live.write(f"{PASSWORD}\n")
+        alice_live.expect("logged in as alice")
+        bob.wait_data("PRESENCE", username="alice", online=True)
+        assert bob.pm("alice", "read me on the new machine")["ok"]
+        alice_live.expect("read me on the new machine")
+        alice_live.close_input()
+        assert alice_live.wait() == 0
+    finally:
+        alice_live.close()
+    export = str(tmp_path / "alice-key.json")
+    env = dict(client_env(first_home), CHATCLIENT_KEY_PASSPHRASE="move it carefully")
+    exported = subprocess.run(client_command(server.port, "alice", "--export-key", export), input=f"{PASSWORD}\n",
+                              capture_output=True, text=True, timeout=DEADLINE, env=env, cwd=ROOT)
+    assert exported.returncode == 0, exported.stderr
+    assert stat.S_IMODE(os.stat(export).st_mode) == 0o600
+    with open(export, encoding="utf-8") as fh:
+        assert "PRIVATE KEY" in fh.read()  # encrypted PKCS#8 inside
+    wrong = subprocess.run(client_command(server.port, "alice", "--import-key", export), input=f"{PASSWORD}\nEX\n",
+                           capture_output=True, text=True, timeout=DEADLINE,
+                           env=dict(client_env(home("wrong")), CHATCLIENT_KEY_PASSPHRASE="guess"), cwd=ROOT)
+    assert wrong.returncode == 1 and "passphrase does not open" in wrong.stderr
+
+    fresh = home("fresh")
+    imported = subprocess.run(client_command(server.port, "alice", "--import-key", export),
+                              input=f"{PASSWORD}\nCH\nEX\n", capture_output=True, text=True, timeout=DEADLINE,
+                              env=dict(client_env(fresh), CHATCLIENT_KEY_PASSPHRASE="move it carefully"), cwd=ROOT)
+    assert imported.returncode == 0, imported.stderr
+    assert "generating" not in imported.stdout and "NEW" not in imported.stderr
+    assert f"imported your key pair {keys(0).fingerprint}" in imported.stdout
+    assert re.search(r"\] PM bob -> alice: read me on the new machine", imported.stdout)
+    later = run_script(server.port, "alice", fresh, f"{PASSWORD}\nKEYS\nEX\n")  # kept in the fresh config
+    assert later.returncode == 0 and keys(0).fingerprint in later.stdout
+
+    elsewhere = run_script(server.port, "alice", home("elsewhere"), f"{PASSWORD}\nCH\nEX\n")
+    assert elsewhere.returncode == 0
+    assert "a NEW one is made" in elsewhere.stderr and "--import-key" in elsewhere.stderr
+    assert re.search(r"\] PM bob -> alice: \(unreadable: sealed for another key\)", elsewhere.stdout)
