@@ -1,18 +1,22 @@
 """The chat room client: ``python3 chatclient.py HOST PORT USERNAME`` (docs/PROTOCOL.md, issue 4).
 
-Owns the client side of the protocol: the login (the server's key checked
-against the one remembered for HOST:PORT before the password goes out), the
+Owns the client side of the protocol: TLS (section 0; the certificate's key
+checked against the one remembered for HOST:PORT before LOGIN, and LOGIN's
+``server_key`` against the certificate's before the password goes out), the
 operations BM, PM, CH and EX, the admins' MOD commands (KICK, BAN, UNBAN,
 MUTE, UNMUTE, BANS: section 10), the local commands (WHO, KEYS, TRUST, IGNORE,
-UNIGNORE, HELP), sealing and signing private messages end to end, checking
-received ones against the sender's pinned key, and showing what arrives
-(except from the users ignored).
+UNIGNORE, HELP), sealing and signing private messages end to end (PM2: a
+random id and the clock under the signature), checking received ones and
+history entries against the sender's pinned key (and the ids seen before,
+across runs), offline PMs, moving the key pair (``--export-key``,
+``--import-key``), and showing what arrives (except from the users ignored).
 
 Theory of operation: one ``selectors`` loop waits on the socket and standard
 input. The conversation with the server is lock-step, so it is written as a
 generator, ``Session.run``, that yields what it needs next: ``Send(body)``
 (queue a frame), ``Reply(op)`` (wait for the reply with that op) or
-``Ask(prompt)`` (wait for the user's next line). ``Driver`` runs it, feeding
+``Ask(prompt)`` (wait for the user's next line); its first step is
+``Handshake()`` (wait for TLS; the certificate comes back in). ``Driver`` runs it, feeding
 replies and input events back in. Data frames (messages, presence) are shown
 the moment they arrive, whatever the session is waiting for. Input that
 arrives while a reply is pending waits in a queue, so pasted or piped
@@ -656,7 +660,7 @@ class Session:
             if self.store.has_key_pair(server, self.username):
                 moved = self.store.retire_key_pair(server, self.username)
                 self.out.show(f"the key pair saved here before is kept as {moved}")
-            self.store.save_key_pair(server, self.username, password, self.import_keys)
+            self.store.save_key_pair(server, self.username, password, self.import_keys, self.server)
             self.out.show(f"imported your key pair {self.import_keys.fingerprint}")
             return self.import_keys
         try:
@@ -670,7 +674,7 @@ class Session:
             if existed:
                 self.out.warn(NEW_KEY_WARNING.format(user=self.username, server=self.server))
             self.out.show("generating your key...")
-            keys = self.store.create_key_pair(server, self.username, password)
+            keys = self.store.create_key_pair(server, self.username, password, self.server)
             self.out.show(f"your key fingerprint is {keys.fingerprint}")
         return keys
 

@@ -182,13 +182,15 @@ class ClientStore:
         except (OSError, ValueError, KeyError, TypeError, pg3lib.CryptoError) as exc:
             raise KeyLocked(f"{pem_path}: {exc}") from None
 
-    def save_key_pair(self, server: str, username: str, password: str, key_pair: pg3lib.KeyPair) -> None:
-        """Write the key pair, encrypted under a passphrase derived from password with a fresh salt."""
+    def save_key_pair(self, server: str, username: str, password: str, key_pair: pg3lib.KeyPair,
+                      address: str | None = None) -> None:
+        """Write the key pair, encrypted under a passphrase derived from password with a fresh salt
+        (address: the ``host:port`` it was made at, for ``--fingerprint``; default server)."""
         self._ensure_dir(self.keys_dir)
         pem_path, meta_path = self.key_files(server, username)
         salt = os.urandom(SALT_BYTES)
         pg3lib.write_private_file(pem_path, _encrypted_pem(key_pair, derive_passphrase(password, salt)))
-        meta = {"version": 1, "server": server, "username": username.lower(),
+        meta = {"version": 1, "server": address or server, "username": username.lower(),
                 "kdf": "scrypt", "salt": base64.b64encode(salt).decode("ascii"),
                 "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
                 "public_key": key_pair.public.key_form, "fingerprint": key_pair.fingerprint}
@@ -245,10 +247,11 @@ class ClientStore:
                                     _UNSAFE_NAME.sub("_", server) + "_" + _UNSAFE_NAME.sub("_", username.lower())),
                        self)
 
-    def create_key_pair(self, server: str, username: str, password: str) -> pg3lib.KeyPair:
+    def create_key_pair(self, server: str, username: str, password: str,
+                        address: str | None = None) -> pg3lib.KeyPair:
         """Generate a key pair and save it."""
         key_pair = pg3lib.KeyPair.generate()
-        self.save_key_pair(server, username, password, key_pair)
+        self.save_key_pair(server, username, password, key_pair, address)
         return key_pair
 
     def retire_key_pair(self, server: str, username: str) -> str:
