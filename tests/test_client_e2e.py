@@ -1395,3 +1395,29 @@ def test_export_then_import_into_a_fresh_config_dir_reads_old_pms(server, connec
     assert elsewhere.returncode == 0
     assert "a NEW one is made" in elsewhere.stderr and "--import-key" in elsewhere.stderr
     assert re.search(r"\] PM bob -> alice: \(unreadable: sealed for another key\)", elsewhere.stdout)
+
+
+def test_pm_warnings_on_the_terminal(keys, home, tmp_path):
+    """The same checks read off a real pty with pyte: warnings are marked lines, the words never shown."""
+    good = d_pm(keys(1), keys(0), "hello from bob")
+    frames = [good, dict(good), d_pm(keys(1), keys(0), "stale words", sent=protocol.timestamp(time.time() + 3600)),
+              d_pm(keys(1), keys(0), "forged words", signer=keys(2))]
+    fake = FakeRoomServer(tls_context_for(keys(3), tmp_path / "cert"), keys(3), frames)
+    alice_home = home("alice")
+    seed_key(alice_home, fake.port, "alice", keys(0))
+    fake.serve_once()
+    client = PtyClient(fake.port, "alice", alice_home)
+    try:
+        client.wait_prompt("password for alice: ")
+        client.type(PASSWORD + "\r")
+        client.wait_line(CLOCK + r" bob -> you \(private\): hello from bob")
+        client.wait_line(r"! WARNING: a private message from bob was delivered AGAIN .*")
+        client.wait_line(r"! WARNING: a private message from bob says it was sent at .*")
+        client.wait_line(r"! WARNING: a private message claiming to be from bob failed its signature check.*")
+        client.wait_prompt("alice> ")
+        assert "stale words" not in client.text() and "forged words" not in client.text()
+        client.type("EX\r")
+        assert client.wait_exit() == 0
+    finally:
+        client.close()
+        fake.close()
