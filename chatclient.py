@@ -1231,7 +1231,10 @@ class Session:
         if op in (Op.BM, Op.PM) and self.is_ignored(body.get("from")):
             log.debug("hiding a %s from an ignored user", op)
         elif op == Op.BM:
-            self.out.show(format_broadcast(str(body.get("from", "?")), str(body.get("text", "")), body.get("ts")))
+            sender = body.get("from")
+            line = format_broadcast(str(sender) if valid_username(sender) else ascii(str(sender)),
+                                    str(body.get("text", "")), body.get("ts"))
+            self.out.show(line if valid_username(sender) else f"{UNVERIFIED.format('not a valid sender name')} {line}")
         elif op == Op.PM:
             self.receive_private(body)
         elif op == Op.NOTICE:  # what an admin did (section 10)

@@ -815,3 +815,36 @@ def test_notice_is_shown_with_its_time(alice):
     assert re.fullmatch(r"\[\d\d:\d\d\] \* zed banned bob for 1 h: spam", alice.out.shown[-1])
     alice.on_data({"op": "SOMETHING_NEW", "x": 1})   # an unknown D op is ignored
     assert len(alice.out.shown) == 1
+
+
+def test_a_bm_from_an_invalid_name_is_escaped_and_marked_live_and_in_ch(alice):
+    alice.on_data({"op": "BM", "from": "bob\nroot", "text": "hi", "ts": "2026-11-24T15:04:05.123Z"})
+    assert alice.out.shown[-1].startswith("[UNVERIFIED: not a valid sender name] [")
+    assert "'bob\\nroot': hi" in alice.out.shown[-1]
+    drive(alice.command("CH"), [{"op": "CH", "ok": True, "more": False, "entries": [
+        {"ts": "2026-11-24T15:04:05.123Z", "type": "BM", "from": "x y", "to": "*", "text": "t"},
+        {"ts": "2026-11-24T15:04:05.123Z", "type": "BM", "from": "bob", "to": "*", "text": "fine"}]}])
+    assert alice.out.shown[-3].startswith("[UNVERIFIED: not a valid sender name]") and "'x y'" in alice.out.shown[-3]
+    assert alice.out.shown[-2].endswith("BM bob -> all: fine") and "UNVERIFIED" not in alice.out.shown[-2]
+
+
+def test_ch_checks_pm_entries(alice, keys):
+    """A received PM2 entry verifies with bob's pinned key; a changed copy, a PM1 entry and an entry of
+    a contact whose key is unknown here are marked."""
+    frame = pm_frame(keys(1), "bob", keys(0), "in history")
+    alice.on_data(frame)  # pins bob (and keeps his key for CH)
+    entry = {"ts": frame["ts"], "type": "PM", "from": "bob", "to": "alice", "ciphertext": frame["ciphertext"],
+             "id": frame["id"], "sent": frame["sent"], "signature": frame["signature"],
+             "ciphertext_sha256": pg3lib.sealed_digest(frame["ciphertext"]),
+             "self_copy_sha256": frame["self_copy_sha256"]}
+    assert alice.entry_problem(entry) is None
+    changed = dict(entry, ciphertext=keys(0).public.seal(b"other").decode())
+    assert alice.entry_problem(changed) == "the text is not the one signed"
+    resigned = dict(changed, ciphertext_sha256=pg3lib.sealed_digest(changed["ciphertext"]))
+    assert alice.entry_problem(resigned) == "the signature does not verify with bob's key"
+    old = {k: entry[k] for k in ("ts", "type", "from", "to", "ciphertext")}
+    assert alice.entry_problem(old) == "version-1 PM, not signed with an id"
+    assert alice.entry_problem(dict(entry, **{"from": "carol"})) == "no key of carol known here to check it"
+    drive(alice.command("CH"), [{"op": "CH", "ok": True, "more": False, "entries": [entry, changed]}])
+    assert alice.out.shown[-3].endswith("PM bob -> alice: in history")
+    assert alice.out.shown[-2].startswith("[UNVERIFIED: the text is not the one signed] [")
