@@ -1190,6 +1190,8 @@ class FakeRoomServer:
         self.context = context
         self.keys = keys
         self.after_key = after_key
+        self.target_key: pg3lib.KeyPair | None = None  # set: TARGET answers as for an offline user
+        self.requests: list[dict] = []  # after KEY
         self.thread: threading.Thread | None = None
 
     def serve_once(self) -> None:
@@ -1226,6 +1228,16 @@ class FakeRoomServer:
         if op == "KEY":
             out = framing.command({"op": "KEY", "ok": True, "fingerprint": "x", "online": ["bob"]})
             return out + b"".join(framing.data(frame) for frame in self.after_key)
+        self.requests.append(body)
+        if op == "TARGET" and self.target_key is not None:
+            if body.get("username") == "nobody":
+                return framing.command({"op": "TARGET", "ok": False, "error": "no_such_user",
+                                        "message": "there is no account 'nobody'"})
+            return framing.command({"op": "TARGET", "ok": True, "username": "carol", "online": False,
+                                    "public_key": self.target_key.public.key_form,
+                                    "fingerprint": self.target_key.fingerprint})
+        if op == "SEND":
+            return framing.command({"op": "SEND", "ok": True, "recipients": 0})
         return framing.command({"op": op, "ok": True})
 
     def join(self) -> None:
@@ -1421,3 +1433,30 @@ def test_pm_warnings_on_the_terminal(keys, home, tmp_path):
     finally:
         client.close()
         fake.close()
+
+
+def test_offline_pms_with_a_server_that_stores_them(keys, home, tmp_path):
+    """Against a fake server that stores PMs (section 4.5, 5): a stored PM delivered at login is marked
+    as sent while away; PM to someone offline asks for offline and says it was stored; no_such_user."""
+    stored = d_pm(keys(1), keys(0), "while you were out", sent=protocol.timestamp(time.time() - 7200))
+    stored["offline"] = True
+    fake = FakeRoomServer(tls_context_for(keys(3), tmp_path / "cert"), keys(3), [stored])
+    fake.target_key = keys(4)
+    alice_home = home("alice")
+    seed_key(alice_home, fake.port, "alice", keys(0))
+    try:
+        fake.serve_once()
+        result = run_script(fake.port, "alice", alice_home,
+                            f"{PASSWORD}\nPM carol see you monday\nPM nobody hi\nEX\n")
+    finally:
+        fake.close()
+    assert re.search(CLOCK + r" bob -> you \(private\): while you were out  \(sent while you were away, ",
+                     result.stdout)
+    assert "WARNING" not in result.stderr
+    assert re.search(CLOCK + r" you -> carol \(private\): see you monday  \(carol is offline: stored, delivered at "
+                     r"their next login\)", result.stdout)
+    targets = [body for body in fake.requests if body["op"] == "TARGET"]
+    assert targets == [{"op": "TARGET", "username": "carol", "offline": True},
+                       {"op": "TARGET", "username": "nobody", "offline": True}]
+    assert "cannot send to nobody: there is no user nobody" in result.stderr
+    assert result.returncode == 1  # the PM to nobody was a failed line
