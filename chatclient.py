@@ -452,6 +452,7 @@ class Session:
         self.exiting = False
         self.cert_key: pg3lib.PublicKey | None = None  # the key of the server's TLS certificate
         self.import_keys: pg3lib.KeyPair | None = None  # --import-key: the key pair to adopt at this login
+        self.import_server = ""  # the server key fingerprint the export file was made for
         self.first_noted: set[str] = set()  # contacts whose unpinned key was shown once
         self.contact_keys: dict[str, pg3lib.PublicKey] = {}  # lower case -> a key seen for the contact
         self.seen: SeenIds | None = None  # the PM ids seen (section 4.5), once logged in
@@ -657,6 +658,9 @@ class Session:
         if self.store.adopt_key_pair(self.server, server, self.username):
             log.debug("adopted the key files of %s for the server key", self.server)
         if self.import_keys is not None:
+            if self.import_server and server_id(self.import_server) != server:
+                self.out.warn(f"note: the key file was exported for the server key {self.import_server}, not this "
+                              "server's; it is used here all the same")
             if self.store.has_key_pair(server, self.username):
                 moved = self.store.retire_key_pair(server, self.username)
                 self.out.show(f"the key pair saved here before is kept as {moved}")
@@ -2072,7 +2076,7 @@ def export_key(store: ClientStore, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def read_import(args: argparse.Namespace) -> pg3lib.KeyPair:
+def read_import(args: argparse.Namespace) -> tuple[pg3lib.KeyPair, str]:
     """--import-key FILE: the key pair it holds (its passphrase asked before connecting)."""
     passphrase = ask_secret("passphrase of the key file: ")
     try:
@@ -2084,7 +2088,7 @@ def read_import(args: argparse.Namespace) -> pg3lib.KeyPair:
     if str(data.get("username", "")).lower() != args.username.lower():
         raise ClientExit(f"{args.import_key} holds the key of {one_line(data.get('username'), 40)}, "
                          f"not of {args.username}")
-    return keys
+    return keys, str(data.get("server_key", ""))
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
@@ -2093,13 +2097,13 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 def run_client(args: argparse.Namespace, store: ClientStore) -> int:
     """Connect, then run the session on a terminal or on plain lines."""
-    imported = read_import(args) if args.import_key else None
+    imported, exported_for = read_import(args) if args.import_key else (None, "")
     connection = Connection.open(args.host, args.port)
     try:
         screen: Screen = TtyScreen() if os.isatty(0) else PlainScreen()
         session = Session(server_address(args.host, args.port), args.username, store, screen,
                           screen.interactive, register=args.register)
-        session.import_keys = imported
+        session.import_keys, session.import_server = imported, exported_for
         with screen:
             Driver(session, connection, screen).run()
     finally:
