@@ -1,18 +1,22 @@
 """The chat room client: ``python3 chatclient.py HOST PORT USERNAME`` (docs/PROTOCOL.md, issue 4).
 
-Owns the client side of the protocol: the login (the server's key checked
-against the one remembered for HOST:PORT before the password goes out), the
+Owns the client side of the protocol: TLS (section 0; the certificate's key
+checked against the one remembered for HOST:PORT before LOGIN, and LOGIN's
+``server_key`` against the certificate's before the password goes out), the
 operations BM, PM, CH and EX, the admins' MOD commands (KICK, BAN, UNBAN,
 MUTE, UNMUTE, BANS: section 10), the local commands (WHO, KEYS, TRUST, IGNORE,
-UNIGNORE, HELP), sealing and signing private messages end to end, checking
-received ones against the sender's pinned key, and showing what arrives
-(except from the users ignored).
+UNIGNORE, HELP), sealing and signing private messages end to end (PM2: a
+random id and the clock under the signature), checking received ones and
+history entries against the sender's pinned key (and the ids seen before,
+across runs), offline PMs, moving the key pair (``--export-key``,
+``--import-key``), and showing what arrives (except from the users ignored).
 
 Theory of operation: one ``selectors`` loop waits on the socket and standard
 input. The conversation with the server is lock-step, so it is written as a
 generator, ``Session.run``, that yields what it needs next: ``Send(body)``
 (queue a frame), ``Reply(op)`` (wait for the reply with that op) or
-``Ask(prompt)`` (wait for the user's next line). ``Driver`` runs it, feeding
+``Ask(prompt)`` (wait for the user's next line); its first step is
+``Handshake()`` (wait for TLS; the certificate comes back in). ``Driver`` runs it, feeding
 replies and input events back in. Data frames (messages, presence) are shown
 the moment they arrive, whatever the session is waiting for. Input that
 arrives while a reply is pending waits in a queue, so pasted or piped
@@ -31,9 +35,11 @@ interpreted by the terminal.
 from __future__ import annotations
 
 import argparse
+import base64
 import atexit
 import codecs
 import datetime
+import getpass
 import io
 import logging
 import os
@@ -41,6 +47,7 @@ import re
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import termios
 import time
@@ -50,7 +57,9 @@ from typing import Any, NamedTuple, Union
 
 import framing
 import pg3lib
-from clientstore import ClientStore, KeyLocked, config_root, server_address
+import protocol
+import x509
+from clientstore import ClientStore, KeyLocked, SeenIds, config_root, server_address, server_id
 from lineeditor import UNSAFE_FORMAT_CHARS, Completions, Event, Key, LineEditor, Submit, shorten, text_width
 from moderation import PAST, parse_duration
 from protocol import (MAX_REASON_CHARS, MAX_TEXT_CHARS, MIN_PASSWORD_CHARS, USERNAME_RULE, ByeReason, Error,
@@ -112,7 +121,8 @@ HELP_LINES = (  # short enough for a terminal of 60 columns
     "BANS                 the bans and mutes in force",
 )
 SLOW_REPLY = 1.0  # seconds without the awaited reply before the terminal says that we are waiting
-WAITING_NOTES = {Op.LOGIN.value: "connecting...", Op.PASSWORD.value: "checking the password..."}
+WAITING_NOTES = {"TLS handshake": "connecting...", Op.LOGIN.value: "connecting...",
+                 Op.PASSWORD.value: "checking the password..."}
 BYE_REASONS = {
     ByeReason.SHUTDOWN.value: "the server is shutting down",
     ByeReason.REPLACED.value: "you logged in somewhere else",
@@ -122,6 +132,13 @@ BYE_REASONS = {
     ByeReason.KICKED.value: "an admin removed you from the room",
     ByeReason.BANNED.value: "an admin banned this account",
 }
+NEW_KEY_WARNING = (
+    "no key pair for {user} at {server} on this machine: a NEW one is made. Private messages sealed for "
+    "your old key (CH) stay unreadable here, and your contacts will be warned that your key changed. "
+    "To use the old key instead: chatclient.py --export-key FILE HOST PORT {user} on the machine that has it, "
+    "then here chatclient.py --import-key FILE HOST PORT {user} (it replaces the new one)")
+UNVERIFIED = "[UNVERIFIED: {}]"
+PASSPHRASE_ENV = "CHATCLIENT_KEY_PASSPHRASE"  # the export file's passphrase, for scripts and tests
 CH_ALL = "all"  # CH all: the whole history, however long, on a terminal too
 SUMMARY_FAILURES = 3  # failures named in a script's closing line; the rest are counted
 
@@ -370,6 +387,13 @@ class Reply(NamedTuple):
     op: str
 
 
+class Handshake(NamedTuple):
+    """Wait for the TLS handshake; the driver sends the server's certificate (DER) back in."""
+
+
+HANDSHAKE = "TLS handshake"  # what the driver waits for during a Handshake step
+
+
 class Ask(NamedTuple):
     """Wait for the user's next line (or Ctrl-C / Ctrl-D / end of input)."""
 
@@ -380,7 +404,7 @@ class Ask(NamedTuple):
     initial: str = ""  # text already in the line, to edit (a message that was too long)
 
 
-Step = Union[Send, Reply, Ask]
+Step = Union[Send, Reply, Handshake, Ask]
 Flow = Generator[Step, Any, Any]
 
 
@@ -426,6 +450,13 @@ class Session:
         self.failures: list[str] = []  # a script's lines that were not carried out (exit status 1)
         self.retry_line = ""  # put back at the next operation prompt (a message that was too long)
         self.exiting = False
+        self.cert_key: pg3lib.PublicKey | None = None  # the key of the server's TLS certificate
+        self.import_keys: pg3lib.KeyPair | None = None  # --import-key: the key pair to adopt at this login
+        self.import_server = ""  # the server key fingerprint the export file was made for
+        self.first_noted: set[str] = set()  # contacts whose unpinned key was shown once
+        self.contact_keys: dict[str, pg3lib.PublicKey] = {}  # lower case -> a key seen for the contact
+        self.seen: SeenIds | None = None  # the PM ids seen (section 4.5), once logged in
+        self.server_key_id = server  # where the key pair is kept: the server key's fingerprint (section 9)
 
     def request(self, body: dict) -> Flow:
         yield Send(body)
@@ -433,6 +464,8 @@ class Session:
 
     def run(self) -> Flow:
         """Log in, then take operations until EX or Ctrl-D (Ctrl-C only cancels, and says how to leave)."""
+        der = yield Handshake()
+        self.check_certificate(der)
         yield from self.login()
         while True:
             initial, self.retry_line = self.retry_line, ""
@@ -472,6 +505,7 @@ class Session:
         if not succeeded(reply):
             raise ClientExit(f"login refused: {describe_error(reply)}")
         server_key = self.check_server_key(reply)
+        self.server_key_id = server_id(server_key.fingerprint)
         try:
             nonce = pg3lib.b64decode_strict(str(reply.get("nonce", "")))
         except ValueError:
@@ -497,7 +531,8 @@ class Session:
         registered = reply.get("username")
         if valid_username(registered) and registered.lower() == self.username.lower():
             self.username = registered  # the spelling of the registration (docs/PROTOCOL.md 4.2)
-        self.keys = self.own_key_pair(password)
+        self.keys = self.own_key_pair(password, existed=reply.get("new_user") is False)
+        self.seen = self.store.seen_ids(self.server_key_id, self.username)
         reply = yield from self.request({"op": Op.KEY, "public_key": self.keys.public.key_form})
         if not succeeded(reply):
             raise ClientExit(f"the server refused our key: {describe_error(reply)}")
@@ -507,8 +542,34 @@ class Session:
         if self.interactive:
             self.out.show(COMMANDS_HINT)
 
+    def check_certificate(self, der: Any) -> None:
+        """The TLS certificate's key against the one pinned for this server (section 9), before LOGIN.
+
+        Raises:
+            ClientExit: EXIT_SECURITY if it is not the pinned key (or not a key at all).
+        """
+        try:
+            if not isinstance(der, bytes):
+                raise x509.CertificateError("no certificate")
+            key = x509.certificate_key(der)
+        except (x509.CertificateError, pg3lib.InvalidKey) as exc:
+            raise ClientExit(f"the server's TLS certificate holds no usable key ({one_line(exc, 80)}); "
+                             "login stopped, nothing sent", EXIT_SECURITY) from None
+        self.check_pin(key)
+        self.cert_key = key
+
+    def check_pin(self, key: pg3lib.PublicKey) -> None:
+        """TOFU: remember the server's key on first contact; a different one stops (EXIT_SECURITY)."""
+        remembered = self.store.server_fingerprint(self.server)
+        if remembered is None:
+            self.store.remember_server(self.server, key.fingerprint)
+            self.out.show(f"first connection to {self.server}: remembering its key {key.fingerprint}")
+        elif remembered != key.fingerprint:
+            raise ClientExit(server_key_changed_text(self.server, remembered, key.fingerprint,
+                                                     self.store.known_servers_path), EXIT_SECURITY)
+
     def check_server_key(self, reply: dict) -> pg3lib.PublicKey:
-        """The server's key if it matches its fingerprint and the remembered one.
+        """The server's key if it matches its fingerprint, the TLS certificate's key and the remembered one.
 
         Raises:
             ClientExit: EXIT_SECURITY otherwise; nothing about the password was sent.
@@ -524,13 +585,13 @@ class Session:
         if claimed != key.fingerprint:
             raise ClientExit(f"the server's key {key.fingerprint} does not match the fingerprint it claims, "
                              f"{one_line(claimed, 80)}; login stopped, password not sent", EXIT_SECURITY)
-        remembered = self.store.server_fingerprint(self.server)
-        if remembered is None:
-            self.store.remember_server(self.server, key.fingerprint)
-            self.out.show(f"first connection to {self.server}: remembering its key {key.fingerprint}")
-        elif remembered != key.fingerprint:
-            raise ClientExit(server_key_changed_text(self.server, remembered, key.fingerprint,
-                                                     self.store.known_servers_path), EXIT_SECURITY)
+        if self.cert_key is not None:
+            if key != self.cert_key:
+                raise ClientExit(f"the server's LOGIN announces the key {key.fingerprint}, but its TLS certificate "
+                                 f"holds {self.cert_key.fingerprint}; login stopped, password not sent",
+                                 EXIT_SECURITY)
+        else:
+            self.check_pin(key)
         return key
 
     def read_password(self, new_user: bool) -> Flow:
@@ -585,18 +646,39 @@ class Session:
         else:
             raise ClientExit(f"login failed: {describe_error(reply)}")
 
-    def own_key_pair(self, password: str) -> pg3lib.KeyPair:
-        """The saved key pair for this server and account, made on first login."""
+    def own_key_pair(self, password: str, existed: bool = False) -> pg3lib.KeyPair:
+        """The saved key pair for this server key and account (section 9), made on first login.
+
+        Key files kept under this server's address (the older layout) are adopted.
+        ``--import-key`` replaces the saved pair. Before a new pair is made for an
+        account that existed already (PASSWORD said ``new_user: false``, so PMs may
+        be sealed for an older key), the client says what that costs.
+        """
+        server = self.server_key_id
+        if self.store.adopt_key_pair(self.server, server, self.username):
+            log.debug("adopted the key files of %s for the server key", self.server)
+        if self.import_keys is not None:
+            if self.import_server and server_id(self.import_server) != server:
+                self.out.warn(f"note: the key file was exported for the server key {self.import_server}, not this "
+                              "server's; it is used here all the same")
+            if self.store.has_key_pair(server, self.username):
+                moved = self.store.retire_key_pair(server, self.username)
+                self.out.show(f"the key pair saved here before is kept as {moved}")
+            self.store.save_key_pair(server, self.username, password, self.import_keys, self.server)
+            self.out.show(f"imported your key pair {self.import_keys.fingerprint}")
+            return self.import_keys
         try:
-            keys = self.store.load_key_pair(self.server, self.username, password)
+            keys = self.store.load_key_pair(server, self.username, password)
         except KeyLocked:
-            moved = self.store.retire_key_pair(self.server, self.username)
+            moved = self.store.retire_key_pair(server, self.username)
             self.out.warn(f"your saved key does not open with this password; it is kept as {moved} "
                           "and a new one is made (older private messages will be unreadable)")
             keys = None
         if keys is None:
+            if existed:
+                self.out.warn(NEW_KEY_WARNING.format(user=self.username, server=self.server))
             self.out.show("generating your key...")
-            keys = self.store.create_key_pair(self.server, self.username, password)
+            keys = self.store.create_key_pair(server, self.username, password, self.server)
             self.out.show(f"your key fingerprint is {keys.fingerprint}")
         return keys
 
@@ -726,13 +808,13 @@ class Session:
         if target is None:
             yield from self.cancel(say=not given and bool(self.online))
             return
-        reply = yield from self.request({"op": Op.TARGET, "username": target})
-        if not succeeded(reply):
-            self.failed(f"cannot send to {target}", describe_error(reply))
+        reply = yield from self.target(target)
+        if reply is None:
             return
         name = reply.get("username")
         if not (valid_username(name) and name.lower() == target.lower()):
             name = target  # the server answers with the registered spelling of the same name, nothing else
+        stored = reply.get("online") is False
         their_key = self.target_key(name, reply)
         if their_key is None:
             yield from self.cancel()
@@ -758,8 +840,43 @@ class Session:
                 retry, text = text, None
                 continue
             if succeeded(reply):
-                self.out.show(format_own_private(name, text))
+                line = format_own_private(name, text)
+                if reply.get("recipients") == 0 or stored:
+                    line += f"  ({name} is offline: stored, delivered at their next login)"
+                self.out.show(line)
             return
+
+    def target(self, target: str) -> Flow:
+        """TARGET (in AWAIT_PM_TARGET); the successful reply, or None (said; the state is READY again).
+
+        A user not known to be online is asked for with ``"offline": true``
+        (section 4.5: the PM is stored for them); a ``not_online`` to a plain
+        TARGET (they left meanwhile) is asked again so. A server that stores
+        no PMs answers ``not_online`` to that too: a clean failure.
+        """
+        offline = target.lower() not in self.online
+        while True:
+            body: dict = {"op": Op.TARGET, "username": target}
+            if offline:
+                body["offline"] = True
+            reply = yield from self.request(body)
+            if succeeded(reply):
+                return reply
+            error = reply.get("error")
+            if error == Error.NOT_ONLINE and not offline:
+                offline = True
+                again = yield from self.request({"op": Op.PM})
+                if succeeded(again):
+                    continue
+                reply = again
+            if error == Error.NO_SUCH_USER:
+                self.failed(f"cannot send to {target}", f"there is no user {target}")
+            elif error == Error.NOT_ONLINE:
+                self.failed(f"cannot send to {target}", f"{target} is not online"
+                            + (" (and the server keeps no message for them)" if offline else ""))
+            else:
+                self.failed(f"cannot send to {target}", describe_error(reply))
+            return None
 
     def choose_target(self, target: str | None) -> Flow:
         """An online user's name (asked for when not given), or None to cancel.
@@ -769,8 +886,8 @@ class Session:
         """
         asked = target is None
         while True:
-            if not self.online and not self.more_online:
-                self.failed(f"PM to {target}" if target else "PM", "nobody else is online")
+            if target is None and not self.online and not self.more_online:
+                self.failed("PM", "nobody else is online (PM user message stores one for someone offline)")
                 return None
             names = sorted(self.online.values(), key=str.lower)
             if target is None:
@@ -782,10 +899,10 @@ class Session:
                 return self.online[target.lower()]
             if target.lower() == self.username.lower():
                 self.failed(f"PM to {target}", "a private message to yourself is not possible")
-            elif self.more_online and valid_username(target):
-                return target  # the list is trimmed: the server knows
+            elif valid_username(target):
+                return target  # not online (or the list is trimmed): the server knows, and may store it
             else:
-                self.failed(f"PM to {target}", f"{target} is not online (online: {self.who_list()})")
+                self.failed(f"PM to {target}", f"{target!r} is not a user name (online: {self.who_list()})")
             if not (asked and self.interactive):
                 return None
             target = None
@@ -805,16 +922,81 @@ class Session:
             if not self.interactive:
                 self.failures.append(f"PM to {name}: their key has changed (TRUST {name} accepts it)")
             return None
+        if self.store.contact_fingerprint(self.server, name) is None and name.lower() not in self.first_noted:
+            self.first_noted.add(name.lower())
+            self.out.show(f"* first PM with {name}: their key is {key.fingerprint} (pinned once a PM from them "
+                          "verifies)")
         return key
 
     def sealed_pm(self, name: str, their_key: pg3lib.PublicKey, text: str) -> dict:
-        """The SEND body of a PM: sealed for them, a copy sealed for us, signed (docs/PROTOCOL.md 4.5)."""
+        """The SEND body of a PM2: sealed for them, a copy sealed for us, a fresh id and our clock,
+        signed (docs/PROTOCOL.md 4.5). Every attempt gets a new id."""
         assert self.keys is not None
         plain = text.encode("utf-8")
         ciphertext = their_key.seal(plain).decode("ascii")
-        return {"op": Op.SEND, "ciphertext": ciphertext,
-                "self_copy": self.keys.public.seal(plain).decode("ascii"),
-                "signature": self.keys.sign(pg3lib.pm_signed_bytes(self.username, name, ciphertext))}
+        self_copy = self.keys.public.seal(plain).decode("ascii")
+        pm_id = base64.b64encode(os.urandom(protocol.PM_ID_BYTES)).decode("ascii")
+        sent = protocol.timestamp(time.time())
+        signed = pg3lib.pm2_signed_bytes(pm_id, sent, self.username, name, pg3lib.sealed_digest(ciphertext),
+                                         pg3lib.sealed_digest(self_copy))
+        return {"op": Op.SEND, "id": pm_id, "sent": sent, "ciphertext": ciphertext, "self_copy": self_copy,
+                "signature": self.keys.sign(signed)}
+
+    def known_key(self, name: str) -> pg3lib.PublicKey | None:
+        """The key pinned for a contact, if this client holds it (seen this run or saved), else None."""
+        pinned = self.store.contact_fingerprint(self.server, name)
+        if pinned is None:
+            return None
+        key = self.contact_keys.get(name.lower())
+        if key is None:
+            form = self.store.contact_key(self.server, name)
+            try:
+                key = pg3lib.PublicKey.from_key_form(form) if form else None
+            except pg3lib.InvalidKey:
+                key = None
+        return key if key is not None and key.fingerprint == pinned else None
+
+    def entry_problem(self, entry: dict) -> str | None:
+        """Why a CH entry is not verified (section 4.6), or None if it is."""
+        sender, receiver = entry.get("from"), entry.get("to")
+        if entry.get("type") == "BM" or receiver == "*":
+            return None if valid_username(sender) else "not a valid sender name"
+        if not (valid_username(sender) and valid_username(receiver)):
+            return "not a valid user name"
+        if "id" not in entry:
+            return "version-1 PM, not signed with an id"
+        names = ("ciphertext", "id", "sent", "ciphertext_sha256", "self_copy_sha256", "signature")
+        if not all(isinstance(entry.get(k), str) for k in names):
+            return "a PM entry with members missing"
+        ciphertext, pm_id, sent, ct_sha, sc_sha, signature = (str(entry[k]) for k in names)
+        sender, receiver = str(sender), str(receiver)
+        mine = sender.lower() == self.username.lower()
+        try:
+            digest = pg3lib.sealed_digest(ciphertext)
+        except UnicodeEncodeError:
+            return "not a sealed text"
+        if digest != (sc_sha if mine else ct_sha):
+            return "the text is not the one signed"
+        if mine:
+            key = self.keys.public if self.keys is not None else None
+        else:
+            if receiver.lower() != self.username.lower():
+                return "not a PM to or from you"
+            key = self.known_key(sender)
+        if key is None:
+            return f"no key of {sender} known here to check it"
+        signed = pg3lib.pm2_signed_bytes(pm_id, sent, sender, receiver, ct_sha, sc_sha)
+        if not key.verify(signed, signature):
+            return "the signature does not verify" + ("" if mine else f" with {sender}'s key")
+        return None
+
+    def history_line(self, entry: dict) -> str:
+        """A CH entry as shown, marked when it does not verify."""
+        problem = self.entry_problem(entry)
+        if problem is not None and not valid_username(entry.get("from")):
+            entry = dict(entry, **{"from": ascii(str(entry.get("from")))})
+        line = format_history_entry(entry, self.open_sealed)
+        return line if problem is None else f"{UNVERIFIED.format(problem)} {line}"
 
     def history(self, argument: str) -> Flow:
         """CH [count | all]: the history, over as many frames as the server sends.
@@ -855,7 +1037,7 @@ class Session:
                     hidden += 1
                     continue
                 total += 1
-                line = format_history_entry(entry, self.open_sealed)
+                line = self.history_line(entry)
                 if page is None:
                     self.out.show(line)
                     continue
@@ -986,18 +1168,24 @@ class Session:
 
     # --- keys and trust ----------------------------------------------------------------
     def contact_key_trusted(self, name: str, key: pg3lib.PublicKey, consequence: str) -> bool:
-        """True if key is the one pinned for name (pinning it on first sight); else warn."""
+        """True if key is the one pinned for name, or none is pinned yet (it is pinned only once a PM
+        signed with it verifies: ``pin_contact``); else warn."""
         lower = name.lower()
         pinned = self.store.contact_fingerprint(self.server, lower)
-        if pinned is None:
-            self.store.remember_contact(self.server, lower, key.fingerprint)
-            self.out.show(f"* first private message with {name}: remembering their key {key.fingerprint}")
-            return True
-        if pinned == key.fingerprint:
+        if pinned is None or pinned == key.fingerprint:
+            self.contact_keys[lower] = key
             return True
         self.changed_keys[lower] = key
         self.out.warn(f"{contact_key_changed_text(name, pinned, key.fingerprint)} ({consequence})")
         return False
+
+    def pin_contact(self, name: str, key: pg3lib.PublicKey) -> None:
+        """A PM signed with key verified: remember it for name if nothing is remembered yet."""
+        if self.store.contact_fingerprint(self.server, name) is None:
+            self.store.remember_contact(self.server, name, key.fingerprint)
+            self.out.show(f"* first private message from {name}: remembering their key {key.fingerprint}")
+        if self.store.contact_key(self.server, name) != key.key_form:
+            self.store.remember_contact_key(self.server, name, key.key_form)
 
     def trust(self, name: str) -> None:
         """TRUST name: accept the new key the contact presented; show the PMs held back."""
@@ -1010,6 +1198,8 @@ class Session:
             self.out.show(f"no new key from {name} to trust (remembered: {pinned or 'none'})")
             return
         self.store.remember_contact(self.server, name, key.fingerprint)
+        self.store.remember_contact_key(self.server, name, key.key_form)
+        self.contact_keys[name.lower()] = key
         self.out.show(f"now trusting {name}'s key {key.fingerprint}")
         for body in self.held.pop(name.lower(), []):
             self.receive_private(body)
@@ -1045,7 +1235,10 @@ class Session:
         if op in (Op.BM, Op.PM) and self.is_ignored(body.get("from")):
             log.debug("hiding a %s from an ignored user", op)
         elif op == Op.BM:
-            self.out.show(format_broadcast(str(body.get("from", "?")), str(body.get("text", "")), body.get("ts")))
+            sender = body.get("from")
+            line = format_broadcast(str(sender) if valid_username(sender) else ascii(str(sender)),
+                                    str(body.get("text", "")), body.get("ts"))
+            self.out.show(line if valid_username(sender) else f"{UNVERIFIED.format('not a valid sender name')} {line}")
         elif op == Op.PM:
             self.receive_private(body)
         elif op == Op.NOTICE:  # what an admin did (section 10)
@@ -1065,7 +1258,13 @@ class Session:
             log.debug("ignoring a D frame with op %r", op)
 
     def receive_private(self, body: dict) -> None:
-        """A PM: check the signature with the sender's pinned key, then decrypt and show it."""
+        """A PM: check it (section 4.5) with the sender's pinned key, then decrypt and show it.
+
+        A bad signature, an id seen before from that sender, or a live PM whose
+        ``sent`` is more than 10 minutes from our clock is a warning, never the
+        sender's words. A version-1 PM (no id) is shown marked unverified. A new
+        contact's key is pinned only once a PM signed with it verified.
+        """
         sender = body.get("from")
         if not isinstance(sender, str) or not valid_username(sender):
             self.out.warn(f"a private message from an invalid sender name, {one_line(sender, 40)}; not shown")
@@ -1080,12 +1279,50 @@ class Session:
             del self.held[sender.lower()][:-20]
             return
         ciphertext, signature = body.get("ciphertext"), body.get("signature")
-        if not (isinstance(ciphertext, str) and isinstance(signature, str)
-                and key.verify(pg3lib.pm_signed_bytes(sender, self.username, ciphertext), signature)):
-            self.out.warn(f"a private message claiming to be from {sender} failed its signature check; not shown")
+        offline = body.get("offline") is True
+        if "id" not in body:
+            if not (isinstance(ciphertext, str) and isinstance(signature, str)
+                    and key.verify(pg3lib.pm_signed_bytes(sender, self.username, ciphertext), signature)):
+                self.out.warn(f"WARNING: a private message claiming to be from {sender} failed its signature "
+                              "check; not shown")
+                return
+            text = self.open_sealed(ciphertext)
+            self.out.show(UNVERIFIED.format("version-1 PM, could be a replay") + " "
+                          + format_private(sender, UNREADABLE if text is None else text, body.get("ts")))
             return
+        pm_id, sent, sc_sha = (str(body.get(k, "")) for k in ("id", "sent", "self_copy_sha256"))
+        verified = False
+        if all(isinstance(body.get(k), str) for k in ("id", "sent", "self_copy_sha256", "ciphertext", "signature")):
+            ciphertext, signature = str(ciphertext), str(signature)
+            try:
+                signed = pg3lib.pm2_signed_bytes(pm_id, sent, sender, self.username,
+                                                 pg3lib.sealed_digest(ciphertext), sc_sha)
+                verified = key.verify(signed, signature)
+            except UnicodeEncodeError:
+                verified = False
+        if not verified:
+            self.out.warn(f"WARNING: a private message claiming to be from {sender} failed its signature "
+                          "check; not shown")
+            return
+        self.pin_contact(sender, key)
+        if self.seen is not None and (sender, pm_id) in self.seen:
+            self.out.warn(f"WARNING: a private message from {sender} was delivered AGAIN (id {one_line(pm_id, 30)} "
+                          "seen before): a replay, not shown")
+            return
+        moment = protocol.parse_timestamp(sent)
+        if not offline and (moment is None or abs(moment - time.time()) > protocol.PM_CLOCK_WINDOW):
+            if self.seen is not None:
+                self.seen.add(sender, pm_id)
+            self.out.warn(f"WARNING: a private message from {sender} says it was sent at {one_line(sent, 30)}, "
+                          "more than 10 minutes from this clock: a replay or a held message, not shown")
+            return
+        if self.seen is not None:
+            self.seen.add(sender, pm_id)
         text = self.open_sealed(ciphertext)
-        self.out.show(format_private(sender, UNREADABLE if text is None else text, body.get("ts")))
+        line = format_private(sender, UNREADABLE if text is None else text, body.get("ts"))
+        if offline:
+            line = f"{line}  (sent while you were away, {local_time(sent, with_date=True)})"
+        self.out.show(line)
 
     def set_online(self, names: Any, more: Any = 0) -> None:
         """The online list of a KEY or PM reply; ``more_online`` counts names the server left out."""
@@ -1110,19 +1347,38 @@ class Session:
 # --- the socket ------------------------------------------------------------------------
 
 class Connection:
-    """A non-blocking TCP connection: frames out through a buffer, frames in through a decoder."""
+    """A non-blocking TCP connection speaking TLS (docs/PROTOCOL.md section 0) over memory BIOs.
 
-    def __init__(self, sock: socket.socket) -> None:
+    Frames go out through the TLS object into a buffer of ciphertext, and come
+    in from the socket through the TLS object into a frame decoder; the one
+    ``selectors`` loop of the driver stays as it is (an ``SSLWantReadError`` only
+    means "read more"). There is no CA or host name check: the certificate's key
+    is compared with the pinned one by the session (section 9). A server that
+    answers the handshake with a plain ``C`` frame (``server_busy``, sent before
+    it reads) is read as plain frames, so that its error can be shown.
+    """
+
+    def __init__(self, sock: socket.socket, tls: bool = True) -> None:
         self.sock = sock
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = framing.FrameDecoder(limit=CLIENT_FRAME_LIMIT)
         self.outgoing = bytearray()
         self.malformed: str | None = None  # why the stream stopped being frames
+        self.handshaken = not tls
+        self.plain_refusal = False  # the server answered the handshake with a plain frame
+        self.ended = ""  # why TLS ended (close_notify, an error), once it has
+        self._first_byte = tls
+        self._incoming = ssl.MemoryBIO()
+        self._tls_out = ssl.MemoryBIO()
+        self.tls: ssl.SSLObject | None = None
+        if tls:
+            self.tls = tls_context().wrap_bio(self._incoming, self._tls_out, server_side=False)
+            self._handshake()
 
     @classmethod
     def open(cls, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> Connection:
-        """Connect.
+        """Connect (the TLS handshake then runs in the driver's loop).
 
         Raises:
             ClientExit: unknown host, refused, unreachable, timed out.
@@ -1140,9 +1396,35 @@ class Connection:
             raise ClientExit(f"cannot connect to {where}: {exc.strerror or exc}") from None
         return cls(sock)
 
+    def peer_certificate(self) -> bytes | None:
+        """The server's certificate (DER), once the handshake has finished."""
+        return self.tls.getpeercert(binary_form=True) if self.tls is not None and self.handshaken else None
+
+    def _handshake(self) -> None:
+        assert self.tls is not None
+        try:
+            self.tls.do_handshake()
+            self.handshaken = True
+            log.debug("TLS %s, %s", self.tls.version(), (self.tls.cipher() or ("?",))[0])
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except ssl.SSLError as exc:
+            raise ClientExit(f"the TLS handshake with the server failed: {one_line(exc.reason or exc)}") from None
+        finally:
+            self._collect()
+
+    def _collect(self) -> None:
+        if self._tls_out.pending:
+            self.outgoing += self._tls_out.read()
+
     def send(self, body: dict) -> None:
         log.debug("-> %s", body.get("op"))
-        self.outgoing += framing.command(body)
+        data = framing.command(body)
+        if self.tls is not None and not self.plain_refusal:
+            self.tls.write(data)  # a memory BIO never blocks
+            self._collect()
+        else:
+            self.outgoing += data
         self.flush()
 
     @property
@@ -1164,6 +1446,40 @@ class Connection:
                 raise ConnectionClosed(str(exc)) from None
             del self.outgoing[:sent]
 
+    def _plaintext(self, chunk: bytes) -> bytes:
+        """What the ciphertext chunk completes (b"" if nothing yet); raises ConnectionClosed at TLS's end."""
+        assert self.tls is not None
+        if self._first_byte:
+            self._first_byte = False
+            if chunk[:1] in (framing.KIND_COMMAND.encode(), framing.KIND_DATA.encode()):
+                self.plain_refusal = True  # section 0: a refusal before the handshake is a plain frame
+                log.debug("the server answered the TLS handshake with a plain frame")
+                return chunk
+        self._incoming.write(chunk)
+        if not self.handshaken:
+            self._handshake()
+            if not self.handshaken:
+                return b""
+        parts = []
+        try:
+            while True:  # every whole record so far: no plaintext waits inside the TLS object
+                part = self.tls.read(65536)
+                if not part:
+                    self.ended = "end of TLS"
+                    break
+                parts.append(part)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except ssl.SSLZeroReturnError:
+            self.ended = "end of TLS"
+        except ssl.SSLError as exc:
+            self.ended = f"TLS error: {exc}"
+        finally:
+            self._collect()
+        if not parts and self.ended:
+            raise ConnectionClosed(self.ended)
+        return b"".join(parts)  # the frames before the end are not lost (a BYE, the EX reply)
+
     def receive(self) -> list[framing.Frame]:
         """The frames completed by what arrived.
 
@@ -1177,6 +1493,8 @@ class Connection:
         """
         if self.malformed is not None:
             raise ClientExit(f"the server sent a malformed frame: {self.malformed}")
+        if self.ended:
+            raise ConnectionClosed(self.ended)
         try:
             chunk = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -1185,6 +1503,10 @@ class Connection:
             raise ConnectionClosed(str(exc)) from None
         if not chunk:
             raise ConnectionClosed("end of stream")
+        if self.tls is not None and not self.plain_refusal:
+            chunk = self._plaintext(chunk)
+            if not chunk:
+                return []
         try:
             return self.decoder.feed(chunk)
         except framing.ProtocolError as exc:
@@ -1196,6 +1518,15 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+def tls_context() -> ssl.SSLContext:
+    """TLS 1.2 or later, no CA and no host name check: the pin of section 9 is the check."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 # --- the two front ends -------------------------------------------------------------------
@@ -1552,6 +1883,9 @@ class Driver:
                 log.debug("ignoring an unexpected %s reply", op)
             if self.finished:
                 return
+        if self.waiting_for == HANDSHAKE and self.connection.handshaken:
+            self.waiting_for = None
+            self._advance(self.connection.peer_certificate())
         if self.connection.malformed is not None:
             raise ClientExit(f"the server sent a malformed frame: {self.connection.malformed}")
 
@@ -1604,6 +1938,15 @@ class Driver:
             if isinstance(step, Send):
                 self.connection.send(step.body)
                 value = None
+            elif isinstance(step, Handshake):
+                der = self.connection.peer_certificate()
+                if der is not None:
+                    value = der
+                    continue
+                self.waiting_for = HANDSHAKE
+                self.waiting_since = time.monotonic()
+                self.screen.busy()
+                return
             elif isinstance(step, Reply):
                 self.waiting_for = step.op
                 self.waiting_since = time.monotonic()
@@ -1633,7 +1976,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; exits with status 2 and a usage line when it is wrong."""
     parser = argparse.ArgumentParser(
         prog="chatclient.py", description="Chat room client (type HELP after logging in).",
-        usage="%(prog)s [-h] [--register] [--fingerprint] [--debug-log FILE] HOST PORT USERNAME",
+        usage="%(prog)s [-h] [--register] [--fingerprint] [--export-key FILE | --import-key FILE] "
+              "[--debug-log FILE] HOST PORT USERNAME",
         epilog="When standard input is not a terminal, its first line is the password and each "
                "further line a command (BM, PM, CH, EX...); the end of input means EX. A new USERNAME "
                "is registered from a script only with --register. The exit status is 1 if any line "
@@ -1650,10 +1994,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fingerprint", action="store_true",
                         help="print your key fingerprint(s) (for HOST PORT USERNAME if given) and exit")
     parser.add_argument("--debug-log", metavar="FILE", help="write a debug log (never secrets) to FILE")
+    parser.add_argument("--export-key", metavar="FILE",
+                        help="write your key pair for HOST PORT USERNAME to FILE, encrypted under a passphrase "
+                             f"(asked on the terminal, or ${PASSPHRASE_ENV}), and exit; asks your password "
+                             "(from a script: the first line of standard input)")
+    parser.add_argument("--import-key", metavar="FILE",
+                        help="log in using the key pair in FILE (made by --export-key elsewhere; its passphrase "
+                             f"asked on the terminal, or ${PASSPHRASE_ENV}) and keep it for this account")
     args = parser.parse_args(argv)
     given = [a is not None for a in (args.host, args.port, args.username)]
     if not args.fingerprint and not all(given):
         parser.error("HOST, PORT and USERNAME are required")
+    if args.export_key and args.import_key:
+        parser.error("--export-key and --import-key do not go together")
     if args.fingerprint and any(given) and not all(given):
         parser.error("--fingerprint takes either HOST PORT USERNAME or nothing")
     return args
@@ -1664,7 +2017,10 @@ def print_fingerprints(store: ClientStore, args: argparse.Namespace) -> int:
     keys = store.own_keys()
     if args.host is not None:
         server = server_address(args.host, args.port)
-        keys = [k for k in keys if k.server == server and k.username == args.username.lower()]
+        pinned = store.server_fingerprint(server)
+        wanted = {server, server_id(pinned)} if pinned else {server}
+        keys = [k for k in keys if (k.server in wanted or k.server_key in wanted)
+                and k.username == args.username.lower()]
     if not keys:
         print(f"chatclient: no keys yet under {store.root}", file=sys.stderr)
         return EXIT_ERROR
@@ -1673,17 +2029,81 @@ def print_fingerprints(store: ClientStore, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def ask_secret(prompt: str, twice: bool = False) -> str:
+    """The export passphrase: $CHATCLIENT_KEY_PASSPHRASE, else asked on the terminal.
+
+    Raises:
+        ClientExit: neither is there, or it is empty.
+    """
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value is None:
+        try:
+            value = getpass.getpass(prompt)
+            if twice and getpass.getpass("repeat it: ") != value:
+                raise ClientExit("the two passphrases differ")
+        except (EOFError, OSError):
+            raise ClientExit(f"no terminal to ask the passphrase on: set {PASSPHRASE_ENV}") from None
+    if not value:
+        raise ClientExit("an empty passphrase is not allowed")
+    return value
+
+
+def export_key(store: ClientStore, args: argparse.Namespace) -> int:
+    """--export-key FILE: the saved key pair of this account and server, re-encrypted under a passphrase."""
+    server = server_address(args.host, args.port)
+    pinned = store.server_fingerprint(server)
+    if pinned is None:
+        raise ClientExit(f"no server key remembered for {server}: log in there once first")
+    stem = server_id(pinned)
+    store.adopt_key_pair(server, stem, args.username)
+    if not store.has_key_pair(stem, args.username):
+        raise ClientExit(f"no key pair for {args.username} at {server} under {store.root}")
+    if os.isatty(0):
+        password = getpass.getpass(f"password for {args.username}: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        keys = store.load_key_pair(stem, args.username, password)
+    except KeyLocked:
+        raise ClientExit("the password does not open the saved key pair") from None
+    assert keys is not None
+    passphrase = ask_secret("passphrase for the export file: ", twice=True)
+    try:
+        store.export_key_pair(args.export_key, keys, passphrase, args.username, pinned)
+    except OSError as exc:
+        raise ClientExit(f"cannot write {args.export_key}: {exc.strerror or exc}") from None
+    print(visible(f"exported the key pair {keys.fingerprint} of {args.username} at {server} to {args.export_key}"))
+    return EXIT_OK
+
+
+def read_import(args: argparse.Namespace) -> tuple[pg3lib.KeyPair, str]:
+    """--import-key FILE: the key pair it holds (its passphrase asked before connecting)."""
+    passphrase = ask_secret("passphrase of the key file: ")
+    try:
+        keys, data = ClientStore.read_export(args.import_key, passphrase)
+    except OSError as exc:
+        raise ClientExit(f"cannot read {args.import_key}: {exc.strerror or exc}") from None
+    except KeyLocked as exc:
+        raise ClientExit(str(exc)) from None
+    if str(data.get("username", "")).lower() != args.username.lower():
+        raise ClientExit(f"{args.import_key} holds the key of {one_line(data.get('username'), 40)}, "
+                         f"not of {args.username}")
+    return keys, str(data.get("server_key", ""))
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
 def run_client(args: argparse.Namespace, store: ClientStore) -> int:
     """Connect, then run the session on a terminal or on plain lines."""
+    imported, exported_for = read_import(args) if args.import_key else (None, "")
     connection = Connection.open(args.host, args.port)
     try:
         screen: Screen = TtyScreen() if os.isatty(0) else PlainScreen()
         session = Session(server_address(args.host, args.port), args.username, store, screen,
                           screen.interactive, register=args.register)
+        session.import_keys, session.import_server = imported, exported_for
         with screen:
             Driver(session, connection, screen).run()
     finally:
@@ -1712,6 +2132,8 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_terminated)
     try:
+        if args.export_key:
+            return export_key(store, args)
         return run_client(args, store)
     except ClientExit as exc:
         report(exc.message)

@@ -525,9 +525,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "data directory alone")
     parser.add_argument("--require-tls", action="store_true",
                         help="refuse plain connections (ERROR tls_required); default: TLS and plain on one port")
-    parser.add_argument("--accept-pm1", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--accept-pm1", action=argparse.BooleanOptionalAction, default=False,
                         help="transitional: also accept version-1 PM SENDs (no id, replayable) from clients not "
-                        "yet on PM2 (default: on; --no-accept-pm1 refuses them with bad_request)")
+                        "yet on PM2 (default: off, they are refused with bad_request; --accept-pm1 takes them)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log detail (default: %(default)s)")
     moderation = parser.add_argument_group("moderation (docs/PROTOCOL.md section 10)")

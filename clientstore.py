@@ -5,8 +5,12 @@ when the variable is unset or not an absolute path, as the XDG base directory
 specification says); directories are made mode 0700 and every file is
 written mode 0600, atomically (``pg3lib.write_private_file``):
 
-* ``keys/<host>_<port>_<user>.pem``: the user's private key for that server
-  and account, PKCS#8 encrypted under a passphrase derived from the user's
+* ``keys/<server key>_<user>.pem``: the user's private key for that server
+  and account, named by the server key's fingerprint (``SHA256_`` and its
+  URL-safe base64), not by the address, so that ``localhost`` and
+  ``127.0.0.1`` reaching one server are one identity (section 9). Files
+  under the older name ``<host>_<port>_<user>`` are adopted (renamed) at the
+  first login that sees the server's key. The key PKCS#8 encrypted under a passphrase derived from the user's
   password (scrypt with a random per-key salt). The passphrase is already a
   256-bit scrypt output, so the PKCS#8 layer uses a light PBKDF2 rather than
   pycryptodome's scrypt, which would add half a second to every login and
@@ -14,9 +18,14 @@ written mode 0600, atomically (``pg3lib.write_private_file``):
 * ``keys/<host>_<port>_<user>.json``: that salt and the scrypt parameters,
   plus the public key and its fingerprint, so ``--fingerprint`` needs no
   password;
+* ``seen/<server key>_<user>``: the ids of the PMs received (``sender id
+  time`` per line, section 4.5), to flag a replay across runs; ids older
+  than ``SEEN_KEEP`` seconds are dropped;
 * ``known_servers``: one ``host:port SHA256:...`` line per server, the key
   first seen there (trust on first use, docs/PROTOCOL.md section 9);
 * ``known_contacts``: one ``host:port username SHA256:...`` line per contact;
+* ``contact_keys``: one ``host:port username key`` line per pinned contact,
+  the key itself, so that CH can check the signatures of received PMs;
 * ``ignored``: one ``host:port username`` line per user whose messages the
   client hides (IGNORE), per server like the contacts.
 
@@ -40,7 +49,14 @@ import pg3lib
 
 APP_DIR = "chatroom"
 KNOWN_SERVERS = "known_servers"
+SEEN_DIR = "seen"
+# PM ids are kept for twice the clock window plus a day: a live PM older than the
+# window is flagged for its age anyway, and a stored (offline) one is delivered once.
+SEEN_KEEP = 2 * 600 + 86400
+SEEN_MAX = 5000  # ids kept per account, at most (the newest)
+EXPORT_FORMAT = "chatroom-key-export"
 KNOWN_CONTACTS = "known_contacts"
+CONTACT_KEYS = "contact_keys"  # host:port username key-form: the keys behind the pinned fingerprints
 IGNORED = "ignored"
 # scrypt cost for the key passphrase: about 60 ms and 32 MiB, once per login.
 SCRYPT_N = 2 ** 15
@@ -61,6 +77,7 @@ class OwnKey(NamedTuple):
     server: str
     username: str
     fingerprint: str
+    server_key: str = ""  # server_id of the server key it is kept for ("" in the older layout)
 
 
 def config_root(environ: dict | None = None) -> str:
@@ -78,6 +95,11 @@ def server_address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
+
+
+def server_id(fingerprint: str) -> str:
+    """The file-name form of a server key's fingerprint: ``SHA256_`` and URL-safe base64."""
+    return fingerprint.replace(":", "_", 1).replace("+", "-").replace("/", "_")
 
 
 def derive_passphrase(password: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
@@ -160,22 +182,76 @@ class ClientStore:
         except (OSError, ValueError, KeyError, TypeError, pg3lib.CryptoError) as exc:
             raise KeyLocked(f"{pem_path}: {exc}") from None
 
-    def save_key_pair(self, server: str, username: str, password: str, key_pair: pg3lib.KeyPair) -> None:
-        """Write the key pair, encrypted under a passphrase derived from password with a fresh salt."""
+    def save_key_pair(self, server: str, username: str, password: str, key_pair: pg3lib.KeyPair,
+                      address: str | None = None) -> None:
+        """Write the key pair, encrypted under a passphrase derived from password with a fresh salt
+        (address: the ``host:port`` it was made at, for ``--fingerprint``; default server)."""
         self._ensure_dir(self.keys_dir)
         pem_path, meta_path = self.key_files(server, username)
         salt = os.urandom(SALT_BYTES)
         pg3lib.write_private_file(pem_path, _encrypted_pem(key_pair, derive_passphrase(password, salt)))
-        meta = {"version": 1, "server": server, "username": username.lower(),
+        meta = {"version": 1, "server": address or server, "username": username.lower(),
                 "kdf": "scrypt", "salt": base64.b64encode(salt).decode("ascii"),
                 "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
                 "public_key": key_pair.public.key_form, "fingerprint": key_pair.fingerprint}
         pg3lib.write_private_file(meta_path, (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
 
-    def create_key_pair(self, server: str, username: str, password: str) -> pg3lib.KeyPair:
+    def has_key_pair(self, server: str, username: str) -> bool:
+        return any(os.path.exists(path) for path in self.key_files(server, username))
+
+    def adopt_key_pair(self, old_server: str, server: str, username: str) -> bool:
+        """Rename key files kept under old_server (a ``host:port``, the older layout) to server
+        (``server_id``), unless files are there already; True if it did."""
+        if self.has_key_pair(server, username) or not self.has_key_pair(old_server, username):
+            return False
+        for old, new in zip(self.key_files(old_server, username), self.key_files(server, username)):
+            if os.path.exists(old):
+                os.replace(old, new)
+        return True
+
+    def export_key_pair(self, path: str, key_pair: pg3lib.KeyPair, passphrase: str, username: str,
+                        server_fingerprint: str) -> None:
+        """Write key_pair to path, encrypted under passphrase (scrypt, then PKCS#8), mode 0600."""
+        salt = os.urandom(SALT_BYTES)
+        pem = _encrypted_pem(key_pair, derive_passphrase(passphrase, salt))
+        data = {"format": EXPORT_FORMAT, "version": 1, "username": username.lower(),
+                "server_key": server_fingerprint, "kdf": "scrypt", "salt": base64.b64encode(salt).decode("ascii"),
+                "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "fingerprint": key_pair.fingerprint,
+                "pem": pem.decode("ascii")}
+        pg3lib.write_private_file(path, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
+
+    @staticmethod
+    def read_export(path: str, passphrase: str) -> tuple[pg3lib.KeyPair, dict]:
+        """The key pair of an export file, and its description.
+
+        Raises:
+            KeyLocked: not an export file, or the passphrase does not open it.
+            OSError: it cannot be read.
+        """
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = json.load(fh)
+            except ValueError:
+                raise KeyLocked(f"{path} is not a key export file") from None
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+            raise KeyLocked(f"{path} is not a key export file")
+        try:
+            salt = base64.b64decode(data["salt"], validate=True)
+            secret = derive_passphrase(passphrase, salt, int(data["n"]), int(data["r"]), int(data["p"]))
+            return pg3lib.KeyPair.from_pem(str(data["pem"]).encode("ascii"), secret), data
+        except (ValueError, KeyError, TypeError, pg3lib.CryptoError):
+            raise KeyLocked(f"the passphrase does not open {path}") from None
+
+    def seen_ids(self, server: str, username: str) -> SeenIds:
+        return SeenIds(os.path.join(self.root, SEEN_DIR,
+                                    _UNSAFE_NAME.sub("_", server) + "_" + _UNSAFE_NAME.sub("_", username.lower())),
+                       self)
+
+    def create_key_pair(self, server: str, username: str, password: str,
+                        address: str | None = None) -> pg3lib.KeyPair:
         """Generate a key pair and save it."""
         key_pair = pg3lib.KeyPair.generate()
-        self.save_key_pair(server, username, password, key_pair)
+        self.save_key_pair(server, username, password, key_pair, address)
         return key_pair
 
     def retire_key_pair(self, server: str, username: str) -> str:
@@ -201,7 +277,10 @@ class ClientStore:
             try:
                 with open(os.path.join(self.keys_dir, name), encoding="utf-8") as fh:
                     meta = json.load(fh)
-                found.append(OwnKey(str(meta["server"]), str(meta["username"]), str(meta["fingerprint"])))
+                stem = name[:-len(".json")]
+                user = str(meta["username"])
+                kept_for = stem[:-len(user) - 1] if stem.endswith("_" + user) and stem.startswith("SHA256_") else ""
+                found.append(OwnKey(str(meta["server"]), user, str(meta["fingerprint"]), kept_for))
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         return sorted(found)
@@ -238,6 +317,21 @@ class ClientStore:
         self._write_rows(self.known_contacts_path,
                          "contact key fingerprints (host:port username fingerprint)", rows)
 
+    def contact_key(self, server: str, username: str) -> str | None:
+        """The key form saved for a contact (to check signed PMs in CH), if any."""
+        name = username.lower()
+        for f in _read_lines(os.path.join(self.root, CONTACT_KEYS)):
+            if len(f) >= 3 and f[0] == server and f[1] == name:
+                return f[2]
+        return None
+
+    def remember_contact_key(self, server: str, username: str, key_form: str) -> None:
+        path = os.path.join(self.root, CONTACT_KEYS)
+        name = username.lower()
+        rows = [f[:3] for f in _read_lines(path) if len(f) >= 3 and not (f[0] == server and f[1] == name)]
+        rows.append([server, name, key_form])
+        self._write_rows(path, "contact keys (host:port username key)", rows)
+
     # --- ignored users -----------------------------------------------------------
     def ignored(self, server: str) -> set[str]:
         """The users (lower case) whose messages are hidden, for one server."""
@@ -272,3 +366,37 @@ class ClientStore:
         self._ensure_dir(self.root)
         text = f"# chatroom {title}\n" + "".join(" ".join(row) + "\n" for row in rows)
         pg3lib.write_private_file(path, text.encode("utf-8"))
+
+
+class SeenIds:
+    """The (sender, id) pairs of the PMs received, kept across runs (docs/PROTOCOL.md section 4.5)."""
+
+    def __init__(self, path: str, store: ClientStore) -> None:
+        self.path = path
+        self.store = store
+        now = time.time()
+        self.ids: dict[tuple[str, str], float] = {}
+        for fields in _read_lines(path):
+            if len(fields) >= 3:
+                try:
+                    when = float(fields[2])
+                except ValueError:
+                    continue
+                if now - SEEN_KEEP <= when <= now + SEEN_KEEP:
+                    self.ids[(fields[0], fields[1])] = when
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        return (item[0].lower(), item[1]) in self.ids
+
+    def add(self, sender: str, pm_id: str) -> None:
+        """Remember it, and write the file (old ids dropped)."""
+        now = time.time()
+        self.ids[(sender.lower(), pm_id)] = now
+        kept = sorted(((w, k) for k, w in self.ids.items() if w >= now - SEEN_KEEP), reverse=True)[:SEEN_MAX]
+        self.ids = {k: w for w, k in kept}
+        rows = [[k[0], k[1], f"{w:.0f}"] for w, k in reversed(kept)]
+        try:
+            self.store._ensure_dir(os.path.dirname(self.path))
+            self.store._write_rows(self.path, "PM ids seen (sender id time)", rows)
+        except (OSError, ValueError):
+            pass  # the check still holds for this run

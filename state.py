@@ -430,7 +430,7 @@ class Room:
                  login_timeout: float = 30.0, register_rate: int = 100, login_delay_cap: float = 60.0,
                  guess_limit: int = GUESS_LIMIT, checks_per_ip: int = MAX_CHECKS_PER_ADDRESS,
                  bm_rate: float = BM_RATE, bm_burst: float = BM_BURST,
-                 accept_pm1: bool = True, clock: Callable[[], float] = time.time,
+                 accept_pm1: bool = False, clock: Callable[[], float] = time.time,
                  random_bytes: Callable[[int], bytes] = os.urandom, admins=()) -> None:
         self.server_keys = server_keys
         self.server_key_form = server_keys.public.key_form

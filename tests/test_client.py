@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 import chatclient
 import pg3lib
+import protocol
+import wire
 from chatclient import (UNREADABLE, Session, format_history_entry, local_time, parse_timestamp,
                         visible)
 from clientstore import ClientStore
@@ -87,9 +91,22 @@ def alice(tmp_path, keys):
 
 
 def pm_frame(sender: pg3lib.KeyPair, sender_name: str, receiver: pg3lib.KeyPair, text: str,
-             signer: pg3lib.KeyPair | None = None) -> dict:
+             signer: pg3lib.KeyPair | None = None, pm_id: str | None = None, sent: str | None = None,
+             **extra) -> dict:
+    """A D PM (PM2, section 5) from sender_name to alice, signed by signer (default: sender)."""
     ciphertext = receiver.public.seal(text.encode()).decode()
-    signature = (signer or sender).sign(pg3lib.pm_signed_bytes(sender_name, "alice", ciphertext))
+    self_copy = sender.public.seal(text.encode()).decode()
+    body = wire.pm2_send(signer or sender, sender_name, "alice", ciphertext, self_copy, pm_id=pm_id, sent=sent)
+    return {"op": "PM", "from": sender_name, "to": "alice", "id": body["id"], "sent": body["sent"],
+            "ciphertext": ciphertext, "self_copy_sha256": pg3lib.sealed_digest(self_copy),
+            "signature": body["signature"], "sender_key": sender.public.key_form, "ts": "2026-11-24T15:04:05Z",
+            **extra}
+
+
+def pm1_frame(sender: pg3lib.KeyPair, sender_name: str, receiver: pg3lib.KeyPair, text: str) -> dict:
+    """A version-1 D PM: no id, no sent, the PM1 signature."""
+    ciphertext = receiver.public.seal(text.encode()).decode()
+    signature = sender.sign(pg3lib.pm_signed_bytes(sender_name, "alice", ciphertext))
     return {"op": "PM", "from": sender_name, "to": "alice", "ciphertext": ciphertext,
             "signature": signature, "sender_key": sender.public.key_form, "ts": "2026-11-24T15:04:05Z"}
 
@@ -100,10 +117,52 @@ def test_pm_is_decrypted_and_the_sender_key_pinned(alice, keys):
     assert alice.store.contact_fingerprint("h:1", "bob") == keys(1).fingerprint
 
 
-def test_pm_with_a_bad_signature_is_a_warning_never_the_text(alice, keys):
+def test_pm_with_a_bad_signature_is_a_warning_never_the_text_and_pins_nothing(alice, keys):
     alice.on_data(pm_frame(keys(1), "bob", keys(0), "forged words", signer=keys(2)))
     assert not any("forged" in line for line in alice.out.shown)
+    assert "WARNING" in alice.out.warned[-1] and "failed its signature check" in alice.out.warned[-1]
+    assert alice.store.contact_fingerprint("h:1", "bob") is None  # pinned only after a PM verifies
+    tampered = pm_frame(keys(1), "bob", keys(0), "real words")
+    tampered["sent"] = protocol.timestamp(time.time() + 1)  # a member under the signature changed
+    alice.on_data(tampered)
     assert "failed its signature check" in alice.out.warned[-1]
+    assert not any("real words" in line for line in alice.out.shown)
+
+
+def test_a_replayed_pm_id_is_a_warning_also_after_a_restart(alice, keys, tmp_path):
+    frame = pm_frame(keys(1), "bob", keys(0), "once only")
+    alice.seen = alice.store.seen_ids("srv", "alice")
+    alice.on_data(frame)
+    assert alice.out.shown[-1].endswith("bob -> you (private): once only")
+    alice.on_data(dict(frame))
+    assert "delivered AGAIN" in alice.out.warned[-1] and "replay" in alice.out.warned[-1]
+    later = Session("h:1", "alice", alice.store, Lines(), interactive=True)  # the next run
+    later.keys, later.seen = keys(0), alice.store.seen_ids("srv", "alice")
+    later.on_data(dict(frame))
+    assert later.out.shown == [] and "delivered AGAIN" in later.out.warned[-1]
+    other = pm_frame(keys(1), "bob", keys(0), "a new id")  # another id from bob is fine
+    later.on_data(other)
+    assert later.out.shown[-1].endswith("a new id")
+
+
+def test_a_live_pm_sent_more_than_10_minutes_away_is_a_warning(alice, keys):
+    for shift in (-700, 700):
+        alice.on_data(pm_frame(keys(1), "bob", keys(0), f"stale {shift}", sent=protocol.timestamp(time.time() + shift)))
+        assert "more than 10 minutes" in alice.out.warned[-1]
+    assert not any("stale" in line for line in alice.out.shown)
+    alice.on_data(pm_frame(keys(1), "bob", keys(0), "a bit off", sent=protocol.timestamp(time.time() - 300)))
+    assert alice.out.shown[-1].endswith("a bit off")
+    stored = pm_frame(keys(1), "bob", keys(0), "left for you", sent=protocol.timestamp(time.time() - 86000),
+                      offline=True)
+    alice.on_data(stored)  # a stored PM (section 5) is old by nature
+    assert "bob -> you (private): left for you  (sent while you were away" in alice.out.shown[-1]
+
+
+def test_a_version_1_pm_is_shown_marked_unverified(alice, keys):
+    alice.on_data(pm1_frame(keys(1), "bob", keys(0), "old style"))
+    assert alice.out.shown[-1].startswith("[UNVERIFIED: version-1 PM")
+    assert alice.out.shown[-1].endswith("bob -> you (private): old style")
+    assert alice.store.contact_fingerprint("h:1", "bob") is None
 
 
 def test_pm_sealed_for_another_key_is_unreadable(alice, keys):
@@ -244,18 +303,71 @@ def test_a_new_password_that_is_too_short_is_refused_before_it_is_repeated(alice
     assert password == "long enough"
 
 
-def test_a_one_line_pm_to_someone_offline_ends_at_once(alice):
+def test_a_one_line_pm_to_someone_offline_asks_to_store_it_and_a_refusal_ends_at_once(alice):
     steps, _ = drive(alice.command("PM carol are you there"),
-                     [{"op": "PM", "ok": True, "online": ["bob"]}, {"op": "CANCEL", "ok": True}])
+                     [{"op": "PM", "ok": True, "online": ["bob"]},
+                      {"op": "TARGET", "ok": False, "error": "not_online", "message": "carol is not online"}])
     assert [type(s).__name__ for s in steps] == ["Send", "Reply", "Send", "Reply"]  # no "to" prompt
-    assert steps[2].body == {"op": "CANCEL"}
-    assert alice.out.warned == ["PM to carol: carol is not online (online: bob)"]
+    assert steps[2].body == {"op": "TARGET", "username": "carol", "offline": True}
+    assert alice.out.warned == ["cannot send to carol: carol is not online (and the server keeps no message "
+                                "for them)"]
     assert "cancelled" not in alice.out.shown
+
+
+def test_a_pm_to_no_account_says_so(alice):
+    drive(alice.command("PM nobody hi"), [{"op": "PM", "ok": True, "online": []},
+                                          {"op": "TARGET", "ok": False, "error": "no_such_user"}])
+    assert alice.out.warned == ["cannot send to nobody: there is no user nobody"]
+
+
+def test_a_pm_to_someone_offline_is_stored_and_said_so(alice, keys):
+    steps, _ = drive(alice.command("PM carol see you tomorrow"), [
+        {"op": "PM", "ok": True, "online": []},
+        {"op": "TARGET", "ok": True, "username": "carol", "online": False, "public_key": keys(1).public.key_form,
+         "fingerprint": keys(1).fingerprint},
+        {"op": "SEND", "ok": True, "recipients": 0}])
+    send = steps[4].body
+    assert set(send) == {"op", "id", "sent", "ciphertext", "self_copy", "signature"}
+    assert alice.out.shown[-1].endswith("you -> carol (private): see you tomorrow  (carol is offline: stored, "
+                                        "delivered at their next login)")
+
+
+def test_a_target_that_left_meanwhile_is_asked_again_offline(alice, keys):
+    steps, _ = drive(alice.command("PM bob hi"), [
+        {"op": "PM", "ok": True, "online": ["bob"]},
+        {"op": "TARGET", "ok": False, "error": "not_online"},
+        {"op": "PM", "ok": True, "online": []},
+        {"op": "TARGET", "ok": True, "username": "bob", "online": False, "public_key": keys(1).public.key_form,
+         "fingerprint": keys(1).fingerprint},
+        {"op": "SEND", "ok": True, "recipients": 0}])
+    bodies = [s.body for s in steps if isinstance(s, chatclient.Send)]
+    assert bodies[1] == {"op": "TARGET", "username": "bob"}
+    assert bodies[3] == {"op": "TARGET", "username": "bob", "offline": True}
+
+
+def test_each_pm_send_is_a_pm2_with_a_fresh_id(alice, keys):
+    ids = set()
+    for _ in range(2):
+        steps, _ = drive(alice.command("PM bob hi"), [
+            {"op": "PM", "ok": True, "online": ["bob"]},
+            {"op": "TARGET", "ok": True, "username": "bob", "public_key": keys(1).public.key_form,
+             "fingerprint": keys(1).fingerprint},
+            {"op": "SEND", "ok": True, "recipients": 1}])
+        send = steps[4].body
+        assert len(base64.b64decode(send["id"])) == 16
+        assert abs(protocol.parse_timestamp(send["sent"]) - time.time()) < 5
+        signed = pg3lib.pm2_signed_bytes(send["id"], send["sent"], "alice", "bob",
+                                         pg3lib.sealed_digest(send["ciphertext"]),
+                                         pg3lib.sealed_digest(send["self_copy"]))
+        assert keys(0).public.verify(signed, send["signature"])
+        ids.add(send["id"])
+    assert len(ids) == 2
 
 
 def test_pm_with_nobody_online_says_so_once(alice):
     drive(alice.command("PM"), [{"op": "PM", "ok": True, "online": []}, {"op": "CANCEL", "ok": True}])
-    assert alice.out.warned == ["PM: nobody else is online"] and alice.out.shown == []
+    assert alice.out.warned == ["PM: nobody else is online (PM user message stores one for someone offline)"]
+    assert alice.out.shown == []
 
 
 def test_a_trimmed_online_list_is_not_taken_as_everyone(alice):
@@ -264,8 +376,9 @@ def test_a_trimmed_online_list_is_not_taken_as_everyone(alice):
     steps, _ = drive(alice.command("PM dave hi"),
                      [{"op": "PM", "ok": True, "online": ["bob"], "more_online": 3},
                       {"op": "TARGET", "ok": False, "error": "not_online", "message": "dave is not online"}])
-    assert steps[2].body == {"op": "TARGET", "username": "dave"}  # the server decides
-    assert alice.out.warned == ["cannot send to dave: dave is not online"]
+    assert steps[2].body == {"op": "TARGET", "username": "dave", "offline": True}  # the server decides
+    assert alice.out.warned == ["cannot send to dave: dave is not online (and the server keeps no message "
+                                "for them)"]
 
 
 def test_an_unknown_command_suggests_bm(alice):
@@ -330,9 +443,15 @@ def test_completed_names_are_the_online_users_and_the_contacts_not_yourself(alic
 # --- Ctrl-C cancels, never leaves -------------------------------------------------------------------
 
 def logged_in_run(session: Session):
-    """session.run() without the login (done by hand in these tests)."""
+    """session.run() without the TLS handshake and the login (done by hand in these tests)."""
     session.login = lambda: iter(())
-    return session.run()
+    flow = session.run()
+    assert isinstance(next(flow), chatclient.Handshake)  # the first step, before LOGIN
+    session.check_certificate = lambda der: None
+
+    def rest():
+        return (yield from flow)  # resumes it past the handshake, with no certificate (not checked here)
+    return rest()
 
 
 def test_ctrl_c_on_an_empty_operation_line_says_how_to_leave_and_stays(alice):
@@ -407,7 +526,7 @@ def script_alice(tmp_path, keys):
 def test_script_lines_that_fail_are_counted(script_alice):
     drive(script_alice.command("BM " + LONG), [])  # not even a BM request
     drive(script_alice.command("PM carol hi"), [{"op": "PM", "ok": True, "online": ["bob"]},
-                                                {"op": "CANCEL", "ok": True}])
+                                                {"op": "TARGET", "ok": False, "error": "not_online"}])
     drive(script_alice.command("BM hi"), [{"op": "BM", "ok": True},
                                           {"op": "SEND", "ok": False, "error": "internal", "message": "disk"}])
     drive(script_alice.command("BM"), [{"op": "BM", "ok": True}, chatclient.Submit(LONG),
@@ -417,7 +536,7 @@ def test_script_lines_that_fail_are_counted(script_alice):
     failures = script_alice.failures
     assert len(failures) == 5 and script_alice.retry_line == ""
     assert failures[0].startswith("BM not sent: a message is at most 4096 characters")
-    assert failures[1] == "PM to carol: carol is not online (online: bob)"
+    assert failures[1] == "cannot send to carol: carol is not online (and the server keeps no message for them)"
     assert failures[2] == "BM not sent: disk"
     assert failures[4].startswith("unknown command 'hello'")
     assert script_alice.out.warned == failures  # each said when it happened (stderr)
@@ -425,7 +544,7 @@ def test_script_lines_that_fail_are_counted(script_alice):
     assert summary.startswith("5 lines of the script failed: BM not sent: a message")
     assert summary.endswith("; and 2 more")
     assert chatclient.script_failures_text(failures[1:2]) == \
-        "1 line of the script failed: PM to carol: carol is not online (online: bob)"
+        "1 line of the script failed: " + failures[1]
 
 
 def login_reply(keys, new_user: bool) -> dict:
@@ -696,3 +815,36 @@ def test_notice_is_shown_with_its_time(alice):
     assert re.fullmatch(r"\[\d\d:\d\d\] \* zed banned bob for 1 h: spam", alice.out.shown[-1])
     alice.on_data({"op": "SOMETHING_NEW", "x": 1})   # an unknown D op is ignored
     assert len(alice.out.shown) == 1
+
+
+def test_a_bm_from_an_invalid_name_is_escaped_and_marked_live_and_in_ch(alice):
+    alice.on_data({"op": "BM", "from": "bob\nroot", "text": "hi", "ts": "2026-11-24T15:04:05.123Z"})
+    assert alice.out.shown[-1].startswith("[UNVERIFIED: not a valid sender name] [")
+    assert "'bob\\nroot': hi" in alice.out.shown[-1]
+    drive(alice.command("CH"), [{"op": "CH", "ok": True, "more": False, "entries": [
+        {"ts": "2026-11-24T15:04:05.123Z", "type": "BM", "from": "x y", "to": "*", "text": "t"},
+        {"ts": "2026-11-24T15:04:05.123Z", "type": "BM", "from": "bob", "to": "*", "text": "fine"}]}])
+    assert alice.out.shown[-3].startswith("[UNVERIFIED: not a valid sender name]") and "'x y'" in alice.out.shown[-3]
+    assert alice.out.shown[-2].endswith("BM bob -> all: fine") and "UNVERIFIED" not in alice.out.shown[-2]
+
+
+def test_ch_checks_pm_entries(alice, keys):
+    """A received PM2 entry verifies with bob's pinned key; a changed copy, a PM1 entry and an entry of
+    a contact whose key is unknown here are marked."""
+    frame = pm_frame(keys(1), "bob", keys(0), "in history")
+    alice.on_data(frame)  # pins bob (and keeps his key for CH)
+    entry = {"ts": frame["ts"], "type": "PM", "from": "bob", "to": "alice", "ciphertext": frame["ciphertext"],
+             "id": frame["id"], "sent": frame["sent"], "signature": frame["signature"],
+             "ciphertext_sha256": pg3lib.sealed_digest(frame["ciphertext"]),
+             "self_copy_sha256": frame["self_copy_sha256"]}
+    assert alice.entry_problem(entry) is None
+    changed = dict(entry, ciphertext=keys(0).public.seal(b"other").decode())
+    assert alice.entry_problem(changed) == "the text is not the one signed"
+    resigned = dict(changed, ciphertext_sha256=pg3lib.sealed_digest(changed["ciphertext"]))
+    assert alice.entry_problem(resigned) == "the signature does not verify with bob's key"
+    old = {k: entry[k] for k in ("ts", "type", "from", "to", "ciphertext")}
+    assert alice.entry_problem(old) == "version-1 PM, not signed with an id"
+    assert alice.entry_problem(dict(entry, **{"from": "carol"})) == "no key of carol known here to check it"
+    drive(alice.command("CH"), [{"op": "CH", "ok": True, "more": False, "entries": [entry, changed]}])
+    assert alice.out.shown[-3].endswith("PM bob -> alice: in history")
+    assert alice.out.shown[-2].startswith("[UNVERIFIED: the text is not the one signed] [")

@@ -19,6 +19,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -33,9 +34,11 @@ import pytest
 import framing
 import pg3lib
 import protocol
-from clientstore import ClientStore, server_address
+import tlslayer
+import wire
+from clientstore import ClientStore, server_address, server_id
 from serverproc import ServerProcess
-from wire import WireClient
+from wire import WireClient, verify_pm2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT = os.path.join(ROOT, "chatclient.py")
@@ -45,13 +48,6 @@ COLS, ROWS = 120, 40
 CLOCK = r"\[\d\d:\d\d\]"
 
 _seeded: dict[tuple[str, str], tuple[bytes, dict]] = {}
-
-
-@pytest.fixture(autouse=True)
-def _wire_clients_send_pm1(monkeypatch):
-    """chatclient.py verifies version-1 PM signatures only, for now: the WireClients that PM it do so too.
-    The server accepts PM1 while --accept-pm1 is on (its default). Remove when the client speaks PM2."""
-    monkeypatch.setattr(WireClient, "pm_version", 1)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -73,6 +69,13 @@ def seed_key(home, port: int, username: str, key_pair: pg3lib.KeyPair, password:
     pg3lib.write_private_file(pem_path, pem_bytes)
     meta = dict(meta, server=server, username=username.lower())
     pg3lib.write_private_file(meta_path, json.dumps(meta).encode("utf-8"))
+
+
+def key_stem(store: ClientStore, port: int, host: str = "127.0.0.1") -> str:
+    """Where the key pairs for the server on port are kept: its key's fingerprint (section 9)."""
+    pinned = store.server_fingerprint(server_address(host, port))
+    assert pinned is not None
+    return server_id(pinned)
 
 
 def client_env(home) -> dict:
@@ -314,11 +317,12 @@ def test_private_message_is_decrypted_on_the_other_side(server, keys, home, ptys
     alice.type("b\t")  # Tab completes the online user
     alice.wait_prompt("to (bob): bob ")
     alice.type("\r")
-    alice.wait_for(f"first private message with bob: remembering their key {keys(1).fingerprint}")
+    alice.wait_for(f"first PM with bob: their key is {keys(1).fingerprint}")
     alice.wait_prompt("message to bob: ")
     alice.type("see you at 5\r")
     alice.wait_line(CLOCK + r" you -> bob \(private\): see you at 5")
     bob.wait_line(CLOCK + r" alice -> you \(private\): see you at 5")
+    bob.wait_for(f"first private message from alice: remembering their key {keys(0).fingerprint}")
 
     bob.type("pm Alice on my way\r")  # one-line form, any case
     alice.wait_line(CLOCK + r" bob -> you \(private\): on my way")
@@ -326,6 +330,7 @@ def test_private_message_is_decrypted_on_the_other_side(server, keys, home, ptys
     bob.wait_line(r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] PM alice -> bob: see you at 5")
     bob.wait_line(r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] PM bob -> alice: on my way")
     bob.wait_for("(2 entries)")
+    assert "UNVERIFIED" not in bob.text()  # both PMs of the history check out (PM2, section 4.6)
 
 
 def test_ctrl_c_at_a_sub_prompt_cancels(server, connect, keys, home, ptys):
@@ -487,39 +492,194 @@ def test_changed_server_key_stops_before_the_password(make_server, keys, home, t
     assert not accounts.exists() or accounts.stat().st_size == 0
 
 
-def test_login_reply_whose_fingerprint_does_not_match_its_key_stops(keys, home):
-    """A fake server answers LOGIN with keys(3)'s key but keys(4)'s fingerprint."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(DEADLINE)
-    received: list[str] = []
+def tls_context_for(keys: pg3lib.KeyPair, directory) -> ssl.SSLContext:
+    """A server TLS context presenting keys in a self-signed certificate (made with x509.py)."""
+    os.makedirs(str(directory), exist_ok=True)
+    return tlslayer.server_context(str(directory), keys)
 
-    def serve() -> None:
-        conn, _ = listener.accept()
+
+class FakeLoginServer:
+    """One TLS connection on loopback, played by a thread: it answers LOGIN with login_reply and
+    records the ops it received (never more than that: a test of where the client stops)."""
+
+    def __init__(self, context: ssl.SSLContext | None, login_reply: dict, greeting: bytes = b"") -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(DEADLINE)
+        self.port = self.listener.getsockname()[1]
+        self.context = context
+        self.login_reply = login_reply
+        self.greeting = greeting
+        self.received: list[str] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
         conn.settimeout(DEADLINE)
-        decoder = framing.FrameDecoder()
         with conn:
-            while True:
-                data = conn.recv(65536)
-                if not data:
+            try:
+                if self.greeting:  # sent before reading, as the server's server_busy
+                    conn.sendall(self.greeting)
+                    conn.shutdown(socket.SHUT_WR)
+                    while conn.recv(65536):
+                        pass
                     return
-                for frame in decoder.feed(data):
-                    received.append(frame.op)
-                    if frame.op == "LOGIN":
-                        conn.sendall(framing.command({
-                            "op": "LOGIN", "ok": True, "new_user": False,
-                            "server_key": keys(3).public.key_form, "fingerprint": keys(4).fingerprint,
-                            "nonce": base64.b64encode(os.urandom(16)).decode()}))
+                assert self.context is not None
+                tls = self.context.wrap_socket(conn, server_side=True)
+                decoder = framing.FrameDecoder()
+                while True:
+                    data = tls.recv(65536)
+                    if not data:
+                        return
+                    for frame in decoder.feed(data):
+                        self.received.append(frame.op)
+                        if frame.op == "LOGIN":
+                            tls.sendall(framing.command(self.login_reply))
+            except (OSError, framing.ProtocolError):
+                return
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    def close(self) -> None:
+        self.thread.join(DEADLINE)
+        self.listener.close()
+
+
+def fake_login(keys_shown: pg3lib.KeyPair, fingerprint: str) -> dict:
+    return {"op": "LOGIN", "ok": True, "new_user": False, "server_key": keys_shown.public.key_form,
+            "fingerprint": fingerprint, "nonce": base64.b64encode(os.urandom(16)).decode(), "protocol": 2}
+
+
+def test_login_reply_whose_fingerprint_does_not_match_its_key_stops(keys, home, tmp_path):
+    """A fake server (its certificate: keys(3)) answers LOGIN with keys(3)'s key but keys(4)'s fingerprint."""
+    fake = FakeLoginServer(tls_context_for(keys(3), tmp_path / "cert"), fake_login(keys(3), keys(4).fingerprint))
     try:
-        result = run_script(listener.getsockname()[1], "alice", home("alice"), f"{PASSWORD}\nEX\n")
-        thread.join(DEADLINE)
+        result = run_script(fake.port, "alice", home("alice"), f"{PASSWORD}\nEX\n")
     finally:
-        listener.close()
+        fake.close()
     assert result.returncode == 3
     assert keys(3).fingerprint in result.stderr and keys(4).fingerprint in result.stderr
-    assert received == ["LOGIN"]
+    assert fake.received == ["LOGIN"]
+
+
+def test_login_server_key_other_than_the_certificates_stops_before_the_password(keys, home, tmp_path):
+    """The certificate holds keys(3); LOGIN announces keys(4), with keys(4)'s own fingerprint."""
+    fake = FakeLoginServer(tls_context_for(keys(3), tmp_path / "cert"), fake_login(keys(4), keys(4).fingerprint))
+    try:
+        result = run_script(fake.port, "alice", home("alice"), f"{PASSWORD}\nEX\n")
+    finally:
+        fake.close()
+    assert result.returncode == 3, result.stderr
+    assert "TLS certificate" in result.stderr
+    assert keys(3).fingerprint in result.stderr and keys(4).fingerprint in result.stderr
+    assert fake.received == ["LOGIN"]  # no PASSWORD
+
+
+def test_a_plain_refusal_instead_of_the_handshake_is_shown(home):
+    """server_busy comes as a plain C frame before the server reads (section 0): the client shows it."""
+    busy = framing.command({"op": "ERROR", "ok": False, "error": "server_busy",
+                            "message": "the server is full, try again later"})
+    fake = FakeLoginServer(None, {}, greeting=busy)
+    try:
+        result = run_script(fake.port, "alice", home("alice"), f"{PASSWORD}\nEX\n")
+    finally:
+        fake.close()
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == \
+        "chatclient: the server ended the connection: the server is full, try again later"
+
+
+class MitmProxy:
+    """A TCP proxy on loopback that terminates TLS with its own certificate and forwards the plaintext
+    to the real server over plain TCP; it records what the client sent through it."""
+
+    def __init__(self, context: ssl.SSLContext, upstream_port: int, port: int = 0) -> None:
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.listener.settimeout(DEADLINE)
+        self.port = self.listener.getsockname()[1]
+        self.context = context
+        self.upstream_port = upstream_port
+        self.from_client = bytearray()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        deadline = time.monotonic() + DEADLINE
+        try:
+            with self.context.wrap_socket(conn, server_side=True) as tls, \
+                    socket.create_connection(("127.0.0.1", self.upstream_port), timeout=DEADLINE) as up:
+                tls.setblocking(False)
+                up.setblocking(False)
+                while time.monotonic() < deadline:
+                    ready, _, _ = select.select([tls, up], [], [], 0.2)
+                    for sock in ready:
+                        try:
+                            data = sock.recv(65536)
+                        except (ssl.SSLWantReadError, BlockingIOError):
+                            continue
+                        if not data:
+                            return
+                        if sock is tls:
+                            self.from_client += data
+                            up.sendall(data)
+                        else:
+                            tls.sendall(data)
+        except (OSError, ssl.SSLError):
+            return
+
+    def close(self) -> None:
+        self.thread.join(DEADLINE)
+        self.listener.close()
+
+
+def test_a_tls_proxy_with_another_certificate_is_stopped_before_login(make_server, keys, home, tmp_path):
+    """A man in the middle at the address the client knows: the server now runs elsewhere, and a proxy
+    with its own certificate terminates TLS and forwards to it. The client stops, exit 3, and the proxy
+    never sees a LOGIN."""
+    data = str(tmp_path / "data-mitm")
+    os.makedirs(data)
+    first = make_server(data=data)
+    port = first.port
+    alice_home = home("alice")
+    seed_key(alice_home, port, "alice", keys(0))
+    result = run_script(port, "alice", alice_home, f"{PASSWORD}\nEX\n", "--register")
+    assert result.returncode == 0, result.stderr
+    store = ClientStore(str(alice_home / "chatroom"))
+    pinned = store.server_fingerprint(f"127.0.0.1:{port}")
+    first.kill()
+    moved = make_server(data=data)  # the same server (same key), on another port
+    proxy = MitmProxy(tls_context_for(keys(5), tmp_path / "mitm"), moved.port, port=port)
+    try:
+        result = run_script(port, "alice", alice_home, f"{PASSWORD}\nBM hi\nEX\n")
+    finally:
+        proxy.close()
+    assert result.returncode == 3
+    assert "THE SERVER'S KEY HAS CHANGED" in result.stderr
+    assert pinned in result.stderr and keys(5).fingerprint in result.stderr
+    assert b"LOGIN" not in proxy.from_client and bytes(proxy.from_client) == b""
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_a_tls_client_and_a_plain_wire_client_share_the_room(server, connect, keys, home):
+    plain = wire_login(connect, "bob", keys(1))  # a version-1 style plain TCP connection
+    alice = PipedClient(server.port, "alice", home("alice"), "--register")
+    try:
+        alice.write(f"{PASSWORD}\n")
+        alice.expect("logged in as alice")
+        plain.wait_data("PRESENCE", username="alice", online=True)
+        alice.write("BM over TLS\n")
+        assert plain.wait_data("BM")["text"] == "over TLS"
+        plain.bm("over plain TCP")
+        alice.expect(CLOCK + " bob: over plain TCP")
+        alice.close_input()
+        assert alice.wait() == 0
+    finally:
+        alice.close()
 
 
 # --- through pipes ------------------------------------------------------------------------------
@@ -551,7 +711,8 @@ def test_piped_script_bm_pm_ch_ex(server, connect, keys, home):
         pm = bob.wait_data("PM")
         sender_key = pg3lib.PublicKey.from_key_form(pm["sender_key"])
         assert sender_key == keys(0).public
-        assert sender_key.verify(pg3lib.pm_signed_bytes("alice", "bob", pm["ciphertext"]), pm["signature"])
+        assert verify_pm2(pm, "bob")  # PM2: id and sent under the signature (section 4.5)
+        assert len(base64.b64decode(pm["id"])) == protocol.PM_ID_BYTES
         assert keys(1).open(pm["ciphertext"]).decode() == expected
 
 
@@ -618,11 +779,13 @@ def test_key_is_generated_once_kept_encrypted_and_a_lost_key_means_unreadable(se
     assert "generating your key..." in first.stdout
     store = ClientStore(str(carol_home / "chatroom"))
     server_name = f"127.0.0.1:{server.port}"
-    for path in store.key_files(server_name, "carol"):
+    stem = key_stem(store, server.port)  # kept per server key, not per address (section 9)
+    for path in store.key_files(stem, "carol"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    with open(store.key_files(server_name, "carol")[0], "rb") as fh:
+    with open(store.key_files(stem, "carol")[0], "rb") as fh:
         assert b"BEGIN ENCRYPTED PRIVATE KEY" in fh.read()
-    [(_, _, fingerprint)] = store.own_keys()
+    [own] = store.own_keys()
+    fingerprint = own.fingerprint
     assert f"your key fingerprint is {fingerprint}" in first.stdout
 
     second = run_script(server.port, "carol", carol_home, f"{PASSWORD}\nPM bob kept secret\nKEYS\nEX\n")
@@ -630,11 +793,13 @@ def test_key_is_generated_once_kept_encrypted_and_a_lost_key_means_unreadable(se
     assert "generating" not in second.stdout
     assert f"your key (carol at {server_name}): {fingerprint}" in second.stdout
 
-    for path in store.key_files(server_name, "carol"):
+    for path in store.key_files(stem, "carol"):
         os.remove(path)
     third = run_script(server.port, "carol", carol_home, f"{PASSWORD}\nCH\nEX\n")
     assert third.returncode == 0, third.stderr
     assert "generating your key..." in third.stdout
+    # The account existed: what a new key pair costs, and how to bring the old one, is said first.
+    assert "a NEW one is made" in third.stderr and "--import-key" in third.stderr
     assert re.search(r"\] PM carol -> bob: \(unreadable: sealed for another key\)$", third.stdout, re.M)
 
 
@@ -783,7 +948,9 @@ def test_a_script_with_a_failed_line_exits_1_and_says_why(server, connect, keys,
     assert result.returncode == 1
     errors = result.stderr.splitlines()
     assert errors[0].startswith("BM not sent: a message is at most 4096 characters (this one has 4097)")
-    assert errors[1] == "PM to carol: carol is not online (online: bob)"
+    # carol has no account: no_such_user, or not_online from a server that does not say so yet
+    assert errors[1] in ("cannot send to carol: there is no user carol",
+                         "cannot send to carol: carol is not online (and the server keeps no message for them)")
     assert errors[2].startswith("BM not sent: a message is at most 4096")
     assert errors[3].startswith("chatclient: 3 lines of the script failed: BM not sent: a message is at most")
     assert len(errors) == 4
@@ -1008,3 +1175,288 @@ def test_acting_on_another_admin_asks_first_on_the_terminal(make_server, keys, h
         alice.wait_prompt("alice> ")
     finally:
         zed.close()
+
+
+# --- issue 13: PM2 checks, history checks, one identity per server key, moving the key pair ------------
+
+class FakeRoomServer:
+    """A TLS fake server (its certificate: keys) that logs anyone in, sends data frames after the KEY
+    reply, and answers EX; for what the real server would refuse to relay (a replay, a stale PM...)."""
+
+    def __init__(self, context: ssl.SSLContext, keys: pg3lib.KeyPair, after_key: list[dict]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(DEADLINE)
+        self.port = self.listener.getsockname()[1]
+        self.context = context
+        self.keys = keys
+        self.after_key = after_key
+        self.target_key: pg3lib.KeyPair | None = None  # set: TARGET answers as for an offline user
+        self.requests: list[dict] = []  # after KEY
+        self.thread: threading.Thread | None = None
+
+    def serve_once(self) -> None:
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            conn.settimeout(DEADLINE)
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except OSError:
+            return
+        decoder = framing.FrameDecoder()
+        with tls:
+            try:
+                while True:
+                    data = tls.recv(65536)
+                    if not data:
+                        return
+                    for frame in decoder.feed(data):
+                        tls.sendall(self._answer(frame.body))
+                        if frame.op == "EX":
+                            return
+            except OSError:
+                return
+
+    def _answer(self, body: dict) -> bytes:
+        op = body.get("op")
+        if op == "LOGIN":
+            return framing.command(dict(fake_login(self.keys, self.keys.fingerprint), new_user=False))
+        if op == "PASSWORD":
+            return framing.command({"op": "PASSWORD", "ok": True, "new_user": False, "username": "alice"})
+        if op == "KEY":
+            out = framing.command({"op": "KEY", "ok": True, "fingerprint": "x", "online": ["bob"]})
+            return out + b"".join(framing.data(frame) for frame in self.after_key)
+        self.requests.append(body)
+        if op == "TARGET" and self.target_key is not None:
+            if body.get("username") == "nobody":
+                return framing.command({"op": "TARGET", "ok": False, "error": "no_such_user",
+                                        "message": "there is no account 'nobody'"})
+            return framing.command({"op": "TARGET", "ok": True, "username": "carol", "online": False,
+                                    "public_key": self.target_key.public.key_form,
+                                    "fingerprint": self.target_key.fingerprint})
+        if op == "SEND":
+            return framing.command({"op": "SEND", "ok": True, "recipients": 0})
+        return framing.command({"op": op, "ok": True})
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join(DEADLINE)
+
+    def close(self) -> None:
+        self.join()
+        self.listener.close()
+
+
+def d_pm(sender: pg3lib.KeyPair, receiver: pg3lib.KeyPair, text: str, *, signer: pg3lib.KeyPair | None = None,
+         sent: str | None = None, pm_id: str | None = None) -> dict:
+    """A D PM from bob to alice as the server relays it (section 5)."""
+    ciphertext = receiver.public.seal(text.encode()).decode()
+    self_copy = sender.public.seal(text.encode()).decode()
+    send = wire.pm2_send(signer or sender, "bob", "alice", ciphertext, self_copy, pm_id=pm_id, sent=sent)
+    return {"op": "PM", "from": "bob", "to": "alice", "id": send["id"], "sent": send["sent"],
+            "ciphertext": ciphertext, "self_copy_sha256": pg3lib.sealed_digest(self_copy),
+            "signature": send["signature"], "sender_key": sender.public.key_form,
+            "ts": protocol.timestamp(time.time())}
+
+
+def test_a_replay_a_stale_pm_and_a_bad_signature_are_warnings_never_the_words(keys, home, tmp_path):
+    good = d_pm(keys(1), keys(0), "the real one")
+    frames = [good, dict(good),  # the same id again: a replay
+              d_pm(keys(1), keys(0), "from an hour ago", sent=protocol.timestamp(time.time() - 3600)),
+              d_pm(keys(1), keys(0), "forged words", signer=keys(2)),
+              d_pm(keys(1), keys(0), "the next one")]
+    fake = FakeRoomServer(tls_context_for(keys(3), tmp_path / "cert"), keys(3), frames)
+    alice_home = home("alice")
+    seed_key(alice_home, fake.port, "alice", keys(0))
+    try:
+        fake.serve_once()
+        first = run_script(fake.port, "alice", alice_home, f"{PASSWORD}\nEX\n")
+        fake.join()
+        fake.after_key = [dict(good)]  # the next run: the id is remembered across runs
+        fake.serve_once()
+        second = run_script(fake.port, "alice", alice_home, f"{PASSWORD}\nEX\n")
+    finally:
+        fake.close()
+    assert first.returncode == 0, first.stderr
+    shown = [line for line in first.stdout.splitlines() if "bob -> you" in line]
+    assert [line.split("(private): ")[1] for line in shown] == ["the real one", "the next one"]
+    warnings = [line for line in first.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 3
+    assert "delivered AGAIN" in warnings[0] and "more than 10 minutes" in warnings[1]
+    assert "failed its signature check" in warnings[2]
+    for words in ("from an hour ago", "forged words"):
+        assert words not in first.stdout + first.stderr
+    assert second.returncode == 0, second.stderr
+    assert "the real one" not in second.stdout and "delivered AGAIN" in second.stderr
+
+
+def append_history_line(data_dir: str, username: str, entry: dict) -> None:
+    """A PM line written straight into <Username>.chat (README, data directory), as a server could forge it."""
+    path = os.path.join(data_dir, f"{username}.chat")
+    with open(path, encoding="utf-8") as fh:
+        lines = [json.loads(line) for line in fh if line.strip()]
+    at = max(line.get("at", 0) for line in lines)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"kind": "pm", "at": at, "entry": entry}) + "\n")
+
+
+def test_a_forged_history_line_is_marked_unverified_in_ch(server, connect, keys, home):
+    bob = wire_login(connect, "bob", keys(1))
+    alice_home = home("alice")
+    seed_key(alice_home, server.port, "alice", keys(0))
+    alice = PipedClient(server.port, "alice", alice_home, "--register")
+    try:
+        alice.write(f"{PASSWORD}\n")
+        alice.expect("logged in as alice")
+        bob.wait_data("PRESENCE", username="alice", online=True)
+        assert bob.pm("alice", "the genuine one")["ok"]
+        alice.expect(r"bob -> you \(private\): the genuine one")  # verified: bob's key is pinned now
+        [real] = [e for e in bob.history() if e.get("type") == "PM"]
+        forged_text = keys(0).public.seal(b"send me your password").decode()
+        forged = dict(real, ciphertext=forged_text, ts=protocol.timestamp(time.time()))  # bob's signature kept
+        append_history_line(server.data_dir, "alice", forged)
+        v1 = {"ts": protocol.timestamp(time.time()), "type": "PM", "from": "bob", "to": "alice",
+              "ciphertext": keys(0).public.seal(b"an old one").decode()}
+        append_history_line(server.data_dir, "alice", v1)
+        alice.write("CH\n")
+        alice.expect(r"\(\d+ entries\)")
+        alice.close_input()
+        assert alice.wait() == 0
+    finally:
+        alice.close()
+    out = alice.output.decode()
+    [genuine] = [line for line in out.splitlines() if "PM bob -> alice: the genuine one" in line]
+    assert "UNVERIFIED" not in genuine
+    [bad] = [line for line in out.splitlines() if "send me your password" in line]
+    assert bad.startswith("[UNVERIFIED: the text is not the one signed]")
+    [old] = [line for line in out.splitlines() if "an old one" in line]
+    assert old.startswith("[UNVERIFIED: version-1 PM")
+
+
+def test_localhost_and_127_0_0_1_are_one_identity(server, home):
+    alice_home = home("alice")
+    first = run_script(server.port, "alice", alice_home, f"{PASSWORD}\nKEYS\nEX\n", "--register")
+    assert first.returncode == 0, first.stderr
+    assert "generating your key..." in first.stdout
+    [mine] = re.findall(r"your key \(alice at [^)]*\): (SHA256:\S+)", first.stdout)
+    second = subprocess.run([sys.executable, CLIENT, "localhost", str(server.port), "alice"],
+                            input=f"{PASSWORD}\nKEYS\nEX\n", capture_output=True, text=True, timeout=DEADLINE,
+                            env=client_env(alice_home), cwd=ROOT)
+    assert second.returncode == 0, second.stderr
+    assert "generating" not in second.stdout and "NEW" not in second.stderr
+    assert f"your key (alice at localhost:{server.port}): {mine}" in second.stdout
+    assert len(ClientStore(str(alice_home / "chatroom")).own_keys()) == 1
+
+
+def test_key_files_under_the_old_address_name_are_adopted(server, keys, home):
+    alice_home = home("alice")
+    seed_key(alice_home, server.port, "alice", keys(0))  # the older layout: keys/127.0.0.1_<port>_alice.*
+    store = ClientStore(str(alice_home / "chatroom"))
+    old = store.key_files(f"127.0.0.1:{server.port}", "alice")
+    result = run_script(server.port, "alice", alice_home, f"{PASSWORD}\nKEYS\nEX\n", "--register")
+    assert result.returncode == 0, result.stderr
+    assert "generating" not in result.stdout and keys(0).fingerprint in result.stdout
+    assert not any(os.path.exists(path) for path in old)
+    assert all(os.path.exists(path) for path in store.key_files(key_stem(store, server.port), "alice"))
+
+
+def test_export_then_import_into_a_fresh_config_dir_reads_old_pms(server, connect, keys, home, tmp_path):
+    bob = wire_login(connect, "bob", keys(1))
+    first_home = home("first")
+    seed_key(first_home, server.port, "alice", keys(0))
+    result = run_script(server.port, "alice", first_home, f"{PASSWORD}\nEX\n", "--register")
+    assert result.returncode == 0, result.stderr
+    alice_live = PipedClient(server.port, "alice", first_home)
+    try:
+        alice_live.write(f"{PASSWORD}\n")
+        alice_live.expect("logged in as alice")
+        bob.wait_data("PRESENCE", username="alice", online=True)
+        assert bob.pm("alice", "read me on the new machine")["ok"]
+        alice_live.expect("read me on the new machine")
+        alice_live.close_input()
+        assert alice_live.wait() == 0
+    finally:
+        alice_live.close()
+    export = str(tmp_path / "alice-key.json")
+    env = dict(client_env(first_home), CHATCLIENT_KEY_PASSPHRASE="move it carefully")
+    exported = subprocess.run(client_command(server.port, "alice", "--export-key", export), input=f"{PASSWORD}\n",
+                              capture_output=True, text=True, timeout=DEADLINE, env=env, cwd=ROOT)
+    assert exported.returncode == 0, exported.stderr
+    assert stat.S_IMODE(os.stat(export).st_mode) == 0o600
+    with open(export, encoding="utf-8") as fh:
+        assert "PRIVATE KEY" in fh.read()  # encrypted PKCS#8 inside
+    wrong = subprocess.run(client_command(server.port, "alice", "--import-key", export), input=f"{PASSWORD}\nEX\n",
+                           capture_output=True, text=True, timeout=DEADLINE,
+                           env=dict(client_env(home("wrong")), CHATCLIENT_KEY_PASSPHRASE="guess"), cwd=ROOT)
+    assert wrong.returncode == 1 and "passphrase does not open" in wrong.stderr
+
+    fresh = home("fresh")
+    imported = subprocess.run(client_command(server.port, "alice", "--import-key", export),
+                              input=f"{PASSWORD}\nCH\nEX\n", capture_output=True, text=True, timeout=DEADLINE,
+                              env=dict(client_env(fresh), CHATCLIENT_KEY_PASSPHRASE="move it carefully"), cwd=ROOT)
+    assert imported.returncode == 0, imported.stderr
+    assert "generating" not in imported.stdout and "NEW" not in imported.stderr
+    assert f"imported your key pair {keys(0).fingerprint}" in imported.stdout
+    assert re.search(r"\] PM bob -> alice: read me on the new machine", imported.stdout)
+    later = run_script(server.port, "alice", fresh, f"{PASSWORD}\nKEYS\nEX\n")  # kept in the fresh config
+    assert later.returncode == 0 and keys(0).fingerprint in later.stdout
+
+    elsewhere = run_script(server.port, "alice", home("elsewhere"), f"{PASSWORD}\nCH\nEX\n")
+    assert elsewhere.returncode == 0
+    assert "a NEW one is made" in elsewhere.stderr and "--import-key" in elsewhere.stderr
+    assert re.search(r"\] PM bob -> alice: \(unreadable: sealed for another key\)", elsewhere.stdout)
+
+
+def test_pm_warnings_on_the_terminal(keys, home, tmp_path):
+    """The same checks read off a real pty with pyte: warnings are marked lines, the words never shown."""
+    good = d_pm(keys(1), keys(0), "hello from bob")
+    frames = [good, dict(good), d_pm(keys(1), keys(0), "stale words", sent=protocol.timestamp(time.time() + 3600)),
+              d_pm(keys(1), keys(0), "forged words", signer=keys(2))]
+    fake = FakeRoomServer(tls_context_for(keys(3), tmp_path / "cert"), keys(3), frames)
+    alice_home = home("alice")
+    seed_key(alice_home, fake.port, "alice", keys(0))
+    fake.serve_once()
+    client = PtyClient(fake.port, "alice", alice_home)
+    try:
+        client.wait_prompt("password for alice: ")
+        client.type(PASSWORD + "\r")
+        client.wait_line(CLOCK + r" bob -> you \(private\): hello from bob")
+        client.wait_line(r"! WARNING: a private message from bob was delivered AGAIN .*")
+        client.wait_line(r"! WARNING: a private message from bob says it was sent at .*")
+        client.wait_line(r"! WARNING: a private message claiming to be from bob failed its signature check.*")
+        client.wait_prompt("alice> ")
+        assert "stale words" not in client.text() and "forged words" not in client.text()
+        client.type("EX\r")
+        assert client.wait_exit() == 0
+    finally:
+        client.close()
+        fake.close()
+
+
+def test_offline_pms_with_a_server_that_stores_them(keys, home, tmp_path):
+    """Against a fake server that stores PMs (section 4.5, 5): a stored PM delivered at login is marked
+    as sent while away; PM to someone offline asks for offline and says it was stored; no_such_user."""
+    stored = d_pm(keys(1), keys(0), "while you were out", sent=protocol.timestamp(time.time() - 7200))
+    stored["offline"] = True
+    fake = FakeRoomServer(tls_context_for(keys(3), tmp_path / "cert"), keys(3), [stored])
+    fake.target_key = keys(4)
+    alice_home = home("alice")
+    seed_key(alice_home, fake.port, "alice", keys(0))
+    try:
+        fake.serve_once()
+        result = run_script(fake.port, "alice", alice_home,
+                            f"{PASSWORD}\nPM carol see you monday\nPM nobody hi\nEX\n")
+    finally:
+        fake.close()
+    assert re.search(CLOCK + r" bob -> you \(private\): while you were out  \(sent while you were away, ",
+                     result.stdout)
+    assert "WARNING" not in result.stderr
+    assert re.search(CLOCK + r" you -> carol \(private\): see you monday  \(carol is offline: stored, delivered at "
+                     r"their next login\)", result.stdout)
+    targets = [body for body in fake.requests if body["op"] == "TARGET"]
+    assert targets == [{"op": "TARGET", "username": "carol", "offline": True},
+                       {"op": "TARGET", "username": "nobody", "offline": True}]
+    assert "cannot send to nobody: there is no user nobody" in result.stderr
+    assert result.returncode == 1  # the PM to nobody was a failed line

@@ -6,10 +6,12 @@ import base64
 import json
 import os
 import stat
+import time
 
 import pytest
 
-from clientstore import ClientStore, KeyLocked, config_root, derive_passphrase, server_address
+import clientstore
+from clientstore import ClientStore, KeyLocked, config_root, derive_passphrase, server_address, server_id
 
 
 def mode(path) -> int:
@@ -52,7 +54,7 @@ def test_key_pair_round_trip_encrypted_mode_0600(tmp_path, keys):
     assert loaded is not None and loaded.fingerprint == keys(0).fingerprint
     with pytest.raises(KeyLocked):
         store.load_key_pair("h:1", "alice", "password2")
-    assert store.own_keys() == [("h:1", "alice", keys(0).fingerprint)]
+    assert [k[:3] for k in store.own_keys()] == [("h:1", "alice", keys(0).fingerprint)]
 
 
 def test_retire_moves_the_key_aside(tmp_path, keys):
@@ -143,3 +145,46 @@ def test_ignored_users_per_server(tmp_path):
     with pytest.raises(ValueError):
         again.set_ignored("h:1", "a b\nh:2 x", True)
     assert again.ignored("h:1") == {"dave"}
+
+
+# --- issue 13: identity per server key, export files, PM ids seen ---------------------------------
+
+def test_key_pairs_are_named_by_the_server_key_and_old_names_are_adopted(tmp_path, keys):
+    store = ClientStore(str(tmp_path))
+    stem = server_id(keys(2).fingerprint)
+    assert stem.startswith("SHA256_") and "/" not in stem and "+" not in stem and ":" not in stem
+    store.save_key_pair("127.0.0.1:41001", "Alice", "password1", keys(0))  # the older layout
+    assert store.adopt_key_pair("127.0.0.1:41001", stem, "alice")
+    assert not store.has_key_pair("127.0.0.1:41001", "alice")
+    assert store.load_key_pair(stem, "alice", "password1").fingerprint == keys(0).fingerprint
+    store.save_key_pair("localhost:41001", "alice", "password1", keys(1))
+    assert not store.adopt_key_pair("localhost:41001", stem, "alice")  # never over an identity there already
+    assert store.load_key_pair(stem, "alice", "password1").fingerprint == keys(0).fingerprint
+
+
+def test_an_export_file_opens_only_with_its_passphrase(tmp_path, keys):
+    store = ClientStore(str(tmp_path))
+    path = str(tmp_path / "alice.key")
+    store.export_key_pair(path, keys(0), "a long passphrase", "Alice", keys(2).fingerprint)
+    assert mode(path) == 0o600
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    assert "ENCRYPTED PRIVATE KEY" in text and json.loads(text)["username"] == "alice"
+    pair, data = ClientStore.read_export(path, "a long passphrase")
+    assert pair.fingerprint == keys(0).fingerprint and data["server_key"] == keys(2).fingerprint
+    with pytest.raises(KeyLocked):
+        ClientStore.read_export(path, "wrong")
+    (tmp_path / "junk").write_text("not json")
+    with pytest.raises(KeyLocked):
+        ClientStore.read_export(str(tmp_path / "junk"), "x")
+
+
+def test_seen_pm_ids_persist_and_old_ones_are_dropped(tmp_path, monkeypatch):
+    store = ClientStore(str(tmp_path))
+    seen = store.seen_ids("SHA256_x", "alice")
+    seen.add("Bob", "id+/1==")
+    assert ("bob", "id+/1==") in store.seen_ids("SHA256_x", "Alice")
+    assert ("bob", "id+/1==") not in store.seen_ids("SHA256_y", "alice")  # per server and account
+    later = time.time() + clientstore.SEEN_KEEP + 10
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert ("bob", "id+/1==") not in store.seen_ids("SHA256_x", "alice")

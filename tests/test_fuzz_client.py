@@ -44,6 +44,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import struct
 import subprocess
 import tempfile
@@ -59,6 +60,8 @@ from hypothesis import strategies as st
 
 import framing
 import pg3lib
+import tlslayer
+import wire
 import test_client_e2e as e2e
 from clientstore import ClientStore
 from conftest import key_pair
@@ -104,13 +107,23 @@ def sealed_for_alice() -> str:
 
 
 def bob_pm() -> dict:
-    """A D PM from bob to alice that a correct client shows."""
+    """A D PM (PM2: id, sent, section 5) from bob to alice that a correct client shows (once: its id
+    seen again is a replay)."""
     def make() -> dict:
         ciphertext = alice_keys().public.seal("on my way \u202e".encode()).decode()
-        return {"op": "PM", "from": "bob", "to": "alice", "ciphertext": ciphertext,
-                "signature": bob_keys().sign(pg3lib.pm_signed_bytes("bob", "alice", ciphertext)),
-                "sender_key": bob_keys().public.key_form, "ts": TS}
+        self_copy = bob_keys().public.seal("on my way \u202e".encode()).decode()
+        send = wire.pm2_send(bob_keys(), "bob", "alice", ciphertext, self_copy)
+        return {"op": "PM", "from": "bob", "to": "alice", "id": send["id"], "sent": send["sent"],
+                "ciphertext": ciphertext, "self_copy_sha256": pg3lib.sealed_digest(self_copy),
+                "signature": send["signature"], "sender_key": bob_keys().public.key_form, "ts": TS}
     return dict(_once("bob_pm", make))
+
+
+def tls_context() -> ssl.SSLContext:
+    """The fake server's TLS: a self-signed certificate of server_keys() (made once, in a temporary directory)."""
+    def make() -> ssl.SSLContext:
+        return tlslayer.server_context(tempfile.mkdtemp(prefix="fuzz-cert-"), server_keys())
+    return _once("tls", make)
 
 
 def sensible_reply(op: Any, new_user: bool) -> dict:
@@ -237,6 +250,12 @@ class FakeServer:
             return
         finally:
             self.listener.close()
+        try:
+            conn.settimeout(EXIT_DEADLINE)
+            conn = tls_context().wrap_socket(conn, server_side=True)  # the client always speaks TLS
+        except (OSError, ssl.SSLError):
+            conn.close()
+            return
         with conn:
             try:
                 if self._send(conn, self.script.greeting, None):
@@ -246,11 +265,25 @@ class FakeServer:
                         request = self._next_request(conn, KEY_IDLE if slow else IDLE)
                         if request is None or not self._send(conn, step, request):
                             break
-                conn.shutdown(socket.SHUT_WR)
-                while self._next_request(conn, 1.0) is not None:  # let the client read to the end
-                    pass
+                self._hang_up(conn)
             except OSError:
                 pass
+
+    def _hang_up(self, conn: ssl.SSLSocket) -> None:
+        """End TLS (close_notify) and the stream, reading what the client still sends (checked while it is
+        inside TLS), so that it can read to the end."""
+        while conn.pending() and self._next_request(conn, 0.01) is not None:
+            pass
+        conn.settimeout(1.0)
+        try:
+            raw = conn.unwrap()  # the client's own close_notify is not awaited for ever
+        except (OSError, ssl.SSLError, ValueError):
+            return
+        raw.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and select.select([raw], [], [], 0.2)[0]:
+            if not raw.recv(65536):
+                return
 
     def _send(self, conn: socket.socket, items: list, request: dict | None) -> bool:
         for item in items:
@@ -268,9 +301,13 @@ class FakeServer:
         deadline = time.monotonic() + timeout
         while not self._pending:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([conn], [], [], remaining)[0]:
+            if remaining <= 0 or not (conn.pending() or select.select([conn], [], [], remaining)[0]):
                 return None
-            data = conn.recv(65536)
+            conn.settimeout(max(remaining, 0.01))
+            try:
+                data = conn.recv(65536)
+            except socket.timeout:
+                return None
             if not data:
                 return None
             try:
@@ -571,8 +608,9 @@ def test_a_target_reply_for_another_name_is_neither_used_nor_pinned():
     for name in ("2026-11-24T15:04:05.123Z", "bob\n127.0.0.1:1 carol SHA256:x", "carol"):
         run = good_run({4: [Answer("C", {"username": name})]}, ["PM bob hi", "EX"])
         assert run.status == 0 and re.search(r"^\[\d\d:\d\d\] you -> bob \(private\): hi$", run.output, re.M)
-        [line] = [row for row in str(run.home).splitlines() if not row.startswith("#")]
-        assert line.split(" ")[1:] == ["bob", bob_keys().fingerprint]
+        # Sending pins nothing (a contact's key is pinned once a PM signed with it verifies, section 9).
+        assert str(run.home) == "."
+        assert f"first PM with bob: their key is {bob_keys().fingerprint}" in run.output
 
 
 def test_a_pm_or_presence_from_an_invalid_name_is_refused():

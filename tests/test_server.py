@@ -25,7 +25,7 @@ import framing
 import pg3lib
 import protocol
 from serverproc import SERVER, ServerProcess, redis_mode
-from wire import WireClient, verify_pm2
+from wire import WireClient, pm2_send, verify_pm2
 
 PASSWORD = "correct horse"
 FILE_STORE = not redis_mode()   # the data directory is the store: its files can be checked
@@ -270,11 +270,10 @@ def test_pm_with_a_forged_signature_is_refused(connect, keys):
     alice.request({"op": "PM"})
     alice.request({"op": "TARGET", "username": "bob"})
     sealed = keys(1).public.seal(b"x").decode()
-    forged = keys(2).sign(pg3lib.pm_signed_bytes("alice", "bob", sealed))
-    reply = alice.request({"op": "SEND", "ciphertext": sealed, "self_copy": sealed, "signature": forged})
+    forged = pm2_send(keys(2), "alice", "bob", sealed, sealed)
+    reply = alice.request(forged)
     assert reply["error"] == "bad_request"
-    good = keys(0).sign(pg3lib.pm_signed_bytes("alice", "bob", sealed))
-    assert alice.request({"op": "SEND", "ciphertext": sealed, "self_copy": sealed, "signature": good})["ok"]
+    assert alice.request(pm2_send(keys(0), "alice", "bob", sealed, sealed))["ok"]
 
 
 def test_pm_targets_that_are_not_online(connect, keys):
@@ -289,8 +288,7 @@ def test_pm_targets_that_are_not_online(connect, keys):
     bob.exit()
     alice.wait_data("PRESENCE", username="bob", online=False)
     sealed = keys(1).public.seal(b"x").decode()
-    signature = keys(0).sign(pg3lib.pm_signed_bytes("alice", "bob", sealed))
-    reply = alice.request({"op": "SEND", "ciphertext": sealed, "self_copy": sealed, "signature": signature})
+    reply = alice.request(pm2_send(keys(0), "alice", "bob", sealed, sealed))
     assert reply["error"] == "not_online"
     assert [e for e in alice.history() if e["type"] == "PM"] == []   # back in READY; nothing stored
 
@@ -717,8 +715,8 @@ def test_pm2_replay_stale_time_and_bad_signature_are_refused(connect, keys):
     assert [keys(1).open(e["ciphertext"]) for e in bob.history()] == [b"once", b"fine"]
 
 
-def test_pm1_is_accepted_by_default_and_refused_with_no_accept_pm1(make_server, keys):
-    for options, accepted in (((), True), (("--no-accept-pm1",), False)):
+def test_pm1_is_refused_by_default_and_accepted_with_accept_pm1(make_server, keys):
+    for options, accepted in ((("--accept-pm1",), True), ((), False), (("--no-accept-pm1",), False)):
         server = make_server(*options)
         alice, bob = WireClient(server.port, pm_version=1), WireClient(server.port)
         alice.login("alice", PASSWORD, keys(0))

@@ -724,7 +724,15 @@ def test_pm2_replay_after_the_window_is_refused_as_stale(driver):
                                                   "now", now=driver.clock())), "SEND")["ok"]
 
 
-def test_pm1_is_accepted_while_accept_pm1_is_on(driver):
+@pytest.fixture
+def pm1_driver(tmp_path):
+    d = RoomDriver(str(tmp_path), server_keys(), accept_pm1=True)
+    yield d
+    d.close()
+
+
+def test_pm1_is_accepted_while_accept_pm1_is_on(pm1_driver):
+    driver = pm1_driver
     ctx = drive_to(driver, State.AWAIT_PM_TEXT)
     body = pm_body(client_keys(0), "alice", "bob", client_keys(1).public.key_form, "old client", version=1)
     assert one_reply(driver.send(ctx.cid, body), "SEND") == {"op": "SEND", "ok": True, "recipients": 1}
@@ -735,7 +743,7 @@ def test_pm1_is_accepted_while_accept_pm1_is_on(driver):
 
 
 def test_pm1_is_refused_without_accept_pm1(tmp_path):
-    d = RoomDriver(str(tmp_path), server_keys(), accept_pm1=False)
+    d = RoomDriver(str(tmp_path), server_keys())  # the default since the client speaks PM2
     try:
         ctx = drive_to(d, State.AWAIT_PM_TEXT)
         body = pm_body(client_keys(0), "alice", "bob", client_keys(1).public.key_form, "old client", version=1)
