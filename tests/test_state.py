@@ -656,8 +656,8 @@ def test_pm_end_to_end(driver):
     pm = one_reply(driver.send(alice, {"op": "PM"}), "PM")
     assert sorted(pm["online"]) == ["Bob", "carol"]
     target = one_reply(driver.send(alice, {"op": "TARGET", "username": "bob"}), "TARGET")
-    assert target == {"op": "TARGET", "ok": True, "username": "Bob", "online": True, "public_key": client_keys(1).public.key_form,
-                      "fingerprint": client_keys(1).fingerprint}
+    assert target == {"op": "TARGET", "ok": True, "username": "Bob", "online": True,
+                      "public_key": client_keys(1).public.key_form, "fingerprint": client_keys(1).fingerprint}
     body = pm_body(client_keys(0), "alice", "Bob", target["public_key"], "secret \U0001F600")
     reply = one_reply(driver.send(alice, body), "SEND")
     assert reply == {"op": "SEND", "ok": True, "recipients": 1}
