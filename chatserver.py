@@ -101,6 +101,7 @@ class ChatServer:
                                     login_delay_cap=args.login_delay_cap, guess_limit=args.guess_limit,
                                     checks_per_ip=args.checks_per_ip,
                                     bm_rate=args.bm_rate, bm_burst=args.bm_burst, accept_pm1=args.accept_pm1,
+                                    offline_limit=args.offline_limit,
                                     admins=getattr(args, "admin_names", ()))
         for event in self.store.events():   # e.g. who is online on the other nodes
             self.room.cluster_event(event)
@@ -572,6 +573,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits.add_argument("--guess-limit", type=nonnegative(int), default=state.GUESS_LIMIT, metavar="N",
                         help="failed password checks an hour per account from addresses that failed on it "
                         "(twice that from all addresses); past it PASSWORD answers rate_limited (default: %(default)s)")
+    limits.add_argument("--offline-limit", type=nonnegative(int), default=state.OFFLINE_LIMIT, metavar="N",
+                        help="private messages kept for one offline user until its next login (TARGET with "
+                        "\"offline\": true); past it SEND answers rate_limited (default: %(default)s)")
     limits.add_argument("--scrypt-n", type=_power_of_two, default=passwords.DEFAULT_SCRYPT_N, metavar="N",
                         help="scrypt cost for new accounts, a power of two (default: %(default)s); "
                         "existing accounts keep the cost they were made with")

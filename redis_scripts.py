@@ -32,6 +32,11 @@ key                         type        holds
                                         ``store.ModRecord``); expired ones may linger
 ``chat:modlog``             stream      every moderation action, field ``e`` = its JSON
                                         (``MAXLEN ~``): the audit trail
+``chat:lastkey``            hash        ``<name>`` -> the key (key form) the account last
+                                        gave in KEY: TARGET gives it out while it is offline
+``chat:off:<name>``         list        the PMs kept for an offline user, oldest first: each
+                                        the ``D PM`` body with ``"offline":true``; at most the
+                                        bound (``--offline-limit``); taken whole by ``go_online``
 ==========================  ==========  ==============================================
 
 Stream entries (field ``t`` says which):
@@ -159,6 +164,59 @@ local id = redis.call('XADD', p .. 'in:' .. node_of(token), 'MAXLEN', '~', ARGV[
 return {1, id}
 """)
 
+PM_OFFLINE = Script("pm_offline", "A PM that may be kept (TARGET asked for offline): delivered live if the "
+                    "target is online now, else kept for it (within the bound) and stored in both histories.",
+                    _NODE_OF + _ROOM_LAST + """
+-- KEYS[1] online; ARGV prefix, sender, target, sender's line, target's line, live payload, kept payload,
+-- inbox maxlen, the sender's token ('' = do not check), history maxlen, bound.
+-- Returns {1, inbox entry id} (online: delivered live); {2, PMs kept} (kept); {3, PMs kept} (at the bound:
+-- nothing stored); {-1, the sender's current token or ''} (the sender's session is not that token).
+local p = ARGV[1]
+if ARGV[9] ~= '' then
+  local mine = redis.call('GET', p .. 'sess:' .. ARGV[2])
+  if mine ~= ARGV[9] then
+    return {-1, mine or ''}
+  end
+end
+local token = nil
+local record = redis.call('HGET', KEYS[1], ARGV[3])
+if record then
+  local ok, decoded = pcall(cjson.decode, record)
+  if ok and type(decoded) == 'table' and type(decoded['token']) == 'string' then
+    token = decoded['token']
+  end
+end
+local box = p .. 'off:' .. ARGV[3]
+local count = 0
+if not token then
+  count = redis.call('LLEN', box)
+  if count >= tonumber(ARGV[11]) then
+    return {3, count}
+  end
+end
+local at = room_last(p)
+redis.call('XADD', p .. 'hist:' .. ARGV[2], 'MAXLEN', '~', ARGV[10], '*', 't', 'pm', 'at', at, 'e', ARGV[4])
+redis.call('XADD', p .. 'hist:' .. ARGV[3], 'MAXLEN', '~', ARGV[10], '*', 't', 'pm', 'at', at, 'e', ARGV[5])
+if token then
+  local id = redis.call('XADD', p .. 'in:' .. node_of(token), 'MAXLEN', '~', ARGV[8], '*',
+                        't', 'pm', 'from', ARGV[2], 'to', ARGV[3], 'tok', token, 'd', ARGV[6])
+  return {1, id}
+end
+return {2, redis.call('RPUSH', box, ARGV[7])}
+""")
+
+LAST_KEY = Script("last_key", "An account's registered spelling and its last key (read only).", """
+-- KEYS[1] acct key, KEYS[2] lastkey; ARGV name.  Returns {spelling or '', key or ''}.
+return {redis.call('HGET', KEYS[1], 'username') or '', redis.call('HGET', KEYS[2], ARGV[1]) or ''}
+""")
+
+TAKE_OFFLINE = Script("take_offline", "Take the PMs kept for a user, oldest first, and forget them.", """
+-- KEYS[1] the user's off key.  Returns the kept D PM bodies.
+local kept = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return kept
+""")
+
 LOGIN_SWAP = Script("login_swap", "Set the session token (compare-and-set if an old one is given); KICK the "
                     "replaced session on its node and mark it offline.", _NODE_OF + _ROOM_LAST + """
 -- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, new token,
@@ -195,7 +253,7 @@ return {1, old or '', offline}
 GO_ONLINE = Script("go_online", "Only if the session token is still ours: HSET chat:online, SADD nodeusers, "
                    "XADD the online event.", _NODE_OF + _ROOM_LAST + """
 -- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, token, record, ev maxlen, history maxlen.
--- Returns {1, online event id} or {0, current token or ''}.
+-- Returns {1, online event id, the PMs kept for it (taken)} or {0, current token or ''}.
 local token = redis.call('GET', KEYS[1])
 if token ~= ARGV[3] then
   return {0, token or ''}
@@ -206,7 +264,11 @@ end
 redis.call('SADD', ARGV[1] .. 'nodeusers:' .. node_of(token), ARGV[2])
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 't', 'on', 'u', ARGV[2], 'tok', token,
                       'rec', ARGV[4])
-return {1, id}
+-- The PMs kept while it was offline go to this login, and to no other (docs/PROTOCOL.md section 5).
+local box = ARGV[1] .. 'off:' .. ARGV[2]
+local kept = redis.call('LRANGE', box, 0, -1)
+redis.call('DEL', box)
+return {1, id, kept}
 """)
 
 LOGOUT = Script("logout", "Compare-and-delete the session token; if it was ours, HDEL online, SREM nodeusers "
@@ -392,7 +454,7 @@ return {1, id}
 """)
 
 SCRIPTS = (CREATE_ACCOUNT, BM, PM, LOGIN_SWAP, GO_ONLINE, LOGOUT, REGISTER_NODE, RENEW_LEASE, DEAD_NODES,
-           REAP_NODE, HISTORY, MODERATE)
+           REAP_NODE, HISTORY, MODERATE, PM_OFFLINE, LAST_KEY, TAKE_OFFLINE)
 
 
 class ScriptCall(NamedTuple):
@@ -416,6 +478,10 @@ class ChatKeys:
         self.hist_maxlen = hist_maxlen
         self.mod = prefix + "mod"
         self.modlog = prefix + "modlog"
+        self.lastkey = prefix + "lastkey"
+
+    def off(self, name: str) -> str:
+        return f"{self.prefix}off:{name}"
 
     def acct(self, name: str) -> str:
         return f"{self.prefix}acct:{name}"
@@ -450,6 +516,19 @@ class ChatKeys:
         return ScriptCall(PM, [self.sess(target)], [self.prefix, sender, target, token, sender_line,
                                                     target_line, payload, maxlen, sender_token,
                                                     self.hist_maxlen])
+
+    def pm_offline(self, sender: str, target: str, sender_line: bytes | str, target_line: bytes | str,
+                   payload: bytes | str, kept: bytes | str, limit: int, sender_token: str = "",
+                   maxlen: int = INBOX_MAXLEN) -> ScriptCall:
+        return ScriptCall(PM_OFFLINE, [self.online, self.off(target)],
+                          [self.prefix, sender, target, sender_line, target_line, payload, kept, maxlen,
+                           sender_token, self.hist_maxlen, limit])
+
+    def last_key(self, name: str) -> ScriptCall:
+        return ScriptCall(LAST_KEY, [self.acct(name), self.lastkey], [name])
+
+    def take_offline(self, name: str) -> ScriptCall:
+        return ScriptCall(TAKE_OFFLINE, [self.off(name)], [])
 
     def login_swap(self, name: str, token: str, expected: str = "", ev_maxlen: int = EV_MAXLEN,
                    inbox_maxlen: int = INBOX_MAXLEN) -> ScriptCall:

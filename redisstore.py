@@ -91,6 +91,11 @@ def _record(raw) -> store.ModRecord | None:
         return None
 
 
+def _kept_frames(rows) -> list[bytes]:
+    """The data frames of kept PMs (their D PM bodies, as chat:off:<name> holds them)."""
+    return [framing.encode_raw(framing.KIND_DATA, row) for row in rows or () if isinstance(row, bytes)]
+
+
 def new_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}".replace("/", "_")
 
@@ -425,8 +430,7 @@ class RedisStore:
             self.cmd.eval(checked(lambda reply: store.CLAIMED if reply[0] == 1 else store.FAILED),
                           *keys.login_swap(request.key, request.token))
         elif isinstance(request, store.GoOnline):
-            self.cmd.eval(checked(lambda reply: store.WentOnline(stream_position(reply[1]) if reply[0] == 1
-                                                                 else None)),
+            self.cmd.eval(checked(self._went_online),
                           *keys.go_online(request.key, request.token, request.record))
         elif isinstance(request, store.Logout):
             self.cmd.eval(lambda _: None, *keys.logout(request.key, request.token))
@@ -438,6 +442,21 @@ class RedisStore:
         elif isinstance(request, store.ListSanctions):
             self.cmd.call(checked(lambda flat: store.SanctionsListed(
                 [r for r in (_record(raw) for raw in flat[1::2]) if r is not None])), "HGETALL", keys.mod)
+        elif isinstance(request, store.SaveKey):
+            self.cmd.call(checked(lambda _: store.KEY_SAVED), "HSET", keys.lastkey, request.key, request.key_form)
+        elif isinstance(request, store.LoadLastKey):
+            self.cmd.eval(checked(lambda pair: store.LastKey(_text(pair[0]) or None, _text(pair[1]) or None)),
+                          *keys.last_key(request.key))
+        elif isinstance(request, store.StoreOfflinePM):
+            (_, mine), (_, theirs) = request.entries
+            self.cmd.eval(checked(self._kept_result),
+                          *keys.pm_offline(request.sender.lower(), request.target.lower(), mine.rstrip(b"\n"),
+                                           theirs.rstrip(b"\n"), request.frame,
+                                           request.offline_frame[framing.HEADER_SIZE:], request.limit,
+                                           request.token))
+        elif isinstance(request, store.TakeOffline):
+            self.cmd.eval(checked(lambda rows: store.OfflineTaken(_kept_frames(rows))),
+                          *keys.take_offline(request.username.lower()))
         elif isinstance(request, store.Moderate):
             record = request.record
             self.cmd.eval(checked(lambda reply: store.ModerationStored(reply[0] == 1)),
@@ -464,6 +483,20 @@ class RedisStore:
         if reply[0] == 1:
             return store.Appended(recipients=int(reply[1]))
         return store.FAILED   # the sender's session is gone
+
+    @staticmethod
+    def _went_online(reply) -> store.Result:
+        if reply[0] != 1:
+            return store.WentOnline(None)
+        return store.WentOnline(stream_position(reply[1]), tuple(_kept_frames(reply[2] if len(reply) > 2 else ())))
+
+    @staticmethod
+    def _kept_result(reply) -> store.Result:
+        if reply[0] == 1:
+            return store.Appended(recipients=1)
+        if reply[0] == 2:
+            return store.Appended(recipients=0)
+        return store.Appended(full=True) if reply[0] == 3 else store.FAILED
 
     @staticmethod
     def _pm_result(reply) -> store.Result:

@@ -79,6 +79,7 @@ GUESS_LIMIT = 100                # failed checks an hour per account (--guess-li
 # is held to 5 a second whatever the number of connections or logins it uses.
 BM_RATE = 5.0
 BM_BURST = 60.0
+OFFLINE_LIMIT = 100              # PMs kept for one offline target (--offline-limit), section 4.5
 
 
 class State(enum.Enum):
@@ -261,7 +262,7 @@ class Session:
 
     __slots__ = ("cid", "address", "state", "username", "key", "account", "nonce", "attempts_left",
                  "public_key", "target", "barriers", "deadline", "sealed", "registering", "slots", "online_id",
-                 "claimed", "kicked", "checking", "extended")
+                 "claimed", "kicked", "checking", "extended", "pm_offline")
 
     def __init__(self, cid: int, address: str) -> None:
         self.cid = cid
@@ -284,6 +285,15 @@ class Session:
         self.online_id = store.START  # shared mode: where its coming online is in the event order
         self.claimed = False         # shared mode: the store holds this session's token
         self.kicked = False          # shared mode: replaced before its claim was answered
+        self.pm_offline = False      # its TARGET asked for "offline":true (section 4.5)
+
+
+class OfflineTarget(NamedTuple):
+    """A PM target that was offline at TARGET (section 4.5): the key it last gave in KEY."""
+    key: str
+    username: str
+    key_form: str
+    fingerprint: str
 
 
 class LoginThrottle:
@@ -430,7 +440,8 @@ class Room:
                  login_timeout: float = 30.0, register_rate: int = 100, login_delay_cap: float = 60.0,
                  guess_limit: int = GUESS_LIMIT, checks_per_ip: int = MAX_CHECKS_PER_ADDRESS,
                  bm_rate: float = BM_RATE, bm_burst: float = BM_BURST,
-                 accept_pm1: bool = False, clock: Callable[[], float] = time.time,
+                 accept_pm1: bool = False, offline_limit: int = OFFLINE_LIMIT,
+                 clock: Callable[[], float] = time.time,
                  random_bytes: Callable[[int], bytes] = os.urandom, admins=()) -> None:
         self.server_keys = server_keys
         self.server_key_form = server_keys.public.key_form
@@ -450,6 +461,7 @@ class Room:
         # PMs (section 4.5): version 1 (no id) accepted while clients move to PM2 (--accept-pm1).
         self.accept_pm1 = accept_pm1
         self.pm_ids = pmguard.UsedIds()
+        self.offline_limit = offline_limit   # PMs kept for one offline target
         # A CH page with no entries: what every history entry must fit beside (its size is the page's overhead).
         self._page_overhead = len(history_pages([], frame_limit)[0])
         # Moderation (section 10): admins are named at the server; the mutes of accounts logged in
@@ -642,6 +654,7 @@ class Room:
         session.state = new_state
         if new_state is State.READY:
             session.target = None
+            session.pm_offline = False
 
     # --- shared steps ------------------------------------------------------------
     def _wait(self, session: Session, continuation: Callable, request, out: Effects) -> Slot:
@@ -731,7 +744,15 @@ class Room:
         out.append(store.MarkOnline(0, session.username, True))
         out.append(Online(session.key, session.cid))
         out.append(DeliverAll(presence_frame(session.username, True, self.clock()), session.key))
-        return None
+        # The PMs kept while it was offline (section 5), right after the KEY reply; asked for in the
+        # same pass as it came online, so every PM is either kept before it or delivered live after.
+        return Ask(store.TakeOffline(session.cid, session.username), self._offline_taken)
+
+    def _offline_taken(self, session: Session, result: store.Result, out: Effects) -> None:
+        """Never refused: KEY is answered already (if the PMs cannot be read they stay kept)."""
+        if isinstance(result, store.OfflineTaken) and session.state is not State.CLOSED:
+            for frame in result.frames:
+                self._reply(session, frame, out)
 
     def _announce_offline(self, session: Session, out: Effects) -> None:
         out.append(store.MarkOnline(0, session.username, False))   # now: later BMs are not its history
@@ -888,6 +909,14 @@ class Room:
             raise Refused(Error.BAD_REQUEST, f"'public_key' must be an RSA public key of at least 2048 bits "
                                              f"in key form ({exc or 'not a string'})") from None
         session.public_key = public_key
+        # Its last key, kept durably for offline PMs (section 4.5): the KEY reply waits for it.
+        return Ask(store.SaveKey(session.cid, session.key, session.username, public_key.key_form), self._key_saved)
+
+    def _key_saved(self, session: Session, result: store.Result, out: Effects) -> Ask | None:
+        if session.state is State.CLOSED:
+            return None
+        if result is not store.KEY_SAVED:
+            raise Refused(Error.INTERNAL, "your key could not be stored; try again")
         return self._go_online(session, out)
 
     # --- READY -------------------------------------------------------------------
@@ -943,19 +972,55 @@ class Room:
         return ""
 
     # --- AWAIT_PM_TARGET / AWAIT_PM_TEXT -----------------------------------------
-    def _pm_target(self, session: Session, body: dict, out: Effects) -> None:
+    def _pm_target(self, session: Session, body: dict, out: Effects) -> Ask | None:
         name = body.get("username")
         if not isinstance(name, str):
             raise Malformed("'username' must be a string")
+        offline = body.get("offline", False)
+        if not isinstance(offline, bool):
+            raise Malformed("'offline' must be true or false")
         key = name.lower()
         if key == session.key:
             raise Refused(Error.BAD_REQUEST, "you cannot send a private message to yourself")
+        if not valid_username(name):
+            raise Refused(Error.NO_SUCH_USER, f"there is no account {name!r}")
         target = self._find_online(key)
-        if target is None:
-            raise Refused(Error.NOT_ONLINE, f"{name!r} is not online")
+        if target is not None:
+            self._target_chosen(session, target, offline, True, out)
+            return None
+        # Not online: does the account exist, and what key did it last give? (section 4.5)
+        return Ask(store.LoadLastKey(session.cid, key),
+                   lambda s, result, o: self._target_loaded(s, name, offline, result, o))
+
+    def _target_loaded(self, session: Session, name: str, offline: bool, result: store.Result,
+                       out: Effects) -> None:
+        if session.state is State.CLOSED:
+            return
+        if not isinstance(result, store.LastKey):
+            raise Refused(Error.INTERNAL, "the account could not be read; try again")
+        if result.username is None:
+            raise Refused(Error.NO_SUCH_USER, f"there is no account {name!r}")
+        target = self._find_online(name.lower())   # it may have come online meanwhile
+        if target is not None:
+            self._target_chosen(session, target, offline, True, out)
+            return
+        if not offline:
+            raise Refused(Error.NOT_ONLINE, f"{result.username!r} is not online")
+        try:
+            public_key = pg3lib.PublicKey.from_key_form(cast(str, result.key_form)) if result.key_form else None
+        except (pg3lib.InvalidKey, TypeError, ValueError, AttributeError):
+            public_key = None
+        if public_key is None:
+            raise Refused(Error.NOT_ONLINE, f"{result.username!r} is not online and has never given a key "
+                                            "to seal a message to")
+        self._target_chosen(session, OfflineTarget(name.lower(), result.username, public_key.key_form,
+                                                   public_key.fingerprint), offline, False, out)
+
+    def _target_chosen(self, session: Session, target, offline: bool, online: bool, out: Effects) -> None:
         session.target = target
+        session.pm_offline = offline
         key_form, fingerprint = _key_of(target)
-        self._reply(session, ok(Op.TARGET, username=target.username, public_key=key_form,
+        self._reply(session, ok(Op.TARGET, username=target.username, online=online, public_key=key_form,
                                 fingerprint=fingerprint), out)
 
     def _pm_send(self, session: Session, body: dict, out: Effects) -> Ask:
@@ -966,8 +1031,16 @@ class Room:
         if "id" not in body and not self.accept_pm1:
             raise Malformed(f"a private message needs 'id' and 'sent' (protocol version {PROTOCOL_VERSION})")
         target = session.target
-        if target is None or self._find_online(target.key) is not target:
+        if target is None:
             raise Refused(Error.NOT_ONLINE, "the recipient is not online any more")
+        # The target's presence now decides (section 4.5): live, or kept if "offline" was asked.
+        live = self._find_online(target.key)
+        if live is not target:
+            if not session.pm_offline:
+                raise Refused(Error.NOT_ONLINE, "the recipient is not online any more")
+            if live is not None:
+                target = live
+        keep = live is None or (session.pm_offline and self._store_decides_offline)
         ts = timestamp(self.clock())
         entry = {"ts": ts, "type": "PM", "from": session.username, "to": target.username}
         if "id" in body:
@@ -983,18 +1056,35 @@ class Room:
             frame_fields = {"ciphertext": ciphertext}
         lines = [((session.username,), json_line({**entry, "ciphertext": self_copy})),
                  ((target.username,), json_line({**entry, "ciphertext": ciphertext}))]
-        frame = framing.data({"op": Op.PM, "from": session.username, "to": target.username, **frame_fields,
-                              "signature": signature, "sender_key": session.public_key.key_form, "ts": ts})
-        if self.frame_limit and (len(frame) - framing.HEADER_SIZE > self.frame_limit
+        frame_body = {"op": Op.PM, "from": session.username, "to": target.username, **frame_fields,
+                      "signature": signature, "sender_key": session.public_key.key_form, "ts": ts}
+        frame = framing.data(frame_body)
+        offline_frame = framing.data({**frame_body, "offline": True}) if keep else frame
+        if self.frame_limit and (len(offline_frame) - framing.HEADER_SIZE > self.frame_limit
                                  or any(len(line) + self._page_overhead > self.frame_limit for _, line in lines)):
             raise Refused(Error.BAD_REQUEST, "this private message is too long to relay in one frame")
         if pm_id:
             problem = self.pm_ids.use(session.key, pm_id, sent_at, self.clock())   # last: only a PM that goes
             if problem:
                 raise Refused(Error.BAD_REQUEST, problem)
+        if keep:
+            return Ask(store.StoreOfflinePM(session.cid, lines, session.username, target.username, frame,
+                                            offline_frame, self.offline_limit, self._token_of(session)),
+                       self._pm_kept, barrier=False)
         request = self._pm_request(session, target,
                                    store.AppendHistory(session.cid, lines, session.username, "PM", frame, target.key))
         return Ask(request, lambda s, result, o: self._pm_stored(s, target, frame, result, o), barrier=False)
+
+    # A store of several nodes decides itself whether a PM that may be kept goes live (SharedRoom).
+    _store_decides_offline = False
+
+    def _pm_kept(self, session: Session, result: store.Result, out: Effects) -> None:
+        if not isinstance(result, store.Appended) or result.failed:
+            raise Refused(Error.INTERNAL, "the message could not be stored")
+        if result.full:
+            raise Refused(Error.RATE_LIMITED, "too many private messages are waiting for the recipient already; "
+                                              "try again once they have logged in")
+        out.append(Send(session.cid, ok(Op.SEND, recipients=result.recipients or 0)))
 
     def _pm2_checked(self, session: Session, target, body: dict, ciphertext: str, self_copy: str,
                      signature: str) -> tuple[dict, str, float]:
@@ -1157,7 +1247,7 @@ class Room:
 
 def _key_of(target: Session | store.RemoteUser) -> tuple[str, str]:
     """A PM target's public key form and fingerprint."""
-    if isinstance(target, store.RemoteUser):
+    if isinstance(target, (store.RemoteUser, OfflineTarget)):
         return target.key_form, target.fingerprint
     return target.public_key.key_form, target.public_key.fingerprint
 
@@ -1176,6 +1266,7 @@ class SharedRoom(Room):
         super().__init__(server_keys, **options)
         self.node = node
         self.remote: dict[str, store.RemoteUser] = {}
+        self._store_decides_offline = True   # the pm_offline script delivers live if the target is online
         self._recent_bm: collections.deque = collections.deque(maxlen=RECENT_EVENTS)
 
     def _token_of(self, session: Session) -> str:
@@ -1235,6 +1326,8 @@ class SharedRoom(Room):
             return
         session.online_id = result.position
         self._reply(session, self._names_reply(Op.KEY, session, fingerprint=session.public_key.fingerprint), out)
+        for pending in result.pending:   # the PMs kept while it was offline (section 5), taken by GoOnline
+            self._reply(session, pending, out)
         self.online[session.key] = session
         self.remote.pop(session.key, None)
         self._online_changed()
@@ -1385,6 +1478,7 @@ def _expected(state: State) -> str:
 
 __all__ = [
     "REQUESTS", "TRANSITIONS", "Ask", "Audit", "CheckPassword", "Close", "Deliver", "DeliverAll", "LoginThrottle",
-    "Malformed", "Offline", "Online", "Page", "Refused", "Room", "Send", "Session", "SharedRoom", "State", "Transition",
+    "Malformed", "Offline", "OfflineTarget", "Online", "Page", "Refused", "Room", "Send", "Session", "SharedRoom",
+    "State", "Transition",
     "make_room",
 ]

@@ -38,6 +38,8 @@ ACCOUNTS_FILE = "accounts.jsonl"
 MODERATION_FILE = "moderation.jsonl"
 SERVER_KEY_FILE = "server_key.pem"
 HISTORY_SUFFIX = ".chat"
+KEY_SUFFIX = ".key"          # <Username>.key: the key the account last gave in KEY (offline PMs)
+OFFLINE_SUFFIX = ".offline"  # <Username>.offline: the PMs kept for it while offline, one D PM body a line
 # Open history files kept between passes: a broadcast writes to every online
 # user's file, so the server sizes this from the descriptor limit (half of it);
 # this is the floor.
@@ -747,11 +749,12 @@ def read_history(directory: str, username: str, limit: int | None = None) -> lis
 class _Message:
     """A BM or PM of this pass, until its write decides its result."""
 
-    __slots__ = ("request", "result")
+    __slots__ = ("request", "result", "offline")
 
-    def __init__(self, request: store.AppendHistory) -> None:
+    def __init__(self, request: store.AppendHistory, offline: tuple | None = None) -> None:
         self.request = request
         self.result: store.Result = _ALL_WRITTEN
+        self.offline = offline   # (target, D PM body): a PM kept for an offline target, once its history is written
 
 
 MAX_RETRIED_MARKS = 64   # online marks kept for a file that cannot be written (retried at its next write)
@@ -808,6 +811,8 @@ class FileStore:
         self._messages: list[_Message] = []
         self._open: dict[str, int] = {}    # user -> start of its open span (this run)
         self._retry: dict[str, list[bytes]] = {}   # marks whose write failed, written before the next lines
+        self._kept: dict[str, int] = {}    # user -> PMs kept for it (its .offline file's lines), once counted
+        self._last_keys: dict[str, str] = {}   # user -> its last key, as its .key file holds it
 
     @property
     def pending(self) -> bool:
@@ -832,6 +837,9 @@ class FileStore:
         if isinstance(request, store.MarkOnline):
             self._user_ops.append((request.username, self._room_bytes, request.online, None))
             return
+        if isinstance(request, store.StoreOfflinePM):
+            self._keep_pm(request)
+            return
         if isinstance(request, store.LoadAccount):
             result = store.AccountLoaded(self.accounts.get(request.key))
         elif isinstance(request, store.CreateAccount):
@@ -851,6 +859,12 @@ class FileStore:
             result = store.SanctionsListed(list(self.moderation.kept.values()))
         elif isinstance(request, store.Moderate):
             result = self._moderate(request.record)
+        elif isinstance(request, store.SaveKey):
+            result = self._save_key(request.username, request.key_form)
+        elif isinstance(request, store.LoadLastKey):
+            result = self._last_key(request.key)
+        elif isinstance(request, store.TakeOffline):
+            result = self._take_offline(request.username)
         else:
             raise TypeError(f"not a store request: {request!r}")
         self._queue.append([request.cid, result, None])
@@ -882,6 +896,145 @@ class FileStore:
             log.error("storing a moderation action on %r failed: %s", record.username, exc)
             return store.FAILED
 
+
+    # --- offline PMs (docs/PROTOCOL.md sections 4.5 and 5) -----------------------------
+    def _path(self, username: str, suffix: str) -> str:
+        return os.path.join(self.directory, username + suffix)   # usernames are validated: stays inside
+
+    def _save_key(self, username: str, key_form: str) -> store.Result:
+        """``<Username>.key`` holds the key: written whole (temporary file, fsync, rename) when it changes."""
+        try:
+            if self._read_key(username) == key_form:
+                return store.KEY_SAVED
+        except OSError:
+            pass   # written anew below
+        path = self._path(username, KEY_SUFFIX)
+        try:
+            fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, key_form.encode("ascii") + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(path + ".tmp", path)
+        except (OSError, UnicodeEncodeError) as exc:
+            log.error("storing the key of %r failed: %s", username, exc)
+            return store.FAILED
+        self._last_keys[username] = key_form
+        return store.KEY_SAVED
+
+    def _read_key(self, username: str) -> str | None:
+        """Raises: OSError: the file exists but cannot be read."""
+        known = self._last_keys.get(username)
+        if known is not None:
+            return known
+        try:
+            with open(self._path(username, KEY_SUFFIX), "rb") as fh:
+                text = fh.read().decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            return None
+        if text:
+            self._last_keys[username] = text
+        return text or None
+
+    def _last_key(self, key: str) -> store.Result:
+        account = self.accounts.get(key)
+        if account is None:
+            return store.LastKey(None, None)
+        try:
+            return store.LastKey(account.username, self._read_key(account.username))
+        except OSError as exc:
+            log.error("reading the key of %r failed: %s", account.username, exc.strerror or exc)
+            return store.FAILED
+
+    def _kept_count(self, username: str) -> int:
+        """Raises: OSError: the file exists but cannot be read."""
+        count = self._kept.get(username)
+        if count is None:
+            try:
+                with open(self._path(username, OFFLINE_SUFFIX), "rb") as fh:
+                    count = len(complete_lines(fh.read(), self._path(username, OFFLINE_SUFFIX)))
+            except FileNotFoundError:
+                count = 0
+            self._kept[username] = count
+        return count
+
+    def _keep_pm(self, request: store.StoreOfflinePM) -> None:
+        """A PM for an offline target: its history lines go with this pass's PMs, then its kept copy."""
+        try:
+            count = self._kept_count(request.target)
+        except OSError as exc:
+            log.error("reading the kept PMs of %r failed: %s", request.target, exc.strerror or exc)
+            self._queue.append([request.cid, store.FAILED, None])
+            return
+        if count >= request.limit:
+            self._queue.append([request.cid, store.Appended(full=True), None])
+            return
+        self._kept[request.target] = count + 1   # reserved now, so one pass cannot pass the bound
+        append = store.AppendHistory(request.cid, request.entries, request.sender, "PM", request.frame,
+                                     request.target.lower())
+        message = _Message(append, (request.target, request.offline_frame[framing.HEADER_SIZE:]))
+        self._messages.append(message)
+        for owners, line in request.entries:
+            for owner in owners:
+                self._user_ops.append((owner, self._room_bytes, line, message))
+        self._queue.append([request.cid, None, message])
+
+    def _write_kept(self, messages: list) -> None:
+        """After the histories: the kept copy of each PM for an offline target (``<Username>.offline``)."""
+        for message in messages:
+            if message.offline is None:
+                continue
+            target, body = message.offline
+            result = message.result
+            if result is store.FAILED or (isinstance(result, store.Appended) and result.failed):
+                self._kept[target] -= 1
+                continue
+            path = self._path(target, OFFLINE_SUFFIX)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    cut_torn_tail(fd, path)
+                    _write_all(fd, body + b"\n")
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.error("keeping a PM for %r failed: %s", target, exc.strerror or exc)
+                self._kept.pop(target, None)   # counted again from the file
+                message.result = store.Appended(frozenset({target}))
+
+    def _take_offline(self, username: str) -> store.Result:
+        """The PMs kept for the user, oldest first; the file is removed, so each goes to one login."""
+        if self._messages or self._user_ops:
+            self._write()   # what was asked for before this is in it
+        path = self._path(username, OFFLINE_SUFFIX)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            self._kept[username] = 0
+            return store.OfflineTaken([])
+        except OSError as exc:
+            log.error("reading the kept PMs of %r failed: %s", username, exc.strerror or exc)
+            return store.FAILED
+        frames = []
+        for number, line in complete_lines(data, path):
+            if line.startswith(b"{") and line.endswith(b"}"):
+                frames.append(framing.encode_raw(framing.KIND_DATA, line))
+            else:
+                log.warning("%s, line %d: skipping a corrupt kept PM", path, number)
+        try:
+            os.unlink(path)   # delivered: marked so durably before they are sent
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            log.error("marking the kept PMs of %r delivered failed: %s", username, exc.strerror or exc)
+            return store.FAILED
+        self._kept[username] = 0
+        return store.OfflineTaken(frames)
 
     def flush(self) -> list[tuple[int, store.Result]]:
         """Write what is pending (one write per file) and return every completion, in order."""
@@ -941,6 +1094,7 @@ class FileStore:
                 for _, _, message in items:
                     if message is not None:
                         message.result = store.Appended(frozenset({owner}))
+        self._write_kept(messages)
 
     def _write_user(self, owner: str, items: list) -> bool:
         """One user's lines of this pass in one write (rotating the file first if it is full)."""

@@ -174,10 +174,52 @@ class Moderate(NamedTuple):
     record: ModRecord
 
 
+# --- offline PMs (docs/PROTOCOL.md sections 4.5 and 5) ----------------------------------
+
+class SaveKey(NamedTuple):
+    """Remember durably the key the account (registered spelling) gave in KEY: its *last key*,
+    which TARGET gives out for it while it is offline. Result: ``KEY_SAVED``."""
+    cid: int
+    key: str
+    username: str
+    key_form: str
+
+
+class LoadLastKey(NamedTuple):
+    """The account's registered spelling and its last key. Result: ``LastKey``."""
+    cid: int
+    key: str
+
+
+class StoreOfflinePM(NamedTuple):
+    """A PM for a target that is offline: in both histories (as ``AppendHistory``), and kept for
+    the target (``offline_frame``, the ``D PM`` with ``"offline":true``) until its next login,
+    unless ``limit`` PMs are kept for it already. Result: ``Appended`` (``full``: at the bound,
+    nothing stored). A store of several nodes decides presence itself: if the target is online
+    after all, it delivers ``frame`` live instead (``recipients`` 1).
+    """
+    cid: int
+    entries: list          # (owners, line), the sender's first, as for a PM's AppendHistory
+    sender: str
+    target: str            # registered spelling
+    frame: bytes
+    offline_frame: bytes
+    limit: int
+    token: str = ""        # the sender's session (a store of several nodes checks it)
+
+
+class TakeOffline(NamedTuple):
+    """Take the PMs kept for the user (registered spelling), oldest first, once: a store hands
+    each to one login only. Result: ``OfflineTaken``. (A store of several nodes takes them in
+    ``GoOnline`` instead, see ``WentOnline.pending``.)"""
+    cid: int
+    username: str
+
+
 Request = Union[LoadAccount, CreateAccount, AppendHistory, ReadHistory, MarkOnline, ClaimSession, GoOnline, Logout,
-                LoadSanctions, ListSanctions, Moderate]
+                LoadSanctions, ListSanctions, Moderate, SaveKey, LoadLastKey, StoreOfflinePM, TakeOffline]
 REQUESTS = (LoadAccount, CreateAccount, AppendHistory, ReadHistory, MarkOnline, ClaimSession, GoOnline, Logout,
-            LoadSanctions, ListSanctions, Moderate)
+            LoadSanctions, ListSanctions, Moderate, SaveKey, LoadLastKey, StoreOfflinePM, TakeOffline)
 
 
 # --- results ------------------------------------------------------------------
@@ -207,10 +249,12 @@ class Appended(NamedTuple):
 
     A store of several nodes delivers too, and counts the ``recipients``; there,
     ``target_gone`` says that a PM's target had left (nothing was stored).
+    ``full``: a ``StoreOfflinePM`` found its bound reached (nothing was stored).
     """
     failed: frozenset = frozenset()
     recipients: int | None = None
     target_gone: bool = False
+    full: bool = False
 
 
 class HistoryRead(NamedTuple):
@@ -231,6 +275,28 @@ CLAIMED = Claimed()
 
 class WentOnline(NamedTuple):
     position: Position | None   # where its coming online is in the event order; None: replaced meanwhile
+    pending: tuple = ()         # the data frames of the PMs kept for it, taken (a store of several nodes)
+
+
+class KeySaved:
+    """The account's last key is stored."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "KEY_SAVED"
+
+
+KEY_SAVED = KeySaved()
+
+
+class LastKey(NamedTuple):
+    username: str | None    # the registered spelling; None: no such account
+    key_form: str | None    # the last key given in KEY; None: it never completed KEY
+
+
+class OfflineTaken(NamedTuple):
+    frames: list   # the data frames (bytes) of the PMs kept for the user, oldest first
 
 
 class SanctionsLoaded(NamedTuple):
@@ -247,7 +313,7 @@ class ModerationStored(NamedTuple):
 
 
 Result = Union[Failed, AccountLoaded, AccountCreated, Appended, HistoryRead, Claimed, WentOnline,
-               SanctionsLoaded, SanctionsListed, ModerationStored]
+               SanctionsLoaded, SanctionsListed, ModerationStored, KeySaved, LastKey, OfflineTaken]
 
 
 # --- cluster events (stores of several nodes only) -----------------------------------

@@ -858,3 +858,67 @@ def test_nodes_over_rediss_serve_a_bm_end_to_end(tmp_path, tls_files, keys):
             node.kill()
             print(f"--- node on port {node.port}, log tail ---\n{node.log()[-3000:]}")
         redis.kill()
+
+
+# --- offline PMs across nodes (docs/PROTOCOL.md sections 4.5 and 5) --------------------------------
+
+def offline_target(client: WireClient, name: str) -> dict:
+    assert client.request({"op": "PM"})["ok"]
+    reply = client.request({"op": "TARGET", "username": name, "offline": True})
+    assert reply["ok"], reply
+    return reply
+
+
+def offline_send(client: WireClient, reply: dict, text: str) -> tuple[dict, dict]:
+    assert client.keys is not None
+    their_key = pg3lib.PublicKey.from_key_form(reply["public_key"])
+    body = pm2_send(client.keys, client.username, reply["username"], their_key.seal(text.encode()).decode("ascii"),
+                    client.keys.public.seal(text.encode()).decode("ascii"))
+    return body, client.request(body)
+
+
+def test_offline_pm_kept_on_one_node_reaches_the_target_on_the_other_across_a_redis_kill(cluster, keys):
+    a, b = cluster.node(), cluster.node()
+    alice = cluster.login(a, "alice", 0)
+    bob = cluster.login(b, "bob", 1)
+    settle([alice, bob])
+    bob.exit()
+    wait_presence(alice, "bob", False, time.monotonic() + 10, "bob's logout")
+    assert alice.request({"op": "PM"})["ok"]
+    assert alice.request({"op": "TARGET", "username": "bob"})["error"] == "not_online"
+    assert alice.request({"op": "PM"})["ok"]
+    assert alice.request({"op": "TARGET", "username": "nobody", "offline": True})["error"] == "no_such_user"
+    reply = offline_target(alice, "bob")
+    assert reply["online"] is False and reply["fingerprint"] == keys(1).fingerprint
+    sent = [offline_send(alice, offline_target(alice, "bob") if i else reply, f"kept {i}") for i in range(2)]
+    assert [r for _, r in sent] == [{"op": "SEND", "ok": True, "recipients": 0}] * 2
+    # Acknowledged, so it survives Redis's SIGKILL (AOF always).
+    cluster.redis.kill()
+    cluster.redis.restart()
+    deadline = time.monotonic() + 20
+    bob = cluster.login_retry(b, "bob", 1, deadline)
+    frames = [bob.recv(5.0) for _ in range(2)]
+    assert [(f.kind, f.body["op"], f.body.get("offline")) for f in frames] == [("D", "PM", True)] * 2
+    assert [f.body["id"] for f in frames] == [body["id"] for body, _ in sent]
+    assert all(verify_pm2(f.body, "bob") for f in frames)
+    assert [e["id"] for e in history(bob) if e["type"] == "PM"] == [body["id"] for body, _ in sent]
+    assert not [d for d in bob.data if d["op"] == "PM"]
+    bob.exit()
+    again = cluster.login_retry(a, "bob", 1, time.monotonic() + 20)   # the other node: nothing again
+    history(again)
+    assert not [d for d in again.data if d["op"] == "PM"]
+
+
+def test_offline_target_that_logs_in_on_another_node_before_send_gets_it_live(cluster, keys):
+    a, b = cluster.node(), cluster.node()
+    alice = cluster.login(a, "alice", 0)
+    cluster.login(b, "bob", 1).exit()
+    wait_presence(alice, "bob", False, time.monotonic() + 10, "bob's logout")
+    reply = offline_target(alice, "bob")
+    assert reply["online"] is False
+    bob = cluster.login(b, "bob", 1)
+    wait_presence(alice, "bob", True, time.monotonic() + 10, "bob's login")
+    body, sent = offline_send(alice, reply, "live after all")
+    assert sent == {"op": "SEND", "ok": True, "recipients": 1}
+    got = bob.wait_data("PM", timeout=10)
+    assert got["id"] == body["id"] and "offline" not in got

@@ -331,6 +331,63 @@ def test_pm_from_a_replaced_sender_is_refused(r):
     assert r.call("XLEN", K.inbox(B)) == 0
 
 
+# --- offline PMs: pm_offline, go_online takes them, last_key (docs/PROTOCOL.md 4.5, 5) ---------------
+
+def test_pm_offline_keeps_the_pm_for_an_offline_target_within_the_bound(r):
+    register(r, A)
+    login(r, "alice", token(A, 1))
+    for i in (1, 2):
+        assert run(r, K.pm_offline("alice", "bob", b"S%d" % i, b"T%d" % i, b"LIVE", b"KEPT%d" % i, 2,
+                                   sender_token=token(A, 1))) == [2, i]
+    assert run(r, K.pm_offline("alice", "bob", b"S3", b"T3", b"LIVE", b"KEPT3", 2)) == [3, 2]   # at the bound
+    assert r.call("LRANGE", K.off("bob"), 0, -1) == [b"KEPT1", b"KEPT2"]
+    assert history(r, "alice") == [b"S1", b"S2"] and history(r, "bob") == [b"T1", b"T2"]
+    assert r.call("EXISTS", K.inbox(A)) == 0
+
+
+def test_go_online_takes_the_kept_pms_once(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    run(r, K.pm_offline("alice", "bob", b"S", b"T", b"LIVE", b"KEPT", 10))
+    assert run(r, K.login_swap("bob", token(B, 2)))[0] == 1
+    assert run(r, K.go_online("bob", token(A, 9), record(token(A, 9))))[0] == 0   # not its session: takes nothing
+    assert r.call("LLEN", K.off("bob")) == 1
+    result = run(r, K.go_online("bob", token(B, 2), record(token(B, 2))))
+    assert result[0] == 1 and result[2] == [b"KEPT"]
+    assert r.call("EXISTS", K.off("bob")) == 0
+    assert run(r, K.logout("bob", token(B, 2)))[0] == 1
+    login(r, "bob", token(B, 3))
+    assert run(r, K.take_offline("bob")) == []
+
+
+def test_pm_offline_to_a_target_online_now_is_delivered_live(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    login(r, "bob", token(B, 5))
+    ok, entry_id = run(r, K.pm_offline("alice", "bob", b"S", b"T", b"LIVE", b"KEPT", 10))
+    assert ok == 1
+    assert r.call("XRANGE", K.inbox(B), "-", "+") == [
+        [entry_id, [b"t", b"pm", b"from", b"alice", b"to", b"bob", b"tok", token(B, 5).encode(), b"d", b"LIVE"]]]
+    assert r.call("EXISTS", K.off("bob")) == 0 and history(r, "bob") == [b"T"]
+
+
+def test_pm_offline_from_a_replaced_sender_stores_nothing(r):
+    register(r, A)
+    login(r, "alice", token(A, 1))
+    login(r, "alice", token(A, 2))
+    assert run(r, K.pm_offline("alice", "bob", b"S", b"T", b"L", b"K", 10, sender_token=token(A, 1))) == [
+        -1, token(A, 2).encode()]
+    assert r.call("EXISTS", K.off("bob")) == 0 and history(r, "bob") == []
+
+
+def test_last_key(r):
+    assert run(r, K.last_key("bob")) == [b"", b""]
+    run(r, K.create_account("bob", {"username": "Bob", "json": "{}"}))
+    assert run(r, K.last_key("bob")) == [b"Bob", b""]
+    r.call("HSET", K.lastkey, "bob", "KEYFORM")
+    assert run(r, K.last_key("bob")) == [b"Bob", b"KEYFORM"]
+
+
 # --- nodes: leases and reaping ------------------------------------------------------------------
 
 def test_register_and_renew_a_lease(r):

@@ -56,7 +56,7 @@ def test_help_explains_every_option():
     for option in ("PORT", "--host", "--data", "--login-timeout", "--max-clients", "--log-level",
                    "--frame-limit", "--send-queue", "--max-per-ip", "--flood-rate", "--flood-burst",
                    "--scrypt-n", "--register-rate", "--login-delay-cap", "--require-tls", "--accept-pm1",
-                   "--no-accept-pm1"):
+                   "--no-accept-pm1", "--offline-limit"):
         assert option in out
 
 
@@ -279,7 +279,7 @@ def test_pm_with_a_forged_signature_is_refused(connect, keys):
 def test_pm_targets_that_are_not_online(connect, keys):
     alice, bob = online(connect, keys, "alice", "bob")
     alice.request({"op": "PM"})
-    assert alice.request({"op": "TARGET", "username": "nobody"})["error"] == "not_online"
+    assert alice.request({"op": "TARGET", "username": "nobody"})["error"] == "no_such_user"
     alice.request({"op": "PM"})
     assert alice.request({"op": "TARGET", "username": "alice"})["error"] == "bad_request"
     # the target leaves between TARGET and SEND
@@ -291,6 +291,152 @@ def test_pm_targets_that_are_not_online(connect, keys):
     reply = alice.request(pm2_send(keys(0), "alice", "bob", sealed, sealed))
     assert reply["error"] == "not_online"
     assert [e for e in alice.history() if e["type"] == "PM"] == []   # back in READY; nothing stored
+
+
+# --- offline PMs and no_such_user (docs/PROTOCOL.md sections 4.5 and 5) ----------------------------
+
+def target(client: WireClient, name: str, **extra) -> dict:
+    assert client.request({"op": "PM"})["ok"]
+    return client.request({"op": "TARGET", "username": name, **extra})
+
+
+def offline_pm(client: WireClient, name: str, text: str) -> tuple[dict, dict]:
+    """PM, TARGET with offline:true, SEND; returns (the SEND body, its reply)."""
+    reply = target(client, name, offline=True)
+    assert reply["ok"] and reply["online"] is False, reply
+    body = client.pm_send(reply["username"], pg3lib.PublicKey.from_key_form(reply["public_key"]), text)
+    return body, client.request(body)
+
+
+def gone(connect, keys, name: str, i: int) -> None:
+    """name registered, key i given in KEY, and logged out."""
+    client = connect()
+    client.login(name, PASSWORD + name, keys(i))
+    client.exit()
+    client.recv_until_closed()
+
+
+def kept_after_login(client: WireClient, name: str, keys, i: int, count: int) -> list[dict]:
+    """Log in and return the frames right after the KEY reply: the count kept PMs (D PM, offline:true)."""
+    client.login(name, PASSWORD + name, keys(i))
+    frames = [client.recv() for _ in range(count)]
+    assert all(f.kind == "D" and f.body["op"] == "PM" and f.body["offline"] is True for f in frames), frames
+    return [f.body for f in frames]
+
+
+def no_pm_waiting(client: WireClient) -> None:
+    client.history(limit=1)   # a round trip: a D PM sent after KEY would have come before its reply
+    assert not [d for d in client.data if d["op"] == "PM"], client.data
+
+
+def test_no_such_user_versus_not_online(connect, keys):
+    (alice,) = online(connect, keys, "alice")
+    gone(connect, keys, "bob", 1)
+    for name in ("nobody", "not a name", "x" * 33):
+        assert target(alice, name)["error"] == "no_such_user"
+        assert target(alice, name, offline=True)["error"] == "no_such_user"
+    assert target(alice, "BOB")["error"] == "not_online"
+    assert target(alice, "alice", offline=True)["error"] == "bad_request"
+    assert alice.request({"op": "SEND", "text": "x"})["error"] == "unexpected"   # every refusal: READY
+    # An account that never completed KEY has no key to seal to.
+    carol = connect()
+    carol.login_start("carol")
+    assert carol.password(PASSWORD)["ok"]
+    carol.close()
+    assert target(alice, "carol", offline=True)["error"] == "not_online"
+
+
+def test_target_offline_gives_the_last_key(connect, keys):
+    (alice,) = online(connect, keys, "alice")
+    gone(connect, keys, "Bob", 1)
+    reply = target(alice, "bob", offline=True)
+    assert reply == {"op": "TARGET", "ok": True, "username": "Bob", "online": False,
+                     "public_key": keys(1).public.key_form, "fingerprint": keys(1).fingerprint}
+    alice.send({"op": "CANCEL"})
+    alice.reply("CANCEL")
+    gone(connect, keys, "Bob", 2)
+    assert target(alice, "bob", offline=True)["fingerprint"] == keys(2).fingerprint
+    alice.send({"op": "CANCEL"})
+    alice.reply("CANCEL")
+    bob = connect()
+    bob.login("bob", PASSWORD + "Bob", keys(2))
+    assert target(alice, "bob", offline=True)["online"] is True   # online: its current key, live
+
+
+def test_offline_pms_delivered_after_key_once_in_order_and_in_history(connect, keys):
+    (alice,) = online(connect, keys, "alice")
+    gone(connect, keys, "bob", 1)
+    sent = []
+    for text in ("one", "two", "three"):
+        body, reply = offline_pm(alice, "bob", text)
+        assert reply == {"op": "SEND", "ok": True, "recipients": 0}
+        sent.append(body)
+    assert [e["id"] for e in alice.history() if e["type"] == "PM"] == [b["id"] for b in sent]
+    bob = connect()
+    got = kept_after_login(bob, "bob", keys, 1, 3)
+    assert [g["id"] for g in got] == [b["id"] for b in sent]
+    assert [keys(1).open(g["ciphertext"]) for g in got] == [b"one", b"two", b"three"]
+    assert all(verify_pm2(g, "bob") for g in got)
+    history = [e for e in bob.history() if e["type"] == "PM"]
+    assert [e["id"] for e in history] == [b["id"] for b in sent]
+    assert [e["ciphertext"] for e in history] == [b["ciphertext"] for b in sent]
+    no_pm_waiting(bob)
+    bob.exit()
+    again = connect()
+    again.login("bob", PASSWORD + "bob", keys(1))
+    no_pm_waiting(again)
+
+
+def test_offline_pms_are_bounded(make_server, keys):
+    server = make_server("--offline-limit", "2")
+    alice = WireClient(server.port)
+    alice.login("alice", PASSWORD, keys(0))
+    bob = WireClient(server.port)
+    bob.login("bob", PASSWORD, keys(1))
+    bob.exit()
+    alice.wait_data("PRESENCE", username="bob", online=False)
+    assert [offline_pm(alice, "bob", t)[1]["ok"] for t in ("a", "b")] == [True, True]
+    _, reply = offline_pm(alice, "bob", "c")
+    assert reply["error"] == "rate_limited"
+    assert alice.request({"op": "CANCEL"})["error"] == "unexpected"   # READY
+    assert len([e for e in alice.history() if e["type"] == "PM"]) == 2
+    bob = WireClient(server.port)
+    bob.login("bob", PASSWORD, keys(1))
+    assert [keys(1).open(f.body["ciphertext"]) for f in (bob.recv(), bob.recv())] == [b"a", b"b"]
+    bob.exit()
+    assert offline_pm(alice, "bob", "d")[1]["ok"]
+    alice.close()
+
+
+def test_offline_pms_and_last_keys_survive_sigkill(connect, keys, server):
+    (alice,) = online(connect, keys, "alice")
+    gone(connect, keys, "bob", 1)
+    body, reply = offline_pm(alice, "bob", "kept")
+    assert reply["ok"]
+    server.kill()
+    server.start(server.port)
+    alice = WireClient(server.port)
+    alice.login("alice", PASSWORD + "alice", keys(0))
+    assert target(alice, "bob", offline=True)["public_key"] == keys(1).public.key_form
+    bob = WireClient(server.port)
+    assert [g["id"] for g in kept_after_login(bob, "bob", keys, 1, 1)] == [body["id"]]
+    for client in (alice, bob):
+        client.close()
+
+
+@pytest.mark.filestore_only
+def test_offline_pm_files_in_the_data_directory(connect, keys, server):
+    (alice,) = online(connect, keys, "alice")
+    gone(connect, keys, "Bob", 1)
+    offline_pm(alice, "bob", "x")
+    with open(os.path.join(server.data_dir, "Bob.key")) as fh:
+        assert fh.read().strip() == keys(1).public.key_form
+    with open(os.path.join(server.data_dir, "Bob.offline"), "rb") as fh:
+        (line,) = fh.read().splitlines()
+    assert json.loads(line)["offline"] is True
+    bob = connect()
+    kept_after_login(bob, "Bob", keys, 1, 1)
+    assert not os.path.exists(os.path.join(server.data_dir, "Bob.offline"))
 
 
 # --- CH and persistence -------------------------------------------------------------------

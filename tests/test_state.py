@@ -328,8 +328,14 @@ BAD_REQUESTS = [
      "bad_request", State.READY),
     ("target-offline", State.AWAIT_PM_TARGET, lambda c: {"op": "TARGET", "username": "carol"}, "not_online",
      State.READY),
-    ("target-unknown", State.AWAIT_PM_TARGET, lambda c: {"op": "TARGET", "username": "nobody"}, "not_online",
+    ("target-unknown", State.AWAIT_PM_TARGET, lambda c: {"op": "TARGET", "username": "nobody"}, "no_such_user",
      State.READY),
+    ("target-invalid-name", State.AWAIT_PM_TARGET, lambda c: {"op": "TARGET", "username": "no body!"},
+     "no_such_user", State.READY),
+    ("target-offline", State.AWAIT_PM_TARGET, lambda c: {"op": "TARGET", "username": "carol"}, "not_online",
+     State.READY),
+    ("target-offline-not-bool", State.AWAIT_PM_TARGET,
+     lambda c: {"op": "TARGET", "username": "bob", "offline": "yes"}, "bad_request", None),
     ("pm-send-garbage-signature", State.AWAIT_PM_TEXT,
      lambda c: _pm(c, signature=base64.b64encode(b"\1" * 256).decode()), "bad_request", None),
     ("pm-send-not-base64-signature", State.AWAIT_PM_TEXT, lambda c: _pm(c, signature="!!!"), "bad_request", None),
@@ -650,8 +656,8 @@ def test_pm_end_to_end(driver):
     pm = one_reply(driver.send(alice, {"op": "PM"}), "PM")
     assert sorted(pm["online"]) == ["Bob", "carol"]
     target = one_reply(driver.send(alice, {"op": "TARGET", "username": "bob"}), "TARGET")
-    assert target == {"op": "TARGET", "ok": True, "username": "Bob", "public_key": client_keys(1).public.key_form,
-                      "fingerprint": client_keys(1).fingerprint}
+    assert target == {"op": "TARGET", "ok": True, "username": "Bob", "online": True,
+                      "public_key": client_keys(1).public.key_form, "fingerprint": client_keys(1).fingerprint}
     body = pm_body(client_keys(0), "alice", "Bob", target["public_key"], "secret \U0001F600")
     reply = one_reply(driver.send(alice, body), "SEND")
     assert reply == {"op": "SEND", "ok": True, "recipients": 1}
@@ -774,6 +780,173 @@ def test_pm_to_a_target_that_reconnected(driver):
     online_user(driver, "bob", 1)   # takes over: the session alice targeted is gone
     assert_error(driver.send(ctx.cid, valid_body(ctx, State.AWAIT_PM_TEXT, "SEND")), "SEND", "not_online")
     assert driver.state_of(ctx.cid) is State.READY
+
+
+# --- offline PMs and no_such_user (docs/PROTOCOL.md sections 4.5 and 5) ------------------------
+
+def _target_of(d: RoomDriver, cid: int, name: str, **extra) -> dict:
+    one_reply(d.send(cid, {"op": "PM"}), "PM")
+    return one_reply(d.send(cid, {"op": "TARGET", "username": name, **extra}), "TARGET")
+
+
+def _offline_pm(d: RoomDriver, cid: int, name: str, text: str, sender: str = "alice", key_index: int = 0) -> tuple:
+    """PM, TARGET with offline:true, SEND; returns (the SEND body, its reply)."""
+    target = _target_of(d, cid, name, offline=True)
+    assert target["ok"], target
+    body = pm_body(client_keys(key_index), sender, target["username"], target["public_key"], text,
+                   now=d.clock())
+    return body, one_reply(d.send(cid, body), "SEND")
+
+
+def _gone(d: RoomDriver, name: str, i: int) -> None:
+    """The account exists, has given key i in KEY, and is offline."""
+    cid = online_user(d, name, i)
+    d.send(cid, {"op": "EX"})
+
+
+def _after_key(d: RoomDriver, cid: int) -> list:
+    """The frames cid got after its KEY reply."""
+    frames = d.inbox[cid]
+    at = next(i for i, f in enumerate(frames) if f.kind == "C" and f.body.get("op") == "KEY")
+    return frames[at + 1:]
+
+
+def test_target_offline_true_gives_the_last_key_and_online_false(driver):
+    alice = online_user(driver, "alice", 0)
+    _gone(driver, "Bob", 1)
+    assert assert_error([framing.Frame("C", _target_of(driver, alice, "bob"))], "TARGET", "not_online")
+    assert driver.state_of(alice) is State.READY
+    assert _target_of(driver, alice, "BOB", offline=True) == {
+        "op": "TARGET", "ok": True, "username": "Bob", "online": False,
+        "public_key": client_keys(1).public.key_form, "fingerprint": client_keys(1).fingerprint}
+    assert driver.state_of(alice) is State.AWAIT_PM_TEXT
+    one_reply(driver.send(alice, {"op": "CANCEL"}), "CANCEL")
+    _gone(driver, "Bob", 2)   # a new key: that one is the last
+    assert _target_of(driver, alice, "bob", offline=True)["public_key"] == client_keys(2).public.key_form
+
+
+def test_no_such_user_for_unknown_and_invalid_names_even_with_offline(driver):
+    alice = online_user(driver, "alice", 0)
+    for name in ("nobody", "no body", "", "-x", "a" * 33):
+        assert_error([framing.Frame("C", _target_of(driver, alice, name, offline=True))], "TARGET", "no_such_user")
+        assert driver.state_of(alice) is State.READY
+    assert_error([framing.Frame("C", _target_of(driver, alice, "ALICE", offline=True))], "TARGET", "bad_request")
+    assert driver.state_of(alice) is State.READY
+
+
+def test_account_that_never_gave_a_key_is_not_online_even_with_offline(driver):
+    alice = online_user(driver, "alice", 0)
+    cid, login = login_only(driver, "carol")
+    assert replies(password(driver, cid, login, PASSWORD))[0]["ok"] is True   # registered, no KEY
+    driver.disconnect(cid)
+    assert_error([framing.Frame("C", _target_of(driver, alice, "carol", offline=True))], "TARGET", "not_online")
+    assert driver.state_of(alice) is State.READY
+
+
+def test_offline_pms_are_kept_in_history_and_delivered_after_key_once_in_order(driver):
+    alice = online_user(driver, "alice", 0)
+    _gone(driver, "Bob", 1)
+    sent = []
+    for text in ("one", "two", "three"):
+        body, reply = _offline_pm(driver, alice, "bob", text)
+        assert reply == {"op": "SEND", "ok": True, "recipients": 0}
+        assert driver.state_of(alice) is State.READY
+        sent.append(body)
+    ids = [b["id"] for b in sent]
+    # In both histories from SEND ok on, as for a live PM.
+    assert [e["id"] for e in driver.history("Bob") if e["type"] == "PM"] == ids
+    assert [e["ciphertext"] for e in driver.history("Bob") if e["type"] == "PM"] == [b["ciphertext"] for b in sent]
+    assert [e["id"] for e in driver.history("alice") if e["type"] == "PM"] == ids
+    bob = driver.connect()
+    log_in(driver, bob, "bob", PASSWORD, client_keys(1))
+    after = _after_key(driver, bob)
+    assert [f.kind for f in after[:3]] == ["D"] * 3
+    got = [f.body for f in after[:3]]
+    assert [g["id"] for g in got] == ids and all(g["offline"] is True and g["op"] == "PM" for g in got)
+    assert [client_keys(1).open(g["ciphertext"]) for g in got] == [b"one", b"two", b"three"]
+    assert all(g["from"] == "alice" and g["to"] == "Bob" for g in got)
+    assert not [f for f in after[3:] if f.body.get("op") == "PM"]
+    driver.send(bob, {"op": "EX"})
+    again = driver.connect()
+    log_in(driver, again, "bob", PASSWORD, client_keys(1))
+    assert not [f for f in _after_key(driver, again) if f.body.get("op") == "PM"], "delivered once"
+    assert [e["id"] for e in driver.history("Bob") if e["type"] == "PM"] == ids
+    assert driver.stray == []
+
+
+def test_offline_pms_are_bounded(tmp_path):
+    d = RoomDriver(str(tmp_path), server_keys(), offline_limit=2)
+    try:
+        alice = online_user(d, "alice", 0)
+        _gone(d, "bob", 1)
+        assert [_offline_pm(d, alice, "bob", t)[1]["ok"] for t in ("a", "b")] == [True, True]
+        _, reply = _offline_pm(d, alice, "bob", "c")
+        assert reply["ok"] is False and reply["error"] == "rate_limited", reply
+        assert d.state_of(alice) is State.READY
+        assert len([e for e in d.history("bob") if e["type"] == "PM"]) == 2, "nothing stored past the bound"
+        bob = d.connect()
+        log_in(d, bob, "bob", PASSWORD, client_keys(1))
+        assert len([f for f in _after_key(d, bob) if f.body.get("op") == "PM"]) == 2
+        d.send(bob, {"op": "EX"})
+        assert _offline_pm(d, alice, "bob", "d")[1]["ok"] is True, "delivered ones no longer count"
+    finally:
+        d.close()
+
+
+def test_offline_target_that_is_back_at_send_gets_it_live(driver):
+    alice = online_user(driver, "alice", 0)
+    _gone(driver, "bob", 1)
+    target = _target_of(driver, alice, "bob", offline=True)
+    bob = online_user(driver, "bob", 1)
+    body = pm_body(client_keys(0), "alice", "bob", target["public_key"], "hi", now=driver.clock())
+    assert one_reply(driver.send(alice, body), "SEND") == {"op": "SEND", "ok": True, "recipients": 1}
+    (got,) = data_frames(driver, bob, "PM")
+    assert got["id"] == body["id"] and "offline" not in got
+
+
+def test_online_target_with_offline_true_that_leaves_before_send_gets_it_kept(driver):
+    alice = online_user(driver, "alice", 0)
+    bob = online_user(driver, "bob", 1)
+    target = _target_of(driver, alice, "bob", offline=True)
+    assert target["online"] is True
+    driver.send(bob, {"op": "EX"})
+    body = pm_body(client_keys(0), "alice", "bob", target["public_key"], "later", now=driver.clock())
+    assert one_reply(driver.send(alice, body), "SEND") == {"op": "SEND", "ok": True, "recipients": 0}
+    bob = driver.connect()
+    log_in(driver, bob, "bob", PASSWORD, client_keys(1))
+    assert [f.body["id"] for f in _after_key(driver, bob) if f.body.get("op") == "PM"] == [body["id"]]
+
+
+def test_kept_pms_and_the_last_key_survive_a_restart(tmp_path):
+    d = RoomDriver(str(tmp_path), server_keys())
+    alice = online_user(d, "alice", 0)
+    _gone(d, "bob", 1)
+    body, reply = _offline_pm(d, alice, "bob", "kept")
+    assert reply["ok"]
+    d.close()
+    d = RoomDriver(str(tmp_path), server_keys())
+    try:
+        alice = online_user(d, "alice", 0)
+        assert _target_of(d, alice, "bob", offline=True)["public_key"] == client_keys(1).public.key_form
+        bob = d.connect()
+        log_in(d, bob, "bob", PASSWORD, client_keys(1))
+        assert [f.body["id"] for f in _after_key(d, bob) if f.body.get("op") == "PM"] == [body["id"]]
+    finally:
+        d.close()
+
+
+def test_shared_room_sends_the_pms_go_online_took_right_after_the_key_reply():
+    room = state.SharedRoom(server_keys(), node="node1")
+    _shared_login(room, 9, "bob")
+    room.completed(9, store.CLAIMED)
+    out = room.receive(9, framing.Frame("C", {"op": "KEY", "public_key": client_keys(1).public.key_form}))
+    assert isinstance(out[-1], store.SaveKey) and out[-1].key_form == client_keys(1).public.key_form
+    out = room.completed(9, store.KEY_SAVED)
+    assert isinstance(out[-1], store.GoOnline)
+    kept = framing.data({"op": "PM", "from": "alice", "to": "bob", "offline": True})
+    out = room.completed(9, store.WentOnline((1, 0), (kept,)))
+    sent = [e.data for e in out if isinstance(e, state.Send)]
+    assert framing.FrameDecoder(0).feed(sent[0])[0].body["op"] == "KEY" and sent[1:] == [kept]
 
 
 def test_ch_pages_and_limit(tmp_path):
@@ -1278,12 +1451,13 @@ class RoomMachine(RuleBasedStateMachine):
         if key == conn.user:
             assert reply["ok"] is False and reply["error"] == "bad_request"
             conn.state = State.READY
-        elif key not in self.online:
-            assert reply["ok"] is False and reply["error"] == "not_online"
+        elif key not in self.online:   # section 4.5: an account that is offline, or none at all
+            assert reply["ok"] is False
+            assert reply["error"] == ("not_online" if key in self.registered else "no_such_user"), reply
             conn.state = State.READY
         else:
             keys = client_keys(USERS.index(key))
-            assert reply == {"op": "TARGET", "ok": True, "username": self.registered[key],
+            assert reply == {"op": "TARGET", "ok": True, "username": self.registered[key], "online": True,
                              "public_key": keys.public.key_form, "fingerprint": keys.fingerprint}
             conn.state = State.AWAIT_PM_TEXT
             conn.target_cid, conn.target_name = self.online[key], reply["username"]

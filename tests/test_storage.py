@@ -340,3 +340,52 @@ def test_moderation_file_torn_tail_is_cut_and_a_corrupt_line_stops_the_start(tmp
         assert "moderation.jsonl, line 1" in str(exc)
     else:
         raise AssertionError("a corrupt moderation line must stop the start")
+
+
+# --- offline PMs: last keys and kept PMs (docs/PROTOCOL.md sections 4.5 and 5) --------------------
+
+def _kept_pm(cid: int, n: int, limit: int = 3) -> store.StoreOfflinePM:
+    entry = {"ts": "t", "type": "PM", "from": "alice", "to": "Bob", "ciphertext": f"c{n}"}
+    lines = [(("alice",), (json.dumps(entry) + "\n").encode()), (("Bob",), (json.dumps(entry) + "\n").encode())]
+    body = json.dumps({"op": "PM", "from": "alice", "to": "Bob", "n": n, "offline": True},
+                      separators=(",", ":")).encode()
+    return store.StoreOfflinePM(cid, lines, "alice", "Bob", b"D\0\0\0\0{}", b"D" + len(body).to_bytes(4, "big") + body,
+                                limit)
+
+
+def test_last_key_and_kept_pms_in_order_bounded_taken_once_and_across_a_restart(tmp_path):
+    fs, _ = storage.open_store(str(tmp_path))
+    try:
+        for cid, name in ((1, "alice"), (2, "Bob")):
+            fs.submit(store.CreateAccount(cid, account(name)))
+        fs.submit(store.LoadLastKey(3, "bob"))
+        fs.submit(store.SaveKey(4, "bob", "Bob", "KEYFORM1"))
+        fs.submit(store.SaveKey(5, "bob", "Bob", "KEYFORM2"))
+        fs.submit(store.LoadLastKey(6, "BOB".lower()))
+        fs.submit(store.LoadLastKey(7, "nobody"))
+        for n in range(4):   # one pass: the bound holds within it
+            fs.submit(_kept_pm(10 + n, n))
+        assert fs.flush()[2:] == [
+            (3, store.LastKey("Bob", None)), (4, store.KEY_SAVED), (5, store.KEY_SAVED),
+            (6, store.LastKey("Bob", "KEYFORM2")), (7, store.LastKey(None, None)),
+            (10, store.Appended()), (11, store.Appended()), (12, store.Appended()), (13, store.Appended(full=True))]
+        assert [json.loads(e)["ciphertext"] for e in storage.read_history(str(tmp_path), "Bob")] == ["c0", "c1", "c2"]
+        with open(tmp_path / "Bob.offline", "ab") as fh:
+            fh.write(b'{"op":"PM","torn')   # a crash in the middle of a write
+    finally:
+        fs.close()
+    fs, _ = storage.open_store(str(tmp_path))
+    try:
+        fs.submit(store.LoadLastKey(1, "bob"))
+        fs.submit(_kept_pm(2, 9))        # still at the bound after the restart
+        fs.submit(store.TakeOffline(3, "Bob"))
+        fs.submit(store.TakeOffline(4, "Bob"))
+        fs.submit(_kept_pm(5, 5))        # room again
+        done = fs.flush()
+        assert done[:2] == [(1, store.LastKey("Bob", "KEYFORM2")), (2, store.Appended(full=True))]
+        (cid, taken) = done[2]
+        assert cid == 3 and [json.loads(f[5:])["n"] for f in taken.frames] == [0, 1, 2]
+        assert all(f[:1] == b"D" and int.from_bytes(f[1:5], "big") == len(f) - 5 for f in taken.frames)
+        assert done[3:] == [(4, store.OfflineTaken([])), (5, store.Appended())]
+    finally:
+        fs.close()
