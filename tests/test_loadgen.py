@@ -98,7 +98,8 @@ def test_abuse_three_phases_with_the_server_limits_on():
     assert storm["connections"] == 12 and sum(storm["answers"].values()) >= 12
     assert isinstance(storm["victim_login_before_ms"], float) and storm["victim_login_before_ms"] > 0
     assert isinstance(storm["victim_login_during_ms"], float) and storm["victim_login_during"]["n"] >= 1
-    assert storm["rate_limited"] >= 12 - 8   # at most 8 checks in hand per address
+    # At most 8 checks in hand per address: the rest are refused, or dropped when their connection hangs up.
+    assert storm["answers"].get("PASSWORD: ok", 0) <= 8, storm["answers"]
     assert flood["accepted"] > 0 and flood["bad_request"] > 0   # every fourth text is over the stored size
     assert flood["data_dir_bytes_added"] >= flood["accepted"] * 4096
     assert flood["bm_round_trip_before"]["n"] > 0 and flood["bm_round_trip_during"]["n"] > 0

@@ -882,7 +882,8 @@ def test_pm1_is_refused_by_default_and_accepted_with_accept_pm1(make_server, key
 def test_tls_client_that_never_reads_is_cut_off_and_a_reading_one_gets_everything(make_server, keys):
     """Partial TLS writes: what the socket does not take waits (EVENT_WRITE) and keeps its order;
     past --send-queue a TLS client is cut off (BYE too_slow) as a plain one is."""
-    server = make_server("--send-queue", "65536", "--flood-rate", "0", "--bm-rate", "0")
+    # Room for a pass's 20 BMs of 4 KB to the reading client (a Redis node may deliver them at once).
+    server = make_server("--send-queue", "262144", "--flood-rate", "0", "--bm-rate", "0")
     stuck = WireClient(server.port, tls=True, rcvbuf=4096)
     stuck.login("stuck", PASSWORD, keys(0))
     reader = WireClient(server.port, tls=True)
