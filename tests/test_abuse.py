@@ -15,6 +15,7 @@ import threading
 import time
 
 import framing
+import wire
 from test_limits import PASSWORD, client, log_in, rss_kib
 
 REAL_SCRYPT_N = 2 ** 14   # the production cost: checks that take real time
@@ -173,3 +174,54 @@ def test_a_long_history_reaches_a_reading_client_whatever_its_send_queue(make_se
     assert [e["text"] for e in entries] == texts
     assert reader.bm("still here")["ok"]                     # not cut off
     assert "send queue over" not in server.log()
+
+
+def test_a_pm_whose_relayed_frame_would_not_fit_is_refused(connect, keys):
+    """A PM SEND of 65,404 bytes was relayed as a 66,064-byte frame, past the server's own limit."""
+    alice, bob = connect(), connect()
+    alice.login("alice", PASSWORD, keys(0))
+    bob.login("bob", PASSWORD, keys(1))
+    assert alice.request({"op": "PM"})["ok"]
+    assert alice.request({"op": "TARGET", "username": "bob"})["ok"]
+    body = wire.pm2_send(alice.keys, "alice", "bob", "c" * 64_600, "s")   # the SEND fits, its D PM would not
+    assert len(framing.command(body)) <= 65536 + framing.HEADER_SIZE
+    reply = alice.request(body)
+    assert reply["ok"] is False and reply["error"] == "bad_request", reply
+    assert alice.request(wire.pm2_send(alice.keys, "alice", "bob", "c" * 1000, "s"))["ok"]   # the state was kept
+    assert bob.wait_data("PM")["ciphertext"] == "c" * 1000
+
+
+def test_ch_with_a_limit_on_a_large_history_stalls_nobody(make_server, keys):
+    """CH limit=1 on a 99 MiB history stalled another user's BM 837 ms (the whole file was read)."""
+    server = make_server("--flood-rate", "0", "--bm-rate", "0", "--send-queue", "0")
+    reader, writer = log_in(server.port, keys, ["reader", "writer"])
+    text = "h" * 1000
+    for _ in range(30):          # 30,000 BMs, 31 MB of history in the reader's span
+        writer.send_raw(b"".join(framing.command({"op": "BM"}) + framing.command({"op": "SEND", "text": text})
+                                 for _ in range(1000)))
+        replies = [writer.reply(op, timeout=30) for _ in range(1000) for op in ("BM", "SEND")]
+        assert all(r["ok"] for r in replies)
+    reader.close()               # the reader comes back (its history holds them all), and someone
+    reader, bystander = log_in(server.port, keys, ["reader", "bystander"])   # chats meanwhile
+    stalls = []
+    stop = threading.Event()
+
+    def chat() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            assert bystander.bm("still here")["ok"]
+            stalls.append(time.monotonic() - started)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=chat, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    frame_body = reader.request({"op": "CH", "limit": 1}, timeout=30)
+    took = time.monotonic() - started
+    time.sleep(0.3)
+    stop.set()
+    thread.join(5)
+    print(f"\nCH limit=1 on 31 MB of history: {took * 1000:.0f} ms; bystander's slowest BM {max(stalls) * 1000:.0f} ms")
+    assert len(frame_body["entries"]) == 1 and frame_body["entries"][0]["type"] == "BM"   # the newest only
+    assert max(stalls) < 0.1, max(stalls)
