@@ -625,9 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     except (storage.StorageError, tlslayer.TLSError) as exc:
         print(f"chatserver.py: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except OSError as exc:   # a run-time failure (status 1); 2 is for bad arguments, as argparse uses it
         print(f"chatserver.py: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return 1
     server.serve()
     return 0
 

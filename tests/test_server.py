@@ -60,10 +60,11 @@ def test_help_explains_every_option():
         assert option in out
 
 
-def test_port_in_use_is_one_line_and_status_2(server, tmp_path):
+def test_port_in_use_is_one_line_and_status_1(server, tmp_path):
+    """A port in use is a run-time failure (1), not bad arguments (2, what argparse exits with)."""
     result = subprocess.run([sys.executable, SERVER, str(server.port), "--host", "127.0.0.1",
                              "--data", str(tmp_path / "other")], capture_output=True, text=True, timeout=20)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "cannot listen" in result.stderr
 
