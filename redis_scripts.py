@@ -111,6 +111,21 @@ local function room_last(p)
 end
 """
 
+# A message script's first check: is the sender's session still the one that sent it?
+# Returns nil if so (or if no token was given), else the session's current token or ''.
+_SENDER_GONE = """
+local function sender_gone(p, sender, token)
+  if token == '' then
+    return nil
+  end
+  local current = redis.call('GET', p .. 'sess:' .. sender)
+  if current ~= token then
+    return current or ''
+  end
+  return nil
+end
+"""
+
 CREATE_ACCOUNT = Script("create_account", "Create an account hash unless the name exists: 1 created, 0 taken.", """
 -- KEYS[1] acct key; ARGV field, value, ...
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -120,17 +135,15 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """)
 
-BM = Script("bm", "Append a broadcast to the room log once, then XADD it to chat:ev.", """
+BM = Script("bm", "Append a broadcast to the room log once, then XADD it to chat:ev.", _SENDER_GONE + """
 -- KEYS[1] online, KEYS[2] ev; ARGV prefix, sender, line, payload, ev maxlen,
 -- the sender's session token ('' = do not check), room maxlen.
 -- Returns {1, recipients (online users but the sender), event id},
 -- or {0, the sender's current token or ''} when its session is not that token (stored nothing).
 local sender = ARGV[2]
-if ARGV[6] ~= '' then
-  local token = redis.call('GET', ARGV[1] .. 'sess:' .. sender)
-  if token ~= ARGV[6] then
-    return {0, token or ''}
-  end
+local gone = sender_gone(ARGV[1], sender, ARGV[6])
+if gone then
+  return {0, gone}
 end
 local count = redis.call('HLEN', KEYS[1]) - redis.call('HEXISTS', KEYS[1], sender)
 redis.call('XADD', ARGV[1] .. 'room', 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[3])
@@ -139,18 +152,16 @@ return {1, count, id}
 """)
 
 PM = Script("pm", "If the target's session token is the one expected, store a PM in both histories and "
-            "XADD it to the target node's inbox.", _NODE_OF + _ROOM_LAST + """
+            "XADD it to the target node's inbox.", _NODE_OF + _ROOM_LAST + _SENDER_GONE + """
 -- KEYS[1] the target's sess key; ARGV prefix, sender, target, expected token,
 -- sender's line, target's line, payload, inbox maxlen, the sender's token ('' = do not check),
 -- history maxlen.
 -- Returns {1, inbox entry id}; {0, the target's current token or ''} (not_online);
 -- {-1, the sender's current token or ''} (the sender's session is not that token).
 local p = ARGV[1]
-if ARGV[9] ~= '' then
-  local mine = redis.call('GET', p .. 'sess:' .. ARGV[2])
-  if mine ~= ARGV[9] then
-    return {-1, mine or ''}
-  end
+local gone = sender_gone(p, ARGV[2], ARGV[9])
+if gone then
+  return {-1, gone}
 end
 local token = redis.call('GET', KEYS[1])
 if token ~= ARGV[4] then
@@ -166,17 +177,15 @@ return {1, id}
 
 PM_OFFLINE = Script("pm_offline", "A PM that may be kept (TARGET asked for offline): delivered live if the "
                     "target is online now, else kept for it (within the bound) and stored in both histories.",
-                    _NODE_OF + _ROOM_LAST + """
+                    _NODE_OF + _ROOM_LAST + _SENDER_GONE + """
 -- KEYS[1] online; ARGV prefix, sender, target, sender's line, target's line, live payload, kept payload,
 -- inbox maxlen, the sender's token ('' = do not check), history maxlen, bound.
 -- Returns {1, inbox entry id} (online: delivered live); {2, PMs kept} (kept); {3, PMs kept} (at the bound:
 -- nothing stored); {-1, the sender's current token or ''} (the sender's session is not that token).
 local p = ARGV[1]
-if ARGV[9] ~= '' then
-  local mine = redis.call('GET', p .. 'sess:' .. ARGV[2])
-  if mine ~= ARGV[9] then
-    return {-1, mine or ''}
-  end
+local gone = sender_gone(p, ARGV[2], ARGV[9])
+if gone then
+  return {-1, gone}
 end
 local token = nil
 local record = redis.call('HGET', KEYS[1], ARGV[3])

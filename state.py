@@ -324,6 +324,7 @@ class LoginThrottle:
         self._registered: dict[str, collections.deque] = {}   # address -> times of accounts created
         self._registering: collections.Counter = collections.Counter()   # address -> being created
         self._checks: collections.Counter = collections.Counter()        # address -> checks in hand
+        self._checks_total = 0   # their sum, kept beside them: asked at every PASSWORD
         self._delays: dict[tuple[str, str], tuple[int, float]] = {}   # (account, address) -> (failures, last)
         self._guesses: dict[str, collections.deque] = {}   # account -> times of its failed checks
 
@@ -356,12 +357,14 @@ class LoginThrottle:
     def reserve_check(self, address: str) -> bool:
         """Take a place for one password check (waiting, held or running), if the address has one."""
         limit = self.checks_per_address
-        if limit and (self._checks[address] >= limit or sum(self._checks.values()) >= MAX_CHECKS):
+        if limit and (self._checks[address] >= limit or self._checks_total >= MAX_CHECKS):
             return False
         self._checks[address] += 1
+        self._checks_total += 1
         return True
 
     def release_check(self, address: str) -> None:
+        self._checks_total -= 1
         self._checks[address] -= 1
         if self._checks[address] <= 0:
             del self._checks[address]
