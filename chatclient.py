@@ -39,6 +39,7 @@ import base64
 import atexit
 import codecs
 import datetime
+import errno
 import getpass
 import io
 import logging
@@ -141,6 +142,13 @@ UNVERIFIED = "[UNVERIFIED: {}]"
 PASSPHRASE_ENV = "CHATCLIENT_KEY_PASSPHRASE"  # the export file's passphrase, for scripts and tests
 CH_ALL = "all"  # CH all: the whole history, however long, on a terminal too
 SUMMARY_FAILURES = 3  # failures named in a script's closing line; the rest are counted
+# Coming back after a lost connection (section 11): the waits between attempts (then it gives up),
+# the BMs remembered as shown (a catch-up repeats those at its start), the newest CH entries
+# looked through for PMs that were on their way, and the slack for this clock against the server's.
+RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 30.0, 30.0, 30.0)
+SHOWN_MEMORY = 2000
+CATCH_UP_HISTORY = 200
+CLOCK_SLACK = 5.0
 
 
 class ClientExit(Exception):
@@ -233,10 +241,10 @@ def recipients_note(recipients: Any) -> str:
     return f"(sent to {recipients})"
 
 
-def format_own_broadcast(sender: str, text: str, recipients: Any) -> str:
+def format_own_broadcast(sender: str, text: str, recipients: Any, ts: Any = None) -> str:
     """Our BM echoed as the others see it, the count folded in after it."""
     note = recipients_note(recipients)
-    line = format_broadcast(sender, text)
+    line = format_broadcast(sender, text, ts)
     return f"{line}  {note}" if note else line
 
 
@@ -402,6 +410,7 @@ class Ask(NamedTuple):
     completions: Completions = ()  # what Tab offers (lineeditor.Completions)
     clear_on_interrupt: bool = False  # Ctrl-C on a half-typed line only drops the line
     initial: str = ""  # text already in the line, to edit (a message that was too long)
+    resume: str = ""  # what makes the half-typed answer a command again if the connection drops ("BM ")
 
 
 Step = Union[Send, Reply, Handshake, Ask]
@@ -457,6 +466,17 @@ class Session:
         self.contact_keys: dict[str, pg3lib.PublicKey] = {}  # lower case -> a key seen for the contact
         self.seen: SeenIds | None = None  # the PM ids seen (section 4.5), once logged in
         self.server_key_id = server  # where the key pair is kept: the server key's fingerprint (section 9)
+        # Coming back after a lost connection (section 11): the password of this run's login (kept
+        # in memory only), where the BMs seen end, and which ones were shown (a catch-up repeats some).
+        self.password: str | None = None
+        self.joined = False  # logged in once in this run: a lost connection is reconnected
+        self.online_now = False  # KEY answered on the current connection
+        self.last_seen = ""  # the ts of the newest BM shown (else of the login)
+        self.shown: deque[tuple] = deque()
+        self.shown_set: set[tuple] = set()
+        self.recent_header = ""  # said once, before the first recent BM of a login
+        self.in_flight: str = ""  # the command of a message sent and not yet answered
+        self.catch_up_since = ""  # the KEY "since" of the login after a lost connection
 
     def request(self, body: dict) -> Flow:
         yield Send(body)
@@ -467,6 +487,36 @@ class Session:
         der = yield Handshake()
         self.check_certificate(der)
         yield from self.login()
+        return (yield from self.operations())
+
+    def rejoin(self) -> Flow:
+        """After a lost connection (section 11): log in again on the new one without asking
+        anything, show what was missed, then take operations as before."""
+        der = yield Handshake()
+        self.check_certificate(der)
+        yield from self.login(again=True)
+        yield from self.catch_up_private()
+        return (yield from self.operations())
+
+    def connection_lost(self, asking: Ask | None, typed: str) -> str:
+        """The connection dropped: what the edit line should hold when a prompt comes back.
+
+        A message sent but not confirmed comes back to be sent again (it may have
+        arrived: the catch-up shows it if so); a half-typed answer to a message
+        prompt becomes the whole command."""
+        self.online_now = False
+        self.online, self.more_online = {}, 0  # told again by the next KEY reply
+        if self.in_flight:
+            self.out.warn(f"not confirmed by the server before the connection dropped: {shorten(self.in_flight, 50)}"
+                          "\n  it is back in the line: Enter sends it again (check the catch-up first), "
+                          "Ctrl-C drops it")
+            line, self.in_flight = self.in_flight, ""
+            return typed or line
+        if asking is not None and asking.resume and typed:
+            return asking.resume + typed
+        return typed
+
+    def operations(self) -> Flow:
         while True:
             initial, self.retry_line = self.retry_line, ""
             event = yield Ask(f"{self.username}> ", completions=self.complete, clear_on_interrupt=True,
@@ -500,10 +550,14 @@ class Session:
             self.failures.append(f"{what}: {reason}")
 
     # --- login ---------------------------------------------------------------------
-    def login(self) -> Flow:
+    def login(self, again: bool = False) -> Flow:
+        """LOGIN, PASSWORD and KEY. ``again``: the same account after a lost connection, with the
+        password and key pair of this run's first login, and KEY's ``since`` to catch up."""
         reply = yield from self.request({"op": Op.LOGIN, "username": self.username})
         if not succeeded(reply):
             raise ClientExit(f"login refused: {describe_error(reply)}")
+        if again:
+            return (yield from self.login_again(reply))
         server_key = self.check_server_key(reply)
         self.server_key_id = server_id(server_key.fingerprint)
         try:
@@ -533,14 +587,74 @@ class Session:
             self.username = registered  # the spelling of the registration (docs/PROTOCOL.md 4.2)
         self.keys = self.own_key_pair(password, existed=reply.get("new_user") is False)
         self.seen = self.store.seen_ids(self.server_key_id, self.username)
+        self.password = password
+        self.last_seen = protocol.timestamp(time.time() - CLOCK_SLACK)
+        self.recent_header = "recent messages:"
         reply = yield from self.request({"op": Op.KEY, "public_key": self.keys.public.key_form})
         if not succeeded(reply):
             raise ClientExit(f"the server refused our key: {describe_error(reply)}")
+        self.joined = self.online_now = True
         self.set_online(reply.get("online"), reply.get("more_online"))
         others = f"also online: {self.who_list()}" if self.online or self.more_online else "nobody else is online"
         self.out.show(f"logged in as {self.username} at {self.server}. {others}")
         if self.interactive:
             self.out.show(COMMANDS_HINT)
+
+    def login_again(self, reply: dict) -> Flow:
+        """PASSWORD and KEY for a login after a lost connection (LOGIN answered ``reply``)."""
+        server_key = self.check_server_key(reply)
+        if server_id(server_key.fingerprint) != self.server_key_id:
+            raise ClientExit("the server came back with another key; login stopped, password not sent",
+                             EXIT_SECURITY)
+        if reply.get("new_user") is not False:
+            raise ClientExit(f"the server no longer knows the account {self.username}; not registering it again")
+        try:
+            nonce = pg3lib.b64decode_strict(str(reply.get("nonce", "")))
+        except ValueError:
+            raise ClientExit("the server sent a malformed login nonce; password not sent") from None
+        assert self.password is not None and self.keys is not None
+        sealed = server_key.seal(nonce + self.password.encode("utf-8")).decode("ascii")
+        reply = yield from self.request({"op": Op.PASSWORD, "ciphertext": sealed})
+        if not succeeded(reply):
+            if reply.get("error") == Error.BANNED:
+                raise ClientExit("login refused: this account is " + sanction_text("banned", reply))
+            raise ClientExit(f"logging in again failed: {describe_error(reply)}")
+        since = self.last_seen
+        self.recent_header = "while you were away:"
+        reply = yield from self.request({"op": Op.KEY, "public_key": self.keys.public.key_form, "since": since})
+        if not succeeded(reply):
+            raise ClientExit(f"the server refused our key: {describe_error(reply)}")
+        self.online_now = True
+        self.set_online(reply.get("online"), reply.get("more_online"))
+        others = f"also online: {self.who_list()}" if self.online or self.more_online else "nobody else is online"
+        self.out.show(f"reconnected as {self.username}. {others}")
+        self.catch_up_since = since
+
+    def catch_up_private(self) -> Flow:
+        """The PMs to us stored since ``since`` that this client has not shown (the ones that were
+        on their way when the connection dropped): from the newest entries of CH, in order."""
+        since = self.catch_up_since
+        yield Send({"op": Op.CH, "limit": CATCH_UP_HISTORY})
+        missed = []
+        while True:
+            reply = yield Reply(Op.CH)
+            if not succeeded(reply):
+                return
+            entries = reply.get("entries")
+            for entry in entries if isinstance(entries, list) else ():
+                if (isinstance(entry, dict) and entry.get("type") == "PM" and isinstance(entry.get("ts"), str)
+                        and entry["ts"] >= since and str(entry.get("to", "")).lower() == self.username.lower()
+                        and str(entry.get("from", "")).lower() not in self.ignored):
+                    missed.append(entry)
+            if reply.get("more") is not True:
+                break
+        for entry in missed:
+            key = (str(entry.get("from")), str(entry.get("id", "")))
+            if self.seen is not None and key in self.seen:
+                continue  # shown live, or just now as kept while we were away
+            if self.seen is not None and "id" in entry:
+                self.seen.add(*key)
+            self.out.show(f"{self.history_line(entry)}  (while you were away)")
 
     def check_certificate(self, der: Any) -> None:
         """The TLS certificate's key against the one pinned for this server (section 9), before LOGIN.
@@ -722,9 +836,9 @@ class Session:
             self.failed(f"unknown command {typed!r}",
                         f"HELP lists the commands; to send this to everyone: BM {line}")
 
-    def ask_text(self, prompt: str, initial: str = "") -> Flow:
+    def ask_text(self, prompt: str, initial: str = "", resume: str = "") -> Flow:
         """A message line, or None for Ctrl-C, Ctrl-D, end of input or an empty line."""
-        event = yield Ask(prompt, initial=initial)
+        event = yield Ask(prompt, initial=initial, resume=resume)
         if not isinstance(event, Submit) or not event.text.strip():
             return None
         return event.text
@@ -749,6 +863,13 @@ class Session:
 
     def broadcast(self, text: str | None, line: str = "") -> Flow:
         """BM, then SEND the text (asked for when not given)."""
+        self.in_flight = (line or f"BM {text}") if text is not None else ""
+        try:
+            yield from self._broadcast(text, line)
+        finally:
+            self.in_flight = ""
+
+    def _broadcast(self, text: str | None, line: str) -> Flow:
         if text is not None and self.too_long("BM", text):
             if self.interactive:
                 self.retry_line = line or f"BM {text}"  # nothing was sent: the whole line comes back
@@ -760,7 +881,7 @@ class Session:
         retry = ""
         while True:
             if text is None:
-                text = yield from self.ask_text("message: ", retry)
+                text = yield from self.ask_text("message: ", retry, resume="BM ")
                 if text is None:
                     yield from self.cancel()
                     return
@@ -770,6 +891,7 @@ class Session:
                     return
                 retry, text = text, None
                 continue
+            self.in_flight = f"BM {text}"
             reply = yield from self.send_text("BM", {"op": Op.SEND, "text": text})
             if reply is None:  # refused, and the server still waits for a text
                 if not self.interactive:
@@ -778,7 +900,9 @@ class Session:
                 retry, text = text, None
                 continue
             if succeeded(reply):
-                self.out.show(format_own_broadcast(self.username, text, reply.get("recipients")))
+                ts = reply.get("ts")
+                self.remember_shown(ts, self.username, text)
+                self.out.show(format_own_broadcast(self.username, text, reply.get("recipients"), ts))
             return
 
     def send_text(self, what: str, body: dict) -> Flow:
@@ -794,6 +918,13 @@ class Session:
 
     def private(self, target: str | None, text: str | None, line: str = "") -> Flow:
         """PM, TARGET, then SEND the text sealed for the target and signed."""
+        self.in_flight = (line or f"PM {target} {text}") if text is not None else ""
+        try:
+            yield from self._private(target, text, line)
+        finally:
+            self.in_flight = ""
+
+    def _private(self, target: str | None, text: str | None, line: str) -> Flow:
         if text is not None and self.too_long(f"PM to {target}", text):
             if self.interactive:
                 self.retry_line = line or f"PM {target} {text}"
@@ -822,7 +953,7 @@ class Session:
         retry = ""
         while True:
             if text is None:
-                text = yield from self.ask_text(f"message to {name}: ", retry)
+                text = yield from self.ask_text(f"message to {name}: ", retry, resume=f"PM {name} ")
                 if text is None:
                     yield from self.cancel()
                     return
@@ -832,6 +963,7 @@ class Session:
                     return
                 retry, text = text, None
                 continue
+            self.in_flight = f"PM {name} {text}"
             reply = yield from self.send_text(f"PM to {name}", self.sealed_pm(name, their_key, text))
             if reply is None:
                 if not self.interactive:
@@ -891,7 +1023,7 @@ class Session:
                 return None
             names = sorted(self.online.values(), key=str.lower)
             if target is None:
-                event = yield Ask(f"to ({self.who_list()}): ", completions=tuple(names))
+                event = yield Ask(f"to ({self.who_list()}): ", completions=tuple(names), resume="PM ")
                 if not isinstance(event, Submit) or not event.text.strip():
                     return None
                 target = event.text.strip()
@@ -1235,9 +1367,13 @@ class Session:
         if op in (Op.BM, Op.PM) and self.is_ignored(body.get("from")):
             log.debug("hiding a %s from an ignored user", op)
         elif op == Op.BM:
-            sender = body.get("from")
-            line = format_broadcast(str(sender) if valid_username(sender) else ascii(str(sender)),
-                                    str(body.get("text", "")), body.get("ts"))
+            sender, text, ts = body.get("from"), str(body.get("text", "")), body.get("ts")
+            if not self.remember_shown(ts, sender, text) and body.get("recent") is True:
+                return  # a catch-up repeats the BMs at the moment it starts from: shown already
+            if body.get("recent") is True and self.recent_header:
+                self.out.show(self.recent_header)
+                self.recent_header = ""
+            line = format_broadcast(str(sender) if valid_username(sender) else ascii(str(sender)), text, ts)
             self.out.show(line if valid_username(sender) else f"{UNVERIFIED.format('not a valid sender name')} {line}")
         elif op == Op.PM:
             self.receive_private(body)
@@ -1256,6 +1392,21 @@ class Session:
             self.out.show(format_presence(name, online, body.get("ts")))
         else:
             log.debug("ignoring a D frame with op %r", op)
+
+    def remember_shown(self, ts: Any, sender: Any, text: str) -> bool:
+        """Note a BM as shown (and its time as where the BMs seen end); False if it was shown before."""
+        if not isinstance(ts, str) or parse_timestamp(ts) is None:
+            return True
+        if ts > self.last_seen:
+            self.last_seen = ts
+        key = (ts, str(sender), text)
+        if key in self.shown_set:
+            return False
+        self.shown.append(key)
+        self.shown_set.add(key)
+        if len(self.shown) > SHOWN_MEMORY:
+            self.shown_set.discard(self.shown.popleft())
+        return True
 
     def receive_private(self, body: dict) -> None:
         """A PM: check it (section 4.5) with the sender's pinned key, then decrypt and show it.
@@ -1766,6 +1917,17 @@ class TtyScreen(Output):
             self.editor.set_text(ask.initial)
         self._write(self._line())
 
+    def take_line(self) -> str:
+        """The half-typed line, taken out of the editor (a connection dropped under it)."""
+        text = self.editor.text
+        self.editor.clear()
+        return text
+
+    def put_line(self, text: str) -> None:
+        """Text for the edit line when the next prompt comes (what take_line took, perhaps more)."""
+        if text:
+            self.editor.set_text(text)
+
     def answered(self, ask: Ask, event: Event) -> None:
         """Leave the question and its answer on screen, like a shell's transcript.
 
@@ -1790,12 +1952,27 @@ Screen = Union[TtyScreen, PlainScreen]
 # --- the loop ------------------------------------------------------------------------------
 
 class Driver:
-    """Runs a Session's flow over one selectors loop on the socket and standard input."""
+    """Runs a Session's flow over one selectors loop on the socket and standard input.
 
-    def __init__(self, session: Session, connection: Connection, screen: Screen) -> None:
+    On a terminal, once logged in, a lost connection (it dropped, or BYE ``shutdown`` or
+    ``too_slow``) is connected again (section 11): the flow in progress is dropped (the
+    half-typed line kept, a message not confirmed put back in it), connects are tried with
+    growing waits (``RECONNECT_DELAYS``, non-blocking, so typing and Ctrl-C still work) and
+    the session's ``rejoin`` flow runs on the new connection. A script ends instead.
+    """
+
+    def __init__(self, session: Session, connection: Connection, screen: Screen,
+                 address: tuple[str, int] | None = None) -> None:
         self.session = session
         self.connection = connection
         self.screen = screen
+        self.address = address  # where to connect again (None: never)
+        self.connected = True  # False while a lost connection is being replaced
+        self.reconnecting = False  # from a loss until the new login's KEY is answered
+        self.attempts = 0
+        self.reconnect_at: float | None = None  # when the next connect starts
+        self.pending: socket.socket | None = None  # a connect in progress
+        self.pending_until = 0.0
         self.flow = session.run()
         self.waiting_for: str | None = None  # the op of the reply the flow waits for
         self.asking: Ask | None = None  # the question the flow waits to have answered
@@ -1814,16 +1991,119 @@ class Driver:
         try:
             self._advance(None)
             while not self.finished:
-                self._deliver_inputs()
+                self._guarded(self._deliver_inputs)
                 if self.finished:
                     break
-                self._watch_socket()
-                for key, mask in self.selector.select(self._slow_reply_timeout()):
+                if self.connected:
+                    self._watch_socket()
+                for key, mask in self.selector.select(self._timeout()):
                     self._dispatch(key.data, mask)
                     if self.finished:
                         break
+                self._reconnect_due()
         finally:
             self.selector.close()
+            if self.pending is not None:
+                self.pending.close()
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run a step that may write to the socket; a broken connection is a lost one."""
+        try:
+            step()
+        except ConnectionClosed as exc:
+            self._lost(f"the connection dropped ({one_line(exc, 60)})")
+
+    def _timeout(self) -> float | None:
+        waits = [t for t in (self._slow_reply_timeout(),) if t is not None]
+        now = time.monotonic()
+        if self.reconnect_at is not None:
+            waits.append(max(0.0, self.reconnect_at - now))
+        if self.pending is not None:
+            waits.append(max(0.0, self.pending_until - now))
+        return min(waits) if waits else None
+
+    # --- a lost connection (section 11) -------------------------------------------------
+    def _lost(self, reason: str) -> None:
+        """The connection is gone: end (a script, before the first login, or while leaving) or reconnect."""
+        if self.session.exiting:
+            self.finished = True
+            return
+        if self.address is None or not self.session.joined or not self.session.interactive:
+            raise ClientExit(reason)
+        again = self.reconnecting  # an attempt that failed: the status line says so, no new warning
+        if not again:
+            self.attempts = 0  # the last reconnect got as far as KEY: a new loss starts the waits again
+        self.reconnecting = True
+        if self.connected:
+            self.connected = False
+            self.selector.unregister(self.connection.sock)
+            self.connection.close()
+        asking, self.asking = self.asking, None
+        if isinstance(self.screen, TtyScreen):
+            if not again:
+                self.screen.warn(f"{reason}; reconnecting (Ctrl-C stops, Ctrl-D leaves)")
+            self.screen.put_line(self.session.connection_lost(asking, self.screen.take_line()))
+        self.flow.close()   # after the session has seen what was in flight
+        self.waiting_for = self.waiting_since = None
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self.attempts >= len(RECONNECT_DELAYS):
+            host, port = self.address or ("?", 0)
+            raise ClientExit(f"could not reconnect to {host}:{port} ({self.attempts} attempts); giving up")
+        delay = RECONNECT_DELAYS[self.attempts]
+        self.attempts += 1
+        self.reconnect_at = time.monotonic() + delay
+        self.screen.busy()
+        self.screen.waiting(f"not connected: trying again in {delay:g} s (attempt {self.attempts} of "
+                            f"{len(RECONNECT_DELAYS)}; Ctrl-C stops)")
+
+    def _reconnect_due(self) -> None:
+        now = time.monotonic()
+        if self.pending is not None and now >= self.pending_until:
+            self.selector.unregister(self.pending)
+            self.pending.close()
+            self.pending = None
+            self._schedule()
+        if self.reconnect_at is None or now < self.reconnect_at or self.finished:
+            return
+        self.reconnect_at = None
+        assert self.address is not None
+        host, port = self.address
+        self.screen.waiting(f"reconnecting to {host}:{port}... (Ctrl-C stops)")
+        try:
+            family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            log.debug("reconnect: %s", exc)
+            self._schedule()
+            return
+        sock.setblocking(False)
+        error = sock.connect_ex(where)
+        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            log.debug("reconnect: %s", os.strerror(error))
+            sock.close()
+            self._schedule()
+            return
+        self.pending, self.pending_until = sock, now + CONNECT_TIMEOUT
+        self.selector.register(sock, selectors.EVENT_WRITE, "connecting")
+
+    def _connected(self) -> None:
+        """The connect in progress has finished: log in again on it, or try later."""
+        sock, self.pending = self.pending, None
+        assert sock is not None
+        self.selector.unregister(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            log.debug("reconnect: %s", os.strerror(error))
+            sock.close()
+            self._schedule()
+            return
+        self.connection = Connection(sock)
+        self.connected = True
+        self.selector.register(sock, selectors.EVENT_READ, "socket")
+        self.flow = self.session.rejoin()
+        self._guarded(lambda: self._advance(None))
 
     def _slow_reply_timeout(self) -> float | None:
         """Seconds until a pending reply counts as slow; when it does, the screen says we wait."""
@@ -1854,16 +2134,16 @@ class Driver:
             self._on_input()
         elif source == "wakeup":
             self.screen.on_wakeup()
-        else:
+        elif source == "connecting":
+            self._connected()
+        elif self.connected:
             try:
                 if mask & selectors.EVENT_WRITE:
                     self.connection.flush()
                 if mask & selectors.EVENT_READ:
                     self._on_socket()
             except ConnectionClosed:
-                if not self.session.exiting:
-                    raise ClientExit("the server closed the connection") from None
-                self.finished = True
+                self._lost("the server closed the connection")
 
     def _on_socket(self) -> None:
         for frame in self.connection.receive():
@@ -1873,15 +2153,23 @@ class Driver:
             if frame.kind == framing.KIND_DATA:
                 self.session.on_data(body)
             elif op == "BYE":
+                if body.get("reason") in (ByeReason.SHUTDOWN, ByeReason.TOO_SLOW):
+                    self._lost(bye_text(body))
+                    return
                 raise ClientExit(bye_text(body))
             elif op == "ERROR":
+                if self.reconnecting and body.get("error") == Error.SERVER_BUSY:
+                    self._lost(f"the server is busy ({describe_error(body)})")
+                    return
                 raise ClientExit(f"the server ended the connection: {describe_error(body)}")
             elif op == self.waiting_for:
                 self.waiting_for = None
                 self._advance(body)
+                if self.reconnecting and self.session.online_now:
+                    self.reconnecting = False
             else:
                 log.debug("ignoring an unexpected %s reply", op)
-            if self.finished:
+            if self.finished or not self.connected:
                 return
         if self.waiting_for == HANDSHAKE and self.connection.handshaken:
             self.waiting_for = None
@@ -1892,6 +2180,12 @@ class Driver:
     def _on_input(self, poll: bool = True) -> None:
         events, ended = self.screen.read_input()
         for event in events:
+            if self.reconnecting and event is Key.INTERRUPT:
+                raise ClientExit("stopped reconnecting (Ctrl-C): not connected")
+            if self.reconnecting and not self.connected and event is Key.END_OF_INPUT:
+                self.screen.show("left (not connected)")
+                self.finished = True
+                return
             if (event is Key.INTERRUPT and self.asking is not None and self.asking.clear_on_interrupt
                     and isinstance(self.screen, TtyScreen) and self.screen.editor.interrupted):
                 # As in a shell: Ctrl-C drops the half-typed command (on an empty line the flow
@@ -2105,7 +2399,7 @@ def run_client(args: argparse.Namespace, store: ClientStore) -> int:
                           screen.interactive, register=args.register)
         session.import_keys, session.import_server = imported, exported_for
         with screen:
-            Driver(session, connection, screen).run()
+            Driver(session, connection, screen, (args.host, args.port)).run()
     finally:
         connection.close()
     if session.failures:  # a script: every failure was said on stderr when it happened

@@ -101,7 +101,8 @@ class ChatServer:
                                     login_delay_cap=args.login_delay_cap, guess_limit=args.guess_limit,
                                     checks_per_ip=args.checks_per_ip,
                                     bm_rate=args.bm_rate, bm_burst=args.bm_burst, accept_pm1=args.accept_pm1,
-                                    offline_limit=args.offline_limit,
+                                    offline_limit=args.offline_limit, recent=args.recent,
+                                    catch_up_limit=args.catch_up_limit,
                                     admins=getattr(args, "admin_names", ()))
         for event in self.store.events():   # e.g. who is online on the other nodes
             self.room.cluster_event(event)
@@ -576,6 +577,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits.add_argument("--offline-limit", type=nonnegative(int), default=state.OFFLINE_LIMIT, metavar="N",
                         help="private messages kept for one offline user until its next login (TARGET with "
                         "\"offline\": true); past it SEND answers rate_limited (default: %(default)s)")
+    limits.add_argument("--recent", type=nonnegative(int), default=state.RECENT, metavar="N",
+                        help="the room's newest N broadcasts shown to a user at login (0: none) "
+                        "(default: %(default)s)")
+    limits.add_argument("--catch-up-limit", type=nonnegative(int), default=state.CATCH_UP_LIMIT, metavar="N",
+                        help="broadcasts at most sent to a client that comes back after losing its connection "
+                        "(KEY with \"since\"): the newest N since its last one (default: %(default)s)")
     limits.add_argument("--scrypt-n", type=_power_of_two, default=passwords.DEFAULT_SCRYPT_N, metavar="N",
                         help="scrypt cost for new accounts, a power of two (default: %(default)s); "
                         "existing accounts keep the cost they were made with")

@@ -261,8 +261,10 @@ return {1, old or '', offline}
 
 GO_ONLINE = Script("go_online", "Only if the session token is still ours: HSET chat:online, SADD nodeusers, "
                    "XADD the online event.", _NODE_OF + _ROOM_LAST + """
--- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, token, record, ev maxlen, history maxlen.
--- Returns {1, online event id, the PMs kept for it (taken)} or {0, current token or ''}.
+-- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, token, record, ev maxlen, history maxlen,
+-- recent (how many of the room's newest BMs to return).
+-- Returns {1, online event id, the PMs kept for it (taken), the room's newest BMs, newest first}
+-- or {0, current token or ''}.
 local token = redis.call('GET', KEYS[1])
 if token ~= ARGV[3] then
   return {0, token or ''}
@@ -277,7 +279,14 @@ local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 't', 'on', '
 local box = ARGV[1] .. 'off:' .. ARGV[2]
 local kept = redis.call('LRANGE', box, 0, -1)
 redis.call('DEL', box)
-return {1, id, kept}
+local recent = {}
+local count = tonumber(ARGV[7]) or 0
+if count > 0 then
+  for _, row in ipairs(redis.call('XREVRANGE', ARGV[1] .. 'room', '+', '-', 'COUNT', count)) do
+    recent[#recent + 1] = row[2][2]
+  end
+end
+return {1, id, kept, recent}
 """)
 
 LOGOUT = Script("logout", "Compare-and-delete the session token; if it was ours, HDEL online, SREM nodeusers "
@@ -544,9 +553,10 @@ class ChatKeys:
         return ScriptCall(LOGIN_SWAP, [self.sess(name), self.online, self.ev],
                           [self.prefix, name, token, expected, ev_maxlen, inbox_maxlen, self.hist_maxlen])
 
-    def go_online(self, name: str, token: str, record: bytes | str, maxlen: int = EV_MAXLEN) -> ScriptCall:
+    def go_online(self, name: str, token: str, record: bytes | str, maxlen: int = EV_MAXLEN,
+                  recent: int = 0) -> ScriptCall:
         return ScriptCall(GO_ONLINE, [self.sess(name), self.online, self.ev],
-                          [self.prefix, name, token, record, maxlen, self.hist_maxlen])
+                          [self.prefix, name, token, record, maxlen, self.hist_maxlen, recent])
 
     def logout(self, name: str, token: str, maxlen: int = EV_MAXLEN) -> ScriptCall:
         return ScriptCall(LOGOUT, [self.sess(name), self.online, self.ev],

@@ -431,7 +431,7 @@ class RedisStore:
                           *keys.login_swap(request.key, request.token))
         elif isinstance(request, store.GoOnline):
             self.cmd.eval(checked(self._went_online),
-                          *keys.go_online(request.key, request.token, request.record))
+                          *keys.go_online(request.key, request.token, request.record, recent=request.recent))
         elif isinstance(request, store.Logout):
             self.cmd.eval(lambda _: None, *keys.logout(request.key, request.token))
         elif isinstance(request, store.AppendHistory):
@@ -488,7 +488,9 @@ class RedisStore:
     def _went_online(reply) -> store.Result:
         if reply[0] != 1:
             return store.WentOnline(None)
-        return store.WentOnline(stream_position(reply[1]), tuple(_kept_frames(reply[2] if len(reply) > 2 else ())))
+        recent = reply[3] if len(reply) > 3 else ()
+        return store.WentOnline(stream_position(reply[1]), tuple(_kept_frames(reply[2] if len(reply) > 2 else ())),
+                                tuple(_text(line) for line in reversed(recent)))
 
     @staticmethod
     def _kept_result(reply) -> store.Result:

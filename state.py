@@ -18,7 +18,7 @@ list of effects, plain data the server carries out in order:
 * ``Send(cid, data)``: bytes for one connection (a reply);
 * ``Deliver(users, data)`` / ``DeliverAll(data, exclude)``: a data frame for
   online users, encoded once;
-* ``Page(cid, data)``: a CH reply frame, sent as the connection drains;
+* ``Page(cid, data)``: a CH reply frame (or recent BMs), sent as the connection drains;
 * ``Close(cid)``: close that connection once its output is flushed;
 * ``Online(user, cid)`` / ``Offline(user, cid)``: presence changes;
 * the store requests of ``store.py`` and the worker job ``CheckPassword``.
@@ -49,6 +49,7 @@ import base64
 import collections
 import enum
 import heapq
+import json
 import os
 import time
 from typing import Callable, NamedTuple, cast
@@ -60,7 +61,8 @@ import pmguard
 import store
 from passwords import OK, Account, LoginResult
 from protocol import (MAX_ATTEMPTS, MAX_SEALED_PASSWORD_CHARS, NONCE_BYTES, PROTOCOL_VERSION, USERNAME_RULE, ByeReason,
-                      Error, ModAction, Op, bye, fail, ok, text_problem, timestamp, valid_username)
+                      Error, ModAction, Op, bye, fail, ok, parse_timestamp, text_problem, timestamp,
+                      valid_username)
 
 # Replies one connection may have waiting on the store; past it, its further
 # requests wait (memory per connection stays bounded however much it pipelines).
@@ -80,6 +82,10 @@ GUESS_LIMIT = 100                # failed checks an hour per account (--guess-li
 BM_RATE = 5.0
 BM_BURST = 60.0
 OFFLINE_LIMIT = 100              # PMs kept for one offline target (--offline-limit), section 4.5
+# Section 11: the room's newest BMs shown at login (--recent), and at most this many of
+# those since a client's last one when it comes back (--catch-up-limit).
+RECENT = 20
+CATCH_UP_LIMIT = 500
 
 
 class State(enum.Enum):
@@ -262,7 +268,7 @@ class Session:
 
     __slots__ = ("cid", "address", "state", "username", "key", "account", "nonce", "attempts_left",
                  "public_key", "target", "barriers", "deadline", "sealed", "registering", "slots", "online_id",
-                 "claimed", "kicked", "checking", "extended", "pm_offline")
+                 "claimed", "kicked", "checking", "extended", "pm_offline", "since")
 
     def __init__(self, cid: int, address: str) -> None:
         self.cid = cid
@@ -286,6 +292,7 @@ class Session:
         self.claimed = False         # shared mode: the store holds this session's token
         self.kicked = False          # shared mode: replaced before its claim was answered
         self.pm_offline = False      # its TARGET asked for "offline":true (section 4.5)
+        self.since: str | None = None  # KEY's "since" (section 11): it is catching up from there
 
 
 class OfflineTarget(NamedTuple):
@@ -444,6 +451,7 @@ class Room:
                  guess_limit: int = GUESS_LIMIT, checks_per_ip: int = MAX_CHECKS_PER_ADDRESS,
                  bm_rate: float = BM_RATE, bm_burst: float = BM_BURST,
                  accept_pm1: bool = False, offline_limit: int = OFFLINE_LIMIT,
+                 recent: int = RECENT, catch_up_limit: int = CATCH_UP_LIMIT,
                  clock: Callable[[], float] = time.time,
                  random_bytes: Callable[[int], bytes] = os.urandom, admins=()) -> None:
         self.server_keys = server_keys
@@ -465,6 +473,8 @@ class Room:
         self.accept_pm1 = accept_pm1
         self.pm_ids = pmguard.UsedIds()
         self.offline_limit = offline_limit   # PMs kept for one offline target
+        self.recent = recent                 # section 11: BMs shown at login
+        self.catch_up_limit = catch_up_limit
         # A CH page with no entries: what every history entry must fit beside (its size is the page's overhead).
         self._page_overhead = len(history_pages([], frame_limit)[0])
         # Moderation (section 10): admins are named at the server; the mutes of accounts logged in
@@ -749,20 +759,52 @@ class Room:
         out.append(DeliverAll(presence_frame(session.username, True, self.clock()), session.key))
         # The PMs kept while it was offline (section 5), right after the KEY reply; asked for in the
         # same pass as it came online, so every PM is either kept before it or delivered live after.
-        return Ask(store.TakeOffline(session.cid, session.username), self._offline_taken)
+        return Ask(store.TakeOffline(session.cid, session.username, self._recent_count(session)),
+                   self._offline_taken)
 
     def _offline_taken(self, session: Session, result: store.Result, out: Effects) -> None:
         """Never refused: KEY is answered already (if the PMs cannot be read they stay kept)."""
         if isinstance(result, store.OfflineTaken) and session.state is not State.CLOSED:
             for frame in result.frames:
                 self._reply(session, frame, out)
+            self._send_recent(session, result.recent, out)
+
+    def _recent_count(self, session: Session) -> int:
+        """How many of the room's newest BMs to read for its login (section 11)."""
+        return self.catch_up_limit if session.since is not None else self.recent
+
+    def _send_recent(self, session: Session, lines: tuple, out: Effects) -> None:
+        """The room's BMs from before it came online, as ``D BM`` with ``"recent": true``, oldest
+        first: those since its ``since`` (a client coming back), else the newest few. Sent as
+        pages, so that a long catch-up never counts against the client's send queue."""
+        since = session.since
+        frames: list[bytes] = []
+        size = 0
+        for text in lines:
+            try:
+                entry = json.loads(text)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict) or entry.get("type") != "BM" or not isinstance(entry.get("ts"), str):
+                continue
+            if since is not None and entry["ts"] < since:   # one fixed format: ordered as text
+                continue
+            frame = framing.data({"op": Op.BM, "from": entry.get("from"), "text": entry.get("text"),
+                                  "ts": entry["ts"], "recent": True})
+            if frames and size + len(frame) > self.frame_limit:
+                self._emit(session, Page(session.cid, b"".join(frames)), out)
+                frames, size = [], 0
+            frames.append(frame)
+            size += len(frame)
+        if frames:
+            self._emit(session, Page(session.cid, b"".join(frames)), out)
 
     def _announce_offline(self, session: Session, out: Effects) -> None:
         out.append(store.MarkOnline(0, session.username, False))   # now: later BMs are not its history
         self._emit(session, DeliverAll(presence_frame(session.username, False, self.clock()), session.key), out)
 
-    def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, result: store.Result,
-                   out: Effects) -> None:
+    def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, ts: str,
+                   result: store.Result, out: Effects) -> None:
         if not isinstance(result, store.Appended):
             raise Refused(Error.INTERNAL, "the message could not be stored")
         failed = result.failed
@@ -776,7 +818,7 @@ class Room:
             if users:
                 out.append(Deliver(users, frame))
             count = len(users)
-        out.append(Send(session.cid, ok(Op.SEND, recipients=count)))
+        out.append(Send(session.cid, ok(Op.SEND, recipients=count, ts=ts)))
 
     def _pm_request(self, session: Session, target, request: store.AppendHistory) -> store.AppendHistory:
         return request
@@ -911,7 +953,11 @@ class Room:
         except (pg3lib.InvalidKey, TypeError, AttributeError) as exc:
             raise Refused(Error.BAD_REQUEST, f"'public_key' must be an RSA public key of at least 2048 bits "
                                              f"in key form ({exc or 'not a string'})") from None
+        since = body.get("since")
+        if since is not None and parse_timestamp(since) is None:
+            raise Malformed("'since' must be a time in the form 2026-11-24T15:04:05.123Z")
         session.public_key = public_key
+        session.since = since
         # Its last key, kept durably for offline PMs (section 4.5): the KEY reply waits for it.
         return Ask(store.SaveKey(session.cid, session.key, session.username, public_key.key_form), self._key_saved)
 
@@ -968,7 +1014,7 @@ class Room:
         version = self.online_version
         return Ask(store.AppendHistory(session.cid, [(owners, line)], session.username, "BM", frame,
                                        token=self._token_of(session)),
-                   lambda s, result, o: self._bm_stored(s, owners, version, frame, result, o), barrier=False)
+                   lambda s, result, o: self._bm_stored(s, owners, version, frame, ts, result, o), barrier=False)
 
     def _token_of(self, session: Session) -> str:
         """The session's name in a shared store ("" in one process)."""
@@ -1316,7 +1362,8 @@ class SharedRoom(Room):
         record = framing.encode_body({"username": session.username, "token": self._token_of(session),
                                       "public_key": public_key.key_form,
                                       "fingerprint": public_key.fingerprint}).decode("utf-8")
-        return Ask(store.GoOnline(session.cid, session.key, self._token_of(session), record), self._went_online)
+        return Ask(store.GoOnline(session.cid, session.key, self._token_of(session), record,
+                                  self._recent_count(session)), self._went_online)
 
     def _went_online(self, session: Session, result: store.Result, out: Effects) -> None:
         if session.state is State.CLOSED:
@@ -1331,6 +1378,7 @@ class SharedRoom(Room):
         self._reply(session, self._names_reply(Op.KEY, session, fingerprint=session.public_key.fingerprint), out)
         for pending in result.pending:   # the PMs kept while it was offline (section 5), taken by GoOnline
             self._reply(session, pending, out)
+        self._send_recent(session, result.recent, out)
         self.online[session.key] = session
         self.remote.pop(session.key, None)
         self._online_changed()
@@ -1344,11 +1392,11 @@ class SharedRoom(Room):
         """Others hear it from the store's presence event."""
 
     # --- messages: the store delivers ------------------------------------------------
-    def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, result: store.Result,
-                   out: Effects) -> None:
+    def _bm_stored(self, session: Session, owners: tuple, version: int, frame: bytes, ts: str,
+                   result: store.Result, out: Effects) -> None:
         if not isinstance(result, store.Appended):
             raise Refused(Error.INTERNAL, "the message could not be stored")
-        out.append(Send(session.cid, ok(Op.SEND, recipients=result.recipients)))
+        out.append(Send(session.cid, ok(Op.SEND, recipients=result.recipients, ts=ts)))
 
     def _pm_request(self, session: Session, target, request: store.AppendHistory) -> store.AppendHistory:
         target_token = target.token if isinstance(target, store.RemoteUser) else self._token_of(target)

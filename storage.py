@@ -302,14 +302,20 @@ class RoomLog:
             # The torn bytes' positions are not given out again: the new lines start a segment after them.
             self.end = base + torn_end
             self._roll()
+        earlier = self._read_runs()
+        if earlier and max(earlier) >= self.end:
+            # The last run stored no BM: this one starts a position later, so that a span
+            # opened in that run is told from one opened in this (each run's start is its name).
+            self.end = max(earlier) + 1
+            self._roll()
         self.run = self.end
-        self.runs = self._start_run()
+        self.runs = self._start_run(earlier)
 
     def _segment_path(self, base: int) -> str:
         return os.path.join(self.directory, f"{ROOM_PREFIX}{base:015d}{ROOM_SUFFIX}")
 
-    def _start_run(self) -> list[int]:
-        """The start positions of every run so far, this one (``end`` now) last, made durable."""
+    def _read_runs(self) -> list[int]:
+        """The start positions of the runs before this one."""
         path = os.path.join(self.directory, RUNS_FILE)
         runs: list[int] = []
         try:
@@ -323,7 +329,12 @@ class RoomLog:
             pass
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc.strerror}") from None
-        runs.append(self.end)
+        return runs
+
+    def _start_run(self, earlier: list[int]) -> list[int]:
+        """The start positions of every run so far, this one (``end`` now) last, made durable."""
+        path = os.path.join(self.directory, RUNS_FILE)
+        runs = earlier + [self.end]
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
@@ -367,6 +378,12 @@ class RoomLog:
             log.error("cannot start a room log segment: %s", exc.strerror)
             return
         os.close(self._fd)
+        if self._size == 0 and len(self.segments) > 1:   # an empty segment (a run that stored nothing)
+            _, empty = self.segments.pop()
+            try:
+                os.unlink(empty)
+            except OSError as exc:
+                log.warning("cannot delete %s: %s", empty, exc.strerror)
         self._fd, self._size = fd, 0
         self.segments.append((self.end, path))
         while self.limit and len(self.segments) > 1 and self.end - self.segments[1][0] >= self.limit:
@@ -864,7 +881,7 @@ class FileStore:
         elif isinstance(request, store.LoadLastKey):
             result = self._last_key(request.key)
         elif isinstance(request, store.TakeOffline):
-            result = self._take_offline(request.username)
+            result = self._take_offline(request.username, request.recent)
         else:
             raise TypeError(f"not a store request: {request!r}")
         self._queue.append([request.cid, result, None])
@@ -1003,17 +1020,34 @@ class FileStore:
                 self._kept.pop(target, None)   # counted again from the file
                 message.result = store.Appended(frozenset({target}))
 
-    def _take_offline(self, username: str) -> store.Result:
-        """The PMs kept for the user, oldest first; the file is removed, so each goes to one login."""
+    def _recent(self, count: int) -> tuple:
+        """The room log's newest ``count`` BMs, oldest first (none if they cannot be read)."""
+        if count <= 0:
+            return ()
+        lines = []
+        try:
+            for text in self.room.read_back(0, self.room.end):
+                lines.append(text)
+                if len(lines) >= count:
+                    break
+        except OSError as exc:
+            log.error("reading the room log failed: %s", exc.strerror or exc)
+            return ()
+        return tuple(reversed(lines))
+
+    def _take_offline(self, username: str, recent: int = 0) -> store.Result:
+        """The PMs kept for the user, oldest first (the file is removed, so each goes to one
+        login), and the room's newest ``recent`` BMs."""
         if self._messages or self._user_ops:
             self._write()   # what was asked for before this is in it
+        newest = self._recent(recent)
         path = self._path(username, OFFLINE_SUFFIX)
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
         except FileNotFoundError:
             self._kept[username] = 0
-            return store.OfflineTaken([])
+            return store.OfflineTaken([], newest)
         except OSError as exc:
             log.error("reading the kept PMs of %r failed: %s", username, exc.strerror or exc)
             return store.FAILED
@@ -1034,7 +1068,7 @@ class FileStore:
             log.error("marking the kept PMs of %r delivered failed: %s", username, exc.strerror or exc)
             return store.FAILED
         self._kept[username] = 0
-        return store.OfflineTaken(frames)
+        return store.OfflineTaken(frames, newest)
 
     def flush(self) -> list[tuple[int, store.Result]]:
         """Write what is pending (one write per file) and return every completion, in order."""

@@ -103,11 +103,17 @@ class ClaimSession(NamedTuple):
 
 
 class GoOnline(NamedTuple):
-    """Put the session online if ``token`` is still the account's session. Result: ``WentOnline``."""
+    """Put the session online if ``token`` is still the account's session. Result: ``WentOnline``.
+
+    In the same step it takes the PMs kept for the account and reads the room's
+    newest ``recent`` BMs: every BM is either among those or stored after the
+    session came online (and so delivered to it live).
+    """
     cid: int
     key: str
     token: str
     record: str   # JSON: username, token, public_key, fingerprint (other nodes answer TARGET with it)
+    recent: int = 0
 
 
 class Logout(NamedTuple):
@@ -210,10 +216,13 @@ class StoreOfflinePM(NamedTuple):
 
 class TakeOffline(NamedTuple):
     """Take the PMs kept for the user (registered spelling), oldest first, once: a store hands
-    each to one login only. Result: ``OfflineTaken``. (A store of several nodes takes them in
-    ``GoOnline`` instead, see ``WentOnline.pending``.)"""
+    each to one login only; and read the room's newest ``recent`` BMs, stored before this
+    request (the user is online from its ``MarkOnline``, asked for just before, so later BMs
+    reach it live). Result: ``OfflineTaken``. (A store of several nodes does both in
+    ``GoOnline`` instead, see ``WentOnline``.)"""
     cid: int
     username: str
+    recent: int = 0
 
 
 Request = Union[LoadAccount, CreateAccount, AppendHistory, ReadHistory, MarkOnline, ClaimSession, GoOnline, Logout,
@@ -276,6 +285,7 @@ CLAIMED = Claimed()
 class WentOnline(NamedTuple):
     position: Position | None   # where its coming online is in the event order; None: replaced meanwhile
     pending: tuple = ()         # the data frames of the PMs kept for it, taken (a store of several nodes)
+    recent: tuple = ()          # the room's newest BMs before it came online (JSON texts), oldest first
 
 
 class KeySaved:
@@ -296,7 +306,8 @@ class LastKey(NamedTuple):
 
 
 class OfflineTaken(NamedTuple):
-    frames: list   # the data frames (bytes) of the PMs kept for the user, oldest first
+    frames: list         # the data frames (bytes) of the PMs kept for the user, oldest first
+    recent: tuple = ()   # the room's newest BMs (JSON texts), oldest first
 
 
 class SanctionsLoaded(NamedTuple):

@@ -308,6 +308,21 @@ def test_message_arrives_above_a_half_typed_prompt(server, keys, home, ptys):
     alice.wait_prompt("alice> ")
 
 
+def test_recent_messages_are_shown_at_login(server, connect, keys, home, ptys):
+    bob = wire_login(connect, "bob", keys(1))
+    bob.bm("earlier one")
+    bob.bm("earlier two")
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    two = alice.wait_line(CLOCK + " bob: earlier two")
+    rows = alice.rows()
+    header = rows.index("recent messages:")
+    one = rows.index(next(r for r in rows if r.endswith(" bob: earlier one")))
+    assert rows.index(next(r for r in rows if r.startswith("logged in as alice"))) < header < one < two
+    bob.bm("now")
+    alice.wait_line(CLOCK + " bob: now")
+    assert alice.rows().count("recent messages:") == 1
+
+
 def test_private_message_is_decrypted_on_the_other_side(server, keys, home, ptys):
     alice = ptys(server.port, "alice", home("alice"), keys(0))
     bob = ptys(server.port, "bob", home("bob"), keys(1))
@@ -419,8 +434,10 @@ def test_terminal_mode_is_restored(way, status, server, keys, home, tmp_path):
             client.wait_prompt("alice> ")
             assert client.proc.poll() is None
             client.type(b"\x04")
-        elif way == "server gone":
+        elif way == "server gone":   # it tries to reconnect (section 11) until Ctrl-C stops it
             server.kill()
+            client.wait_for("trying again in")
+            client.type(b"\x03")
         elif way == "SIGTERM":
             client.proc.send_signal(signal.SIGTERM)
         else:  # bob coming online makes a PRESENCE frame, whose display raises
@@ -430,7 +447,7 @@ def test_terminal_mode_is_restored(way, status, server, keys, home, tmp_path):
         text = client.text()
         assert "Traceback" not in text
         expected = {"EX": "bye", "Ctrl-D": "bye", "Ctrl-C": "bye",
-                    "server gone": "chatclient: the server closed the connection",
+                    "server gone": "chatclient: stopped reconnecting (Ctrl-C): not connected",
                     "SIGTERM": "chatclient: stopped by SIGTERM",
                     "crash": "chatclient: internal error: RuntimeError: boom"}[way]
         assert expected in text

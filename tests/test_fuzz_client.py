@@ -403,11 +403,14 @@ def run_pty(script: Script, setup: Setup, keys: bytes, home: Path) -> tuple[Run,
                                 stderr=subprocess.PIPE, env=e2e.client_env(home), start_new_session=True,
                                 cwd=e2e.ROOT)
         deadline = time.monotonic() + EXIT_DEADLINE
-        typed = False
+        typed = stopped = False
         while proc.poll() is None and time.monotonic() < deadline:
             if not typed and server.first_request.is_set():
                 os.write(master, keys)
                 typed = True
+            if not stopped and b"trying again in" in output:   # reconnecting (section 11): Ctrl-C stops it
+                os.write(master, b"\x03")
+                stopped = True
             if select.select([master], [], [], 0.05)[0]:
                 output += os.read(master, 65536)
         status: int | None = proc.poll()

@@ -229,10 +229,11 @@ def test_bm_fans_out_to_everyone_else_with_presence(connect, keys):
     names = ["ann", "ben", "cat", "dan"]
     clients = online(connect, keys, *names)
     reply = clients[0].bm("hello all ☃")
-    assert reply == {"op": "SEND", "ok": True, "recipients": 3}
-    for client in clients[1:]:
+    assert reply == {"op": "SEND", "ok": True, "recipients": 3, "ts": clients[1].wait_data("BM")["ts"]}
+    for client in clients[2:]:
         message = client.wait_data("BM")
-        assert message["from"] == "ann" and message["text"] == "hello all ☃" and message["ts"].endswith("Z")
+        assert message["from"] == "ann" and message["text"] == "hello all ☃" and message["ts"] == reply["ts"]
+    assert protocol.parse_timestamp(reply["ts"]) is not None   # the SEND reply says when it was stored
     clients[3].exit()
     for client in clients[:3]:
         assert client.wait_data("PRESENCE", username="dan")["online"] is False
@@ -462,6 +463,86 @@ def test_history_after_bm_and_pm_and_across_a_restart(connect, keys, server):
     again.login("alice", PASSWORD + "alice", keys(0))
     assert again.history() == entries
     again.close()
+
+
+# --- recent broadcasts at login, and catching up (section 11) -------------------------------
+
+def recent_at_login(client: WireClient, name: str, keys, i: int, **key_members) -> list[dict]:
+    """LOGIN, PASSWORD, KEY (with key_members): the D frames that came between the KEY reply and
+    the reply of a round trip after it (the room's recent BMs, and any live frame)."""
+    assert client.login_start(name)["ok"]
+    assert client.password(PASSWORD + name)["ok"]
+    client.keys = keys(i)
+    reply = client.request({"op": "KEY", "public_key": keys(i).public.key_form, **key_members})
+    assert reply["ok"], reply
+    client.request({"op": "CANCEL"})   # a round trip ("unexpected" in READY): what KEY sent has come
+    got, client.data = client.data, []
+    return got
+
+
+def test_recent_broadcasts_at_login(make_server, keys):
+    server = make_server("--recent", "3")
+    (alice,) = online(lambda: WireClient(server.port), keys, "alice")
+    stamps = [alice.bm(f"m{n}")["ts"] for n in range(1, 6)]
+    bob = WireClient(server.port)
+    got = recent_at_login(bob, "bob", keys, 1)
+    assert [(g["op"], g["from"], g["text"], g["ts"], g["recent"]) for g in got] == \
+        [("BM", "alice", f"m{n}", stamps[n - 1], True) for n in (3, 4, 5)]
+    alice.bm("live")
+    live = bob.wait_data("BM")
+    assert live["text"] == "live" and "recent" not in live
+    assert [e["text"] for e in bob.history()] == ["live"]   # recent BMs are shown, not made its history
+    for client in (alice, bob):
+        client.close()
+    server.extra += ["--recent", "0"]   # the last of a repeated option wins
+    server.restart()
+    carol = WireClient(server.port)
+    assert recent_at_login(carol, "carol", keys, 2) == []
+    carol.close()
+
+
+def test_recent_broadcasts_survive_a_restart(connect, keys, server):
+    (alice,) = online(connect, keys, "alice")
+    for text in ("before", "the restart"):
+        alice.bm(text)
+    server.restart()
+    bob = WireClient(server.port)
+    assert [g["text"] for g in recent_at_login(bob, "bob", keys, 1)] == ["before", "the restart"]
+    bob.close()
+
+
+def test_catch_up_since_the_last_broadcast_seen(make_server, keys):
+    server = make_server("--catch-up-limit", "3")
+    alice, bob = online(lambda: WireClient(server.port), keys, "alice", "bob")
+    alice.bm("seen")
+    last = bob.wait_data("BM")["ts"]
+    bob.close()   # the connection drops
+    alice.wait_data("PRESENCE", username="bob", online=False)
+    alice.bm("a")
+    alice.bm("b")
+    again = WireClient(server.port)
+    got = recent_at_login(again, "bob", keys, 1, since=last)
+    # From its last one on (the client drops the one it has seen: same ts, sender and text).
+    assert [(g["text"], g["recent"]) for g in got] == [("seen", True), ("a", True), ("b", True)]
+    again.close()
+    for text in ("c", "d", "e", "f"):
+        alice.bm(text)
+    third = WireClient(server.port)
+    assert [g["text"] for g in recent_at_login(third, "bob", keys, 1, since=last)] == ["d", "e", "f"]
+    third.close()
+    fourth = WireClient(server.port)
+    assert recent_at_login(fourth, "bob", keys, 1, since="2999-01-01T00:00:00.000Z") == []
+    fourth.close()
+    alice.close()
+
+
+@pytest.mark.parametrize("since", [17, "yesterday", "2026-13-01T00:00:00.000Z", ""])
+def test_bad_since_is_bad_request_and_key_can_be_sent_again(connect, keys, since):
+    client = connect()
+    assert client.login_start("alice")["ok"] and client.password(PASSWORD + "alice")["ok"]
+    reply = client.request({"op": "KEY", "public_key": keys(0).public.key_form, "since": since})
+    assert reply["ok"] is False and reply["error"] == "bad_request"
+    assert client.key(keys(0))["ok"]
 
 
 def test_history_empty_and_bad_limit(connect, keys):

@@ -98,6 +98,11 @@ def assert_error(frames: list, op: str, error: str) -> dict:
     return reply
 
 
+def bm_sent(d: RoomDriver, recipients: int) -> dict:
+    """A BM's SEND reply: the recipients and the time it was stored under (section 11)."""
+    return {"op": "SEND", "ok": True, "recipients": recipients, "ts": protocol.timestamp(d.clock())}
+
+
 def data_frames(d: RoomDriver, cid: int, op: str | None = None, since: int = 0) -> list[dict]:
     return [f.body for f in d.inbox[cid][since:] if f.kind == "D" and (op is None or f.body["op"] == op)]
 
@@ -401,7 +406,7 @@ def test_refused_send_can_be_retried(driver):
     ctx = drive_to(driver, State.AWAIT_BM_TEXT)
     assert_error(driver.send(ctx.cid, {"op": "SEND", "text": "   "}), "SEND", "bad_request")
     reply = one_reply(driver.send(ctx.cid, {"op": "SEND", "text": "second try"}), "SEND")
-    assert reply == {"op": "SEND", "ok": True, "recipients": 1}
+    assert reply == bm_sent(driver, 1)
     assert [m["text"] for m in data_frames(driver, ctx.bob, "BM")] == ["second try"]
 
     ctx2 = drive_to(driver, State.AWAIT_PM_TEXT)  # a second alice connection takes over
@@ -636,7 +641,7 @@ def test_bm_reaches_exactly_the_other_online_users(driver):
     seen = {cid: len(driver.inbox[cid]) for cid in (alice, bob, carol, keyless, fresh)}
     one_reply(driver.send(alice, {"op": "BM"}), "BM")
     reply = one_reply(driver.send(alice, {"op": "SEND", "text": "hello all"}), "SEND")
-    assert reply == {"op": "SEND", "ok": True, "recipients": 2}
+    assert reply == bm_sent(driver, 2)
     for cid in (bob, carol):
         (bm,) = data_frames(driver, cid, "BM", seen[cid])
         assert bm["from"] == "alice" and bm["text"] == "hello all"
@@ -1162,7 +1167,7 @@ def test_send_then_exit_in_one_pass(driver):
     ctx = drive_to(driver, State.AWAIT_BM_TEXT)
     seen = len(driver.inbox[ctx.bob])
     frames = driver.send_many(ctx.cid, [{"op": "SEND", "text": "bye all"}, {"op": "EX"}, {"op": "BM"}])
-    assert [f.body for f in frames] == [{"op": "SEND", "ok": True, "recipients": 1}, {"op": "EX", "ok": True}]
+    assert [f.body for f in frames] == [bm_sent(driver, 1), {"op": "EX", "ok": True}]
     assert [(b["op"], b.get("text"), b.get("online")) for b in data_frames(driver, ctx.bob, since=seen)] == \
         [("BM", "bye all", None), ("PRESENCE", None, False)]
     assert driver.history("alice")[-1]["text"] == "bye all" == driver.history("bob")[-1]["text"]
@@ -1195,7 +1200,7 @@ def test_takeover_while_a_send_is_pending(driver):
                      (new, {"op": "PASSWORD", "ciphertext": seal_password(login["server_key"], login["nonce"],
                                                                           PASSWORD)})])
     tail = [f.body for f in driver.inbox[ctx.cid][-2:]]
-    assert tail == [{"op": "SEND", "ok": True, "recipients": 1}, {"op": "BYE", "reason": "replaced"}]
+    assert tail == [bm_sent(driver, 1), {"op": "BYE", "reason": "replaced"}]
     assert ctx.cid in driver.closed and ctx.cid not in driver.room.sessions
     assert replies(driver.inbox[new])[-1]["ok"] is True
     one_reply(driver.send(new, {"op": "KEY", "public_key": client_keys(0).public.key_form}), "KEY")
@@ -1221,7 +1226,7 @@ def test_bad_frame_after_pipelined_requests(driver):
     data = framing.command({"op": "BM"}) + framing.command({"op": "SEND", "text": "before"}) + b"X\0\0\0\2{}"
     driver.run_pass([(ctx.cid, data)])
     bodies = [f.body for f in driver.inbox[ctx.cid]][-3:]
-    assert bodies[:2] == [{"op": "BM", "ok": True}, {"op": "SEND", "ok": True, "recipients": 1}]
+    assert bodies[:2] == [{"op": "BM", "ok": True}, bm_sent(driver, 1)]
     assert bodies[2]["op"] == "ERROR" and bodies[2]["error"] == "bad_frame" and bodies[2]["ok"] is False
     assert ctx.cid in driver.closed and ctx.cid not in driver.room.sessions
     assert [(b["op"], b.get("online")) for b in data_frames(driver, ctx.bob, since=seen)] == \
@@ -1266,6 +1271,7 @@ class RoomMachine(RuleBasedStateMachine):
         self.conns: dict[int, Conn] = {}
         self.registered: dict[str, str] = {}     # key -> registered spelling
         self.entries: dict[str, int] = {}        # registered spelling -> history entries
+        self.room_bms: list[tuple[str, str]] = []  # (sender, text) of every BM stored, oldest first
         self.logged_in: dict[str, int] = {}      # key -> cid, after PASSWORD
         self.online: dict[str, int] = {}         # key -> cid, after KEY
         self.failed_at: dict[str, float] = {}    # key -> time of the last wrong password
@@ -1384,7 +1390,13 @@ class RoomMachine(RuleBasedStateMachine):
         assert conn.user not in self.online
         self.online[conn.user] = conn.cid
         conn.state = State.READY
-        conn.key_index = len(self.d.inbox[conn.cid]) - 1
+        inbox = self.d.inbox[conn.cid]
+        conn.key_index = max(i for i, f in enumerate(inbox) if f.kind == "C" and f.body["op"] == "KEY")
+        # Section 11: the room's newest BMs (stored before it came online) follow the KEY reply.
+        recent = [(f.body["from"], f.body["text"]) for f in inbox[conn.key_index + 1:]]
+        assert recent == self.room_bms[-state.RECENT:]
+        assert all(f.kind == "D" and f.body["op"] == "BM" and f.body["recent"] is True
+                   for f in inbox[conn.key_index + 1:])
         conn.key_online = reply["online"]
         for cid in self.online.values():
             if cid != conn.cid:
@@ -1417,12 +1429,13 @@ class RoomMachine(RuleBasedStateMachine):
             return
         sender = self.registered[conn.user]
         others = [k for k in self.online if k != conn.user]
-        assert reply == {"op": "SEND", "ok": True, "recipients": len(others)}
+        assert reply == bm_sent(self.d, len(others))
         event(f"BM to {len(others)}")
         conn.state = State.READY
         entry = self.d.history(sender)[-1]
         assert entry == {"ts": entry["ts"], "type": "BM", "from": sender, "to": "*", "text": text}
         self.entries[sender] += 1
+        self.room_bms.append((sender, text))
         for k in others:
             cid = self.online[k]
             new = self.d.inbox[cid][seen[cid]:]

@@ -1,0 +1,266 @@
+"""Coming back after a lost connection, through a real pty (docs/PROTOCOL.md section 11).
+
+The terminal client reaches the server through ``Relay``, a loopback TCP relay
+the test controls: it refuses new connections while the test makes things
+happen that the client must catch up on, and can be pointed at another node.
+A server restart (BYE shutdown), a node killed in Redis mode (the connection
+just drops), a takeover (BYE replaced: no reconnect), Ctrl-C while waiting,
+and a message that was on its way when the connection went.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import socket
+import threading
+
+import pytest
+
+from pg3lib import PublicKey
+from redisproc import flushall
+from serverproc import ServerProcess
+import test_client_e2e as e2e
+from test_client_e2e import CLOCK, PASSWORD, PtyClient
+from wire import WireClient
+
+home, ptys = e2e.home, e2e.ptys   # the pty tests' fixtures: a configuration directory, a logged-in client
+
+BACK_WITHIN = 20.0   # the client's waits between attempts grow to 4 s by the fourth
+
+
+class Relay:
+    """127.0.0.1:port -> 127.0.0.1:upstream, byte for byte (TLS passes through untouched)."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.refusing = False      # accept and close at once (the client sees the connection drop)
+        self.accepted = 0          # connections relayed so far
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._cut = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def cut(self) -> None:
+        """Close every relayed connection (both ends), as a network failure would."""
+        self._cut.set()
+
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ, None)
+        pairs: dict[socket.socket, socket.socket] = {}
+
+        def close(sock: socket.socket) -> None:
+            other = pairs.pop(sock, None)
+            for s in (sock, other):
+                if s is not None:
+                    pairs.pop(s, None)
+                    try:
+                        sel.unregister(s)
+                    except (KeyError, ValueError):
+                        pass
+                    s.close()
+
+        while not self._stop.is_set():
+            if self._cut.is_set():
+                self._cut.clear()
+                for sock in list(pairs):
+                    close(sock)
+            for key, _ in sel.select(0.05):
+                if key.data is None:
+                    conn, _ = self.listener.accept()
+                    if self.refusing:
+                        conn.close()
+                        continue
+                    try:
+                        up = socket.create_connection(("127.0.0.1", self.upstream), timeout=2)
+                    except OSError:
+                        conn.close()
+                        continue
+                    self.accepted += 1
+                    pairs[conn], pairs[up] = up, conn
+                    sel.register(conn, selectors.EVENT_READ, "pipe")
+                    sel.register(up, selectors.EVENT_READ, "pipe")
+                    continue
+                sock = key.fileobj
+                if sock not in pairs:
+                    continue
+                try:
+                    data = sock.recv(65536)
+                    if data:
+                        pairs[sock].sendall(data)
+                        continue
+                except OSError:
+                    pass
+                close(sock)
+        for sock in list(pairs):
+            close(sock)
+        sel.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def relays():
+    made: list[Relay] = []
+
+    def make(upstream: int) -> Relay:
+        made.append(Relay(upstream))
+        return made[-1]
+
+    yield make
+    for relay in made:
+        relay.close()
+
+
+def wire(port: int, name: str, key_pair) -> WireClient:
+    client = WireClient(port)
+    client.login(name, PASSWORD, key_pair)
+    return client
+
+
+def offline_pm(sender: WireClient, target: str, text: str) -> dict:
+    """A PM stored for an offline target (TARGET with "offline": true)."""
+    assert sender.request({"op": "PM"})["ok"]
+    reply = sender.request({"op": "TARGET", "username": target, "offline": True})
+    assert reply["ok"] and reply["online"] is False, reply
+    body = sender.pm_send(reply["username"], PublicKey.from_key_form(reply["public_key"]), text)
+    reply = sender.request(body)
+    assert reply["ok"], reply
+    return reply
+
+
+def rows_matching(client: PtyClient, pattern: str) -> list[int]:
+    return [i for i, row in enumerate(client.rows()) if re.fullmatch(pattern, row)]
+
+
+def test_a_server_restart_is_reconnected_and_what_was_missed_is_shown_once(server, keys, home, ptys, relays):
+    relay = relays(server.port)
+    alice = ptys(relay.port, "alice", home("alice"), keys(0))
+    bob = wire(server.port, "bob", keys(1))
+    alice.wait_for("* bob is online")
+    bob.bm("before")
+    alice.wait_line(CLOCK + " bob: before")
+    alice.type("BM half typed")
+    alice.wait_prompt("alice> BM half typed")
+
+    relay.refusing = True
+    server.stop()      # SIGTERM: BYE shutdown to everyone
+    alice.wait_for("the server is shutting down")
+    alice.wait_for("trying again in")
+    server.restart()   # the same port and data directory
+    bob = wire(server.port, "bob", keys(1))
+    bob.bm("missed one")
+    bob.bm("missed two")
+    offline_pm(bob, "alice", "psst, while you were out")
+    relay.refusing = False
+
+    alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
+    alice.wait_line(CLOCK + " bob: missed two")
+    alice.wait_for("bob -> you (private): psst, while you were out")
+    alice.wait_prompt("alice> BM half typed")       # the half-typed line is still there
+    text = alice.text()
+    assert "the server is shutting down" in text and "while you were away:" in text
+    assert len(rows_matching(alice, CLOCK + " bob: before")) == 1          # not shown again
+    one, two = (rows_matching(alice, CLOCK + f" bob: missed {n}") for n in ("one", "two"))
+    assert len(one) == len(two) == 1 and one[0] < two[0]                   # once each, in order
+    assert text.count("psst, while you were out") == 1
+    assert len(rows_matching(alice, "choose a password:")) == 1 and "password for alice" not in text  # not again
+
+    alice.type("\r")                                 # Enter sends the kept line on the new connection
+    assert bob.wait_data("BM", text="half typed")["from"] == "alice"
+    alice.type("EX\r")
+    assert alice.wait_exit() == 0
+
+
+def test_a_dropped_connection_puts_an_unconfirmed_message_back_in_the_line(server, keys, home, ptys, relays):
+    relay = relays(server.port)
+    alice = ptys(relay.port, "alice", home("alice"), keys(0))
+    bob = wire(server.port, "bob", keys(1))
+    alice.wait_for("* bob is online")
+    server.signal(signal.SIGSTOP)   # the server holds the BM: no SEND reply comes
+    try:
+        alice.type("BM are you there?\r")
+        alice.wait_for("alice> BM are you there?")
+        relay.refusing = True
+        relay.cut()
+        alice.wait_for("not confirmed by the server before the connection dropped")
+    finally:
+        server.signal(signal.SIGCONT)
+    relay.refusing = False
+    alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
+    alice.wait_prompt("alice> BM are you there?")   # back in the line, to send again or drop
+    bob.close()
+
+
+def test_replaced_does_not_reconnect(server, keys, home, ptys):
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    wire(server.port, "alice", keys(0))   # the same account logs in elsewhere
+    assert alice.wait_exit() == 1
+    text = alice.text()
+    assert "you logged in somewhere else" in text and "reconnect" not in text
+
+
+def test_ctrl_c_stops_reconnecting(server, keys, home, ptys, relays):
+    relay = relays(server.port)
+    alice = ptys(relay.port, "alice", home("alice"), keys(0))
+    relay.refusing = True
+    relay.cut()
+    alice.wait_for("trying again in")
+    accepted = relay.accepted
+    alice.type(b"\x03")
+    assert alice.wait_exit() == 1
+    assert "stopped reconnecting" in alice.text() and relay.accepted == accepted
+
+
+@pytest.fixture
+def nodes(redis_server, tmp_path):
+    """nodes(n) -> n chatserver.py nodes on one emptied Redis, with the room's key file."""
+    started: list[ServerProcess] = []
+
+    def make(count: int) -> list[ServerProcess]:
+        flushall(redis_server.port)
+        key_file = str(tmp_path / "room_server_key.pem")
+        for i in range(count):
+            data = tmp_path / f"node{i}"
+            data.mkdir()
+            started.append(ServerProcess(str(data), "--redis", redis_server.url + "/0", "--server-key", key_file)
+                           .start())
+        return started
+
+    yield make
+    for node in started:
+        node.kill()
+
+
+def test_a_killed_node_is_reconnected_through_another_and_the_room_caught_up(nodes, keys, home, ptys, relays):
+    a, b = nodes(2)
+    relay = relays(a.port)               # as a load balancer in front of the nodes would
+    alice = ptys(relay.port, "alice", home("alice"), keys(0))
+    bob = wire(b.port, "bob", keys(1))
+    alice.wait_for("* bob is online")
+    bob.bm("before")
+    alice.wait_line(CLOCK + " bob: before")
+
+    relay.refusing = True
+    relay.upstream = b.port
+    a.kill()                             # SIGKILL: no BYE, the connection just ends
+    alice.wait_for("trying again in")
+    bob.bm("missed on node B")
+    relay.refusing = False
+
+    alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
+    alice.wait_line(CLOCK + " bob: missed on node B")
+    assert len(rows_matching(alice, CLOCK + " bob: before")) == 1
+    bob.bm("live again")
+    alice.wait_line(CLOCK + " bob: live again")
+    alice.type("EX\r")
+    assert alice.wait_exit() == 0
+    assert os.path.exists(a.data_dir)
