@@ -56,7 +56,7 @@ def test_help_explains_every_option():
     for option in ("PORT", "--host", "--data", "--login-timeout", "--max-clients", "--log-level",
                    "--frame-limit", "--send-queue", "--max-per-ip", "--flood-rate", "--flood-burst",
                    "--scrypt-n", "--register-rate", "--login-delay-cap", "--require-tls", "--accept-pm1",
-                   "--no-accept-pm1", "--offline-limit"):
+                   "--no-accept-pm1", "--offline-limit", "--recent", "--catch-up-limit"):
         assert option in out
 
 
