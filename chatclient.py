@@ -268,6 +268,14 @@ def format_history_entry(entry: dict, open_sealed: Callable[[Any], str | None]) 
     return f"[{when}] {kind} {sender} -> {receiver}: {text}"
 
 
+def login_nonce(reply: dict) -> bytes:
+    """The nonce of a LOGIN reply (section 4.1); a malformed one stops the login."""
+    try:
+        return pg3lib.b64decode_strict(str(reply.get("nonce", "")))
+    except ValueError:
+        raise ClientExit("the server sent a malformed login nonce; password not sent") from None
+
+
 def succeeded(reply: dict) -> bool:
     """A reply with ``"ok": true`` (not merely something truthy)."""
     return reply.get("ok") is True
@@ -476,7 +484,6 @@ class Session:
         self.shown_set: set[tuple] = set()
         self.recent_header = ""  # said once, before the first recent BM of a login
         self.in_flight: str = ""  # the command of a message sent and not yet answered
-        self.catch_up_since = ""  # the KEY "since" of the login after a lost connection
 
     def request(self, body: dict) -> Flow:
         yield Send(body)
@@ -494,8 +501,8 @@ class Session:
         anything, show what was missed, then take operations as before."""
         der = yield Handshake()
         self.check_certificate(der)
-        yield from self.login(again=True)
-        yield from self.catch_up_private()
+        since = yield from self.login(again=True)
+        yield from self.catch_up_private(since)
         return (yield from self.operations())
 
     def connection_lost(self, asking: Ask | None, typed: str) -> str:
@@ -552,7 +559,7 @@ class Session:
     # --- login ---------------------------------------------------------------------
     def login(self, again: bool = False) -> Flow:
         """LOGIN, PASSWORD and KEY. ``again``: the same account after a lost connection, with the
-        password and key pair of this run's first login, and KEY's ``since`` to catch up."""
+        password and key pair of this run's first login, and KEY's ``since`` to catch up (returned)."""
         reply = yield from self.request({"op": Op.LOGIN, "username": self.username})
         if not succeeded(reply):
             raise ClientExit(f"login refused: {describe_error(reply)}")
@@ -560,10 +567,7 @@ class Session:
             return (yield from self.login_again(reply))
         server_key = self.check_server_key(reply)
         self.server_key_id = server_id(server_key.fingerprint)
-        try:
-            nonce = pg3lib.b64decode_strict(str(reply.get("nonce", "")))
-        except ValueError:
-            raise ClientExit("the server sent a malformed login nonce; password not sent") from None
+        nonce = login_nonce(reply)
         new_user = bool(reply.get("new_user"))
         if new_user and not self.interactive and not self.register:
             raise ClientExit(f"there is no account {self.username} at {self.server}; a script creates one "
@@ -590,15 +594,21 @@ class Session:
         self.password = password
         self.last_seen = protocol.timestamp(time.time() - CLOCK_SLACK)
         self.recent_header = "recent messages:"
-        reply = yield from self.request({"op": Op.KEY, "public_key": self.keys.public.key_form})
-        if not succeeded(reply):
-            raise ClientExit(f"the server refused our key: {describe_error(reply)}")
-        self.joined = self.online_now = True
-        self.set_online(reply.get("online"), reply.get("more_online"))
-        others = f"also online: {self.who_list()}" if self.online or self.more_online else "nobody else is online"
-        self.out.show(f"logged in as {self.username} at {self.server}. {others}")
+        yield from self.enter_room({}, f"logged in as {self.username} at {self.server}")
+        self.joined = True
         if self.interactive:
             self.out.show(COMMANDS_HINT)
+
+    def enter_room(self, members: dict, greeting: str) -> Flow:
+        """KEY (with members); then online, and the greeting says who else is."""
+        assert self.keys is not None
+        reply = yield from self.request({"op": Op.KEY, "public_key": self.keys.public.key_form, **members})
+        if not succeeded(reply):
+            raise ClientExit(f"the server refused our key: {describe_error(reply)}")
+        self.online_now = True
+        self.set_online(reply.get("online"), reply.get("more_online"))
+        others = f"also online: {self.who_list()}" if self.online or self.more_online else "nobody else is online"
+        self.out.show(f"{greeting}. {others}")
 
     def login_again(self, reply: dict) -> Flow:
         """PASSWORD and KEY for a login after a lost connection (LOGIN answered ``reply``)."""
@@ -608,11 +618,8 @@ class Session:
                              EXIT_SECURITY)
         if reply.get("new_user") is not False:
             raise ClientExit(f"the server no longer knows the account {self.username}; not registering it again")
-        try:
-            nonce = pg3lib.b64decode_strict(str(reply.get("nonce", "")))
-        except ValueError:
-            raise ClientExit("the server sent a malformed login nonce; password not sent") from None
-        assert self.password is not None and self.keys is not None
+        nonce = login_nonce(reply)
+        assert self.password is not None
         sealed = server_key.seal(nonce + self.password.encode("utf-8")).decode("ascii")
         reply = yield from self.request({"op": Op.PASSWORD, "ciphertext": sealed})
         if not succeeded(reply):
@@ -621,40 +628,31 @@ class Session:
             raise ClientExit(f"logging in again failed: {describe_error(reply)}")
         since = self.last_seen
         self.recent_header = "while you were away:"
-        reply = yield from self.request({"op": Op.KEY, "public_key": self.keys.public.key_form, "since": since})
-        if not succeeded(reply):
-            raise ClientExit(f"the server refused our key: {describe_error(reply)}")
-        self.online_now = True
-        self.set_online(reply.get("online"), reply.get("more_online"))
-        others = f"also online: {self.who_list()}" if self.online or self.more_online else "nobody else is online"
-        self.out.show(f"reconnected as {self.username}. {others}")
-        self.catch_up_since = since
+        yield from self.enter_room({"since": since}, f"reconnected as {self.username}")
+        return since
 
-    def catch_up_private(self) -> Flow:
+    def catch_up_private(self, since: str) -> Flow:
         """The PMs to us stored since ``since`` that this client has not shown (the ones that were
         on their way when the connection dropped): from the newest entries of CH, in order."""
-        since = self.catch_up_since
         yield Send({"op": Op.CH, "limit": CATCH_UP_HISTORY})
-        missed = []
         while True:
             reply = yield Reply(Op.CH)
             if not succeeded(reply):
                 return
             entries = reply.get("entries")
             for entry in entries if isinstance(entries, list) else ():
-                if (isinstance(entry, dict) and entry.get("type") == "PM" and isinstance(entry.get("ts"), str)
+                if not (isinstance(entry, dict) and entry.get("type") == "PM" and isinstance(entry.get("ts"), str)
                         and entry["ts"] >= since and str(entry.get("to", "")).lower() == self.username.lower()
                         and str(entry.get("from", "")).lower() not in self.ignored):
-                    missed.append(entry)
+                    continue
+                key = (str(entry.get("from")), str(entry.get("id", "")))
+                if self.seen is not None and key in self.seen:
+                    continue  # shown live, or just now as kept while we were away
+                if self.seen is not None and "id" in entry:
+                    self.seen.add(*key)
+                self.out.show(f"{self.history_line(entry)}  (while you were away)")
             if reply.get("more") is not True:
-                break
-        for entry in missed:
-            key = (str(entry.get("from")), str(entry.get("id", "")))
-            if self.seen is not None and key in self.seen:
-                continue  # shown live, or just now as kept while we were away
-            if self.seen is not None and "id" in entry:
-                self.seen.add(*key)
-            self.out.show(f"{self.history_line(entry)}  (while you were away)")
+                return
 
     def check_certificate(self, der: Any) -> None:
         """The TLS certificate's key against the one pinned for this server (section 9), before LOGIN.

@@ -262,7 +262,7 @@ return {1, old or '', offline}
 GO_ONLINE = Script("go_online", "Only if the session token is still ours: HSET chat:online, SADD nodeusers, "
                    "XADD the online event.", _NODE_OF + _ROOM_LAST + """
 -- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, token, record, ev maxlen, history maxlen,
--- recent (how many of the room's newest BMs to return).
+-- recent (how many of the room's newest BMs to return), since (only BMs with a ts at or after it; '' for all).
 -- Returns {1, online event id, the PMs kept for it (taken), the room's newest BMs, newest first}
 -- or {0, current token or ''}.
 local token = redis.call('GET', KEYS[1])
@@ -282,7 +282,14 @@ redis.call('DEL', box)
 local recent = {}
 local count = tonumber(ARGV[7]) or 0
 if count > 0 then
+  local since = ARGV[8] or ''
   for _, row in ipairs(redis.call('XREVRANGE', ARGV[1] .. 'room', '+', '-', 'COUNT', count)) do
+    if since ~= '' then
+      local ok, entry = pcall(cjson.decode, row[2][2])
+      if not ok or type(entry) ~= 'table' or type(entry.ts) ~= 'string' or entry.ts < since then
+        break
+      end
+    end
     recent[#recent + 1] = row[2][2]
   end
 end
@@ -554,9 +561,9 @@ class ChatKeys:
                           [self.prefix, name, token, expected, ev_maxlen, inbox_maxlen, self.hist_maxlen])
 
     def go_online(self, name: str, token: str, record: bytes | str, maxlen: int = EV_MAXLEN,
-                  recent: int = 0) -> ScriptCall:
+                  recent: int = 0, since: str = "") -> ScriptCall:
         return ScriptCall(GO_ONLINE, [self.sess(name), self.online, self.ev],
-                          [self.prefix, name, token, record, maxlen, self.hist_maxlen, recent])
+                          [self.prefix, name, token, record, maxlen, self.hist_maxlen, recent, since])
 
     def logout(self, name: str, token: str, maxlen: int = EV_MAXLEN) -> ScriptCall:
         return ScriptCall(LOGOUT, [self.sess(name), self.online, self.ev],

@@ -431,7 +431,8 @@ class RedisStore:
                           *keys.login_swap(request.key, request.token))
         elif isinstance(request, store.GoOnline):
             self.cmd.eval(checked(self._went_online),
-                          *keys.go_online(request.key, request.token, request.record, recent=request.recent))
+                          *keys.go_online(request.key, request.token, request.record, recent=request.recent,
+                                          since=request.since))
         elif isinstance(request, store.Logout):
             self.cmd.eval(lambda _: None, *keys.logout(request.key, request.token))
         elif isinstance(request, store.AppendHistory):

@@ -759,8 +759,8 @@ class Room:
         out.append(DeliverAll(presence_frame(session.username, True, self.clock()), session.key))
         # The PMs kept while it was offline (section 5), right after the KEY reply; asked for in the
         # same pass as it came online, so every PM is either kept before it or delivered live after.
-        return Ask(store.TakeOffline(session.cid, session.username, self._recent_count(session)),
-                   self._offline_taken)
+        return Ask(store.TakeOffline(session.cid, session.username, self._recent_count(session),
+                                     session.since or ""), self._offline_taken)
 
     def _offline_taken(self, session: Session, result: store.Result, out: Effects) -> None:
         """Never refused: KEY is answered already (if the PMs cannot be read they stay kept)."""
@@ -775,9 +775,8 @@ class Room:
 
     def _send_recent(self, session: Session, lines: tuple, out: Effects) -> None:
         """The room's BMs from before it came online, as ``D BM`` with ``"recent": true``, oldest
-        first: those since its ``since`` (a client coming back), else the newest few. Sent as
-        pages, so that a long catch-up never counts against the client's send queue."""
-        since = session.since
+        first (the store read those since its ``since``, or the newest few). Sent as pages, so
+        that a long catch-up never counts against the client's send queue."""
         frames: list[bytes] = []
         size = 0
         for text in lines:
@@ -786,8 +785,6 @@ class Room:
             except ValueError:
                 continue
             if not isinstance(entry, dict) or entry.get("type") != "BM" or not isinstance(entry.get("ts"), str):
-                continue
-            if since is not None and entry["ts"] < since:   # one fixed format: ordered as text
                 continue
             frame = framing.data({"op": Op.BM, "from": entry.get("from"), "text": entry.get("text"),
                                   "ts": entry["ts"], "recent": True})
@@ -1363,7 +1360,7 @@ class SharedRoom(Room):
                                       "public_key": public_key.key_form,
                                       "fingerprint": public_key.fingerprint}).decode("utf-8")
         return Ask(store.GoOnline(session.cid, session.key, self._token_of(session), record,
-                                  self._recent_count(session)), self._went_online)
+                                  self._recent_count(session), session.since or ""), self._went_online)
 
     def _went_online(self, session: Session, result: store.Result, out: Effects) -> None:
         if session.state is State.CLOSED:

@@ -431,6 +431,17 @@ class RoomLog:
         os.close(self._fd)
 
 
+def _ts_of(text: str) -> str:
+    """The ``ts`` of a room log line ("" if it has none): its lines are written ts first."""
+    if text.startswith('{"ts":"'):
+        return text[7:text.find('"', 7)]
+    try:
+        ts = json.loads(text).get("ts")
+    except (ValueError, AttributeError):
+        return ""
+    return ts if isinstance(ts, str) else ""
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -881,7 +892,7 @@ class FileStore:
         elif isinstance(request, store.LoadLastKey):
             result = self._last_key(request.key)
         elif isinstance(request, store.TakeOffline):
-            result = self._take_offline(request.username, request.recent)
+            result = self._take_offline(request.username, request.recent, request.since)
         else:
             raise TypeError(f"not a store request: {request!r}")
         self._queue.append([request.cid, result, None])
@@ -1020,13 +1031,16 @@ class FileStore:
                 self._kept.pop(target, None)   # counted again from the file
                 message.result = store.Appended(frozenset({target}))
 
-    def _recent(self, count: int) -> tuple:
-        """The room log's newest ``count`` BMs, oldest first (none if they cannot be read)."""
+    def _recent(self, count: int, since: str = "") -> tuple:
+        """The room log's newest ``count`` BMs (none older than ``since``), oldest first; none if
+        they cannot be read. Reading stops at the first one older than ``since``."""
         if count <= 0:
             return ()
         lines = []
         try:
             for text in self.room.read_back(0, self.room.end):
+                if since and _ts_of(text) < since:
+                    break
                 lines.append(text)
                 if len(lines) >= count:
                     break
@@ -1035,12 +1049,12 @@ class FileStore:
             return ()
         return tuple(reversed(lines))
 
-    def _take_offline(self, username: str, recent: int = 0) -> store.Result:
+    def _take_offline(self, username: str, recent: int = 0, since: str = "") -> store.Result:
         """The PMs kept for the user, oldest first (the file is removed, so each goes to one
-        login), and the room's newest ``recent`` BMs."""
+        login), and the room's newest ``recent`` BMs since ``since``."""
         if self._messages or self._user_ops:
             self._write()   # what was asked for before this is in it
-        newest = self._recent(recent)
+        newest = self._recent(recent, since)
         path = self._path(username, OFFLINE_SUFFIX)
         try:
             with open(path, "rb") as fh:

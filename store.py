@@ -106,14 +106,16 @@ class GoOnline(NamedTuple):
     """Put the session online if ``token`` is still the account's session. Result: ``WentOnline``.
 
     In the same step it takes the PMs kept for the account and reads the room's
-    newest ``recent`` BMs: every BM is either among those or stored after the
-    session came online (and so delivered to it live).
+    newest ``recent`` BMs (only those whose ``ts`` is ``since`` or later, if
+    given): every BM is either among those or stored after the session came
+    online (and so delivered to it live).
     """
     cid: int
     key: str
     token: str
     record: str   # JSON: username, token, public_key, fingerprint (other nodes answer TARGET with it)
     recent: int = 0
+    since: str = ""
 
 
 class Logout(NamedTuple):
@@ -216,13 +218,15 @@ class StoreOfflinePM(NamedTuple):
 
 class TakeOffline(NamedTuple):
     """Take the PMs kept for the user (registered spelling), oldest first, once: a store hands
-    each to one login only; and read the room's newest ``recent`` BMs, stored before this
-    request (the user is online from its ``MarkOnline``, asked for just before, so later BMs
-    reach it live). Result: ``OfflineTaken``. (A store of several nodes does both in
-    ``GoOnline`` instead, see ``WentOnline``.)"""
+    each to one login only; and read the room's newest ``recent`` BMs (those whose ``ts`` is
+    ``since`` or later, if given), stored before this request (the user is online from its
+    ``MarkOnline``, asked for just before, so later BMs reach it live). Result:
+    ``OfflineTaken``. (A store of several nodes does both in ``GoOnline`` instead, see
+    ``WentOnline``.)"""
     cid: int
     username: str
     recent: int = 0
+    since: str = ""
 
 
 Request = Union[LoadAccount, CreateAccount, AppendHistory, ReadHistory, MarkOnline, ClaimSession, GoOnline, Logout,
