@@ -24,6 +24,7 @@ import pytest
 from Crypto.Cipher import PKCS1_OAEP
 from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
+from Crypto.Signature import pss
 from cryptography import fernet as crypto_fernet
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -620,3 +621,133 @@ def test_values_that_are_not_text(keypair: KeyPair, value) -> None:
     with pytest.raises(InvalidToken):
         keypair.open(value)
     assert keypair.public.verify(b"data", value) is False
+
+
+# --- the PSS check: pss_sha256_verify against pycryptodome's and cryptography's ------------
+
+def _key_of_bits(bits: int) -> RSA.RsaKey:
+    """A private key whose modulus has exactly this many bits (odd sizes cannot be generated)."""
+    from Crypto.Util.number import getPrime, inverse
+    while True:
+        p, q = getPrime(bits - bits // 2), getPrime(bits // 2)
+        n = p * q
+        if p != q and n.bit_length() == bits and (p - 1) % 65537 and (q - 1) % 65537:
+            return RSA.construct((n, 65537, inverse(65537, (p - 1) * (q - 1)), p, q))
+
+
+@pytest.fixture(scope="module")
+def pss_keys() -> dict[int, RSA.RsaKey]:
+    """Moduli of 2048 bits (em_len = k), 2049 (em_len = k - 1) and 2052 (a 4-bit mask)."""
+    return {bits: _key_of_bits(bits) for bits in (2048, 2049, 2052)}
+
+
+def _emsa_pss_encode(m_hash: bytes, em_bits: int, salt: bytes, db_mask_bits: int) -> bytes:
+    """EMSA-PSS-ENCODE (RFC 8017 9.1.1) with SHA-256, any salt; db_mask_bits leftmost bits kept."""
+    em_len = (em_bits + 7) // 8
+    h = hashlib.sha256(bytes(8) + m_hash + salt).digest()
+    db = bytes(em_len - len(salt) - 32 - 2) + b"\x01" + salt
+    masked = bytes(a ^ b for a, b in zip(db, pg3lib._mgf1_sha256(h, len(db))))
+    clear = 8 * em_len - em_bits
+    masked = bytes([masked[0] & (0xFF >> clear if not db_mask_bits else 0xFF)]) + masked[1:]
+    return masked + h + b"\xbc"
+
+
+def _raw_sign(key: RSA.RsaKey, em: bytes) -> bytes | None:
+    """em**d mod n (CRT) as k bytes, or None if em is not below n."""
+    m = int.from_bytes(em, "big")
+    if m >= key.n:
+        return None
+    p, q, d = int(key.p), int(key.q), int(key.d)
+    mp, mq = pow(m, d % (p - 1), p), pow(m, d % (q - 1), q)
+    s = mq + q * ((mp - mq) * pow(q, -1, p) % p)
+    return s.to_bytes((key.n.bit_length() + 7) // 8, "big")
+
+
+def _verdicts(key: RSA.RsaKey, data: bytes, signature: bytes) -> tuple[bool, bool, bool]:
+    ours = PublicKey(key.public_key()).verify(data, base64.b64encode(signature))
+    try:
+        pss.new(key.public_key(), salt_bytes=32).verify(SHA256.new(data), signature)
+        theirs = True
+    except ValueError:
+        theirs = False
+    reference = serialization.load_der_public_key(key.public_key().export_key("DER"))
+    try:
+        reference.verify(signature, data, PSS_32, hashes.SHA256())
+        openssl = True
+    except InvalidSignature:
+        openssl = False
+    return ours, theirs, openssl
+
+
+# Where a broken encoding is broken: a byte range of EM per part (salt length 32).
+_EM_PARTS = ("ps", "one", "salt", "h", "trailer", "anywhere")
+
+
+def _part_range(part: str, em_len: int, salt_len: int) -> tuple[int, int]:
+    db_len = em_len - 33
+    ps_len = db_len - salt_len - 1
+    return {"ps": (0, ps_len), "one": (ps_len, ps_len + 1), "salt": (ps_len + 1, db_len),
+            "h": (db_len, em_len - 1), "trailer": (em_len - 1, em_len), "anywhere": (0, em_len)}[part]
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits=st.sampled_from((2048, 2049, 2052)), data=st.binary(max_size=64),
+       salt_len=st.sampled_from((32, 32, 32, 0, 20, 31, 33, 64)),
+       broken=st.one_of(st.none(), st.tuples(st.sampled_from(_EM_PARTS), st.integers(0, 255), st.integers(0, 7))),
+       high_bits=st.booleans())
+def test_pss_check_agrees_with_pycryptodome_and_openssl(pss_keys, bits, data, salt_len, broken,
+                                                       high_bits) -> None:
+    """Encodings made by hand, right or broken in one bit of one part (PS, the 0x01, the
+    salt, H, the trailer, anywhere), with the bits that must be zero set or not and salts
+    of other lengths, signed raw: all three verifiers decide alike, and the right ones verify."""
+    key = pss_keys[bits]
+    em = _emsa_pss_encode(hashlib.sha256(data).digest(), bits - 1, os.urandom(salt_len), high_bits)
+    if broken is not None:
+        start, end = _part_range(broken[0], len(em), salt_len)
+        if start < end:
+            em = flip(em, 8 * (start + broken[1] % (end - start)) + broken[2])
+    signature = _raw_sign(key, em)
+    if signature is None:
+        return
+    ours, theirs, openssl = _verdicts(key, data, signature)
+    assert ours == theirs == openssl
+    if salt_len == 32 and broken is None and not high_bits:
+        assert ours
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.binary(max_size=64), raw=st.binary(min_size=255, max_size=257))
+def test_pss_check_rejects_what_the_others_reject(pss_keys, data, raw) -> None:
+    """Random signatures (of the right length or one off, some at or above n) are refused alike."""
+    for key in pss_keys.values():
+        ours, theirs, _ = _verdicts(key, data, raw)
+        assert ours == theirs is False
+    key = pss_keys[2048]
+    n = key.n.to_bytes(256, "big")
+    for signature in (n, (key.n + 1).to_bytes(256, "big"), bytes(256), b"\xff" * 256):   # n, above, 0
+        assert _verdicts(key, data, signature)[0] is False
+
+
+def test_pss_check_refuses_every_bit_of_the_short_parts(pss_keys) -> None:
+    """Each bit of the trailer and of the 0x01, the first and last bits of PS, salt and H,
+    and the five leftmost bits of EM, which must be zero (those below n)."""
+    key = pss_keys[2052]
+    data = b"PM2\nid"
+    em = _emsa_pss_encode(hashlib.sha256(data).digest(), 2051, os.urandom(32), False)
+    assert _verdicts(key, data, _raw_sign(key, em)) == (True, True, True)
+    for part in ("trailer", "one", "ps", "salt", "h"):
+        start, end = _part_range(part, len(em), 32)
+        bits = range(8 * start, 8 * end) if end - start == 1 else (8 * start + 1, 8 * end - 1)
+        for bit in bits:
+            assert _verdicts(key, data, _raw_sign(key, flip(em, bit))) == (False, False, False), (part, bit)
+    top = [signature for signature in (_raw_sign(key, flip(em, bit)) for bit in range(3, 8)) if signature]
+    assert top
+    for signature in top:
+        assert _verdicts(key, data, signature) == (False, False, False)
+
+
+def test_pss_check_accepts_real_signatures(pss_keys) -> None:
+    for key in pss_keys.values():
+        for data in (b"", b"PM2\nx", os.urandom(300)):
+            signature = pss.new(key, salt_bytes=32).sign(SHA256.new(data))
+            assert _verdicts(key, data, signature) == (True, True, True)
