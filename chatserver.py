@@ -393,7 +393,7 @@ class ChatServer:
                 self.store.submit(effect)
 
     def _deliver_broadcasts(self) -> None:
-        """Queue the pass's broadcasts: one chunk for each online user, built once for nearly all.
+        """Send the pass's broadcasts: one chunk for each online user, built once for nearly all.
 
         A run of DeliverAll effects (BMs to everyone else, presence) reaches every
         online user except each effect's own sender, so all but the few senders,
@@ -408,7 +408,7 @@ class ChatServer:
         for user, conn in self.online.items():
             start = conn.seen[1] if conn.seen[0] == generation else 0
             if start == 0 and user not in senders:
-                conn.queue(whole)
+                conn.offer(whole)
             else:
                 mine = b"".join(effect.data for effect in run[start:] if effect.exclude != user)
                 if mine:

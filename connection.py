@@ -244,6 +244,28 @@ class Connection:
         if self.send_cap and self.out_size + self.paced_other > self.send_cap:
             self.too_slow()
 
+    def offer(self, data: bytes) -> None:
+        """Send data at once if nothing waits before it, else queue it (a fan-out's one send).
+
+        Never closes the connection here: a failed send queues the data, and the flush
+        that follows in this pass meets the error again and closes (the caller may be
+        walking the table of connections).
+        """
+        if self.out or self.paced is not None or self.tls is not None or self.ending:
+            self.queue(data)
+            return
+        try:
+            sent = self.sock.send(data)
+        except OSError:   # would block, or failed: the flush knows which
+            sent = 0
+        if sent < len(data):   # the rest waits as the queue's head (no copy: data may be shared)
+            self.owner.on_output(self)
+            self.out.append(data)
+            self.head = sent
+            self.out_size = len(data) - sent
+            if self.send_cap and self.out_size > self.send_cap:
+                self.too_slow()
+
     def queue_page(self, data: bytes) -> None:
         """Queue a CH page: it enters the send queue as the socket drains, never past the cap."""
         if self.ending:
