@@ -759,7 +759,7 @@ def test_help_names_every_command_and_fits_60_columns():
     for word in chatclient.COMMANDS:
         if word != "HELP":
             assert word + " " in text, word
-    assert "CH [count | all]" in text and "Ctrl-D" in text and "never leaves" in text
+    assert "CH [count | all]" in text and "Ctrl-D" in text and "leaves only while reconnecting" in text
 
 
 def test_usage_mentions_register():
