@@ -40,7 +40,7 @@ import protocol
 import x509
 from loadgen_errors import BenchError
 from loadgen_procs import StartedRoom
-from loadgen_stats import ServerStats, self_cpu_s
+from loadgen_stats import ServerStats, host_ticks, self_cpu_s
 from protocol import Op
 
 EV_R = selectors.EVENT_READ
@@ -523,9 +523,9 @@ class Bench:
     # --- phase figures --------------------------------------------------------------------
     def mark(self) -> dict:
         """The clocks at the start of a measured phase: wall, server CPU (ns and ticks), the load
-        generator's own CPU, Redis's CPU, and each node's CPU when there are several."""
+        generator's own CPU, Redis's CPU, each node's CPU when there are several, the host's steal."""
         return {"t": time.monotonic(), "cpu": self.stats.cpu_s(), "ticks": self.stats.ticks_s(), "me": self_cpu_s(),
-                "redis": self.redis_stats.cpu_s(),
+                "redis": self.redis_stats.cpu_s(), "host": host_ticks(),
                 "nodes": [self.stats.cpu_s([pid]) for pid in self.stats.pids] if len(self.stats.pids) > 1 else None}
 
     def figures(self, start: dict, seconds: float | None = None) -> tuple:
@@ -545,7 +545,11 @@ class Bench:
                "server_cpu_ticks_s": None if ticks is None else round(ticks, 2),
                "server_cpu_pct": None if cpu is None or not wall else round(100 * cpu / wall, 1),
                "loadgen_cpu_s": round(me, 4),
-               "loadgen_cpu_pct": round(100 * me / wall, 1) if wall else None}
+               "loadgen_cpu_pct": round(100 * me / wall, 1) if wall else None,
+               "host_steal_pct": None}
+        if start["host"] and end["host"] and end["host"][1] > start["host"][1]:
+            stolen, ticks_all = (b - a for a, b in zip(start["host"], end["host"]))
+            fig["host_steal_pct"] = round(100 * stolen / ticks_all, 1)
         if start["nodes"] and end["nodes"] and len(start["nodes"]) == len(end["nodes"]):
             fig["node_cpu_s"] = [None if a is None or b is None else round(b - a, 4)
                                  for a, b in zip(start["nodes"], end["nodes"])]

@@ -32,6 +32,13 @@ def core_text(seconds, pct) -> str:
     return f"{value_text(seconds, ' s')} ({value_text(pct, '%')} of one core)"
 
 
+def loadgen_rows(d: dict) -> list:
+    """The load generator's CPU, and the host's steal over the phase (a noisy-host warning)."""
+    return [("loadgen CPU", core_text(d["loadgen_cpu_s"], d["loadgen_cpu_pct"])),
+            ("host steal", value_text(d.get("host_steal_pct"), "% of CPU time")
+             + (" (a busy host: latency tails are the host's)" if (d.get("host_steal_pct") or 0) >= 5 else ""))]
+
+
 def node_cpu_text(d: dict) -> str:
     """``; per node .. s, .. s`` with several nodes, else nothing."""
     nodes = d.get("node_cpu_s")

@@ -39,6 +39,20 @@ def per(cpu_s: float | None, count: int, digits: int = 1) -> float | None:
     return round(1e6 * cpu_s / count, digits) if cpu_s is not None and count else None
 
 
+def host_ticks() -> tuple[int, int] | None:
+    """This machine's CPU ticks so far, (stolen, all), from /proc/stat; None elsewhere.
+
+    Steal is the time a virtual machine's CPUs were ready but the host ran something
+    else: on a shared host it is what makes one run's latency tail differ from the next.
+    """
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def self_cpu_s() -> float:
     """The load generator's own CPU seconds (user + system)."""
     r = resource.getrusage(resource.RUSAGE_SELF)

@@ -19,7 +19,7 @@ import framing
 from loadgen_driver import BM_OK, BM_REQUEST, READY, SEND_OK, Bench, Conn, now_ns, padding
 from loadgen_errors import BenchError
 from loadgen_options import nonnegative, positive
-from loadgen_report import core_text, latency_text, node_cpu_text, redis_rows, value_text
+from loadgen_report import core_text, latency_text, loadgen_rows, node_cpu_text, redis_rows, value_text
 from loadgen_stats import lat_summary, per
 from protocol import Op
 
@@ -226,6 +226,5 @@ def table_rows(f: dict) -> list:
                      f"{value_text(g.get('server_cpu_us_per_delivery'), ' us')} server CPU/delivery, "
                      f"{value_text(g.get('deliveries_per_s'))} deliveries/s, latency "
                      f"p50 {g['latency']['p50_ms']} ms, p99 {g['latency']['p99_ms']} ms"))
-    rows += [("server RSS", value_text(f["server_rss_kb"], " KB")),
-             ("loadgen CPU", core_text(f["loadgen_cpu_s"], f["loadgen_cpu_pct"]))]
+    rows += [("server RSS", value_text(f["server_rss_kb"], " KB"))] + loadgen_rows(f)
     return rows

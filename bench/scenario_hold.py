@@ -14,7 +14,7 @@ import time
 from loadgen_driver import BM_OK, READY, SEND_OK, Bench, Conn, now_ns, padding, send_bm
 from loadgen_errors import BenchError
 from loadgen_options import nonnegative, positive
-from loadgen_report import core_text, latency_text, value_text
+from loadgen_report import latency_text, loadgen_rows, value_text
 from loadgen_stats import lat_summary, per
 
 HELP = "N users online; BM round trips; RSS per user"
@@ -156,5 +156,4 @@ def table_rows(h: dict) -> list:
                            f"{value_text(h['server_rss_kb'], ' KB')} with {h['users']} users "
                            f"(peak {value_text(h['server_hwm_kb'], ' KB')})"),
             ("RSS per user", value_text(h["server_rss_per_user_kb"], " KB")),
-            ("server CPU/delivery", value_text(h["server_cpu_us_per_delivery"], " us")),
-            ("loadgen CPU", core_text(h["loadgen_cpu_s"], h["loadgen_cpu_pct"]))]
+            ("server CPU/delivery", value_text(h["server_cpu_us_per_delivery"], " us"))] + loadgen_rows(h)

@@ -20,7 +20,7 @@ import pg3lib
 from loadgen_driver import PM_MARK, PM_OK, PM_REQUEST, SEND_OK, TARGET_OK, Bench, Conn, now_ns, padding
 from loadgen_errors import BenchError
 from loadgen_options import nonnegative, positive
-from loadgen_report import core_text, latency_text, node_cpu_text, redis_rows, value_text
+from loadgen_report import latency_text, loadgen_rows, node_cpu_text, redis_rows, value_text
 from loadgen_stats import lat_summary, per
 from protocol import PM_ID_BYTES, Op, timestamp
 
@@ -199,6 +199,5 @@ def table_rows(p: dict) -> list:
             ("client verify+open", latency_text(p["client_verify_open"])),
             ("server CPU/PM", value_text(p["server_cpu_us_per_message"], " us") + node_cpu_text(p))]
     rows += redis_rows(p, "PM", "redis_cpu_us_per_message")
-    rows += [("server RSS", value_text(p["server_rss_kb"], " KB")),
-             ("loadgen CPU", core_text(p["loadgen_cpu_s"], p["loadgen_cpu_pct"]))]
+    rows += [("server RSS", value_text(p["server_rss_kb"], " KB"))] + loadgen_rows(p)
     return rows
