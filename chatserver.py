@@ -412,7 +412,7 @@ class ChatServer:
             else:
                 mine = b"".join(effect.data for effect in run[start:] if effect.exclude != user)
                 if mine:
-                    conn.queue(mine)
+                    conn.offer(mine)
 
     def _catch_up(self, conn: Connection) -> None:
         """Give one connection the part of this pass's broadcasts it has not had yet."""

@@ -325,10 +325,9 @@ class PublicKey:
     def verify(self, data: bytes, signature: bytes | str) -> bool:
         """True if signature (base64 RSA-PSS SHA-256, salt 32) is this key's over data."""
         try:
-            raw = b64decode_strict(signature)
-        except (ValueError, TypeError, UnicodeError):
+            return pss_sha256_verify(self._rsa(), self._n, data, b64decode_strict(signature))
+        except (ValueError, TypeError, UnicodeError, OverflowError):   # none expected past the decoding
             return False
-        return pss_sha256_verify(self._rsa(), self._n, data, raw)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PublicKey) and self.fingerprint == other.fingerprint

@@ -626,12 +626,13 @@ def test_values_that_are_not_text(keypair: KeyPair, value) -> None:
 # --- the PSS check: pss_sha256_verify against pycryptodome's and cryptography's ------------
 
 def _key_of_bits(bits: int) -> RSA.RsaKey:
-    """A private key whose modulus has exactly this many bits (odd sizes cannot be generated)."""
+    """A private key whose modulus has exactly this many bits (odd sizes cannot be generated),
+    the two highest set: EMs with the leftmost bit that must be zero set are then mostly below n."""
     from Crypto.Util.number import getPrime, inverse
     while True:
         p, q = getPrime(bits - bits // 2), getPrime(bits // 2)
         n = p * q
-        if p != q and n.bit_length() == bits and (p - 1) % 65537 and (q - 1) % 65537:
+        if p != q and n >> (bits - 2) == 3 and (p - 1) % 65537 and (q - 1) % 65537:
             return RSA.construct((n, 65537, inverse(65537, (p - 1) * (q - 1)), p, q))
 
 
@@ -728,26 +729,74 @@ def test_pss_check_rejects_what_the_others_reject(pss_keys, data, raw) -> None:
         assert _verdicts(key, data, signature)[0] is False
 
 
-def test_pss_check_refuses_every_bit_of_the_short_parts(pss_keys) -> None:
-    """Each bit of the trailer and of the 0x01, the first and last bits of PS, salt and H,
-    and the leftmost of the bits of EM that must be zero."""
-    key = pss_keys[2052]
+@pytest.mark.parametrize("bits", [2048, 2049, 2052])
+def test_pss_check_refuses_every_bit_of_the_short_parts(pss_keys, bits) -> None:
+    """Each bit of the trailer and of the 0x01; the highest bit of DB that counts (just below
+    the ones cleared), a low one and the last one of PS; the first and last of salt and H;
+    and the lowest of the leftmost bits of EM that must be zero."""
+    key = pss_keys[bits]
     data = b"PM2\nid"
-    em = _emsa_pss_encode(hashlib.sha256(data).digest(), 2051, os.urandom(32), False)
+    em_bits = bits - 1
+
+    def encoded() -> bytes:
+        return _emsa_pss_encode(hashlib.sha256(data).digest(), em_bits, os.urandom(32), False)
+
+    em = encoded()
+    cleared = 8 * len(em) - em_bits
     assert _verdicts(key, data, _raw_sign(key, em)) == (True, True, True)
     for part in ("trailer", "one", "ps", "salt", "h"):
         start, end = _part_range(part, len(em), 32)
-        bits = range(8 * start, 8 * end) if end - start == 1 else (8 * start + 1, 8 * end - 1)
-        for bit in bits:
+        if end - start == 1:
+            flips = list(range(8 * start, 8 * end))
+        elif part == "ps":   # byte 0 holds the bits that must be zero above the highest DB keeps
+            flips = [8 * start + 1, 8 * start + 7 - cleared, 8 * end - 1, 8 * end - 8]
+        else:
+            flips = [8 * start + 1, 8 * start + 7, 8 * end - 1, 8 * end - 8]
+        for bit in flips:
             assert _verdicts(key, data, _raw_sign(key, flip(em, bit))) == (False, False, False), (part, bit)
-    # The leftmost bits that must be zero: bit 2051 set stays below n for about half the salts
-    # (higher bits never do, so the raw signature cannot be made).
-    for _ in range(64):
-        em = _emsa_pss_encode(hashlib.sha256(data).digest(), 2051, os.urandom(32), False)
-        signature = _raw_sign(key, flip(em, 3))
-        if signature is not None:
+    if cleared:
+        # The lowest bit that must be zero stays below n for half the salts or more (higher
+        # ones never do, so no raw signature can be made of them).
+        for _ in range(64):
+            signature = _raw_sign(key, flip(encoded(), 8 - cleared))
+            if signature is not None:
+                break
+        assert signature is not None and _verdicts(key, data, signature) == (False, False, False)
+
+
+def test_pss_check_refuses_other_lengths_and_s_plus_n(pss_keys) -> None:
+    """A right signature with a zero byte in front, or (when it starts with one) without it;
+    s + n, which is the same number mod n: refused, as RFC 8017 and pycryptodome refuse them."""
+    key = pss_keys[2049]   # k = 257 bytes: s + n fits in k bytes
+    k = 257
+    signature = pss.new(key, salt_bytes=32).sign(SHA256.new(b"x"))
+    assert _verdicts(key, b"x", signature) == (True, True, True)
+    assert _verdicts(key, b"x", b"\0" + signature) == (False, False, False)
+    plus_n = (int.from_bytes(signature, "big") + key.n).to_bytes(k, "big")
+    assert _verdicts(key, b"x", plus_n) == (False, False, False)
+    key = pss_keys[2048]
+    for attempt in range(3000):   # about one signature in 128 starts with a zero byte
+        data = b"%d" % attempt
+        signature = pss.new(key, salt_bytes=32).sign(SHA256.new(data))
+        if signature[0] == 0:
             break
-    assert signature is not None and _verdicts(key, data, signature) == (False, False, False)
+    assert signature[0] == 0
+    assert _verdicts(key, data, signature) == (True, True, True)
+    # RFC 8017 8.1.2 step 1 and pycryptodome: not k bytes, invalid. (OpenSSL takes it.)
+    assert _verdicts(key, data, signature[1:])[:2] == (False, False)
+
+
+def test_pss_check_without_pycryptodomes_exponentiation(pss_keys, monkeypatch) -> None:
+    """The fallback (Python's pow) decides the same, should RsaKey._encrypt ever go."""
+    key = pss_keys[2052]
+    good = pss.new(key, salt_bytes=32).sign(SHA256.new(b"y"))
+    public = PublicKey(key.public_key())
+    monkeypatch.delattr(RSA.RsaKey, "_encrypt")
+    assert public.verify(b"y", base64.b64encode(good))
+    assert not public.verify(b"z", base64.b64encode(good))
+    assert not public.verify(b"y", base64.b64encode(flip(good, 5)))
+    plus_n = (int.from_bytes(good, "big") + key.n).to_bytes(len(good), "big")
+    assert not public.verify(b"y", base64.b64encode(plus_n))
 
 
 def test_pss_check_accepts_real_signatures(pss_keys) -> None:
