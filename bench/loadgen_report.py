@@ -36,7 +36,7 @@ def loadgen_rows(d: dict) -> list:
     """The load generator's CPU, and the host's steal over the phase (a noisy-host warning)."""
     return [("loadgen CPU", core_text(d["loadgen_cpu_s"], d["loadgen_cpu_pct"])),
             ("host steal", value_text(d.get("host_steal_pct"), "% of CPU time")
-             + (" (a busy host: latency tails are the host's)" if (d.get("host_steal_pct") or 0) >= 5 else ""))]
+             + (" (a busy host: read latency tails as the host's)" if (d.get("host_steal_pct") or 0) >= 5 else ""))]
 
 
 def node_cpu_text(d: dict) -> str:
