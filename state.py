@@ -1314,6 +1314,9 @@ class SharedRoom(Room):
         self.remote: dict[str, store.RemoteUser] = {}
         self._store_decides_offline = True   # the pm_offline script delivers live if the target is online
         self._recent_bm: collections.deque = collections.deque(maxlen=RECENT_EVENTS)
+        # The latest ``online_id`` given to a local session: an event after it is for everyone
+        # online here, so it can share the pass's one chunk per user (DeliverAll).
+        self._newest_online: store.Position = store.START
 
     def _token_of(self, session: Session) -> str:
         """The session's name in the store, ``<node>/<connection>``."""
@@ -1372,6 +1375,8 @@ class SharedRoom(Room):
             self._say_bye(session, ByeReason.REPLACED, out)
             return
         session.online_id = result.position
+        if result.position > self._newest_online:
+            self._newest_online = result.position
         self._reply(session, self._names_reply(Op.KEY, session, fingerprint=session.public_key.fingerprint), out)
         for pending in result.pending:   # the PMs kept while it was offline (section 5), taken by GoOnline
             self._reply(session, pending, out)
@@ -1412,9 +1417,7 @@ class SharedRoom(Room):
         out: Effects = []
         if isinstance(event, store.Broadcast):
             self._recent_bm.append((event.position, event.sender, event.frame))
-            users = [k for k, s in self.online.items() if k != event.sender and s.online_id < event.position]
-            if users:
-                out.append(Deliver(users, event.frame))
+            self._deliver_event(event.position, event.sender, event.frame, out)
         elif isinstance(event, store.Presence):
             self._presence(event, out)
         elif isinstance(event, store.Direct):
@@ -1465,9 +1468,16 @@ class SharedRoom(Room):
             if mine and local is not None:   # our own session was logged out by another node (a reap)
                 local.claimed = False
                 self._say_bye(local, ByeReason.SHUTDOWN, out)
-        users = [k for k, s in self.online.items() if k != key and s.online_id < event.position]
+        self._deliver_event(event.position, key, presence_frame(spelling, event.online, self.clock()), out)
+
+    def _deliver_event(self, position: store.Position, sender: str, frame: bytes, out: Effects) -> None:
+        """An event's frame to every local session but the sender's that came online before it."""
+        if position > self._newest_online:   # the common case: all of them
+            out.append(DeliverAll(frame, sender))
+            return
+        users = [k for k, s in self.online.items() if k != sender and s.online_id < position]
         if users:
-            out.append(Deliver(users, presence_frame(spelling, event.online, self.clock())))
+            out.append(Deliver(users, frame))
 
     def _drop_all(self, reason: str, out: Effects) -> None:
         """Close every connection (this node lost the store)."""

@@ -719,6 +719,54 @@ def test_redis_pause_delivers_every_bm_once_and_in_order(cluster):
     assert bm_texts(history(dan)) == both[1]
 
 
+def test_users_who_log_in_during_a_stream_get_live_exactly_what_their_history_holds(cluster):
+    """Around each login the node switches between delivering an event to everyone online and
+    to those online before it: live BMs must still be the history's, none twice, none missing."""
+    a, b = cluster.node(), cluster.node()
+    ann, bob = cluster.login(a, "ann", 0), cluster.login(b, "bob", 1)
+    settle([ann, bob])
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def send(client: WireClient) -> None:
+        n = 0
+        try:
+            while not stop.is_set():
+                assert client.request({"op": "BM"}, timeout=8)["ok"]
+                assert client.request({"op": "SEND", "text": f"{client.username}-{n:05d}"}, timeout=8)["ok"]
+                n += 1
+                time.sleep(0.002)
+        except (EOFError, OSError, AssertionError, TimeoutError) as exc:
+            problems.append(f"{client.username}: {exc!r}")
+
+    senders = [threading.Thread(target=send, args=(c,), daemon=True) for c in (ann, bob)]
+    for thread in senders:
+        thread.start()
+    listen_stop = threading.Event()
+    listeners: list[tuple[WireClient, list[dict], threading.Thread]] = []
+    for i, name in enumerate(("cat", "dan", "eve", "fay", "gus", "hal")):
+        time.sleep(0.15)
+        client = cluster.login((a, b)[i % 2], name, 2 + i % 2)
+        frames: list[dict] = client.data   # D frames read while logging in, then the collector's
+        thread = threading.Thread(target=collect, args=(client, listen_stop, frames, problems), daemon=True)
+        thread.start()
+        listeners.append((client, frames, thread))
+    time.sleep(0.3)
+    stop.set()
+    for thread in senders:
+        thread.join(15)
+    listen_stop.set()
+    for *_, thread in listeners:
+        thread.join(20)
+    assert not any(t.is_alive() for t in senders + [t for *_, t in listeners]), "a client thread hung"
+    assert not problems, problems
+    for client, frames, _ in listeners:
+        live = [(d["from"], d["text"]) for d in frames if d["op"] == "BM" and not d.get("recent")]
+        recent = [d for d in frames if d["op"] == "BM" and d.get("recent")]
+        assert live and recent, f"{client.username} did not log in during the stream ({len(live)} live)"
+        assert bm_texts(history(client)) == live, f"{client.username}: live BMs are not its history's"
+
+
 def test_redis_down_gives_internal_then_bye_then_the_nodes_rejoin(cluster):
     a, b = cluster.node(), cluster.node()
     redis = cluster.redis

@@ -954,6 +954,34 @@ def test_shared_room_sends_the_pms_go_online_took_right_after_the_key_reply():
     assert framing.FrameDecoder(0).feed(sent[0])[0].body["op"] == "KEY" and sent[1:] == [kept]
 
 
+def _shared_online(room: state.SharedRoom, cid: int, name: str, position: tuple) -> None:
+    """A local session of ``name`` that came online at ``position`` in the event order."""
+    _shared_login(room, cid, name)
+    room.completed(cid, store.CLAIMED)
+    room.receive(cid, framing.Frame("C", {"op": "KEY", "public_key": client_keys(cid % 4).public.key_form}))
+    room.completed(cid, store.KEY_SAVED)
+    room.completed(cid, store.WentOnline(position))
+
+
+def test_shared_room_gives_an_event_to_everyone_online_at_once_unless_someone_came_after_it():
+    room = state.SharedRoom(server_keys(), node="node1")
+    _shared_online(room, 1, "bob", (10, 0))
+    _shared_online(room, 2, "cat", (20, 0))
+    assert room.cluster_event(store.Broadcast((15, 0), "zed", b"early")) == [state.Deliver(["bob"], b"early")]
+    assert room.cluster_event(store.Broadcast((12, 0), "bob", b"own")) == []   # the sender only is older
+    assert room.cluster_event(store.Broadcast((21, 0), "zed", b"later")) == [state.DeliverAll(b"later", "zed")]
+    assert room.cluster_event(store.Broadcast((22, 0), "cat", b"mine")) == [state.DeliverAll(b"mine", "cat")]
+    (presence,) = room.cluster_event(store.Presence((23, 0), "zed", "node2/5", False))
+    assert isinstance(presence, state.DeliverAll) and presence.exclude == "zed"
+    assert framing.FrameDecoder(0).feed(presence.data)[0].body["username"] == "zed"
+    (presence,) = room.cluster_event(store.Presence((18, 0), "zed", "node2/5", False))
+    assert isinstance(presence, state.Deliver) and presence.users == ["bob"]
+    # A later login moves the line: events before it go to those online before them only.
+    _shared_online(room, 3, "dan", (30, 0))
+    assert room.cluster_event(store.Broadcast((25, 0), "zed", b"x")) == [state.Deliver(["bob", "cat"], b"x")]
+    assert room.cluster_event(store.Broadcast((31, 0), "zed", b"y")) == [state.DeliverAll(b"y", "zed")]
+
+
 def test_ch_pages_and_limit(tmp_path):
     d = RoomDriver(str(tmp_path), server_keys(), frame_limit=1024)
     try:
