@@ -23,14 +23,20 @@ written mode 0600, atomically (``pg3lib.write_private_file``):
   than ``SEEN_KEEP`` seconds are dropped;
 * ``known_servers``: one ``host:port SHA256:...`` line per server, the key
   first seen there (trust on first use, docs/PROTOCOL.md section 9);
-* ``known_contacts``: one ``host:port username SHA256:...`` line per contact;
-* ``contact_keys``: one ``host:port username key`` line per pinned contact,
+* ``known_contacts``: one ``<server key> username SHA256:...`` line per contact;
+* ``contact_keys``: one ``<server key> username key`` line per pinned contact,
   the key itself, so that CH can check the signatures of received PMs;
-* ``ignored``: one ``host:port username`` line per user whose messages the
+* ``ignored``: one ``<server key> username`` line per user whose messages the
   client hides (IGNORE), per server like the contacts.
 
-Servers are named ``host:port`` as the user gave them (host lower-cased);
-usernames are lower-cased, as accounts are case-insensitive.
+The contacts, their keys and the ignore list belong to the room, not to one
+address of it: they are kept under the server key (``server_id``), like the key
+pairs, so every node of a room, and ``localhost`` beside ``127.0.0.1``, share
+them. Rows under the older ``host:port`` name are adopted at the first login
+that sees the server's key (``adopt_server_rows``). ``known_servers`` alone is
+by address, since it says which key an address must show. Servers are named
+``host:port`` as the user gave them (host lower-cased); usernames are
+lower-cased, as accounts are case-insensitive.
 """
 
 from __future__ import annotations
@@ -56,8 +62,12 @@ SEEN_KEEP = 2 * 600 + 86400
 SEEN_MAX = 5000  # ids kept per account, at most (the newest)
 EXPORT_FORMAT = "chatroom-key-export"
 KNOWN_CONTACTS = "known_contacts"
-CONTACT_KEYS = "contact_keys"  # host:port username key-form: the keys behind the pinned fingerprints
+CONTACT_KEYS = "contact_keys"  # server-key username key-form: the keys behind the pinned fingerprints
 IGNORED = "ignored"
+# The first line of each file kept per server key: what its fields are.
+CONTACTS_TITLE = "contact key fingerprints (server-key username fingerprint)"
+CONTACT_KEYS_TITLE = "contact keys (server-key username key)"
+IGNORED_TITLE = "users whose messages are hidden (server-key username)"
 # scrypt cost for the key passphrase: about 60 ms and 32 MiB, once per login.
 SCRYPT_N = 2 ** 15
 SCRYPT_R = 8
@@ -315,7 +325,7 @@ class ClientStore:
                 if len(f) >= 3 and not (f[0] == server and f[1] == name)]
         rows.append([server, name, fingerprint])
         self._write_rows(self.known_contacts_path,
-                         "contact key fingerprints (host:port username fingerprint)", rows)
+                         CONTACTS_TITLE, rows)
 
     def contact_key(self, server: str, username: str) -> str | None:
         """The key form saved for a contact (to check signed PMs in CH), if any."""
@@ -330,7 +340,30 @@ class ClientStore:
         name = username.lower()
         rows = [f[:3] for f in _read_lines(path) if len(f) >= 3 and not (f[0] == server and f[1] == name)]
         rows.append([server, name, key_form])
-        self._write_rows(path, "contact keys (host:port username key)", rows)
+        self._write_rows(path, CONTACT_KEYS_TITLE, rows)
+
+    def adopt_server_rows(self, old_server: str, server: str) -> int:
+        """Move the contact, contact key and ignore rows kept under old_server (a ``host:port``,
+        the older layout) to server (``server_id``); a row kept under server already wins.
+        Returns how many rows moved."""
+        moved = 0
+        for path, width, title in ((self.known_contacts_path, 3, CONTACTS_TITLE),
+                                   (os.path.join(self.root, CONTACT_KEYS), 3, CONTACT_KEYS_TITLE),
+                                   (self.ignored_path, 2, IGNORED_TITLE)):
+            rows = [f[:width] for f in _read_lines(path) if len(f) >= width]
+            if not any(f[0] == old_server for f in rows):
+                continue
+            there = {f[1] for f in rows if f[0] == server}
+            kept = []
+            for f in rows:
+                if f[0] == old_server:
+                    if f[1] in there:
+                        continue
+                    f = [server, *f[1:]]
+                    moved += 1
+                kept.append(f)
+            self._write_rows(path, title, kept)
+        return moved
 
     # --- ignored users -----------------------------------------------------------
     def ignored(self, server: str) -> set[str]:
@@ -351,7 +384,7 @@ class ClientStore:
         rows = [f[:2] for f in rows if not (f[0] == server and f[1] == name)]
         if ignore:
             rows.append([server, name])
-        self._write_rows(self.ignored_path, "users whose messages are hidden (host:port username)", rows)
+        self._write_rows(self.ignored_path, IGNORED_TITLE, rows)
         return True
 
     def _write_rows(self, path: str, title: str, rows: list[list[str]]) -> None:

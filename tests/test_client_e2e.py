@@ -1087,8 +1087,9 @@ def test_ignore_hides_a_user_and_is_remembered_across_runs(server, connect, keys
         assert "spam" not in first.output.decode()
     finally:
         first.close()
-    with open(ClientStore(str(alice_home / "chatroom")).ignored_path, encoding="utf-8") as fh:
-        assert f"127.0.0.1:{server.port} bob\n" in fh.read()
+    store = ClientStore(str(alice_home / "chatroom"))
+    with open(store.ignored_path, encoding="utf-8") as fh:
+        assert f"{key_stem(store, server.port)} bob\n" in fh.read()   # the room's, under its key
 
     second = PipedClient(server.port, "alice", alice_home)  # a new run: still ignoring bob
     try:
@@ -1365,6 +1366,32 @@ def test_localhost_and_127_0_0_1_are_one_identity(server, home):
     assert "generating" not in second.stdout and "NEW" not in second.stderr
     assert f"your key (alice at localhost:{server.port}): {mine}" in second.stdout
     assert len(ClientStore(str(alice_home / "chatroom")).own_keys()) == 1
+
+
+def test_contacts_pinned_at_one_address_are_the_rooms_at_another(server, connect, keys, home):
+    """A contact's key is pinned for the room (its server key), not for the address it was reached
+    at: another node of the room, or localhost for 127.0.0.1, checks PMs against the same pin."""
+    bob = wire_login(connect, "bob", keys(1))
+    alice_home = home("alice")
+    seed_key(alice_home, server.port, "alice", keys(0))
+    first = PipedClient(server.port, "alice", alice_home, "--register")
+    try:
+        first.write(PASSWORD + "\n")
+        first.expect("^logged in as alice")
+        bob.wait_data("PRESENCE", username="alice", online=True)
+        assert bob.pm("alice", "pinned at one address")["ok"]
+        first.expect("pinned at one address")
+        first.close_input()
+        assert first.wait() == 0
+    finally:
+        first.close()
+    second = subprocess.run([sys.executable, CLIENT, "localhost", str(server.port), "alice"],
+                            input=f"{PASSWORD}\nCH\nKEYS\nEX\n", capture_output=True, text=True, timeout=DEADLINE,
+                            env=client_env(alice_home), cwd=ROOT)
+    assert second.returncode == 0, second.stderr
+    [line] = [line for line in second.stdout.splitlines() if "pinned at one address" in line]
+    assert "UNVERIFIED" not in line and "PM bob -> alice" in line
+    assert f"bob: {keys(1).fingerprint}" in second.stdout.splitlines()
 
 
 def test_key_files_under_the_old_address_name_are_adopted(server, keys, home):

@@ -129,6 +129,23 @@ def test_key_files_of_the_earlier_format_still_open(tmp_path, keys):
     assert store.load_key_pair("h:1", "alice", "password1").fingerprint == keys(0).fingerprint
 
 
+def test_contacts_and_ignore_rows_under_an_address_are_adopted_for_the_server_key(tmp_path):
+    store = ClientStore(str(tmp_path / "chatroom"))
+    store.remember_contact("h:1", "bob", "SHA256:b-old")
+    store.remember_contact("h:1", "carol", "SHA256:c")
+    store.remember_contact("other:1", "dave", "SHA256:d")
+    store.remember_contact("SHA256_room", "bob", "SHA256:b-room")   # pinned under the key already: it wins
+    store.remember_contact_key("h:1", "carol", "carol-key")
+    store.set_ignored("h:1", "eve", True)
+    assert store.adopt_server_rows("h:1", "SHA256_room") == 3
+    assert store.contacts("SHA256_room") == {"bob": "SHA256:b-room", "carol": "SHA256:c"}
+    assert store.contacts("h:1") == {} and store.contacts("other:1") == {"dave": "SHA256:d"}
+    assert store.contact_key("SHA256_room", "carol") == "carol-key" and store.contact_key("h:1", "carol") is None
+    assert store.ignored("SHA256_room") == {"eve"} and store.ignored("h:1") == set()
+    assert store.adopt_server_rows("h:1", "SHA256_room") == 0   # once
+    assert store.adopt_server_rows("nowhere:1", "SHA256_room") == 0
+
+
 def test_ignored_users_per_server(tmp_path):
     store = ClientStore(str(tmp_path / "chatroom"))
     assert store.ignored("h:1") == set()
