@@ -383,6 +383,8 @@ class ChatServer:
             elif kind is state.Offline:
                 conn = self.online.get(effect.user)
                 if conn is not None and conn.cid == effect.cid:
+                    if self.broadcasts:
+                        self._catch_up(conn)   # what this pass broadcast before it left is its own
                     del self.online[effect.user]
                     log.info("%r is offline (connection %d)", effect.user, effect.cid)
             elif kind is state.CheckPassword:

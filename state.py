@@ -722,7 +722,9 @@ class Room:
         if key and self.online.get(key) is session:
             del self.online[key]
             self._online_changed()
-            self._emit(session, Offline(key, session.cid), out)
+            # At once, not behind its pending replies: nothing broadcast from now on is its
+            # (not in its history either), though its SEND and CH replies are still to come.
+            out.append(Offline(key, session.cid))
             self._announce_offline(session, out)
 
     def _names_reply(self, op: str, session: Session, **fields) -> bytes:
@@ -1385,10 +1387,11 @@ class SharedRoom(Room):
         self.remote.pop(session.key, None)
         self._online_changed()
         out.append(Online(session.key, session.cid))
-        # Broadcasts stored after it came online but read before this answer.
+        # Broadcasts stored after it came online but read before this answer: after the KEY
+        # reply and the recent BMs, which are older.
         for bm_position, sender, frame in self._recent_bm:
             if bm_position > session.online_id and sender != session.key:
-                out.append(Deliver([session.key], frame))
+                self._emit(session, Deliver([session.key], frame), out)
 
     def _announce_offline(self, session: Session, out: Effects) -> None:
         """Others hear it from the store's presence event."""

@@ -982,6 +982,38 @@ def test_shared_room_gives_an_event_to_everyone_online_at_once_unless_someone_ca
     assert room.cluster_event(store.Broadcast((31, 0), "zed", b"y")) == [state.DeliverAll(b"y", "zed")]
 
 
+def test_a_session_ended_with_a_send_pending_is_offline_at_once_its_bye_behind_the_reply():
+    room = state.SharedRoom(server_keys(), node="node1")
+    _shared_online(room, 1, "bob", (10, 0))
+    _shared_online(room, 2, "cat", (20, 0))
+    room.receive(1, framing.Frame("C", {"op": "BM"}))
+    out = room.receive(1, framing.Frame("C", {"op": "SEND", "text": "my last"}))
+    assert any(isinstance(e, store.AppendHistory) for e in out)   # its reply waits for the store
+    out = room.cluster_event(store.Kick("bob", "node1/1"))         # replaced on another node meanwhile
+    assert state.Offline("bob", 1) in out   # the server delivers it nothing more from now on
+    assert not [e for e in out if isinstance(e, (state.Send, state.Close))]   # BYE after the SEND reply
+    assert room.cluster_event(store.Broadcast((25, 0), "zed", b"later")) == [state.DeliverAll(b"later", "zed")]
+    out = room.completed(1, store.Appended(recipients=1))
+    bodies = [framing.FrameDecoder(0).feed(e.data)[0].body for e in out if isinstance(e, state.Send)]
+    assert [(b["op"], b.get("reason")) for b in bodies] == [("SEND", None), ("BYE", "replaced")]
+
+
+def test_a_broadcast_read_before_the_go_online_answer_comes_after_the_key_reply():
+    room = state.SharedRoom(server_keys(), node="node1")
+    _shared_online(room, 1, "bob", (10, 0))
+    _shared_login(room, 5, "dan")
+    room.completed(5, store.CLAIMED)
+    room.receive(5, framing.Frame("C", {"op": "KEY", "public_key": client_keys(1).public.key_form}))
+    room.completed(5, store.KEY_SAVED)
+    frame = framing.data({"op": "BM", "from": "zed", "text": "after dan came online", "ts": "t"})
+    assert room.cluster_event(store.Broadcast((35, 0), "zed", frame)) == [state.DeliverAll(frame, "zed")]
+    out = room.completed(5, store.WentOnline((30, 0)))
+    to_dan = [e for e in out if isinstance(e, (state.Send, state.Page, state.Deliver)) and
+              (getattr(e, "cid", None) == 5 or getattr(e, "users", None) == ["dan"])]
+    assert isinstance(to_dan[0], state.Send) and framing.FrameDecoder(0).feed(to_dan[0].data)[0].body["op"] == "KEY"
+    assert to_dan[-1] == state.Deliver(["dan"], frame)   # once, and after the reply
+
+
 def test_ch_pages_and_limit(tmp_path):
     d = RoomDriver(str(tmp_path), server_keys(), frame_limit=1024)
     try:
