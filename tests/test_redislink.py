@@ -557,13 +557,16 @@ def test_rediss_auth_over_tls(tmp_path, tls_files, sel):
             assert r.call("GET", "k") == b"v"
         wrong = new_link(proc.rediss_url(password="nope"), sel)
         none = new_link(proc.rediss_url(), sel)
-        replies: list = []
-        wrong.call(replies.append, "GET", "k")
-        none.call(replies.append, "GET", "k")
-        drive(sel, lambda: wrong.broken and len(replies) == 2)
+        wrong_replies: list = []   # one list per link: the two answer in either order
+        none_replies: list = []
+        wrong.call(wrong_replies.append, "GET", "k")
+        none.call(none_replies.append, "GET", "k")
+        drive(sel, lambda: wrong.broken and wrong_replies and none_replies)
         assert "refused AUTH" in wrong.error.message and "WRONGPASS" in wrong.error.message
-        assert type(replies[0]) is LinkError and not replies[0].sent     # held behind the handshake
-        assert replies[1] != b"v" and isinstance(replies[1], RedisError) and "NOAUTH" in replies[1].message
+        [held] = wrong_replies
+        assert type(held) is LinkError and not held.sent     # held behind the handshake
+        [refused] = none_replies
+        assert refused != b"v" and isinstance(refused, RedisError) and "NOAUTH" in refused.message
     finally:
         proc.kill()
 
