@@ -16,12 +16,11 @@ closed without a frame, as section 0 says).
 
 The certificate is self-signed and holds the server key (``x509.py``). It is
 made on the first start and kept in the data directory as
-``server_cert.pem``; a certificate whose key is not the server key (another
-node's key came from Redis, or the key file was replaced) is made again.
-``ssl`` loads a private key only from a file, so when the key presented is not
-the data directory's own ``server_key.pem`` (a node of several, which presents
-the room's key), that key is written beside it, mode 0600, as
-``room_key.pem``.
+``server_cert.pem``; a certificate whose key is not the server key (the
+room's key file was given with ``--server-key``, or the key file was replaced)
+is made again. When the key presented is not the data directory's own
+``server_key.pem`` (a node of several presents the room's key), a copy is
+written beside it, mode 0600, as ``room_key.pem``, from which ``ssl`` loads it.
 """
 
 from __future__ import annotations
