@@ -188,6 +188,40 @@ def visible(text: str) -> str:
     return _UNSAFE_RE.sub(_escape, text)
 
 
+_WORDS = re.compile(r" +|[^ ]+")
+WRAP_INDENT = "  "   # the start of a shown line's continuation rows
+WRAP_MIN_WIDTH = 20  # narrower than this, the terminal's own wrapping is left to do it
+
+
+def wrap_rows(line: str, width: int) -> list[str]:
+    """One shown line (already ``visible``) as the terminal rows of at most width columns it
+    takes, broken at spaces, continuation rows indented; a word longer than a row is split."""
+    if width < WRAP_MIN_WIDTH or text_width(line) <= width:
+        return [line]
+    rows: list[str] = []
+    row, used = "", 0
+    for word in _WORDS.findall(line):
+        size = text_width(word)
+        if used + size <= width:
+            row, used = row + word, used + size
+        elif word[0] == " ":   # a break: the spaces go with it
+            rows.append(row)
+            row, used = WRAP_INDENT, len(WRAP_INDENT)
+        elif row.strip() and len(WRAP_INDENT) + size <= width:   # the word fits a row: start one
+            rows.append(row.rstrip(" "))
+            row, used = WRAP_INDENT + word, len(WRAP_INDENT) + size
+        else:   # longer than a row: split it from where this row is
+            for ch in word:
+                size = text_width(ch)
+                if used + size > width:
+                    rows.append(row)
+                    row, used = WRAP_INDENT, len(WRAP_INDENT)
+                row, used = row + ch, used + size
+    if row.strip() or not rows:
+        rows.append(row)
+    return rows
+
+
 def parse_timestamp(value: Any) -> datetime.datetime | None:
     """An aware datetime from a protocol timestamp (``2026-11-24T15:04:05.123Z``), or None."""
     match = _TIMESTAMP.match(value) if isinstance(value, str) else None
@@ -1845,11 +1879,15 @@ class TtyScreen(Output):
         return max(self.height - 2, 5)
 
     def rows_of(self, text: str) -> int:
-        return max(1, -(-text_width(visible(text)) // max(self.width, 1)))
+        return sum(len(wrap_rows(line, self.width)) for line in visible(text).split("\n"))
 
     def fit_rows(self, text: str, rows: int) -> str:
         # Cut what will be shown (escapes included); visible() leaves its own output as it is.
-        return shorten(visible(text), rows * max(self.width, 1) - 1)
+        width = max(self.width, 1)
+        cut = shorten(visible(text), rows * width - 1)
+        while self.rows_of(cut) > rows and text_width(cut) > width:   # breaks at spaces leave columns unused
+            cut = shorten(cut, text_width(cut) - width // 2)
+        return cut
 
     def suspend(self) -> None:
         """Ctrl-Z: give the terminal back, stop, and take it again when continued."""
@@ -1892,8 +1930,9 @@ class TtyScreen(Output):
         return self.editor.redraw(self.prompt, self.width)
 
     def show(self, text: str) -> None:
-        """Print lines above the edit line, then redraw the prompt and the half-typed text."""
-        body = "".join(visible(line) + "\r\n" for line in text.split("\n"))
+        """Print lines above the edit line (wrapped at spaces to the terminal's width), then
+        redraw the prompt and the half-typed text."""
+        body = "".join(row + "\r\n" for line in text.split("\n") for row in wrap_rows(visible(line), self.width))
         self._write("\r\x1b[K" + body + self._line())
 
     def warn(self, text: str) -> None:

@@ -12,6 +12,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import chatclient
 import pg3lib
@@ -20,6 +22,7 @@ import wire
 from chatclient import (UNREADABLE, Session, format_history_entry, local_time, parse_timestamp,
                         visible)
 from clientstore import ClientStore
+from lineeditor import text_width
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT = os.path.join(ROOT, "chatclient.py")
@@ -40,6 +43,36 @@ DEADLINE = 10.0
 ])
 def test_visible_escapes_what_a_terminal_would_act_on(text, shown):
     assert visible(text) == shown
+
+
+def test_a_long_line_wraps_at_spaces_with_its_continuation_indented():
+    wrap = chatclient.wrap_rows
+    assert wrap("short enough", 40) == ["short enough"]
+    assert wrap("[10:19] * first PM with carol: their key is pinned once a PM from them verifies", 40) == [
+        "[10:19] * first PM with carol: their key", "  is pinned once a PM from them verifies"]
+    assert wrap("[10:00] alice: " + "0123456789" * 5, 40) == [   # a word longer than a row is split
+        "[10:00] alice: 0123456789012345678901234", "  5678901234567890123456789"]
+    wide = "日本語 日本語 日本語"   # 20 columns
+    assert wrap("日本語 " * 10, 24) == [wide, "  " + wide, "  " + wide, "  日本語 "]
+    assert wrap("x" * 30, 12) == ["x" * 30]   # too narrow to help: the terminal wraps it
+
+
+_WRAP_TEXT = st.lists(st.one_of(st.text(st.sampled_from("ab日"), min_size=1, max_size=50),
+                                st.sampled_from([" ", "  "])), max_size=30).map(lambda p: "[" + "".join(p))
+# (a shown line starts with its time or a mark, never with a space)
+
+
+@given(_WRAP_TEXT, st.integers(chatclient.WRAP_MIN_WIDTH, 100))
+def test_wrapped_rows_fit_lose_nothing_and_split_only_words_longer_than_a_row(line, width):
+    rows = chatclient.wrap_rows(line, width)
+    indent = chatclient.WRAP_INDENT
+    assert all(text_width(row) <= width for row in rows) or rows == [line]
+    assert all(row.startswith(indent) for row in rows[1:])
+    assert "".join(rows).replace(" ", "") == line.replace(" ", "")   # only spaces go (at breaks) or come
+    pieces = [word for row in rows for word in row.split(" ") if word]
+    for word in line.split(" "):
+        if word and text_width(word) <= width - len(indent):
+            assert word in pieces, (word, rows)
 
 
 def test_parse_timestamp():
