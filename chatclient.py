@@ -2089,16 +2089,19 @@ class Driver:
         self.waiting_for = self.waiting_since = None
         self._schedule()
 
-    def _schedule(self) -> None:
+    def _schedule(self, why: str = "") -> None:
+        """The next attempt after a wait; why the last one failed, if it did, is on the status line."""
         if self.attempts >= len(RECONNECT_DELAYS):
             host, port = self.address or ("?", 0)
-            raise ClientExit(f"could not reconnect to {host}:{port} ({self.attempts} attempts); giving up")
+            last = f"; the last: {why}" if why else ""
+            raise ClientExit(f"could not reconnect to {host}:{port} ({self.attempts} attempts{last}); giving up")
         delay = RECONNECT_DELAYS[self.attempts]
         self.attempts += 1
         self.reconnect_at = time.monotonic() + delay
         self.screen.busy()
-        self.screen.waiting(f"not connected: trying again in {delay:g} s (attempt {self.attempts} of "
-                            f"{len(RECONNECT_DELAYS)}; Ctrl-C stops)")
+        # At most 80 columns with the longest usual reason ("connection refused").
+        self.screen.waiting(f"not connected{f' ({why})' if why else ''}; trying again in {delay:g} s "
+                            f"({self.attempts}/{len(RECONNECT_DELAYS)}; Ctrl-C stops)")
 
     def _reconnect_due(self) -> None:
         now = time.monotonic()
@@ -2106,7 +2109,7 @@ class Driver:
             self.selector.unregister(self.pending)
             self.pending.close()
             self.pending = None
-            self._schedule()
+            self._schedule(f"no answer in {CONNECT_TIMEOUT:g} s")
         if self.reconnect_at is None or now < self.reconnect_at or self.finished:
             return
         self.reconnect_at = None
@@ -2118,14 +2121,14 @@ class Driver:
             sock = socket.socket(family, kind, proto)
         except OSError as exc:
             log.debug("reconnect: %s", exc)
-            self._schedule()
+            self._schedule(one_line(exc.strerror or str(exc), 60).lower())
             return
         sock.setblocking(False)
         error = sock.connect_ex(where)
         if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             log.debug("reconnect: %s", os.strerror(error))
             sock.close()
-            self._schedule()
+            self._schedule(os.strerror(error).lower())
             return
         self.pending, self.pending_until = sock, now + CONNECT_TIMEOUT
         self.selector.register(sock, selectors.EVENT_WRITE, "connecting")
@@ -2139,7 +2142,7 @@ class Driver:
         if error:
             log.debug("reconnect: %s", os.strerror(error))
             sock.close()
-            self._schedule()
+            self._schedule(os.strerror(error).lower())
             return
         self.connection = Connection(sock)
         self.connected = True

@@ -208,6 +208,15 @@ def test_replaced_does_not_reconnect(server, keys, home, ptys):
     assert "you logged in somewhere else" in text and "reconnect" not in text
 
 
+def test_the_status_line_says_why_a_reconnect_failed(server, keys, home, ptys):
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    server.stop()      # nothing listens on the port until the restart
+    alice.wait_for("the server is shutting down")
+    alice.wait_for("not connected (connection refused); trying again in")
+    server.restart()
+    alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
+
+
 def test_ctrl_c_stops_reconnecting(server, keys, home, ptys, relays):
     relay = relays(server.port)
     alice = ptys(relay.port, "alice", home("alice"), keys(0))
