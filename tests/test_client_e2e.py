@@ -1368,23 +1368,28 @@ def test_localhost_and_127_0_0_1_are_one_identity(server, home):
     assert len(ClientStore(str(alice_home / "chatroom")).own_keys()) == 1
 
 
+def pm_to_alice_live(port: int, alice_home, sender, text: str, *extra: str) -> None:
+    """alice logs in through a piped client, sender's PM reaches her live, and she leaves."""
+    alice = PipedClient(port, "alice", alice_home, *extra)
+    try:
+        alice.write(PASSWORD + "\n")
+        alice.expect("^logged in as alice")
+        sender.wait_data("PRESENCE", username="alice", online=True)
+        assert sender.pm("alice", text)["ok"]
+        alice.expect(text)
+        alice.close_input()
+        assert alice.wait() == 0
+    finally:
+        alice.close()
+
+
 def test_contacts_pinned_at_one_address_are_the_rooms_at_another(server, connect, keys, home):
     """A contact's key is pinned for the room (its server key), not for the address it was reached
     at: another node of the room, or localhost for 127.0.0.1, checks PMs against the same pin."""
     bob = wire_login(connect, "bob", keys(1))
     alice_home = home("alice")
     seed_key(alice_home, server.port, "alice", keys(0))
-    first = PipedClient(server.port, "alice", alice_home, "--register")
-    try:
-        first.write(PASSWORD + "\n")
-        first.expect("^logged in as alice")
-        bob.wait_data("PRESENCE", username="alice", online=True)
-        assert bob.pm("alice", "pinned at one address")["ok"]
-        first.expect("pinned at one address")
-        first.close_input()
-        assert first.wait() == 0
-    finally:
-        first.close()
+    pm_to_alice_live(server.port, alice_home, bob, "pinned at one address", "--register")
     second = subprocess.run([sys.executable, CLIENT, "localhost", str(server.port), "alice"],
                             input=f"{PASSWORD}\nCH\nKEYS\nEX\n", capture_output=True, text=True, timeout=DEADLINE,
                             env=client_env(alice_home), cwd=ROOT)
@@ -1412,17 +1417,7 @@ def test_export_then_import_into_a_fresh_config_dir_reads_old_pms(server, connec
     seed_key(first_home, server.port, "alice", keys(0))
     result = run_script(server.port, "alice", first_home, f"{PASSWORD}\nEX\n", "--register")
     assert result.returncode == 0, result.stderr
-    alice_live = PipedClient(server.port, "alice", first_home)
-    try:
-        alice_live.write(f"{PASSWORD}\n")
-        alice_live.expect("logged in as alice")
-        bob.wait_data("PRESENCE", username="alice", online=True)
-        assert bob.pm("alice", "read me on the new machine")["ok"]
-        alice_live.expect("read me on the new machine")
-        alice_live.close_input()
-        assert alice_live.wait() == 0
-    finally:
-        alice_live.close()
+    pm_to_alice_live(server.port, first_home, bob, "read me on the new machine")
     export = str(tmp_path / "alice-key.json")
     env = dict(client_env(first_home), CHATCLIENT_KEY_PASSPHRASE="move it carefully")
     exported = subprocess.run(client_command(server.port, "alice", "--export-key", export), input=f"{PASSWORD}\n",

@@ -621,6 +621,30 @@ def collect(client: WireClient, stop: threading.Event, out: list[dict], errors: 
             errors.append(f"{client.username} got {frame.body}")
 
 
+def send_bms(client: WireClient, stop: threading.Event, problems: list[str], log: list,
+             tolerated: tuple = ()) -> None:
+    """BM after BM until stop, each one's (text, outcome, SEND sent, reply read) in log; a reply
+    other than ok or a tolerated error is a problem, and so is a failed or closed connection."""
+    n = 0
+    try:
+        while not stop.is_set():
+            text = f"{client.username}-{n:05d}"
+            n += 1
+            reply = client.request({"op": "BM"}, timeout=8)
+            if not reply["ok"]:
+                problems.append(f"{text}: BM {reply}")
+                return
+            t0 = time.monotonic()
+            reply = client.request({"op": "SEND", "text": text}, timeout=8)
+            outcome = "ok" if reply["ok"] else reply.get("error", "?")
+            if outcome != "ok" and outcome not in tolerated:
+                problems.append(f"{text}: SEND {reply}")
+            log.append((text, outcome, t0, time.monotonic()))
+            time.sleep(0.003)
+    except (EOFError, OSError, AssertionError, TimeoutError) as exc:
+        problems.append(f"{client.username}: {exc!r}")
+
+
 def test_redis_pause_delivers_every_bm_once_and_in_order(cluster):
     a, b = cluster.node(), cluster.node()
     redis = cluster.redis
@@ -635,30 +659,10 @@ def test_redis_pause_delivers_every_bm_once_and_in_order(cluster):
     sent: dict[str, list[tuple[str, str, float, float]]] = {"ann": [], "bob": []}   # text, outcome, t0, t1
     problems: list[str] = []
     stop = threading.Event()
-
-    def send(client: WireClient) -> None:
-        n = 0
-        try:
-            while not stop.is_set():
-                text = f"{client.username}-{n:05d}"
-                n += 1
-                reply = client.request({"op": "BM"}, timeout=8)
-                if not reply["ok"]:
-                    problems.append(f"{text}: BM {reply}")
-                    return
-                t0 = time.monotonic()
-                reply = client.request({"op": "SEND", "text": text}, timeout=8)
-                outcome = "ok" if reply["ok"] else reply.get("error", "?")
-                if outcome not in ("ok", "internal"):
-                    problems.append(f"{text}: SEND {reply}")
-                sent[client.username].append((text, outcome, t0, time.monotonic()))
-                time.sleep(0.003)
-        except (EOFError, OSError, AssertionError, TimeoutError) as exc:
-            problems.append(f"{client.username}: {exc!r}")
-
     received: dict[str, list[dict]] = {"cat": [], "dan": []}
     listen_stop = threading.Event()
-    threads = [threading.Thread(target=send, args=(c,), daemon=True) for c in (ann, bob)]
+    threads = [threading.Thread(target=send_bms, args=(c, stop, problems, sent[c.username], ("internal",)),
+                                daemon=True) for c in (ann, bob)]
     threads += [threading.Thread(target=collect, args=(c, listen_stop, received[c.username], problems), daemon=True)
                 for c in (cat, dan)]
     for thread in threads:
@@ -727,19 +731,7 @@ def test_users_who_log_in_during_a_stream_get_live_exactly_what_their_history_ho
     settle([ann, bob])
     problems: list[str] = []
     stop = threading.Event()
-
-    def send(client: WireClient) -> None:
-        n = 0
-        try:
-            while not stop.is_set():
-                assert client.request({"op": "BM"}, timeout=8)["ok"]
-                assert client.request({"op": "SEND", "text": f"{client.username}-{n:05d}"}, timeout=8)["ok"]
-                n += 1
-                time.sleep(0.002)
-        except (EOFError, OSError, AssertionError, TimeoutError) as exc:
-            problems.append(f"{client.username}: {exc!r}")
-
-    senders = [threading.Thread(target=send, args=(c,), daemon=True) for c in (ann, bob)]
+    senders = [threading.Thread(target=send_bms, args=(c, stop, problems, []), daemon=True) for c in (ann, bob)]
     for thread in senders:
         thread.start()
     listen_stop = threading.Event()
