@@ -485,8 +485,10 @@ class Session:
     """The client's side of one connection: login, operations, what arrives (no I/O of its own)."""
 
     def __init__(self, server: str, username: str, store: ClientStore, out: Output,
-                 interactive: bool, register: bool = False) -> None:
-        self.server = server
+                 interactive: bool, register: bool = False, room: Sequence[str] = ()) -> None:
+        self.server = server  # the address connected to (host:port)
+        self.room = [server, *(a for a in room if a != server)]  # every address given for the room (--fallback)
+        self.moved = False  # this login is at another address of the room than the last one
         self.username = username  # the registered spelling once logged in
         self.store = store
         self.out = out
@@ -531,9 +533,11 @@ class Session:
         yield from self.login()
         return (yield from self.operations())
 
-    def rejoin(self) -> Flow:
-        """After a lost connection (section 11): log in again on the new one without asking
-        anything, show what was missed, then take operations as before."""
+    def rejoin(self, server: str) -> Flow:
+        """After a lost connection (section 11): log in again on the new one (at ``server``, the
+        same address or another node of the room) without asking anything, show what was
+        missed, then take operations as before."""
+        self.moved, self.server = server != self.server, server
         der = yield Handshake()
         self.check_certificate(der)
         since = yield from self.login(again=True)
@@ -667,7 +671,8 @@ class Session:
             raise ClientExit(f"logging in again failed: {describe_error(reply)}")
         since = self.last_seen
         self.recent_header = "while you were away:"
-        yield from self.enter_room({"since": since}, f"reconnected as {self.username}")
+        yield from self.enter_room({"since": since}, f"reconnected as {self.username}"
+                                   + (f" at {self.server}" if self.moved else ""))
         return since
 
     def catch_up_private(self, since: str) -> Flow:
@@ -710,14 +715,26 @@ class Session:
         self.cert_key = key
 
     def check_pin(self, key: pg3lib.PublicKey) -> None:
-        """TOFU: remember the server's key on first contact; a different one stops (EXIT_SECURITY)."""
+        """TOFU: remember the server's key on first contact; a different one stops (EXIT_SECURITY).
+
+        Every address given for the room must present one key: the one this run logged in
+        with, else the one remembered for any of them."""
         remembered = self.store.server_fingerprint(self.server)
+        if remembered is not None and remembered != key.fingerprint:
+            raise ClientExit(server_key_changed_text(self.server, remembered, key.fingerprint,
+                                                     self.store.known_servers_path), EXIT_SECURITY)
+        if self.joined and server_id(key.fingerprint) != self.server_key_id:
+            raise ClientExit(f"{self.server} presents the key {key.fingerprint}, not the one of the room this "
+                             "client logged in to; not a node of it: login stopped, nothing sent", EXIT_SECURITY)
+        for other in self.room:
+            known = self.store.server_fingerprint(other) if other != self.server else None
+            if known is not None and known != key.fingerprint:
+                raise ClientExit(f"{self.server} presents the key {key.fingerprint}, but {other}, given as a node "
+                                 f"of the same room, is known by {known}; login stopped, nothing sent",
+                                 EXIT_SECURITY)
         if remembered is None:
             self.store.remember_server(self.server, key.fingerprint)
             self.out.show(f"first connection to {self.server}: remembering its key {key.fingerprint}")
-        elif remembered != key.fingerprint:
-            raise ClientExit(server_key_changed_text(self.server, remembered, key.fingerprint,
-                                                     self.store.known_servers_path), EXIT_SECURITY)
 
     def check_server_key(self, reply: dict) -> pg3lib.PublicKey:
         """The server's key if it matches its fingerprint, the TLS certificate's key and the remembered one.
@@ -2001,14 +2018,19 @@ class Driver:
     half-typed line kept, a message not confirmed put back in it), connects are tried with
     growing waits (``RECONNECT_DELAYS``, non-blocking, so typing and Ctrl-C still work) and
     the session's ``rejoin`` flow runs on the new connection. A script ends instead.
+    With several addresses (the room's nodes, ``--fallback``), each attempt goes round
+    them: one that fails is followed at once by the next, and the wait comes after a
+    whole round has failed.
     """
 
     def __init__(self, session: Session, connection: Connection, screen: Screen,
-                 address: tuple[str, int] | None = None) -> None:
+                 addresses: Sequence[tuple[str, int]] = (), current: int = 0) -> None:
         self.session = session
         self.connection = connection
         self.screen = screen
-        self.address = address  # where to connect again (None: never)
+        self.addresses = list(addresses)  # where to connect again (none: never)
+        self.current = current  # the index of the address connected to, or tried next
+        self.round_left = 0  # the addresses still to try before the next wait
         self.connected = True  # False while a lost connection is being replaced
         self.reconnecting = False  # from a loss until the new login's KEY is answered
         self.attempts = 0
@@ -2070,7 +2092,7 @@ class Driver:
         if self.session.exiting:
             self.finished = True
             return
-        if self.address is None or not self.session.joined or not self.session.interactive:
+        if not self.addresses or not self.session.joined or not self.session.interactive:
             raise ClientExit(reason)
         again = self.reconnecting  # an attempt that failed: the status line says so, no new warning
         if not again:
@@ -2087,14 +2109,28 @@ class Driver:
             self.screen.put_line(self.session.connection_lost(asking, self.screen.take_line()))
         self.flow.close()   # after the session has seen what was in flight
         self.waiting_for = self.waiting_since = None
-        self._schedule()
+        self._schedule(reason if again else "")  # a new loss: this address first; a failed login: the next
+
+    def _address_text(self, index: int) -> str:
+        host, port = self.addresses[index]
+        return server_address(host, port)
 
     def _schedule(self, why: str = "") -> None:
-        """The next attempt after a wait; why the last one failed, if it did, is on the status line."""
+        """The next attempt: at once at the next address of a round, else after a wait; why the
+        last one failed, if it did, is on the status line."""
+        count = len(self.addresses)
+        if why and count > 1:
+            failed, self.current = self._address_text(self.current), (self.current + 1) % count
+            self.round_left -= 1
+            if self.round_left > 0:
+                self.reconnect_at = time.monotonic()
+                self.screen.waiting(f"{failed}: {why}; trying {self._address_text(self.current)}")
+                return
+        self.round_left = count
         if self.attempts >= len(RECONNECT_DELAYS):
-            host, port = self.address or ("?", 0)
+            where = " or ".join(self._address_text(i) for i in range(count)) or "?"
             last = f"; the last: {why}" if why else ""
-            raise ClientExit(f"could not reconnect to {host}:{port} ({self.attempts} attempts{last}); giving up")
+            raise ClientExit(f"could not reconnect to {where} ({self.attempts} attempts{last}); giving up")
         delay = RECONNECT_DELAYS[self.attempts]
         self.attempts += 1
         self.reconnect_at = time.monotonic() + delay
@@ -2113,8 +2149,7 @@ class Driver:
         if self.reconnect_at is None or now < self.reconnect_at or self.finished:
             return
         self.reconnect_at = None
-        assert self.address is not None
-        host, port = self.address
+        host, port = self.addresses[self.current]
         self.screen.waiting(f"reconnecting to {host}:{port}... (Ctrl-C stops)")
         try:
             family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -2147,7 +2182,7 @@ class Driver:
         self.connection = Connection(sock)
         self.connected = True
         self.selector.register(sock, selectors.EVENT_READ, "socket")
-        self.flow = self.session.rejoin()
+        self.flow = self.session.rejoin(self._address_text(self.current))
         self._guarded(lambda: self._advance(None))
 
     def _slow_reply_timeout(self) -> float | None:
@@ -2311,12 +2346,20 @@ def _username(text: str) -> str:
     return text
 
 
+def _node_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r} (HOST:PORT)")
+    return host, _port(port)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; exits with status 2 and a usage line when it is wrong."""
     parser = argparse.ArgumentParser(
         prog="chatclient.py", description="Chat room client (type HELP after logging in).",
         usage="%(prog)s [-h] [--register] [--fingerprint] [--export-key FILE | --import-key FILE] "
-              "[--debug-log FILE] HOST PORT USERNAME",
+              "[--fallback HOST:PORT ...] [--debug-log FILE] HOST PORT USERNAME",
         epilog="When standard input is not a terminal, its first line is the password and each "
                "further line a command (BM, PM, CH, EX...); the end of input means EX. A new USERNAME "
                "is registered from a script only with --register. The exit status is 1 if any line "
@@ -2332,6 +2375,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "On a terminal a new name is always offered registration")
     parser.add_argument("--fingerprint", action="store_true",
                         help="print your key fingerprint(s) (for HOST PORT USERNAME if given) and exit")
+    parser.add_argument("--fallback", action="append", default=[], type=_node_address, metavar="HOST:PORT",
+                        help="another node of the same room (servers sharing one Redis and one server key; "
+                             "repeat for more): when HOST PORT does not answer, at start or after a lost "
+                             "connection, these are tried in turn. Each must present the same server key")
     parser.add_argument("--debug-log", metavar="FILE", help="write a debug log (never secrets) to FILE")
     parser.add_argument("--export-key", metavar="FILE",
                         help="write your key pair for HOST PORT USERNAME to FILE, encrypted under a passphrase "
@@ -2434,17 +2481,37 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
+def open_first(addresses: Sequence[tuple[str, int]]) -> tuple[Connection, int]:
+    """A connection to the first of the room's addresses that takes one, and its index.
+
+    Raises:
+        ClientExit: none did (each one's reason, in order).
+    """
+    failures = []
+    for index, (host, port) in enumerate(addresses):
+        try:
+            return Connection.open(host, port), index
+        except ClientExit as exc:
+            if len(addresses) == 1:
+                raise
+            failures.append(exc.message)
+            log.debug("start: %s", exc.message)
+    raise ClientExit("no node of the room answered:\n  " + "\n  ".join(failures))
+
+
 def run_client(args: argparse.Namespace, store: ClientStore) -> int:
     """Connect, then run the session on a terminal or on plain lines."""
     imported, exported_for = read_import(args) if args.import_key else (None, "")
-    connection = Connection.open(args.host, args.port)
+    addresses = [(args.host, args.port), *args.fallback]
+    connection, current = open_first(addresses)
     try:
         screen: Screen = TtyScreen() if os.isatty(0) else PlainScreen()
-        session = Session(server_address(args.host, args.port), args.username, store, screen,
-                          screen.interactive, register=args.register)
+        room = [server_address(host, port) for host, port in addresses]
+        session = Session(room[current], args.username, store, screen, screen.interactive,
+                          register=args.register, room=room)
         session.import_keys, session.import_server = imported, exported_for
         with screen:
-            Driver(session, connection, screen, (args.host, args.port)).run()
+            Driver(session, connection, screen, addresses, current).run()
     finally:
         connection.close()
     if session.failures:  # a script: every failure was said on stderr when it happened

@@ -113,10 +113,10 @@ class PtyClient:
         self.raw = bytearray()
 
     @classmethod
-    def logged_in(cls, port: int, username: str, home, key_pair: pg3lib.KeyPair) -> PtyClient:
-        """A new user, logged in with a seeded key, at the operation prompt."""
+    def logged_in(cls, port: int, username: str, home, key_pair: pg3lib.KeyPair, *extra: str) -> PtyClient:
+        """A new user, logged in with a seeded key, at the operation prompt (extra: more arguments)."""
         seed_key(home, port, username, key_pair)
-        client = cls(port, username, home)
+        client = cls(port, username, home, client_command(port, username, *extra))
         client.log_in()
         return client
 

@@ -273,3 +273,62 @@ def test_a_killed_node_is_reconnected_through_another_and_the_room_caught_up(nod
     alice.type("EX\r")
     assert alice.wait_exit() == 0
     assert os.path.exists(a.data_dir)
+
+
+def refusing_port() -> socket.socket:
+    """A loopback port bound but not listening: a connect there is refused (close it after)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def test_a_client_given_the_rooms_other_node_moves_there_when_its_node_dies(nodes, keys, home, ptys):
+    a, b = nodes(2)
+    alice = ptys(a.port, "alice", home("alice"), keys(0), "--fallback", f"127.0.0.1:{b.port}")
+    bob = wire(b.port, "bob", keys(1))
+    alice.wait_for("* bob is online")
+
+    a.kill()                             # SIGKILL: its port refuses from now on
+    bob.bm("missed while alice moved")
+    alice.wait_for(f"reconnected as alice at 127.0.0.1:{b.port}", timeout=BACK_WITHIN)
+    alice.wait_line(CLOCK + " bob: missed while alice moved")
+    assert f"first connection to 127.0.0.1:{b.port}: remembering its key" in alice.text()
+    bob.bm("live on node B")
+    alice.wait_line(CLOCK + " bob: live on node B")
+    alice.type("BM from node B\r")
+    bob.wait_data("BM", text="from node B")
+    alice.type("EX\r")
+    assert alice.wait_exit() == 0
+
+
+def test_a_fallback_with_another_key_is_refused_before_anything_is_sent(server, keys, home, ptys, tmp_path):
+    other = ServerProcess(str(tmp_path / "other_room")).start()   # its own data directory: its own key
+    try:
+        alice = ptys(server.port, "alice", home("alice"), keys(0), "--fallback", f"127.0.0.1:{other.port}")
+        server.stop()
+        assert alice.wait_exit(timeout=BACK_WITHIN) == 3
+        assert f"127.0.0.1:{other.port} presents the key" in alice.text()
+        assert "not a node of it" in alice.text()
+        assert f":{other.port} " not in (home("alice") / "chatroom" / "known_servers").read_text()
+    finally:
+        other.kill()
+
+
+def test_the_client_starts_at_the_first_address_that_answers(server, keys, home):
+    dead = refusing_port()
+    try:
+        bob = wire(server.port, "bob", keys(1))
+        fallback = ("--fallback", f"127.0.0.1:{dead.getsockname()[1]}", "--fallback", f"127.0.0.1:{server.port}")
+        run = e2e.run_script(dead.getsockname()[1], "carol", home("carol"), PASSWORD + "\nBM hello\n",
+                             "--register", *fallback)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"logged in as carol at 127.0.0.1:{server.port}" in run.stdout
+        bob.wait_data("BM", text="hello")
+
+        nobody = e2e.run_script(dead.getsockname()[1], "carol", home("carol"), PASSWORD + "\n",
+                                "--fallback", f"127.0.0.1:{dead.getsockname()[1]}")
+        assert nobody.returncode == 1
+        assert "no node of the room answered" in nobody.stderr
+        assert nobody.stderr.count("connection refused") == 2
+    finally:
+        dead.close()
