@@ -694,9 +694,17 @@ class Session:
                     continue  # shown live, or just now as kept while we were away
                 if self.seen is not None and "id" in entry:
                     self.seen.add(*key)
-                self.out.show(f"{self.history_line(entry)}  (while you were away)")
+                self.out.show(self.missed_private_line(entry))
             if reply.get("more") is not True:
                 return
+
+    def missed_private_line(self, entry: dict) -> str:
+        """A PM to us found in CH after a lost connection: shown as a kept one is, if it verifies."""
+        if self.entry_problem(entry) is not None:
+            return f"{self.history_line(entry)}  (while you were away)"
+        text = self.open_sealed(entry.get("ciphertext"))
+        line = format_private(str(entry.get("from")), UNREADABLE if text is None else text, entry.get("ts"))
+        return f"{line}  (sent while you were away, {local_time(entry.get('ts'), with_date=True)})"
 
     def check_certificate(self, der: Any) -> None:
         """The TLS certificate's key against the one pinned for this server (section 9), before LOGIN.

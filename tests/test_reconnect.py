@@ -37,6 +37,7 @@ class Relay:
     def __init__(self, upstream: int) -> None:
         self.upstream = upstream
         self.refusing = False      # accept and close at once (the client sees the connection drop)
+        self.dropping = False      # read what the server sends and drop it (lost on the way)
         self.accepted = 0          # connections relayed so far
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -53,12 +54,14 @@ class Relay:
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ, None)
         pairs: dict[socket.socket, socket.socket] = {}
+        upstreams: set[socket.socket] = set()
 
         def close(sock: socket.socket) -> None:
             other = pairs.pop(sock, None)
             for s in (sock, other):
                 if s is not None:
                     pairs.pop(s, None)
+                    upstreams.discard(s)
                     try:
                         sel.unregister(s)
                     except (KeyError, ValueError):
@@ -83,6 +86,7 @@ class Relay:
                         continue
                     self.accepted += 1
                     pairs[conn], pairs[up] = up, conn
+                    upstreams.add(up)
                     sel.register(conn, selectors.EVENT_READ, "pipe")
                     sel.register(up, selectors.EVENT_READ, "pipe")
                     continue
@@ -92,7 +96,8 @@ class Relay:
                 try:
                     data = sock.recv(65536)
                     if data:
-                        pairs[sock].sendall(data)
+                        if not (self.dropping and sock in upstreams):
+                            pairs[sock].sendall(data)
                         continue
                 except OSError:
                     pass
@@ -198,6 +203,35 @@ def test_a_dropped_connection_puts_an_unconfirmed_message_back_in_the_line(serve
     alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
     alice.wait_prompt("alice> BM are you there?")   # back in the line, to send again or drop
     bob.close()
+
+
+def test_a_pm_lost_on_the_way_is_found_in_history_after_reconnecting(server, keys, home, ptys, relays):
+    relay = relays(server.port)
+    alice = ptys(relay.port, "alice", home("alice"), keys(0))
+    bob, carol = wire(server.port, "bob", keys(1)), wire(server.port, "carol", keys(2))
+    alice.wait_for("* carol is online")
+    assert bob.pm_checked("alice", "first, pins my key")[1]["ok"]
+    alice.wait_for("bob -> you (private): first, pins my key")
+    relay.dropping = True              # the server delivers these; the client never gets them
+    for text in ("lost on the way", "and another"):
+        assert bob.pm_checked("alice", text)[1]["ok"]
+    assert carol.pm_checked("alice", "from an unknown key")[1]["ok"]
+    relay.refusing = True
+    relay.cut()
+    alice.wait_for("trying again in")
+    relay.dropping = relay.refusing = False
+
+    alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
+    kept = r"  \(sent while you were away, \d{4}-\d\d-\d\d \d\d:\d\d\)"   # as a PM kept for us says it
+    first, second = (alice.wait_line(CLOCK + rf" bob -> you \(private\): {text}{kept}")
+                     for text in ("lost on the way", "and another"))
+    assert first < second
+    # carol's key was never seen here: the entry cannot be checked (section 4.6), and says so
+    alice.wait_for("[UNVERIFIED: no key of carol known here to check it]")
+    text = alice.text()
+    assert text.count("lost on the way") == text.count("and another") == text.count("from an unknown key") == 1
+    alice.type("EX\r")
+    assert alice.wait_exit() == 0
 
 
 def test_replaced_does_not_reconnect(server, keys, home, ptys):
