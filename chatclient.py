@@ -164,6 +164,14 @@ class ConnectionClosed(Exception):
     """The server closed the connection (or it broke)."""
 
 
+class PassingFailure(ConnectionClosed):
+    """A login after a lost connection met a failure that passes (the server's storage down for a
+    moment, too many checks waiting): the connection is dropped and tried again later."""
+
+
+PASSING_ERRORS = (Error.INTERNAL, Error.RATE_LIMITED, Error.SERVER_BUSY)
+
+
 class Terminated(Exception):
     """SIGTERM or SIGHUP arrived."""
 
@@ -601,6 +609,7 @@ class Session:
         password and key pair of this run's first login, and KEY's ``since`` to catch up (returned)."""
         reply = yield from self.request({"op": Op.LOGIN, "username": self.username})
         if not succeeded(reply):
+            self.passing_failure(reply)
             raise ClientExit(f"login refused: {describe_error(reply)}")
         if again:
             return (yield from self.login_again(reply))
@@ -647,11 +656,22 @@ class Session:
         assert self.keys is not None
         reply = yield from self.request({"op": Op.KEY, "public_key": self.keys.public.key_form, **members})
         if not succeeded(reply):
+            self.passing_failure(reply)
             raise ClientExit(f"the server refused our key: {describe_error(reply)}")
         self.online_now = True
         self.set_online(reply.get("online"), reply.get("more_online"))
         others = f"also online: {self.who_list()}" if self.online or self.more_online else "nobody else is online"
         self.out.show(f"{greeting}. {others}")
+
+    def passing_failure(self, reply: dict) -> None:
+        """After a lost connection, an error that passes is a reason to try again later, not to stop.
+
+        Raises:
+            PassingFailure: this run has logged in before, and the error is one of PASSING_ERRORS.
+        """
+        error = reply.get("error")
+        if self.joined and error in PASSING_ERRORS:
+            raise PassingFailure(f"the server failed the login: {one_line(error, 20)}")
 
     def login_again(self, reply: dict) -> Flow:
         """PASSWORD and KEY for a login after a lost connection (LOGIN answered ``reply``)."""
@@ -668,6 +688,7 @@ class Session:
         if not succeeded(reply):
             if reply.get("error") == Error.BANNED:
                 raise ClientExit("login refused: this account is " + sanction_text("banned", reply))
+            self.passing_failure(reply)
             raise ClientExit(f"logging in again failed: {describe_error(reply)}")
         since = self.last_seen
         self.recent_header = "while you were away:"
@@ -2082,6 +2103,8 @@ class Driver:
         """Run a step that may write to the socket; a broken connection is a lost one."""
         try:
             step()
+        except PassingFailure as exc:
+            self._lost(str(exc))
         except ConnectionClosed as exc:
             self._lost(f"the connection dropped ({one_line(exc, 60)})")
 
@@ -2230,6 +2253,8 @@ class Driver:
                     self.connection.flush()
                 if mask & selectors.EVENT_READ:
                     self._on_socket()
+            except PassingFailure as exc:
+                self._lost(str(exc))
             except ConnectionClosed:
                 self._lost("the server closed the connection")
 

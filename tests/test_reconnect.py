@@ -366,3 +366,18 @@ def test_the_client_starts_at_the_first_address_that_answers(server, keys, home)
         assert nobody.stderr.count("connection refused") == 2
     finally:
         dead.close()
+
+
+def test_a_redis_outage_is_waited_out_not_taken_for_a_refusal(nodes, redis_server, keys, home, ptys):
+    node, = nodes(1)
+    alice = ptys(node.port, "alice", home("alice"), keys(0))
+    redis_server.kill()                  # the node closes its connections after 3 s without Redis
+    alice.wait_for("the server is shutting down", timeout=BACK_WITHIN)
+    alice.wait_for("not connected (the server failed the login: internal); trying again in", timeout=BACK_WITHIN)
+    redis_server.restart()
+    alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
+    bob = wire(node.port, "bob", keys(1))
+    bob.bm("after the outage")
+    alice.wait_line(CLOCK + " bob: after the outage")
+    alice.type("EX\r")
+    assert alice.wait_exit() == 0
