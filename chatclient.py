@@ -497,6 +497,7 @@ class Session:
         self.server = server  # the address connected to (host:port)
         self.room = [server, *(a for a in room if a != server)]  # every address given for the room (--fallback)
         self.moved = False  # this login is at another address of the room than the last one
+        self.logged_in_at = server  # the address of the last login that reached KEY's reply
         self.username = username  # the registered spelling once logged in
         self.store = store
         self.out = out
@@ -545,7 +546,7 @@ class Session:
         """After a lost connection (section 11): log in again on the new one (at ``server``, the
         same address or another node of the room) without asking anything, show what was
         missed, then take operations as before."""
-        self.moved, self.server = server != self.server, server
+        self.moved, self.server = server != self.logged_in_at, server
         der = yield Handshake()
         self.check_certificate(der)
         since = yield from self.login(again=True)
@@ -659,6 +660,7 @@ class Session:
             self.passing_failure(reply)
             raise ClientExit(f"the server refused our key: {describe_error(reply)}")
         self.online_now = True
+        self.logged_in_at = self.server
         self.set_online(reply.get("online"), reply.get("more_online"))
         others = f"also online: {self.who_list()}" if self.online or self.more_online else "nobody else is online"
         self.out.show(f"{greeting}. {others}")
@@ -725,7 +727,7 @@ class Session:
             return f"{self.history_line(entry)}  (while you were away)"
         text = self.open_sealed(entry.get("ciphertext"))
         line = format_private(str(entry.get("from")), UNREADABLE if text is None else text, entry.get("ts"))
-        return f"{line}  (sent while you were away, {local_time(entry.get('ts'), with_date=True)})"
+        return f"{line}  (sent while you were away, {local_time(entry.get('sent'), with_date=True)})"
 
     def check_certificate(self, der: Any) -> None:
         """The TLS certificate's key against the one pinned for this server (section 9), before LOGIN.
@@ -759,8 +761,8 @@ class Session:
             known = self.store.server_fingerprint(other) if other != self.server else None
             if known is not None and known != key.fingerprint:
                 raise ClientExit(f"{self.server} presents the key {key.fingerprint}, but {other}, given as a node "
-                                 f"of the same room, is known by {known}; login stopped, nothing sent",
-                                 EXIT_SECURITY)
+                                 f"of the same room, is known by {known} (in {self.store.known_servers_path}); "
+                                 "login stopped, nothing sent", EXIT_SECURITY)
         if remembered is None:
             self.store.remember_server(self.server, key.fingerprint)
             self.out.show(f"first connection to {self.server}: remembering its key {key.fingerprint}")
@@ -2039,6 +2041,56 @@ Screen = Union[TtyScreen, PlainScreen]
 
 # --- the loop ------------------------------------------------------------------------------
 
+class ReconnectPlan:
+    """Where and when the next connect goes after a lost connection (no I/O of its own).
+
+    Tries go in rounds over the room's addresses, starting at the one in use: an
+    address that fails is followed at once by the next, and a round that fails by
+    the next wait of ``delays``; after the last one, giving up.
+    """
+
+    def __init__(self, addresses: Sequence[str], current: int = 0,
+                 delays: Sequence[float] = RECONNECT_DELAYS) -> None:
+        self.addresses = list(addresses)
+        self.current = current  # the address in use, or tried next
+        self.delays = delays
+        self.rounds = 0  # the waits so far since the loss
+        self.left = 0  # the addresses of this round not tried yet
+        self.reasons: dict[int, str] = {}  # why each address failed last
+
+    def lost(self) -> float:
+        """A new loss: the waits start again, at the address that was in use; the first wait."""
+        self.rounds, self.reasons = 0, {}
+        wait = self._wait()
+        assert wait is not None
+        return wait
+
+    def failed(self, why: str) -> float | None:
+        """The try at ``current`` failed: the wait before the next try (0: another address at
+        once), or None: every round is spent."""
+        self.reasons[self.current] = why
+        self.current = (self.current + 1) % len(self.addresses)
+        self.left -= 1
+        return 0.0 if self.left > 0 else self._wait()
+
+    def _wait(self) -> float | None:
+        if self.rounds >= len(self.delays):
+            return None
+        self.rounds, self.left = self.rounds + 1, len(self.addresses)
+        return self.delays[self.rounds - 1]
+
+    def given_up(self) -> str:
+        """Why the client stops trying (every round spent)."""
+        if len(self.addresses) == 1:
+            last = self.reasons.get(0)
+            return (f"could not reconnect to {self.addresses[0]} ({self.rounds} attempts"
+                    f"{f'; the last: {last}' if last else ''}); giving up")
+        tried = "; ".join(f"{self.addresses[i]}: {self.reasons.get(i, 'not tried')}"
+                          for i in range(len(self.addresses)))
+        return (f"could not reconnect ({self.rounds} rounds over {len(self.addresses)} addresses; "
+                f"the last: {tried}); giving up")
+
+
 class Driver:
     """Runs a Session's flow over one selectors loop on the socket and standard input.
 
@@ -2058,11 +2110,10 @@ class Driver:
         self.connection = connection
         self.screen = screen
         self.addresses = list(addresses)  # where to connect again (none: never)
-        self.current = current  # the index of the address connected to, or tried next
-        self.round_left = 0  # the addresses still to try before the next wait
+        self.plan = ReconnectPlan([server_address(host, port) for host, port in addresses] or ["?"], current)
         self.connected = True  # False while a lost connection is being replaced
         self.reconnecting = False  # from a loss until the new login's KEY is answered
-        self.attempts = 0
+        self.login_until: float | None = None  # a reconnect's login must reach KEY's reply by then
         self.reconnect_at: float | None = None  # when the next connect starts
         self.pending: socket.socket | None = None  # a connect in progress
         self.pending_until = 0.0
@@ -2115,6 +2166,8 @@ class Driver:
             waits.append(max(0.0, self.reconnect_at - now))
         if self.pending is not None:
             waits.append(max(0.0, self.pending_until - now))
+        if self.login_until is not None:
+            waits.append(max(0.0, self.login_until - now))
         return min(waits) if waits else None
 
     # --- a lost connection (section 11) -------------------------------------------------
@@ -2126,9 +2179,8 @@ class Driver:
         if not self.addresses or not self.session.joined or not self.session.interactive:
             raise ClientExit(reason)
         again = self.reconnecting  # an attempt that failed: the status line says so, no new warning
-        if not again:
-            self.attempts = 0  # the last reconnect got as far as KEY: a new loss starts the waits again
         self.reconnecting = True
+        self.login_until = None
         if self.connected:
             self.connected = False
             self.selector.unregister(self.connection.sock)
@@ -2140,38 +2192,36 @@ class Driver:
             self.screen.put_line(self.session.connection_lost(asking, self.screen.take_line()))
         self.flow.close()   # after the session has seen what was in flight
         self.waiting_for = self.waiting_since = None
-        self._schedule(reason if again else "")  # a new loss: this address first; a failed login: the next
+        if again:   # a try that connected, then failed: the next address
+            self._schedule(reason)
+        else:       # a new loss: the waits start again, at this address
+            self._wait(self.plan.lost(), "")
 
-    def _address_text(self, index: int) -> str:
-        host, port = self.addresses[index]
-        return server_address(host, port)
+    def _schedule(self, why: str) -> None:
+        """The try at the current address failed: the next one, at once or after a wait."""
+        failed = self.plan.addresses[self.plan.current]
+        wait = self.plan.failed(why)
+        if wait is None:
+            raise ClientExit(self.plan.given_up())
+        if wait == 0:
+            self.reconnect_at = time.monotonic()
+            self.screen.waiting(f"{failed}: {why}; trying {self.plan.addresses[self.plan.current]}")
+        else:
+            self._wait(wait, why)
 
-    def _schedule(self, why: str = "") -> None:
-        """The next attempt: at once at the next address of a round, else after a wait; why the
-        last one failed, if it did, is on the status line."""
-        count = len(self.addresses)
-        if why and count > 1:
-            failed, self.current = self._address_text(self.current), (self.current + 1) % count
-            self.round_left -= 1
-            if self.round_left > 0:
-                self.reconnect_at = time.monotonic()
-                self.screen.waiting(f"{failed}: {why}; trying {self._address_text(self.current)}")
-                return
-        self.round_left = count
-        if self.attempts >= len(RECONNECT_DELAYS):
-            where = " or ".join(self._address_text(i) for i in range(count)) or "?"
-            last = f"; the last: {why}" if why else ""
-            raise ClientExit(f"could not reconnect to {where} ({self.attempts} attempts{last}); giving up")
-        delay = RECONNECT_DELAYS[self.attempts]
-        self.attempts += 1
+    def _wait(self, delay: float, why: str) -> None:
         self.reconnect_at = time.monotonic() + delay
         self.screen.busy()
-        # At most 80 columns with the longest usual reason ("connection refused").
-        self.screen.waiting(f"not connected{f' ({why})' if why else ''}; trying again in {delay:g} s "
-                            f"({self.attempts}/{len(RECONNECT_DELAYS)}; Ctrl-C stops)")
+        rounds = f"({self.plan.rounds}/{len(self.plan.delays)}"
+        note = f"not connected{f' ({why})' if why else ''}; trying again in {delay:g} s {rounds}; Ctrl-C stops)"
+        if len(note) >= 80:   # the line must fit: the Ctrl-C hint was in the warning already
+            note = f"not connected ({shorten(why, 40)}); trying again in {delay:g} s {rounds})"
+        self.screen.waiting(note)
 
     def _reconnect_due(self) -> None:
         now = time.monotonic()
+        if self.login_until is not None and now >= self.login_until and self.connected:
+            self._lost(f"no login in {CONNECT_TIMEOUT:g} s")   # a node that takes connections, answers nothing
         if self.pending is not None and now >= self.pending_until:
             self.selector.unregister(self.pending)
             self.pending.close()
@@ -2180,7 +2230,7 @@ class Driver:
         if self.reconnect_at is None or now < self.reconnect_at or self.finished:
             return
         self.reconnect_at = None
-        host, port = self.addresses[self.current]
+        host, port = self.addresses[self.plan.current]
         self.screen.waiting(f"reconnecting to {host}:{port}... (Ctrl-C stops)")
         try:
             family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -2212,8 +2262,9 @@ class Driver:
             return
         self.connection = Connection(sock)
         self.connected = True
+        self.login_until = time.monotonic() + CONNECT_TIMEOUT
         self.selector.register(sock, selectors.EVENT_READ, "socket")
-        self.flow = self.session.rejoin(self._address_text(self.current))
+        self.flow = self.session.rejoin(self.plan.addresses[self.plan.current])
         self._guarded(lambda: self._advance(None))
 
     def _slow_reply_timeout(self) -> float | None:
@@ -2280,6 +2331,7 @@ class Driver:
                 self._advance(body)
                 if self.reconnecting and self.session.online_now:
                     self.reconnecting = False
+                    self.login_until = None
             else:
                 log.debug("ignoring an unexpected %s reply", op)
             if self.finished or not self.connected:
@@ -2392,7 +2444,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="chatclient.py", description="Chat room client (type HELP after logging in).",
         usage="%(prog)s [-h] [--register] [--fingerprint] [--export-key FILE | --import-key FILE] "
-              "[--fallback HOST:PORT ...] [--debug-log FILE] HOST PORT USERNAME",
+              "[--fallback HOST:PORT]... [--debug-log FILE] HOST PORT USERNAME",
         epilog="When standard input is not a terminal, its first line is the password and each "
                "further line a command (BM, PM, CH, EX...); the end of input means EX. A new USERNAME "
                "is registered from a script only with --register. The exit status is 1 if any line "
@@ -2410,8 +2462,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="print your key fingerprint(s) (for HOST PORT USERNAME if given) and exit")
     parser.add_argument("--fallback", action="append", default=[], type=_node_address, metavar="HOST:PORT",
                         help="another node of the same room (servers sharing one Redis and one server key; "
-                             "repeat for more): when HOST PORT does not answer, at start or after a lost "
-                             "connection, these are tried in turn. Each must present the same server key")
+                             "repeat for more): at start, the first of HOST PORT and these that takes a "
+                             "connection is used; after a lost connection, each try goes round them all. "
+                             "Each must present the same server key")
     parser.add_argument("--debug-log", metavar="FILE", help="write a debug log (never secrets) to FILE")
     parser.add_argument("--export-key", metavar="FILE",
                         help="write your key pair for HOST PORT USERNAME to FILE, encrypted under a passphrase "

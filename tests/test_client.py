@@ -881,3 +881,46 @@ def test_ch_checks_pm_entries(alice, keys):
     drive(alice.command("CH"), [{"op": "CH", "ok": True, "more": False, "entries": [entry, changed]}])
     assert alice.out.shown[-3].endswith("PM bob -> alice: in history")
     assert alice.out.shown[-2].startswith("[UNVERIFIED: the text is not the one signed] [")
+
+
+# --- reconnecting: where and when the next try goes -------------------------------------------
+
+def test_one_address_is_tried_again_after_each_wait_as_before():
+    plan = chatclient.ReconnectPlan(["a:1"])
+    waits = [plan.lost()]
+    while (wait := plan.failed("connection refused")) is not None:
+        waits.append(wait)
+    assert waits == list(chatclient.RECONNECT_DELAYS)
+    assert plan.given_up() == (f"could not reconnect to a:1 ({len(chatclient.RECONNECT_DELAYS)} attempts; "
+                               "the last: connection refused); giving up")
+
+
+@given(count=st.integers(1, 5), start=st.integers(0, 4), delays=st.lists(st.floats(0.1, 30), min_size=1, max_size=6),
+       connects=st.lists(st.integers(0, 30), max_size=4))
+def test_every_round_tries_each_address_once_in_turn_then_waits(count, start, delays, connects):
+    addresses = [f"h:{i}" for i in range(count)]
+    plan = chatclient.ReconnectPlan(addresses, start % count, delays)
+    tried, waits = [], [plan.lost()]
+    # a try that connects and then fails counts as a failed try: the next address goes on
+    while True:
+        tried.append(plan.current)
+        wait = plan.failed(f"failed at {plan.current}")
+        if wait is None:
+            break
+        waits.append(wait)
+    assert len(tried) == count * len(delays)
+    assert tried == [(start % count + i) % count for i in range(len(tried))]   # in turn, from the one in use
+    assert [w for w in waits if w != 0] == list(delays)                        # one wait per round
+    assert all(w == 0 for i, w in enumerate(waits) if i % count)               # the rest of a round at once
+    text = plan.given_up()
+    assert "giving up" in text and all(f"failed at {i}" in text for i in range(count))
+
+
+def test_a_new_loss_starts_the_waits_again_at_the_address_in_use():
+    plan = chatclient.ReconnectPlan(["a:1", "b:2"], 0, (1.0, 2.0))
+    assert plan.lost() == 1.0
+    assert plan.failed("refused") == 0.0 and plan.current == 1
+    assert plan.failed("refused") == 2.0 and plan.current == 0
+    assert plan.failed("refused") == 0.0 and plan.current == 1   # b connects: logged in there
+    assert plan.lost() == 1.0 and plan.current == 1              # lost again: b first, the waits from the start
+    assert plan.failed("refused") == 0.0 and plan.current == 0

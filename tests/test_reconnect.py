@@ -19,6 +19,7 @@ import threading
 
 import pytest
 
+from clientstore import ClientStore, server_address
 from pg3lib import PublicKey
 from redisproc import flushall
 from serverproc import ServerProcess
@@ -381,3 +382,35 @@ def test_a_redis_outage_is_waited_out_not_taken_for_a_refusal(nodes, redis_serve
     alice.wait_line(CLOCK + " bob: after the outage")
     alice.type("EX\r")
     assert alice.wait_exit() == 0
+
+
+def test_a_node_that_takes_connections_and_answers_nothing_is_passed_over(server, keys, home, ptys, relays):
+    relay = relays(server.port)
+    silent = socket.create_server(("127.0.0.1", 0))     # listens (the kernel completes connects), never reads
+    try:
+        alice = ptys(relay.port, "alice", home("alice"), keys(0),
+                     "--fallback", f"127.0.0.1:{silent.getsockname()[1]}", "--fallback", f"127.0.0.1:{server.port}")
+        relay.refusing = True
+        relay.cut()
+        alice.wait_for(f"reconnected as alice at 127.0.0.1:{server.port}", timeout=BACK_WITHIN)
+        alice.type("EX\r")
+        assert alice.wait_exit() == 0
+    finally:
+        silent.close()
+
+
+def test_a_fallback_remembered_with_another_key_stops_the_start(server, keys, home):
+    elsewhere = refusing_port()
+    try:
+        fallback = server_address("127.0.0.1", elsewhere.getsockname()[1])
+        ClientStore(str(home("carol") / "chatroom")).remember_server(fallback, keys(5).fingerprint)
+        run = e2e.run_script(server.port, "carol", home("carol"), PASSWORD + "\nBM hello\n", "--register",
+                             "--fallback", fallback)
+        assert run.returncode == 3, run.stdout + run.stderr
+        assert f"but {fallback}, given as a node of the same room, is known by {keys(5).fingerprint}" in run.stderr
+        assert "known_servers" in run.stderr
+        probe = WireClient(server.port)
+        assert probe.login_start("carol")["new_user"] is True     # nothing was registered: nothing was sent
+        probe.close()
+    finally:
+        elsewhere.close()
