@@ -452,6 +452,11 @@ class Handshake(NamedTuple):
 HANDSHAKE = "TLS handshake"  # what the driver waits for during a Handshake step
 
 
+class Reconnect(NamedTuple):
+    """Connect again now (the first login's connection closed while the user typed); the driver
+    sends None back in once there is a new connection to handshake on."""
+
+
 class Ask(NamedTuple):
     """Wait for the user's next line (or Ctrl-C / Ctrl-D / end of input)."""
 
@@ -463,7 +468,7 @@ class Ask(NamedTuple):
     resume: str = ""  # what makes the half-typed answer a command again if the connection drops ("BM ")
 
 
-Step = Union[Send, Reply, Handshake, Ask]
+Step = Union[Send, Reply, Handshake, Reconnect, Ask]
 Flow = Generator[Step, Any, Any]
 
 
@@ -530,6 +535,7 @@ class Session:
         self.shown_set: set[tuple] = set()
         self.recent_header = ""  # said once, before the first recent BM of a login
         self.in_flight: str = ""  # the command of a message sent and not yet answered
+        self.login_dropped = False  # the first login's connection closed while the user typed
 
     def request(self, body: dict) -> Flow:
         yield Send(body)
@@ -634,6 +640,8 @@ class Session:
             if password is None:
                 raise ClientExit("login cancelled" if self.interactive else
                                  "no password on standard input (its first line is the password)")
+            if self.login_dropped:
+                nonce = login_nonce((yield from self.login_anew(server_key, new_user)))
             sealed = server_key.seal(nonce + password.encode("utf-8")).decode("ascii")
             reply = yield from self.request({"op": Op.PASSWORD, "ciphertext": sealed})
             if succeeded(reply):
@@ -664,6 +672,25 @@ class Session:
         self.set_online(reply.get("online"), reply.get("more_online"))
         others = f"also online: {self.who_list()}" if self.online or self.more_online else "nobody else is online"
         self.out.show(f"{greeting}. {others}")
+
+    def login_anew(self, server_key: pg3lib.PublicKey, new_user: bool) -> Flow:
+        """The connection closed while the password was typed (the server's login timeout): connect
+        again and LOGIN, with the same server key and the account as it was; the new LOGIN reply."""
+        yield Reconnect()
+        self.login_dropped = False
+        der = yield Handshake()
+        self.check_certificate(der)
+        reply = yield from self.request({"op": Op.LOGIN, "username": self.username})
+        if not succeeded(reply):
+            raise ClientExit(f"login refused: {describe_error(reply)}")
+        if self.check_server_key(reply) != server_key:
+            raise ClientExit("the server came back with another key; login stopped, password not sent",
+                             EXIT_SECURITY)
+        if bool(reply.get("new_user")) != new_user:
+            raise ClientExit(f"the account {self.username} was registered by someone else while you chose a "
+                             "password; password not sent" if new_user else
+                             f"the server no longer knows the account {self.username}; password not sent")
+        return reply
 
     def passing_failure(self, reply: dict) -> None:
         """After a lost connection, an error that passes is a reason to try again later, not to stop.
@@ -2176,6 +2203,8 @@ class Driver:
         if self.session.exiting:
             self.finished = True
             return
+        if not self.session.joined and self._keep_login_prompt(reason):
+            return
         if not self.addresses or not self.session.joined or not self.session.interactive:
             raise ClientExit(reason)
         again = self.reconnecting  # an attempt that failed: the status line says so, no new warning
@@ -2196,6 +2225,31 @@ class Driver:
             self._schedule(reason)
         else:       # a new loss: the waits start again, at this address
             self._wait(self.plan.lost(), "")
+
+    def _keep_login_prompt(self, reason: str) -> bool:
+        """The connection closed while the first login waits for the user (the server's login
+        timeout, while a password is typed): keep the prompt and connect again once it is
+        answered (Session.login_anew). False: not at a prompt, so this ends the client."""
+        if not self.session.interactive or self.asking is None or not self.addresses:
+            return False
+        if self.connected:
+            self.connected = False
+            self.selector.unregister(self.connection.sock)
+            self.connection.close()
+        if not self.session.login_dropped:
+            self.session.login_dropped = True
+            self.screen.warn(f"{reason}; this client connects again when you press Enter")
+        return True
+
+    def _open_again(self) -> None:
+        """A Reconnect step: the room's addresses in turn from the one in use (blocking, as at start)."""
+        order = [(self.plan.current + i) % len(self.addresses) for i in range(len(self.addresses))]
+        self.screen.waiting("connecting...")
+        connection, first = open_first([self.addresses[i] for i in order])
+        self.plan.current = order[first]
+        self.session.server = self.plan.addresses[self.plan.current]
+        self.connection, self.connected = connection, True
+        self.selector.register(connection.sock, selectors.EVENT_READ, "socket")
 
     def _schedule(self, why: str) -> None:
         """The try at the current address failed: the next one, at once or after a wait."""
@@ -2317,7 +2371,9 @@ class Driver:
             if frame.kind == framing.KIND_DATA:
                 self.session.on_data(body)
             elif op == "BYE":
-                if body.get("reason") in (ByeReason.SHUTDOWN, ByeReason.TOO_SLOW):
+                reason = body.get("reason")
+                if reason in (ByeReason.SHUTDOWN, ByeReason.TOO_SLOW) or (
+                        reason == ByeReason.IDLE and not self.session.joined):
                     self._lost(bye_text(body))
                     return
                 raise ClientExit(bye_text(body))
@@ -2356,6 +2412,7 @@ class Driver:
                 # As in a shell: Ctrl-C drops the half-typed command (on an empty line the flow
                 # says how to leave; Ctrl-C itself never leaves).
                 self.screen.answered(self.asking, event)
+                self.asking = self.asking._replace(initial="")   # dropped: a message put back stays out
                 self.screen.ask(self.asking)
                 continue
             if event is Key.INTERRUPT:
@@ -2396,6 +2453,9 @@ class Driver:
                 return
             if isinstance(step, Send):
                 self.connection.send(step.body)
+                value = None
+            elif isinstance(step, Reconnect):
+                self._open_again()
                 value = None
             elif isinstance(step, Handshake):
                 der = self.connection.peer_certificate()

@@ -309,9 +309,13 @@ class LineEditor:
         chars = self.chars
         if text_width(self.text) < room:
             self._scroll = 0
-        self._scroll = min(self._scroll, self.cursor)
-        while self._scroll < self.cursor and text_width("".join(chars[self._scroll:self.cursor])) >= room:
-            self._scroll += 1
+        # The cursor in view: the first character shown is at least the first of the longest run
+        # ending at the cursor that fits (found walking back from it: linear, a paste is long).
+        fits, used = self.cursor, 0
+        while fits > 0 and used + char_width(chars[fits - 1]) < room:
+            fits -= 1
+            used += char_width(chars[fits])
+        self._scroll = min(max(self._scroll, fits), self.cursor)
         # Wider than before (a resize, or text deleted at the end): show more of the start again.
         while self._scroll > 0 and text_width("".join(chars[self._scroll - 1:])) < room:
             self._scroll -= 1

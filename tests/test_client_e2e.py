@@ -955,6 +955,22 @@ def test_a_message_over_the_limit_stays_in_the_line_and_in_history(server, conne
     assert bob.wait_data("BM")["text"] == "y" * limit
 
 
+def test_ctrl_c_drops_a_message_put_back_for_being_too_long(server, connect, keys, home, ptys):
+    bob = wire_login(connect, "bob", keys(1))
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    type_slowly(alice, "BM " + "x" * (protocol.MAX_TEXT_CHARS + 1))
+    alice.type("\r")
+    alice.wait_for("(Ctrl-C drops it)")
+    alice.wait_until(lambda: alice.cursor_row().startswith("alice> xxx"), "the line given back")
+    alice.type("\x03")
+    alice.wait_prompt("alice> ")                  # dropped, as the hint says
+    alice.type("\x03")
+    alice.wait_for("to leave, type EX or press Ctrl-D")   # an empty line: how to leave; the line stays empty
+    alice.wait_prompt("alice> ")
+    alice.type("BM short\r")
+    assert bob.wait_data("BM")["text"] == "short"
+
+
 def test_a_script_with_a_failed_line_exits_1_and_says_why(server, connect, keys, home):
     bob = wire_login(connect, "bob", keys(1))
     seed_key(home("alice"), server.port, "alice", keys(0))

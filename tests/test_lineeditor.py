@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lineeditor import Key, LineEditor, Submit, char_width, is_unsafe, text_width
 
@@ -202,3 +204,38 @@ def test_tab_asks_a_completion_function_with_the_text_before_the_word(split):
     feed(editor, b"hi p\t", split)
     assert editor.text == "PM bob hi PM "  # the function decides, given the text before the word
     assert seen == ["", "PM ", "PM bob hi "]
+
+
+def _first_shown_by_the_old_loop(chars: list[str], scroll: int, cursor: int, room: int) -> int:
+    """The scrolling rule as it was first written (quadratic): the model the linear walk must equal."""
+    scroll = min(scroll, cursor)
+    while scroll < cursor and text_width("".join(chars[scroll:cursor])) >= room:
+        scroll += 1
+    return scroll
+
+
+@given(text=st.text(st.sampled_from("ab日本 é✓"), max_size=120), moves=st.lists(st.integers(0, 120), max_size=6),
+       width=st.integers(1, 60))
+def test_rendering_scrolls_as_the_first_rule_did(text, moves, width):
+    editor = LineEditor()
+    editor.set_text(text)
+    prompt = "> "
+    room = max(max(width - 1, 8) - text_width(prompt), 1)
+    for cursor in [len(editor.chars), *(m % (len(editor.chars) + 1) for m in moves)]:
+        editor.cursor = cursor
+        before = editor._scroll
+        row = editor.render(prompt, width)
+        expected = _first_shown_by_the_old_loop(editor.chars, before, cursor, room)
+        if text_width(editor.text) < room:
+            expected = 0
+        while expected > 0 and text_width("".join(editor.chars[expected - 1:])) < room:
+            expected -= 1
+        assert editor._scroll == expected
+        assert row.cursor <= max(width - 1, 8)
+
+
+def test_a_long_paste_renders_at_once():
+    editor = LineEditor()
+    editor.feed(b"BM " + b"k" * 4100)       # one read of a paste
+    row = editor.render("alice> ", 80)      # was quadratic: seconds for this line
+    assert row.text == "alice> " + "k" * (79 - 7 - 1) and row.cursor == 78

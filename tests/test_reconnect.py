@@ -414,3 +414,39 @@ def test_a_fallback_remembered_with_another_key_stops_the_start(server, keys, ho
         probe.close()
     finally:
         elsewhere.close()
+
+
+@pytest.fixture
+def impatient(tmp_path):
+    """A server that closes a connection not logged in within 1.5 s (--login-timeout)."""
+    started = ServerProcess(str(tmp_path / "impatient"), "--login-timeout", "1.5").start()
+    yield started
+    started.kill()
+
+
+def test_a_password_typed_after_the_login_timeout_still_logs_in(impatient, keys, home):
+    erin = PtyClient(impatient.port, "erin", home("erin"))
+    try:
+        erin.wait_prompt("choose a password: ")
+        erin.wait_for("the login took too long (idle); this client connects again when you press Enter")
+        erin.wait_prompt("choose a password: ")        # the prompt is still there
+        erin.type(PASSWORD + "\r")
+        erin.wait_prompt("repeat the password: ")
+        erin.type(PASSWORD + "\r")
+        erin.wait_for(f"logged in as erin at 127.0.0.1:{impatient.port}")
+        erin.type("EX\r")
+        assert erin.wait_exit() == 0
+    finally:
+        erin.close()
+
+    again = PtyClient(impatient.port, "erin", home("erin"))     # an account that exists: asked once
+    try:
+        again.wait_prompt("password for erin: ")
+        again.wait_for("this client connects again when you press Enter")
+        again.type(PASSWORD + "\r")
+        again.wait_for(f"logged in as erin at 127.0.0.1:{impatient.port}")
+        assert PASSWORD not in again.text()             # a secret prompt: never echoed
+        again.type("EX\r")
+        assert again.wait_exit() == 0
+    finally:
+        again.close()
