@@ -1852,7 +1852,7 @@ class PlainScreen(Output):
     def busy(self) -> None:
         pass
 
-    def waiting(self, note: str) -> None:
+    def waiting(self, note: str, short: str = "") -> None:
         pass
 
     def ask(self, ask: Ask) -> None:
@@ -1886,6 +1886,8 @@ class TtyScreen(Output):
         self.editor = LineEditor()
         self.prompt: str | None = None  # None: waiting for the server, no prompt shown
         self.note = ""  # shown instead of a prompt while a reply is slow to come
+        self.offline = False  # reconnecting: what is typed meanwhile is shown, after the note in short
+        self.short_note = ""  # the note as the prompt before a line typed while reconnecting
         self.width = 80
         self.height = 24
         self.wakeup_fd: int | None = None
@@ -2001,6 +2003,8 @@ class TtyScreen(Output):
 
     def _line(self) -> str:
         if self.prompt is None:
+            if self.offline and self.editor.chars:   # what is typed, after the status in short
+                return self.editor.redraw(f"[{self.short_note or 'reconnecting'}] ", self.width)
             return "\r\x1b[K" + visible(self.note[:max(self.width - 1, 0)])
         return self.editor.redraw(self.prompt, self.width)
 
@@ -2016,17 +2020,24 @@ class TtyScreen(Output):
     def busy(self) -> None:
         self.prompt = None
         self.note = ""
-        self.editor.secret = True  # text typed ahead is kept but not echoed
+        self.editor.secret = not self.offline  # text typed ahead is kept but not echoed (a short wait)
+
+    def disconnected(self) -> None:
+        """Reconnecting (it may take minutes): what is typed is shown, not typed blind."""
+        self.offline = True
+        self.editor.secret = False
         self._write(self._line())
 
-    def waiting(self, note: str) -> None:
-        """The awaited reply is slow: say so on the edit line (until the next prompt)."""
-        self.note = note
+    def waiting(self, note: str, short: str = "") -> None:
+        """The awaited reply is slow: say so on the edit line (until the next prompt); ``short``,
+        while reconnecting, goes before a line being typed."""
+        self.note, self.short_note = note, short or self.short_note
         if self.prompt is None:
             self._write(self._line())
 
     def ask(self, ask: Ask) -> None:
-        self.note = ""
+        self.note = self.short_note = ""
+        self.offline = False
         self.prompt = ask.prompt
         self.editor.secret = ask.secret
         self.editor.completions = ask.completions
@@ -2219,6 +2230,7 @@ class Driver:
             if not again:
                 self.screen.warn(f"{reason}; reconnecting (Ctrl-C stops, Ctrl-D leaves)")
             self.screen.put_line(self.session.connection_lost(asking, self.screen.take_line()))
+            self.screen.disconnected()
         self.flow.close()   # after the session has seen what was in flight
         self.waiting_for = self.waiting_since = None
         if again:   # a try that connected, then failed: the next address
@@ -2259,7 +2271,7 @@ class Driver:
             raise ClientExit(self.plan.given_up())
         if wait == 0:
             self.reconnect_at = time.monotonic()
-            self.screen.waiting(f"{failed}: {why}; trying {self.plan.addresses[self.plan.current]}")
+            self.screen.waiting(f"{failed}: {why}; trying {self.plan.addresses[self.plan.current]}", "reconnecting")
         else:
             self._wait(wait, why)
 
@@ -2270,7 +2282,7 @@ class Driver:
         note = f"not connected{f' ({why})' if why else ''}; trying again in {delay:g} s {rounds}; Ctrl-C stops)"
         if len(note) >= 80:   # the line must fit: the Ctrl-C hint was in the warning already
             note = f"not connected ({shorten(why, 40)}); trying again in {delay:g} s {rounds})"
-        self.screen.waiting(note)
+        self.screen.waiting(note, f"not connected; trying again in {delay:g} s")
 
     def _reconnect_due(self) -> None:
         now = time.monotonic()
@@ -2285,7 +2297,7 @@ class Driver:
             return
         self.reconnect_at = None
         host, port = self.addresses[self.plan.current]
-        self.screen.waiting(f"reconnecting to {host}:{port}... (Ctrl-C stops)")
+        self.screen.waiting(f"reconnecting to {host}:{port}... (Ctrl-C stops)", "reconnecting")
         try:
             family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
             sock = socket.socket(family, kind, proto)

@@ -252,6 +252,24 @@ def test_the_status_line_says_why_a_reconnect_failed(server, keys, home, ptys):
     alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
 
 
+def test_what_is_typed_while_reconnecting_is_shown_and_kept(server, keys, home, ptys, relays):
+    relay = relays(server.port)
+    alice = ptys(relay.port, "alice", home("alice"), keys(0))
+    bob = wire(server.port, "bob", keys(1))
+    alice.wait_for("* bob is online")
+    relay.refusing = True
+    relay.cut()
+    alice.wait_for("trying again in")
+    alice.type("BM typed while away")
+    alice.wait_until(lambda: re.fullmatch(r"\[(not connected; trying again in [\d.]+ s|reconnecting)\] "
+                                          r"BM typed while away", alice.cursor_row()), "the line typed, shown")
+    relay.refusing = False
+    alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
+    alice.wait_prompt("alice> BM typed while away")
+    alice.type("\r")
+    assert bob.wait_data("BM", text="typed while away")["from"] == "alice"
+
+
 def test_ctrl_c_stops_reconnecting(server, keys, home, ptys, relays):
     relay = relays(server.port)
     alice = ptys(relay.port, "alice", home("alice"), keys(0))
@@ -425,6 +443,7 @@ def impatient(tmp_path):
 
 
 def test_a_password_typed_after_the_login_timeout_still_logs_in(impatient, keys, home):
+    e2e.seed_key(home("erin"), impatient.port, "erin", keys(3))   # no key to make: the login fits in 1.5 s
     erin = PtyClient(impatient.port, "erin", home("erin"))
     try:
         erin.wait_prompt("choose a password: ")
