@@ -25,6 +25,7 @@ must close every connection).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -116,6 +117,9 @@ def open_store(url: str, selector, directory: str, history_limit: int = storage.
         keys = room_server_key(url, local, path, fresh)
         return RedisStore(url, selector, history_limit=history_limit, frame_limit=frame_limit), keys
     except (OSError, TimeoutError, ValueError) as exc:
+        if fresh:   # made just now and not taken: leave no key behind to be refused at the next start
+            with contextlib.suppress(OSError):
+                os.remove(path)
         raise storage.StorageError(f"cannot use Redis at {redact(url)}: {exc}") from None
 
 

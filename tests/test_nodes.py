@@ -52,6 +52,7 @@ def test_a_node_with_another_key_is_refused_and_redis_holds_no_private_key(clust
     with pytest.raises(RuntimeError):
         stranger.start(timeout=8)
     assert "is not the room's" in stranger.log() and "--server-key" in stranger.log()
+    assert not (other / "server_key.pem").exists()     # the key it made was refused: not left to refuse again
     assert first.proc.poll() is None
 
 
