@@ -60,7 +60,7 @@ import framing
 import pg3lib
 import protocol
 import x509
-from clientstore import ClientStore, KeyLocked, SeenIds, config_root, server_address, server_id
+from clientstore import ClientStore, KeyLocked, SeenIds, config_root, contact_book, server_address, server_id
 from lineeditor import UNSAFE_FORMAT_CHARS, Completions, Event, Key, LineEditor, Submit, shorten, text_width
 from moderation import PAST, parse_duration
 from protocol import (MAX_REASON_CHARS, MAX_TEXT_CHARS, MIN_PASSWORD_CHARS, USERNAME_RULE, ByeReason, Error,
@@ -513,7 +513,7 @@ class Session:
         self.more_online = 0  # online users left out of a trimmed list
         self.changed_keys: dict[str, pg3lib.PublicKey] = {}  # contact -> new key, not trusted yet
         self.held: dict[str, list[dict]] = {}  # contact -> PMs waiting for TRUST
-        self.ignored = store.ignored(server)  # lower case: the users whose BMs and PMs are hidden (read again at LOGIN)
+        self.ignored: set[str] = set()  # lower case: the users whose BMs and PMs are hidden (read again at LOGIN)
         self.failures: list[str] = []  # a script's lines that were not carried out (exit status 1)
         self.retry_line = ""  # put back at the next operation prompt (a message that was too long)
         self.exiting = False
@@ -525,6 +525,7 @@ class Session:
         self.seen: SeenIds | None = None  # the PM ids seen (section 4.5), once logged in
         # Where the key pair, contacts and ignore list are kept: the server key's fingerprint (section 9).
         self.server_key_id = server
+        self.ignored = store.ignored(self.book)
         # Coming back after a lost connection (section 11): the password of this run's login (kept
         # in memory only), where the BMs seen end, and which ones were shown (a catch-up repeats some).
         self.password: str | None = None
@@ -591,13 +592,18 @@ class Session:
             if (yield from self.command(event.text)):
                 return
 
+    @property
+    def book(self) -> str:
+        """Where this account's contacts and ignore list are kept: the room's key and the account."""
+        return contact_book(self.server_key_id, self.username)
+
     def complete(self, before: str) -> tuple[str, ...]:
         """What Tab offers at the operation prompt for the word after ``before`` (the text before it)."""
         return completion_words(before, self.user_names())
 
     def user_names(self) -> list[str]:
         """Names worth completing: the users online now and the contacts remembered (and ignored)."""
-        names = {name.lower(): name for name in self.store.contacts(self.server_key_id)}
+        names = {name.lower(): name for name in self.store.contacts(self.book)}
         names.update((name, name) for name in self.ignored)
         names.update((name.lower(), name) for name in self.changed_keys)
         names.update(self.online)  # the spelling the server shows wins
@@ -622,10 +628,12 @@ class Session:
             return (yield from self.login_again(reply))
         server_key = self.check_server_key(reply)
         self.server_key_id = server_id(server_key.fingerprint)
-        # Contacts and the ignore list are the room's, under its key, on every node of it.
-        if self.store.adopt_server_rows(self.server, self.server_key_id):
-            log.debug("adopted the contacts and ignore list of %s for the server key", self.server)
-        self.ignored = self.store.ignored(self.server_key_id)
+        # Contacts and the ignore list are this account's in the room (under the room's key, on
+        # every node of it); rows of older layouts (by address, by room alone) move here once.
+        for older in (self.server, self.server_key_id):
+            if self.store.adopt_server_rows(older, self.book):
+                log.debug("adopted the contacts and ignore list kept under %s", older)
+        self.ignored = self.store.ignored(self.book)
         nonce = login_nonce(reply)
         new_user = bool(reply.get("new_user"))
         if new_user and not self.interactive and not self.register:
@@ -1166,7 +1174,7 @@ class Session:
             if not self.interactive:
                 self.failures.append(f"PM to {name}: their key has changed (TRUST {name} accepts it)")
             return None
-        if self.store.contact_fingerprint(self.server_key_id, name) is None and name.lower() not in self.first_noted:
+        if self.store.contact_fingerprint(self.book, name) is None and name.lower() not in self.first_noted:
             self.first_noted.add(name.lower())
             self.out.show(f"* first PM with {name}: their key is {key.fingerprint} (pinned once a PM from them "
                           "verifies)")
@@ -1188,12 +1196,12 @@ class Session:
 
     def known_key(self, name: str) -> pg3lib.PublicKey | None:
         """The key pinned for a contact, if this client holds it (seen this run or saved), else None."""
-        pinned = self.store.contact_fingerprint(self.server_key_id, name)
+        pinned = self.store.contact_fingerprint(self.book, name)
         if pinned is None:
             return None
         key = self.contact_keys.get(name.lower())
         if key is None:
-            form = self.store.contact_key(self.server_key_id, name)
+            form = self.store.contact_key(self.book, name)
             try:
                 key = pg3lib.PublicKey.from_key_form(form) if form else None
             except pg3lib.InvalidKey:
@@ -1399,8 +1407,8 @@ class Session:
         if name.lower() == self.username.lower():
             self.failed(command, "that is you")
             return
-        changed = self.store.set_ignored(self.server_key_id, name, hide)
-        self.ignored = self.store.ignored(self.server_key_id)
+        changed = self.store.set_ignored(self.book, name, hide)
+        self.ignored = self.store.ignored(self.book)
         if hide:
             self.out.show(f"ignoring {name}: their BMs and PMs are hidden, in CH too (UNIGNORE {name} undoes it)"
                           if changed else f"you already ignore {name}")
@@ -1415,7 +1423,7 @@ class Session:
         """True if key is the one pinned for name, or none is pinned yet (it is pinned only once a PM
         signed with it verifies: ``pin_contact``); else warn."""
         lower = name.lower()
-        pinned = self.store.contact_fingerprint(self.server_key_id, lower)
+        pinned = self.store.contact_fingerprint(self.book, lower)
         if pinned is None or pinned == key.fingerprint:
             self.contact_keys[lower] = key
             return True
@@ -1425,11 +1433,11 @@ class Session:
 
     def pin_contact(self, name: str, key: pg3lib.PublicKey) -> None:
         """A PM signed with key verified: remember it for name if nothing is remembered yet."""
-        if self.store.contact_fingerprint(self.server_key_id, name) is None:
-            self.store.remember_contact(self.server_key_id, name, key.fingerprint)
+        if self.store.contact_fingerprint(self.book, name) is None:
+            self.store.remember_contact(self.book, name, key.fingerprint)
             self.out.show(f"* first private message from {name}: remembering their key {key.fingerprint}")
-        if self.store.contact_key(self.server_key_id, name) != key.key_form:
-            self.store.remember_contact_key(self.server_key_id, name, key.key_form)
+        if self.store.contact_key(self.book, name) != key.key_form:
+            self.store.remember_contact_key(self.book, name, key.key_form)
 
     def trust(self, name: str) -> None:
         """TRUST name: accept the new key the contact presented; show the PMs held back."""
@@ -1438,11 +1446,11 @@ class Session:
             return
         key = self.changed_keys.pop(name.lower(), None)
         if key is None:
-            pinned = self.store.contact_fingerprint(self.server_key_id, name)
+            pinned = self.store.contact_fingerprint(self.book, name)
             self.out.show(f"no new key from {name} to trust (remembered: {pinned or 'none'})")
             return
-        self.store.remember_contact(self.server_key_id, name, key.fingerprint)
-        self.store.remember_contact_key(self.server_key_id, name, key.key_form)
+        self.store.remember_contact(self.book, name, key.fingerprint)
+        self.store.remember_contact_key(self.book, name, key.key_form)
         self.contact_keys[name.lower()] = key
         self.out.show(f"now trusting {name}'s key {key.fingerprint}")
         for body in self.held.pop(name.lower(), []):
@@ -1451,7 +1459,7 @@ class Session:
     def show_keys(self, name: str) -> None:
         """KEYS [name]: fingerprints to compare over another channel."""
         if name:
-            pinned = self.store.contact_fingerprint(self.server_key_id, name)
+            pinned = self.store.contact_fingerprint(self.book, name)
             self.out.show(f"{name}: {pinned or 'no key remembered yet'}")
             changed = self.changed_keys.get(name.lower())
             if changed is not None:
@@ -1460,7 +1468,7 @@ class Session:
         if self.keys is not None:
             self.out.show(f"your key ({self.username} at {self.server}): {self.keys.fingerprint}")
         self.out.show(f"server {self.server}: {self.store.server_fingerprint(self.server) or 'unknown'}")
-        for contact, fingerprint in sorted(self.store.contacts(self.server_key_id).items()):
+        for contact, fingerprint in sorted(self.store.contacts(self.book).items()):
             self.out.show(f"{contact}: {fingerprint}")
 
     def open_sealed(self, sealed: Any) -> str | None:

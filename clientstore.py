@@ -23,17 +23,20 @@ written mode 0600, atomically (``pg3lib.write_private_file``):
   than ``SEEN_KEEP`` seconds are dropped;
 * ``known_servers``: one ``host:port SHA256:...`` line per server, the key
   first seen there (trust on first use, docs/PROTOCOL.md section 9);
-* ``known_contacts``: one ``<server key> username SHA256:...`` line per contact;
-* ``contact_keys``: one ``<server key> username key`` line per pinned contact,
-  the key itself, so that CH can check the signatures of received PMs;
-* ``ignored``: one ``<server key> username`` line per user whose messages the
-  client hides (IGNORE), per server like the contacts.
+* ``known_contacts``: one ``<server key>/<user> contact SHA256:...`` line per
+  contact of an account;
+* ``contact_keys``: one ``<server key>/<user> contact key`` line per pinned
+  contact, the key itself, so that CH can check the signatures of received PMs;
+* ``ignored``: one ``<server key>/<user> contact`` line per user whose messages
+  that account hides (IGNORE).
 
-The contacts, their keys and the ignore list belong to the room, not to one
-address of it: they are kept under the server key (``server_id``), like the key
-pairs, so every node of a room, and ``localhost`` beside ``127.0.0.1``, share
-them. Rows under the older ``host:port`` name are adopted at the first login
-that sees the server's key (``adopt_server_rows``). ``known_servers`` alone is
+The contacts, their keys and the ignore list belong to one account in one
+room, not to one address of it: they are kept under the server key
+(``server_id``) and the account (``contact_book``), like the key pairs, so
+every node of a room, and ``localhost`` beside ``127.0.0.1``, share them,
+while two accounts used from one configuration directory do not. Rows of the
+older layouts (under ``host:port``, or under the server key alone) move to the
+account that logs in first after the change (``adopt_server_rows``). ``known_servers`` alone is
 by address, since it says which key an address must show. Servers are named
 ``host:port`` as the user gave them (host lower-cased); usernames are
 lower-cased, as accounts are case-insensitive.
@@ -62,12 +65,12 @@ SEEN_KEEP = 2 * 600 + 86400
 SEEN_MAX = 5000  # ids kept per account, at most (the newest)
 EXPORT_FORMAT = "chatroom-key-export"
 KNOWN_CONTACTS = "known_contacts"
-CONTACT_KEYS = "contact_keys"  # server-key username key-form: the keys behind the pinned fingerprints
+CONTACT_KEYS = "contact_keys"  # server-key/account contact key-form: the keys behind the pinned fingerprints
 IGNORED = "ignored"
 # The first line of each file kept per server key: what its fields are.
-CONTACTS_TITLE = "contact key fingerprints (server-key username fingerprint)"
-CONTACT_KEYS_TITLE = "contact keys (server-key username key)"
-IGNORED_TITLE = "users whose messages are hidden (server-key username)"
+CONTACTS_TITLE = "contact key fingerprints (server-key/account contact fingerprint)"
+CONTACT_KEYS_TITLE = "contact keys (server-key/account contact key)"
+IGNORED_TITLE = "users whose messages are hidden (server-key/account contact)"
 # scrypt cost for the key passphrase: about 60 ms and 32 MiB, once per login.
 SCRYPT_N = 2 ** 15
 SCRYPT_R = 8
@@ -110,6 +113,11 @@ def server_address(host: str, port: int) -> str:
 def server_id(fingerprint: str) -> str:
     """The file-name form of a server key's fingerprint: ``SHA256_`` and URL-safe base64."""
     return fingerprint.replace(":", "_", 1).replace("+", "-").replace("/", "_")
+
+
+def contact_book(server: str, username: str) -> str:
+    """The first field of an account's contact and ignore rows: ``<server key>/<user>``."""
+    return f"{server}/{username.lower()}"
 
 
 def derive_passphrase(password: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
@@ -343,8 +351,8 @@ class ClientStore:
         self._write_rows(path, CONTACT_KEYS_TITLE, rows)
 
     def adopt_server_rows(self, old_server: str, server: str) -> int:
-        """Move the contact, contact key and ignore rows kept under old_server (a ``host:port``,
-        the older layout) to server (``server_id``); a row kept under server already wins.
+        """Move the contact, contact key and ignore rows kept under old_server (an older layout's
+        ``host:port`` or server key) to server (a ``contact_book``); a row kept there already wins.
         Returns how many rows moved."""
         moved = 0
         for path, width, title in ((self.known_contacts_path, 3, CONTACTS_TITLE),

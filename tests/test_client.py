@@ -21,8 +21,10 @@ import protocol
 import wire
 from chatclient import (UNREADABLE, Session, format_history_entry, local_time, parse_timestamp,
                         visible)
-from clientstore import ClientStore
+from clientstore import ClientStore, contact_book
 from lineeditor import text_width
+
+ALICE_BOOK = contact_book("h:1", "alice")   # where the session of alice at h:1 keeps her contacts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT = os.path.join(ROOT, "chatclient.py")
@@ -147,14 +149,14 @@ def pm1_frame(sender: pg3lib.KeyPair, sender_name: str, receiver: pg3lib.KeyPair
 def test_pm_is_decrypted_and_the_sender_key_pinned(alice, keys):
     alice.on_data(pm_frame(keys(1), "bob", keys(0), "see you at 5"))
     assert alice.out.shown[-1].endswith("bob -> you (private): see you at 5")
-    assert alice.store.contact_fingerprint("h:1", "bob") == keys(1).fingerprint
+    assert alice.store.contact_fingerprint(ALICE_BOOK, "bob") == keys(1).fingerprint
 
 
 def test_pm_with_a_bad_signature_is_a_warning_never_the_text_and_pins_nothing(alice, keys):
     alice.on_data(pm_frame(keys(1), "bob", keys(0), "forged words", signer=keys(2)))
     assert not any("forged" in line for line in alice.out.shown)
     assert "WARNING" in alice.out.warned[-1] and "failed its signature check" in alice.out.warned[-1]
-    assert alice.store.contact_fingerprint("h:1", "bob") is None  # pinned only after a PM verifies
+    assert alice.store.contact_fingerprint(ALICE_BOOK, "bob") is None  # pinned only after a PM verifies
     tampered = pm_frame(keys(1), "bob", keys(0), "real words")
     tampered["sent"] = protocol.timestamp(time.time() + 1)  # a member under the signature changed
     alice.on_data(tampered)
@@ -195,7 +197,7 @@ def test_a_version_1_pm_is_shown_marked_unverified(alice, keys):
     alice.on_data(pm1_frame(keys(1), "bob", keys(0), "old style"))
     assert alice.out.shown[-1].startswith("[UNVERIFIED: version-1 PM")
     assert alice.out.shown[-1].endswith("bob -> you (private): old style")
-    assert alice.store.contact_fingerprint("h:1", "bob") is None
+    assert alice.store.contact_fingerprint(ALICE_BOOK, "bob") is None
 
 
 def test_pm_sealed_for_another_key_is_unreadable(alice, keys):
@@ -204,7 +206,7 @@ def test_pm_sealed_for_another_key_is_unreadable(alice, keys):
 
 
 def test_changed_contact_key_holds_pms_until_trusted(alice, keys):
-    alice.store.remember_contact("h:1", "bob", keys(1).fingerprint)
+    alice.store.remember_contact(ALICE_BOOK, "bob", keys(1).fingerprint)
     alice.on_data(pm_frame(keys(2), "bob", keys(0), "new key, who dis"))
     alice.on_data(pm_frame(keys(2), "bob", keys(0), "second"))
     assert not any("who dis" in line for line in alice.out.shown)
@@ -213,13 +215,13 @@ def test_changed_contact_key_holds_pms_until_trusted(alice, keys):
     alice.show_keys("bob")
     assert keys(2).fingerprint in alice.out.shown[-1]
     alice.trust("bob")
-    assert alice.store.contact_fingerprint("h:1", "bob") == keys(2).fingerprint
+    assert alice.store.contact_fingerprint(ALICE_BOOK, "bob") == keys(2).fingerprint
     assert alice.out.shown[-2].endswith("bob -> you (private): new key, who dis")
     assert alice.out.shown[-1].endswith("bob -> you (private): second")
 
 
 def test_changed_contact_key_stops_a_pm_to_them(alice, keys):
-    alice.store.remember_contact("h:1", "bob", keys(1).fingerprint)
+    alice.store.remember_contact(ALICE_BOOK, "bob", keys(1).fingerprint)
     reply = {"op": "TARGET", "ok": True, "username": "bob", "public_key": keys(2).public.key_form,
              "fingerprint": keys(2).fingerprint}
     assert alice.target_key("bob", reply) is None
@@ -458,7 +460,7 @@ def test_completion_words_depend_on_the_position(before, offered):
 def test_tab_at_the_operation_prompt(alice, typed, line):
     from lineeditor import LineEditor
     alice.online = {"bob": "Bob"}
-    alice.store.remember_contact("h:1", "carol", "SHA256:c")
+    alice.store.remember_contact(ALICE_BOOK, "carol", "SHA256:c")
     editor = LineEditor()
     editor.completions = alice.complete
     editor.feed(typed)
@@ -467,8 +469,8 @@ def test_tab_at_the_operation_prompt(alice, typed, line):
 
 def test_completed_names_are_the_online_users_and_the_contacts_not_yourself(alice):
     alice.online = {"bob": "Bob"}
-    alice.store.remember_contact("h:1", "carol", "SHA256:c")
-    alice.store.remember_contact("h:1", "alice", "SHA256:a")
+    alice.store.remember_contact(ALICE_BOOK, "carol", "SHA256:c")
+    alice.store.remember_contact(ALICE_BOOK, "alice", "SHA256:a")
     alice.store.remember_contact("other:1", "dave", "SHA256:d")  # another server's contact
     assert alice.user_names() == ["Bob", "carol"]
 

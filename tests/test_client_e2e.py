@@ -1105,7 +1105,7 @@ def test_ignore_hides_a_user_and_is_remembered_across_runs(server, connect, keys
         first.close()
     store = ClientStore(str(alice_home / "chatroom"))
     with open(store.ignored_path, encoding="utf-8") as fh:
-        assert f"{key_stem(store, server.port)} bob\n" in fh.read()   # the room's, under its key
+        assert f"{key_stem(store, server.port)}/alice bob\n" in fh.read()   # alice's, in the room (its key)
 
     second = PipedClient(server.port, "alice", alice_home)  # a new run: still ignoring bob
     try:
@@ -1413,6 +1413,32 @@ def test_contacts_pinned_at_one_address_are_the_rooms_at_another(server, connect
     [line] = [line for line in second.stdout.splitlines() if "pinned at one address" in line]
     assert "UNVERIFIED" not in line and "PM bob -> alice" in line
     assert f"bob: {keys(1).fingerprint}" in second.stdout.splitlines()
+
+
+def test_two_accounts_on_one_machine_keep_their_own_contacts(server, connect, keys, home):
+    """bob's PM pins his key for alice; carol, using the same configuration directory, has not
+    met bob: no contact of hers, and his first PM to her is a first meeting."""
+    bob = wire_login(connect, "bob", keys(1))
+    shared = home("shared")
+    seed_key(shared, server.port, "alice", keys(0))
+    seed_key(shared, server.port, "carol", keys(2))
+    pm_to_alice_live(server.port, shared, bob, "for alice", "--register")
+    carol = PipedClient(server.port, "carol", shared, "--register")
+    try:
+        carol.write(PASSWORD + "\nKEYS\n")
+        carol.expect("^logged in as carol")
+        carol.expect("^server 127.0.0.1:")
+        bob.wait_data("PRESENCE", username="carol", online=True)
+        assert bob.pm("carol", "for carol")["ok"]
+        carol.expect("for carol")
+        carol.close_input()
+        assert carol.wait() == 0
+    finally:
+        carol.close()
+    assert f"bob: {keys(1).fingerprint}" not in carol.output.decode()       # KEYS: not her contact before
+    assert "first private message from bob" in carol.output.decode()
+    alice = run_script(server.port, "alice", shared, f"{PASSWORD}\nKEYS\nEX\n")
+    assert f"bob: {keys(1).fingerprint}" in alice.stdout.splitlines() and "carol:" not in alice.stdout
 
 
 def test_key_files_under_the_old_address_name_are_adopted(server, keys, home):

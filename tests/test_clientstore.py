@@ -11,7 +11,8 @@ import time
 import pytest
 
 import clientstore
-from clientstore import ClientStore, KeyLocked, config_root, derive_passphrase, server_address, server_id
+from clientstore import (ClientStore, KeyLocked, config_root, contact_book, derive_passphrase, server_address,
+                         server_id)
 
 
 def mode(path) -> int:
@@ -144,6 +145,19 @@ def test_contacts_and_ignore_rows_under_an_address_are_adopted_for_the_server_ke
     assert store.ignored("SHA256_room") == {"eve"} and store.ignored("h:1") == set()
     assert store.adopt_server_rows("h:1", "SHA256_room") == 0   # once
     assert store.adopt_server_rows("nowhere:1", "SHA256_room") == 0
+
+
+def test_each_account_keeps_its_own_contacts_and_the_rooms_older_rows_go_to_the_first(tmp_path):
+    store = ClientStore(str(tmp_path / "chatroom"))
+    alice, carol = contact_book("SHA256_room", "Alice"), contact_book("SHA256_room", "carol")
+    assert alice == "SHA256_room/alice"
+    store.remember_contact("SHA256_room", "bob", "SHA256:b")    # the layout of one book per room
+    store.set_ignored("SHA256_room", "eve", True)
+    store.remember_contact(carol, "dave", "SHA256:d")
+    assert store.adopt_server_rows("SHA256_room", alice) == 2
+    assert store.contacts(alice) == {"bob": "SHA256:b"} and store.ignored(alice) == {"eve"}
+    assert store.adopt_server_rows("SHA256_room", carol) == 0   # moved once, to the first account
+    assert store.contacts(carol) == {"dave": "SHA256:d"} and store.ignored(carol) == set()
 
 
 def test_ignored_users_per_server(tmp_path):
