@@ -357,9 +357,10 @@ def bye_text(body: dict) -> str:
     return f"the server closed the connection: {known} ({one_line(reason, 60)})"
 
 
-def history_summary(shown: int, older: int, hidden: int, shortened: int = 0) -> str:
+def history_summary(shown: int, older: int, hidden: int, shortened: int = 0, capped: bool = False) -> str:
     """The line after a CH: how many entries, how many older ones were left out (and how to see
-    them), how many long ones were shortened, how many from ignored users were hidden."""
+    them), how many long ones were shortened, how many from ignored users were hidden.
+    ``capped``: a ``CH count`` got all it asked for, so there may be older entries (not counted)."""
     def entries(count: int) -> str:
         return f"{count} {'entry' if count == 1 else 'entries'}"
 
@@ -368,12 +369,16 @@ def history_summary(shown: int, older: int, hidden: int, shortened: int = 0) -> 
             "your history is empty"
     total = shown + older
     text = f"the newest {shown} of {total} entries" if older else entries(shown)
+    if capped and not older:
+        text = f"the newest {entries(shown)}"
     if shortened:
         text += f", {shortened} shortened"
     if older:
         text += f"; CH all shows all {total}" + (" in full" if shortened else "")
         if total > 100:
             text += ", CH 100 the newest 100"
+    elif capped:
+        text += "; CH all shows the older ones too"
     elif shortened:
         text += "; CH all shows " + ("it" if shortened == 1 else "them") + " in full"
     if hidden:
@@ -1306,7 +1311,8 @@ class Session:
             self.out.show(line)
         shortened = sum(cut for _, _, cut in lines)
         shown = len(lines) if page is not None else total
-        self.out.show(history_summary(shown, total - shown, hidden, shortened))
+        capped = "limit" in body and total + hidden >= body["limit"]
+        self.out.show(history_summary(shown, total - shown, hidden, shortened, capped))
 
     # --- moderation (admins; docs/PROTOCOL.md section 10) ---------------------------------
     def moderate(self, action: ModAction, argument: str) -> Flow:

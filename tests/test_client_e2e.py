@@ -1050,7 +1050,7 @@ def test_a_long_history_shows_the_newest_screenful_on_a_terminal_and_all_when_pi
         alice.wait_for("(60 entries)")
         alice.type("CH 5\r")
         alice.wait_for("alice> CH 5\n")
-        alice.wait_for("(5 entries)")
+        alice.wait_for("(the newest 5 entries; CH all shows the older ones too)")
         assert alice.rows()[alice.screen.cursor.y - 6].endswith("entry 55")
     finally:
         alice.close()

@@ -411,6 +411,9 @@ def run_pty(script: Script, setup: Setup, keys: bytes, home: Path) -> tuple[Run,
             if not stopped and b"trying again in" in output:   # reconnecting (section 11): Ctrl-C stops it
                 os.write(master, b"\x03")
                 stopped = True
+            if not stopped and b"connects again when you press" in output:   # a login prompt kept: Ctrl-D leaves
+                os.write(master, b"\x04")
+                stopped = True
             if select.select([master], [], [], 0.05)[0]:
                 output += os.read(master, 65536)
         status: int | None = proc.poll()
