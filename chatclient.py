@@ -121,6 +121,8 @@ HELP_LINES = (  # short enough for a terminal of 60 columns
     "UNMUTE user          lift a mute",
     "BANS                 the bans and mutes in force",
 )
+KEPT_HEADER = "kept for you while you were away:"  # before the kept PMs, after the recent BMs
+BURST_QUIET = 0.3  # seconds without a frame after which the login burst counts as over
 SLOW_REPLY = 1.0  # seconds without the awaited reply before the terminal says that we are waiting
 WAITING_NOTES = {"TLS handshake": "connecting...", Op.LOGIN.value: "connecting...",
                  Op.PASSWORD.value: "checking the password..."}
@@ -542,6 +544,10 @@ class Session:
         self.recent_header = ""  # said once, before the first recent BM of a login
         self.in_flight: str = ""  # the command of a message sent and not yet answered
         self.login_dropped = False  # the first login's connection closed while the user typed
+        # Right after KEY the server sends the kept PMs, then the recent BMs (section 11.1): on a
+        # terminal the kept PMs are held and shown after those, so that they are not scrolled away.
+        self.burst = False  # that login burst is still arriving
+        self.kept_lines: list[str] = []
 
     def request(self, body: dict) -> Flow:
         yield Send(body)
@@ -591,6 +597,7 @@ class Session:
             if event is Key.INTERRUPT:  # on an empty line (a half-typed one is only dropped)
                 self.out.show(LEAVE_HINT)
                 continue
+            self.end_burst()
             if not isinstance(event, Submit):
                 yield from self.leave()
                 return
@@ -682,6 +689,7 @@ class Session:
             raise ClientExit(f"the server refused our key: {describe_error(reply)}")
         self.online_now = True
         self.logged_in_at = self.server
+        self.burst = self.interactive
         self.set_online(reply.get("online"), reply.get("more_online"))
         others = f"also online: {self.who_list()}" if self.online or self.more_online else "nobody else is online"
         self.out.show(f"{greeting}. {others}")
@@ -1487,9 +1495,20 @@ class Session:
             return None
 
     # --- what arrives ------------------------------------------------------------------
+    def end_burst(self) -> None:
+        """The login burst is over (a quiet moment, a live frame, a command): show the kept PMs held."""
+        self.burst = False
+        if self.kept_lines:
+            self.out.show(KEPT_HEADER)
+            for line in self.kept_lines:
+                self.out.show(line)
+            self.kept_lines = []
+
     def on_data(self, body: dict) -> None:
         """A D frame: show it (any time, in any state); BMs and PMs of ignored users are dropped."""
         op = body.get("op")
+        if self.burst and not (body.get("recent") is True or body.get("offline") is True):
+            self.end_burst()   # a live event: what the burst held comes first
         if op in (Op.BM, Op.PM) and self.is_ignored(body.get("from")):
             log.debug("hiding a %s from an ignored user", op)
         elif op == Op.BM:
@@ -1599,6 +1618,9 @@ class Session:
         line = format_private(sender, UNREADABLE if text is None else text, body.get("ts"))
         if offline:
             line = f"{line}  (sent while you were away, {local_time(sent, with_date=True)})"
+            if self.burst:
+                self.kept_lines.append(line)
+                return
         self.out.show(line)
 
     def set_online(self, names: Any, more: Any = 0) -> None:
@@ -2166,6 +2188,7 @@ class Driver:
         self.connected = True  # False while a lost connection is being replaced
         self.reconnecting = False  # from a loss until the new login's KEY is answered
         self.login_until: float | None = None  # a reconnect's login must reach KEY's reply by then
+        self.burst_until: float | None = None  # the login burst counts as over then (no frame since)
         self.reconnect_at: float | None = None  # when the next connect starts
         self.pending: socket.socket | None = None  # a connect in progress
         self.pending_until = 0.0
@@ -2220,6 +2243,8 @@ class Driver:
             waits.append(max(0.0, self.pending_until - now))
         if self.login_until is not None:
             waits.append(max(0.0, self.login_until - now))
+        if self.burst_until is not None:
+            waits.append(max(0.0, self.burst_until - now))
         return min(waits) if waits else None
 
     # --- a lost connection (section 11) -------------------------------------------------
@@ -2300,6 +2325,9 @@ class Driver:
 
     def _reconnect_due(self) -> None:
         now = time.monotonic()
+        if self.burst_until is not None and now >= self.burst_until:
+            self.burst_until = None
+            self.session.end_burst()
         if self.login_until is not None and now >= self.login_until and self.connected:
             self._lost(f"no login in {CONNECT_TIMEOUT:g} s")   # a node that takes connections, answers nothing
         if self.pending is not None and now >= self.pending_until:
@@ -2418,6 +2446,8 @@ class Driver:
                 log.debug("ignoring an unexpected %s reply", op)
             if self.finished or not self.connected:
                 return
+        if self.session.burst:
+            self.burst_until = time.monotonic() + BURST_QUIET
         if self.waiting_for == HANDSHAKE and self.connection.handshaken:
             self.waiting_for = None
             self._advance(self.connection.peer_certificate())

@@ -1516,6 +1516,34 @@ def test_pm_warnings_on_the_terminal(keys, home, tmp_path):
         fake.close()
 
 
+def test_pms_kept_while_away_come_after_the_recent_messages_not_scrolled_away(server, connect, keys, home):
+    carol = wire_login(connect, "carol", keys(2))   # an account, offline when the PM is sent
+    carol.exit()
+    bob = wire_login(connect, "bob", keys(1))
+    assert bob.request({"op": "PM"})["ok"]
+    reply = bob.request({"op": "TARGET", "username": "carol", "offline": True})
+    assert reply["ok"] and reply["online"] is False, reply
+    assert bob.request(bob.pm_send("carol", pg3lib.PublicKey.from_key_form(reply["public_key"]), "kept"))["ok"]
+    for n in range(3):
+        bob.bm(f"room talk {n}")
+    seed_key(home("carol"), server.port, "carol", keys(2))
+    client = existing_user_pty(server.port, "carol", home("carol"))
+    try:
+        pm = CLOCK + r" bob -> you \(private\): kept  \(sent while you were away, .*\)"
+        client.wait_line(pm)
+        rows = client.rows()
+        header, last_bm = rows.index("recent messages:"), max(
+            i for i, row in enumerate(rows) if re.fullmatch(CLOCK + r" bob: room talk \d", row))
+        kept = [i for i, row in enumerate(rows) if re.fullmatch(pm, row)]
+        assert header < last_bm < rows.index("kept for you while you were away:") == kept[0] - 1, "\n".join(rows)
+        bob.bm("live now")
+        client.wait_line(CLOCK + " bob: live now")
+        client.type("EX\r")
+        assert client.wait_exit() == 0
+    finally:
+        client.close()
+
+
 def test_offline_pms_with_a_server_that_stores_them(keys, home, tmp_path):
     """Against a fake server that stores PMs (section 4.5, 5): a stored PM delivered at login is marked
     as sent while away; PM to someone offline asks for offline and says it was stored; no_such_user."""
