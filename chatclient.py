@@ -380,7 +380,7 @@ def history_summary(shown: int, older: int, hidden: int, shortened: int = 0, cap
         if total > 100:
             text += ", CH 100 the newest 100"
     elif capped:
-        text += "; CH all shows the older ones too"
+        text += "; CH all shows older ones, if any"
     elif shortened:
         text += "; CH all shows " + ("it" if shortened == 1 else "them") + " in full"
     if hidden:
@@ -813,7 +813,11 @@ class Session:
                                  "login stopped, nothing sent", EXIT_SECURITY)
         if remembered is None:
             self.store.remember_server(self.server, key.fingerprint)
-            self.out.show(f"first connection to {self.server}: remembering its key {key.fingerprint}")
+            same = [a for a in self.room if a != self.server and self.store.server_fingerprint(a) == key.fingerprint]
+            if same:
+                self.out.show(f"first connection to {self.server}: the room's key, as at {same[0]}")
+            else:
+                self.out.show(f"first connection to {self.server}: remembering its key {key.fingerprint}")
 
     def check_server_key(self, reply: dict) -> pg3lib.PublicKey:
         """The server's key if it matches its fingerprint, the TLS certificate's key and the remembered one.
@@ -1519,7 +1523,12 @@ class Session:
                 self.out.show(self.recent_header)
                 self.recent_header = ""
             line = format_broadcast(str(sender) if valid_username(sender) else ascii(str(sender)), text, ts)
-            self.out.show(line if valid_username(sender) else f"{UNVERIFIED.format('not a valid sender name')} {line}")
+            if not valid_username(sender):
+                line = f"{UNVERIFIED.format('not a valid sender name')} {line}"
+            page = self.out.page_rows()
+            if body.get("recent") is True and page is not None and self.out.rows_of(line) > max(3, page // 4):
+                line = self.out.fit_rows(line, max(3, page // 4))   # the room's past: a screenful stays one
+            self.out.show(line)
         elif op == Op.PM:
             self.receive_private(body)
         elif op == Op.NOTICE:  # what an admin did (section 10)
@@ -2189,6 +2198,7 @@ class Driver:
         self.reconnecting = False  # from a loss until the new login's KEY is answered
         self.login_until: float | None = None  # a reconnect's login must reach KEY's reply by then
         self.burst_until: float | None = None  # the login burst counts as over then (no frame since)
+        self.told_not_sent = False  # Enter while reconnecting was answered (once per loss)
         self.reconnect_at: float | None = None  # when the next connect starts
         self.pending: socket.socket | None = None  # a connect in progress
         self.pending_until = 0.0
@@ -2259,6 +2269,7 @@ class Driver:
             raise ClientExit(reason)
         again = self.reconnecting  # an attempt that failed: the status line says so, no new warning
         self.reconnecting = True
+        self.told_not_sent = self.told_not_sent and again
         self.login_until = None
         if self.connected:
             self.connected = False
@@ -2463,6 +2474,14 @@ class Driver:
                 self.screen.show("left (not connected)")
                 self.finished = True
                 return
+            if self.reconnecting and isinstance(event, Submit) and isinstance(self.screen, TtyScreen):
+                # Not sent later to whoever is back by then: the line stays, for Enter once connected.
+                self.screen.put_line(event.text)
+                if not self.told_not_sent:
+                    self.told_not_sent = True
+                    self.screen.warn("not connected yet: the line stays; Enter sends it once reconnected")
+                self.screen.waiting(self.screen.note)
+                continue
             if (event is Key.INTERRUPT and self.asking is not None and self.asking.clear_on_interrupt
                     and isinstance(self.screen, TtyScreen) and self.screen.editor.interrupted):
                 # As in a shell: Ctrl-C drops the half-typed command (on an empty line the flow

@@ -662,7 +662,7 @@ def test_ch_on_a_terminal_shows_the_newest_screenful_and_says_how_to_see_more(al
     steps, _ = drive(alice.command("CH 7"), ch_pages(7))
     assert steps[0].body == {"op": "CH", "limit": 7}
     assert len(alice.out.shown) == 8
-    assert alice.out.shown[-1] == "(the newest 7 entries; CH all shows the older ones too)"
+    assert alice.out.shown[-1] == "(the newest 7 entries; CH all shows older ones, if any)"
     alice.out = Screenful()
     drive(alice.command("CH 7"), ch_pages(5))   # fewer than asked for: that is all there is
     assert alice.out.shown[-1] == "(5 entries)"
@@ -678,8 +678,8 @@ def test_ch_in_a_script_shows_everything(script_alice):
 
 def test_history_summary():
     assert chatclient.history_summary(0, 0, 0) == "your history is empty"
-    assert chatclient.history_summary(3, 0, 0, capped=True) == "(the newest 3 entries; CH all shows the older ones too)"
-    assert chatclient.history_summary(1, 0, 0, capped=True) == "(the newest 1 entry; CH all shows the older ones too)"
+    assert chatclient.history_summary(3, 0, 0, capped=True) == "(the newest 3 entries; CH all shows older ones, if any)"
+    assert chatclient.history_summary(1, 0, 0, capped=True) == "(the newest 1 entry; CH all shows older ones, if any)"
     assert chatclient.history_summary(1, 0, 0) == "(1 entry)"
     assert chatclient.history_summary(38, 212, 0) == \
         "(the newest 38 of 250 entries; CH all shows all 250, CH 100 the newest 100)"

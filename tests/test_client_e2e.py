@@ -1050,7 +1050,7 @@ def test_a_long_history_shows_the_newest_screenful_on_a_terminal_and_all_when_pi
         alice.wait_for("(60 entries)")
         alice.type("CH 5\r")
         alice.wait_for("alice> CH 5\n")
-        alice.wait_for("(the newest 5 entries; CH all shows the older ones too)")
+        alice.wait_for("(the newest 5 entries; CH all shows older ones, if any)")
         assert alice.rows()[alice.screen.cursor.y - 6].endswith("entry 55")
     finally:
         alice.close()
@@ -1542,6 +1542,19 @@ def test_pms_kept_while_away_come_after_the_recent_messages_not_scrolled_away(se
         assert client.wait_exit() == 0
     finally:
         client.close()
+
+
+def test_a_long_recent_message_is_shortened_not_a_screenful(server, connect, keys, home, ptys):
+    bob = wire_login(connect, "bob", keys(1))
+    bob.bm("w" * protocol.MAX_TEXT_CHARS)    # 52 rows whole, before carol comes
+    carol = ptys(server.port, "carol", home("carol"), keys(2))
+    carol.wait_for("recent messages:")
+    carol.wait_until(lambda: any(row.endswith("w ...") for row in carol.rows()), "the shortened recent BM")
+    rows = carol.rows()
+    assert any(row.startswith("logged in as carol") for row in rows)       # the greeting is still in view
+    assert sum(1 for row in rows if "wwww" in row) <= (ROWS - 2) // 4
+    bob.bm("v" * 400)                        # live: shown whole
+    carol.wait_until(lambda: sum(row.count("v") for row in carol.rows()) == 400, "the live BM whole")
 
 
 def test_offline_pms_with_a_server_that_stores_them(keys, home, tmp_path):

@@ -263,6 +263,9 @@ def test_what_is_typed_while_reconnecting_is_shown_and_kept(server, keys, home, 
     alice.type("BM typed while away")
     alice.wait_until(lambda: re.fullmatch(r"\[(not connected; trying again in [\d.]+ s|reconnecting)\] "
                                           r"BM typed while away", alice.cursor_row()), "the line typed, shown")
+    alice.type("\r")                  # not queued for later: it stays, and the screen says so
+    alice.wait_for("not connected yet: the line stays; Enter sends it once reconnected")
+    alice.wait_until(lambda: alice.cursor_row().endswith("] BM typed while away"), "the line still there")
     relay.refusing = False
     alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
     alice.wait_prompt("alice> BM typed while away")
@@ -345,7 +348,7 @@ def test_a_client_given_the_rooms_other_node_moves_there_when_its_node_dies(node
     bob.bm("missed while alice moved")
     alice.wait_for(f"reconnected as alice at 127.0.0.1:{b.port}", timeout=BACK_WITHIN)
     alice.wait_line(CLOCK + " bob: missed while alice moved")
-    assert f"first connection to 127.0.0.1:{b.port}: remembering its key" in alice.text()
+    assert f"first connection to 127.0.0.1:{b.port}: the room's key, as at 127.0.0.1:{a.port}" in alice.text()
     bob.bm("live on node B")
     alice.wait_line(CLOCK + " bob: live on node B")
     alice.type("BM from node B\r")
