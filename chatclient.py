@@ -43,6 +43,7 @@ import errno
 import getpass
 import io
 import logging
+import math
 import os
 import re
 import selectors
@@ -2199,6 +2200,8 @@ class Driver:
         self.login_until: float | None = None  # a reconnect's login must reach KEY's reply by then
         self.burst_until: float | None = None  # the login burst counts as over then (no frame since)
         self.told_not_sent = False  # Enter while reconnecting was answered (once per loss)
+        self.wait_why = ""  # why the last try failed, for the status line while waiting
+        self.tick_at: float | None = None  # when the status line's countdown is redrawn next
         self.reconnect_at: float | None = None  # when the next connect starts
         self.pending: socket.socket | None = None  # a connect in progress
         self.pending_until = 0.0
@@ -2255,6 +2258,8 @@ class Driver:
             waits.append(max(0.0, self.login_until - now))
         if self.burst_until is not None:
             waits.append(max(0.0, self.burst_until - now))
+        if self.tick_at is not None:
+            waits.append(max(0.0, self.tick_at - now))
         return min(waits) if waits else None
 
     # --- a lost connection (section 11) -------------------------------------------------
@@ -2328,11 +2333,20 @@ class Driver:
     def _wait(self, delay: float, why: str) -> None:
         self.reconnect_at = time.monotonic() + delay
         self.screen.busy()
+        self.wait_why = why
+        self._count_down(delay)
+
+    def _count_down(self, left: float) -> None:
+        """The status line while waiting to reconnect, with the seconds left (redrawn each second)."""
+        seconds = math.ceil(left - 1e-3)   # as a countdown shows it: 2.4 s left reads 3
+        shown = f"{round(left, 1):g}" if left < 1 else str(seconds)
         rounds = f"({self.plan.rounds}/{len(self.plan.delays)}"
-        note = f"not connected{f' ({why})' if why else ''}; trying again in {delay:g} s {rounds}; Ctrl-C stops)"
+        why = self.wait_why
+        note = f"not connected{f' ({why})' if why else ''}; trying again in {shown} s {rounds}; Ctrl-C stops)"
         if len(note) >= 80:   # the line must fit: the Ctrl-C hint was in the warning already
-            note = f"not connected ({shorten(why, 40)}); trying again in {delay:g} s {rounds})"
-        self.screen.waiting(note, f"not connected; trying again in {delay:g} s")
+            note = f"not connected ({shorten(why, 40)}); trying again in {shown} s {rounds})"
+        self.screen.waiting(note, f"not connected; trying again in {shown} s")
+        self.tick_at = time.monotonic() + left - (seconds - 1) if left > 1 else None   # when it reads one less
 
     def _reconnect_due(self) -> None:
         now = time.monotonic()
@@ -2346,9 +2360,11 @@ class Driver:
             self.pending.close()
             self.pending = None
             self._schedule(f"no answer in {CONNECT_TIMEOUT:g} s")
+        if self.tick_at is not None and now >= self.tick_at and self.reconnect_at is not None:
+            self._count_down(self.reconnect_at - now)
         if self.reconnect_at is None or now < self.reconnect_at or self.finished:
             return
-        self.reconnect_at = None
+        self.reconnect_at = self.tick_at = None
         host, port = self.addresses[self.plan.current]
         self.screen.waiting(f"reconnecting to {host}:{port}... (Ctrl-C stops)", "reconnecting")
         try:

@@ -248,6 +248,9 @@ def test_the_status_line_says_why_a_reconnect_failed(server, keys, home, ptys):
     server.stop()      # nothing listens on the port until the restart
     alice.wait_for("the server is shutting down")
     alice.wait_for("not connected (connection refused); trying again in")
+    alice.wait_for("trying again in 4 s (4/10", timeout=BACK_WITHIN)   # and it counts down
+    alice.wait_for("trying again in 3 s (4/10", timeout=3)
+    alice.wait_for("trying again in 2 s (4/10", timeout=3)
     server.restart()
     alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
 
