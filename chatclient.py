@@ -502,6 +502,19 @@ class Output:
         return text
 
 
+class HeldOutput(Output):
+    """What a kept PM shows, held until the login burst is over: (a warning?, the text)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[bool, str]] = []
+
+    def show(self, text: str) -> None:
+        self.lines.append((False, text))
+
+    def warn(self, text: str) -> None:
+        self.lines.append((True, text))
+
+
 class Session:
     """The client's side of one connection: login, operations, what arrives (no I/O of its own)."""
 
@@ -548,7 +561,7 @@ class Session:
         # Right after KEY the server sends the kept PMs, then the recent BMs (section 11.1): on a
         # terminal the kept PMs are held and shown after those, so that they are not scrolled away.
         self.burst = False  # that login burst is still arriving
-        self.kept_lines: list[str] = []
+        self.kept_lines: list[tuple[bool, str]] = []  # (a warning?, the text) of the kept PMs held
 
     def request(self, body: dict) -> Flow:
         yield Send(body)
@@ -1505,8 +1518,8 @@ class Session:
         self.burst = False
         if self.kept_lines:
             self.out.show(KEPT_HEADER)
-            for line in self.kept_lines:
-                self.out.show(line)
+            for warning, line in self.kept_lines:
+                (self.out.warn if warning else self.out.show)(line)
             self.kept_lines = []
 
     def on_data(self, body: dict) -> None:
@@ -1564,6 +1577,19 @@ class Session:
         return True
 
     def receive_private(self, body: dict) -> None:
+        """A PM; one kept while we were away, in the login burst, is held whole (its notices too)."""
+        if not (self.burst and body.get("offline") is True):
+            self.check_private(body)
+            return
+        held = HeldOutput()
+        shown, self.out = self.out, held
+        try:
+            self.check_private(body)
+        finally:
+            self.out = shown
+        self.kept_lines.extend(held.lines)
+
+    def check_private(self, body: dict) -> None:
         """A PM: check it (section 4.5) with the sender's pinned key, then decrypt and show it.
 
         A bad signature, an id seen before from that sender, or a live PM whose
@@ -1628,9 +1654,6 @@ class Session:
         line = format_private(sender, UNREADABLE if text is None else text, body.get("ts"))
         if offline:
             line = f"{line}  (sent while you were away, {local_time(sent, with_date=True)})"
-            if self.burst:
-                self.kept_lines.append(line)
-                return
         self.out.show(line)
 
     def set_online(self, names: Any, more: Any = 0) -> None:

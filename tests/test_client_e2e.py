@@ -1535,7 +1535,9 @@ def test_pms_kept_while_away_come_after_the_recent_messages_not_scrolled_away(se
         header, last_bm = rows.index("recent messages:"), max(
             i for i, row in enumerate(rows) if re.fullmatch(CLOCK + r" bob: room talk \d", row))
         kept = [i for i, row in enumerate(rows) if re.fullmatch(pm, row)]
-        assert header < last_bm < rows.index("kept for you while you were away:") == kept[0] - 1, "\n".join(rows)
+        notice = [i for i, row in enumerate(rows) if row.startswith("* first private message from bob")]
+        assert header < last_bm < rows.index("kept for you while you were away:") == notice[0] - 1 == kept[0] - 2, \
+            "\n".join(rows)                     # the notice of a first PM goes with it
         bob.bm("live now")
         client.wait_line(CLOCK + " bob: live now")
         client.type("EX\r")
