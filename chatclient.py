@@ -272,6 +272,11 @@ def format_private(sender: str, text: str, ts: Any = None) -> str:
     return f"[{local_time(ts)}] {sender} -> you (private): {text}"
 
 
+def kept_private(line: str, sent: Any) -> str:
+    """A PM shown after the fact (kept, or missed on the way): when the sender sent it."""
+    return f"{line}  (sent while you were away, {local_time(sent, with_date=True)})"
+
+
 def format_own_private(receiver: str, text: str) -> str:
     """The echo of a PM we sent, beside what the receiver sees (``alice -> you (private)``)."""
     return f"[{local_time(None)}] you -> {receiver} (private): {text}"
@@ -358,6 +363,11 @@ def bye_text(body: dict) -> str:
         return f"{one_line(message)}: this account is banned {end}"
     known = BYE_REASONS.get(reason, "no reason known") if isinstance(reason, str) else "no reason known"
     return f"the server closed the connection: {known} ({one_line(reason, 60)})"
+
+
+def entry_rows(page: int) -> int:
+    """The rows one entry of a listing (CH, the recent BMs) may take in a screenful of page rows."""
+    return max(3, page // 4)
 
 
 def history_summary(shown: int, older: int, hidden: int, shortened: int = 0, capped: bool = False) -> str:
@@ -534,7 +544,6 @@ class Session:
         self.more_online = 0  # online users left out of a trimmed list
         self.changed_keys: dict[str, pg3lib.PublicKey] = {}  # contact -> new key, not trusted yet
         self.held: dict[str, list[dict]] = {}  # contact -> PMs waiting for TRUST
-        self.ignored: set[str] = set()  # lower case: the users whose BMs and PMs are hidden (read again at LOGIN)
         self.failures: list[str] = []  # a script's lines that were not carried out (exit status 1)
         self.retry_line = ""  # put back at the next operation prompt (a message that was too long)
         self.exiting = False
@@ -546,6 +555,7 @@ class Session:
         self.seen: SeenIds | None = None  # the PM ids seen (section 4.5), once logged in
         # Where the key pair, contacts and ignore list are kept: the server key's fingerprint (section 9).
         self.server_key_id = server
+        # Lower case: the users whose BMs and PMs are hidden (read again at LOGIN).
         self.ignored = store.ignored(self.book)
         # Coming back after a lost connection (section 11): the password of this run's login (kept
         # in memory only), where the BMs seen end, and which ones were shown (a catch-up repeats some).
@@ -675,7 +685,7 @@ class Session:
                 raise ClientExit("login cancelled" if self.interactive else
                                  "no password on standard input (its first line is the password)")
             if self.login_dropped:
-                nonce = login_nonce((yield from self.login_anew(server_key, new_user)))
+                nonce = login_nonce((yield from self.login_anew(new_user)))
             sealed = server_key.seal(nonce + password.encode("utf-8")).decode("ascii")
             reply = yield from self.request({"op": Op.PASSWORD, "ciphertext": sealed})
             if succeeded(reply):
@@ -708,7 +718,19 @@ class Session:
         others = f"also online: {self.who_list()}" if self.online or self.more_online else "nobody else is online"
         self.out.show(f"{greeting}. {others}")
 
-    def login_anew(self, server_key: pg3lib.PublicKey, new_user: bool) -> Flow:
+    def same_room_key(self, reply: dict) -> pg3lib.PublicKey:
+        """The LOGIN reply's server key, checked as always, and the one this run logged in with.
+
+        Raises:
+            ClientExit: EXIT_SECURITY if it is another; nothing about the password was sent.
+        """
+        server_key = self.check_server_key(reply)
+        if server_id(server_key.fingerprint) != self.server_key_id:
+            raise ClientExit("the server came back with another key; login stopped, password not sent",
+                             EXIT_SECURITY)
+        return server_key
+
+    def login_anew(self, new_user: bool) -> Flow:
         """The connection closed while the password was typed (the server's login timeout): connect
         again and LOGIN, with the same server key and the account as it was; the new LOGIN reply."""
         yield Reconnect()
@@ -718,9 +740,7 @@ class Session:
         reply = yield from self.request({"op": Op.LOGIN, "username": self.username})
         if not succeeded(reply):
             raise ClientExit(f"login refused: {describe_error(reply)}")
-        if self.check_server_key(reply) != server_key:
-            raise ClientExit("the server came back with another key; login stopped, password not sent",
-                             EXIT_SECURITY)
+        self.same_room_key(reply)
         if bool(reply.get("new_user")) != new_user:
             raise ClientExit(f"the account {self.username} was registered by someone else while you chose a "
                              "password; password not sent" if new_user else
@@ -739,10 +759,7 @@ class Session:
 
     def login_again(self, reply: dict) -> Flow:
         """PASSWORD and KEY for a login after a lost connection (LOGIN answered ``reply``)."""
-        server_key = self.check_server_key(reply)
-        if server_id(server_key.fingerprint) != self.server_key_id:
-            raise ClientExit("the server came back with another key; login stopped, password not sent",
-                             EXIT_SECURITY)
+        server_key = self.same_room_key(reply)
         if reply.get("new_user") is not False:
             raise ClientExit(f"the server no longer knows the account {self.username}; not registering it again")
         nonce = login_nonce(reply)
@@ -789,7 +806,7 @@ class Session:
             return f"{self.history_line(entry)}  (while you were away)"
         text = self.open_sealed(entry.get("ciphertext"))
         line = format_private(str(entry.get("from")), UNREADABLE if text is None else text, entry.get("ts"))
-        return f"{line}  (sent while you were away, {local_time(entry.get('sent'), with_date=True)})"
+        return kept_private(line, entry.get("sent"))
 
     def check_certificate(self, der: Any) -> None:
         """The TLS certificate's key against the one pinned for this server (section 9), before LOGIN.
@@ -1306,7 +1323,7 @@ class Session:
         # history is read to its end yet never held whole.
         lines: deque[tuple[str, int, bool]] = deque()  # the line, its rows, whether it was cut
         rows = total = hidden = 0
-        tall = max(3, (page or 0) // 4)  # rows an entry may take in a screenful
+        tall = entry_rows(page or 0)
         while True:
             reply = yield Reply(Op.CH)
             if not succeeded(reply):
@@ -1540,8 +1557,8 @@ class Session:
             if not valid_username(sender):
                 line = f"{UNVERIFIED.format('not a valid sender name')} {line}"
             page = self.out.page_rows()
-            if body.get("recent") is True and page is not None and self.out.rows_of(line) > max(3, page // 4):
-                line = self.out.fit_rows(line, max(3, page // 4))   # the room's past: a screenful stays one
+            if body.get("recent") is True and page is not None and self.out.rows_of(line) > entry_rows(page):
+                line = self.out.fit_rows(line, entry_rows(page))   # the room's past: a screenful stays one
             self.out.show(line)
         elif op == Op.PM:
             self.receive_private(body)
@@ -1653,7 +1670,7 @@ class Session:
         text = self.open_sealed(ciphertext)
         line = format_private(sender, UNREADABLE if text is None else text, body.get("ts"))
         if offline:
-            line = f"{line}  (sent while you were away, {local_time(sent, with_date=True)})"
+            line = kept_private(line, sent)
         self.out.show(line)
 
     def set_online(self, names: Any, more: Any = 0) -> None:
@@ -2255,7 +2272,7 @@ class Driver:
                     self._dispatch(key.data, mask)
                     if self.finished:
                         break
-                self._reconnect_due()
+                self._timers_due()
         finally:
             self.selector.close()
             if self.pending is not None:
@@ -2299,10 +2316,7 @@ class Driver:
         self.reconnecting = True
         self.told_not_sent = self.told_not_sent and again
         self.login_until = None
-        if self.connected:
-            self.connected = False
-            self.selector.unregister(self.connection.sock)
-            self.connection.close()
+        self._drop_connection()
         asking, self.asking = self.asking, None
         if isinstance(self.screen, TtyScreen):
             if not again:
@@ -2316,16 +2330,23 @@ class Driver:
         else:       # a new loss: the waits start again, at this address
             self._wait(self.plan.lost(), "")
 
+    def _drop_connection(self) -> None:
+        if self.connected:
+            self.connected = False
+            self.selector.unregister(self.connection.sock)
+            self.connection.close()
+
+    def _take_connection(self, connection: Connection) -> None:
+        self.connection, self.connected = connection, True
+        self.selector.register(connection.sock, selectors.EVENT_READ, "socket")
+
     def _keep_login_prompt(self, reason: str) -> bool:
         """The connection closed while the first login waits for the user (the server's login
         timeout, while a password is typed): keep the prompt and connect again once it is
         answered (Session.login_anew). False: not at a prompt, so this ends the client."""
         if not self.session.interactive or self.asking is None or not self.addresses:
             return False
-        if self.connected:
-            self.connected = False
-            self.selector.unregister(self.connection.sock)
-            self.connection.close()
+        self._drop_connection()
         if not self.session.login_dropped:
             self.session.login_dropped = True
             self.screen.warn(f"{reason}; this client connects again when you press Enter")
@@ -2338,8 +2359,7 @@ class Driver:
         connection, first = open_first([self.addresses[i] for i in order])
         self.plan.current = order[first]
         self.session.server = self.plan.addresses[self.plan.current]
-        self.connection, self.connected = connection, True
-        self.selector.register(connection.sock, selectors.EVENT_READ, "socket")
+        self._take_connection(connection)
 
     def _schedule(self, why: str) -> None:
         """The try at the current address failed: the next one, at once or after a wait."""
@@ -2371,7 +2391,7 @@ class Driver:
         self.screen.waiting(note, f"not connected; trying again in {shown} s")
         self.tick_at = time.monotonic() + left - (seconds - 1) if left > 1 else None   # when it reads one less
 
-    def _reconnect_due(self) -> None:
+    def _timers_due(self) -> None:
         now = time.monotonic()
         if self.burst_until is not None and now >= self.burst_until:
             self.burst_until = None
@@ -2418,10 +2438,8 @@ class Driver:
             sock.close()
             self._schedule(os.strerror(error).lower())
             return
-        self.connection = Connection(sock)
-        self.connected = True
+        self._take_connection(Connection(sock))
         self.login_until = time.monotonic() + CONNECT_TIMEOUT
-        self.selector.register(sock, selectors.EVENT_READ, "socket")
         self.flow = self.session.rejoin(self.plan.addresses[self.plan.current])
         self._guarded(lambda: self._advance(None))
 
