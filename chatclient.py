@@ -771,7 +771,7 @@ class Session:
                 raise ClientExit("login refused: this account is " + sanction_text("banned", reply))
             self.passing_failure(reply)
             raise ClientExit(f"logging in again failed: {describe_error(reply)}")
-        since = self.last_seen
+        since = protocol.ts_before(self.last_seen, protocol.TS_ORDER_SLACK)   # repeats are dropped
         self.recent_header = "while you were away:"
         yield from self.enter_room({"since": since}, f"reconnected as {self.username}"
                                    + (f" at {self.server}" if self.moved else ""))

@@ -198,6 +198,20 @@ def parse_timestamp(text: object) -> float | None:
     return calendar.timegm((year, month, day, hour, minute, second)) + millis / 1000
 
 
+# Section 11.2: the room's BMs are not always stored in the order of their ts. Each node stamps
+# a BM by its own clock before the store has it, so with several nodes (clocks a little apart, or
+# a BM on its way while another node's lands) a BM can be stored after one with a later ts. A
+# store reading back for ``since`` goes this far past it before it stops; the client asks from
+# this far before the newest BM it has shown, and drops the repeats.
+TS_ORDER_SLACK = 10.0
+
+
+def ts_before(ts: str, seconds: float) -> str:
+    """The ts ``seconds`` before the valid ts ``ts`` (``ts`` itself where that would be before 1970)."""
+    at = parse_timestamp(ts)
+    return ts if at is None else min(ts, timestamp(max(at - seconds, 0.0)))
+
+
 # --- reply frames (server side) -----------------------------------------------
 
 def ok(op: str, **fields) -> bytes:

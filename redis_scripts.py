@@ -80,6 +80,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from protocol import TS_ORDER_SLACK, ts_before
 from redislink import Script
 
 # Enough events for a node to resume after a Redis blip or a slow pass without
@@ -262,7 +263,8 @@ return {1, old or '', offline}
 GO_ONLINE = Script("go_online", "Only if the session token is still ours: HSET chat:online, SADD nodeusers, "
                    "XADD the online event.", _NODE_OF + _ROOM_LAST + """
 -- KEYS[1] sess key, KEYS[2] online, KEYS[3] ev; ARGV prefix, name, token, record, ev maxlen, history maxlen,
--- recent (how many of the room's newest BMs to return), since (only BMs with a ts at or after it; '' for all).
+-- recent (how many of the room's newest BMs to return), since (only BMs with a ts at or after it; '' for all),
+-- floor (reading back stops at the first BM with a ts before it: BMs are not stored in ts order).
 -- Returns {1, online event id, the PMs kept for it (taken), the room's newest BMs, newest first}
 -- or {0, current token or ''}.
 local token = redis.call('GET', KEYS[1])
@@ -282,15 +284,19 @@ redis.call('DEL', box)
 local recent = {}
 local count = tonumber(ARGV[7]) or 0
 if count > 0 then
-  local since = ARGV[8] or ''
+  local since, floor = ARGV[8] or '', ARGV[9] or ''
   for _, row in ipairs(redis.call('XREVRANGE', ARGV[1] .. 'room', '+', '-', 'COUNT', count)) do
+    local ts = since
     if since ~= '' then
       local ok, entry = pcall(cjson.decode, row[2][2])
-      if not ok or type(entry) ~= 'table' or type(entry.ts) ~= 'string' or entry.ts < since then
+      if not ok or type(entry) ~= 'table' or type(entry.ts) ~= 'string' or entry.ts < floor then
         break
       end
+      ts = entry.ts
     end
-    recent[#recent + 1] = row[2][2]
+    if ts >= since then
+      recent[#recent + 1] = row[2][2]
+    end
   end
 end
 return {1, id, kept, recent}
@@ -562,8 +568,9 @@ class ChatKeys:
 
     def go_online(self, name: str, token: str, record: bytes | str, maxlen: int = EV_MAXLEN,
                   recent: int = 0, since: str = "") -> ScriptCall:
+        floor = ts_before(since, TS_ORDER_SLACK) if since else ""
         return ScriptCall(GO_ONLINE, [self.sess(name), self.online, self.ev],
-                          [self.prefix, name, token, record, maxlen, self.hist_maxlen, recent, since])
+                          [self.prefix, name, token, record, maxlen, self.hist_maxlen, recent, since, floor])
 
     def logout(self, name: str, token: str, maxlen: int = EV_MAXLEN) -> ScriptCall:
         return ScriptCall(LOGOUT, [self.sess(name), self.online, self.ev],

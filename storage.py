@@ -31,6 +31,7 @@ import framing
 import pg3lib
 import store
 from passwords import Account
+from protocol import TS_ORDER_SLACK, ts_before
 
 log = logging.getLogger("chat.storage")
 
@@ -1032,17 +1033,21 @@ class FileStore:
                 message.result = store.Appended(frozenset({target}))
 
     def _recent(self, count: int, since: str = "") -> tuple:
-        """The room log's newest ``count`` BMs (none older than ``since``), oldest first; none if
-        they cannot be read. Reading stops at the first one older than ``since``."""
+        """Those of the room log's newest ``count`` BMs not older than ``since``, oldest first;
+        none if they cannot be read. Reading stops at the first one older than ``since`` by more
+        than TS_ORDER_SLACK (a clock set back may have stored a few out of order)."""
         if count <= 0:
             return ()
+        floor = ts_before(since, TS_ORDER_SLACK) if since else ""
         lines = []
         try:
-            for text in self.room.read_back(0, self.room.end):
-                if since and _ts_of(text) < since:
+            for read, text in enumerate(self.room.read_back(0, self.room.end), 1):
+                ts = _ts_of(text) if since else ""
+                if ts < floor:
                     break
-                lines.append(text)
-                if len(lines) >= count:
+                if ts >= since:
+                    lines.append(text)
+                if read >= count:
                     break
         except OSError as exc:
             log.error("reading the room log failed: %s", exc.strerror or exc)

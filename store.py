@@ -106,9 +106,10 @@ class GoOnline(NamedTuple):
     """Put the session online if ``token`` is still the account's session. Result: ``WentOnline``.
 
     In the same step it takes the PMs kept for the account and reads the room's
-    newest ``recent`` BMs (only those whose ``ts`` is ``since`` or later, if
-    given): every BM is either among those or stored after the session came
-    online (and so delivered to it live).
+    newest ``recent`` BMs (of those, only the ones whose ``ts`` is ``since`` or
+    later, if given; BMs are not stored quite in ``ts`` order, see
+    ``protocol.TS_ORDER_SLACK``): every BM is either among those or stored
+    after the session came online (and so delivered to it live).
     """
     cid: int
     key: str
@@ -218,8 +219,8 @@ class StoreOfflinePM(NamedTuple):
 
 class TakeOffline(NamedTuple):
     """Take the PMs kept for the user (registered spelling), oldest first, once: a store hands
-    each to one login only; and read the room's newest ``recent`` BMs (those whose ``ts`` is
-    ``since`` or later, if given), stored before this request (the user is online from its
+    each to one login only; and read the room's newest ``recent`` BMs (of those, the ones whose
+    ``ts`` is ``since`` or later, if given, as in ``GoOnline``), stored before this request (the user is online from its
     ``MarkOnline``, asked for just before, so later BMs reach it live). Result:
     ``OfflineTaken``. (A store of several nodes does both in ``GoOnline`` instead, see
     ``WentOnline``.)"""

@@ -77,3 +77,9 @@ def test_timestamp_format():
     assert protocol.timestamp(1_764_686_645.1234) == "2025-12-02T14:44:05.123Z"
     assert protocol.timestamp(0.0) == "1970-01-01T00:00:00.000Z"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", protocol.timestamp(1e9 + 0.9999))
+
+
+def test_ts_before():
+    assert protocol.ts_before("2026-12-03T00:00:05.250Z", 10) == "2026-12-02T23:59:55.250Z"
+    assert protocol.ts_before("1970-01-01T00:00:03.000Z", 10) == "1970-01-01T00:00:00.000Z"
+    assert protocol.ts_before("1900-01-01T00:00:00.000Z", 10) == "1900-01-01T00:00:00.000Z"   # never later

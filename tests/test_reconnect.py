@@ -10,6 +10,7 @@ and a message that was on its way when the connection went.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import selectors
@@ -21,6 +22,9 @@ import pytest
 
 from clientstore import ClientStore, server_address
 from pg3lib import PublicKey
+from protocol import parse_timestamp, timestamp
+from redis_scripts import ChatKeys
+from redislink import BlockingRedis
 from redisproc import flushall
 from serverproc import ServerProcess
 import test_client_e2e as e2e
@@ -332,6 +336,34 @@ def test_a_killed_node_is_reconnected_through_another_and_the_room_caught_up(nod
     alice.type("EX\r")
     assert alice.wait_exit() == 0
     assert os.path.exists(a.data_dir)
+
+
+def test_a_bm_stored_out_of_ts_order_while_away_is_caught_up(nodes, redis_server, keys, home, ptys, relays):
+    """Each node stamps BMs by its own clock: a BM from a node whose clock is a little behind can be
+    stored after the newest one the client has shown, with an earlier ts (section 11.2)."""
+    a, b = nodes(2)
+    relay = relays(a.port)
+    alice = ptys(relay.port, "alice", home("alice"), keys(0))
+    bob = wire(b.port, "bob", keys(1))
+    alice.wait_for("* bob is online")
+    last = bob.bm("the newest one seen")["ts"]
+    alice.wait_line(CLOCK + " bob: the newest one seen")
+
+    relay.refusing = True
+    relay.cut()
+    alice.wait_for("trying again in")
+    behind = timestamp(parse_timestamp(last) - 3)
+    line = json.dumps({"ts": behind, "type": "BM", "from": "bob", "to": "*", "text": "from a clock 3 s behind"},
+                      separators=(",", ":"))
+    with BlockingRedis(redis_server.url) as redis:   # as that node's BM script would store it
+        redis.call("XADD", ChatKeys().room, "*", "e", line)
+    relay.refusing = False
+
+    alice.wait_for("reconnected as alice", timeout=BACK_WITHIN)
+    alice.wait_line(CLOCK + " bob: from a clock 3 s behind")
+    assert len(rows_matching(alice, CLOCK + " bob: the newest one seen")) == 1   # the repeat is dropped
+    alice.type("EX\r")
+    assert alice.wait_exit() == 0
 
 
 def refusing_port() -> socket.socket:

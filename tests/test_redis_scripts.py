@@ -7,6 +7,7 @@ several links interleave.
 
 from __future__ import annotations
 
+import json
 import random
 import selectors
 
@@ -329,6 +330,29 @@ def test_pm_from_a_replaced_sender_is_refused(r):
         -1, token(B, 3).encode()]
     assert history(r, "alice") == [] and history(r, "bob") == []
     assert r.call("XLEN", K.inbox(B)) == 0
+
+
+def test_go_online_since_reads_past_bms_stored_out_of_ts_order(r):
+    """Nodes stamp BMs by their own clocks: one stamped a little earlier can be stored after one
+    stamped later. The recent BMs at or after ``since`` are all found, newest first; reading stops
+    only TS_ORDER_SLACK before ``since``."""
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    stamps = ["10:00:00", "10:00:20", "10:00:30", "10:00:25", "10:00:31", "10:00:29", "10:00:40"]
+    for i, clock in enumerate(stamps):
+        line = b'{"ts":"2026-12-03T%s.000Z","type":"BM","from":"alice","text":"bm %d"}' % (clock.encode(), i)
+        assert run(r, K.bm("alice", line, b"FRAME", sender_token=token(A, 1)))[0] == 1
+
+    def recent(count: int, since: str) -> list:
+        assert run(r, K.login_swap("bob", token(B, 1)))[0] == 1
+        result = run(r, K.go_online("bob", token(B, 1), record(token(B, 1)), recent=count, since=since))
+        assert result[0] == 1 and run(r, K.logout("bob", token(B, 1)))[0] == 1
+        return [json.loads(line)["text"] for line in result[3]]
+
+    assert recent(10, "2026-12-03T10:00:30.000Z") == ["bm 6", "bm 4", "bm 2"]
+    assert recent(10, "2026-12-03T10:00:35.000Z") == ["bm 6"]
+    assert recent(3, "2026-12-03T10:00:30.000Z") == ["bm 6", "bm 4"]   # reads the newest 3, keeps 2
+    assert recent(3, "") == ["bm 6", "bm 5", "bm 4"]
 
 
 # --- offline PMs: pm_offline, go_online takes them, last_key (docs/PROTOCOL.md 4.5, 5) ---------------

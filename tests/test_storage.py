@@ -389,3 +389,31 @@ def test_last_key_and_kept_pms_in_order_bounded_taken_once_and_across_a_restart(
         assert done[3:] == [(4, store.OfflineTaken([])), (5, store.Appended())]
     finally:
         fs.close()
+
+
+def test_recent_since_reads_past_bms_stored_out_of_ts_order(tmp_path):
+    """A BM stamped a little earlier than one stored before it (a clock set back) is still among
+    those at or after ``since``; reading stops only TS_ORDER_SLACK before it."""
+    stamps = ["2026-12-03T10:00:00.000Z", "2026-12-03T10:00:20.000Z", "2026-12-03T10:00:30.000Z",
+              "2026-12-03T10:00:25.000Z", "2026-12-03T10:00:31.000Z", "2026-12-03T10:00:29.000Z",
+              "2026-12-03T10:00:40.000Z"]
+    fs = storage.FileStore(str(tmp_path))
+    try:
+        fs.submit(store.MarkOnline(0, "ann", True))
+        for i, ts in enumerate(stamps):
+            line = (json.dumps({"ts": ts, "type": "BM", "from": "ann", "to": "*", "text": f"bm {i}"},
+                               separators=(",", ":")) + "\n").encode()
+            fs.submit(store.AppendHistory(i + 1, [(("ann",), line)], "ann", "BM"))
+        fs.flush()
+        fs.submit(store.TakeOffline(20, "bob", recent=10, since="2026-12-03T10:00:30.000Z"))
+        fs.submit(store.TakeOffline(21, "bob", recent=10, since="2026-12-03T10:00:35.000Z"))
+        fs.submit(store.TakeOffline(22, "bob", recent=2, since="2026-12-03T10:00:30.000Z"))
+        fs.submit(store.TakeOffline(23, "bob", recent=3))
+        texts = {cid: [json.loads(t)["text"] for t in result.recent] for cid, result in fs.flush()}
+    finally:
+        fs.close()
+    # 10:00:29 was stored after 10:00:31: it is before `since`, so not sent, and reading goes on past it.
+    assert texts[20] == ["bm 2", "bm 4", "bm 6"]
+    assert texts[21] == ["bm 6"]
+    assert texts[22] == ["bm 6"]   # those of the newest two (as in Redis: the reading is bounded)
+    assert texts[23] == ["bm 4", "bm 5", "bm 6"]
