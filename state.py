@@ -833,7 +833,9 @@ class Room:
     # --- AWAIT_USERNAME ----------------------------------------------------------
     def _login(self, session: Session, body: dict, out: Effects) -> Ask:
         name = body.get("username")
-        if not isinstance(name, str) or not valid_username(name):
+        if not isinstance(name, str):
+            raise Malformed("LOGIN needs a string 'username'")
+        if not valid_username(name):
             raise Refused(Error.INVALID_USERNAME, f"a username is {USERNAME_RULE}")
         session.username = name
         session.key = name.lower()
@@ -953,7 +955,7 @@ class Room:
             raise Refused(Error.BAD_REQUEST, f"'public_key' must be an RSA public key of at least 2048 bits "
                                              f"in key form ({exc or 'not a string'})") from None
         since = body.get("since")
-        if since is not None and parse_timestamp(since) is None:
+        if "since" in body and parse_timestamp(since) is None:
             raise Malformed("'since' must be a time in the form 2026-11-24T15:04:05.123Z")
         session.public_key = public_key
         session.since = since
@@ -976,7 +978,7 @@ class Room:
 
     def _ch(self, session: Session, body: dict, out: Effects) -> Ask:
         limit = body.get("limit")
-        if limit is not None and (type(limit) is not int or limit < 1):
+        if "limit" in body and (type(limit) is not int or limit < 1):   # null too: present, not an integer
             raise Malformed("'limit' must be a positive integer")
         # A barrier, not a slot: one history read at a time per connection.
         return Ask(store.ReadHistory(session.cid, session.username, limit),

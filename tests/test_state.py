@@ -290,10 +290,10 @@ _START = FakeClock().now
 
 BAD_REQUESTS = [
     # (id, state, body maker, error, state after)
-    ("login-missing", State.AWAIT_USERNAME, lambda c: {"op": "LOGIN"}, "invalid_username", None),
-    ("login-int", State.AWAIT_USERNAME, lambda c: {"op": "LOGIN", "username": 7}, "invalid_username", None),
-    ("login-null", State.AWAIT_USERNAME, lambda c: {"op": "LOGIN", "username": None}, "invalid_username", None),
-    ("login-list", State.AWAIT_USERNAME, lambda c: {"op": "LOGIN", "username": ["alice"]}, "invalid_username",
+    ("login-missing", State.AWAIT_USERNAME, lambda c: {"op": "LOGIN"}, "bad_request", None),
+    ("login-int", State.AWAIT_USERNAME, lambda c: {"op": "LOGIN", "username": 7}, "bad_request", None),
+    ("login-null", State.AWAIT_USERNAME, lambda c: {"op": "LOGIN", "username": None}, "bad_request", None),
+    ("login-list", State.AWAIT_USERNAME, lambda c: {"op": "LOGIN", "username": ["alice"]}, "bad_request",
      None),
     ("password-missing", State.AWAIT_PASSWORD, lambda c: {"op": "PASSWORD"}, "bad_request", None),
     ("password-int", State.AWAIT_PASSWORD, lambda c: {"op": "PASSWORD", "ciphertext": 5}, "bad_request", None),
@@ -324,6 +324,7 @@ BAD_REQUESTS = [
     ("ch-false", State.READY, lambda c: {"op": "CH", "limit": False}, "bad_request", None),
     ("ch-float", State.READY, lambda c: {"op": "CH", "limit": 2.0}, "bad_request", None),
     ("ch-list", State.READY, lambda c: {"op": "CH", "limit": [3]}, "bad_request", None),
+    ("ch-null", State.READY, lambda c: {"op": "CH", "limit": None}, "bad_request", None),
     ("target-missing", State.AWAIT_PM_TARGET, lambda c: {"op": "TARGET"}, "bad_request", None),
     ("target-int", State.AWAIT_PM_TARGET, lambda c: {"op": "TARGET", "username": 5}, "bad_request", None),
     ("target-list", State.AWAIT_PM_TARGET, lambda c: {"op": "TARGET", "username": ["bob"]}, "bad_request", None),
@@ -426,7 +427,7 @@ def test_bm_text_is_relayed_and_stored_as_sent(driver, text):
 # --- login ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["", "../x", "a/b", ".x", "-x", "_x", "a" * 33, "al ice", "alice\n", "\u00e5lice",
-                                  "a\x00b", 5, None, True])
+                                  "a\x00b"])
 def test_invalid_username(driver, name):
     cid = driver.connect()
     assert_error(driver.send(cid, {"op": "LOGIN", "username": name}), "LOGIN", "invalid_username")
