@@ -12,10 +12,10 @@ oldest ``sent`` is forgotten and that ``sent`` becomes the sender's *floor*;
 a PM sent no later than the floor is refused from then on, so a replay of a
 forgotten id is still caught (at the cost of refusing a genuine PM whose
 ``sent`` is older than the sender's last 256, which a real client never makes).
-The memory lives as long as the process: it survives the sender's logout and
-takeover, not a restart (then the receiver's own id memory, section 4.5, is
-what catches a replay). In a room of several nodes each node remembers only
-the PMs sent through it.
+The memory belongs to the room's store (``store.PmId``): the file store keeps a
+``UsedIds`` and fills it again at start from the PMs of the last minutes in the
+histories, so it survives a restart; the Redis store keeps the same rule in
+Redis (``redis_scripts.py``), shared by every node.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import pg3lib
 from protocol import PM_CLOCK_WINDOW, PM_ID_BYTES, PM_IDS_PER_SENDER, parse_timestamp
 
 SWEEP_EVERY = 60.0   # seconds between sweeps of senders whose ids have all expired
+USED = "this id was used before: a PM is sent once (a new PM needs a new id)"
+BELOW_FLOOR = "'sent' is older than this sender's recent PMs (check this computer's clock)"
 
 
 def id_problem(pm_id: str) -> str | None:
@@ -80,9 +82,9 @@ class UsedIds:
         else:
             self._expire(seen, now)
         if pm_id in seen.ids:
-            return "this id was used before: a PM is sent once (a new PM needs a new id)"
+            return USED
         if sent_at <= seen.floor:
-            return "'sent' is older than this sender's recent PMs (check this computer's clock)"
+            return BELOW_FLOOR
         seen.ids.add(pm_id)
         heapq.heappush(seen.by_time, (sent_at, pm_id))
         if len(seen.ids) > self.per_sender:

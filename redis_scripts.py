@@ -37,6 +37,11 @@ key                         type        holds
 ``chat:off:<name>``         list        the PMs kept for an offline user, oldest first: each
                                         the ``D PM`` body with ``"offline":true``; at most the
                                         bound (``--offline-limit``); taken whole by ``go_online``
+``chat:pmids:<name>``       sorted set  the PM ids the user sent lately, scored by their
+                                        ``sent`` (seconds); at most PM_IDS_PER_SENDER, those
+                                        past ``sent`` + the window dropped (``pmguard.UsedIds``)
+``chat:pmfloor:<name>``     string      the ``sent`` of the newest id forgotten to stay in
+                                        that bound: PMs sent no later are refused
 ==========================  ==========  ==============================================
 
 Stream entries (field ``t`` says which):
@@ -80,8 +85,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from protocol import TS_ORDER_SLACK, ts_before
+from protocol import PM_CLOCK_WINDOW, PM_IDS_PER_SENDER, TS_ORDER_SLACK, ts_before
 from redislink import Script
+from store import PmId
 
 # Enough events for a node to resume after a Redis blip or a slow pass without
 # a gap, yet bounded (about 100,000 x a few hundred bytes).
@@ -127,6 +133,39 @@ local function sender_gone(p, sender, token)
 end
 """
 
+# A PM2's id, checked and recorded by the rule of pmguard.UsedIds, for the whole room.
+# ARGV-style arguments as strings: sender, id ('' = a PM1, nothing to check), sent and now
+# (seconds), window (seconds), per-sender bound. Returns nil if the id may be used (it is
+# recorded), else 'used' or 'floor'.
+_PM_ID_USED = """
+local function pm_id_used(p, sender, id, sent, now, window, bound)
+  if id == '' then
+    return nil
+  end
+  local ids, floor_key = p .. 'pmids:' .. sender, p .. 'pmfloor:' .. sender
+  local sent_at, now_at, span = tonumber(sent), tonumber(now), tonumber(window)
+  redis.call('ZREMRANGEBYSCORE', ids, '-inf', '(' .. (now_at - span))
+  if redis.call('ZSCORE', ids, id) then
+    return 'used'
+  end
+  local floor = tonumber(redis.call('GET', floor_key) or '')
+  if floor and sent_at <= floor then
+    return 'floor'
+  end
+  redis.call('ZADD', ids, sent, id)
+  redis.call('PEXPIRE', ids, math.ceil(2 * span * 1000))
+  if redis.call('ZCARD', ids) > tonumber(bound) then
+    local oldest = redis.call('ZPOPMIN', ids)
+    local forgotten = tonumber(oldest[2])
+    if not floor or forgotten > floor then
+      floor = forgotten
+      redis.call('SET', floor_key, oldest[2], 'PX', math.max(1, math.ceil((floor + span - now_at) * 1000)))
+    end
+  end
+  return nil
+end
+"""
+
 CREATE_ACCOUNT = Script("create_account", "Create an account hash unless the name exists: 1 created, 0 taken.", """
 -- KEYS[1] acct key; ARGV field, value, ...
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -152,13 +191,15 @@ local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 't', 'bm', '
 return {1, count, id}
 """)
 
-PM = Script("pm", "If the target's session token is the one expected, store a PM in both histories and "
-            "XADD it to the target node's inbox.", _NODE_OF + _ROOM_LAST + _SENDER_GONE + """
+PM = Script("pm", "If the target's session token is the one expected and the PM's id is unused, store a PM "
+            "in both histories and XADD it to the target node's inbox.",
+            _NODE_OF + _ROOM_LAST + _SENDER_GONE + _PM_ID_USED + """
 -- KEYS[1] the target's sess key; ARGV prefix, sender, target, expected token,
 -- sender's line, target's line, payload, inbox maxlen, the sender's token ('' = do not check),
--- history maxlen.
+-- history maxlen, then the id check's: id, sent, now, window, bound.
 -- Returns {1, inbox entry id}; {0, the target's current token or ''} (not_online);
--- {-1, the sender's current token or ''} (the sender's session is not that token).
+-- {-1, the sender's current token or ''} (the sender's session is not that token);
+-- {-2, 'used' or 'floor'} (the id: nothing stored).
 local p = ARGV[1]
 local gone = sender_gone(p, ARGV[2], ARGV[9])
 if gone then
@@ -167,6 +208,10 @@ end
 local token = redis.call('GET', KEYS[1])
 if token ~= ARGV[4] then
   return {0, token or ''}
+end
+local used = pm_id_used(p, ARGV[2], ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[15])
+if used then
+  return {-2, used}
 end
 local at = room_last(p)
 redis.call('XADD', p .. 'hist:' .. ARGV[2], 'MAXLEN', '~', ARGV[10], '*', 't', 'pm', 'at', at, 'e', ARGV[5])
@@ -178,11 +223,13 @@ return {1, id}
 
 PM_OFFLINE = Script("pm_offline", "A PM that may be kept (TARGET asked for offline): delivered live if the "
                     "target is online now, else kept for it (within the bound) and stored in both histories.",
-                    _NODE_OF + _ROOM_LAST + _SENDER_GONE + """
+                    _NODE_OF + _ROOM_LAST + _SENDER_GONE + _PM_ID_USED + """
 -- KEYS[1] online; ARGV prefix, sender, target, sender's line, target's line, live payload, kept payload,
--- inbox maxlen, the sender's token ('' = do not check), history maxlen, bound.
+-- inbox maxlen, the sender's token ('' = do not check), history maxlen, bound,
+-- then the id check's: id, sent, now, window, bound.
 -- Returns {1, inbox entry id} (online: delivered live); {2, PMs kept} (kept); {3, PMs kept} (at the bound:
--- nothing stored); {-1, the sender's current token or ''} (the sender's session is not that token).
+-- nothing stored); {-1, the sender's current token or ''} (the sender's session is not that token);
+-- {-2, 'used' or 'floor'} (the id: nothing stored).
 local p = ARGV[1]
 local gone = sender_gone(p, ARGV[2], ARGV[9])
 if gone then
@@ -203,6 +250,10 @@ if not token then
   if count >= tonumber(ARGV[11]) then
     return {3, count}
   end
+end
+local used = pm_id_used(p, ARGV[2], ARGV[12], ARGV[13], ARGV[14], ARGV[15], ARGV[16])
+if used then
+  return {-2, used}
 end
 local at = room_last(p)
 redis.call('XADD', p .. 'hist:' .. ARGV[2], 'MAXLEN', '~', ARGV[10], '*', 't', 'pm', 'at', at, 'e', ARGV[4])
@@ -496,6 +547,14 @@ class ScriptCall(NamedTuple):
     args: Sequence
 
 
+def _id_check(pm_id: PmId | None) -> list:
+    """The id check's arguments of the PM scripts (an empty id: a PM1, nothing to check)."""
+    window = f"{PM_CLOCK_WINDOW:.3f}"
+    if pm_id is None:
+        return ["", 0, 0, window, PM_IDS_PER_SENDER]
+    return [pm_id.id, f"{pm_id.sent_at:.3f}", f"{pm_id.now:.3f}", window, PM_IDS_PER_SENDER]
+
+
 class ChatKeys:
     """Key names under one prefix, and the call of each script with its keys and arguments."""
 
@@ -543,17 +602,18 @@ class ChatKeys:
                                                        self.room_maxlen])
 
     def pm(self, sender: str, target: str, token: str, sender_line: bytes | str, target_line: bytes | str,
-           payload: bytes | str, sender_token: str = "", maxlen: int = INBOX_MAXLEN) -> ScriptCall:
+           payload: bytes | str, sender_token: str = "", maxlen: int = INBOX_MAXLEN,
+           pm_id: PmId | None = None) -> ScriptCall:
         return ScriptCall(PM, [self.sess(target)], [self.prefix, sender, target, token, sender_line,
                                                     target_line, payload, maxlen, sender_token,
-                                                    self.hist_maxlen])
+                                                    self.hist_maxlen, *_id_check(pm_id)])
 
     def pm_offline(self, sender: str, target: str, sender_line: bytes | str, target_line: bytes | str,
                    payload: bytes | str, kept: bytes | str, limit: int, sender_token: str = "",
-                   maxlen: int = INBOX_MAXLEN) -> ScriptCall:
+                   maxlen: int = INBOX_MAXLEN, pm_id: PmId | None = None) -> ScriptCall:
         return ScriptCall(PM_OFFLINE, [self.online, self.off(target)],
                           [self.prefix, sender, target, sender_line, target_line, payload, kept, maxlen,
-                           sender_token, self.hist_maxlen, limit])
+                           sender_token, self.hist_maxlen, limit, *_id_check(pm_id)])
 
     def last_key(self, name: str) -> ScriptCall:
         return ScriptCall(LAST_KEY, [self.acct(name), self.lastkey], [name])

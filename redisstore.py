@@ -36,6 +36,7 @@ import json
 import framing
 import passwords
 import pg3lib
+import pmguard
 import redis_scripts
 import storage
 import store
@@ -95,6 +96,11 @@ def _record(raw) -> store.ModRecord | None:
 def _kept_frames(rows) -> list[bytes]:
     """The data frames of kept PMs (their D PM bodies, as chat:off:<name> holds them)."""
     return [framing.encode_raw(framing.KIND_DATA, row) for row in rows or () if isinstance(row, bytes)]
+
+
+def _id_refused(reply) -> store.IdRefused:
+    """A PM script's {-2, 'used' | 'floor'}."""
+    return store.IdRefused(pmguard.USED if _text(reply[1]) == "used" else pmguard.BELOW_FLOOR)
 
 
 def new_node_id() -> str:
@@ -458,7 +464,7 @@ class RedisStore:
                           *keys.pm_offline(request.sender.lower(), request.target.lower(), mine.rstrip(b"\n"),
                                            theirs.rstrip(b"\n"), request.frame,
                                            request.offline_frame[framing.HEADER_SIZE:], request.limit,
-                                           request.token))
+                                           request.token, pm_id=request.pm_id))
         elif isinstance(request, store.TakeOffline):
             self.cmd.eval(checked(lambda rows: store.OfflineTaken(_kept_frames(rows))),
                           *keys.take_offline(request.username.lower()))
@@ -479,7 +485,7 @@ class RedisStore:
             (_, mine), (_, theirs) = request.entries
             self.cmd.eval(checked(self._pm_result),
                           *keys.pm(sender, request.target, request.target_token, mine.rstrip(b"\n"),
-                                   theirs.rstrip(b"\n"), request.frame, request.token))
+                                   theirs.rstrip(b"\n"), request.frame, request.token, pm_id=request.pm_id))
         else:
             raise ValueError(f"an append of unknown kind {request.kind!r}")
 
@@ -499,6 +505,8 @@ class RedisStore:
 
     @staticmethod
     def _kept_result(reply) -> store.Result:
+        if reply[0] == -2:
+            return _id_refused(reply)
         if reply[0] == 1:
             return store.Appended(recipients=1)
         if reply[0] == 2:
@@ -507,6 +515,8 @@ class RedisStore:
 
     @staticmethod
     def _pm_result(reply) -> store.Result:
+        if reply[0] == -2:
+            return _id_refused(reply)
         if reply[0] == 1:
             return store.Appended(recipients=1)
         return store.Appended(recipients=0, target_gone=True) if reply[0] == 0 else store.FAILED

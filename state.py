@@ -471,7 +471,6 @@ class Room:
         self._held: list[tuple[float, int]] = []   # (until, cid): attempts waiting out a failed-login delay
         # PMs (section 4.5): version 1 (no id) accepted while clients move to PM2 (--accept-pm1).
         self.accept_pm1 = accept_pm1
-        self.pm_ids = pmguard.UsedIds()
         self.offline_limit = offline_limit   # PMs kept for one offline target
         self.recent = recent                 # section 11: BMs shown at login
         self.catch_up_limit = catch_up_limit
@@ -577,7 +576,6 @@ class Room:
         """Timers: held password checks whose delay is over; connections that did not
         finish logging in in time (BYE idle)."""
         out: Effects = []
-        self.pm_ids.sweep(now)
         while self._held and self._held[0][0] <= now:
             _, cid = heapq.heappop(self._held)
             session = self.sessions.get(cid)
@@ -823,6 +821,7 @@ class Room:
         return request
 
     def _pm_stored(self, session: Session, target, frame: bytes, result: store.Result, out: Effects) -> None:
+        _check_id(session, result)
         if not isinstance(result, store.Appended):
             raise Refused(Error.INTERNAL, "the message could not be stored")
         delivered = target.username not in result.failed and self.online.get(target.key) is target
@@ -1113,22 +1112,23 @@ class Room:
         if self.frame_limit and (len(offline_frame) - framing.HEADER_SIZE > self.frame_limit
                                  or any(len(line) + self._page_overhead > self.frame_limit for _, line in lines)):
             raise Refused(Error.BAD_REQUEST, "this private message is too long to relay in one frame")
-        if pm_id:
-            problem = self.pm_ids.use(session.key, pm_id, sent_at, self.clock())   # last: only a PM that goes
-            if problem:
-                raise Refused(Error.BAD_REQUEST, problem)
+        # The store checks the id, for the whole room (section 4.5): a barrier, so that a SEND
+        # refused for it leaves the state as it was (section 4.4), like every other bad_request.
+        used = store.PmId(session.key, pm_id, sent_at, self.clock()) if pm_id else None
         if keep:
             return Ask(store.StoreOfflinePM(session.cid, lines, session.username, target.username, frame,
-                                            offline_frame, self.offline_limit, self._token_of(session)),
-                       self._pm_kept, barrier=False)
-        request = self._pm_request(session, target,
-                                   store.AppendHistory(session.cid, lines, session.username, "PM", frame, target.key))
-        return Ask(request, lambda s, result, o: self._pm_stored(s, target, frame, result, o), barrier=False)
+                                            offline_frame, self.offline_limit, self._token_of(session), used),
+                       self._pm_kept, barrier=used is not None)
+        request = self._pm_request(session, target, store.AppendHistory(session.cid, lines, session.username, "PM",
+                                                                        frame, target.key, pm_id=used))
+        return Ask(request, lambda s, result, o: self._pm_stored(s, target, frame, result, o),
+                   barrier=used is not None)
 
     # A store of several nodes decides itself whether a PM that may be kept goes live (SharedRoom).
     _store_decides_offline = False
 
     def _pm_kept(self, session: Session, result: store.Result, out: Effects) -> None:
+        _check_id(session, result)
         if not isinstance(result, store.Appended) or result.failed:
             raise Refused(Error.INTERNAL, "the message could not be stored")
         if result.full:
@@ -1295,6 +1295,12 @@ class Room:
                                 **fields), out)
 
 
+def _check_id(session: Session, result: store.Result) -> None:
+    """A PM2 the store refused for its id: bad_request (the state stays, as for any SEND)."""
+    if isinstance(result, store.IdRefused):
+        raise Refused(Error.BAD_REQUEST, result.reason)
+
+
 def _key_of(target: Session | store.RemoteUser) -> tuple[str, str]:
     """A PM target's public key form and fingerprint."""
     if isinstance(target, (store.RemoteUser, OfflineTarget)):
@@ -1410,6 +1416,7 @@ class SharedRoom(Room):
         return request._replace(token=self._token_of(session), target_token=target_token)
 
     def _pm_stored(self, session: Session, target, frame: bytes, result: store.Result, out: Effects) -> None:
+        _check_id(session, result)
         if not isinstance(result, store.Appended):
             raise Refused(Error.INTERNAL, "the message could not be stored")
         if result.target_gone:

@@ -10,7 +10,8 @@ logic's store requests, runs appends as a group at the end of a loop pass
 typed results. It has no cluster: its cluster methods do nothing.
 ``ModerationLog`` keeps ``moderation.jsonl``: every moderation action (docs/PROTOCOL.md
 section 10), appended and fsync'd like an account, replayed at start into the
-bans and mutes in force.
+bans and mutes in force. ``PmIdLog`` keeps the ids of the last minutes' PMs
+(``pm-ids.<N>.log``), so that a restart forgets no id a replay could still use.
 
 Torn tails: a line is complete with its newline. On reading, a last line with
 no newline (a crash mid-write) is dropped with a warning, and before the next
@@ -25,13 +26,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import OrderedDict
 
 import framing
 import pg3lib
 import store
+import pmguard
 from passwords import Account
-from protocol import TS_ORDER_SLACK, ts_before
+from protocol import PM_CLOCK_WINDOW, TS_ORDER_SLACK, ts_before
 
 log = logging.getLogger("chat.storage")
 
@@ -41,6 +44,8 @@ SERVER_KEY_FILE = "server_key.pem"
 HISTORY_SUFFIX = ".chat"
 KEY_SUFFIX = ".key"          # <Username>.key: the key the account last gave in KEY (offline PMs)
 OFFLINE_SUFFIX = ".offline"  # <Username>.offline: the PMs kept for it while offline, one D PM body a line
+PM_IDS_PREFIX = "pm-ids."    # pm-ids.<N>.log: "sender id sent" per PM2 stored in the N-th span of PM_IDS_SPAN
+PM_IDS_SPAN = 2 * PM_CLOCK_WINDOW   # an id matters until its sent + the window, sent <= stored + the window
 # Open history files kept between passes: a broadcast writes to every online
 # user's file, so the server sizes this from the descriptor limit (half of it);
 # this is the floor.
@@ -241,6 +246,84 @@ class ModerationLog:
             os.close(self._fd)
             self._fd = None
 
+
+
+class PmIdLog:
+    """The ids of the PMs stored in the last minutes, on disk: ``pm-ids.<N>.log`` holds those
+    stored in the N-th span of PM_IDS_SPAN seconds, one ``sender id sent`` line each. An id
+    matters until its ``sent`` plus the clock window, and ``sent`` is at most the window after
+    it was stored: this span's file and the last one's hold every id that still matters, and
+    older ones are deleted. Written with the pass's histories, before any reply."""
+
+    def __init__(self, directory: str, now: float) -> None:
+        self.directory = directory
+        self.span = -1
+        self._fd = -1
+        self.ids = pmguard.UsedIds()
+        for span, path in sorted(self._files()):
+            if span < self._span_of(now) - 1:
+                continue
+            for number, line in read_records(path):
+                parts = line.split(b" ")
+                try:
+                    sender, pm_id, sent_at = parts[0].decode("ascii"), parts[1].decode("ascii"), float(parts[2])
+                except (IndexError, ValueError, UnicodeDecodeError):
+                    log.warning("%s, line %d: skipping a corrupt entry", path, number)
+                    continue
+                if sent_at + PM_CLOCK_WINDOW >= now:
+                    self.ids.use(sender, pm_id, sent_at, now)
+        self._roll(now)
+
+    @staticmethod
+    def _span_of(now: float) -> int:
+        return int(now // PM_IDS_SPAN)
+
+    def _files(self) -> list[tuple[int, str]]:
+        found = []
+        for name in os.listdir(self.directory):
+            middle = name[len(PM_IDS_PREFIX):-len(".log")]
+            if name.startswith(PM_IDS_PREFIX) and name.endswith(".log") and middle.isdigit():
+                found.append((int(middle), os.path.join(self.directory, name)))
+        return found
+
+    def _roll(self, now: float) -> None:
+        span = self._span_of(now)
+        if span == self.span:
+            return
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.span = span
+        for old, path in self._files():
+            if old < span - 1:
+                try:
+                    os.remove(path)
+                except OSError as exc:
+                    log.error("removing %s failed: %s", path, exc.strerror)
+        path = os.path.join(self.directory, f"{PM_IDS_PREFIX}{span}.log")
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        cut_torn_tail(self._fd, path)
+
+    def use(self, pm_id: store.PmId) -> str | None:
+        """Why the PM may not use its id, or None (and it is remembered, not yet written)."""
+        self.ids.sweep(pm_id.now)
+        return self.ids.use(pm_id.sender, pm_id.id, pm_id.sent_at, pm_id.now)
+
+    def write(self, used: list[store.PmId]) -> None:
+        """The ids of this pass's stored PMs, in one write (a failure is logged: the memory has them)."""
+        if not used:
+            return
+        try:
+            self._roll(used[-1].now)
+            _write_all(self._fd, b"".join(b"%s %s %.3f\n" % (u.sender.encode("ascii"), u.id.encode("ascii"),
+                                                               u.sent_at) for u in used))
+        except OSError as exc:
+            log.error("writing PM ids failed (a restart now forgets them): %s", exc.strerror or exc)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _lines_back(fd: int, start: int, end: int):
@@ -824,6 +907,7 @@ class FileStore:
         self.history = HistoryLog(directory, max_open_history, history_limit)
         try:
             self.moderation = ModerationLog(os.path.join(directory, MODERATION_FILE))
+            self.pm_ids = PmIdLog(directory, time.time())
         except BaseException:
             self.accounts.close()
             raise
@@ -851,6 +935,8 @@ class FileStore:
         """Take one store request; its result comes with this pass's ``flush``."""
         result: store.Result
         if isinstance(request, store.AppendHistory):
+            if self._id_refused(request.cid, request.pm_id):
+                return
             message = _Message(request)
             self._messages.append(message)
             if request.kind == "PM":
@@ -999,15 +1085,24 @@ class FileStore:
         if count >= request.limit:
             self._queue.append([request.cid, store.Appended(full=True), None])
             return
+        if self._id_refused(request.cid, request.pm_id):
+            return
         self._kept[request.target] = count + 1   # reserved now, so one pass cannot pass the bound
         append = store.AppendHistory(request.cid, request.entries, request.sender, "PM", request.frame,
-                                     request.target.lower())
+                                     request.target.lower(), pm_id=request.pm_id)
         message = _Message(append, (request.target, request.offline_frame[framing.HEADER_SIZE:]))
         self._messages.append(message)
         for owners, line in request.entries:
             for owner in owners:
                 self._user_ops.append((owner, self._room_bytes, line, message))
         self._queue.append([request.cid, None, message])
+
+    def _id_refused(self, cid: int, pm_id: store.PmId | None) -> bool:
+        """A PM2 whose id was used: refused (queued as such) before anything is written."""
+        reason = self.pm_ids.use(pm_id) if pm_id is not None else None
+        if reason:
+            self._queue.append([cid, store.IdRefused(reason), None])
+        return bool(reason)
 
     def _write_kept(self, messages: list) -> None:
         """After the histories: the kept copy of each PM for an offline target (``<Username>.offline``)."""
@@ -1148,6 +1243,8 @@ class FileStore:
                     if message is not None:
                         message.result = store.Appended(frozenset({owner}))
         self._write_kept(messages)
+        self.pm_ids.write([m.request.pm_id for m in messages
+                           if m.request.pm_id is not None and m.result is not store.FAILED])
 
     def _write_user(self, owner: str, items: list) -> bool:
         """One user's lines of this pass in one write (rotating the file first if it is full)."""
@@ -1192,6 +1289,7 @@ class FileStore:
         self.room.close()
         self.history.close()
         self.moderation.close()
+        self.pm_ids.close()
 
 
 _ALL_WRITTEN = store.Appended()

@@ -48,6 +48,17 @@ class CreateAccount(NamedTuple):
     account: Account
 
 
+class PmId(NamedTuple):
+    """A version-2 PM's id, as a store checks it (docs/PROTOCOL.md section 4.5): the room refuses
+    an id its sender has used, for as long as a replay would be accepted, across restarts and
+    whichever node it comes through (the rule of ``pmguard.UsedIds``). ``now`` is the session
+    logic's clock."""
+    sender: str     # lower-case account name
+    id: str
+    sent_at: float  # the time ``sent`` names
+    now: float
+
+
 class AppendHistory(NamedTuple):
     """Store a message in the history of each of its owners (registered spellings). Result: ``Appended``.
 
@@ -60,6 +71,7 @@ class AppendHistory(NamedTuple):
     A store of several nodes also delivers the message: ``frame`` is the data
     frame for the recipients, ``target`` the PM target's key, and the tokens
     are the sessions it checks (the sender's, and the target's for a PM).
+    A PM2 carries its ``pm_id``: an id used before gets ``IdRefused``, and nothing is stored.
     """
     cid: int
     entries: list
@@ -69,6 +81,7 @@ class AppendHistory(NamedTuple):
     target: str = ""
     token: str = ""
     target_token: str = ""
+    pm_id: PmId | None = None
 
 
 class ReadHistory(NamedTuple):
@@ -205,7 +218,8 @@ class StoreOfflinePM(NamedTuple):
     the target (``offline_frame``, the ``D PM`` with ``"offline":true``) until its next login,
     unless ``limit`` PMs are kept for it already. Result: ``Appended`` (``full``: at the bound,
     nothing stored). A store of several nodes decides presence itself: if the target is online
-    after all, it delivers ``frame`` live instead (``recipients`` 1).
+    after all, it delivers ``frame`` live instead (``recipients`` 1). ``pm_id`` as for
+    ``AppendHistory`` (checked after the bound: a PM refused as ``full`` does not use its id).
     """
     cid: int
     entries: list          # (owners, line), the sender's first, as for a PM's AppendHistory
@@ -215,6 +229,7 @@ class StoreOfflinePM(NamedTuple):
     offline_frame: bytes
     limit: int
     token: str = ""        # the sender's session (a store of several nodes checks it)
+    pm_id: PmId | None = None
 
 
 class TakeOffline(NamedTuple):
@@ -269,6 +284,12 @@ class Appended(NamedTuple):
     recipients: int | None = None
     target_gone: bool = False
     full: bool = False
+
+
+class IdRefused(NamedTuple):
+    """A PM2 whose id its sender has used (or whose ``sent`` is at or before the sender's
+    floor): nothing was stored. ``reason`` is the text for the sender (``bad_request``)."""
+    reason: str
 
 
 class HistoryRead(NamedTuple):
@@ -328,7 +349,7 @@ class ModerationStored(NamedTuple):
     applied: bool   # False: an unban or unmute found nothing in force (nothing was written)
 
 
-Result = Union[Failed, AccountLoaded, AccountCreated, Appended, HistoryRead, Claimed, WentOnline,
+Result = Union[Failed, AccountLoaded, AccountCreated, Appended, IdRefused, HistoryRead, Claimed, WentOnline,
                SanctionsLoaded, SanctionsListed, ModerationStored, KeySaved, LastKey, OfflineTaken]
 
 

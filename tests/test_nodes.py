@@ -258,6 +258,29 @@ def test_accounts_and_server_key_are_shared(cluster):
     assert sum(1 for r in replies if r["ok"]) == 1, replies
 
 
+def test_a_pm2_id_used_through_one_node_is_refused_through_the_other(cluster, keys):
+    """The room remembers PM ids, not each node (section 4.5): a captured SEND replayed by its
+    sender on another node, live or to an offline target, is refused and delivers nothing."""
+    a, b = cluster.node(), cluster.node()
+    ann = cluster.login(a, "ann", 0)
+    bob = cluster.login(b, "bob", 1)
+    settle([ann, bob])
+    body, reply = ann.pm_checked("bob", "once")
+    assert reply["ok"]
+    assert keys(1).open(bob.wait_data("PM", timeout=5)["ciphertext"]) == b"once"
+    ann.close()
+    ann = cluster.login(b, "ann", 0)   # the same account, through the other node
+    for offline in (False, True):
+        assert ann.request({"op": "PM"})["ok"]
+        assert ann.request({"op": "TARGET", "username": "bob", "offline": offline})["ok"]
+        replayed = ann.request(body)
+        assert replayed["error"] == "bad_request" and "used before" in replayed["message"], replayed
+        assert ann.request({"op": "CANCEL"})["ok"]
+    assert ann.pm("bob", "a new one")["ok"]
+    assert keys(1).open(bob.wait_data("PM", timeout=5)["ciphertext"]) == b"a new one"
+    assert [keys(1).open(e["ciphertext"]) for e in bob.history()] == [b"once", b"a new one"]
+
+
 def test_bm_pm_presence_and_online_list_span_both_nodes(cluster, keys):
     a, b = cluster.node(), cluster.node()
     ann = cluster.login(a, "ann", 0)

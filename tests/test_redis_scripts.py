@@ -13,7 +13,9 @@ import selectors
 
 import pytest
 
+from protocol import PM_CLOCK_WINDOW, PM_IDS_PER_SENDER
 from redis_scripts import SCRIPTS, ChatKeys
+from store import PmId
 from redislink import BlockingRedis, RedisLink
 from resp import RedisError
 
@@ -330,6 +332,56 @@ def test_pm_from_a_replaced_sender_is_refused(r):
         -1, token(B, 3).encode()]
     assert history(r, "alice") == [] and history(r, "bob") == []
     assert r.call("XLEN", K.inbox(B)) == 0
+
+
+NOW = 1_764_720_000.0
+
+
+def pm_id(n: int, sent: float = NOW, now: float = NOW, sender: str = "alice") -> PmId:
+    return PmId(sender, f"id{n}", sent, now)
+
+
+def test_a_pm_id_is_used_once_in_the_room_whichever_node_and_script(r):
+    """The rule of pmguard.UsedIds for the room: an id its sender used is refused, by pm and by
+    pm_offline alike, and nothing is stored; another sender's same id is its own business."""
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    login(r, "bob", token(B, 5))
+    assert run(r, K.pm("alice", "bob", token(B, 5), b"S1", b"T1", b"F", pm_id=pm_id(1)))[0] == 1
+    assert run(r, K.pm("alice", "bob", token(B, 5), b"S2", b"T2", b"F", pm_id=pm_id(1, now=NOW + 5))) == [
+        -2, b"used"]
+    assert run(r, K.pm_offline("alice", "bob", b"S3", b"T3", b"LIVE", b"KEPT", 10, pm_id=pm_id(1))) == [
+        -2, b"used"]
+    assert history(r, "alice") == [b"S1"] and history(r, "bob") == [b"T1"]
+    assert r.call("XLEN", K.inbox(B)) == 1
+    assert run(r, K.pm("bob", "alice", token(A, 1), b"S", b"T", b"F", pm_id=pm_id(1, sender="bob")))[0] == 1
+    # A refusal for the session or the bound does not use the id.
+    login(r, "bob", token(A, 7))
+    assert run(r, K.pm("alice", "bob", token(B, 5), b"S", b"T", b"F", pm_id=pm_id(2)))[0] == 0
+    run(r, K.logout("bob", token(A, 7)))
+    assert run(r, K.pm_offline("alice", "bob", b"S", b"T", b"L", b"K", 0, pm_id=pm_id(2)))[0] == 3
+    assert run(r, K.pm_offline("alice", "bob", b"S", b"T", b"L", b"K", 10, pm_id=pm_id(2)))[0] == 2
+    assert run(r, K.pm("alice", "bob", token(B, 5), b"S", b"T", b"F"))[0] == 0   # PM1: no id to check
+
+
+def test_pm_ids_expire_and_past_the_bound_the_oldest_becomes_the_floor(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    login(r, "bob", token(B, 5))
+
+    def send(n: int, sent: float, now: float) -> list:
+        return run(r, K.pm("alice", "bob", token(B, 5), b"S", b"T", b"F", pm_id=pm_id(n, sent, now)))
+
+    assert send(1, NOW, NOW)[0] == 1
+    assert send(1, NOW, NOW + PM_CLOCK_WINDOW + 1)[0] == 1   # past its sent + the window: forgotten
+    assert 0 < r.call("PTTL", K.prefix + "pmids:alice") <= 2 * PM_CLOCK_WINDOW * 1000
+    for n in range(2, PM_IDS_PER_SENDER + 3):   # one more than the bound
+        assert send(n, NOW + 700 + n, NOW + 700 + n)[0] == 1, n
+    assert r.call("ZCARD", K.prefix + "pmids:alice") == PM_IDS_PER_SENDER
+    assert float(r.call("GET", K.prefix + "pmfloor:alice")) == NOW + 702   # id 2's sent: it was forgotten
+    assert send(2, NOW + 702, NOW + 1000) == [-2, b"floor"]   # so its replay is refused by the floor
+    assert send(999, NOW + 703.5, NOW + 1000)[0] == 1
+    assert 0 < r.call("PTTL", K.prefix + "pmfloor:alice") <= (702 + PM_CLOCK_WINDOW - 958) * 1000
 
 
 def test_go_online_since_reads_past_bms_stored_out_of_ts_order(r):

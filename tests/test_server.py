@@ -944,6 +944,26 @@ def test_pm2_replay_stale_time_and_bad_signature_are_refused(connect, keys):
     assert [keys(1).open(e["ciphertext"]) for e in bob.history()] == [b"once", b"fine"]
 
 
+def test_a_pm2_id_is_refused_again_after_the_server_is_killed_and_restarted(server, keys):
+    """The server remembers ids as long as their sent would be accepted (section 4.5): a restart,
+    even after SIGKILL, forgets none of them (in Redis mode they are in Redis)."""
+    alice, bob = online_mixed(lambda tls=False: WireClient(server.port), keys, "alice", "bob")
+    body, reply = alice.pm_checked("bob", "once")
+    assert reply["ok"]
+    bob.wait_data("PM")
+    for client in (alice, bob):
+        client.close()
+    server.kill()
+    server.restart()
+    alice, bob = online_mixed(lambda tls=False: WireClient(server.port), keys, "alice", "bob")
+    assert alice.request({"op": "PM"})["ok"] and alice.request({"op": "TARGET", "username": "bob"})["ok"]
+    replayed = alice.request(body)
+    assert replayed["error"] == "bad_request" and "used before" in replayed["message"]
+    assert alice.request(alice.pm_send("bob", keys(1).public, "a new one"))["ok"]   # the state stayed
+    assert keys(1).open(bob.wait_data("PM")["ciphertext"]) == b"a new one"
+    assert [keys(1).open(e["ciphertext"]) for e in bob.history()] == [b"once", b"a new one"]
+
+
 def test_pm1_is_refused_by_default_and_accepted_with_accept_pm1(make_server, keys):
     for options, accepted in ((("--accept-pm1",), True), ((), False), (("--no-accept-pm1",), False)):
         server = make_server(*options)

@@ -8,6 +8,7 @@ import shutil
 import time
 
 import passwords
+import pmguard
 import storage
 import store
 
@@ -238,7 +239,7 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path):
         fs.submit(store.MarkOnline(0, "ann", True))
         fs.submit(store.AppendHistory(1, [(("ann",), bm_line("ann", 1))], "ann", "BM"))
         assert fs.flush() == [(1, store.Appended())]
-        [segment] = [tmp_path / n for n in os.listdir(tmp_path) if n.endswith(".log")]
+        [segment] = [tmp_path / n for n in os.listdir(tmp_path) if n.startswith("room.") and n.endswith(".log")]
         before = segment.read_bytes()
         resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 100, hard))
         big = (json.dumps({"ts": "t", "type": "BM", "from": "ann", "to": "*", "text": "x" * 500}) + "\n").encode()
@@ -417,3 +418,40 @@ def test_recent_since_reads_past_bms_stored_out_of_ts_order(tmp_path):
     assert texts[21] == ["bm 6"]
     assert texts[22] == ["bm 6"]   # those of the newest two (as in Redis: the reading is bounded)
     assert texts[23] == ["bm 4", "bm 5", "bm 6"]
+
+
+def test_pm_ids_are_refused_again_after_a_restart_and_old_spans_are_deleted(tmp_path):
+    """The file store checks PM2 ids (store.PmId) and keeps those of the last minutes on disk,
+    so a restart (or a SIGKILL: no close) forgets none a replay could still use."""
+    now = time.time()
+    live = [(("alice",), pm_lines("alice", "Bob", 1)[0][1]), (("Bob",), pm_lines("alice", "Bob", 1)[1][1])]
+
+    def pm(cid: int, n: int, at: float = now) -> store.AppendHistory:
+        return store.AppendHistory(cid, live, "alice", "PM", pm_id=store.PmId("alice", f"id{n}", at, at))
+
+    stale = storage.PM_IDS_PREFIX + f"{int(now // storage.PM_IDS_SPAN) - 2}.log"
+    with open(tmp_path / stale, "w") as fh:
+        fh.write(f"alice id7 {now - 1500:.3f}\n")
+    fs = storage.FileStore(str(tmp_path))
+    assert not os.path.exists(tmp_path / stale)
+    fs.submit(pm(1, 1))
+    fs.submit(pm(2, 1))                                  # the same pass: refused too
+    fs.submit(_kept_pm(3, 0, limit=0)._replace(pm_id=store.PmId("alice", "id2", now, now)))   # full
+    fs.submit(pm(4, 7))
+    assert [result for _, result in fs.flush()] == [
+        store.Appended(), store.IdRefused(pmguard.USED), store.Appended(full=True), store.Appended()]
+    # No close: as after a SIGKILL, what the pass wrote is all there is.
+    fs2 = storage.FileStore(str(tmp_path))
+    try:
+        fs2.submit(pm(1, 1, now + 5))
+        fs2.submit(pm(2, 2, now + 5))                    # unused: the full box did not use it
+        fs2.submit(pm(3, 7, now + 5))
+        assert [result for _, result in fs2.flush()] == [
+            store.IdRefused(pmguard.USED), store.Appended(), store.IdRefused(pmguard.USED)]
+    finally:
+        fs2.close()
+        fs.close()
+    ids = storage.PmIdLog(str(tmp_path), now + storage.PM_IDS_SPAN * 2)   # ids from two spans ago: none matter
+    assert len(ids.ids) == 0 and [n for n in os.listdir(tmp_path) if n.startswith(storage.PM_IDS_PREFIX)] == [
+        storage.PM_IDS_PREFIX + f"{int((now + storage.PM_IDS_SPAN * 2) // storage.PM_IDS_SPAN)}.log"]
+    ids.close()
