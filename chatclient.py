@@ -699,7 +699,7 @@ class Session:
         self.password = password
         self.last_seen = protocol.timestamp(time.time() - CLOCK_SLACK)
         self.recent_header = "recent messages:"
-        yield from self.enter_room({}, f"logged in as {self.username} at {self.server}")
+        yield from self.enter_room({"recent": True}, f"logged in as {self.username} at {self.server}")
         self.joined = True
         if self.interactive:
             self.out.show(COMMANDS_HINT)

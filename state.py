@@ -268,7 +268,8 @@ class Session:
 
     __slots__ = ("cid", "address", "state", "username", "key", "account", "nonce", "attempts_left",
                  "public_key", "target", "barriers", "deadline", "sealed", "registering", "slots", "online_id",
-                 "claimed", "kicked", "checking", "extended", "pm_offline", "since")
+                 "claimed", "kicked", "checking", "extended", "pm_offline", "since",
+                 "wants_recent")
 
     def __init__(self, cid: int, address: str) -> None:
         self.cid = cid
@@ -293,6 +294,7 @@ class Session:
         self.kicked = False          # shared mode: replaced before its claim was answered
         self.pm_offline = False      # its TARGET asked for "offline":true (section 4.5)
         self.since: str | None = None  # KEY's "since" (section 11): it is catching up from there
+        self.wants_recent = False      # KEY's "recent": true (section 11): the room's newest BMs at login
 
 
 class OfflineTarget(NamedTuple):
@@ -770,8 +772,11 @@ class Room:
             self._send_recent(session, result.recent, out)
 
     def _recent_count(self, session: Session) -> int:
-        """How many of the room's newest BMs to read for its login (section 11)."""
-        return self.catch_up_limit if session.since is not None else self.recent
+        """How many of the room's newest BMs to read for its login (section 11): none unless the
+        client asked (a client of the course protocol knows nothing of them)."""
+        if session.since is not None:
+            return self.catch_up_limit
+        return self.recent if session.wants_recent else 0
 
     def _send_recent(self, session: Session, lines: tuple, out: Effects) -> None:
         """The room's BMs from before it came online, as ``D BM`` with ``"recent": true``, oldest
@@ -953,11 +958,14 @@ class Room:
         except (pg3lib.InvalidKey, TypeError, AttributeError) as exc:
             raise Refused(Error.BAD_REQUEST, f"'public_key' must be an RSA public key of at least 2048 bits "
                                              f"in key form ({exc or 'not a string'})") from None
-        since = body.get("since")
+        since, recent = body.get("since"), body.get("recent", False)
         if "since" in body and parse_timestamp(since) is None:
             raise Malformed("'since' must be a time in the form 2026-11-24T15:04:05.123Z")
+        if not isinstance(recent, bool):
+            raise Malformed("'recent' must be true or false")
         session.public_key = public_key
         session.since = since
+        session.wants_recent = recent
         # Its last key, kept durably for offline PMs (section 4.5): the KEY reply waits for it.
         return Ask(store.SaveKey(session.cid, session.key, session.username, public_key.key_form), self._key_saved)
 

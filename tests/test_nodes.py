@@ -98,9 +98,9 @@ class Cluster:
         self.clients.append(client)
         return client
 
-    def login(self, node: ServerProcess, name: str, key_index: int) -> WireClient:
+    def login(self, node: ServerProcess, name: str, key_index: int, **key_members) -> WireClient:
         client = self.connect(node)
-        client.login(name, secret(name), self.keys(key_index))
+        client.login(name, secret(name), self.keys(key_index), **key_members)
         return client
 
     def login_retry(self, node: ServerProcess, name: str, key_index: int, deadline: float,
@@ -762,7 +762,7 @@ def test_users_who_log_in_during_a_stream_get_live_exactly_what_their_history_ho
     listeners: list[tuple[WireClient, list[dict], threading.Thread]] = []
     for i, name in enumerate(("cat", "dan", "eve", "fay", "gus", "hal")):
         time.sleep(0.15)
-        client = cluster.login((a, b)[i % 2], name, 2 + i % 2)
+        client = cluster.login((a, b)[i % 2], name, 2 + i % 2, recent=True)
         frames: list[dict] = client.data   # D frames read while logging in, then the collector's
         thread = threading.Thread(target=collect, args=(client, listen_stop, frames, problems), daemon=True)
         thread.start()

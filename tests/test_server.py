@@ -474,7 +474,7 @@ def recent_at_login(client: WireClient, name: str, keys, i: int, **key_members) 
     assert client.login_start(name)["ok"]
     assert client.password(PASSWORD + name)["ok"]
     client.keys = keys(i)
-    reply = client.request({"op": "KEY", "public_key": keys(i).public.key_form, **key_members})
+    reply = client.request({"op": "KEY", "public_key": keys(i).public.key_form, "recent": True, **key_members})
     assert reply["ok"], reply
     client.request({"op": "CANCEL"})   # a round trip ("unexpected" in READY): what KEY sent has come
     got, client.data = client.data, []
@@ -493,7 +493,10 @@ def test_recent_broadcasts_at_login(make_server, keys):
     live = bob.wait_data("BM")
     assert live["text"] == "live" and "recent" not in live
     assert [e["text"] for e in bob.history()] == ["live"]   # recent BMs are shown, not made its history
-    for client in (alice, bob):
+    # A client of the course protocol does not ask for them (KEY without "recent"), and gets none.
+    dave = WireClient(server.port)
+    assert recent_at_login(dave, "dave", keys, 3, recent=False) == []
+    for client in (alice, bob, dave):
         client.close()
     server.extra += ["--recent", "0"]   # the last of a repeated option wins
     server.restart()
@@ -537,11 +540,12 @@ def test_catch_up_since_the_last_broadcast_seen(make_server, keys):
     alice.close()
 
 
-@pytest.mark.parametrize("since", [17, None, "yesterday", "2026-13-01T00:00:00.000Z", ""])
-def test_bad_since_is_bad_request_and_key_can_be_sent_again(connect, keys, since):
+@pytest.mark.parametrize("member", [{"since": bad} for bad in (17, None, "yesterday", "2026-13-01T00:00:00.000Z", "")]
+                         + [{"recent": bad} for bad in ("yes", 1, None)])
+def test_bad_since_or_recent_is_bad_request_and_key_can_be_sent_again(connect, keys, member):
     client = connect()
     assert client.login_start("alice")["ok"] and client.password(PASSWORD + "alice")["ok"]
-    reply = client.request({"op": "KEY", "public_key": keys(0).public.key_form, "since": since})
+    reply = client.request({"op": "KEY", "public_key": keys(0).public.key_form, **member})
     assert reply["ok"] is False and reply["error"] == "bad_request"
     assert client.key(keys(0))["ok"]
 

@@ -166,18 +166,19 @@ class WireClient:
     def password(self, password: str, timeout: float | None = None) -> dict:
         return self.request({"op": "PASSWORD", "ciphertext": self.sealed_password(password)}, timeout)
 
-    def key(self, keys: pg3lib.KeyPair) -> dict:
+    def key(self, keys: pg3lib.KeyPair, **members) -> dict:
         self.keys = keys
-        return self.request({"op": "KEY", "public_key": keys.public.key_form})
+        return self.request({"op": "KEY", "public_key": keys.public.key_form, **members})
 
-    def login(self, username: str, password: str, keys: pg3lib.KeyPair) -> dict:
-        """LOGIN, PASSWORD, KEY; asserts each succeeds; returns the KEY reply."""
+    def login(self, username: str, password: str, keys: pg3lib.KeyPair, **key_members) -> dict:
+        """LOGIN, PASSWORD, KEY (with key_members, e.g. recent=True); asserts each succeeds;
+        returns the KEY reply."""
         reply = self.login_start(username)
         assert reply["ok"], reply
         reply = self.password(password)
         assert reply["ok"], reply
         self.username = reply["username"]
-        reply = self.key(keys)
+        reply = self.key(keys, **key_members)
         assert reply["ok"], reply
         return reply
 
