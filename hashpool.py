@@ -10,7 +10,10 @@ collect in ``HashPool.done`` for the server to hand to the sessions.
 
 The pool keeps the queue: a job goes to a worker only when that worker is
 free, so a job whose connection has closed meanwhile can still be dropped
-(``cancel``) instead of costing a worker its RSA and scrypt time. No threads in
+(``cancel``) instead of costing a worker its RSA and scrypt time. Waiting
+jobs are taken in turn by address (``FairQueue``): a storm of checks from a
+few addresses delays a login from another by at most one check per storming
+address, not by their whole queue. No threads in
 the server, so no GIL for the loop to wait on; the workers run at a lower
 priority, so a storm of logins does not slow the people already chatting.
 
@@ -125,6 +128,49 @@ class HashWorker:
             self.proc.wait()
 
 
+class FairQueue:
+    """Jobs waiting for a worker, by address: ``popleft`` takes the oldest job of the address
+    whose turn it is, then that address goes to the back of the turns (round robin); a new
+    address joins at the back. Each address's jobs keep their order."""
+
+    def __init__(self) -> None:
+        self._turns: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._count = 0
+
+    def append(self, job) -> None:
+        waiting = self._turns.get(job.address)
+        if waiting is None:
+            waiting = self._turns[job.address] = collections.deque()
+        waiting.append(job)
+        self._count += 1
+
+    def popleft(self):
+        """The next job (IndexError if there is none)."""
+        if not self._turns:
+            raise IndexError("no job is waiting")
+        address, waiting = self._turns.popitem(last=False)
+        job = waiting.popleft()
+        if waiting:
+            self._turns[address] = waiting   # back of the turns
+        self._count -= 1
+        return job
+
+    def remove(self, cid: int) -> bool:
+        """Drop the waiting job of connection cid; True if there was one."""
+        for address, waiting in self._turns.items():
+            for job in waiting:
+                if job.cid == cid:
+                    waiting.remove(job)
+                    if not waiting:
+                        del self._turns[address]
+                    self._count -= 1
+                    return True
+        return False
+
+    def __len__(self) -> int:
+        return self._count
+
+
 class HashPool:
     """A fixed number of workers and the queue of jobs waiting for one of them."""
 
@@ -134,7 +180,7 @@ class HashPool:
         self._niceness = niceness
         self.selector = selector
         self.done: collections.deque = collections.deque()   # (cid, LoginResult) answered, not yet taken
-        self.queue: collections.deque = collections.deque()  # CheckPassword jobs no worker has yet
+        self.queue = FairQueue()   # CheckPassword jobs no worker has yet
         self.workers = [self._start() for _ in range(max(1, size))]
 
     def _start(self) -> HashWorker:
@@ -148,7 +194,7 @@ class HashPool:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Give each free worker the oldest queued job."""
+        """Give each free worker the next queued job (in turn by address)."""
         for worker in self.workers:
             if not self.queue:
                 return
@@ -159,11 +205,7 @@ class HashPool:
 
     def cancel(self, cid: int) -> bool:
         """Drop the queued job of a connection that closed; True if one was still queued."""
-        for job in self.queue:
-            if job.cid == cid:
-                self.queue.remove(job)
-                return True
-        return False
+        return self.queue.remove(cid)
 
     def replace(self, worker: HashWorker) -> list:
         """A worker died: start another; its unanswered jobs are answered ``internal``."""

@@ -164,7 +164,7 @@ def run_job(job: tuple) -> tuple:
 
     Never raises: the session waiting for it must get an answer.
     """
-    cid, sealed, nonce, username, account, may_register = job
+    cid, sealed, nonce, username, account, may_register = job[:6]   # then the address: the pool's business
     try:
         if _worker_keys is None:
             raise RuntimeError("init_worker was not called")

@@ -148,6 +148,7 @@ class CheckPassword(NamedTuple):
     username: str
     account: Account | None
     may_register: bool = True   # False: the address is over its registration rate
+    address: str = ""           # the connection's: the pool takes waiting checks in turn by address
 
 
 class Audit(NamedTuple):
@@ -880,7 +881,7 @@ class Room:
 
     def _password_job(self, session: Session) -> CheckPassword:
         return CheckPassword(session.cid, session.sealed, session.nonce, session.username, session.account,
-                             session.account is not None or session.registering)
+                             session.account is not None or session.registering, session.address)
 
     def _release_registration(self, session: Session, created: bool) -> None:
         if session.registering:
@@ -939,8 +940,8 @@ class Room:
             raise Refused(Error.INTERNAL, "the account could not be read")
         account = session.account = result.account
         session.username = account.username
-        return Ask(CheckPassword(session.cid, session.sealed, session.nonce, session.username, account),
-                   self._password_checked)
+        return Ask(CheckPassword(session.cid, session.sealed, session.nonce, session.username, account,
+                                 address=session.address), self._password_checked)
 
     def _take_over(self, session: Session, new_user: bool, out: Effects) -> None:
         """Logged in: an older session of the account gets BYE replaced; PASSWORD ok."""

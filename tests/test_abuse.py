@@ -10,10 +10,12 @@ victims, where it matters, from 127.0.0.2, another address on loopback.
 from __future__ import annotations
 
 import base64
+import select
 import socket
 import threading
 import time
 
+import chatserver
 import framing
 import wire
 from test_limits import PASSWORD, client, log_in, rss_kib
@@ -54,6 +56,44 @@ def test_abandoned_logins_do_not_stall_another_users_login(make_server, keys):
     took = timed_login(server.port, "victim", keys(1))
     print(f"\nvictim's login: {baseline * 1000:.0f} ms before, {took * 1000:.0f} ms under the storm")
     assert took < 1.0, took
+
+
+def test_checks_from_storming_addresses_take_turns_with_another_addresss_login(make_server, keys):
+    """Six addresses keep 8 password checks each waiting (the most one address may have), with
+    their account's right password: no delay, no guess limit. A login from a seventh address
+    waits for about one check per address in turn, not for all 48 (it did: a helper's storm
+    from 4 addresses made a login take 3.0 s, from 32 addresses 19 s)."""
+    server = make_server("--max-per-ip", "0", "--flood-rate", "0", scrypt_n=REAL_SCRYPT_N)
+    log_in(server.port, keys, ["storm", "victim"])
+    probe = client(server.port)
+    probe.login_start("storm")
+    sources = [f"127.0.0.{n}" for n in range(3, 9)]
+    attackers = [client(server.port, source=source, timeout=30) for source in sources for _ in range(8)]
+    for c in attackers:
+        c.send({"op": "LOGIN", "username": "storm"})
+    sealed = []
+    for c in attackers:
+        c.server_key, c.nonce = probe.server_key, base64.b64decode(c.reply("LOGIN")["nonce"])
+        sealed.append(c.sealed_password(PASSWORD + "storm"))
+    victim = client(server.port, source="127.0.0.2", timeout=30)
+    assert victim.login_start("victim")["ok"]
+    victim_sealed = victim.sealed_password(PASSWORD + "victim")
+    for c, ciphertext in zip(attackers, sealed):
+        c.send({"op": "PASSWORD", "ciphertext": ciphertext})
+    time.sleep(0.2)   # every attacker's check is in the queue before the victim's
+
+    def answered() -> int:   # attackers whose PASSWORD reply has come (it stays unread)
+        return sum(1 for c in attackers if select.select([c.sock], [], [], 0)[0])
+
+    before, started = answered(), time.monotonic()
+    assert victim.request({"op": "PASSWORD", "ciphertext": victim_sealed})["ok"]
+    took, meanwhile = time.monotonic() - started, answered() - before
+    print(f"\nvictim's PASSWORD: {took * 1000:.0f} ms, while {meanwhile} of the 48 storming checks were answered "
+          f"({before} before it)")
+    # In turn: one per address ahead of it, and the ones running (in arrival order: all that were left).
+    assert meanwhile <= len(sources) + chatserver.HASH_WORKERS + 1, meanwhile
+    for c in attackers + [victim, probe]:
+        c.close()
 
 
 def test_parallel_guessers_do_not_delay_the_real_user_and_are_bounded(make_server, keys):
