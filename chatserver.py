@@ -59,6 +59,7 @@ LISTEN_BACKLOG = 1024
 DEFAULT_SEND_QUEUE = 1 << 20   # 1 MiB, InspIRCd's hard send queue
 SHUTDOWN_GRACE = 3.0       # seconds the whole server waits for BYEs to drain on exit
 # One core stays free for the loop: a login storm cannot take every core.
+REFUSAL_LOG_EVERY = 60.0   # seconds: refused connections are logged once a minute per address
 HASH_WORKERS = max(1, (os.cpu_count() or 2) - 1)
 # A login storm must not slow the people already chatting: hashing processes run
 # at a lower priority, so on a busy machine the loop goes first.
@@ -109,6 +110,9 @@ class ChatServer:
         self.conns: dict[int, Connection] = {}
         self.online: dict[str, Connection] = {}
         self.per_ip: collections.Counter = collections.Counter()
+        # New connections per address (a storm of handshakes or of reconnects after server_busy).
+        self.connect_limit = state.RateLimit(args.connect_rate, args.connect_burst, time.monotonic)
+        self.refusals: dict[str, tuple[float, int]] = {}   # ip -> (first refusal logged, refused since)
         self.dirty: list[Connection] = []
         self.throttled: set[Connection] = set()
         self.closing: set[Connection] = set()
@@ -244,7 +248,8 @@ class ChatServer:
                 return
             ip = addr[0]
             limit_all, limit_ip = self.args.max_clients, self.args.max_per_ip
-            if (limit_all and len(self.conns) >= limit_all) or (limit_ip and self.per_ip[ip] >= limit_ip):
+            if (limit_all and len(self.conns) >= limit_all) or (limit_ip and self.per_ip[ip] >= limit_ip) \
+                    or not self.connect_limit.take(ip):
                 self._refuse(sock, ip)
                 continue
             sock.setblocking(False)
@@ -260,9 +265,18 @@ class ChatServer:
             log.debug("connection %d from %s", conn.cid, ip)
             self.apply(self.room.connect(conn.cid, ip))
 
-    @staticmethod
-    def _refuse(sock: socket.socket, ip: str) -> None:
-        log.warning("refusing a connection from %s: server busy", ip)
+    def _refuse(self, sock: socket.socket, ip: str) -> None:
+        """server_busy, and close; logged once a minute per address (a storm must not fill the log)."""
+        now = time.monotonic()
+        since, count = self.refusals.get(ip, (0.0, 0))
+        if now - since >= REFUSAL_LOG_EVERY:
+            log.warning("refusing a connection from %s: server busy%s", ip,
+                        f" ({count} more refused in the last minute)" if count else "")
+            if len(self.refusals) > 4096:
+                self.refusals = {k: v for k, v in self.refusals.items() if now - v[0] < REFUSAL_LOG_EVERY}
+            self.refusals[ip] = (now, 0)
+        else:
+            self.refusals[ip] = (since, count + 1)
         try:
             sock.setblocking(False)
             sock.send(fatal(Error.SERVER_BUSY, "the server is full; try again later"))
@@ -554,6 +568,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="open connections in all (default: from the open-file limit)")
     limits.add_argument("--max-per-ip", type=nonnegative(int), default=50, metavar="N",
                         help="open connections from one address (default: %(default)s)")
+    limits.add_argument("--connect-rate", type=nonnegative(float), default=10.0, metavar="R",
+                        help="new connections per second from one address; more get server_busy "
+                        "(default: %(default)s; 0: no limit)")
+    limits.add_argument("--connect-burst", type=nonnegative(float), default=30.0, metavar="B",
+                        help="new connections one address may open at once before the rate applies "
+                        "(default: %(default)s)")
     limits.add_argument("--flood-rate", type=nonnegative(float), default=10.0, metavar="R",
                         help="requests per second one connection may make; more wait (default: %(default)s)")
     limits.add_argument("--flood-burst", type=nonnegative(float), default=20.0, metavar="B",

@@ -87,8 +87,8 @@ class StartedServer:
         a = self.args
         if self.limits_off:
             queue = DEFAULT_SEND_QUEUE if a.send_queue is None else a.send_queue
-            limits = ["--max-per-ip", "0", "--flood-rate", "0", "--register-rate", "0", "--bm-rate", "0",
-                      "--checks-per-ip", "0", "--login-timeout", "0", "--send-queue", str(queue)]
+            limits = ["--max-per-ip", "0", "--connect-rate", "0", "--flood-rate", "0", "--register-rate", "0",
+                      "--bm-rate", "0", "--checks-per-ip", "0", "--login-timeout", "0", "--send-queue", str(queue)]
         else:
             limits = [] if a.send_queue is None else ["--send-queue", str(a.send_queue)]
         return [a.server_python, SERVER, str(self.port), "--host", "127.0.0.1", "--data", self.data,

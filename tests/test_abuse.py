@@ -34,7 +34,7 @@ def timed_login(port: int, name: str, keys_pair, source: str = "127.0.0.2") -> f
 
 def test_abandoned_logins_do_not_stall_another_users_login(make_server, keys):
     """160 connections send LOGIN and a right sealed PASSWORD, then hang up (was: 13.4 s)."""
-    server = make_server("--max-per-ip", "0", "--flood-rate", "0", scrypt_n=REAL_SCRYPT_N)
+    server = make_server("--max-per-ip", "0", "--connect-rate", "0", "--flood-rate", "0", scrypt_n=REAL_SCRYPT_N)
     log_in(server.port, keys, ["storm", "victim"])   # both registered (two real checks)
     baseline = timed_login(server.port, "victim", keys(1))
     probe = client(server.port)
@@ -63,7 +63,7 @@ def test_checks_from_storming_addresses_take_turns_with_another_addresss_login(m
     their account's right password: no delay, no guess limit. A login from a seventh address
     waits for about one check per address in turn, not for all 48 (it did: a helper's storm
     from 4 addresses made a login take 3.0 s, from 32 addresses 19 s)."""
-    server = make_server("--max-per-ip", "0", "--flood-rate", "0", scrypt_n=REAL_SCRYPT_N)
+    server = make_server("--max-per-ip", "0", "--connect-rate", "0", "--flood-rate", "0", scrypt_n=REAL_SCRYPT_N)
     log_in(server.port, keys, ["storm", "victim"])
     probe = client(server.port)
     probe.login_start("storm")
@@ -99,7 +99,7 @@ def test_checks_from_storming_addresses_take_turns_with_another_addresss_login(m
 def test_parallel_guessers_do_not_delay_the_real_user_and_are_bounded(make_server, keys):
     """45 connections guess one account in parallel (was: 135 guesses in 17 s, and the
     real user waited out the whole delay)."""
-    server = make_server("--max-per-ip", "0", "--login-delay-cap", "4")
+    server = make_server("--max-per-ip", "0", "--connect-rate", "0", "--login-delay-cap", "4")
     log_in(server.port, keys, ["target"])[0].exit()
     answers: dict[str, int] = {}
     stop = time.monotonic() + 6
@@ -156,7 +156,7 @@ def test_guesses_per_account_are_bounded_whatever_the_addresses(make_server, key
 
 def test_pre_login_frames_wait_as_bytes_not_as_parsed_bodies(make_server):
     """45 connections each send frames of 21,000 `[]` before logging in (was: 690 KiB each)."""
-    server = make_server("--max-per-ip", "0", "--flood-rate", "1", "--flood-burst", "1")
+    server = make_server("--max-per-ip", "0", "--connect-rate", "0", "--flood-rate", "1", "--flood-burst", "1")
     body = framing.command({"op": "X", "pad": [[] for _ in range(21000)]})
     time.sleep(0.5)
     before = rss_kib(server.proc.pid)

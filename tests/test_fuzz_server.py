@@ -35,7 +35,7 @@ def live(tmp_path_factory):
     """(server, sender, receiver): one server for every example; two clients that check it."""
     data = tmp_path_factory.mktemp("fuzz") / "data"
     data.mkdir()
-    server = ServerProcess(str(data), "--flood-rate", "0", "--bm-rate", "0", "--max-per-ip", "0",
+    server = ServerProcess(str(data), "--flood-rate", "0", "--bm-rate", "0", "--max-per-ip", "0", "--connect-rate", "0",
                            "--register-rate", "0", "--login-delay-cap", "0").start()
     sender = WireClient(server.port)
     sender.login("Check.Sender", PASSWORD, key_pair(0))

@@ -157,7 +157,7 @@ def test_frame_limit_0_turns_it_off(make_server):
 
 def test_server_frames_respect_the_frame_limit(make_server, keys):
     limit = 2048
-    server = make_server("--frame-limit", str(limit), "--max-per-ip", "0", "--flood-rate", "0")
+    server = make_server("--frame-limit", str(limit), "--max-per-ip", "0", "--connect-rate", "0", "--flood-rate", "0")
     names = [f"u{i:02d}" + "x" * 29 for i in range(60)]   # 32 characters each: 60 do not fit in 2 KB
     crowd = []
     for name in names:
@@ -415,7 +415,7 @@ def _check_cap(port: int, cap: int, **kwargs) -> None:
 
 
 def test_max_clients(make_server):
-    server = make_server("--max-clients", "3", "--max-per-ip", "0")
+    server = make_server("--max-clients", "3", "--max-per-ip", "0", "--connect-rate", "0")
     _check_cap(server.port, 3)
 
 
@@ -431,14 +431,33 @@ def test_max_per_ip(make_server):
 
 
 def test_max_per_ip_default_is_50(make_server):
-    server = make_server()
+    server = make_server("--connect-rate", "0")   # (50 at once is past the default connect burst)
     held = [client(server.port) for _ in range(50)]
     assert accepted(held[-1])
     assert refused_at_once(server.port)
 
 
+def test_new_connections_per_address_are_rate_limited_and_others_are_not(make_server):
+    """A storm of new connections (handshakes, or reconnects after server_busy) from one address
+    is refused past --connect-burst at once and --connect-rate a second after; others connect."""
+    server = make_server("--connect-rate", "5", "--connect-burst", "4", "--max-per-ip", "0")
+    held = [client(server.port) for _ in range(4)]
+    assert all(accepted(c, f"c{i}") for i, c in enumerate(held))
+    assert refused_at_once(server.port)                   # the fifth at once
+    other = client(server.port, source="127.0.0.2")
+    assert accepted(other, "other")
+    time.sleep(0.25)                                      # a token again (5 a second)
+    again = client(server.port)
+    assert accepted(again, "again")
+    assert refused_at_once(server.port)
+    for c in held + [other, again]:
+        c.close()
+    log = server.log()
+    assert log.count("refusing a connection from 127.0.0.1") == 1   # then counted, once a minute
+
+
 def test_max_clients_and_max_per_ip_0_turn_them_off(make_server):
-    server = make_server("--max-clients", "0", "--max-per-ip", "0")
+    server = make_server("--max-clients", "0", "--max-per-ip", "0", "--connect-rate", "0")
     held = [client(server.port) for _ in range(70)]
     for i, c in enumerate(held):
         assert accepted(c, f"c{i}")

@@ -121,8 +121,8 @@ def test_abuse_table_names_the_three_phases():
 def test_connect_spreads_users_over_targets(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    server = ServerProcess(str(data), "--max-per-ip", "0", "--flood-rate", "0", "--register-rate", "0",
-                           "--checks-per-ip", "0").start()
+    server = ServerProcess(str(data), "--max-per-ip", "0", "--connect-rate", "0", "--flood-rate", "0",
+                           "--register-rate", "0", "--checks-per-ip", "0").start()
     try:
         target = f"127.0.0.1:{server.port}"
         res = run("fanout", "--connect", target, "--connect", target, "--server-pid", str(server.proc.pid),

@@ -731,7 +731,7 @@ def test_slow_login_does_not_delay_others(make_server, keys):
 
 
 def test_many_clients_connect_at_once(make_server):
-    server = make_server("--max-per-ip", "0")
+    server = make_server("--max-per-ip", "0", "--connect-rate", "0")
     sockets = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(300)]
     try:
         client = WireClient(server.port)
