@@ -77,6 +77,8 @@ FAILURE_MEMORY = 3600.0          # an hour without failures forgets an account's
 MAX_CHECKS_PER_ADDRESS = 8
 MAX_CHECKS = 256                 # in all: past it the server is busy checking passwords
 GUESS_LIMIT = 100                # failed checks an hour per account (--guess-limit), see LoginThrottle
+TRUST_MEMORY = 30 * 86400.0      # an address that logged in to an account is trusted by it this long
+TRUSTED_PER_ACCOUNT = 8          # the latest addresses trusted, per account
 # BMs per account (--bm-rate, --bm-burst): a paste of 60 lines goes at once, a flood
 # is held to 5 a second whatever the number of connections or logins it uses.
 BM_RATE = 5.0
@@ -321,7 +323,10 @@ class LoginThrottle:
       hour from addresses that have failed on it; past that, those addresses get
       ``rate_limited`` without a check; a fresh address still gets checked, until
       the account has had ``2 * guess_limit`` failures in the hour: whatever the
-      number of addresses, at most that many guesses an hour.
+      number of addresses, at most that many guesses an hour. Past that bound an
+      address the account logged in from lately (``TRUST_MEMORY``, the latest
+      ``TRUSTED_PER_ACCOUNT``) that has not failed lately is still checked, so
+      a storm of guesses from many addresses cannot lock the real user out.
     """
 
     def __init__(self, register_rate: int, delay_cap: float, clock: Callable[[], float],
@@ -337,6 +342,7 @@ class LoginThrottle:
         self._checks_total = 0   # their sum, kept beside them: asked at every PASSWORD
         self._delays: dict[tuple[str, str], tuple[int, float]] = {}   # (account, address) -> (failures, last)
         self._guesses: dict[str, collections.deque] = {}   # account -> times of its failed checks
+        self._trusted: dict[str, dict[str, float]] = {}    # account -> {address: last login}, oldest first
 
     # --- registrations ---------------------------------------------------------------
     def reserve_registration(self, address: str) -> bool:
@@ -401,12 +407,16 @@ class LoginThrottle:
         cutoff = self.clock() - FAILURE_MEMORY
         while recent and recent[0] <= cutoff:
             recent.popleft()
-        if len(recent) >= 2 * self.guess_limit:
-            return True
         if len(recent) < self.guess_limit:
             return False
         entry = self._delays.get((key, address))   # has this address failed on the account lately?
-        return entry is not None and cutoff < entry[1]
+        if entry is not None and cutoff < entry[1]:
+            return True
+        return len(recent) >= 2 * self.guess_limit and not self._is_trusted(key, address)
+
+    def _is_trusted(self, key: str, address: str) -> bool:
+        when = self._trusted.get(key, {}).get(address)
+        return when is not None and self.clock() - when < TRUST_MEMORY
 
     def failed(self, key: str, address: str) -> None:
         now = self.clock()
@@ -419,6 +429,11 @@ class LoginThrottle:
 
     def succeeded(self, key: str, address: str) -> None:
         self._delays.pop((key, address), None)
+        trusted = self._trusted.setdefault(key, {})
+        trusted.pop(address, None)
+        trusted[address] = self.clock()   # the newest last
+        if len(trusted) > TRUSTED_PER_ACCOUNT:
+            del trusted[next(iter(trusted))]
 
 
 class RateLimit:
@@ -928,6 +943,7 @@ class Room:
         session.sealed = ""
         if not isinstance(result, store.AccountCreated):
             raise Refused(Error.INTERNAL, "the account could not be stored")
+        self.throttle.succeeded(session.key, session.address)   # its first login: the address is trusted
         if session.state is State.CLOSED:
             return None
         return self._claim(session, True, out)

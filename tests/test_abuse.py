@@ -152,6 +152,15 @@ def test_guesses_per_account_are_bounded_whatever_the_addresses(make_server, key
     c.login_start("popular")
     assert c.password(PASSWORD + "popular")["error"] == "rate_limited"   # not an attempt: no check at all
     assert c.password(PASSWORD + "popular").get("attempts_left") is None
+    fresh = client(server.port, source="127.0.0.10")
+    fresh.login_start("popular")
+    assert fresh.password(PASSWORD + "popular")["error"] == "rate_limited"   # past twice the limit
+    # The real user, from the address it logged in from (127.0.0.1, above), is not locked out.
+    home = client(server.port)
+    home.login_start("popular")
+    assert home.password(PASSWORD + "popular")["ok"]
+    for each in (c, fresh, home):
+        each.close()
 
 
 def test_pre_login_frames_wait_as_bytes_not_as_parsed_bodies(make_server):
