@@ -367,12 +367,12 @@ class ChatServer:
                     if self.broadcasts and conn.user:
                         self._catch_up(conn)   # broadcasts made before this reply come before it
                     conn.queue(effect.data)
-            elif kind is state.Page:
+            elif kind is state.Page or kind is state.Pages:
                 conn = self.conns.get(effect.cid)
                 if conn is not None:
                     if self.broadcasts and conn.user:
                         self._catch_up(conn)
-                    conn.queue_page(effect.data)
+                    conn.queue_page(effect.data if kind is state.Page else effect.frames)
             elif kind is state.DeliverAll:
                 self.broadcasts.append(effect)
             elif kind is state.Deliver:

@@ -37,6 +37,7 @@ import selectors
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 import framing
@@ -266,8 +267,10 @@ class Connection:
             if self.send_cap and self.out_size > self.send_cap:
                 self.too_slow()
 
-    def queue_page(self, data: bytes) -> None:
-        """Queue a CH page: it enters the send queue as the socket drains, never past the cap."""
+    def queue_page(self, data: bytes | Iterator[bytes]) -> None:
+        """Queue a CH page, or CH pages made as they are taken (an iterator; a ``b""`` from it is
+        nothing yet: the next comes in a later pass): they enter the send queue as the socket
+        drains, never past the cap."""
         if self.ending:
             return
         if not self.out:
@@ -284,7 +287,18 @@ class Connection:
         paced, out = self.paced, self.out
         low_water = self.send_cap // 4 if self.send_cap else PAGE_LOW_WATER
         while paced and self.out_size < min(low_water, PAGE_LOW_WATER):
-            data, is_page = paced.popleft()
+            data, is_page = paced[0]
+            if not isinstance(data, bytes):   # pages made as they are taken
+                frame = next(data, None)
+                if frame is None:
+                    paced.popleft()
+                    continue
+                if not frame:
+                    self.progress_at = time.time()   # reading, not stalled: go on in the next pass
+                    return False
+                data = frame
+            else:
+                paced.popleft()
             out.append(data)
             self.out_size += len(data)
             if not is_page:

@@ -19,6 +19,7 @@ list of effects, plain data the server carries out in order:
 * ``Deliver(users, data)`` / ``DeliverAll(data, exclude)``: a data frame for
   online users, encoded once;
 * ``Page(cid, data)``: a CH reply frame (or recent BMs), sent as the connection drains;
+  ``Pages(cid, frames)``: CH reply frames made as the connection drains (a history read lazily);
 * ``Close(cid)``: close that connection once its output is flushed;
 * ``Online(user, cid)`` / ``Offline(user, cid)``: presence changes;
 * the store requests of ``store.py`` and the worker job ``CheckPassword``.
@@ -50,8 +51,10 @@ import collections
 import enum
 import heapq
 import json
+import logging
 import os
 import time
+from collections.abc import Iterable, Iterator
 from typing import Callable, NamedTuple, cast
 
 import framing
@@ -63,6 +66,8 @@ from passwords import OK, Account, LoginResult
 from protocol import (MAX_ATTEMPTS, MAX_SEALED_PASSWORD_CHARS, NONCE_BYTES, PROTOCOL_VERSION, USERNAME_RULE, ByeReason,
                       Error, ModAction, Op, bye, fail, ok, parse_timestamp, text_problem, timestamp,
                       valid_username)
+
+log = logging.getLogger("chat.state")
 
 # Replies one connection may have waiting on the store; past it, its further
 # requests wait (memory per connection stays bounded however much it pipelines).
@@ -128,6 +133,13 @@ class Page(NamedTuple):
     data: bytes
 
 
+class Pages(NamedTuple):
+    """CH reply frames made as the socket drains (``history_pages``): a ``b""`` among them is
+    nothing yet, the next in a later pass."""
+    cid: int
+    frames: Iterator[bytes]
+
+
 class Close(NamedTuple):
     cid: int
 
@@ -180,30 +192,34 @@ def fit_names(names: list, budget: int) -> tuple[list, int]:
     return names, 0
 
 
-def history_pages(lines: list, limit: int) -> list[bytes]:
-    """CH reply frames holding the given JSON entry texts, each within limit bytes.
+def history_pages(lines: Iterable, limit: int) -> Iterator[bytes]:
+    """CH reply frames holding the given JSON entry texts, each within limit bytes, made as
+    they are taken (``lines`` may be read lazily: a history need not fit in memory).
 
     The entries are JSON already: they are spliced into the page as text, not
-    parsed and encoded again.
+    parsed and encoded again. A ``store.PAUSE`` in lines gives ``b""`` (nothing now);
+    an OSError while reading ends the pages there (logged), with ``"more":false``.
     """
     head, tail_more, tail_last = '{"op":"CH","ok":true,"entries":[', '],"more":true}', '],"more":false}'
     budget = (limit or 1 << 62) - framing.HEADER_SIZE - len(head) - len(tail_last)
-    pages: list[list[str]] = [[]]
+    page: list[str] = []
     used = 0
-    for text in lines:
-        size = len(text.encode("utf-8")) + 1
-        if size > budget:
-            continue  # cannot be sent whole in any frame; our own frames never exceed the limit
-        if used + size > budget and pages[-1]:
-            pages.append([])
-            used = 0
-        pages[-1].append(text)
-        used += size
-    frames = []
-    for i, page in enumerate(pages):
-        tail = tail_last if i == len(pages) - 1 else tail_more
-        frames.append(framing.encode_raw(framing.KIND_COMMAND, (head + ",".join(page) + tail).encode("utf-8")))
-    return frames
+    try:
+        for text in lines:
+            if text is store.PAUSE:
+                yield b""
+                continue
+            size = len(text.encode("utf-8")) + 1
+            if size > budget:
+                continue  # cannot be sent whole in any frame; our own frames never exceed the limit
+            if used + size > budget and page:
+                yield framing.encode_raw(framing.KIND_COMMAND, (head + ",".join(page) + tail_more).encode("utf-8"))
+                page, used = [], 0
+            page.append(text)
+            used += size
+    except OSError as exc:
+        log.error("reading a history for CH failed, its pages end here: %s", exc.strerror or exc)
+    yield framing.encode_raw(framing.KIND_COMMAND, (head + ",".join(page) + tail_last).encode("utf-8"))
 
 
 def presence_frame(username: str, online: bool, now: float) -> bytes:
@@ -493,7 +509,7 @@ class Room:
         self.recent = recent                 # section 11: BMs shown at login
         self.catch_up_limit = catch_up_limit
         # A CH page with no entries: what every history entry must fit beside (its size is the page's overhead).
-        self._page_overhead = len(history_pages([], frame_limit)[0])
+        self._page_overhead = len(next(history_pages([], frame_limit)))
         # Moderation (section 10): admins are named at the server; the mutes of accounts logged in
         # here (loaded at login, changed by MOD) are kept to answer their BMs without a store read.
         self.admins = frozenset(name.lower() for name in admins)
@@ -1011,9 +1027,7 @@ class Room:
     def _history_read(self, session: Session, result: store.Result, limit: int | None, out: Effects) -> None:
         if not isinstance(result, store.HistoryRead):
             raise Refused(Error.INTERNAL, "the history could not be read; try again")
-        lines = result.lines if limit is None else result.lines[-limit:]
-        for page in history_pages(lines, self.frame_limit):
-            self._emit(session, Page(session.cid, page), out)
+        self._emit(session, Pages(session.cid, history_pages(result.lines, self.frame_limit)), out)
 
     def _ex(self, session: Session, body: dict, out: Effects) -> None:
         self._reply(session, ok(Op.EX), out)
@@ -1573,7 +1587,7 @@ def _expected(state: State) -> str:
 
 __all__ = [
     "REQUESTS", "TRANSITIONS", "Ask", "Audit", "CheckPassword", "Close", "Deliver", "DeliverAll", "LoginThrottle",
-    "Malformed", "Offline", "OfflineTarget", "Online", "Page", "Refused", "Room", "Send", "Session", "SharedRoom",
-    "State", "Transition",
+    "Malformed", "Offline", "OfflineTarget", "Online", "Page", "Pages", "Refused", "Room", "Send", "Session",
+    "SharedRoom", "State", "Transition",
     "make_room",
 ]

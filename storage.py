@@ -164,7 +164,9 @@ DEFAULT_HISTORY_LIMIT = 512 << 20
 DEFAULT_MIN_FREE = 64 << 20      # below this much free disk, new messages are refused (internal)
 ROOM_PREFIX, ROOM_SUFFIX = "room.", ".log"
 RUNS_FILE = "room.runs"
-READ_BLOCK = 65536               # histories are read backwards in blocks of this size
+READ_BLOCK = 65536               # histories are read in blocks of this size
+HELD_LIMIT = 2000                # CH with a limit up to this: read back and held; past it, read lazily
+PAUSE_EVERY = 1000               # a lazily read history gives the loop back after this many entries
 
 
 class ModerationLog:
@@ -351,6 +353,27 @@ def _lines_back(fd: int, start: int, end: int):
         yield start, tail
 
 
+def _lines_forward(fd: int, start: int, end: int):
+    """(offset, line) of the lines in bytes [start, end) of a file, oldest first (empty ones left
+    out); ``start`` and ``end`` are line boundaries."""
+    tail = b""
+    pos = start
+    while pos < end:
+        data = os.pread(fd, min(READ_BLOCK, end - pos), pos)
+        if not data:
+            break
+        at = pos - len(tail)
+        pos += len(data)
+        lines = (tail + data).split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            if line:
+                yield at, line
+            at += len(line) + 1
+    if tail:
+        yield pos - len(tail), tail
+
+
 class RoomLog:
     """The room's log of BMs: one line per BM, in segments ``room.<base>.log``.
 
@@ -500,6 +523,32 @@ class RoomLog:
             finally:
                 os.close(fd)
 
+    def read_forward(self, lo: int, hi: int, segments: list | None = None):
+        """The BM lines (texts) at positions in [lo, hi), oldest first, each segment opened when
+        it is reached (a history read lazily: ``segments`` and ``hi`` as they were when it began;
+        one deleted meanwhile is gone)."""
+        segments = self.segments if segments is None else segments
+        for i, (base, path) in enumerate(segments):
+            top = segments[i + 1][0] if i + 1 < len(segments) else hi
+            if top <= lo or base >= hi:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue   # deleted meanwhile (rolled past the limit)
+            try:
+                end = min(min(hi, top) - base, os.fstat(fd).st_size)
+                for offset, line in _lines_forward(fd, min(end, max(0, lo - base)), end):
+                    if line.startswith(b"{") and line.endswith(b"}"):
+                        try:
+                            yield line.decode("utf-8")
+                            continue
+                        except UnicodeDecodeError:
+                            pass
+                    log.warning("%s, byte %d: skipping a corrupt entry", path, offset)
+            finally:
+                os.close(fd)
+
     @staticmethod
     def _read_segment(fd: int, base: int, lo: int, hi: int, path: str):
         end = min(hi - base, os.fstat(fd).st_size)   # an old segment may end before the next one's base
@@ -639,6 +688,99 @@ def merge_history(items, room, limit: int | None, open_at: int | None = None) ->
     return out[::-1]
 
 
+def history_forward(items, room, end: int, segments: list, runs: list):
+    """A user's history, oldest first, read as it is taken: ``merge_history`` forwards, for a
+    whole history (CH with no limit), which need not fit in memory.
+
+    ``items`` yields ``parse_user_line``'s items oldest first; the room's BMs are read
+    forward from ``segments`` (as they were when the read began) below ``end`` (the room
+    log's end then); ``runs`` the start positions of the server's runs.
+    """
+    def run_end(run: int) -> int:
+        return min([start for start in runs if start > run] + [end])
+
+    span_run, pos = None, 0   # in a span (after an "online" mark): its run, and the next position
+    for item in items:
+        kind = item[0]
+        if kind == "online":
+            if span_run is not None:   # a second "online" with no "offline" between
+                yield from room.read_forward(pos, min(item[1], run_end(span_run), end), segments)
+            span_run, pos = item[2], item[1]
+        elif kind == "offline":
+            if span_run is not None:
+                yield from room.read_forward(pos, min(item[1], end), segments)
+            span_run = None
+        else:
+            if kind == "pm" and span_run is not None:
+                at = max(pos, min(item[1], run_end(span_run)))
+                yield from room.read_forward(pos, min(at, end), segments)
+                pos = at
+            yield item[-1]
+    if span_run is not None:
+        yield from room.read_forward(pos, run_end(span_run), segments)
+
+
+def _paused(entries):
+    """The entries, with store.PAUSE after every PAUSE_EVERY of them: a long read gives the
+    loop back between pages."""
+    every, count = PAUSE_EVERY, 0
+    for entry in entries:
+        yield entry
+        count += 1
+        if count % every == 0:
+            yield store.PAUSE
+
+
+def _newest(entries, limit: int):
+    """The newest ``limit`` of a lazily read history: counted in a first reading (pausing), then
+    read again from the one where they start (pausing too). For a ``limit`` too large to hold."""
+    total = 0
+    for entry in entries():
+        if entry is not store.PAUSE:
+            total += 1
+    skip = total - limit
+    for entry in entries():
+        if entry is store.PAUSE or skip <= 0:
+            yield entry
+        else:
+            skip -= 1
+
+
+class _OpenFiles:
+    """A user's files opened for a lazy read: closed when the read ends, or when it is dropped
+    unread (a connection that closed before its first page)."""
+
+    def __init__(self, opened: list) -> None:
+        self.opened = opened
+
+    def close(self) -> None:
+        opened, self.opened = self.opened, []
+        for fd, _, _ in opened:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _lazy_history(history: HistoryLog, files: _OpenFiles, room: RoomLog, limit: int | None):
+    """A user's whole history (or its newest ``limit`` entries), oldest first, with pauses, read
+    as it is taken: as it was when ``files`` were opened (the room log's end, segments and runs
+    are taken then too, by the caller)."""
+    end, segments, runs = room.end, list(room.segments), list(room.runs)
+    return _lazy_entries(history, files, room, (end, segments, runs), limit)
+
+
+def _lazy_entries(history: HistoryLog, files: _OpenFiles, room: RoomLog, snapshot: tuple, limit: int | None):
+    end, segments, runs = snapshot
+    try:
+        def entries():
+            return _paused(history_forward(history.items_forward(files.opened), room, end, segments, runs))
+
+        yield from entries() if limit is None else _newest(entries, limit)
+    finally:
+        files.close()
+
+
 def _emit_alone(out: list, need: int, between: list) -> bool:
     for item in between:
         out.append(item[-1])
@@ -770,6 +912,37 @@ class HistoryLog:
                     yield item
             finally:
                 os.close(fd)
+
+    def open_forward(self, username: str) -> list[tuple[int, str, int]]:
+        """A user's files (``.chat.1``, then ``.chat``) opened for ``items_forward``, as they are
+        now: (fd, path, the end of their last complete line). A rotation or an append later
+        changes nothing of what they give. The caller closes the fds."""
+        opened: list[tuple[int, str, int]] = []
+        try:
+            for path in (self.path(username) + ".1", self.path(username)):
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                opened.append((fd, path, 0))
+                size = os.fstat(fd).st_size
+                opened[-1] = (fd, path, _last_newline(fd, size) if size else 0)
+        except OSError:
+            for fd, _, _ in opened:
+                os.close(fd)
+            raise
+        return opened
+
+    @staticmethod
+    def items_forward(opened: list):
+        """The parsed lines of files from ``open_forward``, oldest first (they stay open)."""
+        for fd, path, end in opened:
+            for offset, line in _lines_forward(fd, 0, end):
+                item = parse_user_line(line)
+                if item is None:
+                    log.warning("%s, byte %d: skipping a corrupt entry", path, offset)
+                    continue
+                yield item
 
     def read(self, username: str) -> list[str]:
         """The lines of a user's files as texts, oldest first (what they hold, not the merged history)."""
@@ -998,8 +1171,12 @@ class FileStore:
         if self._messages or self._user_ops:
             self._write()   # what was asked for before this read is in it
         try:
-            return store.HistoryRead(merge_history(self.history.items_back(username), self.room, limit,
-                                                   self._open.get(username)))
+            if limit is not None and limit <= HELD_LIMIT:
+                return store.HistoryRead(merge_history(self.history.items_back(username), self.room, limit,
+                                                       self._open.get(username)))
+            # A whole history, or a limit that may hold most of it: read as the pages are taken.
+            return store.HistoryRead(_lazy_history(self.history, _OpenFiles(self.history.open_forward(username)),
+                                                   self.room, limit))
         except OSError as exc:
             log.error("reading the history of %r failed: %s", username, exc.strerror or exc)
             return store.FAILED

@@ -25,6 +25,7 @@ form.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import NamedTuple, Protocol, Union
 
 from passwords import Account
@@ -292,8 +293,15 @@ class IdRefused(NamedTuple):
     reason: str
 
 
+PAUSE = None   # in a HistoryRead's lines: nothing now, the rest in a later pass (a long read yields)
+
+
 class HistoryRead(NamedTuple):
-    lines: list   # JSON entry texts, oldest first
+    """A user's history: its JSON entry texts, oldest first, at most the limit asked for.
+    ``lines`` is a list, or an iterator read as the CH pages are taken (in the loop thread;
+    a whole history need not fit in memory); an iterator may yield PAUSE between entries,
+    and may raise OSError (the pages end there)."""
+    lines: Iterable
 
 
 class Claimed:

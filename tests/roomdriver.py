@@ -220,6 +220,10 @@ class RoomDriver:
             kind = type(effect)
             if kind is state.Send or kind is state.Page:
                 self._queue(effect.cid, effect.data, effect)
+            elif kind is state.Pages:   # made as they are taken: all taken at once here
+                for frame in effect.frames:
+                    if frame:
+                        self._queue(effect.cid, frame, state.Page(effect.cid, frame))
             elif kind is state.DeliverAll:
                 self._broadcasts.append(effect)
             elif kind is state.Deliver:

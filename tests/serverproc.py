@@ -41,8 +41,10 @@ class ServerProcess:
         self._runs = 0
 
     def command(self, port: int) -> list[str]:
+        # Every test client comes from 127.0.0.1 (or a few others): the new-connection rate per
+        # address is off unless a test sets it (test_limits.py tests it), as the last one given wins.
         return [sys.executable, SERVER, str(port), "--host", "127.0.0.1", "--data", self.data_dir,
-                "--scrypt-n", str(self.scrypt_n), *self.extra]
+                "--scrypt-n", str(self.scrypt_n), "--connect-rate", "0", *self.extra]
 
     def start(self, port: int = 0, timeout: float = 15.0) -> ServerProcess:
         """Start the server (port 0: a free one) and wait for its ready line."""

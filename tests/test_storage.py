@@ -37,7 +37,7 @@ def test_every_request_gets_its_typed_result_in_order(tmp_path):
         for request in requests:
             fs.submit(request)
         assert fs.pending
-        done = fs.flush()
+        done = [(cid, read(result)) for cid, result in fs.flush()]
         assert not fs.pending
         assert done == [
             (1, store.AccountLoaded(None)),
@@ -64,7 +64,8 @@ def test_a_read_sees_the_appends_submitted_before_it(tmp_path):
         fs.submit(store.AppendHistory(1, [(("bob",), first)], "bob", "BM"))
         fs.submit(store.ReadHistory(2, "bob"))
         fs.submit(store.AppendHistory(3, [(("bob",), second)], "bob", "BM"))
-        assert fs.flush() == [(1, store.Appended()), (2, store.HistoryRead(['{"n":1}'])), (3, store.Appended())]
+        assert [(cid, read(r)) for cid, r in fs.flush()] == [
+            (1, store.Appended()), (2, store.HistoryRead(['{"n":1}'])), (3, store.Appended())]
         fs.submit(store.ReadHistory(4, "bob", limit=1))
         [(cid, result)] = fs.flush()   # a store may read less than the whole history for a limit
         assert cid == 4 and result.lines[-1:] == ['{"n":2}']
@@ -81,6 +82,12 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 NAMES = ["ann", "Bob", "cat"]
+
+
+def read(result) -> store.HistoryRead:
+    """A HistoryRead with its lines taken (a lazily read one too, its pauses left out)."""
+    return store.HistoryRead([line for line in result.lines if line is not store.PAUSE]) \
+        if isinstance(result, store.HistoryRead) else result
 
 
 def bm_line(sender: str, n: int) -> bytes:
@@ -107,14 +114,25 @@ class Model:
 
 
 OPS = st.lists(st.tuples(st.sampled_from(["on", "off", "bm", "pm", "read", "flush", "crash"]),
-                         st.sampled_from(NAMES), st.sampled_from(NAMES), st.sampled_from([None, 1, 2, 5])),
+                         st.sampled_from(NAMES), st.sampled_from(NAMES), st.sampled_from([None, 1, 2, 5, 3, 40])),
                max_size=60)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS, legacy=st.dictionaries(st.sampled_from(NAMES), st.integers(0, 3)))
 def test_history_is_the_per_recipient_history(tmp_path_factory, ops, legacy):
-    """CH on the room log and users' files equals CH on a store that appends to every recipient."""
+    """CH on the room log and users' files equals CH on a store that appends to every recipient,
+    read back and held (a small limit) or read forward as it is taken (the whole history, or a
+    limit past HELD_LIMIT: here 2, with a pause after every second entry)."""
+    held, pause = storage.HELD_LIMIT, storage.PAUSE_EVERY
+    storage.HELD_LIMIT, storage.PAUSE_EVERY = 2, 2
+    try:
+        _history_is_the_per_recipient_history(tmp_path_factory, ops, legacy)
+    finally:
+        storage.HELD_LIMIT, storage.PAUSE_EVERY = held, pause
+
+
+def _history_is_the_per_recipient_history(tmp_path_factory, ops, legacy):
     directory = str(tmp_path_factory.mktemp("d"))
     old = {name: [json.dumps({"ts": "t", "type": "BM", "from": "x", "to": "*", "text": f"old {i}"})
                   for i in range(count)] for name, count in legacy.items()}
@@ -147,7 +165,7 @@ def test_history_is_the_per_recipient_history(tmp_path_factory, ops, legacy):
             elif op == "read":
                 fs.submit(store.ReadHistory(cid, a, limit))
                 done = dict(fs.flush())
-                assert done[cid] == store.HistoryRead(model.read(a, limit)), (a, limit)
+                assert read(done[cid]) == store.HistoryRead(model.read(a, limit)), (a, limit)
             elif op == "flush":
                 assert all(isinstance(r, store.Appended) and not r.failed for _, r in fs.flush()
                            if not isinstance(r, store.HistoryRead))
@@ -190,7 +208,7 @@ def test_room_log_torn_at_every_offset(tmp_path):
         fs = storage.FileStore(directory)
         try:
             fs.submit(store.ReadHistory(1, "ann"))
-            assert [json.loads(t)["text"] for t in fs.flush()[0][1].lines] == whole, cut
+            assert [json.loads(t)["text"] for t in read(fs.flush()[0][1]).lines] == whole, cut
             fs.submit(store.MarkOnline(0, "ann", True))
             fs.submit(store.MarkOnline(0, "bob", True))
             line = (json.dumps({"ts": "t", "type": "BM", "from": "bob", "to": "*", "text": "after"}) + "\n").encode()
@@ -215,7 +233,7 @@ def test_history_limit_rotates_and_keeps_the_newest(tmp_path):
                 fs.submit(store.AppendHistory(n, pm_lines("ann", "Bob", n), "ann", "PM", target="bob"))
             fs.flush()
         fs.submit(store.ReadHistory(1, "Bob", 50))
-        newest = fs.flush()[0][1].lines
+        newest = read(fs.flush()[0][1]).lines
         expected = [json.loads(line)for n in range(1951, 2001)
                     for line in ([bm_line("ann", n)[:-1]] if n % 3 else [pm_lines("ann", "Bob", n)[1][1][:-1]])]
         assert [json.loads(t) for t in newest] == expected
@@ -225,7 +243,7 @@ def test_history_limit_rotates_and_keeps_the_newest(tmp_path):
         for user in ("ann", "Bob"):
             assert sizes[user + ".chat"] + sizes.get(user + ".chat.1", 0) <= limit + 200, sizes
         fs.submit(store.ReadHistory(2, "ann"))
-        whole = fs.flush()[0][1].lines
+        whole = read(fs.flush()[0][1]).lines
         assert [json.loads(t) for t in whole[-50:]][-1] == expected[-1] and len(whole) > 100
     finally:
         fs.close()
@@ -249,7 +267,7 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         fs.submit(store.AppendHistory(3, [(("ann",), big)], "ann", "BM"))
         fs.submit(store.ReadHistory(4, "ann"))
-        assert [json.loads(t)["text"] for t in fs.flush()[1][1].lines] == ["bm 1", "x" * 500]
+        assert [json.loads(t)["text"] for t in read(fs.flush()[1][1]).lines] == ["bm 1", "x" * 500]
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old)
@@ -268,7 +286,7 @@ def test_messages_are_refused_below_the_free_space_watermark(tmp_path, caplog):
         fs.min_free = 0
         fs.submit(store.AppendHistory(3, [(("ann", "Bob"), bm_line("ann", 3))], "ann", "BM"))
         fs.submit(store.ReadHistory(4, "Bob"))
-        assert [json.loads(t)["text"] for t in fs.flush()[1][1].lines] == ["bm 3"]   # the marks were kept
+        assert [json.loads(t)["text"] for t in read(fs.flush()[1][1]).lines] == ["bm 3"]   # the marks were kept
     finally:
         fs.close()
 
