@@ -434,6 +434,33 @@ def _fernet_token(part: bytes) -> bytes:
         raise InvalidToken("the sealed token is not base64 of a Fernet token") from None
 
 
+def sealed_form_problem(sealed: str, key_bytes: int | None = None) -> str | None:
+    """Why a text is not the sealed form (either form ``open`` takes), or None: its syntax only,
+    nothing is decrypted (the server checks a PM's sealed texts so). ``key_bytes``: the size of
+    the key it is sealed to (its modulus, in bytes); None: any size keys may have."""
+    try:
+        raw = _as_bytes(sealed)
+    except (UnicodeEncodeError, TypeError):
+        return "sealed texts are ASCII"
+    wrapped, sep, token = raw.partition(b";")
+    if not sep:
+        return "a sealed text is 'key;token' (section 8)"
+    try:
+        size = len(b64decode_strict(wrapped))
+    except ValueError:
+        return "the sealed key of a sealed text is not standard base64"
+    if size != key_bytes if key_bytes else not MIN_KEY_BITS // 8 <= size <= MAX_KEY_BITS // 8:
+        return "the sealed key of a sealed text is not RSA-OAEP under the key it is sealed to (its size)"
+    try:
+        fernet = b64decode_strict(_fernet_token(token), urlsafe=True)
+    except (ValueError, InvalidToken):
+        return "the token of a sealed text is not a Fernet token in base64"
+    if fernet[:1] != bytes([_FERNET_VERSION]) or len(fernet) < _FERNET_OVERHEAD + 16 \
+            or (len(fernet) - _FERNET_OVERHEAD) % 16:
+        return "the token of a sealed text is not a Fernet token"
+    return None
+
+
 def pm_signed_bytes(sender: str, receiver: str, ciphertext: str) -> bytes:
     """The bytes a version-1 PM signature covers (no id, no time: replayable; kept for old clients)."""
     return ("PM1\n" + sender + "\n" + receiver + "\n" + ciphertext).encode("utf-8")

@@ -1129,6 +1129,11 @@ class Room:
             if live is not None:
                 target = live
         keep = live is None or (session.pm_offline and self._store_decides_offline)
+        for sealed, to in ((ciphertext, target), (self_copy, session)):   # their syntax (section 8)
+            problem = pg3lib.sealed_form_problem(sealed, _key_bytes(to))
+            if problem:
+                raise Refused(Error.BAD_REQUEST, f"'{'ciphertext' if sealed is ciphertext else 'self_copy'}': "
+                                                 f"{problem}")
         ts = timestamp(self.clock())
         entry = {"ts": ts, "type": "PM", "from": session.username, "to": target.username}
         if "id" in body:
@@ -1332,6 +1337,11 @@ class Room:
         fields = {"more": left_out} if left_out else {}
         self._reply(session, ok(Op.MOD, action=ModAction.BANS, bans=entries["ban"], mutes=entries["mute"],
                                 **fields), out)
+
+
+def _key_bytes(target) -> int | None:
+    """The size (bytes) of a PM target's key if it is at hand (a session here), else None."""
+    return (target.public_key.bits + 7) // 8 if isinstance(target, Session) and target.public_key else None
 
 
 def _check_id(session: Session, result: store.Result) -> None:

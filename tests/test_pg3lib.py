@@ -804,3 +804,25 @@ def test_pss_check_accepts_real_signatures(pss_keys) -> None:
         for data in (b"", b"PM2\nx", os.urandom(300)):
             signature = pss.new(key, salt_bytes=32).sign(SHA256.new(data))
             assert _verdicts(key, data, signature) == (True, True, True)
+
+
+def test_sealed_form_problem_takes_both_forms_and_refuses_what_is_not_sealed(keypair: KeyPair) -> None:
+    """The syntax the server checks of a PM's sealed texts: the course helper's form (made by the
+    reference implementation too) and the version-1 bare-token form pass; garbage, a key of the
+    wrong size, and a token that is not a Fernet token do not."""
+    key_bytes = (keypair.public.bits + 7) // 8
+    ours = keypair.public.seal(b"hello").decode()
+    theirs = course_pg3lib.encrypt(b"hello", keypair.public.key_form.encode()).decode()
+    wrapped, _, token = ours.partition(";")
+    bare = wrapped + ";" + base64.b64decode(token).decode()
+    for sealed in (ours, theirs, bare):
+        assert pg3lib.sealed_form_problem(sealed, key_bytes) is None, sealed
+        assert pg3lib.sealed_form_problem(sealed) is None
+        assert keypair.open(sealed) == b"hello"
+    fernet_raw = base64.urlsafe_b64decode(base64.b64decode(token))
+    cut_token = base64.b64encode(base64.urlsafe_b64encode(fernet_raw[:-1])).decode()   # not whole blocks
+    other_version = base64.b64encode(base64.urlsafe_b64encode(b"\x81" + fernet_raw[1:])).decode()
+    for bad in ("not sealed at all", "é;x", wrapped, ";" + token, "AAAA;" + token, wrapped + ";%%%",
+                wrapped + ";" + cut_token, wrapped + ";" + other_version, wrapped + "=;" + token):
+        assert pg3lib.sealed_form_problem(bad, key_bytes) is not None, bad
+    assert pg3lib.sealed_form_problem(ours, key_bytes + 1) is not None   # sealed to another size of key

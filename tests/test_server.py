@@ -942,6 +942,15 @@ def test_pm2_replay_stale_time_and_bad_signature_are_refused(connect, keys):
     assert alice.request(wrong_digest)["error"] == "bad_request"
     short_id = alice.pm_send("bob", keys(1).public, "short id", pm_id=base64.b64encode(bytes(8)).decode())
     assert alice.request(short_id)["error"] == "bad_request"
+    # Signed, but not sealed (section 8): refused, not relayed for the receiver to fail on.
+    for member in ("ciphertext", "self_copy"):
+        sealed = alice.pm_send("bob", keys(1).public, "x")
+        unsealed = {**sealed, member: "not sealed at all"}
+        unsealed["signature"] = keys(0).sign(pg3lib.pm2_signed_bytes(
+            unsealed["id"], unsealed["sent"], "alice", "bob", pg3lib.sealed_digest(unsealed["ciphertext"]),
+            pg3lib.sealed_digest(unsealed["self_copy"])))
+        refused = alice.request(unsealed)
+        assert refused["error"] == "bad_request" and member in refused["message"], refused
     # Each refusal left the state alone (AWAIT_PM_TEXT): a correct SEND still goes, once.
     assert alice.request(alice.pm_send("bob", keys(1).public, "fine"))["ok"]
     assert keys(1).open(bob.wait_data("PM")["ciphertext"]) == b"fine"

@@ -1665,6 +1665,9 @@ class RoomMachine(RuleBasedStateMachine):
             seconds += 0.1   # keep clear of the exact deadline
             now += 0.1
         self.d.tick(seconds)
+        # Deadlines first: the room ends those connections in the tick, before the checks it
+        # releases there are answered (a takeover by one of those finds the old session gone).
+        self._idle_ended(now, held=False)
         answered = []
         for conn in sorted(self.conns.values(), key=lambda c: c.cid):   # held attempts go in order
             if conn.held and conn.cid in self.conns and not self.d.room.busy(conn.cid):
@@ -1676,8 +1679,13 @@ class RoomMachine(RuleBasedStateMachine):
                 # Answered in this very tick: the room gives it a moment more if its
                 # (extended) deadline passed while the check ran.
                 conn.deadline = self.d.room.sessions[conn.cid].deadline
+        self._idle_ended(now)
+
+    def _idle_ended(self, now: float, held: bool = True) -> None:
+        """Connections still logging in past their deadline got BYE idle (``held``: those whose
+        attempt was held too, else only the others)."""
         for conn in list(self.conns.values()):
-            if conn.state in LOGIN_STATES and conn.deadline <= now:
+            if conn.state in LOGIN_STATES and conn.deadline <= now and (held or not conn.held):
                 assert not conn.held
                 assert self.d.inbox[conn.cid][-1].body == {"op": "BYE", "reason": "idle"}
                 event("idle")
