@@ -398,7 +398,7 @@ class Connection:
             else:
                 del pending[:sent]
         self.out_size = len(pending)
-        if pending:
+        if pending or self.paced is not None:   # more CH pages (made as they are taken): next pass
             self._set_events(self.events | selectors.EVENT_WRITE)
         elif self.lifecycle is Lifecycle.CLOSING:
             self._linger()

@@ -13,8 +13,8 @@ a PM sent no later than the floor is refused from then on, so a replay of a
 forgotten id is still caught (at the cost of refusing a genuine PM whose
 ``sent`` is older than the sender's last 256, which a real client never makes).
 The memory belongs to the room's store (``store.PmId``): the file store keeps a
-``UsedIds`` and fills it again at start from the PMs of the last minutes in the
-histories, so it survives a restart; the Redis store keeps the same rule in
+``UsedIds`` and fills it again at start from ``pm-ids.<N>.log`` (the ids of the
+last minutes' PMs, written with their histories), so it survives a restart; the Redis store keeps the same rule in
 Redis (``redis_scripts.py``), shared by every node.
 """
 

@@ -1129,7 +1129,8 @@ class Room:
             if live is not None:
                 target = live
         keep = live is None or (session.pm_offline and self._store_decides_offline)
-        for sealed, to in ((ciphertext, target), (self_copy, session)):   # their syntax (section 8)
+        # Their syntax (section 8), against the key TARGET gave out (if it is at hand) and ours.
+        for sealed, to in ((ciphertext, session.target), (self_copy, session)):
             problem = pg3lib.sealed_form_problem(sealed, _key_bytes(to))
             if problem:
                 raise Refused(Error.BAD_REQUEST, f"'{'ciphertext' if sealed is ciphertext else 'self_copy'}': "

@@ -535,6 +535,9 @@ class RoomLog:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError:
+                if segments is not self.segments:
+                    log.warning("%s was deleted (past the history limit) while a history was read: "
+                                "its BMs are missing from that CH", path)
                 continue   # deleted meanwhile (rolled past the limit)
             try:
                 end = min(min(hi, top) - base, os.fstat(fd).st_size)
@@ -736,7 +739,9 @@ def _newest(entries, limit: int):
     read again from the one where they start (pausing too). For a ``limit`` too large to hold."""
     total = 0
     for entry in entries():
-        if entry is not store.PAUSE:
+        if entry is store.PAUSE:
+            yield entry   # the counting gives the loop back too
+        else:
             total += 1
     skip = total - limit
     for entry in entries():

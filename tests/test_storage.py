@@ -473,3 +473,17 @@ def test_pm_ids_are_refused_again_after_a_restart_and_old_spans_are_deleted(tmp_
     assert len(ids.ids) == 0 and [n for n in os.listdir(tmp_path) if n.startswith(storage.PM_IDS_PREFIX)] == [
         storage.PM_IDS_PREFIX + f"{int((now + storage.PM_IDS_SPAN * 2) // storage.PM_IDS_SPAN)}.log"]
     ids.close()
+
+
+def test_the_newest_of_a_lazy_history_pause_while_they_are_counted():
+    """A limit past HELD_LIMIT: counted in a first reading, then read again; both give the loop
+    back at their pauses (the counting used to read the whole history at once)."""
+    def entries():
+        for n in range(6):
+            yield f"e{n}"
+            if n % 2:
+                yield store.PAUSE
+
+    got = list(storage._newest(entries, 2))
+    assert [e for e in got if e is not store.PAUSE] == ["e4", "e5"]
+    assert got.index(store.PAUSE) < got.index("e4") and got[:3] == [store.PAUSE] * 3   # the counting's
