@@ -520,6 +520,12 @@ def _raise_fd_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 65536
 
 
+def _bucket_options(group, name: str, rate: float, burst: float, rate_help: str, burst_help: str) -> None:
+    """A token bucket's two options: --NAME-rate R (a second) and --NAME-burst B (at once)."""
+    group.add_argument(f"--{name}-rate", type=nonnegative(float), default=rate, metavar="R", help=rate_help)
+    group.add_argument(f"--{name}-burst", type=nonnegative(float), default=burst, metavar="B", help=burst_help)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(
@@ -568,28 +574,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="open connections in all (default: from the open-file limit)")
     limits.add_argument("--max-per-ip", type=nonnegative(int), default=50, metavar="N",
                         help="open connections from one address (default: %(default)s)")
-    limits.add_argument("--connect-rate", type=nonnegative(float), default=10.0, metavar="R",
-                        help="new connections per second from one address; more get server_busy "
-                        "(default: %(default)s; 0: no limit)")
-    limits.add_argument("--connect-burst", type=nonnegative(float), default=30.0, metavar="B",
-                        help="new connections one address may open at once before the rate applies "
-                        "(default: %(default)s)")
-    limits.add_argument("--flood-rate", type=nonnegative(float), default=10.0, metavar="R",
-                        help="requests per second one connection may make; more wait (default: %(default)s)")
-    limits.add_argument("--flood-burst", type=nonnegative(float), default=20.0, metavar="B",
-                        help="requests one connection may make at once before the rate applies "
-                        "(default: %(default)s)")
+    _bucket_options(limits, "connect", 10.0, 30.0,
+                    "new connections per second from one address; more get server_busy "
+                    "(default: %(default)s; 0: no limit)",
+                    "new connections one address may open at once before the rate applies (default: %(default)s)")
+    _bucket_options(limits, "flood", 10.0, 20.0,
+                    "requests per second one connection may make; more wait (default: %(default)s)",
+                    "requests one connection may make at once before the rate applies (default: %(default)s)")
     limits.add_argument("--register-rate", type=nonnegative(int), default=100, metavar="N",
                         help="new accounts per address per hour; past it PASSWORD answers rate_limited "
                         "(default: %(default)s)")
     limits.add_argument("--login-delay-cap", type=nonnegative(float), default=60.0, metavar="SECONDS",
                         help="after wrong passwords an account's next attempt from that address waits 1, 2, 4, ... "
                         "seconds, at most this long (default: %(default)s)")
-    limits.add_argument("--bm-rate", type=nonnegative(float), default=state.BM_RATE, metavar="R",
-                        help="broadcasts per second one account may send, whatever its connections; more are "
-                        "answered rate_limited (default: %(default)s)")
-    limits.add_argument("--bm-burst", type=nonnegative(float), default=state.BM_BURST, metavar="B",
-                        help="broadcasts one account may send at once before --bm-rate applies (default: %(default)s)")
+    _bucket_options(limits, "bm", state.BM_RATE, state.BM_BURST,
+                    "broadcasts per second one account may send, whatever its connections; more are "
+                    "answered rate_limited (default: %(default)s)",
+                    "broadcasts one account may send at once before --bm-rate applies (default: %(default)s)")
     limits.add_argument("--checks-per-ip", type=nonnegative(int), default=state.MAX_CHECKS_PER_ADDRESS, metavar="N",
                         help="password checks one address may have waiting or running at once (256 in all); "
                         "past it PASSWORD answers rate_limited (default: %(default)s)")

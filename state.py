@@ -82,6 +82,7 @@ FAILURE_MEMORY = 3600.0          # an hour without failures forgets an account's
 MAX_CHECKS_PER_ADDRESS = 8
 MAX_CHECKS = 256                 # in all: past it the server is busy checking passwords
 GUESS_LIMIT = 100                # failed checks an hour per account (--guess-limit), see LoginThrottle
+PRUNE_BUCKETS_AT = 4096          # a RateLimit forgets its full buckets when it holds more than this
 TRUST_MEMORY = 30 * 86400.0      # an address that logged in to an account is trusted by it this long
 TRUSTED_PER_ACCOUNT = 8          # the latest addresses trusted, per account
 # BMs per account (--bm-rate, --bm-burst): a paste of 60 lines goes at once, a flood
@@ -460,6 +461,7 @@ class RateLimit:
         self.burst = max(1.0, burst)
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}   # key -> (tokens, when)
+        self._prune_at = PRUNE_BUCKETS_AT   # past this many buckets, forget the full ones
 
     def take(self, key: str) -> bool:
         """Spend one token of key's bucket; False if it is empty."""
@@ -470,10 +472,13 @@ class RateLimit:
         tokens = min(self.burst, tokens + (now - at) * self.rate)
         allowed = tokens >= 1.0
         self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
-        if len(self._buckets) > 4096:   # bounded: forget the buckets that have filled up again
+        if len(self._buckets) > self._prune_at:   # bounded: forget the buckets that have filled up again
             full = [k for k, (t, when) in self._buckets.items() if t + (now - when) * self.rate >= self.burst]
             for k in full:
                 del self._buckets[k]
+            # The next prune when as many again are new: each take costs O(1) on the whole, however
+            # many keys are busy at once (an accept per address must not scan them all).
+            self._prune_at = max(PRUNE_BUCKETS_AT, 2 * len(self._buckets))
         return allowed
 
 
@@ -1130,11 +1135,10 @@ class Room:
                 target = live
         keep = live is None or (session.pm_offline and self._store_decides_offline)
         # Their syntax (section 8), against the key TARGET gave out (if it is at hand) and ours.
-        for sealed, to in ((ciphertext, session.target), (self_copy, session)):
+        for member, sealed, to in (("ciphertext", ciphertext, session.target), ("self_copy", self_copy, session)):
             problem = pg3lib.sealed_form_problem(sealed, _key_bytes(to))
             if problem:
-                raise Refused(Error.BAD_REQUEST, f"'{'ciphertext' if sealed is ciphertext else 'self_copy'}': "
-                                                 f"{problem}")
+                raise Refused(Error.BAD_REQUEST, f"'{member}': {problem}")
         ts = timestamp(self.clock())
         entry = {"ts": ts, "type": "PM", "from": session.username, "to": target.username}
         if "id" in body:

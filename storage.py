@@ -541,27 +541,14 @@ class RoomLog:
                 continue   # deleted meanwhile (rolled past the limit)
             try:
                 end = min(min(hi, top) - base, os.fstat(fd).st_size)
-                for offset, line in _lines_forward(fd, min(end, max(0, lo - base)), end):
-                    if line.startswith(b"{") and line.endswith(b"}"):
-                        try:
-                            yield line.decode("utf-8")
-                            continue
-                        except UnicodeDecodeError:
-                            pass
-                    log.warning("%s, byte %d: skipping a corrupt entry", path, offset)
+                yield from _room_texts(_lines_forward(fd, min(end, max(0, lo - base)), end), path)
             finally:
                 os.close(fd)
 
     @staticmethod
     def _read_segment(fd: int, base: int, lo: int, hi: int, path: str):
         end = min(hi - base, os.fstat(fd).st_size)   # an old segment may end before the next one's base
-        for offset, line in _lines_back(fd, min(end, max(0, lo - base)), end):
-            try:
-                if not (line.startswith(b"{") and line.endswith(b"}")):
-                    raise ValueError("not an object")
-                yield line.decode("utf-8")
-            except (ValueError, UnicodeDecodeError):
-                log.warning("%s, byte %d: skipping a corrupt entry", path, offset)
+        yield from _room_texts(_lines_back(fd, min(end, max(0, lo - base)), end), path)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -634,6 +621,28 @@ def parse_user_line(line: bytes) -> tuple | None:
     except (KeyError, TypeError, ValueError):
         return None
     return None
+
+
+def _user_items(lines, path: str):
+    """``parse_user_line``'s items of (offset, line) pairs of a user's file; corrupt ones skipped (logged)."""
+    for offset, line in lines:
+        item = parse_user_line(line)
+        if item is None:
+            log.warning("%s, byte %d: skipping a corrupt entry", path, offset)
+            continue
+        yield item
+
+
+def _room_texts(lines, path: str):
+    """The BM texts of (offset, line) pairs of a room log segment; corrupt ones skipped (logged)."""
+    for offset, line in lines:
+        if line.startswith(b"{") and line.endswith(b"}"):
+            try:
+                yield line.decode("utf-8")
+                continue
+            except UnicodeDecodeError:
+                pass
+        log.warning("%s, byte %d: skipping a corrupt entry", path, offset)
 
 
 def merge_history(items, room, limit: int | None, open_at: int | None = None) -> list[str]:
@@ -909,12 +918,7 @@ class HistoryLog:
                 if size and os.pread(fd, 1, size - 1) != b"\n":
                     end = _last_newline(fd, size)
                     log.warning("%s: dropping a torn last line (%d bytes, no newline)", path, size - end)
-                for offset, line in _lines_back(fd, 0, end):
-                    item = parse_user_line(line)
-                    if item is None:
-                        log.warning("%s, byte %d: skipping a corrupt entry", path, offset)
-                        continue
-                    yield item
+                yield from _user_items(_lines_back(fd, 0, end), path)
             finally:
                 os.close(fd)
 
@@ -942,12 +946,7 @@ class HistoryLog:
     def items_forward(opened: list):
         """The parsed lines of files from ``open_forward``, oldest first (they stay open)."""
         for fd, path, end in opened:
-            for offset, line in _lines_forward(fd, 0, end):
-                item = parse_user_line(line)
-                if item is None:
-                    log.warning("%s, byte %d: skipping a corrupt entry", path, offset)
-                    continue
-                yield item
+            yield from _user_items(_lines_forward(fd, 0, end), path)
 
     def read(self, username: str) -> list[str]:
         """The lines of a user's files as texts, oldest first (what they hold, not the merged history)."""

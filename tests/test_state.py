@@ -1999,3 +1999,26 @@ def test_shared_room_enforces_a_moderation_event_on_its_own_session():
     assert any(isinstance(e, store.Logout) for e in out)   # its session ends on every node
     assert any(isinstance(e, state.DeliverAll) for e in out)
     assert "bob" not in room.logged_in
+
+
+def test_rate_limit_buckets_stay_bounded_and_each_key_keeps_its_own():
+    """RateLimit (per account for BMs, per address for new connections): a key past its burst is
+    refused until its rate refills it; buckets that filled up again are forgotten once there are
+    many, but not on every take (a prune then waits until as many again are new)."""
+    now = [1000.0]
+    limit = state.RateLimit(1.0, 2, lambda: now[0])
+    assert [limit.take("a") for _ in range(3)] == [True, True, False]
+    assert limit.take("b")                      # another key has its own bucket
+    now[0] += 1.0
+    assert limit.take("a") and not limit.take("a")
+    for n in range(state.PRUNE_BUCKETS_AT):     # many keys, each spends one token
+        limit.take(f"k{n}")
+    # A prune found none full: the next waits until as many again are new.
+    assert len(limit._buckets) > state.PRUNE_BUCKETS_AT and limit._prune_at >= 2 * state.PRUNE_BUCKETS_AT
+    now[0] += 10.0                              # all full again
+    n = 0
+    while "k0" in limit._buckets:
+        assert n <= 2 * state.PRUNE_BUCKETS_AT, len(limit._buckets)   # it comes within that many more
+        limit.take(f"new{n}")
+        n += 1
+    assert n > 1 and all(key.startswith("new") for key in limit._buckets)   # the full ones were forgotten
