@@ -198,6 +198,8 @@ class ChatServer:
             for conn in list(self.pacing):
                 if conn.paced is None or conn.ending:
                     self.pacing.discard(conn)
+                elif conn.waiting:   # its pages wait for the store, whose answer may have come
+                    self.dirty.append(conn)
                 elif conn.progress_at + PACE_STALL <= now:
                     self.pacing.discard(conn)
                     conn.too_slow()

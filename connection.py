@@ -66,6 +66,7 @@ class Lifecycle(enum.Enum):
 
 
 _ENDING = (Lifecycle.CLOSING, Lifecycle.LINGERING, Lifecycle.CLOSED)
+_END = object()   # what next() gives at the end of an iterator of pages
 
 
 class ConnectionOwner(Protocol):
@@ -97,7 +98,7 @@ class Connection:
 
     __slots__ = ("cid", "sock", "address", "owner", "send_cap", "decoder", "out", "head",
                  "out_size", "events", "lifecycle", "closed", "ending", "fatal", "close_by", "user", "tokens",
-                 "tokens_at", "seen", "paced", "paced_other", "progress_at", "tls", "sniff")
+                 "tokens_at", "seen", "paced", "paced_other", "progress_at", "waiting", "tls", "sniff")
 
     def __init__(self, cid: int, sock: socket.socket, address: str, owner: ConnectionOwner, *,
                  frame_limit: int, send_cap: int, burst: float, tls: TLSPolicy | None = None) -> None:
@@ -113,6 +114,7 @@ class Connection:
         self.paced: collections.deque | None = None   # (frame, is CH page) behind CH pages not yet queued
         self.paced_other = 0         # bytes in paced that are not CH pages (they count against the cap)
         self.progress_at = 0.0       # while pages wait: when the socket last took bytes
+        self.waiting = False         # the pages wait for the store (not the socket): the owner asks again
         self.events = 0
         self.lifecycle = Lifecycle.OPEN
         # Read on every queued frame: kept beside the lifecycle (set only by _become) rather than derived.
@@ -267,10 +269,11 @@ class Connection:
             if self.send_cap and self.out_size > self.send_cap:
                 self.too_slow()
 
-    def queue_page(self, data: bytes | Iterator[bytes]) -> None:
+    def queue_page(self, data: bytes | Iterator[bytes | None]) -> None:
         """Queue a CH page, or CH pages made as they are taken (an iterator; a ``b""`` from it is
-        nothing yet: the next comes in a later pass): they enter the send queue as the socket
-        drains, never past the cap."""
+        nothing yet: the next comes in a later pass; a ``None``, nothing until the store has read
+        more: ``waiting`` is set, EVENT_WRITE is not, and the owner flushes again in a later pass):
+        they enter the send queue as the socket drains, never past the cap."""
         if self.ending:
             return
         if not self.out:
@@ -285,16 +288,18 @@ class Connection:
         """Move frames from behind the CH pages into the send queue while it is short;
         True when the last of them has moved."""
         paced, out = self.paced, self.out
+        self.waiting = False
         low_water = self.send_cap // 4 if self.send_cap else PAGE_LOW_WATER
         while paced and self.out_size < min(low_water, PAGE_LOW_WATER):
             data, is_page = paced[0]
             if not isinstance(data, bytes):   # pages made as they are taken
-                frame = next(data, None)
-                if frame is None:
+                frame = next(data, _END)
+                if frame is _END:
                     paced.popleft()
                     continue
                 if not frame:
-                    self.progress_at = time.time()   # reading, not stalled: go on in the next pass
+                    self.progress_at = time.time()   # reading, not stalled: go on in a later pass
+                    self.waiting = frame is None
                     return False
                 data = frame
             else:
@@ -359,7 +364,8 @@ class Connection:
             self.head = 0
             self.out_size = 0
         if self.paced is not None:   # more CH pages: the socket is writable again next pass
-            self._set_events(self.events | selectors.EVENT_WRITE)
+            self._set_events(self.events | selectors.EVENT_WRITE if not self.waiting
+                             else self.events & ~selectors.EVENT_WRITE)
             return
         if self.lifecycle is Lifecycle.CLOSING:
             self._linger()
@@ -398,8 +404,10 @@ class Connection:
             else:
                 del pending[:sent]
         self.out_size = len(pending)
-        if pending or self.paced is not None:   # more CH pages (made as they are taken): next pass
+        if pending or (self.paced is not None and not self.waiting):   # more CH pages: next pass
             self._set_events(self.events | selectors.EVENT_WRITE)
+        elif self.paced is not None:   # the pages wait for the store: the owner flushes again
+            self._set_events(self.events & ~selectors.EVENT_WRITE)
         elif self.lifecycle is Lifecycle.CLOSING:
             self._linger()
         elif self.lifecycle is not Lifecycle.LINGERING:

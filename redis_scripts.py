@@ -98,6 +98,10 @@ INBOX_MAXLEN = 100_000
 ROOM_MAXLEN = 1_000_000
 HIST_MAXLEN = 131_072
 HISTORY_PAGE = 1000   # the history script reads streams in pieces of this many entries
+FORWARD_WANT = 500    # the history_forward script returns at most this many entries a call
+FORWARD_WORK = 5000   # and looks at at most this many stream rows (a call is short however long the history)
+# Its cursor at the start: the user's stream from its first row, not in a span, ends not taken yet.
+FORWARD_START = ("-", "0", "-", "", "", "0")
 LEASE_MS = 5000     # docs/SCALEOUT.md: a 5 s lease, renewed every second
 
 # Lua helpers shared by the scripts (each script is sent whole).
@@ -510,6 +514,86 @@ end
 return out
 """)
 
+HISTORY_FORWARD = Script("history_forward", "A piece of a user's history (read only), oldest first, from a "
+                         "cursor: what the history script gives, read forwards in bounded steps.", _ROOM_LAST + """
+-- KEYS[1] the user's hist key; ARGV prefix, then the cursor: h (XRANGE start of the next row of
+-- the user's stream, '-' at first), mode ('1' in an online span), r (XRANGE start of the span's
+-- next BM), hend and rend (the last ids of the user's stream and of the room log this read
+-- stops at; '' at first: their ids now), skip (entries to count but not return); then want (entries
+-- to return at most) and work (rows to look at at most).
+-- Returns {cursor, lines, counted}: the cursor to go on from (its h '' when the read is over; its
+-- ends are the read's), the lines, and how many entries were counted (returned or skipped).
+local hist, room = KEYS[1], ARGV[1] .. 'room'
+local h, mode, r, hend, rend = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local skip, want, work = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+if hend == '' then
+  local last = redis.call('XREVRANGE', hist, '+', '-', 'COUNT', 1)
+  hend = last[1] and last[1][1] or '0-0'
+  rend = room_last(ARGV[1])
+end
+local out, counted, progress = {}, 0, false
+local function take(line)
+  progress = true
+  counted = counted + 1
+  if skip > 0 then
+    skip = skip - 1
+  else
+    out[#out + 1] = line
+  end
+end
+local function full()   -- each call takes one step at least, whatever its budget
+  return progress and (work <= 0 or #out >= want)
+end
+local function bms(bound)   -- the span's BMs up to bound (an id, inclusive): true once all are taken
+  while not full() do
+    local count = math.max(1, math.min(work, want - #out))
+    local rows = redis.call('XRANGE', room, r, bound, 'COUNT', count)
+    for _, row in ipairs(rows) do
+      take(row[2][2])
+    end
+    work = work - #rows - 1
+    if #rows < count then
+      r, progress = '(' .. bound, true
+      return true
+    end
+    r = '(' .. rows[#rows][1]
+  end
+  return false
+end
+while not full() do
+  local rows = redis.call('XRANGE', hist, h, hend, 'COUNT', math.max(1, math.min(work, 100)))
+  work = work - 1
+  if #rows == 0 then
+    if mode ~= '1' or bms(rend) then
+      h = ''
+    end
+    break
+  end
+  for _, row in ipairs(rows) do
+    local f = {}
+    for i = 1, #row[2], 2 do
+      f[row[2][i]] = row[2][i + 1]
+    end
+    if mode == '1' and f.at and not bms(f.at) then
+      break   -- this row comes again next time, after the rest of the BMs before it
+    end
+    if f.t == 'on' then
+      mode, r = '1', '(' .. f.at
+    elseif f.t == 'off' then
+      mode = '0'
+    elseif f.e then
+      take(f.e)
+    end
+    h, progress = '(' .. row[1], true
+    work = work - 1
+    if full() then
+      break
+    end
+  end
+end
+return {{h, mode, r, hend, rend, tostring(skip)}, out, counted}
+""")
+
 MODERATE = Script("moderate", "Apply a moderation action to chat:mod, journal it in chat:modlog and XADD it "
                   "to chat:ev for every node.", """
 -- KEYS[1] mod, KEYS[2] ev, KEYS[3] modlog; ARGV action, name, record (JSON), now (seconds),
@@ -536,7 +620,7 @@ return {1, id}
 """)
 
 SCRIPTS = (CREATE_ACCOUNT, BM, PM, LOGIN_SWAP, GO_ONLINE, LOGOUT, REGISTER_NODE, RENEW_LEASE, DEAD_NODES,
-           REAP_NODE, HISTORY, MODERATE, PM_OFFLINE, LAST_KEY, TAKE_OFFLINE)
+           REAP_NODE, HISTORY, HISTORY_FORWARD, MODERATE, PM_OFFLINE, LAST_KEY, TAKE_OFFLINE)
 
 
 class ScriptCall(NamedTuple):
@@ -650,6 +734,13 @@ class ChatKeys:
 
     def history(self, name: str, limit: int | None = None, page: int = HISTORY_PAGE) -> ScriptCall:
         return ScriptCall(HISTORY, [self.hist(name)], [self.prefix, limit or 0, page])
+
+    def history_forward(self, name: str, cursor: Sequence = FORWARD_START, skip: int | None = None,
+                        want: int = FORWARD_WANT, work: int = FORWARD_WORK) -> ScriptCall:
+        """The next piece of a history read forwards; ``skip`` replaces the cursor's."""
+        h, mode, r, hend, rend, kept_skip = cursor
+        return ScriptCall(HISTORY_FORWARD, [self.hist(name)],
+                          [self.prefix, h, mode, r, hend, rend, kept_skip if skip is None else skip, want, work])
 
     def moderate(self, action: str, name: str, record: str, now: float, ev_maxlen: int = EV_MAXLEN,
                  log_maxlen: int = MODLOG_MAXLEN) -> ScriptCall:

@@ -25,6 +25,7 @@ must close every connection).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -101,6 +102,71 @@ def _kept_frames(rows) -> list[bytes]:
 def _id_refused(reply) -> store.IdRefused:
     """A PM script's {-2, 'used' | 'floor'}."""
     return store.IdRefused(pmguard.USED if _text(reply[1]) == "used" else pmguard.BELOW_FLOOR)
+
+
+class LazyHistory:
+    """A history read forwards a piece at a time (the ``history_forward`` script) as the CH
+    pages are taken, as the file store reads its files: a node never holds more than two
+    pieces of it, and Redis never runs one long script for it. ``store.WAIT`` while a piece
+    is on its way. With a limit, a counting pass goes first (piece by piece, by itself),
+    then the pass that skips all but the newest ``limit`` entries. The read ends where the
+    history stood at its first piece; what came later reaches the client live.
+    """
+
+    COUNT_ALL = 10**15   # a skip that only counts
+
+    def __init__(self, link: RedisLink, keys: redis_scripts.ChatKeys, name: str, limit: int | None) -> None:
+        self._link, self._keys, self._name, self._limit = link, keys, name, limit
+        self._lines: collections.deque[str] = collections.deque()
+        self._cursor: tuple = redis_scripts.FORWARD_START
+        self._skip: int | None = self.COUNT_ALL if limit is not None else None
+        self._counted = 0
+        self._counting = limit is not None
+        self._asking = self._done = False
+        self._error: str | None = None
+        self._ask()
+
+    def __iter__(self) -> LazyHistory:
+        return self
+
+    def __next__(self):
+        lines = self._lines
+        if len(lines) < redis_scripts.FORWARD_WANT // 2 and not (self._asking or self._done or self._error):
+            self._ask()   # the next piece is on its way while these are taken
+        if lines:
+            return lines.popleft()
+        if self._error is not None:
+            raise OSError(self._error)
+        if self._done:
+            raise StopIteration
+        return store.WAIT
+
+    def _ask(self) -> None:
+        self._asking = True
+        call = self._keys.history_forward(self._name, self._cursor, self._skip)
+        self._skip = None
+        self._link.eval(self._piece, *call)
+
+    def _piece(self, reply) -> None:
+        self._asking = False
+        if isinstance(reply, RedisError):
+            self._error = f"Redis: {reply.message}"
+            return
+        cursor, lines, counted = reply
+        over = cursor[0] == b""
+        if self._counting:
+            self._counted += counted
+            if over:   # counted: now read, skipping all but the newest
+                self._counting = False
+                self._cursor = (*redis_scripts.FORWARD_START[:3], cursor[3], cursor[4], "0")
+                self._skip = max(0, self._counted - (self._limit or 0))
+            else:
+                self._cursor = cursor
+            self._ask()
+            return
+        self._lines.extend(_text(line) for line in lines)
+        self._cursor = cursor
+        self._done = over
 
 
 def new_node_id() -> str:
@@ -432,8 +498,12 @@ class RedisStore:
                           *keys.create_account(account.key, {"username": account.username,
                                                              "json": account.to_json()}))
         elif isinstance(request, store.ReadHistory):
-            self.cmd.eval(checked(lambda rows: store.HistoryRead([_text(line) for line in rows])),
-                          *keys.history(request.username.lower(), request.limit))
+            limit = request.limit
+            if limit is not None and limit <= storage.HELD_LIMIT:   # read backwards in one script, held
+                self.cmd.eval(checked(lambda rows: store.HistoryRead([_text(line) for line in rows])),
+                              *keys.history(request.username.lower(), limit))
+            else:   # a whole history, or most of it: read as the pages are taken
+                done(store.HistoryRead(LazyHistory(self.cmd, keys, request.username.lower(), limit)))
         elif isinstance(request, store.MarkOnline):
             return   # the scripts that put a session online or take it off mark it themselves
         elif isinstance(request, store.ClaimSession):

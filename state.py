@@ -19,7 +19,8 @@ list of effects, plain data the server carries out in order:
 * ``Deliver(users, data)`` / ``DeliverAll(data, exclude)``: a data frame for
   online users, encoded once;
 * ``Page(cid, data)``: a CH reply frame (or recent BMs), sent as the connection drains;
-  ``Pages(cid, frames)``: CH reply frames made as the connection drains (a history read lazily);
+  ``Pages(cid, frames)``: CH reply frames made as the connection drains (a history read lazily;
+  ``b""`` among them is nothing now, ``None`` nothing until the store has read more);
 * ``Close(cid)``: close that connection once its output is flushed;
 * ``Online(user, cid)`` / ``Offline(user, cid)``: presence changes;
 * the store requests of ``store.py`` and the worker job ``CheckPassword``.
@@ -136,9 +137,10 @@ class Page(NamedTuple):
 
 class Pages(NamedTuple):
     """CH reply frames made as the socket drains (``history_pages``): a ``b""`` among them is
-    nothing yet, the next in a later pass."""
+    nothing yet, the next in a later pass; a ``None``, nothing until the store has read more
+    (ask again in a pass after its answer came; do not poll)."""
     cid: int
-    frames: Iterator[bytes]
+    frames: Iterator[bytes | None]
 
 
 class Close(NamedTuple):
@@ -193,13 +195,14 @@ def fit_names(names: list, budget: int) -> tuple[list, int]:
     return names, 0
 
 
-def history_pages(lines: Iterable, limit: int) -> Iterator[bytes]:
+def history_pages(lines: Iterable, limit: int) -> Iterator[bytes | None]:
     """CH reply frames holding the given JSON entry texts, each within limit bytes, made as
     they are taken (``lines`` may be read lazily: a history need not fit in memory).
 
     The entries are JSON already: they are spliced into the page as text, not
-    parsed and encoded again. A ``store.PAUSE`` in lines gives ``b""`` (nothing now);
-    an OSError while reading ends the pages there (logged), with ``"more":false``.
+    parsed and encoded again. A ``store.PAUSE`` in lines gives ``b""`` (nothing now), a
+    ``store.WAIT`` gives ``None`` (nothing until the store has read more); an OSError while
+    reading ends the pages there (logged), with ``"more":false``.
     """
     head, tail_more, tail_last = '{"op":"CH","ok":true,"entries":[', '],"more":true}', '],"more":false}'
     budget = (limit or 1 << 62) - framing.HEADER_SIZE - len(head) - len(tail_last)
@@ -207,8 +210,8 @@ def history_pages(lines: Iterable, limit: int) -> Iterator[bytes]:
     used = 0
     try:
         for text in lines:
-            if text is store.PAUSE:
-                yield b""
+            if text is store.PAUSE or text is store.WAIT:
+                yield None if text is store.WAIT else b""
                 continue
             size = len(text.encode("utf-8")) + 1
             if size > budget:
@@ -514,7 +517,7 @@ class Room:
         self.recent = recent                 # section 11: BMs shown at login
         self.catch_up_limit = catch_up_limit
         # A CH page with no entries: what every history entry must fit beside (its size is the page's overhead).
-        self._page_overhead = len(next(history_pages([], frame_limit)))
+        self._page_overhead = len(next(history_pages([], frame_limit)) or b"")
         # Moderation (section 10): admins are named at the server; the mutes of accounts logged in
         # here (loaded at login, changed by MOD) are kept to answer their BMs without a store read.
         self.admins = frozenset(name.lower() for name in admins)

@@ -296,11 +296,24 @@ class IdRefused(NamedTuple):
 PAUSE = None   # in a HistoryRead's lines: nothing now, the rest in a later pass (a long read yields)
 
 
+class _Wait:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "WAIT"
+
+
+# In a HistoryRead's lines: nothing until the store has read more (a read over the network).
+# The store's own answer wakes the loop; the reader is asked again in the pass it comes in,
+# and not polled meanwhile.
+WAIT = _Wait()
+
+
 class HistoryRead(NamedTuple):
     """A user's history: its JSON entry texts, oldest first, at most the limit asked for.
     ``lines`` is a list, or an iterator read as the CH pages are taken (in the loop thread;
-    a whole history need not fit in memory); an iterator may yield PAUSE between entries,
-    and may raise OSError (the pages end there)."""
+    a whole history need not fit in memory); an iterator may yield PAUSE or WAIT between
+    entries, and may raise OSError (the pages end there)."""
     lines: Iterable
 
 

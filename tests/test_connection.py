@@ -115,3 +115,29 @@ def test_a_failed_offer_is_closed_by_the_flush_not_during_it() -> None:
             break
         conn.queue(b"D")
     assert conn.closed and owner.lost == [conn]
+
+
+def test_pages_that_wait_for_the_store_do_not_poll_the_socket() -> None:
+    """A lazily read history whose next piece is on its way from the store (a ``None`` among
+    the pages): the connection does not ask for EVENT_WRITE meanwhile (the loop would spin);
+    it says ``waiting``, and a flush once the piece has come goes on, in order."""
+    owner, conn, peer = pair()
+    ready: list = []
+
+    def pages():
+        yield b"C1"
+        while not ready:
+            yield None
+        yield from ready
+    conn.queue_page(pages())
+    conn.queue(b"C4")   # a reply behind the pages
+    owner.flush_dirty()
+    assert conn.waiting and conn.paced is not None
+    assert not conn.events & selectors.EVENT_WRITE
+    conn.flush()   # the owner asks again in a later pass: still nothing
+    assert conn.waiting and not conn.events & selectors.EVENT_WRITE
+    ready += [b"C2", b"C3"]
+    conn.flush()
+    assert not conn.waiting and conn.paced is None
+    assert read_all(peer, owner, conn, 8) == b"C1C2C3C4"
+    assert not conn.events & selectors.EVENT_WRITE

@@ -14,7 +14,7 @@ import selectors
 import pytest
 
 from protocol import PM_CLOCK_WINDOW, PM_IDS_PER_SENDER
-from redis_scripts import SCRIPTS, ChatKeys
+from redis_scripts import FORWARD_START, SCRIPTS, ChatKeys
 from store import PmId
 from redislink import BlockingRedis, RedisLink
 from resp import RedisError
@@ -181,6 +181,28 @@ def history(r: BlockingRedis, name: str, limit: int | None = None, page: int = 1
     return run(r, K.history(name, limit, page))
 
 
+def forward(r: BlockingRedis, name: str, limit: int | None = None, want: int = 500, work: int = 5000,
+            calls: list | None = None) -> list[bytes]:
+    """A history read forwards in pieces, as the Redis store's lazy CH reads it: with a limit,
+    a counting pass first, then the pass that skips all but the newest ``limit``."""
+    def passes(cursor, skip):
+        lines, counted = [], 0
+        while True:
+            cursor, piece, n = run(r, K.history_forward(name, cursor, skip, want, work))
+            skip = None
+            lines += piece
+            counted += n
+            if calls is not None:
+                calls.append(len(piece))
+            if cursor[0] == b"":
+                return cursor, lines, counted
+    if limit is None:
+        return passes(FORWARD_START, None)[1]
+    end, none, total = passes(FORWARD_START, 10**15)
+    assert none == []
+    return passes((b"-", b"0", b"-", end[3], end[4], b"0"), max(0, total - limit))[1]
+
+
 def test_bm_is_one_entry_in_the_room_log_and_in_the_history_of_everyone_online(r):
     register(r, A, B)
     login(r, "alice", token(A, 1))
@@ -218,9 +240,33 @@ def test_history_merges_pms_and_the_bms_of_each_online_span(r):
         for limit in (1, 2, 3, 4, 10):
             assert history(r, "bob", limit, page) == [b"B2", b"T1", b"B3", b"B5"][-limit:], (limit, page)
             assert history(r, "alice", limit, page) == [b"B1", b"B2", b"S1", b"B3", b"B4", b"B5"][-limit:]
+            assert forward(r, "bob", limit, want=page, work=page) == [b"B2", b"T1", b"B3", b"B5"][-limit:]
+            assert forward(r, "alice", limit, want=page, work=page) == history(r, "alice", limit)
+        assert forward(r, "bob", want=page, work=page) == [b"B2", b"T1", b"B3", b"B5"]
     login(r, "bob", token(B, 8))                        # a takeover marks the old session offline
     run(r, K.bm("alice", b"B6", b"F"))
-    assert history(r, "bob", 2) == [b"B5", b"B6"]
+    assert history(r, "bob", 2) == [b"B5", b"B6"] == forward(r, "bob", 2)
+
+
+def test_history_read_forwards_stops_where_it_began_and_each_call_is_bounded(r):
+    """The lazy CH's script: what came after the read began is not in it (the client gets it
+    live), and a call returns at most `want` entries and looks at about `work` rows."""
+    register(r, A)
+    login(r, "alice", token(A, 1))
+    for n in range(50):
+        run(r, K.bm("alice", b"B%d" % n, b"F"))
+    cursor, lines, counted = run(r, K.history_forward("alice", want=7, work=100))
+    assert lines == [b"B%d" % n for n in range(7)] and counted == 7 and cursor[0] != b""
+    run(r, K.bm("alice", b"LATE", b"F"))
+    rest = []
+    while cursor[0] != b"":
+        cursor, piece, _ = run(r, K.history_forward("alice", cursor, want=1000, work=5))
+        assert len(piece) <= 5
+        rest += piece
+    assert rest == [b"B%d" % n for n in range(7, 50)]
+    calls: list = []
+    assert forward(r, "alice", 3, want=2, work=4, calls=calls) == [b"B48", b"B49", b"LATE"]
+    assert max(calls) <= 2
 
 
 def test_history_of_the_older_layout_comes_first(r):
@@ -633,8 +679,11 @@ def test_history_script_is_the_per_recipient_history(r, ops, legacy):
         elif op == "read":
             expected = model[a][-limit:] if limit else model[a]
             assert history(r, a, limit or None, page) == expected, (a, limit, page)
+            # Read forwards in pieces of `page` entries and about twice as many rows looked at.
+            assert forward(r, a, limit or None, want=page, work=2 * page) == expected, (a, limit, page)
     for name in USERS:
         assert history(r, name) == model[name], name
+        assert forward(r, name, want=1, work=1) == model[name], name
 # --- moderation (docs/PROTOCOL.md section 10) --------------------------------------------------
 
 def test_moderate_keeps_bans_and_mutes_journals_and_announces(r):
