@@ -108,9 +108,10 @@ class LazyHistory:
     """A history read forwards a piece at a time (the ``history_forward`` script) as the CH
     pages are taken, as the file store reads its files: a node never holds more than two
     pieces of it, and Redis never runs one long script for it. ``store.WAIT`` while a piece
-    is on its way. With a limit, a counting pass goes first (piece by piece, by itself),
-    then the pass that skips all but the newest ``limit`` entries. The read ends where the
-    history stood at its first piece; what came later reaches the client live.
+    is on its way. With a limit, a counting pass goes first, then the pass that skips all
+    but the newest ``limit`` entries. Every piece is asked for by a pull (the next one while
+    the last is being taken), so a reader that has gone costs nothing more. The read ends
+    where the history stood at its first piece; what came later reaches the client live.
     """
 
     COUNT_ALL = 10**15   # a skip that only counts
@@ -162,7 +163,6 @@ class LazyHistory:
                 self._skip = max(0, self._counted - (self._limit or 0))
             else:
                 self._cursor = cursor
-            self._ask()
             return
         self._lines.extend(_text(line) for line in lines)
         self._cursor = cursor

@@ -15,6 +15,8 @@ import pytest
 
 from protocol import PM_CLOCK_WINDOW, PM_IDS_PER_SENDER
 from redis_scripts import FORWARD_START, SCRIPTS, ChatKeys
+import store
+from redisstore import LazyHistory
 from store import PmId
 from redislink import BlockingRedis, RedisLink
 from resp import RedisError
@@ -267,6 +269,47 @@ def test_history_read_forwards_stops_where_it_began_and_each_call_is_bounded(r):
     calls: list = []
     assert forward(r, "alice", 3, want=2, work=4, calls=calls) == [b"B48", b"B49", b"LATE"]
     assert max(calls) <= 2
+
+
+def _pull_all(r: BlockingRedis, lazy) -> tuple[list, int]:
+    """Take a LazyHistory's lines as a connection does: on WAIT, let the link read (a loop pass)."""
+    got, waits = [], 0
+    while True:
+        try:
+            item = next(lazy)
+        except StopIteration:
+            return got, waits
+        if item is store.WAIT:
+            waits += 1
+            r._wait(lambda: not lazy._asking)
+        else:
+            got.append(item)
+
+
+def _evalsha_calls(r: BlockingRedis) -> int:
+    info = r.call("INFO", "commandstats").decode()
+    return next((int(line.split("calls=")[1].split(",")[0]) for line in info.splitlines()
+                 if line.startswith("cmdstat_evalsha:")), 0)
+
+
+def test_the_redis_stores_lazy_history_reads_a_piece_per_pull(r):
+    """redisstore.LazyHistory: the whole history in pieces (the next asked for while the last is
+    taken, so a reader waits about once per piece at most), the newest `limit` after a counting
+    pass, and nothing more asked of Redis once its reader stops pulling."""
+    register(r, A)
+    login(r, "alice", token(A, 1))
+    r.pipeline([("XADD", K.room, "*", "e", b"B%d" % n) for n in range(1200)])
+    lazy = LazyHistory(r.link, K, "alice", None)
+    got, waits = _pull_all(r, lazy)
+    assert got == [f"B{n}" for n in range(1200)] and 1 <= waits <= 3
+    got, _ = _pull_all(r, LazyHistory(r.link, K, "alice", 700))
+    assert got == [f"B{n}" for n in range(500, 1200)]
+    r.call("CONFIG", "RESETSTAT")
+    gone = LazyHistory(r.link, K, "alice", 700)   # its reader pulls once, then is gone
+    assert next(gone) is store.WAIT
+    r._wait(lambda: not gone._asking)
+    r.call("PING")
+    assert _evalsha_calls(r) == 1
 
 
 def test_history_of_the_older_layout_comes_first(r):
