@@ -172,8 +172,9 @@ class ChatServer:
             times.append(min(self._token_time(conn) for conn in self.throttled))
         if self.closing:
             times.append(min(conn.close_by for conn in self.closing))
-        if self.pacing:
-            times.append(min(conn.progress_at for conn in self.pacing) + PACE_STALL)
+        stall_from = min((conn.progress_at for conn in self.pacing if not conn.ending), default=None)
+        if stall_from is not None:   # (a closing one has its close_by instead)
+            times.append(stall_from + PACE_STALL)
         store_tick = self.store.next_tick()
         if store_tick is not None:
             times.append(now + store_tick - time.monotonic())
@@ -196,10 +197,12 @@ class ChatServer:
                 conn.abort()
         if self.pacing:
             for conn in list(self.pacing):
-                if conn.paced is None or conn.ending:
+                if conn.paced is None or conn.closed:
                     self.pacing.discard(conn)
                 elif conn.waiting:   # its pages wait for the store, whose answer may have come
                     self.dirty.append(conn)
+                elif conn.ending:
+                    continue   # closing: its last pages have FLUSH_GRACE, not PACE_STALL
                 elif conn.progress_at + PACE_STALL <= now:
                     self.pacing.discard(conn)
                     conn.too_slow()
@@ -468,6 +471,8 @@ class ChatServer:
         while any(c.lifecycle is not Lifecycle.LINGERING for c in self.conns.values()) and time.time() < deadline:
             for key, mask in self.sel.select(max(0.0, deadline - time.time())):
                 key.data.on_ready(mask)
+            for conn in [c for c in self.pacing if c.waiting and not c.closed]:
+                conn.flush()   # CH pages whose next piece the store may have brought
         for conn in list(self.conns.values()):
             conn.abort()
         self.pool.close()

@@ -100,6 +100,7 @@ HIST_MAXLEN = 131_072
 HISTORY_PAGE = 1000   # the history script reads streams in pieces of this many entries
 FORWARD_WANT = 500    # the history_forward script returns at most this many entries a call
 FORWARD_WORK = 5000   # and looks at at most this many stream rows (a call is short however long the history)
+FORWARD_BYTES = 256 * 1024   # and stops once its entries are this long (a node holds about two pieces a reader)
 # Its cursor at the start: the user's stream from its first row, not in a span, ends not taken yet.
 FORWARD_START = ("-", "0", "-", "", "", "0")
 LEASE_MS = 5000     # docs/SCALEOUT.md: a 5 s lease, renewed every second
@@ -468,10 +469,8 @@ local function alone(between)
 end
 local function span(between, lo, hi)
   for _, item in ipairs(between) do
-    if item[1] == 'pm' then
-      bms(item[2], hi)
-      hi = item[2]
-    end
+    bms(item[2], hi)
+    hi = item[2]
     if #out >= need then
       return
     end
@@ -494,8 +493,8 @@ while #out < need do
     elseif f.t == 'off' then
       alone(between)
       later, between = {'off', f.at}, {}
-    elseif f.e then
-      between[#between + 1] = {f.t or 'entry', f.at, f.e}
+    elseif f.e then   -- a PM by its at; a row of the per-recipient layout where its own id stands
+      between[#between + 1] = {f.t or 'entry', f.at or row[1], f.e}
     end
     if #out >= need then
       break
@@ -520,18 +519,18 @@ HISTORY_FORWARD = Script("history_forward", "A piece of a user's history (read o
 -- the user's stream, '-' at first), mode ('1' in an online span), r (XRANGE start of the span's
 -- next BM), hend and rend (the last ids of the user's stream and of the room log this read
 -- stops at; '' at first: their ids now), skip (entries to count but not return); then want (entries
--- to return at most) and work (rows to look at at most).
+-- to return at most), work (rows to look at at most) and bytes (of entries to return, about).
 -- Returns {cursor, lines, counted}: the cursor to go on from (its h '' when the read is over; its
 -- ends are the read's), the lines, and how many entries were counted (returned or skipped).
 local hist, room = KEYS[1], ARGV[1] .. 'room'
 local h, mode, r, hend, rend = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local skip, want, work = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local skip, want, work, bytes = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 if hend == '' then
   local last = redis.call('XREVRANGE', hist, '+', '-', 'COUNT', 1)
   hend = last[1] and last[1][1] or '0-0'
   rend = room_last(ARGV[1])
 end
-local out, counted, progress = {}, 0, false
+local out, counted, size, progress = {}, 0, 0, false
 local function take(line)
   progress = true
   counted = counted + 1
@@ -539,14 +538,15 @@ local function take(line)
     skip = skip - 1
   else
     out[#out + 1] = line
+    size = size + #line
   end
 end
 local function full()   -- each call takes one step at least, whatever its budget
-  return progress and (work <= 0 or #out >= want)
+  return progress and (work <= 0 or #out >= want or size >= bytes)
 end
 local function bms(bound)   -- the span's BMs up to bound (an id, inclusive): true once all are taken
   while not full() do
-    local count = math.max(1, math.min(work, want - #out))
+    local count = math.max(1, math.min(work, want - #out, 50))   -- 50 at a time: near the byte budget
     local rows = redis.call('XRANGE', room, r, bound, 'COUNT', count)
     for _, row in ipairs(rows) do
       take(row[2][2])
@@ -574,7 +574,7 @@ while not full() do
     for i = 1, #row[2], 2 do
       f[row[2][i]] = row[2][i + 1]
     end
-    if mode == '1' and f.at and not bms(f.at) then
+    if mode == '1' and not bms(f.at or row[1]) then   -- (a row of the older layout: by its own id)
       break   -- this row comes again next time, after the rest of the BMs before it
     end
     if f.t == 'on' then
@@ -591,7 +591,7 @@ while not full() do
     end
   end
 end
-return {{h, mode, r, hend, rend, tostring(skip)}, out, counted}
+return {{h, mode, r, hend, rend, string.format('%.0f', skip)}, out, counted}
 """)
 
 MODERATE = Script("moderate", "Apply a moderation action to chat:mod, journal it in chat:modlog and XADD it "
@@ -736,11 +736,13 @@ class ChatKeys:
         return ScriptCall(HISTORY, [self.hist(name)], [self.prefix, limit or 0, page])
 
     def history_forward(self, name: str, cursor: Sequence = FORWARD_START, skip: int | None = None,
-                        want: int = FORWARD_WANT, work: int = FORWARD_WORK) -> ScriptCall:
+                        want: int = FORWARD_WANT, work: int = FORWARD_WORK,
+                        size: int = FORWARD_BYTES) -> ScriptCall:
         """The next piece of a history read forwards; ``skip`` replaces the cursor's."""
         h, mode, r, hend, rend, kept_skip = cursor
         return ScriptCall(HISTORY_FORWARD, [self.hist(name)],
-                          [self.prefix, h, mode, r, hend, rend, kept_skip if skip is None else skip, want, work])
+                          [self.prefix, h, mode, r, hend, rend, kept_skip if skip is None else skip, want, work,
+                           size])
 
     def moderate(self, action: str, name: str, record: str, now: float, ev_maxlen: int = EV_MAXLEN,
                  log_maxlen: int = MODLOG_MAXLEN) -> ScriptCall:

@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import json
 
@@ -106,23 +107,30 @@ def _id_refused(reply) -> store.IdRefused:
 
 class LazyHistory:
     """A history read forwards a piece at a time (the ``history_forward`` script) as the CH
-    pages are taken, as the file store reads its files: a node never holds more than two
-    pieces of it, and Redis never runs one long script for it. ``store.WAIT`` while a piece
-    is on its way. With a limit, a counting pass goes first, then the pass that skips all
-    but the newest ``limit`` entries. Every piece is asked for by a pull (the next one while
-    the last is being taken), so a reader that has gone costs nothing more. The read ends
-    where the history stood at its first piece; what came later reaches the client live.
+    pages are taken, as the file store reads its files: a node holds about two pieces of it
+    (a piece is at most 500 entries and 256 KiB), and Redis never runs one long script for it.
+    ``store.WAIT`` while a piece is on its way. With a limit, a counting pass goes first
+    (keeping the cursor where each of its pieces began), then the read from the last of those
+    at or before the newest ``limit`` entries, skipping the rest of what it passes. The first
+    piece is asked for at once, and ``ready(self)`` (or ``ready(None)`` if Redis refused it) is
+    called when it comes; every later one on a pull (the next while the last is being taken),
+    so a reader that has gone costs nothing more. The read ends where the history stood at
+    its first piece; what came later reaches the client live.
     """
 
     COUNT_ALL = 10**15   # a skip that only counts
 
-    def __init__(self, link: RedisLink, keys: redis_scripts.ChatKeys, name: str, limit: int | None) -> None:
-        self._link, self._keys, self._name, self._limit = link, keys, name, limit
+    def __init__(self, link: RedisLink, keys: redis_scripts.ChatKeys, name: str, limit: int | None,
+                 ready: Callable[[LazyHistory | None], None], work: int = redis_scripts.FORWARD_WORK) -> None:
+        self._link, self._keys, self._name, self._limit, self._work = link, keys, name, limit, work
+        self._ready: Callable[[LazyHistory | None], None] | None = ready
         self._lines: collections.deque[str] = collections.deque()
+        self._last_piece = 0
         self._cursor: tuple = redis_scripts.FORWARD_START
         self._skip: int | None = self.COUNT_ALL if limit is not None else None
-        self._counted = 0
         self._counting = limit is not None
+        self._marks: list[tuple[tuple, int]] = []   # counting: (cursor, entries before it) of each piece
+        self._counted = 0
         self._asking = self._done = False
         self._error: str | None = None
         self._ask()
@@ -132,7 +140,7 @@ class LazyHistory:
 
     def __next__(self):
         lines = self._lines
-        if len(lines) < redis_scripts.FORWARD_WANT // 2 and not (self._asking or self._done or self._error):
+        if len(lines) <= self._last_piece // 2 and not (self._asking or self._done or self._error):
             self._ask()   # the next piece is on its way while these are taken
         if lines:
             return lines.popleft()
@@ -144,29 +152,39 @@ class LazyHistory:
 
     def _ask(self) -> None:
         self._asking = True
-        call = self._keys.history_forward(self._name, self._cursor, self._skip)
+        call = self._keys.history_forward(self._name, self._cursor, self._skip, work=self._work)
         self._skip = None
         self._link.eval(self._piece, *call)
 
     def _piece(self, reply) -> None:
         self._asking = False
+        ready, self._ready = self._ready, None
         if isinstance(reply, RedisError):
             self._error = f"Redis: {reply.message}"
+            if ready is not None:
+                ready(None)
             return
         cursor, lines, counted = reply
         over = cursor[0] == b""
         if self._counting:
+            if not self._marks:   # the start, now with the ends this read stops at
+                self._marks.append(((*redis_scripts.FORWARD_START[:3], cursor[3], cursor[4], "0"), 0))
             self._counted += counted
-            if over:   # counted: now read, skipping all but the newest
+            if over:   # counted: read on from the last mark before the newest `limit`
                 self._counting = False
-                self._cursor = (*redis_scripts.FORWARD_START[:3], cursor[3], cursor[4], "0")
-                self._skip = max(0, self._counted - (self._limit or 0))
+                first = max(0, self._counted - (self._limit or 0))
+                self._cursor, before = next(mark for mark in reversed(self._marks) if mark[1] <= first)
+                self._skip, self._marks = first - before, []
             else:
+                self._marks.append((cursor, self._counted))
                 self._cursor = cursor
-            return
-        self._lines.extend(_text(line) for line in lines)
-        self._cursor = cursor
-        self._done = over
+        else:
+            self._lines.extend(_text(line) for line in lines)
+            self._last_piece = len(lines)
+            self._cursor = cursor
+            self._done = over
+        if ready is not None:
+            ready(self)
 
 
 def new_node_id() -> str:
@@ -503,7 +521,8 @@ class RedisStore:
                 self.cmd.eval(checked(lambda rows: store.HistoryRead([_text(line) for line in rows])),
                               *keys.history(request.username.lower(), limit))
             else:   # a whole history, or most of it: read as the pages are taken
-                done(store.HistoryRead(LazyHistory(self.cmd, keys, request.username.lower(), limit)))
+                LazyHistory(self.cmd, keys, request.username.lower(), limit,
+                            lambda lazy: done(store.HistoryRead(lazy) if lazy is not None else store.FAILED))
         elif isinstance(request, store.MarkOnline):
             return   # the scripts that put a session online or take it off mark it themselves
         elif isinstance(request, store.ClaimSession):

@@ -366,3 +366,26 @@ def test_a_ch_of_a_long_history_costs_others_nothing_and_is_not_held_in_memory(m
             break
     assert count == 100_000, count
     over_tls.close()
+
+
+def test_a_login_elsewhere_during_a_long_ch_ends_it_after_its_pages(make_server, keys):
+    """A takeover (BYE replaced) while CH pages are still being read from the store: the old
+    connection gets every page, then its BYE, then the close (in Redis mode the pages are
+    often waiting for their next piece when the close comes: it must still be flushed)."""
+    server = make_server("--flood-rate", "0", "--bm-rate", "0")
+    for c in log_in(server.port, keys, ["ann", "bob"]):
+        c.exit()
+    server.stop()
+    _give_a_long_history(server, "ann", 20_000, "y" * 100)
+    server.restart()
+    for _ in range(3):
+        ann = wire.WireClient(server.port, timeout=30)
+        ann.login("ann", PASSWORD + "ann", keys(0))
+        ann.send({"op": "CH"})
+        frames = [ann.recv()]   # the first page is out: the rest are on their way
+        wire.WireClient(server.port, timeout=30).login("ann", PASSWORD + "ann", keys(0))   # elsewhere
+        frames += ann.recv_until_closed(timeout=30)
+        assert frames[-1].body == {"op": "BYE", "reason": "replaced"}, frames[-1]
+        pages = frames[:-1]
+        assert all(f.body["op"] == "CH" for f in pages) and pages[-1].body["more"] is False
+        assert sum(len(f.body["entries"]) for f in pages) == 20_000
