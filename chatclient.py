@@ -1114,9 +1114,13 @@ class Session:
         if not (valid_username(name) and name.lower() == target.lower()):
             name = target  # the server answers with the registered spelling of the same name, nothing else
         stored = reply.get("online") is False
-        their_key = self.target_key(name, reply)
+        keeps = self.interactive and text is not None
+        their_key = self.target_key(name, reply, "message not sent: it is back in the line below" if keeps
+                                    else "message not sent")
         if their_key is None:
-            yield from self.cancel()
+            if keeps:   # to send once they are trusted (or to copy), as a message that was too long
+                self.retry_line = line or f"PM {name} {text}"
+            yield from self.cancel(say=False)   # the warning said why
             return
         retry = ""
         while True:
@@ -1191,7 +1195,7 @@ class Session:
                 return None
             names = sorted(self.online.values(), key=str.lower)
             if target is None:
-                event = yield Ask(f"to ({self.who_list()}): ", completions=tuple(names), resume="PM ")
+                event = yield Ask(f"to (online: {self.who_list()}): ", completions=tuple(names), resume="PM ")
                 if not isinstance(event, Submit) or not event.text.strip():
                     return None
                 target = event.text.strip()
@@ -1207,8 +1211,9 @@ class Session:
                 return None
             target = None
 
-    def target_key(self, name: str, reply: dict) -> pg3lib.PublicKey | None:
-        """The target's key from a TARGET reply if it is consistent and trusted, else None (warned)."""
+    def target_key(self, name: str, reply: dict, unsent: str = "message not sent") -> pg3lib.PublicKey | None:
+        """The target's key from a TARGET reply if it is consistent and trusted, else None (warned;
+        ``unsent`` says what became of the message)."""
         try:
             key = pg3lib.PublicKey.from_key_form(str(reply.get("public_key", "")))
         except pg3lib.InvalidKey:
@@ -1218,7 +1223,7 @@ class Session:
             self.failed(f"PM to {name}", "the server's fingerprint for them does not match the key it sent; "
                         "not sending")
             return None
-        if not self.contact_key_trusted(name, key, "message not sent"):
+        if not self.contact_key_trusted(name, key, unsent):
             if not self.interactive:
                 self.failures.append(f"PM to {name}: their key has changed (TRUST {name} accepts it)")
             return None
@@ -1287,6 +1292,8 @@ class Session:
             return f"no key of {sender} known here to check it"
         signed = pg3lib.pm2_signed_bytes(pm_id, sent, sender, receiver, ct_sha, sc_sha)
         if not key.verify(signed, signature):
+            if mine and self.open_sealed(ciphertext) is None:   # our copy is sealed for another key too
+                return "sent with another key of yours, one this machine does not have"
             return "the signature does not verify" + ("" if mine else f" with {sender}'s key")
         return None
 

@@ -457,7 +457,7 @@ class ChatServer:
 
     # --- shutdown -------------------------------------------------------------------
     def _shutdown(self) -> None:
-        log.info("shutting down: saying BYE to %d connections", len(self.conns))
+        log.info("shutting down: saying BYE to %d connection%s", len(self.conns), "" if len(self.conns) == 1 else "s")
         self.sel.unregister(self.listener)   # no new connections
         goodbye = bye(ByeReason.SHUTDOWN)
         if self.broadcasts:

@@ -232,6 +232,19 @@ def test_changed_contact_key_stops_a_pm_to_them(alice, keys):
     assert alice.target_key("bob", reply) == keys(2).public
 
 
+def test_a_pm_stopped_by_a_changed_key_comes_back_to_the_prompt(alice, keys):
+    """Nothing is sent, and the typed message is not lost: it is back in the line, to send once
+    the new key is trusted (TRUST), as a message that was too long is."""
+    alice.store.remember_contact(ALICE_BOOK, "bob", keys(1).fingerprint)
+    target = {"op": "TARGET", "ok": True, "username": "bob", "online": True, "public_key": keys(2).public.key_form,
+              "fingerprint": keys(2).fingerprint}
+    steps, _ = drive(alice.command("PM bob are you new"), [{"op": "PM", "ok": True, "online": ["bob"]}, target,
+                                                          {"op": "CANCEL", "ok": True}])
+    assert [s.body["op"] for s in steps if isinstance(s, chatclient.Send)] == ["PM", "TARGET", "CANCEL"]
+    assert alice.retry_line == "PM bob are you new"
+    assert "back in the line below" in alice.out.warned[-1] and "cancelled" not in alice.out.shown
+
+
 def test_presence_updates_who_is_online(alice):
     alice.on_data({"op": "PRESENCE", "username": "bob", "online": True})
     alice.on_data({"op": "PRESENCE", "username": "carol", "online": True})
@@ -883,6 +896,16 @@ def test_ch_checks_pm_entries(alice, keys):
     assert alice.entry_problem(changed) == "the text is not the one signed"
     resigned = dict(changed, ciphertext_sha256=pg3lib.sealed_digest(changed["ciphertext"]))
     assert alice.entry_problem(resigned) == "the signature does not verify with bob's key"
+    # Our own PM, sent with the key we had before this machine made a new one (keys(1)): said so.
+    to_bob, old_copy = keys(2).public.seal(b"old").decode(), keys(1).public.seal(b"old").decode()
+    body = wire.pm2_send(keys(1), "alice", "bob", to_bob, old_copy)
+    mine = {"ts": frame["ts"], "type": "PM", "from": "alice", "to": "bob", "ciphertext": old_copy, "id": body["id"],
+            "sent": body["sent"], "signature": body["signature"], "ciphertext_sha256": pg3lib.sealed_digest(to_bob),
+            "self_copy_sha256": pg3lib.sealed_digest(old_copy)}
+    assert alice.entry_problem(mine) == "sent with another key of yours, one this machine does not have"
+    copy = keys(0).public.seal(b"old").decode()   # our copy readable, yet not our signature: a forgery
+    forged = dict(mine, ciphertext=copy, self_copy_sha256=pg3lib.sealed_digest(copy))
+    assert alice.entry_problem(forged) == "the signature does not verify"
     old = {k: entry[k] for k in ("ts", "type", "from", "to", "ciphertext")}
     assert alice.entry_problem(old) == "version-1 PM, not signed with an id"
     assert alice.entry_problem(dict(entry, **{"from": "carol"})) == "no key of carol known here to check it"
