@@ -141,6 +141,12 @@ NEW_KEY_WARNING = (
     "your old key (CH) stay unreadable here, and your contacts will be warned that your key changed. "
     "To use the old key instead: chatclient.py --export-key FILE HOST PORT {user} on the machine that has it, "
     "then here chatclient.py --import-key FILE HOST PORT {user} (it replaces the new one)")
+NEW_KEY_QUESTION = (
+    "there is no key pair for {user} at {server} on this machine. A new one means: private messages "
+    "sealed for your old key (CH) stay unreadable here, and your contacts are warned that your key "
+    "changed. To use the old key instead: chatclient.py --export-key FILE HOST PORT {user} on the machine "
+    "that has it, then here chatclient.py --import-key FILE HOST PORT {user}")
+NEW_KEY_DECLINED = "login stopped before the password: no new key made, nothing sent (--import-key brings your key)"
 UNVERIFIED = "[UNVERIFIED: {}]"
 PASSPHRASE_ENV = "CHATCLIENT_KEY_PASSPHRASE"  # the export file's passphrase, for scripts and tests
 CH_ALL = "all"  # CH all: the whole history, however long, on a terminal too
@@ -546,6 +552,7 @@ class Session:
         self.held: dict[str, list[dict]] = {}  # contact -> PMs waiting for TRUST
         self.failures: list[str] = []  # a script's lines that were not carried out (exit status 1)
         self.retry_line = ""  # put back at the next operation prompt (a message that was too long)
+        self.new_key_agreed = False   # asked at login: a new key pair for an account that had one
         self.exiting = False
         self.cert_key: pg3lib.PublicKey | None = None  # the key of the server's TLS certificate
         self.import_keys: pg3lib.KeyPair | None = None  # --import-key: the key pair to adopt at this login
@@ -675,6 +682,8 @@ class Session:
         if new_user and not self.interactive and not self.register:
             raise ClientExit(f"there is no account {self.username} at {self.server}; a script creates one "
                              "only when asked: run it with --register (nothing was sent)")
+        if not new_user and self.interactive and not (yield from self.key_pair_here_or_agreed()):
+            raise ClientExit(NEW_KEY_DECLINED)
         if new_user and self.interactive:
             self.out.show(f"new user {self.username}: choose a password (at least {MIN_PASSWORD_CHARS} characters)")
         elif new_user:
@@ -928,6 +937,21 @@ class Session:
         else:
             raise ClientExit(f"login failed: {describe_error(reply)}")
 
+    def key_pair_here_or_agreed(self) -> Flow:
+        """An account that exists: True if its key pair is on this machine (or comes with
+        --import-key), or the person agrees to a new one. Asked before the password, so that
+        saying no changes nothing: no session of theirs elsewhere is replaced, no key is made."""
+        if self.import_keys is not None:
+            return True
+        if self.store.adopt_key_pair(self.server, self.server_key_id, self.username):
+            log.debug("adopted the key files of %s for the server key", self.server)
+        if self.store.has_key_pair(self.server_key_id, self.username):
+            return True
+        self.out.warn(NEW_KEY_QUESTION.format(user=self.username, server=self.server))
+        answer = yield Ask(f"make a new key pair for {self.username} here? [y/N] ")
+        self.new_key_agreed = isinstance(answer, Submit) and answer.text.strip().lower() in ("y", "yes")
+        return self.new_key_agreed
+
     def own_key_pair(self, password: str, existed: bool = False) -> pg3lib.KeyPair:
         """The saved key pair for this server key and account (section 9), made on first login.
 
@@ -957,7 +981,7 @@ class Session:
                           "and a new one is made (older private messages will be unreadable)")
             keys = None
         if keys is None:
-            if existed:
+            if existed and not self.new_key_agreed:   # (a script; on a terminal it was asked before)
                 self.out.warn(NEW_KEY_WARNING.format(user=self.username, server=self.server))
             self.out.show("generating your key...")
             keys = self.store.create_key_pair(server, self.username, password, self.server)

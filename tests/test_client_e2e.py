@@ -364,6 +364,32 @@ def test_ctrl_c_at_a_sub_prompt_cancels(server, connect, keys, home, ptys):
     assert not [d for d in bob.data if d["op"] in ("BM", "PM")]
 
 
+def test_an_account_without_its_key_here_asks_before_making_a_new_one(server, connect, keys, home):
+    """alice exists, but this machine has no key of hers: the client asks before the password.
+    No: it stops, and nothing changed (her session elsewhere stays). Yes: a new key, logged in."""
+    elsewhere = wire_login(connect, "alice", keys(0))
+    alice = PtyClient(server.port, "alice", home("new-machine"))
+    try:
+        alice.wait_prompt("make a new key pair for alice here? [y/N] ")
+        assert "--import-key" in alice.text() and "password for alice" not in alice.text()
+        alice.type("\r")   # no (the default)
+        assert alice.wait_exit() == 1
+        alice.wait_for("no new key made, nothing sent")
+    finally:
+        alice.close()
+    assert elsewhere.request({"op": "PM"})["ok"]   # not replaced
+    again = PtyClient(server.port, "alice", home("new-machine"))
+    try:
+        again.wait_prompt("make a new key pair for alice here? [y/N] ")
+        again.type("y\r")
+        again.wait_prompt("password for alice: ")
+        again.type(PASSWORD + "\r")
+        again.wait_prompt("alice> ")
+        assert "your key fingerprint is" in again.text() and "a NEW one is made" not in again.text()
+    finally:
+        again.close()
+
+
 def test_wrong_password_says_attempts_left_and_asks_again(server, connect, keys, home):
     wire_login(connect, "alice", keys(0)).exit()
     seed_key(home("alice"), server.port, "alice", keys(0))
