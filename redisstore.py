@@ -29,6 +29,7 @@ import collections
 import contextlib
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -51,6 +52,7 @@ log = logging.getLogger("chat.redis")
 TICK = 1.0             # seconds between lease renewals and reaping rounds
 STALL = 2.0            # an unanswered command this old means the link is broken
 DROP_AFTER = 3.0       # seconds without Redis before the node closes its users' connections
+LEAVE_WAIT = 1.0       # seconds a node stopping cleanly waits for Redis to take its leave
 XREAD_BLOCK_MS = 1000
 XREAD_COUNT = 1000
 SERVER_KEY = "serverkey"
@@ -611,6 +613,25 @@ class RedisStore:
         return store.Appended(recipients=0, target_gone=True) if reply[0] == 0 else store.FAILED
 
     def close(self) -> None:
+        """Leave: this node's lease is dropped and the node forgotten (``reap_node`` on itself,
+        behind the logouts already queued), waiting up to LEAVE_WAIT for it, so the other nodes
+        do not reap it later as if it had died; then the links close."""
+        cmd = self.cmd
+        if cmd is not None and cmd.error is None and self._joined:
+            left: list = []
+            cmd.call(lambda _: None, "DEL", self.keys.node(self.node))
+            cmd.eval(left.append, *self.keys.reap_node(self.node))
+            deadline = time.monotonic() + LEAVE_WAIT
+            while not left and cmd.error is None and time.monotonic() < deadline:
+                cmd.flush()
+                readable, writable, _ = select.select([cmd.sock], [cmd.sock] if cmd.wants_write() else [], [],
+                                                      max(0.0, deadline - time.monotonic()))
+                if writable:
+                    cmd.on_writable()
+                if readable:
+                    cmd.on_readable()
+            if left and isinstance(left[0], list) and left[0][0] == 1:
+                log.info("node %s left %s", self.node, redact(self.url))
         for link in (self.cmd, self.reader):
             if link is not None and link.error is None:
                 link.on_down = None

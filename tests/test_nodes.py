@@ -22,6 +22,7 @@ import pytest
 
 import framing
 import pg3lib
+import redis_scripts
 from redislink import BlockingRedis
 from redisproc import RedisProcess
 from serverproc import ServerProcess
@@ -451,6 +452,22 @@ def test_sigkill_of_a_node_shows_its_users_offline_within_7s(cluster, keys):
     wait_presence(bob, "cat", True, time.monotonic() + 5, "bob after cat logged in again on B")
     wait_presence(ann, "cat", True, time.monotonic() + 5, "ann on A after cat logged in again on B")
     assert ann.bm("all here")["recipients"] == 2
+
+
+def test_a_node_stopped_cleanly_leaves_and_is_not_reaped(cluster, keys):
+    """SIGTERM: the node says BYE, logs its users out and takes its own lease away, so the other
+    nodes show them offline at once and never reap it as if it had died."""
+    a, b = cluster.node(), cluster.node()
+    cat = cluster.login(a, "cat", 2)
+    bob = cluster.login(b, "bob", 1)
+    settle([cat, bob])
+    stopped_at = time.monotonic()
+    assert a.stop() == 0
+    assert "left redis://" in a.log()
+    wait_presence(bob, "cat", False, stopped_at + 2, "bob on B after node A stopped")
+    time.sleep(redis_scripts.LEASE_MS / 1000 + 1.5)   # past the lease and a reaping round of B
+    assert "reaping node" not in b.log(), b.log()[-2000:]
+    assert bob.bm("still here")["recipients"] == 0
 
 
 def test_sigstop_of_a_node_past_its_lease_fences_it(cluster, keys):
