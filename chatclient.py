@@ -2177,18 +2177,22 @@ class TtyScreen(Output):
         """Leave the question and its answer on screen, like a shell's transcript.
 
         The transcript is one row at most: a long message is shown whole by its
-        echo (or kept in the line when it was too long), not twice.
+        echo (or kept in the line when it was too long), not twice. A ``^C`` or
+        ``^D`` stays at its end when the line is cut, so a dropped line never
+        reads like a sent one.
         """
+        mark = ""
         if isinstance(event, Submit):
             answer = "" if ask.secret else event.text
             if not ask.secret:
                 self.editor.add_history(event.text)
         elif event is Key.INTERRUPT:
-            answer = ("" if ask.secret else self.editor.interrupted) + "^C"  # what was dropped, as a shell shows
+            answer, mark = ("" if ask.secret else self.editor.interrupted), "^C"  # what was dropped, as a shell shows
         else:
-            answer = "^D"
+            answer, mark = "", "^D"
         self.prompt = None
-        self._write("\r\x1b[K" + visible(shorten(ask.prompt + answer, max(self.width - 1, 8))) + "\r\n")
+        row = shorten(ask.prompt + answer, max(self.width - 1 - len(mark), 8)) + mark
+        self._write("\r\x1b[K" + visible(row) + "\r\n")
 
 
 Screen = Union[TtyScreen, PlainScreen]

@@ -989,6 +989,8 @@ def test_ctrl_c_drops_a_message_put_back_for_being_too_long(server, connect, key
     alice.wait_until(lambda: alice.cursor_row().startswith("alice> xxx"), "the line given back")
     alice.type("\x03")
     alice.wait_prompt("alice> ")                  # dropped, as the hint says
+    dropped = [row for row in alice.rows() if row.startswith("alice> BM xxx") and row.endswith("^C")]
+    assert len(dropped) == 1 and dropped[0].endswith(" ...^C") and len(dropped[0]) < COLS   # cut, marked dropped
     alice.type("\x03")
     alice.wait_for("to leave, type EX or press Ctrl-D")   # an empty line: how to leave; the line stays empty
     alice.wait_prompt("alice> ")
