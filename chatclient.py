@@ -146,7 +146,7 @@ NEW_KEY_QUESTION = (
     "sealed for your old key (CH) stay unreadable here, and your contacts are warned that your key "
     "changed. To use the old key instead: chatclient.py --export-key FILE HOST PORT {user} on the machine "
     "that has it, then here chatclient.py --import-key FILE HOST PORT {user}")
-NEW_KEY_DECLINED = "login stopped before the password: no new key made, nothing sent (--import-key brings your key)"
+NEW_KEY_DECLINED = "login stopped: no new key made, password not sent (--import-key brings your key)"
 UNVERIFIED = "[UNVERIFIED: {}]"
 PASSPHRASE_ENV = "CHATCLIENT_KEY_PASSPHRASE"  # the export file's passphrase, for scripts and tests
 CH_ALL = "all"  # CH all: the whole history, however long, on a terminal too
@@ -490,6 +490,7 @@ class Ask(NamedTuple):
     clear_on_interrupt: bool = False  # Ctrl-C on a half-typed line only drops the line
     initial: str = ""  # text already in the line, to edit (a message that was too long)
     resume: str = ""  # what makes the half-typed answer a command again if the connection drops ("BM ")
+    fresh: bool = False  # lines typed before it was asked are dropped, not taken as its answer (a password)
 
 
 Step = Union[Send, Reply, Handshake, Reconnect, Ask]
@@ -553,6 +554,8 @@ class Session:
         self.failures: list[str] = []  # a script's lines that were not carried out (exit status 1)
         self.retry_line = ""  # put back at the next operation prompt (a message that was too long)
         self.new_key_agreed = False   # asked at login: a new key pair for an account that had one
+        self._last_opened: tuple[str, str | None] = ("", None)   # (sealed text, what it opened to)
+        self.stopped_by_changed_key = False   # the last target_key refused a contact's changed key
         self.exiting = False
         self.cert_key: pg3lib.PublicKey | None = None  # the key of the server's TLS certificate
         self.import_keys: pg3lib.KeyPair | None = None  # --import-key: the key pair to adopt at this login
@@ -948,7 +951,7 @@ class Session:
         if self.store.has_key_pair(self.server_key_id, self.username):
             return True
         self.out.warn(NEW_KEY_QUESTION.format(user=self.username, server=self.server))
-        answer = yield Ask(f"make a new key pair for {self.username} here? [y/N] ")
+        answer = yield Ask(f"make a new key pair for {self.username} here? [y/N] ", fresh=True)
         self.new_key_agreed = isinstance(answer, Submit) and answer.text.strip().lower() in ("y", "yes")
         return self.new_key_agreed
 
@@ -1142,8 +1145,9 @@ class Session:
         their_key = self.target_key(name, reply, "message not sent: it is back in the line below" if keeps
                                     else "message not sent")
         if their_key is None:
-            if keeps:   # to send once they are trusted (or to copy), as a message that was too long
+            if keeps and self.stopped_by_changed_key:   # to send once trusted, as a message too long
                 self.retry_line = line or f"PM {name} {text}"
+            self.in_flight = ""   # not sent, and not to be sent again on a reconnect
             yield from self.cancel(say=False)   # the warning said why
             return
         retry = ""
@@ -1237,7 +1241,8 @@ class Session:
 
     def target_key(self, name: str, reply: dict, unsent: str = "message not sent") -> pg3lib.PublicKey | None:
         """The target's key from a TARGET reply if it is consistent and trusted, else None (warned;
-        ``unsent`` says what became of the message)."""
+        ``unsent`` says what became of the message). ``stopped_by_changed_key``: why it was None."""
+        self.stopped_by_changed_key = False
         try:
             key = pg3lib.PublicKey.from_key_form(str(reply.get("public_key", "")))
         except pg3lib.InvalidKey:
@@ -1248,6 +1253,7 @@ class Session:
                         "not sending")
             return None
         if not self.contact_key_trusted(name, key, unsent):
+            self.stopped_by_changed_key = True
             if not self.interactive:
                 self.failures.append(f"PM to {name}: their key has changed (TRUST {name} accepts it)")
             return None
@@ -1316,8 +1322,8 @@ class Session:
             return f"no key of {sender} known here to check it"
         signed = pg3lib.pm2_signed_bytes(pm_id, sent, sender, receiver, ct_sha, sc_sha)
         if not key.verify(signed, signature):
-            if mine and self.open_sealed(ciphertext) is None:   # our copy is sealed for another key too
-                return "sent with another key of yours, one this machine does not have"
+            if mine and self._opened(ciphertext) is None:   # our copy is sealed for another key too
+                return "signed with a key this machine does not have (an older one of yours?)"
             return "the signature does not verify" + ("" if mine else f" with {sender}'s key")
         return None
 
@@ -1326,7 +1332,7 @@ class Session:
         problem = self.entry_problem(entry)
         if problem is not None and not valid_username(entry.get("from")):
             entry = dict(entry, **{"from": ascii(str(entry.get("from")))})
-        line = format_history_entry(entry, self.open_sealed)
+        line = format_history_entry(entry, lambda sealed: self._opened(sealed) if isinstance(sealed, str) else None)
         return line if problem is None else f"{UNVERIFIED.format(problem)} {line}"
 
     def history(self, argument: str) -> Flow:
@@ -1550,6 +1556,12 @@ class Session:
         self.out.show(f"server {self.server}: {self.store.server_fingerprint(self.server) or 'unknown'}")
         for contact, fingerprint in sorted(self.store.contacts(self.book).items()):
             self.out.show(f"{contact}: {fingerprint}")
+
+    def _opened(self, sealed: str) -> str | None:
+        """open_sealed, remembered for the last text (CH checks an entry, then shows it)."""
+        if self._last_opened[0] != sealed:
+            self._last_opened = (sealed, self.open_sealed(sealed))
+        return self._last_opened[1]
 
     def open_sealed(self, sealed: Any) -> str | None:
         """A message sealed for our key, or None if it is not ours to read."""
@@ -2639,6 +2651,8 @@ class Driver:
                 self.screen.busy()
                 return
             else:
+                if step.fresh:   # typed ahead for another prompt (the password): never its answer
+                    self.inputs = deque(e for e in self.inputs if not isinstance(e, Submit))
                 self.asking = step
                 self.screen.ask(step)
                 return

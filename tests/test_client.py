@@ -243,6 +243,11 @@ def test_a_pm_stopped_by_a_changed_key_comes_back_to_the_prompt(alice, keys):
     assert [s.body["op"] for s in steps if isinstance(s, chatclient.Send)] == ["PM", "TARGET", "CANCEL"]
     assert alice.retry_line == "PM bob are you new"
     assert "back in the line below" in alice.out.warned[-1] and "cancelled" not in alice.out.shown
+    alice.retry_line = ""
+    lying = dict(target, fingerprint=keys(1).fingerprint)   # not the key it sent: refused, nothing put back
+    drive(alice.command("PM bob hm"), [{"op": "PM", "ok": True, "online": ["bob"]}, lying,
+                                       {"op": "CANCEL", "ok": True}])
+    assert alice.retry_line == "" and "does not match" in alice.out.warned[-1]
 
 
 def test_presence_updates_who_is_online(alice):
@@ -902,7 +907,7 @@ def test_ch_checks_pm_entries(alice, keys):
     mine = {"ts": frame["ts"], "type": "PM", "from": "alice", "to": "bob", "ciphertext": old_copy, "id": body["id"],
             "sent": body["sent"], "signature": body["signature"], "ciphertext_sha256": pg3lib.sealed_digest(to_bob),
             "self_copy_sha256": pg3lib.sealed_digest(old_copy)}
-    assert alice.entry_problem(mine) == "sent with another key of yours, one this machine does not have"
+    assert alice.entry_problem(mine) == "signed with a key this machine does not have (an older one of yours?)"
     copy = keys(0).public.seal(b"old").decode()   # our copy readable, yet not our signature: a forgery
     forged = dict(mine, ciphertext=copy, self_copy_sha256=pg3lib.sealed_digest(copy))
     assert alice.entry_problem(forged) == "the signature does not verify"

@@ -374,13 +374,17 @@ def test_an_account_without_its_key_here_asks_before_making_a_new_one(server, co
         assert "--import-key" in alice.text() and "password for alice" not in alice.text()
         alice.type("\r")   # no (the default)
         assert alice.wait_exit() == 1
-        alice.wait_for("no new key made, nothing sent")
+        alice.wait_for("no new key made, password not sent")
     finally:
         alice.close()
     assert elsewhere.request({"op": "PM"})["ok"]   # not replaced
     again = PtyClient(server.port, "alice", home("new-machine"))
     try:
+        again.type(PASSWORD + "\r")   # typed ahead, for the password prompt it expects: not the answer
         again.wait_prompt("make a new key pair for alice here? [y/N] ")
+        time.sleep(0.3)
+        again.pump()
+        assert again.proc.poll() is None and again.cursor_row() == "make a new key pair for alice here? [y/N]"
         again.type("y\r")
         again.wait_prompt("password for alice: ")
         again.type(PASSWORD + "\r")

@@ -8,7 +8,9 @@ several links interleave.
 from __future__ import annotations
 
 import json
+import os
 import random
+import resource
 import selectors
 import time
 
@@ -17,6 +19,7 @@ import pytest
 from protocol import PM_CLOCK_WINDOW, PM_IDS_PER_SENDER
 from redis_scripts import FORWARD_START, SCRIPTS, ChatKeys
 import store
+import redisstore
 from redisstore import LazyHistory
 from store import PmId
 from redislink import BlockingRedis, RedisLink
@@ -788,3 +791,30 @@ def test_moderate_keeps_bans_and_mutes_journals_and_announces(r):
     assert [e[b"e"] for e in entries(r, K.modlog)] == [ban, mute, b'{"action":"unban"}', b'{"action":"kick"}']
     assert r.call("XRANGE", K.ev, "-", "+")[-1] == [event_id, [b"t", b"mod", b"u", b"bob", b"d",
                                                               b'{"action":"kick"}']]
+
+
+def test_a_store_stopping_cleanly_leaves_even_with_its_link_past_descriptor_1023(shared_redis):
+    """RedisStore.close deletes the node's lease and forgets it (no reap as if it had died), also
+    when its command link's descriptor is past select()'s 1,023 (a server with many connections)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip("needs 1,300 descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        sel = selectors.DefaultSelector()
+        node_store = redisstore.RedisStore(shared_redis.url, sel)
+        assert node_store.cmd.sock.fileno() > 1023
+        for _ in range(20):   # the links connect
+            for key, mask in sel.select(0.05):
+                key.data.on_ready(mask)
+        node = node_store.node
+        with BlockingRedis(shared_redis.url) as other:
+            assert other.call("EXISTS", K.node(node)) == 1
+            node_store.close()
+            assert other.call("EXISTS", K.node(node)) == 0 and other.call("ZSCORE", K.nodes, node) is None
+        sel.close()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
