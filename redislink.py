@@ -435,6 +435,25 @@ class RedisLink:
             self._update_events()    # handshake bytes to send, or commands the handshake let go
         return count
 
+    def settle(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Drive this link alone, on a selector of its own, until ``done()`` or ``timeout``
+        seconds; True if done. For tools, tests and a node's last commands at shutdown, never
+        inside a running loop (it blocks)."""
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as own:   # (a descriptor past 1,023 is fine, unlike select())
+            own.register(self.sock, selectors.EVENT_READ)
+            while not done():
+                left = deadline - time.monotonic()
+                if left <= 0 or self.error is not None:
+                    return done()
+                own.modify(self.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.wants_write() else 0))
+                for _key, mask in own.select(left):
+                    if mask & selectors.EVENT_WRITE:
+                        self.on_writable()
+                    if mask & selectors.EVENT_READ and self.error is None:
+                        self.on_readable()
+        return True
+
     def flush(self) -> None:
         """Send what is queued now, as far as the socket takes it (never blocks)."""
         if self.error is not None or self._connecting:
@@ -705,7 +724,7 @@ class BlockingRedis:
         """Run a script and return its reply."""
         box: list = []
         self.link.eval(box.append, script, keys, args)
-        self._wait(lambda: bool(box))
+        self.wait_until(lambda: bool(box))
         return box[0]
 
     def pipeline(self, commands: Iterable[Sequence]) -> list:
@@ -715,25 +734,22 @@ class BlockingRedis:
         for command in commands:
             self.link.call(replies.append, *command)
             expected += 1
-        self._wait(lambda: len(replies) >= expected)
+        self.wait_until(lambda: len(replies) >= expected)
         return replies
 
-    def _wait(self, done: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + self.timeout
+    def wait_until(self, done: Callable[[], bool]) -> None:
+        """Drive the link until ``done()`` (replies to commands queued on ``self.link`` arrive).
+
+        Raises:
+            TimeoutError: not done within the timeout (the link is closed).
+        """
         link = self.link
-        while not done():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                handshaking = link.tls and not link._tls_ready
-                link.close()
-                raise TimeoutError(f"no reply from {link.url} within {self.timeout} s" +
-                                   (" (the TLS handshake did not finish: is that Redis's tls-port?)"
-                                    if handshaking else ""))
-            for _key, mask in self._sel.select(left):
-                if mask & selectors.EVENT_WRITE:
-                    link.on_writable()
-                if mask & selectors.EVENT_READ:
-                    link.on_readable()
+        if not link.settle(done, self.timeout):
+            handshaking = link.tls and not link._tls_ready
+            link.close()
+            raise TimeoutError(f"no reply from {link.url} within {self.timeout} s" +
+                               (" (the TLS handshake did not finish: is that Redis's tls-port?)"
+                                if handshaking else ""))
 
     def close(self) -> None:
         self.link.close()

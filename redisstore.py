@@ -29,7 +29,6 @@ import collections
 import contextlib
 import logging
 import os
-import selectors
 import socket
 import time
 from collections.abc import Callable
@@ -621,17 +620,7 @@ class RedisStore:
             left: list = []
             cmd.call(lambda _: None, "DEL", self.keys.node(self.node))
             cmd.eval(left.append, *self.keys.reap_node(self.node))
-            deadline = time.monotonic() + LEAVE_WAIT
-            with selectors.DefaultSelector() as own:   # (not select(): a descriptor may be past 1023)
-                own.register(cmd.sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-                while not left and cmd.error is None and time.monotonic() < deadline:
-                    cmd.flush()
-                    own.modify(cmd.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if cmd.wants_write() else 0))
-                    for _, mask in own.select(max(0.0, deadline - time.monotonic())):
-                        if mask & selectors.EVENT_WRITE:
-                            cmd.on_writable()
-                        if mask & selectors.EVENT_READ:
-                            cmd.on_readable()
+            cmd.settle(lambda: bool(left), LEAVE_WAIT)
             if left and isinstance(left[0], list) and left[0][0] == 1:
                 log.info("node %s left %s", self.node, redact(self.url))
         for link in (self.cmd, self.reader):

@@ -210,8 +210,11 @@ def history_pages(lines: Iterable, limit: int) -> Iterator[bytes | None]:
     used = 0
     try:
         for text in lines:
-            if text is store.PAUSE or text is store.WAIT:
-                yield None if text is store.WAIT else b""
+            if text is store.PAUSE:
+                yield b""
+                continue
+            if text is store.WAIT:
+                yield None
                 continue
             size = len(text.encode("utf-8")) + 1
             if size > budget:

@@ -320,18 +320,24 @@ def _give_a_long_history(server, name: str, count: int, text: str) -> None:
     r.link.close()
 
 
+def _server_with_a_long_history(make_server, keys, count: int, text: str):
+    """A server (limits on BMs off) where ann and bob have accounts and ann has a history of
+    ``count`` BMs of ``text`` (``_give_a_long_history``)."""
+    server = make_server("--flood-rate", "0", "--bm-rate", "0")
+    for c in log_in(server.port, keys, ["ann", "bob"]):
+        c.exit()
+    server.stop()
+    _give_a_long_history(server, "ann", count, text)
+    return server.restart()
+
+
 def test_a_ch_of_a_long_history_costs_others_nothing_and_is_not_held_in_memory(make_server, keys):
     """A history of about 48 MB (100,000 BMs of 400 characters; one account online while they
     were sent), read with CH by a client that does not read at first: the server reads it as
     the pages are taken (the file store its files, a node of several Redis a piece at a time),
     so its memory does not grow by the history's size and another user's BMs keep their round
     trip (a helper saw a 560 MB history take 1.2 GB and stall the loop 4.5 s)."""
-    server = make_server("--flood-rate", "0", "--bm-rate", "0")
-    for c in log_in(server.port, keys, ["ann", "bob"]):
-        c.exit()
-    server.stop()
-    _give_a_long_history(server, "ann", 100_000, "x" * 400)
-    server.restart()
+    server = _server_with_a_long_history(make_server, keys, 100_000, "x" * 400)
     ann, bob = log_in(server.port, keys, ["ann", "bob"])
     time.sleep(0.5)
     before = rss_kib(server.proc.pid)
@@ -357,13 +363,7 @@ def test_a_ch_of_a_long_history_costs_others_nothing_and_is_not_held_in_memory(m
     # The same over TLS, whose flush differs: the pages keep coming while the reader pauses.
     over_tls = wire.WireClient(server.port, tls=True, timeout=60)
     over_tls.login("ann", PASSWORD + "ann", keys(0))
-    over_tls.send({"op": "CH", "limit": 100_000})   # a limit past what is held: counted, then read again
-    count = 0
-    while True:
-        reply = over_tls.reply("CH", timeout=60)
-        count += len(reply["entries"])
-        if not reply["more"]:
-            break
+    count = len(over_tls.history(100_000))   # a limit past what is held: counted, then read again
     assert count == 100_000, count
     over_tls.close()
 
@@ -372,12 +372,7 @@ def test_a_login_elsewhere_during_a_long_ch_ends_it_after_its_pages(make_server,
     """A takeover (BYE replaced) while CH pages are still being read from the store: the old
     connection gets every page, then its BYE, then the close (in Redis mode the pages are
     often waiting for their next piece when the close comes: it must still be flushed)."""
-    server = make_server("--flood-rate", "0", "--bm-rate", "0")
-    for c in log_in(server.port, keys, ["ann", "bob"]):
-        c.exit()
-    server.stop()
-    _give_a_long_history(server, "ann", 20_000, "y" * 100)
-    server.restart()
+    server = _server_with_a_long_history(make_server, keys, 20_000, "y" * 100)
     for _ in range(3):
         ann = wire.WireClient(server.port, timeout=30)
         ann.login("ann", PASSWORD + "ann", keys(0))

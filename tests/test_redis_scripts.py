@@ -285,7 +285,7 @@ def _pull_all(r: BlockingRedis, lazy) -> tuple[list, int]:
             return got, waits
         if item is store.WAIT:
             waits += 1
-            r._wait(lambda: not lazy._asking)
+            r.wait_until(lambda: not lazy._asking)
         else:
             got.append(item)
 
@@ -305,7 +305,7 @@ def test_the_redis_stores_lazy_history_reads_a_piece_per_pull(r):
     r.pipeline([("XADD", K.room, "*", "e", b"B%d" % n) for n in range(1200)])
     ready: list = []
     lazy = LazyHistory(r.link, K, "alice", None, ready.append)
-    r._wait(lambda: bool(ready))
+    r.wait_until(lambda: bool(ready))
     assert ready == [lazy]   # the store's answer to ReadHistory comes with the first piece
     got, waits = _pull_all(r, lazy)
     assert got == [f"B{n}" for n in range(1200)] and waits <= 3
@@ -314,13 +314,13 @@ def test_the_redis_stores_lazy_history_reads_a_piece_per_pull(r):
     r.call("CONFIG", "RESETSTAT")
     gone = LazyHistory(r.link, K, "alice", 700, ready.append)   # its reader pulls once, then is gone
     assert next(gone) is store.WAIT
-    r._wait(lambda: not gone._asking)
+    r.wait_until(lambda: not gone._asking)
     r.call("PING")
     assert _evalsha_calls(r) == 1
     r.call("SET", K.hist("zed"), "not a stream")   # Redis refuses the first piece: CH says internal
     ready.clear()
     LazyHistory(r.link, K, "zed", None, ready.append)
-    r._wait(lambda: bool(ready))
+    r.wait_until(lambda: bool(ready))
     assert ready == [None]
 
 
@@ -334,7 +334,7 @@ def test_a_limit_read_goes_on_from_where_its_count_was_so_a_trim_meanwhile_loses
     lazy = LazyHistory(r.link, K, "alice", 100, lambda _: None, work=20)
     while lazy._counting:
         assert next(lazy) is store.WAIT
-        r._wait(lambda: not lazy._asking)
+        r.wait_until(lambda: not lazy._asking)
     r.call("XTRIM", K.room, "MAXLEN", 150)   # B0..B149 gone
     got, _ = _pull_all(r, lazy)
     assert got == [f"B{n}" for n in range(200, 300)]
