@@ -492,9 +492,11 @@ def _open_store(args: argparse.Namespace, selector: selectors.BaseSelector):
     if args.redis:
         import redisstore   # only a node of several needs it (and its Redis modules)
         return redisstore.open_store(args.redis, selector, args.data, history_limit=args.history_limit,
-                                     key_file=args.server_key, frame_limit=args.frame_limit)
+                                     key_file=args.server_key, frame_limit=args.frame_limit,
+                                     readers=args.history_readers or None)
     return storage.open_store(args.data, getattr(args, "history_files", storage.DEFAULT_MAX_OPEN_HISTORY),
-                              history_limit=args.history_limit, min_free=args.min_free, key_file=args.server_key)
+                              history_limit=args.history_limit, min_free=args.min_free, key_file=args.server_key,
+                              readers=args.history_readers or None)
 
 
 # --- command line -------------------------------------------------------------------
@@ -514,6 +516,14 @@ def nonnegative(kind):
             raise argparse.ArgumentTypeError(f"{text} is negative")
         return value
     return parse
+
+
+def descriptor_budget(fd_limit: int) -> tuple[int, int]:
+    """(history files, clients) for a descriptor limit: half for history files (kept open for
+    appends, and the lazy CH reads'), the rest for clients but 64 spare (the listener, the
+    store's own files, Redis, the wake-up pair), so that the server does not run out."""
+    history_files = max(16, fd_limit // 2 - 64)
+    return history_files, max(16, fd_limit - history_files - 64)
 
 
 def _raise_fd_limit() -> int:
@@ -620,6 +630,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="BYTES", help="history kept: the room log keeps about the newest BYTES of BMs and "
                         "each <Username>.chat at most BYTES (two halves); with --redis, streams of about "
                         "BYTES/512 (room) and BYTES/4096 (each user) entries (default: %(default)s)")
+    limits.add_argument("--history-readers", type=nonnegative(int), default=0, metavar="N",
+                        help="CH reads of a whole history (or a limit past 2,000) served at once; more wait "
+                        "their turn, oldest first (default 0: a quarter of the descriptors kept for history "
+                        "files, 3 each; with --redis, 64, each holding up to 512 KiB)")
     limits.add_argument("--min-free", type=nonnegative(int), default=storage.DEFAULT_MIN_FREE, metavar="BYTES",
                         help="free disk below which new messages are refused with internal, before a write "
                         "could fail half-way (default: %(default)s)")
@@ -652,11 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    fd_limit = _raise_fd_limit()
-    # Half the descriptors for open history files: a BM writes to every online user's.
-    args.history_files = max(storage.DEFAULT_MAX_OPEN_HISTORY, fd_limit // 2 - 64)
+    args.history_files, clients = descriptor_budget(_raise_fd_limit())
     if args.max_clients is None:
-        args.max_clients = max(16, fd_limit - args.history_files - 64)
+        args.max_clients = clients
     try:
         server = ChatServer(args)
     except (storage.StorageError, tlslayer.TLSError) as exc:

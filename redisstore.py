@@ -54,6 +54,7 @@ DROP_AFTER = 3.0       # seconds without Redis before the node closes its users'
 LEAVE_WAIT = 1.0       # seconds a node stopping cleanly waits for Redis to take its leave
 XREAD_BLOCK_MS = 1000
 XREAD_COUNT = 1000
+READERS = 64           # lazy CH reads at once (--history-readers): each holds up to two pieces (512 KiB)
 SERVER_KEY = "serverkey"
 
 
@@ -122,7 +123,8 @@ class LazyHistory:
     COUNT_ALL = 10**15   # a skip that only counts
 
     def __init__(self, link: RedisLink, keys: redis_scripts.ChatKeys, name: str, limit: int | None,
-                 ready: Callable[[LazyHistory | None], None], work: int = redis_scripts.FORWARD_WORK) -> None:
+                 ready: Callable[[LazyHistory | None], None], work: int = redis_scripts.FORWARD_WORK,
+                 slots: store.ReadSlots | None = None) -> None:
         self._link, self._keys, self._name, self._limit, self._work = link, keys, name, limit, work
         self._ready: Callable[[LazyHistory | None], None] | None = ready
         self._lines: collections.deque[str] = collections.deque()
@@ -134,7 +136,12 @@ class LazyHistory:
         self._counted = 0
         self._asking = self._done = False
         self._error: str | None = None
-        self._ask()
+        self._slots = slots
+        self._ticket: list | None = None
+        if slots is None:
+            self._ask()
+        else:   # the first piece is asked for once a slot is free (now, if one is)
+            self._ticket = slots.enter(self._ask)
 
     def __iter__(self) -> LazyHistory:
         return self
@@ -146,10 +153,23 @@ class LazyHistory:
         if lines:
             return lines.popleft()
         if self._error is not None:
+            self.close()
             raise OSError(self._error)
         if self._done:
+            self.close()
             raise StopIteration
         return store.WAIT
+
+    def close(self) -> None:
+        """The pages end here: no more pieces; the slot goes to the next read waiting."""
+        self._done = True
+        self._lines.clear()
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None and self._slots is not None:
+            self._slots.leave(ticket)
+
+    def __del__(self) -> None:
+        self.close()
 
     def _ask(self) -> None:
         self._asking = True
@@ -179,6 +199,8 @@ class LazyHistory:
             else:
                 self._marks.append((cursor, self._counted))
                 self._cursor = cursor
+        elif self._ticket is None and self._slots is not None:
+            self._done = True   # closed meanwhile: the piece is not kept
         else:
             self._lines.extend(_text(line) for line in lines)
             self._last_piece = len(lines)
@@ -193,7 +215,8 @@ def new_node_id() -> str:
 
 
 def open_store(url: str, selector, directory: str, history_limit: int = storage.DEFAULT_HISTORY_LIMIT,
-               key_file: str | None = None, frame_limit: int = 0) -> tuple[RedisStore, pg3lib.KeyPair]:
+               key_file: str | None = None, frame_limit: int = 0,
+               readers: int | None = None) -> tuple[RedisStore, pg3lib.KeyPair]:
     """A node's store on the Redis at url, and its server key (from its own key file).
 
     Raises:
@@ -206,7 +229,8 @@ def open_store(url: str, selector, directory: str, history_limit: int = storage.
     local = storage.load_server_keys(directory, path)
     try:
         keys = room_server_key(url, local, path, fresh)
-        return RedisStore(url, selector, history_limit=history_limit, frame_limit=frame_limit), keys
+        return RedisStore(url, selector, history_limit=history_limit, frame_limit=frame_limit,
+                          readers=readers), keys
     except (OSError, TimeoutError, ValueError) as exc:
         if fresh:   # made just now and not taken: leave no key behind to be refused at the next start
             with contextlib.suppress(OSError):
@@ -257,8 +281,10 @@ class RedisStore:
     """The store seam and the node's membership, over two non-blocking Redis links."""
 
     def __init__(self, url: str, selector, clock=time.monotonic,
-                 history_limit: int = storage.DEFAULT_HISTORY_LIMIT, frame_limit: int = 0) -> None:
+                 history_limit: int = storage.DEFAULT_HISTORY_LIMIT, frame_limit: int = 0,
+                 readers: int | None = None) -> None:
         self.url = url
+        self.read_slots = store.ReadSlots(readers or READERS)   # lazy CH reads at once (each holds pieces)
         self.frame_limit = frame_limit   # a data frame from a stream must fit it to reach a client
         self.selector = selector
         self.clock = clock
@@ -523,7 +549,8 @@ class RedisStore:
                               *keys.history(request.username.lower(), limit))
             else:   # a whole history, or most of it: read as the pages are taken
                 LazyHistory(self.cmd, keys, request.username.lower(), limit,
-                            lambda lazy: done(store.HistoryRead(lazy) if lazy is not None else store.FAILED))
+                            lambda lazy: done(store.HistoryRead(lazy) if lazy is not None else store.FAILED),
+                            slots=self.read_slots)
         elif isinstance(request, store.MarkOnline):
             return   # the scripts that put a session online or take it off mark it themselves
         elif isinstance(request, store.ClaimSession):

@@ -226,6 +226,10 @@ def history_pages(lines: Iterable, limit: int) -> Iterator[bytes | None]:
             used += size
     except OSError as exc:
         log.error("reading a history for CH failed, its pages end here: %s", exc.strerror or exc)
+    finally:   # the pages end (or are dropped with their connection): the read gives back what it holds
+        close = getattr(lines, "close", None)
+        if close is not None:
+            close()
     yield framing.encode_raw(framing.KIND_COMMAND, (head + ",".join(page) + tail_last).encode("utf-8"))
 
 

@@ -165,6 +165,7 @@ DEFAULT_MIN_FREE = 64 << 20      # below this much free disk, new messages are r
 ROOM_PREFIX, ROOM_SUFFIX = "room.", ".log"
 RUNS_FILE = "room.runs"
 READ_BLOCK = 65536               # histories are read in blocks of this size
+READER_FDS = 3                   # a lazy CH read holds .chat.1, .chat and a room log segment open
 HELD_LIMIT = 2000                # CH with a limit up to this: read back and held; past it, read lazily
 PAUSE_EVERY = 1000               # a lazily read history gives the loop back after this many entries
 
@@ -516,7 +517,7 @@ class RoomLog:
                 continue
             try:
                 fd = os.open(path, os.O_RDONLY)
-            except OSError:
+            except FileNotFoundError:
                 continue   # deleted meanwhile (rolled past the limit)
             try:
                 yield from self._read_segment(fd, base, lo, min(hi, top), path)
@@ -534,7 +535,7 @@ class RoomLog:
                 continue
             try:
                 fd = os.open(path, os.O_RDONLY)
-            except OSError:
+            except FileNotFoundError:
                 if segments is not self.segments:
                     log.warning("%s was deleted (past the history limit) while a history was read: "
                                 "its BMs are missing from that CH", path)
@@ -995,14 +996,16 @@ def load_server_keys(directory: str, path: str | None = None) -> pg3lib.KeyPair:
 
 def open_store(directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY, *,
                history_limit: int = DEFAULT_HISTORY_LIMIT,
-               min_free: int = DEFAULT_MIN_FREE, key_file: str | None = None) -> tuple[FileStore, pg3lib.KeyPair]:
+               min_free: int = DEFAULT_MIN_FREE, key_file: str | None = None,
+               readers: int | None = None) -> tuple[FileStore, pg3lib.KeyPair]:
     """The data directory's store and the server key (``key_file``, default the one kept there; made on
     first start).
 
     Raises:
         StorageError: the directory, its accounts or its key cannot be used.
     """
-    file_store = FileStore(directory, max_open_history, history_limit=history_limit, min_free=min_free)
+    file_store = FileStore(directory, max_open_history, history_limit=history_limit, min_free=min_free,
+                           readers=readers)
     try:
         return file_store, load_server_keys(directory, key_file)
     except BaseException:
@@ -1069,8 +1072,13 @@ class FileStore:
     node = ""   # one process: no cluster
 
     def __init__(self, directory: str, max_open_history: int = DEFAULT_MAX_OPEN_HISTORY, *,
-                 history_limit: int = DEFAULT_HISTORY_LIMIT, min_free: int = DEFAULT_MIN_FREE) -> None:
+                 history_limit: int = DEFAULT_HISTORY_LIMIT, min_free: int = DEFAULT_MIN_FREE,
+                 readers: int | None = None) -> None:
         self.directory = directory
+        # The descriptors for history files: a share for the lazy CH reads (up to READER_FDS each,
+        # ``readers`` at once; more wait their turn), the rest kept open for appends.
+        self.read_slots = store.ReadSlots(readers or max(4, max_open_history // (4 * READER_FDS)))
+        max_open_history = max(16, max_open_history - READER_FDS * self.read_slots.limit)
         if not os.path.isdir(directory):
             try:
                 os.makedirs(directory, exist_ok=True)
@@ -1178,9 +1186,12 @@ class FileStore:
             if limit is not None and limit <= HELD_LIMIT:
                 return store.HistoryRead(merge_history(self.history.items_back(username), self.room, limit,
                                                        self._open.get(username)))
-            # A whole history, or a limit that may hold most of it: read as the pages are taken.
-            return store.HistoryRead(_lazy_history(self.history, _OpenFiles(self.history.open_forward(username)),
-                                                   self.room, limit))
+            # A whole history, or a limit that may hold most of it: read as the pages are taken,
+            # once a slot is free (opened now if one is).
+            read = store.SlotRead(self.read_slots, lambda: _lazy_history(
+                self.history, _OpenFiles(self.history.open_forward(username)), self.room, limit))
+            read.open_now()
+            return store.HistoryRead(read)
         except OSError as exc:
             log.error("reading the history of %r failed: %s", username, exc.strerror or exc)
             return store.FAILED
@@ -1457,10 +1468,11 @@ class FileStore:
         return []
 
     def tick(self, now: float) -> None:
-        """No timers."""
+        """No timers: a CH read let in since the last pass is taken up in this one."""
+        self.read_slots.woken = False
 
     def next_tick(self) -> float | None:
-        return None
+        return time.monotonic() if self.read_slots.woken else None
 
     def send(self) -> None:
         """Nothing to send: a file store answers within the pass."""

@@ -24,8 +24,9 @@ form.
 
 from __future__ import annotations
 
+import collections
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple, Protocol, Union
 
 from passwords import Account
@@ -313,8 +314,113 @@ class HistoryRead(NamedTuple):
     """A user's history: its JSON entry texts, oldest first, at most the limit asked for.
     ``lines`` is a list, or an iterator read as the CH pages are taken (in the loop thread;
     a whole history need not fit in memory); an iterator may yield PAUSE or WAIT between
-    entries, and may raise OSError (the pages end there)."""
+    entries, and may raise OSError (the pages end there). Whoever stops taking from an
+    iterator before its end calls its ``close()``, if it has one (it may hold a ``ReadSlots``
+    slot)."""
     lines: Iterable
+
+
+class ReadSlots:
+    """How many histories may be read lazily at once (each holds descriptors or buffered
+    pieces while its client takes its pages): past ``limit``, a read waits its turn, oldest
+    first, and is started when one ends. Both stores gate their lazy reads with it, so many
+    clients asking for CH at once cost a bounded number of files and bytes, not one set each.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.reading = 0
+        self._queue: collections.deque[list] = collections.deque()   # [start] of each read waiting
+        self.woken = False   # a waiting read was let in since the owner last looked
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def enter(self, start: Callable[[], None] | None = None) -> list:
+        """A read asks for a slot: the ticket returned is ``[True]`` once it has one (at once if
+        one is free and nobody waits), and ``start()`` (if given) is called then."""
+        if self.reading < self.limit and not self._queue:
+            self.reading += 1
+            if start is not None:
+                start()
+            return [True]
+        ticket = [False, start]
+        self._queue.append(ticket)
+        return ticket
+
+    def leave(self, ticket: list) -> None:
+        """The read of ``ticket`` has ended (or was dropped while it waited): the next one in."""
+        if ticket[0] is False:
+            self._queue.remove(ticket)
+            ticket[0] = ticket[1] = None
+            return
+        if ticket[0] is None:
+            return   # left already
+        ticket[0] = None
+        self.reading -= 1
+        while self._queue and self.reading < self.limit:
+            waiting = self._queue.popleft()
+            start, waiting[0], waiting[1] = waiting[1], True, None   # (no cycle through the reader left)
+            self.reading += 1
+            self.woken = True
+            if start is not None:
+                start()
+
+
+class SlotRead:
+    """A lazy history read gated by ``ReadSlots``: ``WAIT`` until it has its slot, then the
+    lines of ``open_lines()`` (called then; at once if a slot is free, so that a store can
+    answer a read it cannot open with ``FAILED``: see ``open_now``). The slot is given back
+    at the end, on an error, on ``close()``, or when the read is dropped."""
+
+    def __init__(self, slots: ReadSlots, open_lines: Callable[[], Iterator]) -> None:
+        self._slots, self._open = slots, open_lines
+        self._ticket: list | None = slots.enter()
+        self._lines: Iterator | None = None
+
+    def open_now(self) -> None:
+        """Open it now if its slot is free (else it opens when let in).
+
+        Raises:
+            OSError: it could not be opened (its slot is given back).
+        """
+        if self._ticket is not None and self._ticket[0] is True and self._lines is None:
+            try:
+                self._lines = self._open()
+            except BaseException:
+                self.close()
+                raise
+
+    def __iter__(self) -> SlotRead:
+        return self
+
+    def __next__(self):
+        if self._lines is None:
+            if self._ticket is None:
+                raise StopIteration
+            if self._ticket[0] is False:
+                return WAIT
+            self.open_now()
+        try:
+            return next(self._lines)   # type: ignore[arg-type]
+        except BaseException:   # its end (StopIteration), or an error that ends the pages
+            self.close()
+            raise
+
+    def close(self) -> None:
+        lines, self._lines = self._lines, None
+        ticket, self._ticket = self._ticket, None
+        try:
+            close = getattr(lines, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if ticket is not None:
+                self._slots.leave(ticket)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class Claimed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import select
 import socket
 import threading
@@ -290,16 +291,17 @@ def _history_line(n: int, text: str) -> str:
                        "text": f"{n} {text}"}, separators=(",", ":"))
 
 
-def _give_a_long_history(server, name: str, count: int, text: str) -> None:
-    """As if ``name`` had been online for months of a busy room: ``count`` BMs in its history,
-    written into the store the server uses (the server stopped meanwhile)."""
+def _give_a_long_history(server, names: tuple, count: int, text: str) -> None:
+    """As if ``names`` had been online for months of a busy room: ``count`` BMs in their
+    histories, written into the store the server uses (the server stopped meanwhile)."""
     redis_url = next((arg for before, arg in zip(server.extra, server.extra[1:]) if before == "--redis"), None)
     if redis_url is None:
         fs = storage.FileStore(server.data_dir)
-        fs.submit(store.MarkOnline(0, name, True))
+        for name in names:
+            fs.submit(store.MarkOnline(0, name, True))
         for batch in range(0, count, 1000):
             for n in range(batch, min(count, batch + 1000)):
-                fs.submit(store.AppendHistory(n, [((name,), (_history_line(n, text) + "\n").encode())], "bob", "BM"))
+                fs.submit(store.AppendHistory(n, [(names, (_history_line(n, text) + "\n").encode())], "bob", "BM"))
             fs.flush()
         fs.close()
         return
@@ -310,24 +312,27 @@ def _give_a_long_history(server, name: str, count: int, text: str) -> None:
 
     def last() -> bytes:
         return (r.call("XREVRANGE", keys.room, "+", "-", "COUNT", 1) or [[b"0-0"]])[0][0]
-    r.call("XADD", keys.hist(name), "*", "t", "on", "at", last())
+    for name in names:
+        r.call("XADD", keys.hist(name), "*", "t", "on", "at", last())
     fill = ("for i = 1, tonumber(ARGV[2]) do redis.call('XADD', KEYS[1], '*', 'e', "
             "string.format(ARGV[1], ARGV[3] + i - 1)) end return 1")
     pattern = _history_line(0, text).replace('"0 ', '"%d ', 1)
     for batch in range(0, count, 5000):
         assert r.call("EVAL", fill, 1, keys.room, pattern, min(5000, count - batch), batch) == 1
-    r.call("XADD", keys.hist(name), "*", "t", "off", "at", last())
+    for name in names:
+        r.call("XADD", keys.hist(name), "*", "t", "off", "at", last())
     r.link.close()
 
 
-def _server_with_a_long_history(make_server, keys, count: int, text: str):
-    """A server (limits on BMs off) where ann and bob have accounts and ann has a history of
-    ``count`` BMs of ``text`` (``_give_a_long_history``)."""
-    server = make_server("--flood-rate", "0", "--bm-rate", "0")
-    for c in log_in(server.port, keys, ["ann", "bob"]):
+def _server_with_a_long_history(make_server, keys, count: int, text: str, names: tuple = ("ann", "bob"),
+                                readers: int = 1, options: tuple = ()):
+    """A server (limits on BMs off, and ``options``) where ``names`` have accounts and the first
+    ``readers`` of them have a history of ``count`` BMs of ``text`` (``_give_a_long_history``)."""
+    server = make_server("--flood-rate", "0", "--bm-rate", "0", *options)
+    for c in log_in(server.port, keys, list(names)):
         c.exit()
     server.stop()
-    _give_a_long_history(server, "ann", count, text)
+    _give_a_long_history(server, names[:readers], count, text)
     return server.restart()
 
 
@@ -384,3 +389,65 @@ def test_a_login_elsewhere_during_a_long_ch_ends_it_after_its_pages(make_server,
         pages = frames[:-1]
         assert all(f.body["op"] == "CH" for f in pages) and pages[-1].body["more"] is False
         assert sum(len(f.body["entries"]) for f in pages) == 20_000
+
+
+def _ch_pages_within(c: wire.WireClient, seconds: float) -> int:
+    """The CH pages that reach ``c`` within ``seconds`` (D frames on the way are kept in c.data)."""
+    pages, deadline = 0, time.monotonic() + seconds
+    while True:
+        try:
+            frame = c.recv(timeout=max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            return pages
+        if frame.kind == "D":
+            c.data.append(frame.body)
+        else:
+            assert frame.body["op"] == "CH", frame
+            pages += 1
+
+
+def _rest_of_ch(c: wire.WireClient) -> int:
+    count = 0
+    while True:
+        reply = c.reply("CH", timeout=60)
+        count += len(reply["entries"])
+        if not reply["more"]:
+            return count
+
+
+def test_many_long_chs_at_once_are_served_a_few_at_a_time_and_cost_others_nothing(make_server, keys):
+    """Four users with a 12 MB history each ask for CH at once and read nothing for now, with
+    --history-readers 2: two reads hold what they need (the file store: descriptors, not one set
+    per CH; Redis: pieces), the other two wait their turn, oldest first, and get nothing yet; a
+    fifth user's BMs keep their round trip; as the first two readers take their pages, the
+    others are let in, and every CH is whole."""
+    names = ("ann", "bob", "cat", "dan", "eve")
+    server = _server_with_a_long_history(make_server, keys, 30_000, "z" * 400, names=names, readers=4,
+                                         options=("--history-readers", "2"))
+    readers = []
+    for i, name in enumerate(names[:4]):
+        c = client(server.port, rcvbuf=8192, timeout=60)
+        c.login(name, PASSWORD + name, keys(i))
+        readers.append(c)
+    eve = client(server.port)
+    eve.login("eve", PASSWORD + "eve", keys(4))
+    time.sleep(0.5)
+    fds_before = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+    for c in readers:
+        c.send({"op": "CH"})
+        time.sleep(0.2)   # in this order
+    rtts = []
+    for n in range(10):
+        started = time.monotonic()
+        eve.bm(f"live {n}")
+        rtts.append(time.monotonic() - started)
+    fds_held = len(os.listdir(f"/proc/{server.proc.pid}/fd")) - fds_before
+    assert _ch_pages_within(readers[2], 1.0) == 0 and _ch_pages_within(readers[3], 0.2) == 0
+    assert fds_held <= 2 * storage.READER_FDS, fds_held
+    assert max(rtts) < 1.0, rtts
+    first = _rest_of_ch(readers[0])
+    assert first == 30_000, first   # the history as it was when its read began
+    counts = [_rest_of_ch(c) for c in readers[1:]]   # cat is let in now, dan when bob or cat is done
+    assert all(count >= 30_000 for count in counts), counts
+    for c in readers + [eve]:
+        c.close()

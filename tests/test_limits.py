@@ -416,6 +416,23 @@ def _check_cap(port: int, cap: int, **kwargs) -> None:
         c.close()
 
 
+def test_the_descriptor_budget_fits_the_limit_with_every_client_reading_its_history(tmp_path):
+    """Clients, the history files kept open and the lazy CH reads' files (at the file store's
+    share) never add up past the descriptor limit, however low it is (a limit of 1,024 once gave
+    1,024 history files and 16 clients)."""
+    import chatserver
+    import storage
+    for fd_limit in (256, 1024, 4096, 65536, 1 << 20):
+        history_files, clients = chatserver.descriptor_budget(fd_limit)
+        fs = storage.FileStore(str(tmp_path / str(fd_limit)), history_files)
+        try:
+            held = fs.history.max_open + storage.READER_FDS * fs.read_slots.limit
+            assert held <= history_files and clients + history_files + 64 <= fd_limit, (fd_limit, held, clients)
+            assert clients >= fd_limit // 2 - 1 and fs.read_slots.limit >= 4
+        finally:
+            fs.close()
+
+
 def test_max_clients(make_server):
     server = make_server("--max-clients", "3", "--max-per-ip", "0", "--connect-rate", "0")
     _check_cap(server.port, 3)

@@ -324,6 +324,33 @@ def test_the_redis_stores_lazy_history_reads_a_piece_per_pull(r):
     assert ready == [None]
 
 
+def test_lazy_reads_past_the_slots_ask_redis_nothing_until_one_ends(r):
+    """Two slots, three readers: the third's first piece (and so the store's answer) is asked
+    for only when a read ends, is closed by its pages, or is dropped."""
+    register(r, A)
+    login(r, "alice", token(A, 1))
+    r.pipeline([("XADD", K.room, "*", "e", f"B{n}") for n in range(50)])
+    slots = store.ReadSlots(2)
+    ready: list = []
+    reads = [LazyHistory(r.link, K, "alice", None, ready.append, slots=slots) for _ in range(3)]
+    r.wait_until(lambda: len(ready) == 2)
+    r.call("PING")
+    assert ready == reads[:2] and slots.waiting == 1 and not reads[2]._asking
+    got, _ = _pull_all(r, reads[0])   # to its end: the third is let in
+    assert len(got) == 50 and slots.waiting == 0
+    r.wait_until(lambda: len(ready) == 3)
+    assert _pull_all(r, reads[2])[0] == got
+    fourth = LazyHistory(r.link, K, "alice", None, ready.append, slots=slots)
+    fifth = LazyHistory(r.link, K, "alice", None, ready.append, slots=slots)
+    assert slots.waiting == 1
+    reads[1].close()   # its pages stopped (the connection closed): the fifth is let in
+    r.wait_until(lambda: len(ready) == 5)
+    assert ready[3:] == [fourth, fifth]
+    ready.clear()
+    del reads, fourth, fifth
+    assert slots.reading == 0
+
+
 def test_a_limit_read_goes_on_from_where_its_count_was_so_a_trim_meanwhile_loses_nothing(r):
     """Between the counting pass and the read, the room log is trimmed at its old end: the
     read goes on from a cursor (where a counting piece began), not by counting from the start

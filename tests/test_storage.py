@@ -487,3 +487,62 @@ def test_the_newest_of_a_lazy_history_pause_while_they_are_counted():
     got = list(storage._newest(entries, 2))
     assert [e for e in got if e is not store.PAUSE] == ["e4", "e5"]
     assert got.index(store.PAUSE) < got.index("e4") and got[:3] == [store.PAUSE] * 3   # the counting's
+
+
+# --- lazy CH reads at once (store.ReadSlots) ---------------------------------------------------
+
+def test_read_slots_let_reads_in_oldest_first_and_a_dropped_wait_costs_nothing():
+    slots = store.ReadSlots(2)
+    started: list = []
+    first, second = slots.enter(lambda: started.append(1)), slots.enter(lambda: started.append(2))
+    third, fourth = slots.enter(lambda: started.append(3)), slots.enter(lambda: started.append(4))
+    assert started == [1, 2] and (first[0], third[0], fourth[0]) == (True, False, False) and slots.waiting == 2
+    slots.leave(third)   # gave up while waiting: no slot was its
+    assert slots.waiting == 1 and slots.reading == 2 and not slots.woken
+    slots.leave(second)
+    assert started == [1, 2, 4] and fourth[0] is True and slots.woken and slots.reading == 2
+    slots.leave(second)   # twice: nothing more
+    slots.leave(first)
+    slots.leave(fourth)
+    assert slots.reading == 0 and slots.enter()[0] is True
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_lazy_reads_past_the_slots_wait_their_turn_holding_no_files(tmp_path):
+    """Three whole-history reads with two slots: the third is WAIT (no file opened) until one of
+    the first two ends or is dropped, then reads everything; the store asks for a pass then."""
+    fs = storage.FileStore(str(tmp_path), readers=2)
+    try:
+        names = ["ann", "bob", "cat"]
+        for name in names:
+            fs.submit(store.MarkOnline(0, name, True))
+        for n in range(300):
+            fs.submit(store.AppendHistory(n + 1, [(("ann",), bm_line("ann", n))], "ann", "BM"))
+        fs.flush()
+        before = _open_fds()
+        for cid, name in enumerate(names, 1):
+            fs.submit(store.ReadHistory(cid, name, None))
+        reads = [result.lines for _, result in fs.flush()]
+        held = _open_fds() - before
+        assert 0 < held <= 2 * storage.READER_FDS
+        assert next(reads[2]) is store.WAIT and _open_fds() - before == held and fs.next_tick() is None
+        first = [line for line in reads[0] if line is not store.PAUSE]   # to its end: its slot is free
+        assert len(first) == 300 and fs.next_tick() is not None
+        fs.tick(time.monotonic())
+        assert fs.next_tick() is None
+        third = [line for line in reads[2] if line is not store.PAUSE]
+        assert third == first
+        fs.submit(store.ReadHistory(4, "ann", None))
+        fs.submit(store.ReadHistory(5, "cat", None))
+        (_, fourth), (_, fifth) = fs.flush()
+        waiting = fifth.lines
+        assert next(waiting) is store.WAIT   # bob's read and the fourth hold the slots
+        del reads   # bob's connection went away before taking its pages: the slot is given back
+        assert next(waiting) is not store.WAIT
+        del waiting, fourth, fifth
+        assert fs.read_slots.reading == 0 and _open_fds() == before
+    finally:
+        fs.close()
