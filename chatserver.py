@@ -102,7 +102,8 @@ class ChatServer:
                                     login_delay_cap=args.login_delay_cap, guess_limit=args.guess_limit,
                                     checks_per_ip=args.checks_per_ip,
                                     bm_rate=args.bm_rate, bm_burst=args.bm_burst, accept_pm1=args.accept_pm1,
-                                    offline_limit=args.offline_limit, recent=args.recent,
+                                    offline_limit=args.offline_limit,
+                                    offline_per_sender=args.offline_per_sender, recent=args.recent,
                                     catch_up_limit=args.catch_up_limit,
                                     admins=getattr(args, "admin_names", ()))
         for event in self.store.events():   # e.g. who is online on the other nodes
@@ -617,6 +618,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits.add_argument("--offline-limit", type=nonnegative(int), default=state.OFFLINE_LIMIT, metavar="N",
                         help="private messages kept for one offline user until its next login (TARGET with "
                         "\"offline\": true); past it SEND answers rate_limited (default: %(default)s)")
+    limits.add_argument("--offline-per-sender", type=nonnegative(int), default=state.OFFLINE_PER_SENDER,
+                        metavar="N", help="of those, at most N from one sender, so that one account cannot fill "
+                        "them for everyone else (0: no share) (default: %(default)s)")
     limits.add_argument("--recent", type=nonnegative(int), default=state.RECENT, metavar="N",
                         help="the room's newest N broadcasts shown to a user at login (0: none) "
                         "(default: %(default)s)")

@@ -37,6 +37,8 @@ key                         type        holds
 ``chat:off:<name>``         list        the PMs kept for an offline user, oldest first: each
                                         the ``D PM`` body with ``"offline":true``; at most the
                                         bound (``--offline-limit``); taken whole by ``go_online``
+``chat:off:<name>:from``    hash        ``<sender>`` -> how many of those it sent (at most
+                                        ``--offline-per-sender``); dropped with the list
 ``chat:pmids:<name>``       sorted set  the PM ids the user sent lately, scored by their
                                         ``sent`` (seconds); at most PM_IDS_PER_SENDER, those
                                         past ``sent`` + the window dropped (``pmguard.UsedIds``)
@@ -231,9 +233,10 @@ PM_OFFLINE = Script("pm_offline", "A PM that may be kept (TARGET asked for offli
                     _NODE_OF + _ROOM_LAST + _SENDER_GONE + _PM_ID_USED + """
 -- KEYS[1] online; ARGV prefix, sender, target, sender's line, target's line, live payload, kept payload,
 -- inbox maxlen, the sender's token ('' = do not check), history maxlen, bound,
--- then the id check's: id, sent, now, window, bound.
+-- then the id check's: id, sent, now, window, bound; then the bound for one sender (0: none).
 -- Returns {1, inbox entry id} (online: delivered live); {2, PMs kept} (kept); {3, PMs kept} (at the bound:
--- nothing stored); {-1, the sender's current token or ''} (the sender's session is not that token);
+-- nothing stored); {4, the sender's PMs kept} (at the sender's bound: nothing stored);
+-- {-1, the sender's current token or ''} (the sender's session is not that token);
 -- {-2, 'used' or 'floor'} (the id: nothing stored).
 local p = ARGV[1]
 local gone = sender_gone(p, ARGV[2], ARGV[9])
@@ -255,6 +258,11 @@ if not token then
   if count >= tonumber(ARGV[11]) then
     return {3, count}
   end
+  local share = tonumber(ARGV[17]) or 0
+  local mine = tonumber(redis.call('HGET', box .. ':from', ARGV[2]) or '0')
+  if share > 0 and mine >= share then
+    return {4, mine}
+  end
 end
 local used = pm_id_used(p, ARGV[2], ARGV[12], ARGV[13], ARGV[14], ARGV[15], ARGV[16])
 if used then
@@ -268,6 +276,7 @@ if token then
                         't', 'pm', 'from', ARGV[2], 'to', ARGV[3], 'tok', token, 'd', ARGV[6])
   return {1, id}
 end
+redis.call('HINCRBY', box .. ':from', ARGV[2], 1)
 return {2, redis.call('RPUSH', box, ARGV[7])}
 """)
 
@@ -279,7 +288,7 @@ return {redis.call('HGET', KEYS[1], 'username') or '', redis.call('HGET', KEYS[2
 TAKE_OFFLINE = Script("take_offline", "Take the PMs kept for a user, oldest first, and forget them.", """
 -- KEYS[1] the user's off key.  Returns the kept D PM bodies.
 local kept = redis.call('LRANGE', KEYS[1], 0, -1)
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[1] .. ':from')
 return kept
 """)
 
@@ -336,7 +345,7 @@ local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 't', 'on', '
 -- The PMs kept while it was offline go to this login, and to no other (docs/PROTOCOL.md section 5).
 local box = ARGV[1] .. 'off:' .. ARGV[2]
 local kept = redis.call('LRANGE', box, 0, -1)
-redis.call('DEL', box)
+redis.call('DEL', box, box .. ':from')
 local recent = {}
 local count = tonumber(ARGV[7]) or 0
 if count > 0 then
@@ -694,10 +703,10 @@ class ChatKeys:
 
     def pm_offline(self, sender: str, target: str, sender_line: bytes | str, target_line: bytes | str,
                    payload: bytes | str, kept: bytes | str, limit: int, sender_token: str = "",
-                   maxlen: int = INBOX_MAXLEN, pm_id: PmId | None = None) -> ScriptCall:
+                   maxlen: int = INBOX_MAXLEN, pm_id: PmId | None = None, sender_limit: int = 0) -> ScriptCall:
         return ScriptCall(PM_OFFLINE, [self.online, self.off(target)],
                           [self.prefix, sender, target, sender_line, target_line, payload, kept, maxlen,
-                           sender_token, self.hist_maxlen, limit, *_id_check(pm_id)])
+                           sender_token, self.hist_maxlen, limit, *_id_check(pm_id), sender_limit])
 
     def last_key(self, name: str) -> ScriptCall:
         return ScriptCall(LAST_KEY, [self.acct(name), self.lastkey], [name])

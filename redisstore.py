@@ -581,7 +581,7 @@ class RedisStore:
                           *keys.pm_offline(request.sender.lower(), request.target.lower(), mine.rstrip(b"\n"),
                                            theirs.rstrip(b"\n"), request.frame,
                                            request.offline_frame[framing.HEADER_SIZE:], request.limit,
-                                           request.token, pm_id=request.pm_id))
+                                           request.token, pm_id=request.pm_id, sender_limit=request.sender_limit))
         elif isinstance(request, store.TakeOffline):
             self.cmd.eval(checked(lambda rows: store.OfflineTaken(_kept_frames(rows))),
                           *keys.take_offline(request.username.lower()))
@@ -628,6 +628,8 @@ class RedisStore:
             return store.Appended(recipients=1)
         if reply[0] == 2:
             return store.Appended(recipients=0)
+        if reply[0] == 4:
+            return store.Appended(full=True, sender_full=True)
         return store.Appended(full=True) if reply[0] == 3 else store.FAILED
 
     @staticmethod

@@ -91,6 +91,7 @@ TRUSTED_PER_ACCOUNT = 8          # the latest addresses trusted, per account
 BM_RATE = 5.0
 BM_BURST = 60.0
 OFFLINE_LIMIT = 100              # PMs kept for one offline target (--offline-limit), section 4.5
+OFFLINE_PER_SENDER = 25          # of those, at most this many from one sender (--offline-per-sender)
 # Section 11: the room's newest BMs shown at login (--recent), and at most this many of
 # those since a client's last one when it comes back (--catch-up-limit).
 RECENT = 20
@@ -500,6 +501,7 @@ class Room:
                  guess_limit: int = GUESS_LIMIT, checks_per_ip: int = MAX_CHECKS_PER_ADDRESS,
                  bm_rate: float = BM_RATE, bm_burst: float = BM_BURST,
                  accept_pm1: bool = False, offline_limit: int = OFFLINE_LIMIT,
+                 offline_per_sender: int = OFFLINE_PER_SENDER,
                  recent: int = RECENT, catch_up_limit: int = CATCH_UP_LIMIT,
                  clock: Callable[[], float] = time.time,
                  random_bytes: Callable[[int], bytes] = os.urandom, admins=()) -> None:
@@ -521,6 +523,7 @@ class Room:
         # PMs (section 4.5): version 1 (no id) accepted while clients move to PM2 (--accept-pm1).
         self.accept_pm1 = accept_pm1
         self.offline_limit = offline_limit   # PMs kept for one offline target
+        self.offline_per_sender = offline_per_sender   # of those, from one sender (0: no share)
         self.recent = recent                 # section 11: BMs shown at login
         self.catch_up_limit = catch_up_limit
         # A CH page with no entries: what every history entry must fit beside (its size is the page's overhead).
@@ -1176,7 +1179,8 @@ class Room:
         used = store.PmId(session.key, pm_id, sent_at, self.clock()) if pm_id else None
         if keep:
             return Ask(store.StoreOfflinePM(session.cid, lines, session.username, target.username, frame,
-                                            offline_frame, self.offline_limit, self._token_of(session), used),
+                                            offline_frame, self.offline_limit, self._token_of(session), used,
+                                            self.offline_per_sender),
                        self._pm_kept, barrier=used is not None)
         request = self._pm_request(session, target, store.AppendHistory(session.cid, lines, session.username, "PM",
                                                                         frame, target.key, pm_id=used))
@@ -1190,6 +1194,10 @@ class Room:
         _check_id(session, result)
         if not isinstance(result, store.Appended) or result.failed:
             raise Refused(Error.INTERNAL, "the message could not be stored")
+        if result.sender_full:
+            raise Refused(Error.RATE_LIMITED, f"{self.offline_per_sender} of your private messages are waiting "
+                                              "for the recipient already (the most one sender may leave); try "
+                                              "again once they have logged in")
         if result.full:
             raise Refused(Error.RATE_LIMITED, "too many private messages are waiting for the recipient already; "
                                               "try again once they have logged in")

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import framing
 import pg3lib
@@ -1046,7 +1046,7 @@ class _Message:
     def __init__(self, request: store.AppendHistory, offline: tuple | None = None) -> None:
         self.request = request
         self.result: store.Result = _ALL_WRITTEN
-        self.offline = offline   # (target, D PM body): a PM kept for an offline target, once its history is written
+        self.offline = offline   # (target, sender, D PM body): a PM kept for an offline target (after its history)
 
 
 MAX_RETRIED_MARKS = 64   # online marks kept for a file that cannot be written (retried at its next write)
@@ -1109,7 +1109,7 @@ class FileStore:
         self._messages: list[_Message] = []
         self._open: dict[str, int] = {}    # user -> start of its open span (this run)
         self._retry: dict[str, list[bytes]] = {}   # marks whose write failed, written before the next lines
-        self._kept: dict[str, int] = {}    # user -> PMs kept for it (its .offline file's lines), once counted
+        self._kept: dict[str, Counter] = {}   # user -> sender -> PMs kept for it (its .offline file), once counted
         self._last_keys: dict[str, str] = {}   # user -> its last key, as its .key file holds it
 
     @property
@@ -1254,35 +1254,50 @@ class FileStore:
             log.error("reading the key of %r failed: %s", account.username, exc.strerror or exc)
             return store.FAILED
 
-    def _kept_count(self, username: str) -> int:
-        """Raises: OSError: the file exists but cannot be read."""
-        count = self._kept.get(username)
-        if count is None:
+    def _kept_for(self, username: str) -> Counter:
+        """The PMs kept for the user, counted by sender (lower case; "" for a line that names none).
+
+        Raises:
+            OSError: the file exists but cannot be read.
+        """
+        kept = self._kept.get(username)
+        if kept is None:
+            kept = Counter()
+            path = self._path(username, OFFLINE_SUFFIX)
             try:
-                with open(self._path(username, OFFLINE_SUFFIX), "rb") as fh:
-                    count = len(complete_lines(fh.read(), self._path(username, OFFLINE_SUFFIX)))
+                with open(path, "rb") as fh:
+                    for _, line in complete_lines(fh.read(), path):
+                        try:
+                            sender = json.loads(line).get("from")
+                        except (ValueError, AttributeError):
+                            sender = None
+                        kept[sender.lower() if isinstance(sender, str) else ""] += 1
             except FileNotFoundError:
-                count = 0
-            self._kept[username] = count
-        return count
+                pass
+            self._kept[username] = kept
+        return kept
 
     def _keep_pm(self, request: store.StoreOfflinePM) -> None:
         """A PM for an offline target: its history lines go with this pass's PMs, then its kept copy."""
         try:
-            count = self._kept_count(request.target)
+            kept = self._kept_for(request.target)
         except OSError as exc:
             log.error("reading the kept PMs of %r failed: %s", request.target, exc.strerror or exc)
             self._queue.append([request.cid, store.FAILED, None])
             return
-        if count >= request.limit:
+        sender = request.sender.lower()
+        if sum(kept.values()) >= request.limit:
             self._queue.append([request.cid, store.Appended(full=True), None])
+            return
+        if request.sender_limit and kept[sender] >= request.sender_limit:
+            self._queue.append([request.cid, store.Appended(full=True, sender_full=True), None])
             return
         if self._id_refused(request.cid, request.pm_id):
             return
-        self._kept[request.target] = count + 1   # reserved now, so one pass cannot pass the bound
+        kept[sender] += 1   # reserved now, so one pass cannot pass the bounds
         append = store.AppendHistory(request.cid, request.entries, request.sender, "PM", request.frame,
                                      request.target.lower(), pm_id=request.pm_id)
-        message = _Message(append, (request.target, request.offline_frame[framing.HEADER_SIZE:]))
+        message = _Message(append, (request.target, sender, request.offline_frame[framing.HEADER_SIZE:]))
         self._messages.append(message)
         for owners, line in request.entries:
             for owner in owners:
@@ -1301,10 +1316,10 @@ class FileStore:
         for message in messages:
             if message.offline is None:
                 continue
-            target, body = message.offline
+            target, sender, body = message.offline
             result = message.result
             if result is store.FAILED or (isinstance(result, store.Appended) and result.failed):
-                self._kept[target] -= 1
+                self._kept[target][sender] -= 1
                 continue
             path = self._path(target, OFFLINE_SUFFIX)
             try:
@@ -1352,7 +1367,7 @@ class FileStore:
             with open(path, "rb") as fh:
                 data = fh.read()
         except FileNotFoundError:
-            self._kept[username] = 0
+            self._kept[username] = Counter()
             return store.OfflineTaken([], newest)
         except OSError as exc:
             log.error("reading the kept PMs of %r failed: %s", username, exc.strerror or exc)
@@ -1373,7 +1388,7 @@ class FileStore:
         except OSError as exc:
             log.error("marking the kept PMs of %r delivered failed: %s", username, exc.strerror or exc)
             return store.FAILED
-        self._kept[username] = 0
+        self._kept[username] = Counter()
         return store.OfflineTaken(frames, newest)
 
     def flush(self) -> list[tuple[int, store.Result]]:

@@ -218,8 +218,9 @@ class LoadLastKey(NamedTuple):
 class StoreOfflinePM(NamedTuple):
     """A PM for a target that is offline: in both histories (as ``AppendHistory``), and kept for
     the target (``offline_frame``, the ``D PM`` with ``"offline":true``) until its next login,
-    unless ``limit`` PMs are kept for it already. Result: ``Appended`` (``full``: at the bound,
-    nothing stored). A store of several nodes decides presence itself: if the target is online
+    unless ``limit`` PMs are kept for it already, or ``sender_limit`` (if not 0) of them are
+    this sender's. Result: ``Appended`` (``full``: at a bound, nothing stored; ``sender_full``:
+    the sender's). A store of several nodes decides presence itself: if the target is online
     after all, it delivers ``frame`` live instead (``recipients`` 1). ``pm_id`` as for
     ``AppendHistory`` (checked after the bound: a PM refused as ``full`` does not use its id).
     """
@@ -232,6 +233,7 @@ class StoreOfflinePM(NamedTuple):
     limit: int
     token: str = ""        # the sender's session (a store of several nodes checks it)
     pm_id: PmId | None = None
+    sender_limit: int = 0  # of the ``limit``, at most this many from one sender (0: no share)
 
 
 class TakeOffline(NamedTuple):
@@ -280,12 +282,14 @@ class Appended(NamedTuple):
 
     A store of several nodes delivers too, and counts the ``recipients``; there,
     ``target_gone`` says that a PM's target had left (nothing was stored).
-    ``full``: a ``StoreOfflinePM`` found its bound reached (nothing was stored).
+    ``full``: a ``StoreOfflinePM`` found its bound reached (nothing was stored);
+    ``sender_full``: and it was the sender's share of it.
     """
     failed: frozenset = frozenset()
     recipients: int | None = None
     target_gone: bool = False
     full: bool = False
+    sender_full: bool = False
 
 
 class IdRefused(NamedTuple):

@@ -579,6 +579,23 @@ def test_pm_offline_keeps_the_pm_for_an_offline_target_within_the_bound(r):
     assert r.call("EXISTS", K.inbox(A)) == 0
 
 
+def test_pm_offline_holds_each_sender_to_its_share_and_go_online_forgets_the_counts(r):
+    register(r, A, B)
+    login(r, "alice", token(A, 1))
+    login(r, "carol", token(A, 3))
+    for i in (1, 2):
+        assert run(r, K.pm_offline("alice", "bob", b"S", b"T", b"L", b"A%d" % i, 10, sender_limit=2)) == [2, i]
+    assert run(r, K.pm_offline("alice", "bob", b"S", b"T", b"L", b"A3", 10, sender_limit=2)) == [4, 2]
+    assert run(r, K.pm_offline("carol", "bob", b"S", b"T", b"L", b"C1", 10, sender_limit=2)) == [2, 3]
+    assert r.call("LRANGE", K.off("bob"), 0, -1) == [b"A1", b"A2", b"C1"] and history(r, "alice") == [b"S", b"S"]
+    assert run(r, K.login_swap("bob", token(B, 2)))[0] == 1
+    assert run(r, K.go_online("bob", token(B, 2), record(token(B, 2))))[2] == [b"A1", b"A2", b"C1"]
+    assert r.call("EXISTS", K.off("bob") + ":from") == 0
+    assert run(r, K.logout("bob", token(B, 2)))[0] == 1
+    assert run(r, K.pm_offline("alice", "bob", b"S", b"T", b"L", b"A4", 10, sender_limit=2)) == [2, 1]
+    assert run(r, K.take_offline("bob")) == [b"A4"] and r.call("EXISTS", K.off("bob") + ":from") == 0
+
+
 def test_go_online_takes_the_kept_pms_once(r):
     register(r, A, B)
     login(r, "alice", token(A, 1))

@@ -56,7 +56,8 @@ def test_help_explains_every_option():
     for option in ("PORT", "--host", "--data", "--login-timeout", "--max-clients", "--log-level",
                    "--frame-limit", "--send-queue", "--max-per-ip", "--flood-rate", "--flood-burst",
                    "--scrypt-n", "--register-rate", "--login-delay-cap", "--require-tls", "--accept-pm1",
-                   "--no-accept-pm1", "--offline-limit", "--recent", "--catch-up-limit"):
+                   "--no-accept-pm1", "--offline-limit", "--offline-per-sender", "--recent", "--catch-up-limit",
+                   "--history-readers"):
         assert option in out
 
 
@@ -409,6 +410,33 @@ def test_offline_pms_are_bounded(make_server, keys):
     bob.exit()
     assert offline_pm(alice, "bob", "d")[1]["ok"]
     alice.close()
+
+
+def test_one_sender_cannot_fill_an_offline_users_pms_for_everyone_else(make_server, keys):
+    """--offline-per-sender: alice's third kept PM for bob is refused (her share), carol can
+    still leave one, and then the bound for bob refuses carol's next; once bob has logged in
+    and taken them, alice's count starts again."""
+    server = make_server("--offline-limit", "3", "--offline-per-sender", "2")
+    alice, carol, bob = (WireClient(server.port) for _ in range(3))
+    for i, (c, name) in enumerate(((alice, "alice"), (carol, "carol"), (bob, "bob"))):
+        c.login(name, PASSWORD, keys(i))
+    bob.exit()
+    for c in (alice, carol):
+        c.wait_data("PRESENCE", username="bob", online=False)
+    assert [offline_pm(alice, "bob", t)[1]["ok"] for t in ("a1", "a2")] == [True, True]
+    _, reply = offline_pm(alice, "bob", "a3")
+    assert reply["error"] == "rate_limited" and "2 of your private messages" in reply["message"], reply
+    assert offline_pm(carol, "bob", "c1")[1]["ok"]
+    _, reply = offline_pm(carol, "bob", "c2")
+    assert reply["error"] == "rate_limited" and reply["message"].startswith("too many"), reply
+    bob = WireClient(server.port)
+    bob.login("bob", PASSWORD, keys(2))
+    assert [keys(2).open(bob.recv().body["ciphertext"]) for _ in range(3)] == [b"a1", b"a2", b"c1"]
+    bob.exit()
+    alice.wait_data("PRESENCE", username="bob", online=False)
+    assert [offline_pm(alice, "bob", t)[1]["ok"] for t in ("a4", "a5")] == [True, True]
+    for c in (alice, carol):
+        c.close()
 
 
 def test_offline_pms_and_last_keys_survive_sigkill(connect, keys, server):

@@ -363,13 +363,41 @@ def test_moderation_file_torn_tail_is_cut_and_a_corrupt_line_stops_the_start(tmp
 
 # --- offline PMs: last keys and kept PMs (docs/PROTOCOL.md sections 4.5 and 5) --------------------
 
-def _kept_pm(cid: int, n: int, limit: int = 3) -> store.StoreOfflinePM:
-    entry = {"ts": "t", "type": "PM", "from": "alice", "to": "Bob", "ciphertext": f"c{n}"}
-    lines = [(("alice",), (json.dumps(entry) + "\n").encode()), (("Bob",), (json.dumps(entry) + "\n").encode())]
-    body = json.dumps({"op": "PM", "from": "alice", "to": "Bob", "n": n, "offline": True},
+def _kept_pm(cid: int, n: int, limit: int = 3, sender: str = "alice", share: int = 0) -> store.StoreOfflinePM:
+    entry = {"ts": "t", "type": "PM", "from": sender, "to": "Bob", "ciphertext": f"c{n}"}
+    lines = [((sender,), (json.dumps(entry) + "\n").encode()), (("Bob",), (json.dumps(entry) + "\n").encode())]
+    body = json.dumps({"op": "PM", "from": sender, "to": "Bob", "n": n, "offline": True},
                       separators=(",", ":")).encode()
-    return store.StoreOfflinePM(cid, lines, "alice", "Bob", b"D\0\0\0\0{}", b"D" + len(body).to_bytes(4, "big") + body,
-                                limit)
+    return store.StoreOfflinePM(cid, lines, sender, "Bob", b"D\0\0\0\0{}", b"D" + len(body).to_bytes(4, "big") + body,
+                                limit, sender_limit=share)
+
+
+def test_kept_pms_are_counted_by_sender_within_one_pass_and_after_a_restart(tmp_path):
+    """The sender's share holds within one pass, and after a restart (counted from the file again,
+    by the 'from' of each line: the spelling does not matter)."""
+    for restart in (False, True):
+        directory = str(tmp_path / str(restart))
+        fs, _ = storage.open_store(directory)
+        for n in range(3):
+            fs.submit(_kept_pm(n, n, limit=10, sender="alice" if n < 2 else "Alice", share=2))
+        fs.submit(_kept_pm(3, 3, limit=10, sender="carol", share=2))
+        results = [result for _, result in fs.flush()]
+        assert results == [store.Appended(), store.Appended(), store.Appended(full=True, sender_full=True),
+                           store.Appended()]
+        if restart:
+            fs.close()
+            fs, _ = storage.open_store(directory)
+        try:
+            fs.submit(_kept_pm(4, 4, limit=10, sender="ALICE", share=2))
+            fs.submit(_kept_pm(5, 5, limit=10, sender="carol", share=2))
+            fs.submit(store.TakeOffline(6, "Bob"))
+            fs.submit(_kept_pm(7, 7, limit=10, sender="alice", share=2))
+            refused, kept, taken, again = (result for _, result in fs.flush())
+            assert (refused, kept, again) == (store.Appended(full=True, sender_full=True), store.Appended(),
+                                              store.Appended())   # taken: alice's count starts again
+            assert len(taken.frames) == 4
+        finally:
+            fs.close()
 
 
 def test_last_key_and_kept_pms_in_order_bounded_taken_once_and_across_a_restart(tmp_path):
