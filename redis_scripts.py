@@ -27,6 +27,8 @@ key                         type        holds
 ``chat:nodeusers:<node>``   set         names with a session on that node
 ``chat:ev``                 stream      events for every node (``MAXLEN ~``)
 ``chat:in:<node>``          stream      events for one node's users (``MAXLEN ~``)
+``chat:inpos:<node>``       string      the last entry of its inbox the node had read at
+                                        its last lease renewal (``reap_node`` hands on the rest)
 ``chat:mod``                hash        bans and mutes in force: ``ban:<name>`` /
                                         ``mute:<name>`` -> the action (JSON,
                                         ``store.ModRecord``); expired ones may linger
@@ -398,11 +400,15 @@ return 1
 
 RENEW_LEASE = Script("renew_lease", "Extend the node's own lease (SET XX PX): 1, or 0 if it expired or is not "
                      "ours (the node is fenced).", """
--- KEYS[1] node key; ARGV node id, lease ms.
+-- KEYS[1] node key, KEYS[2] its inbox position key; ARGV node id, lease ms, the last inbox entry it has
+-- read ('' = none yet).
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'XX', 'PX', ARGV[2])
+if (ARGV[3] or '') ~= '' then
+  redis.call('SET', KEYS[2], ARGV[3])
+end
 return 1
 """)
 
@@ -417,13 +423,19 @@ end
 return dead
 """)
 
-REAP_NODE = Script("reap_node", "Log out every session of a node whose lease has expired, atomically, and "
-                   "forget the node.", _NODE_OF + _ROOM_LAST + """
--- KEYS[1] nodes, KEYS[2] online, KEYS[3] ev; ARGV prefix, node id, ev maxlen, history maxlen.
--- Returns {1, sessions ended, offline events} or {0, 0, 0} if the lease is still held.
+REAP_NODE = Script("reap_node", "Log out every session of a node whose lease has expired, atomically, "
+                   "hand on the PMs in its inbox it may not have read, and forget the node.",
+                   _NODE_OF + _ROOM_LAST + """
+-- KEYS[1] nodes, KEYS[2] online, KEYS[3] ev; ARGV prefix, node id, ev maxlen, history maxlen, inbox maxlen,
+-- the last inbox entry it read ('' = the one its last lease renewal recorded).
+-- Returns {1, sessions ended, offline events, PMs handed on} or {0, 0, 0, 0} if the lease is still held.
+-- A PM in its inbox after that entry (a node that died had perhaps not read it, or not sent it to the
+-- client) goes to its target's session if it is online on another node now, else it is kept for the
+-- target's next login like an offline PM (its D PM body with "offline":true): SEND ok said it was
+-- delivered, so it is not left in history alone. A client tells a PM it has shown by its id.
 local p, id = ARGV[1], ARGV[2]
 if redis.call('EXISTS', p .. 'node:' .. id) == 1 then
-  return {0, 0, 0}
+  return {0, 0, 0, 0}
 end
 local ended, offline = 0, 0
 for _, name in ipairs(redis.call('SMEMBERS', p .. 'nodeusers:' .. id)) do
@@ -439,9 +451,32 @@ for _, name in ipairs(redis.call('SMEMBERS', p .. 'nodeusers:' .. id)) do
     end
   end
 end
-redis.call('DEL', p .. 'nodeusers:' .. id, p .. 'in:' .. id)
+local inbox, handed = p .. 'in:' .. id, 0
+local read = ARGV[6] or ''
+if read == '' then
+  read = redis.call('GET', p .. 'inpos:' .. id) or '0-0'
+end
+for _, row in ipairs(redis.call('XRANGE', inbox, '(' .. read, '+')) do
+  local f = {}
+  for i = 1, #row[2], 2 do
+    f[row[2][i]] = row[2][i + 1]
+  end
+  if f.t == 'pm' and f.to and f.from and f.d and string.sub(f.d, -1) == '}' then
+    local now = redis.call('GET', p .. 'sess:' .. f.to)
+    if now and node_of(now) ~= id then
+      redis.call('XADD', p .. 'in:' .. node_of(now), 'MAXLEN', '~', ARGV[5], '*',
+                 't', 'pm', 'from', f.from, 'to', f.to, 'tok', now, 'd', f.d)
+    else
+      local box = p .. 'off:' .. f.to
+      redis.call('RPUSH', box, string.sub(f.d, 6, -2) .. ',"offline":true}')
+      redis.call('HINCRBY', box .. ':from', f.from, 1)
+    end
+    handed = handed + 1
+  end
+end
+redis.call('DEL', p .. 'nodeusers:' .. id, inbox, p .. 'inpos:' .. id)
 redis.call('ZREM', KEYS[1], id)
-return {1, ended, offline}
+return {1, ended, offline, handed}
 """)
 
 HISTORY = Script("history", "A user's history (read only): its stream merged with the room log's BMs of its "
@@ -684,6 +719,9 @@ class ChatKeys:
     def inbox(self, node: str) -> str:
         return f"{self.prefix}in:{node}"
 
+    def inpos(self, node: str) -> str:
+        return f"{self.prefix}inpos:{node}"
+
     # --- script calls (names lower-cased by the caller) ---------------------------
     def create_account(self, name: str, fields: dict) -> ScriptCall:
         flat = [item for pair in fields.items() for item in pair]
@@ -732,14 +770,16 @@ class ChatKeys:
     def register_node(self, node: str, lease_ms: int = LEASE_MS) -> ScriptCall:
         return ScriptCall(REGISTER_NODE, [self.node(node), self.nodes], [node, lease_ms])
 
-    def renew_lease(self, node: str, lease_ms: int = LEASE_MS) -> ScriptCall:
-        return ScriptCall(RENEW_LEASE, [self.node(node)], [node, lease_ms])
+    def renew_lease(self, node: str, lease_ms: int = LEASE_MS, read: str = "") -> ScriptCall:
+        return ScriptCall(RENEW_LEASE, [self.node(node), self.inpos(node)], [node, lease_ms, read])
 
     def dead_nodes(self) -> ScriptCall:
         return ScriptCall(DEAD_NODES, [self.nodes], [self.prefix])
 
-    def reap_node(self, node: str, maxlen: int = EV_MAXLEN) -> ScriptCall:
-        return ScriptCall(REAP_NODE, [self.nodes, self.online, self.ev], [self.prefix, node, maxlen, self.hist_maxlen])
+    def reap_node(self, node: str, maxlen: int = EV_MAXLEN, read: str = "",
+                  inbox_maxlen: int = INBOX_MAXLEN) -> ScriptCall:
+        return ScriptCall(REAP_NODE, [self.nodes, self.online, self.ev],
+                          [self.prefix, node, maxlen, self.hist_maxlen, inbox_maxlen, read])
 
     def history(self, name: str, limit: int | None = None, page: int = HISTORY_PAGE) -> ScriptCall:
         return ScriptCall(HISTORY, [self.hist(name)], [self.prefix, limit or 0, page])

@@ -370,7 +370,7 @@ class RedisStore:
                 log.error("no Redis for %.0f s: closing this node's connections", DROP_AFTER)
             self._reconnect()
             return
-        self.cmd.eval(self._renewed, *self.keys.renew_lease(self.node))
+        self.cmd.eval(self._renewed, *self.keys.renew_lease(self.node, read=self._last_in))
         self.cmd.eval(self._dead_nodes, *self.keys.dead_nodes())
 
     def _reconnect(self) -> None:
@@ -648,7 +648,7 @@ class RedisStore:
         if cmd is not None and cmd.error is None and self._joined:
             left: list = []
             cmd.call(lambda _: None, "DEL", self.keys.node(self.node))
-            cmd.eval(left.append, *self.keys.reap_node(self.node))
+            cmd.eval(left.append, *self.keys.reap_node(self.node, read=self._last_in))
             cmd.settle(lambda: bool(left), LEAVE_WAIT)
             if left and isinstance(left[0], list) and left[0][0] == 1:
                 log.info("node %s left %s", self.node, redact(self.url))

@@ -454,6 +454,27 @@ def test_sigkill_of_a_node_shows_its_users_offline_within_7s(cluster, keys):
     assert ann.bm("all here")["recipients"] == 2
 
 
+def test_a_pm_to_a_user_of_a_node_that_just_died_is_kept_for_their_next_login(cluster, keys):
+    """SIGKILL of node A, then, before its lease runs out, bob (on B) sends carol (still shown
+    online, on A) a PM: SEND says delivered, but A never read it. The reap hands it on: carol's
+    next login, on B, gets it as a kept PM (a helper saw it only in CH)."""
+    a, b = cluster.node(), cluster.node()
+    carol = cluster.login(a, "carol", 2)
+    bob = cluster.login(b, "bob", 1)
+    settle([carol, bob])
+    a.kill()
+    reply, _, _ = pm_send(bob, "carol", "sent while your node was dying")
+    assert reply == {"op": "SEND", "ok": True, "recipients": 1}, reply
+    sent_id = next(e["id"] for e in history(bob) if e["type"] == "PM")
+    wait_presence(bob, "carol", False, time.monotonic() + REAP_WITHIN, "bob after the SIGKILL of carol's node")
+    carol = cluster.connect(b)
+    carol.login("carol", secret("carol"), keys(2))
+    kept = carol.recv(5.0)
+    assert (kept.kind, kept.body["op"], kept.body.get("offline"), kept.body["id"]) == ("D", "PM", True, sent_id)
+    assert verify_pm2(kept.body, "carol")
+    assert keys(2).open(kept.body["ciphertext"]) == b"sent while your node was dying"
+
+
 def test_a_node_stopped_cleanly_leaves_and_is_not_reaped(cluster, keys):
     """SIGTERM: the node says BYE, logs its users out and takes its own lease away, so the other
     nodes show them offline at once and never reap it as if it had died."""

@@ -54,6 +54,10 @@ def entries(r: BlockingRedis, key: str) -> list[dict]:
     return [dict(zip(fields[::2], fields[1::2])) for _, fields in r.call("XRANGE", key, "-", "+")]
 
 
+def entries_ids(r: BlockingRedis, key: str) -> list[str]:
+    return [entry_id.decode() for entry_id, _ in r.call("XRANGE", key, "-", "+")]
+
+
 def login(r: BlockingRedis, name: str, tok: str, online: bool = True) -> None:
     assert run(r, K.login_swap(name, tok))[0] == 1
     if online:
@@ -672,10 +676,10 @@ def test_reap_a_dead_node(r):
     login(r, "a2", token(B, 2))          # moved to B before A died
     events_before = r.call("XLEN", K.ev)
     assert run(r, K.dead_nodes()) == []
-    assert run(r, K.reap_node(A)) == [0, 0, 0]              # alive: refused
+    assert run(r, K.reap_node(A)) == [0, 0, 0, 0]           # alive: refused
     r.call("DEL", K.node(A))                                 # A's lease expires
     assert run(r, K.dead_nodes()) == [A.encode()]
-    assert run(r, K.reap_node(A)) == [1, 2, 1]              # a1 and a3 ended; a1 was online
+    assert run(r, K.reap_node(A)) == [1, 2, 1, 0]           # a1 and a3 ended; a1 was online
     assert sorted(r.call("HKEYS", K.online)) == [b"a2", b"b1"]
     assert r.call("EXISTS", K.sess("a1"), K.sess("a3")) == 0
     assert r.call("GET", K.sess("a2")) == token(B, 2).encode()
@@ -684,7 +688,54 @@ def test_reap_a_dead_node(r):
     assert r.call("XLEN", K.ev) == events_before + 1
     assert entries(r, K.ev)[-1] == {b"t": b"off", b"u": b"a1", b"tok": token(A, 1).encode()}
     assert run(r, K.dead_nodes()) == []
-    assert run(r, K.reap_node(A)) == [1, 0, 0]              # again: nothing left
+    assert run(r, K.reap_node(A)) == [1, 0, 0, 0]           # again: nothing left
+
+
+def _pm_frame(sender: str, target: str, n: int) -> bytes:
+    body = json.dumps({"op": "PM", "from": sender, "to": target, "id": f"i{n}"}, separators=(",", ":")).encode()
+    return b"D" + len(body).to_bytes(4, "big") + body
+
+
+def test_reaping_hands_on_the_pms_its_node_had_not_read(r):
+    """The PMs in a dead node's inbox after the entry its last renewal recorded: kept for a target
+    that is offline now (as offline PMs), sent to the node of one online elsewhere; the ones it
+    had read, and kicks, are not."""
+    register(r, A, B)
+    login(r, "bob", token(A, 1))
+    login(r, "cat", token(A, 2))
+    login(r, "dan", token(A, 3))
+    login(r, "alice", token(B, 1))
+    assert run(r, K.pm("alice", "bob", token(A, 1), b"S", b"T", _pm_frame("alice", "bob", 0)))[0] == 1
+    read = entries_ids(r, K.inbox(A))[-1]
+    assert run(r, K.renew_lease(A, 5000, read=read)) == 1
+    for n, target in enumerate(("bob", "cat", "bob"), 1):
+        assert run(r, K.pm("alice", target, token(A, 1 if target == "bob" else 2), b"S", b"T",
+                           _pm_frame("alice", target, n)))[0] == 1
+    r.call("XADD", K.inbox(A), "*", "t", "kick", "u", "dan", "tok", token(A, 3))
+    login(r, "cat", token(B, 2))   # cat moved to B before A's reap
+    r.call("DEL", K.node(A))
+    assert run(r, K.reap_node(A)) == [1, 2, 2, 3]
+    assert [json.loads(kept) for kept in r.call("LRANGE", K.off("bob"), 0, -1)] == [
+        {"op": "PM", "from": "alice", "to": "bob", "id": f"i{n}", "offline": True} for n in (1, 3)]
+    assert r.call("HGET", K.off("bob") + ":from", "alice") == b"2"
+    assert entries(r, K.inbox(B))[-1] == {b"t": b"pm", b"from": b"alice", b"to": b"cat",
+                                          b"tok": token(B, 2).encode(), b"d": _pm_frame("alice", "cat", 2)}
+    assert r.call("EXISTS", K.inbox(A), K.inpos(A), K.off("dan")) == 0
+    assert len(run(r, K.take_offline("bob"))) == 2 and r.call("EXISTS", K.off("bob") + ":from") == 0
+
+
+def test_a_node_leaving_hands_on_only_what_it_had_not_read(r):
+    register(r, A, B)
+    login(r, "bob", token(A, 1))
+    login(r, "alice", token(B, 1))
+    for n in range(3):
+        run(r, K.pm("alice", "bob", token(A, 1), b"S", b"T", _pm_frame("alice", "bob", n)))
+    read = entries_ids(r, K.inbox(A))[1]
+    run(r, K.renew_lease(A, 5000, read=entries_ids(r, K.inbox(A))[0]))   # a second ago
+    assert run(r, K.logout("bob", token(A, 1)))[0] == 1
+    r.call("DEL", K.node(A))
+    assert run(r, K.reap_node(A, read=read)) == [1, 0, 0, 1]
+    assert [json.loads(kept)["id"] for kept in r.call("LRANGE", K.off("bob"), 0, -1)] == ["i2"]
 
 
 def test_a_stale_node_changes_nothing_after_its_reap(r):
