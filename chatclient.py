@@ -1698,6 +1698,8 @@ class Session:
             return
         self.pin_contact(sender, key)
         if self.seen is not None and (sender, pm_id) in self.seen:
+            if offline:
+                return   # a kept copy of one shown already: a node of the room died before it knew
             self.out.warn(f"WARNING: a private message from {sender} was delivered AGAIN (id {one_line(pm_id, 30)} "
                           "seen before): a replay, not shown")
             return

@@ -430,9 +430,9 @@ REAP_NODE = Script("reap_node", "Log out every session of a node whose lease has
 -- the last inbox entry it read ('' = the one its last lease renewal recorded).
 -- Returns {1, sessions ended, offline events, PMs handed on} or {0, 0, 0, 0} if the lease is still held.
 -- A PM in its inbox after that entry (a node that died had perhaps not read it, or not sent it to the
--- client) goes to its target's session if it is online on another node now, else it is kept for the
--- target's next login like an offline PM (its D PM body with "offline":true): SEND ok said it was
--- delivered, so it is not left in history alone. A client tells a PM it has shown by its id.
+-- client) is marked "offline":true, as a kept PM is, and goes to its target's session if it is online
+-- on another node now, else it is kept for the target's next login: SEND ok said it was delivered, so
+-- it is not left in history alone. A client that has shown it already knows it by its id.
 local p, id = ARGV[1], ARGV[2]
 if redis.call('EXISTS', p .. 'node:' .. id) == 1 then
   return {0, 0, 0, 0}
@@ -462,13 +462,14 @@ for _, row in ipairs(redis.call('XRANGE', inbox, '(' .. read, '+')) do
     f[row[2][i]] = row[2][i + 1]
   end
   if f.t == 'pm' and f.to and f.from and f.d and string.sub(f.d, -1) == '}' then
+    local kept = string.sub(f.d, 6, -2) .. ',"offline":true}'
     local now = redis.call('GET', p .. 'sess:' .. f.to)
     if now and node_of(now) ~= id then
-      redis.call('XADD', p .. 'in:' .. node_of(now), 'MAXLEN', '~', ARGV[5], '*',
-                 't', 'pm', 'from', f.from, 'to', f.to, 'tok', now, 'd', f.d)
+      redis.call('XADD', p .. 'in:' .. node_of(now), 'MAXLEN', '~', ARGV[5], '*', 't', 'pm', 'from', f.from,
+                 'to', f.to, 'tok', now, 'd', 'D' .. struct.pack('>I4', #kept) .. kept)
     else
       local box = p .. 'off:' .. f.to
-      redis.call('RPUSH', box, string.sub(f.d, 6, -2) .. ',"offline":true}')
+      redis.call('RPUSH', box, kept)
       redis.call('HINCRBY', box .. ':from', f.from, 1)
     end
     handed = handed + 1
