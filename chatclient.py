@@ -62,7 +62,8 @@ import pg3lib
 import protocol
 import x509
 from clientstore import ClientStore, KeyLocked, SeenIds, config_root, contact_book, server_address, server_id
-from lineeditor import UNSAFE_FORMAT_CHARS, Completions, Event, Key, LineEditor, Submit, shorten, text_width
+from lineeditor import (PASTE_OFF, PASTE_ON, UNSAFE_FORMAT_CHARS, Completions, Event, Key, LineEditor, Submit,
+                        shorten, text_width)
 from moderation import PAST, parse_duration
 from protocol import (MAX_REASON_CHARS, MAX_TEXT_CHARS, MIN_PASSWORD_CHARS, USERNAME_RULE, ByeReason, Error,
                       ModAction, Op, password_problem, text_problem, valid_username)
@@ -2032,6 +2033,7 @@ class TtyScreen(Output):
         self._saved = termios.tcgetattr(self.fd_in)
         atexit.register(self.restore)
         termios.tcsetattr(self.fd_in, termios.TCSADRAIN, cbreak_attributes(self._saved))
+        self._write(PASTE_ON)   # a paste comes marked, so that its lines are text, not commands
         self._measure()
         self.wakeup_fd, self._wakeup_write = os.pipe()
         os.set_blocking(self.wakeup_fd, False)
@@ -2049,7 +2051,7 @@ class TtyScreen(Output):
         if saved is None:
             return
         try:
-            self._write("\r\x1b[K")
+            self._write("\r\x1b[K" + PASTE_OFF)
             termios.tcsetattr(self.fd_in, termios.TCSADRAIN, saved)
         except OSError:
             pass
@@ -2101,12 +2103,12 @@ class TtyScreen(Output):
         """Ctrl-Z: give the terminal back, stop, and take it again when continued."""
         if self._saved is None:
             return
-        self._write("\r\x1b[K")
+        self._write("\r\x1b[K" + PASTE_OFF)
         termios.tcsetattr(self.fd_in, termios.TCSADRAIN, self._saved)
         os.kill(os.getpid(), signal.SIGTSTP)
         termios.tcsetattr(self.fd_in, termios.TCSADRAIN, cbreak_attributes(self._saved))
         self._measure()
-        self._write(self._line())
+        self._write(PASTE_ON + self._line())
 
     # --- input ---------------------------------------------------------------------
     def read_input(self) -> tuple[list[Event], bool]:

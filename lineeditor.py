@@ -20,7 +20,10 @@ In ``secret`` mode (passwords) the text is kept but never drawn.
 Keys: printable text (any script), Backspace, Delete, Left/Right, Home/End
 (and Ctrl-A/E/B/F), Up/Down through the history, Ctrl-U (erase to the start),
 Ctrl-K (erase to the end), Ctrl-W (erase a word), Tab (complete the word
-before the cursor), Enter. ``completions`` is either the words Tab may
+before the cursor), Enter. A bracketed paste (the terminal marks it when
+``PASTE_ON`` was written) is text, never keys: its line breaks and tabs become
+spaces (a trailing break is dropped), so a pasted ``EX`` line is not a command
+and nothing is sent until Enter is pressed. ``completions`` is either the words Tab may
 complete to, or a function that is given the text before the word being
 completed and returns them, so that what is offered can depend on where the
 word is (a command name first, a user name after it, nothing in a message).
@@ -42,6 +45,8 @@ UNSAFE_FORMAT_CHARS = frozenset(
 )
 _CSI_MAX = 32  # longest escape sequence kept while waiting for its end
 _HISTORY_MAX = 200
+_PASTE_MAX = 100_000  # characters of one paste kept (a paste past it is cut)
+PASTE_ON, PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"   # the terminal's bracketed paste mode
 
 
 def is_unsafe(ch: str) -> bool:
@@ -112,6 +117,7 @@ class LineEditor:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""  # an escape sequence not yet complete
         self._last_was_cr = False
+        self._paste: list[str] | None = None  # inside a bracketed paste: what it has brought so far
         self.interrupted = ""  # the text Ctrl-C dropped last (for the caller's transcript)
 
     # --- state ---------------------------------------------------------------
@@ -155,6 +161,11 @@ class LineEditor:
                 i = end
                 self._last_was_cr = False
                 continue
+            if self._paste is not None:
+                if len(self._paste) < _PASTE_MAX:
+                    self._paste.append(ch)
+                i += 1
+                continue
             event = self._char(ch)
             if event is not None:
                 events.append(event)
@@ -181,7 +192,13 @@ class LineEditor:
     def _escape(self, seq: str) -> None:
         final = seq[-1]
         params = seq[2:-1]
-        if final in "ABCDHF" and params in ("", "1"):
+        if seq == "\x1b[200~":
+            self._paste = []
+        elif seq == "\x1b[201~":
+            self._end_paste()
+        elif self._paste is not None:
+            return   # keys inside a paste are text the terminal could not pass as such: dropped
+        elif final in "ABCDHF" and params in ("", "1"):
             {"A": self._history_back, "B": self._history_forward, "C": self._right,
              "D": self._left, "H": self._home, "F": self._end}[final]()
         elif final == "~":
@@ -223,6 +240,14 @@ class LineEditor:
             self.chars.insert(self.cursor, ch)
             self.cursor += 1
         return None
+
+    def _end_paste(self) -> None:
+        pasted, self._paste = "".join(self._paste or ()), None
+        pasted = pasted.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
+        for ch in pasted.replace("\n", " ").replace("\t", " "):
+            if not is_unsafe(ch):
+                self.chars.insert(self.cursor, ch)
+                self.cursor += 1
 
     # --- editing -------------------------------------------------------------
     def _backspace(self) -> None:

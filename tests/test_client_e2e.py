@@ -308,6 +308,25 @@ def test_message_arrives_above_a_half_typed_prompt(server, keys, home, ptys):
     alice.wait_prompt("alice> ")
 
 
+def test_a_pasted_block_is_one_line_of_text_until_enter_and_never_commands(server, keys, home, ptys):
+    """The client turns the terminal's bracketed paste on; lines pasted at the message prompt
+    (one of them 'ex') stay in the edit line, joined, until Enter sends them as one BM; the
+    client does not exit (a helper's paste quit it and sent its last line to the shell)."""
+    alice = ptys(server.port, "alice", home("alice"), keys(0))
+    assert b"\x1b[?2004h" in alice.raw
+    alice.type("BM\r")
+    alice.wait_prompt("message: ")
+    alice.type("\x1b[200~Notes from the meeting:\nex\nmore text\n\x1b[201~")
+    alice.wait_prompt("message: Notes from the meeting: ex more text")
+    assert alice.proc.poll() is None
+    alice.type("\r")
+    alice.wait_line(CLOCK + r" alice: Notes from the meeting: ex more text  \(nobody else is online\)")
+    alice.wait_prompt("alice> ")
+    alice.type("EX\r")
+    assert alice.wait_exit() == 0
+    assert b"\x1b[?2004l" in alice.raw   # off again for the shell
+
+
 def test_recent_messages_are_shown_at_login(server, connect, keys, home, ptys):
     bob = wire_login(connect, "bob", keys(1))
     bob.bm("earlier one")

@@ -71,6 +71,18 @@ def test_control_keys_are_events(split):
     assert feed(editor, b"\x1a\x0c", split) == [Key.SUSPEND, Key.CLEAR_SCREEN]
 
 
+def test_a_bracketed_paste_is_text_never_keys(split):
+    """Its lines become one line (breaks and tabs as spaces, a trailing break dropped); Enter,
+    Ctrl-C, Ctrl-D and arrow keys inside it do nothing; only a real Enter sends it."""
+    editor = LineEditor()
+    assert feed(editor, b"BM ", split) == []
+    pasted = b"\x1b[200~Notes from the meeting:\nex\r\nmore\ttext\x03\x04" + LEFT + b"\n\x1b[201~"
+    assert feed(editor, pasted, split) == []
+    assert editor.text == "BM Notes from the meeting: ex more text" and editor.cursor == len(editor.text)
+    assert feed(editor, LEFT * 4 + b"\x1b[200~\xc3\xa9\x1b[201~" + b"\r", split) == [
+        Submit("BM Notes from the meeting: ex more \u00e9text")]
+
+
 def test_escape_split_across_reads_waits_for_its_end():
     editor = LineEditor()
     editor.feed(b"ab\x1b")
