@@ -149,6 +149,7 @@ NEW_KEY_QUESTION = (
     "that has it, then here chatclient.py --import-key FILE HOST PORT {user}")
 NEW_KEY_DECLINED = "login stopped: no new key made, password not sent (--import-key brings your key)"
 UNVERIFIED = "[UNVERIFIED: {}]"
+PREVIOUS_KEY = "signed with {}'s previous key"   # a CH entry that checks out with a key trusted before TRUST
 PASSPHRASE_ENV = "CHATCLIENT_KEY_PASSPHRASE"  # the export file's passphrase, for scripts and tests
 CH_ALL = "all"  # CH all: the whole history, however long, on a terminal too
 SUMMARY_FAILURES = 3  # failures named in a script's closing line; the rest are counted
@@ -1325,8 +1326,20 @@ class Session:
         if not key.verify(signed, signature):
             if mine and self._opened(ciphertext) is None:   # our copy is sealed for another key too
                 return "signed with a key this machine does not have (an older one of yours?)"
+            if not mine and self._previous_key_verifies(sender, signed, signature):
+                return PREVIOUS_KEY.format(sender)
             return "the signature does not verify" + ("" if mine else f" with {sender}'s key")
         return None
+
+    def _previous_key_verifies(self, sender: str, signed: bytes, signature: str) -> bool:
+        """Does a key the contact was trusted with before its current one check this signature?"""
+        for form in self.store.previous_contact_keys(self.book, sender):
+            try:
+                if pg3lib.PublicKey.from_key_form(form).verify(signed, signature):
+                    return True
+            except pg3lib.InvalidKey:
+                continue
+        return False
 
     def history_line(self, entry: dict) -> str:
         """A CH entry as shown, marked when it does not verify."""
@@ -1334,6 +1347,8 @@ class Session:
         if problem is not None and not valid_username(entry.get("from")):
             entry = dict(entry, **{"from": ascii(str(entry.get("from")))})
         line = format_history_entry(entry, lambda sealed: self._opened(sealed) if isinstance(sealed, str) else None)
+        if problem is not None and problem == PREVIOUS_KEY.format(entry.get("from")):
+            return f"{line}  ({problem})"   # it checks out with the key trusted then
         return line if problem is None else f"{UNVERIFIED.format(problem)} {line}"
 
     def history(self, argument: str) -> Flow:

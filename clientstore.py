@@ -27,6 +27,9 @@ written mode 0600, atomically (``pg3lib.write_private_file``):
   contact of an account;
 * ``contact_keys``: one ``<server key>/<user> contact key`` line per pinned
   contact, the key itself, so that CH can check the signatures of received PMs;
+* ``previous_contact_keys``: the same lines for the keys a contact was trusted
+  with before its current one (TRUST of a new key; the newest few), so that
+  the PMs it signed then still check out in CH, marked as such;
 * ``ignored``: one ``<server key>/<user> contact`` line per user whose messages
   that account hides (IGNORE).
 
@@ -66,10 +69,13 @@ SEEN_MAX = 5000  # ids kept per account, at most (the newest)
 EXPORT_FORMAT = "chatroom-key-export"
 KNOWN_CONTACTS = "known_contacts"
 CONTACT_KEYS = "contact_keys"  # server-key/account contact key-form: the keys behind the pinned fingerprints
+PREVIOUS_KEYS = "previous_contact_keys"  # the same, for the keys trusted before the current one
+PREVIOUS_KEEP = 8  # previous keys kept per contact (the newest)
 IGNORED = "ignored"
 # The first line of each file kept per server key: what its fields are.
 CONTACTS_TITLE = "contact key fingerprints (server-key/account contact fingerprint)"
 CONTACT_KEYS_TITLE = "contact keys (server-key/account contact key)"
+PREVIOUS_KEYS_TITLE = "keys contacts were trusted with before (server-key/account contact key), oldest first"
 IGNORED_TITLE = "users whose messages are hidden (server-key/account contact)"
 # scrypt cost for the key passphrase: about 60 ms and 32 MiB, once per login.
 SCRYPT_N = 2 ** 15
@@ -344,11 +350,26 @@ class ClientStore:
         return None
 
     def remember_contact_key(self, server: str, username: str, key_form: str) -> None:
+        """Save the contact's key; the one it replaces goes to its previous keys."""
         path = os.path.join(self.root, CONTACT_KEYS)
         name = username.lower()
+        old = self.contact_key(server, name)
         rows = [f[:3] for f in _read_lines(path) if len(f) >= 3 and not (f[0] == server and f[1] == name)]
         rows.append([server, name, key_form])
         self._write_rows(path, CONTACT_KEYS_TITLE, rows)
+        if old and old != key_form:
+            previous = os.path.join(self.root, PREVIOUS_KEYS)
+            rows = [f[:3] for f in _read_lines(previous)
+                    if len(f) >= 3 and not (f[0] == server and f[1] == name and f[2] in (old, key_form))]
+            mine = [f for f in rows if f[0] == server and f[1] == name][-(PREVIOUS_KEEP - 1):]
+            rows = [f for f in rows if not (f[0] == server and f[1] == name)] + mine + [[server, name, old]]
+            self._write_rows(previous, PREVIOUS_KEYS_TITLE, rows)
+
+    def previous_contact_keys(self, server: str, username: str) -> list[str]:
+        """The keys the contact was trusted with before its current one, newest first."""
+        name = username.lower()
+        return [f[2] for f in reversed(_read_lines(os.path.join(self.root, PREVIOUS_KEYS)))
+                if len(f) >= 3 and f[0] == server and f[1] == name]
 
     def adopt_server_rows(self, old_server: str, server: str) -> int:
         """Move the contact, contact key and ignore rows kept under old_server (an older layout's

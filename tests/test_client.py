@@ -922,6 +922,28 @@ def test_ch_checks_pm_entries(alice, keys):
     assert alice.out.shown[-2].startswith("[UNVERIFIED: the text is not the one signed] [")
 
 
+def test_after_trust_of_a_new_key_the_pms_signed_with_the_old_one_say_so_in_ch(alice, keys):
+    """TRUST bob's new key: his earlier PMs, signed with the key trusted then, are shown as
+    signed with his previous key, not as UNVERIFIED (a helper took them for forgeries); a PM
+    no key of his ever signed still is."""
+    frame = pm_frame(keys(1), "bob", keys(0), "before the change")
+    alice.on_data(frame)   # pins keys(1)
+    entry = {"ts": frame["ts"], "type": "PM", "from": "bob", "to": "alice", "ciphertext": frame["ciphertext"],
+             "id": frame["id"], "sent": frame["sent"], "signature": frame["signature"],
+             "ciphertext_sha256": pg3lib.sealed_digest(frame["ciphertext"]),
+             "self_copy_sha256": frame["self_copy_sha256"]}
+    alice.on_data(pm_frame(keys(2), "bob", keys(0), "after the change"))   # held: the key changed
+    alice.trust("bob")
+    assert alice.out.shown[-1].endswith("after the change")
+    assert alice.history_line(entry).endswith("PM bob -> alice: before the change  (signed with bob's previous key)")
+    forged = pm_frame(keys(3), "bob", keys(0), "never his")
+    forged_entry = dict(entry, ciphertext=forged["ciphertext"], id=forged["id"], sent=forged["sent"],
+                        signature=forged["signature"], ciphertext_sha256=pg3lib.sealed_digest(forged["ciphertext"]),
+                        self_copy_sha256=forged["self_copy_sha256"])
+    assert alice.history_line(forged_entry).startswith("[UNVERIFIED: the signature does not verify with bob's key]")
+    assert alice.store.previous_contact_keys(alice.book, "BOB") == [keys(1).public.key_form]
+
+
 # --- reconnecting: where and when the next try goes -------------------------------------------
 
 def test_one_address_is_tried_again_after_each_wait_as_before():
