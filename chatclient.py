@@ -1089,7 +1089,7 @@ class Session:
                 retry, text = text, None
                 continue
             self.in_flight = f"BM {text}"
-            reply = yield from self.send_text("BM", {"op": Op.SEND, "text": text})
+            reply = yield from self.send_text("BM", {"op": Op.SEND, "text": text}, f"BM {text}")
             if reply is None:  # refused, and the server still waits for a text
                 if not self.interactive:
                     yield from self.cancel(say=False)
@@ -1102,16 +1102,24 @@ class Session:
                 self.out.show(format_own_broadcast(self.username, text, reply.get("recipients"), ts))
             return
 
-    def send_text(self, what: str, body: dict) -> Flow:
-        """SEND a message; the reply, or None if it was refused and the server still waits for a text."""
+    def send_text(self, what: str, body: dict, again: str) -> Flow:
+        """SEND a message; the reply, or None if it was refused and the server still waits for a text.
+        Refused otherwise (not stored, rate limited, muted: the state is READY), the command
+        ``again`` is put back in the line on a terminal, as a message too long is."""
         reply = yield from self.request(body)
         if succeeded(reply):
             return reply
+        if reply.get("error") == Error.BAD_REQUEST:
+            self.failed(f"{what} not sent", describe_error(reply))
+            return None
+        back = "; it is back in the line" if self.interactive else ""
+        if self.interactive:
+            self.retry_line = again
         if reply.get("error") == Error.MUTED:
-            self.failed(f"{what} not sent", "you are " + sanction_text("muted", reply))
-            return reply
-        self.failed(f"{what} not sent", describe_error(reply))
-        return None if reply.get("error") == Error.BAD_REQUEST else reply
+            self.failed(f"{what} not sent", "you are " + sanction_text("muted", reply) + back)
+        else:
+            self.failed(f"{what} not sent", describe_error(reply) + back)
+        return reply
 
     def private(self, target: str | None, text: str | None, line: str = "") -> Flow:
         """PM, TARGET, then SEND the text sealed for the target and signed."""
@@ -1166,7 +1174,8 @@ class Session:
                 retry, text = text, None
                 continue
             self.in_flight = f"PM {name} {text}"
-            reply = yield from self.send_text(f"PM to {name}", self.sealed_pm(name, their_key, text))
+            reply = yield from self.send_text(f"PM to {name}", self.sealed_pm(name, their_key, text),
+                                              self.in_flight)
             if reply is None:
                 if not self.interactive:
                     yield from self.cancel(say=False)

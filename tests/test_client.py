@@ -569,6 +569,23 @@ def test_a_send_refused_as_bad_request_keeps_the_text_too(alice):
     assert alice.out.warned == ["BM not sent: no"]
 
 
+def test_a_send_refused_otherwise_puts_the_message_back_in_the_line(alice, keys):
+    """Not stored (Redis down), rate limited: the state is READY, and the message comes back to the
+    next operation prompt, BM or PM (a helper lost a BM's text to 'could not be stored')."""
+    drive(alice.command("BM while redis is down"), [
+        {"op": "BM", "ok": True}, {"op": "SEND", "ok": False, "error": "internal",
+                                   "message": "the message could not be stored"}])
+    assert alice.retry_line == "BM while redis is down"
+    assert alice.out.warned[-1] == "BM not sent: the message could not be stored; it is back in the line"
+    alice.retry_line = ""
+    drive(alice.command("PM bob see you"), [
+        {"op": "PM", "ok": True, "online": ["bob"]},
+        {"op": "TARGET", "ok": True, "username": "bob", "online": True, "public_key": keys(1).public.key_form,
+         "fingerprint": keys(1).fingerprint},
+        {"op": "SEND", "ok": False, "error": "rate_limited", "message": "slow down"}])
+    assert alice.retry_line == "PM bob see you" and alice.out.warned[-1].endswith("; it is back in the line")
+
+
 # --- scripts: what failed, and --register --------------------------------------------------------------
 
 @pytest.fixture
