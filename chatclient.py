@@ -2601,6 +2601,9 @@ class Driver:
         events, ended = self.screen.read_input()
         for event in events:
             if self.reconnecting and event is Key.INTERRUPT:
+                if isinstance(self.screen, TtyScreen) and self.screen.editor.interrupted:
+                    self.screen.waiting(self.screen.note)   # as anywhere: a half-typed line is only dropped
+                    continue
                 raise ClientExit("stopped reconnecting (Ctrl-C): not connected")
             if self.reconnecting and not self.connected and event is Key.END_OF_INPUT:
                 self.screen.show("left (not connected)")

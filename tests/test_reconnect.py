@@ -287,7 +287,14 @@ def test_ctrl_c_stops_reconnecting(server, keys, home, ptys, relays):
     relay.cut()
     alice.wait_for("trying again in")
     accepted = relay.accepted
-    alice.type(b"\x03")
+    alice.type("half typed")
+    alice.wait_until(lambda: alice.cursor_row().endswith("] half typed"), "the line typed while away")
+    alice.type(b"\x03")   # drops the half-typed line only, as everywhere
+    alice.wait_until(lambda: "half typed" not in alice.cursor_row()
+                     and re.search(r"trying again in|reconnecting", alice.cursor_row()),
+                     "the line dropped, still reconnecting")
+    assert alice.proc.poll() is None
+    alice.type(b"\x03")   # on an empty line: stops
     assert alice.wait_exit() == 1
     assert "stopped reconnecting" in alice.text() and relay.accepted == accepted
 
