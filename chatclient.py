@@ -152,6 +152,7 @@ UNVERIFIED = "[UNVERIFIED: {}]"
 PREVIOUS_KEY = "signed with {}'s previous key"   # a CH entry that checks out with a key trusted before TRUST
 PASSPHRASE_ENV = "CHATCLIENT_KEY_PASSPHRASE"  # the export file's passphrase, for scripts and tests
 CH_ALL = "all"  # CH all: the whole history, however long, on a terminal too
+CH_MAX_LIMIT = 100_000  # CH count while users are ignored: asked again with larger limits up to this
 SUMMARY_FAILURES = 3  # failures named in a script's closing line; the rest are counted
 # Coming back after a lost connection (section 11): the waits between attempts (then it gives up),
 # the BMs remembered as shown (a catch-up repeats those at its start), the newest CH entries
@@ -1380,44 +1381,93 @@ class Session:
             body["limit"] = int(argument)
         else:
             page = self.out.page_rows()
-        yield Send(body)
+        if "limit" in body and self.ignored:
+            yield from self._newest_not_ignored(body["limit"])
+            return
         # With a page, only the newest lines that fill it are kept (the rest is counted): a long
         # history is read to its end yet never held whole.
         lines: deque[tuple[str, int, bool]] = deque()  # the line, its rows, whether it was cut
         rows = total = hidden = 0
         tall = entry_rows(page or 0)
-        while True:
-            reply = yield Reply(Op.CH)
-            if not succeeded(reply):
-                self.failed("CH failed", describe_error(reply))
+
+        def take(entry: dict) -> None:
+            nonlocal rows, total, hidden
+            if str(entry.get("from", "")).lower() in self.ignored:
+                hidden += 1
                 return
-            entries = reply.get("entries")
-            for entry in entries if isinstance(entries, list) else ():
-                if not isinstance(entry, dict):
-                    continue
-                if str(entry.get("from", "")).lower() in self.ignored:
-                    hidden += 1
-                    continue
-                total += 1
-                line = self.history_line(entry)
-                if page is None:
-                    self.out.show(line)
-                    continue
-                cut = self.out.rows_of(line) > tall
-                if cut:
-                    line = self.out.fit_rows(line, tall)
-                lines.append((line, self.out.rows_of(line), cut))
-                rows += lines[-1][1]
-                while rows > page and len(lines) > 1:
-                    rows -= lines.popleft()[1]
-            if reply.get("more") is not True:
-                break
+            total += 1
+            line = self.history_line(entry)
+            if page is None:
+                self.out.show(line)
+                return
+            cut = self.out.rows_of(line) > tall
+            if cut:
+                line = self.out.fit_rows(line, tall)
+            lines.append((line, self.out.rows_of(line), cut))
+            rows += lines[-1][1]
+            while rows > page and len(lines) > 1:
+                rows -= lines.popleft()[1]
+
+        if (yield from self._read_history(body, take)) is None:
+            return
         for line, _, _ in lines:
             self.out.show(line)
         shortened = sum(cut for _, _, cut in lines)
         shown = len(lines) if page is not None else total
         capped = "limit" in body and total + hidden >= body["limit"]
         self.out.show(history_summary(shown, total - shown, hidden, shortened, capped))
+
+    def _read_history(self, body: dict, take: Callable[[dict], None]) -> Flow:
+        """Send the CH request and hand each entry of its pages to ``take``; how many came, or
+        None if it was refused (said)."""
+        yield Send(body)
+        count = 0
+        while True:
+            reply = yield Reply(Op.CH)
+            if not succeeded(reply):
+                self.failed("CH failed", describe_error(reply))
+                return None
+            entries = reply.get("entries")
+            for entry in entries if isinstance(entries, list) else ():
+                if isinstance(entry, dict):
+                    count += 1
+                    take(entry)
+            if reply.get("more") is not True:
+                return count
+
+    def _newest_not_ignored(self, want: int) -> Flow:
+        """CH count while users are ignored: the newest ``count`` entries of the others (asked
+        for again with a larger limit while ignored ones took the places), and how many of the
+        ignored users' came between them."""
+        limit = want
+        while True:
+            kept: deque[tuple[int, dict]] = deque()   # (its place in the reply, the entry)
+            hidden: deque[int] = deque()              # the places of ignored ones, newer than kept[0]
+            place = visible = 0
+
+            def take(entry: dict, kept: deque = kept, hidden: deque = hidden) -> None:
+                nonlocal place, visible
+                place += 1
+                if str(entry.get("from", "")).lower() in self.ignored:
+                    hidden.append(place)
+                    return
+                visible += 1
+                kept.append((place, entry))
+                if len(kept) > want:
+                    kept.popleft()
+                    while hidden and hidden[0] < kept[0][0]:
+                        hidden.popleft()
+
+            count = yield from self._read_history({"op": Op.CH, "limit": limit}, take)
+            if count is None:
+                return
+            if len(kept) >= want or count < limit or limit >= CH_MAX_LIMIT:
+                break
+            limit = min(limit * 4, CH_MAX_LIMIT)
+        for _, entry in kept:
+            self.out.show(self.history_line(entry))
+        capped = count >= limit   # the history may go on further back
+        self.out.show(history_summary(len(kept), 0 if capped else visible - len(kept), len(hidden), 0, capped))
 
     # --- moderation (admins; docs/PROTOCOL.md section 10) ---------------------------------
     def moderate(self, action: ModAction, argument: str) -> Flow:

@@ -772,6 +772,21 @@ def test_ignore_hides_bms_and_pms_and_is_remembered(alice, keys):
     assert again.out.shown[-1].endswith("bob: back")
 
 
+def test_ch_count_while_ignoring_shows_that_many_of_the_others(alice):
+    """CH 3 with bob ignored, whose BMs are every other entry: asked again with a larger limit,
+    the newest 3 of the others are shown (a helper got one), and the ignored ones among them counted."""
+    alice.local_command("IGNORE", "ignore", "bob")
+    alice.out = Lines()
+    pages = ch_pages(10, per_page=10, sender=lambda i: "bob" if i % 2 else "carol")
+    newest3 = dict(pages[0], entries=pages[0]["entries"][-3:])
+    steps, _ = drive(alice.command("CH 3"), [newest3, pages[0]])
+    assert [s.body for s in steps if isinstance(s, chatclient.Send)] == [{"op": "CH", "limit": 3},
+                                                                         {"op": "CH", "limit": 12}]
+    assert [line.rsplit(": ", 1)[1] for line in alice.out.shown[:-1]] == ["m4", "m6", "m8"]
+    assert alice.out.shown[-1] == ("(the newest 3 of 5 entries; CH all shows all 5; "
+                                   "3 entries from ignored users not shown)")
+
+
 def test_ignore_refuses_yourself_and_non_names(alice):
     alice.local_command("IGNORE", "IGNORE", "Alice")
     alice.local_command("IGNORE", "IGNORE", "a b")
