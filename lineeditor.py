@@ -55,9 +55,22 @@ def is_unsafe(ch: str) -> bool:
     return code < 0x20 or 0x7F <= code <= 0x9F or ch in UNSAFE_FORMAT_CHARS
 
 
+ZWJ = "\u200d"   # the zero-width joiner: the character after it joins the one before
+
+
+def extends(ch: str) -> bool:
+    """Does ch belong to the character before it on screen (a combining mark, a variation
+    selector, an emoji skin tone or tag, a joiner)? Left, Right, Backspace and Delete move over
+    such a cluster whole, so that a thumbs-up is never split from its skin tone."""
+    code = ord(ch)
+    return (0x1F3FB <= code <= 0x1F3FF or 0xE0020 <= code <= 0xE007F or ch == ZWJ
+            or bool(unicodedata.combining(ch)) or unicodedata.category(ch) in ("Mn", "Me"))
+
+
 def char_width(ch: str) -> int:
-    """Terminal columns of one character: 0 for combining marks, 2 for wide East Asian ones."""
-    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+    """Terminal columns of one character: 0 for combining marks (and skin tones), 2 for wide East
+    Asian ones."""
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf") or 0x1F3FB <= ord(ch) <= 0x1F3FF:
         return 0
     return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
@@ -250,14 +263,30 @@ class LineEditor:
                 self.cursor += 1
 
     # --- editing -------------------------------------------------------------
+    def _cluster_start(self, index: int) -> int:
+        """Where the screen character that ends before ``index`` starts (one step left)."""
+        index = max(0, index - 1)
+        while index > 0 and (extends(self.chars[index]) or self.chars[index - 1] == ZWJ):
+            index -= 1
+        return index
+
+    def _cluster_end(self, index: int) -> int:
+        """Where the screen character that starts at ``index`` ends (one step right)."""
+        chars = self.chars
+        index = min(len(chars), index + 1)
+        while index < len(chars) and (extends(chars[index]) or chars[index - 1] == ZWJ):
+            index += 1
+        return index
+
     def _backspace(self) -> None:
         if self.cursor > 0:
-            self.cursor -= 1
-            del self.chars[self.cursor]
+            start = self._cluster_start(self.cursor)
+            del self.chars[start:self.cursor]
+            self.cursor = start
 
     def _delete_forward(self) -> None:
         if self.cursor < len(self.chars):
-            del self.chars[self.cursor]
+            del self.chars[self.cursor:self._cluster_end(self.cursor)]
 
     def _erase_to_start(self) -> None:
         del self.chars[:self.cursor]
@@ -276,10 +305,10 @@ class LineEditor:
         self.cursor = start
 
     def _left(self) -> None:
-        self.cursor = max(0, self.cursor - 1)
+        self.cursor = self._cluster_start(self.cursor)
 
     def _right(self) -> None:
-        self.cursor = min(len(self.chars), self.cursor + 1)
+        self.cursor = self._cluster_end(self.cursor)
 
     def _home(self) -> None:
         self.cursor = 0

@@ -48,6 +48,12 @@ def split(request):
     ("a\u202eb\u2066c\u200fd".encode(), "abcd", 4),  # bidi controls are never inserted
     (b"ab\x04", "ab", 2),  # Ctrl-D on a non-empty line: delete forward (nothing here)
     (b"ab" + LEFT + b"\x04", "a", 1),
+    # A thumbs-up and its skin tone, a family joined by ZWJs, an e and its accent: one step each.
+    ("a\U0001f44d\U0001f3fdb".encode() + LEFT + LEFT + b"X", "aX\U0001f44d\U0001f3fdb", 2),
+    ("a\U0001f44d\U0001f3fd".encode() + BACKSPACE, "a", 1),
+    ("x\U0001f468\u200d\U0001f469\u200d\U0001f467y".encode() + LEFT + LEFT + b"Z",
+     "xZ\U0001f468\u200d\U0001f469\u200d\U0001f467y", 2),
+    ("e\u0301z".encode() + HOME + DELETE, "z", 0),
 ])
 def test_editing(keys, text, cursor, split):
     editor = LineEditor()
@@ -251,3 +257,7 @@ def test_a_long_paste_renders_at_once():
     editor.feed(b"BM " + b"k" * 4100)       # one read of a paste
     row = editor.render("alice> ", 80)      # was quadratic: seconds for this line
     assert row.text == "alice> " + "k" * (79 - 7 - 1) and row.cursor == 78
+
+
+def test_a_skin_tone_takes_no_column_of_its_own():
+    assert text_width("\U0001f44d\U0001f3fd") == 2 == text_width("\U0001f44d")
