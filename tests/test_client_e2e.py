@@ -486,7 +486,10 @@ def test_terminal_mode_is_restored(way, status, server, keys, home, tmp_path):
         elif way == "server gone":   # it tries to reconnect (section 11) until Ctrl-C stops it
             server.kill()
             client.wait_for("trying again in")
-            client.type(b"\x03")
+            client.type(b"\x03")   # drops the half-typed "BM half" (still in the line), as everywhere
+            client.wait_until(lambda: "BM half" not in client.cursor_row(), "the line dropped")
+            assert client.proc.poll() is None
+            client.type(b"\x03")   # on an empty line: stops
         elif way == "SIGTERM":
             client.proc.send_signal(signal.SIGTERM)
         else:  # bob coming online makes a PRESENCE frame, whose display raises
