@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import codecs
 import enum
+import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Union
@@ -46,6 +47,8 @@ UNSAFE_FORMAT_CHARS = frozenset(
 _CSI_MAX = 32  # longest escape sequence kept while waiting for its end
 _HISTORY_MAX = 200
 _PASTE_MAX = 100_000  # characters of one paste kept (a paste past it is cut)
+_PASTE_END = "\x1b[201~"
+_ESCAPES = re.compile("\x1b(?:\\[[0-?]*[ -/]*[@-~]|O.|.)?", re.S)   # escape sequences in pasted text
 PASTE_ON, PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"   # the terminal's bracketed paste mode
 
 
@@ -164,6 +167,17 @@ class LineEditor:
         self._pending = ""
         i = 0
         while i < len(text):
+            if self._paste is not None:   # a paste ends only at its end marker: nothing in it is a key
+                marker = text.find(_PASTE_END, i)
+                if marker < 0:
+                    keep = next((n for n in range(len(_PASTE_END) - 1, 0, -1) if text.endswith(_PASTE_END[:n])), 0)
+                    self._take_pasted(text[i:len(text) - keep])
+                    self._pending = text[len(text) - keep:]   # perhaps the start of the marker
+                    break
+                self._take_pasted(text[i:marker])
+                self._end_paste()
+                i = marker + len(_PASTE_END)
+                continue
             ch = text[i]
             if ch == "\x1b":
                 end = self._escape_end(text, i)
@@ -173,11 +187,6 @@ class LineEditor:
                 self._escape(text[i:end])
                 i = end
                 self._last_was_cr = False
-                continue
-            if self._paste is not None:
-                if len(self._paste) < _PASTE_MAX:
-                    self._paste.append(ch)
-                i += 1
                 continue
             event = self._char(ch)
             if event is not None:
@@ -207,10 +216,6 @@ class LineEditor:
         params = seq[2:-1]
         if seq == "\x1b[200~":
             self._paste = []
-        elif seq == "\x1b[201~":
-            self._end_paste()
-        elif self._paste is not None:
-            return   # keys inside a paste are text the terminal could not pass as such: dropped
         elif final in "ABCDHF" and params in ("", "1"):
             {"A": self._history_back, "B": self._history_forward, "C": self._right,
              "D": self._left, "H": self._home, "F": self._end}[final]()
@@ -254,8 +259,14 @@ class LineEditor:
             self.cursor += 1
         return None
 
+    def _take_pasted(self, text: str) -> None:
+        assert self._paste is not None
+        room = _PASTE_MAX - sum(len(part) for part in self._paste)
+        if room > 0:
+            self._paste.append(text[:room])
+
     def _end_paste(self) -> None:
-        pasted, self._paste = "".join(self._paste or ()), None
+        pasted, self._paste = _ESCAPES.sub("", "".join(self._paste or ())), None   # its keys are dropped
         pasted = pasted.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
         for ch in pasted.replace("\n", " ").replace("\t", " "):
             if not is_unsafe(ch):

@@ -27,8 +27,8 @@ key                         type        holds
 ``chat:nodeusers:<node>``   set         names with a session on that node
 ``chat:ev``                 stream      events for every node (``MAXLEN ~``)
 ``chat:in:<node>``          stream      events for one node's users (``MAXLEN ~``)
-``chat:inpos:<node>``       string      the last entry of its inbox the node had read at
-                                        its last lease renewal (``reap_node`` hands on the rest)
+``chat:inpos:<node>``       string      the last entry of its inbox the node had handed to its
+                                        sessions at its last lease renewal (``reap_node`` hands on the rest)
 ``chat:mod``                hash        bans and mutes in force: ``ban:<name>`` /
                                         ``mute:<name>`` -> the action (JSON,
                                         ``store.ModRecord``); expired ones may linger

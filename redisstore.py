@@ -295,7 +295,9 @@ class RedisStore:
         self._events: list[store.ClusterEvent] = []   # read, not yet handed over
         self._done: list[tuple[int, store.Result]] = []
         self._last_ev = "$"
-        self._last_in = "0"
+        self._last_in = "0"      # the XREAD cursor of the inbox: the last entry read
+        self._read_in = "0"      # the last inbox entry read into _events
+        self._handed_in = "0"    # the last inbox entry handed to the room (events()): a reap hands on the rest
         self._next_tick = 0.0
         self._down_since: float | None = None
         self._joined = False
@@ -313,7 +315,7 @@ class RedisStore:
             last = redis.call("XREVRANGE", keys.ev, "+", "-", "COUNT", 1)
             self._last_ev = _text(last[0][0]) if isinstance(last, list) and last else "0"
             online = redis.call("HGETALL", keys.online)
-        self._last_in = "0"
+        self._last_in = self._read_in = self._handed_in = "0"
         remote = {}
         for raw_key, raw in zip(online[::2], online[1::2]) if isinstance(online, list) else ():
             user = remote_user(_text(raw_key), _text(raw))
@@ -370,7 +372,7 @@ class RedisStore:
                 log.error("no Redis for %.0f s: closing this node's connections", DROP_AFTER)
             self._reconnect()
             return
-        self.cmd.eval(self._renewed, *self.keys.renew_lease(self.node, read=self._last_in))
+        self.cmd.eval(self._renewed, *self.keys.renew_lease(self.node, read=self._handed_in))
         self.cmd.eval(self._dead_nodes, *self.keys.dead_nodes())
 
     def _reconnect(self) -> None:
@@ -433,7 +435,7 @@ class RedisStore:
                 if event is not None:
                     self._events.append(event)
                 if inbox:
-                    self._last_in = ident
+                    self._last_in = self._read_in = ident
                 else:
                     self._last_ev = ident
         self._read_events()
@@ -492,6 +494,7 @@ class RedisStore:
     def events(self) -> list[store.ClusterEvent]:
         """Cluster events read since the last call, in stream order."""
         events, self._events = self._events, []
+        self._handed_in = self._read_in
         return events
 
     # --- the store seam ---------------------------------------------------------------
@@ -648,7 +651,7 @@ class RedisStore:
         if cmd is not None and cmd.error is None and self._joined:
             left: list = []
             cmd.call(lambda _: None, "DEL", self.keys.node(self.node))
-            cmd.eval(left.append, *self.keys.reap_node(self.node, read=self._last_in))
+            cmd.eval(left.append, *self.keys.reap_node(self.node, read=self._handed_in))
             cmd.settle(lambda: bool(left), LEAVE_WAIT)
             if left and isinstance(left[0], list) and left[0][0] == 1:
                 log.info("node %s left %s", self.node, redact(self.url))

@@ -1319,7 +1319,9 @@ class FileStore:
             target, sender, body = message.offline
             result = message.result
             if result is store.FAILED or (isinstance(result, store.Appended) and result.failed):
-                self._kept[target][sender] -= 1
+                kept = self._kept.get(target)   # (dropped, to be counted again, by an earlier failure)
+                if kept is not None:
+                    kept[sender] -= 1
                 continue
             path = self._path(target, OFFLINE_SUFFIX)
             try:

@@ -89,6 +89,15 @@ def test_a_bracketed_paste_is_text_never_keys(split):
         Submit("BM Notes from the meeting: ex more \u00e9text")]
 
 
+def test_a_paste_ending_in_escape_still_ends(split):
+    """A lone ESC before the end marker used to swallow it (taken as Alt+ESC): the editor stayed
+    in the paste for good, Enter and Ctrl-C dead (a reviewer's find)."""
+    editor = LineEditor()
+    assert feed(editor, b"\x1b[200~hello\x1b\x1b[201~", split) == []
+    assert feed(editor, b"\r", split) == [Submit("hello")]
+    assert feed(editor, b"x\x03", split) == [Key.INTERRUPT]
+
+
 def test_escape_split_across_reads_waits_for_its_end():
     editor = LineEditor()
     editor.feed(b"ab\x1b")

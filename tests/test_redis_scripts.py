@@ -914,3 +914,26 @@ def test_a_store_stopping_cleanly_leaves_even_with_its_link_past_descriptor_1023
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_clean_leave_keeps_a_pm_it_read_but_never_handed_to_the_room(shared_redis, r):
+    """At shutdown the node's reader goes on reading while its sessions close: a PM read then,
+    never handed to the room (``events()``), is kept for the target by the leave (a reviewer
+    saw it lost: the position was the last entry read, not the last handed over)."""
+    sel = selectors.DefaultSelector()
+    st = redisstore.RedisStore(shared_redis.url, sel)
+    try:
+        st.events()   # Joined: handed over
+        tok = st.node + "/1"
+        login(r, "bob", tok)
+        assert run(r, K.pm("alice", "bob", tok, b"S", b"T", _pm_frame("alice", "bob", 7)))[0] == 1
+        deadline = time.monotonic() + 5
+        while not st._events and time.monotonic() < deadline:   # as in the shutdown's grace loop
+            st.send()
+            for key, mask in sel.select(0.05):
+                key.data.on_ready(mask)
+        assert st._events, "the reader read the PM"
+        assert run(r, K.logout("bob", tok))[0] == 1
+    finally:
+        st.close()
+    assert [json.loads(kept)["id"] for kept in r.call("LRANGE", K.off("bob"), 0, -1)] == ["i7"]
